@@ -1,0 +1,198 @@
+"""One typed, validated config object per run: YAML in, pydantic out.
+
+Every section is a `Section`: unknown keys are errors, values are validated, and each names the
+fields that do not change its stage's output (`NON_OUTPUT_FIELDS`: batch sizes, devices, worker
+counts, error thresholds). Those are left out of the stage's cache key; everything else is in it.
+
+Stage owners: each stage's section class lives here, in the block marked with its name, so the whole
+schema of an experiment file can be read in one place.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed, or holds an unknown key or a bad value."""
+
+
+class _PathMarker:
+    """Marks a string field as a path whose *content* (not its spelling) goes into cache keys."""
+
+
+# A folder or file whose content fingerprint is hashed into the cache key (a model folder, a dataset
+# root): moving a checkout keeps the key, replacing the weights changes it.
+ContentPath = Annotated[str, _PathMarker()]
+
+
+class Section(BaseModel):
+    """Base of every config section: strict (unknown keys are errors) and immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Fields that do not change the stage's output; left out of its cache key.
+    NON_OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+
+# ---------------------------------------------------------------- runner / orchestration
+class RunnerConfig(Section):
+    kind: Literal["local", "ray"] = "local"  # local: threads in this process; ray: prefect_ray.RayTaskRunner
+    address: str | None = None  # ray: "ray://host:10001", "auto", or None to start a local Ray
+    num_cpus: int | None = None  # ray: CPUs of a local Ray started for the run
+    max_workers: int = 1  # local: shard tasks in flight at once (threads)
+
+
+# ---------------------------------------------------------------- dataset
+class DatasetConfig(Section):
+    format: str  # adapter name: multi30k | mscoco | vatex | msrvtt_cn (see leccr.datasets)
+    path: ContentPath  # dataset root folder in the format's published layout
+    languages: list[str] = Field(default_factory=lambda: ["de"])  # target languages (English is implied)
+    options: dict[str, Any] = Field(default_factory=dict)  # adapter-specific options, validated by the adapter
+    max_items_per_split: int | None = None  # cap for quick runs (first N items of each split by id)
+
+
+# ---------------------------------------------------------------- translate
+class TranslateConfig(Section):
+    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate"})
+
+    engine: Literal["transformers", "import"] = "import"
+    # transformers: one seq2seq model folder per target language, or the same multilingual folder for all.
+    models: dict[str, ContentPath] = Field(default_factory=dict)
+    # How the target language is told to the model: marian (">>de<<" prefix token, multi-target opus-mt),
+    # nllb / m2m100 (language codes via the tokenizer and forced BOS), none (one model per language).
+    lang_code_style: Literal["none", "marian", "nllb", "m2m100"] = "none"
+    splits: list[str] = Field(default_factory=lambda: ["train", "val"])  # English captions of these splits
+    max_length: int = 128
+    num_beams: int = 1
+    # import: None takes the dataset's shipped machine translations (captions of kind "mt");
+    # a path takes a JSON/JSONL/TSV file of caption_id -> text per language: "{lang}" is substituted.
+    import_path: str | None = None
+    shard_size: int = 512  # English captions per shard (changes file layout, so it is in the key)
+    batch_size: int = 32
+    device: str = "auto"
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+
+
+# ---------------------------------------------------------------- describe (owner: describe stage)
+class DescribeConfig(Section):
+    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate", "decode_workers"})
+
+    engine: Literal["transformers", "vllm", "import"] = "transformers"
+    model: ContentPath | None = None
+    import_path: str | None = None  # import engine: JSON of item_id -> description (VideoChat2 output)
+    shard_size: int = 64
+    batch_size: int = 8
+    device: str = "auto"
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    decode_workers: int = 2
+
+
+# ---------------------------------------------------------------- features (owner: features stage)
+class FeaturesConfig(Section):
+    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate"})
+
+    vision_model: ContentPath | None = None
+    text_model: ContentPath | None = None
+    shard_size: int = 256
+    batch_size: int = 32
+    device: str = "auto"
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+
+
+# ---------------------------------------------------------------- train (owner: train stage)
+class TrainConfig(Section):
+    NON_OUTPUT_FIELDS = frozenset({"device", "num_workers"})
+
+    methods: list[Literal["baseline", "leccr", "cl2cm"]] = Field(default_factory=lambda: ["baseline", "leccr"])
+    seed: int = 42
+    device: str = "auto"
+    num_workers: int = 0
+
+
+# ---------------------------------------------------------------- evaluate (owner: evaluate stage)
+class EvaluateConfig(Section):
+    NON_OUTPUT_FIELDS = frozenset({"device", "chunk_size"})
+
+    split: str = "test"
+    device: str = "auto"
+    chunk_size: int = 4096
+
+
+# ---------------------------------------------------------------- the experiment
+class ExperimentConfig(Section):
+    """A whole experiment: one YAML file, one section per stage."""
+
+    name: str
+    artifacts_root: str = "artifacts"  # relative paths resolve against the working directory
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    dataset: DatasetConfig
+    translate: TranslateConfig = Field(default_factory=TranslateConfig)
+    describe: DescribeConfig = Field(default_factory=DescribeConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_file_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("must be a plain file name (no '/', not starting with '.')")
+        return value
+
+    @model_validator(mode="after")
+    def _translate_models_cover_languages(self) -> ExperimentConfig:
+        if self.translate.engine == "transformers":
+            missing = [lang for lang in self.dataset.languages if lang not in self.translate.models]
+            if missing:
+                raise ValueError(
+                    f"translate.models has no model for target language(s) {missing} "
+                    f"(dataset.languages is {self.dataset.languages})"
+                )
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif problem["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validate a dict (as read from YAML) into an ExperimentConfig; errors name every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file; `overrides` maps dotted keys ("train.seed") to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: cannot override {dotted!r}: {part!r} is not a section")
+        node[leaf] = value
+    return parse_config(data, str(path))

@@ -1,0 +1,70 @@
+"""Schema validation for Parquet artifacts: every write and every read of an artifact goes through here."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Bumped when any artifact schema changes incompatibly; recorded in every manifest.
+SCHEMA_VERSION = 1
+
+
+class SchemaError(ValueError):
+    """A table does not match the schema of the artifact it claims to be."""
+
+
+def validate(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """Check `table` against `schema` and return it with the schema's column order.
+
+    Column names and types must match exactly (no silent casts: a float64 column where float32 is
+    expected is an error, because it would change what DuckDB users see); non-nullable columns must
+    hold no nulls. `where` names the file or shard in the error message.
+    """
+    got = {f.name: f.type for f in table.schema}
+    missing = [f.name for f in schema if f.name not in got]
+    extra = [name for name in got if schema.get_field_index(name) < 0]
+    problems = []
+    if missing:
+        problems.append(f"missing column(s) {missing}")
+    if extra:
+        problems.append(f"unexpected column(s) {extra}")
+    for field in schema:
+        if field.name in got and got[field.name] != field.type:
+            problems.append(f"column {field.name!r} has type {got[field.name]}, expected {field.type}")
+    if not problems:
+        for field in schema:
+            if not field.nullable and table.column(field.name).null_count:
+                problems.append(
+                    f"column {field.name!r} has {table.column(field.name).null_count} null(s) "
+                    "but is not nullable"
+                )
+    if problems:
+        raise SchemaError(f"{where}: " + "; ".join(problems))
+    return table.select(schema.names).cast(schema)
+
+
+def write_table(table: pa.Table, path: Path, schema: pa.Schema, row_group_size: int | None = None) -> Path:
+    """Validate and write `table` to `path` atomically (temp file in the same folder, then rename).
+
+    A reader never sees a half-written file: either the old content, nothing, or the new file.
+    """
+    table = validate(table, schema, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, row_group_size=row_group_size)
+    os.replace(tmp, path)
+    return path
+
+
+def read_table(path: Path | list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file (or several, concatenated) and validate it against `schema`."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths:
+        table = schema.empty_table()
+    else:
+        tables = [validate(pq.read_table(p), schema, str(p)) for p in paths]
+        table = pa.concat_tables(tables)
+    return table.select(columns) if columns else table
