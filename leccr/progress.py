@@ -13,7 +13,8 @@ log = logging.getLogger("leccr.progress")
 class _Bar:
     """A minimal progress reporter: a rich bar on a TTY, periodic log lines elsewhere (CI, Prefect workers)."""
 
-    def __init__(self, total: int, desc: str, unit: str, rich_progress=None, task_id=None):
+    def __init__(self, total: int, desc: str, unit: str, logger=None, rich_progress=None, task_id=None):
+        self.log = logger or log
         self.total, self.desc, self.unit = total, desc, unit
         self.done = 0
         self.started = time.perf_counter()
@@ -39,12 +40,13 @@ class _Bar:
         if now - self._last_log >= 10 or self.done >= self.total:
             self._last_log = now
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
-            log.info("%s: %d/%d %s (%.1f %s/s, ETA %.0fs) %s", self.desc, self.done, self.total,
+            self.log.info("%s: %d/%d %s (%.1f %s/s, ETA %.0fs) %s", self.desc, self.done, self.total,
                      self.unit, self.rate, self.unit, eta, self.extra)
 
 
 @contextmanager
-def progress(total: int, desc: str, unit: str = "items") -> Iterator[_Bar]:
+def progress(total: int, desc: str, unit: str = "items", logger=None) -> Iterator[_Bar]:
+    """A bar on a terminal; otherwise a log line every 10 s (to `logger`, e.g. Prefect's run logger)."""
     if sys.stderr.isatty():
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeRemainingColumn)
@@ -53,8 +55,8 @@ def progress(total: int, desc: str, unit: str = "items") -> Iterator[_Bar]:
                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[extra]}")]
         with Progress(*columns, transient=False) as rich_progress:
             task = rich_progress.add_task(desc, total=total, extra="", rate="")
-            bar = _Bar(total, desc, unit, rich_progress, task)
+            bar = _Bar(total, desc, unit, logger, rich_progress, task)
             yield bar
     else:
-        bar = _Bar(total, desc, unit)
+        bar = _Bar(total, desc, unit, logger)
         yield bar

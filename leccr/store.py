@@ -255,7 +255,7 @@ class StageContext:
         plan = shard_plan(work, shard_size)
         totals = ShardTotals(items=len(work))
         label = f"{self.stage}{'/' + subdir if subdir else ''}"
-        with progress(total=len(work), desc=label, unit=unit) as bar:
+        with progress(total=len(work), desc=label, unit=unit, logger=self.log) as bar:
             for index, shard in enumerate(plan):
                 part = folder / part_name(index)
                 if part.exists():
@@ -264,19 +264,18 @@ class StageContext:
                     continue
                 started = time.perf_counter()
                 result = process(shard, index)
-                errors = pa.table(
-                    {
-                        "item_id": [str(item) for item, _ in result.errors],
-                        "stage": [self.stage] * len(result.errors),
-                        "shard": pa.array([index] * len(result.errors), pa.int32()),
-                        "reason": [reason for _, reason in result.errors],
-                    }
+                errors = pa.Table.from_pylist(
+                    [{"item_id": str(item), "stage": self.stage, "shard": index, "reason": reason}
+                     for item, reason in result.errors],
+                    schema=ERRORS,
                 )
                 write_table(errors, folder / "_errors" / part_name(index), ERRORS)
                 write_table(result.table, part, schema, row_group_size)
                 for name, value in result.stats.items():
                     totals.stats[name] = totals.stats.get(name, 0.0) + value
                 totals.shards_done += 1
+                if "tokens" in totals.stats:
+                    bar.set_postfix(f"{totals.stats['tokens'] / (time.perf_counter() - bar.started):.0f} tokens/s")
                 bar.update(len(shard))
                 self.log.debug("%s: shard %d committed (%d rows, %.2fs)", label, index,
                                result.table.num_rows, time.perf_counter() - started)

@@ -1,0 +1,168 @@
+"""The `leccr` command. Entry points take argv (`main(sys.argv[1:])`), so tests call them directly.
+
+    leccr demo                                   build demo data + tiny models, run every stage
+    leccr run --config C [--stage S] [--force S] [--set KEY=VALUE]
+    leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
+    leccr datasets check PATH --format F         validate a dataset folder
+    leccr build-tiny-models --out DIR --corpus-file F
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+DEMO_CONFIG = "configs/demo.yaml"
+DEMO_ROOT = Path("artifacts/demo")  # demo data and tiny models, referenced by configs/demo.yaml
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        overrides[key] = yaml.safe_load(value)  # "3" -> 3, "[de, fr]" -> list, "true" -> True
+    return overrides
+
+
+def prepare_demo(root: Path = DEMO_ROOT, seed: int = 0) -> dict[str, Path]:
+    """Generate the demo dataset and build the tiny models (each skipped when already complete)."""
+    from leccr.datasets.demo import demo_corpus, generate_demo
+    from leccr.tiny_models import build_all
+
+    data = generate_demo(root / "data", seed=seed)
+    models = build_all(root / "models", demo_corpus(data), seed=seed)
+    return {"data": data, **models}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.leccr import leccr
+    from leccr.config import load_config
+
+    overrides = _parse_sets(args.set)
+    load_config(args.config, overrides)  # fail fast, before Prefect starts, on a bad config
+    paths = leccr(config=args.config, stages=args.stage or None, force=args.force or None,
+                  overrides=overrides or None)
+    print("\nArtifacts:")
+    for stage, path in paths.items():
+        print(f"  {stage:<9} {path}")
+    print("Inspect them with: leccr inspect \"SELECT * FROM translate LIMIT 5\"")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    prepared = prepare_demo(Path(args.root))
+    print("Demo inputs ready:", ", ".join(f"{k}={v}" for k, v in prepared.items()))
+    return cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[]))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from leccr.sql import connect, list_views, selected_artifacts, view_statements
+
+    if args.print_sql:
+        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment))) + ";")
+        return 0
+    con = connect(args.root, args.experiment)
+    views = list_views(con)
+    if not views:
+        print(f"No artifacts under {Path(args.root).absolute()} yet: run `leccr run` first.")
+        return 1
+    queries = [args.query] if args.query else []
+    if not queries:
+        print("Views:", ", ".join(f"{v} ({con.execute(f'SELECT count(*) FROM {v}').fetchone()[0]} rows)" for v in views))
+        if not sys.stdin.isatty():
+            return 0
+        print("Enter SQL (empty line to quit).")
+        while (line := input("leccr> ").strip()):
+            queries = [line]
+            _print_query(con, line)
+        return 0
+    for query in queries:
+        _print_query(con, query)
+    return 0
+
+
+def _print_query(con, query: str) -> None:
+    import duckdb
+
+    try:
+        relation = con.sql(query)
+    except duckdb.Error as error:
+        print(f"SQL error: {error}", file=sys.stderr)
+        return
+    if relation is None:
+        return
+    print(relation.limit(1000))
+
+
+def cmd_datasets_check(args: argparse.Namespace) -> int:
+    from leccr.datasets.check import check_command
+
+    return check_command(Path(args.path), args.format, _parse_sets(args.option))
+
+
+def cmd_build_tiny_models(args: argparse.Namespace) -> int:
+    from leccr.tiny_models import main as build_main
+
+    return build_main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leccr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the pipeline (embedded Prefect, no server needed)")
+    run.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
+    run.add_argument("--stage", action="append", default=[], help="run only this stage (and what it needs); repeatable")
+    run.add_argument("--force", action="append", default=[], help="recompute this stage and everything downstream; repeatable")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.seed=1")
+    run.set_defaults(handler=cmd_run)
+
+    demo = commands.add_parser("demo", help="build demo data and tiny models, then run every stage on them")
+    demo.add_argument("--root", default=str(DEMO_ROOT))
+    demo.add_argument("--config", default=DEMO_CONFIG)
+    demo.add_argument("--force", action="append", default=[])
+    demo.set_defaults(handler=cmd_demo)
+
+    inspect = commands.add_parser("inspect", help="query the artifacts with DuckDB (one view per stage)")
+    inspect.add_argument("query", nargs="?", help="SQL to run, e.g. \"SELECT * FROM translate LIMIT 5\"")
+    inspect.add_argument("--root", default="artifacts", help="artifact root")
+    inspect.add_argument("--experiment", help="use this experiment's last run instead of each stage's latest artifact")
+    inspect.add_argument("--print-sql", action="store_true", help="print the CREATE VIEW statements (for the duckdb CLI)")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    datasets = commands.add_parser("datasets", help="dataset tools")
+    datasets_commands = datasets.add_subparsers(dest="datasets_command", required=True)
+    check = datasets_commands.add_parser("check", help="validate a dataset folder and report counts and problems")
+    check.add_argument("path")
+    check.add_argument("--format", required=True)
+    check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    check.set_defaults(handler=cmd_datasets_check)
+
+    tiny = commands.add_parser("build-tiny-models", help="build tiny random-weight models (see --help of the builder)")
+    tiny.add_argument("rest", nargs=argparse.REMAINDER)
+    tiny.set_defaults(handler=cmd_build_tiny_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from leccr.config import ConfigError
+    from leccr.store import StageFailed
+
+    try:
+        return args.handler(args)
+    except (ConfigError, StageFailed, FileNotFoundError) as error:
+        print(f"leccr: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

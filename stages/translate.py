@@ -1,0 +1,186 @@
+"""translate: English captions into every target language — the pseudo-parallel training pairs.
+
+Engines: `transformers` runs a seq2seq MT model; `import` takes existing translations (most CCR
+benchmarks ship machine-translated training captions; the demo ships them too). Where human
+target-language captions share a caption id with a translated English caption (e.g. Multi30K's
+aligned test sets), chrF and BLEU per language go into the stage summary.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from leccr.config import ExperimentConfig, TranslateConfig
+from leccr.store import ShardResult, StageContext
+from schemas.core import read_table
+from schemas.dataset import CAPTIONS
+from schemas.translate import TRANSLATIONS
+
+NAME = "translate"
+STAGE_VERSION = "1"
+UPSTREAM = ("dataset",)
+
+
+def section(cfg: ExperimentConfig) -> TranslateConfig:
+    return cfg.translate
+
+
+def target_languages(ctx: StageContext) -> list[str]:
+    # The dataset artifact's own config says which target languages this experiment uses; it is
+    # upstream, so its key already covers this choice.
+    return list(ctx.inputs["dataset"].manifest["config"]["languages"])
+
+
+def english_captions(ctx: StageContext, splits: list[str]) -> list[dict]:
+    captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
+    english = captions.filter(pc.and_(pc.equal(captions.column("lang"), "en"),
+                                      pc.is_in(captions.column("split"), pa.array(splits))))
+    return sorted(english.select(["item_id", "caption_id", "text"]).to_pylist(), key=lambda r: r["caption_id"])
+
+
+def _rows(shard: list[dict], lang: str, texts: list[str], engine: str, model: str) -> dict[str, list]:
+    return {"item_id": [c["item_id"] for c in shard], "caption_id": [c["caption_id"] for c in shard],
+            "lang": [lang] * len(shard), "text": texts, "source_text": [c["text"] for c in shard],
+            "engine": [engine] * len(shard), "model": [model] * len(shard)}
+
+
+def _concat(parts: list[dict[str, list]]) -> pa.Table:
+    if not parts:
+        return TRANSLATIONS.empty_table()
+    return pa.Table.from_pylist([dict(zip(p, values)) for p in parts for values in zip(*p.values())],
+                                schema=TRANSLATIONS)
+
+
+# ------------------------------------------------------------------------------- engines
+def _transformers_processor(ctx: StageContext, languages: list[str]):
+    from leccr.engines.mt import Seq2SeqTranslator
+
+    cfg: TranslateConfig = ctx.section
+    translators: dict[str, Seq2SeqTranslator] = {}
+    by_path: dict[str, Seq2SeqTranslator] = {}  # one multilingual model serves several languages
+    for lang in languages:
+        path = cfg.models[lang]
+        if path not in by_path:
+            by_path[path] = Seq2SeqTranslator(path, cfg.lang_code_style, cfg.device, cfg.batch_size,
+                                              cfg.max_length, cfg.num_beams)
+        translators[lang] = by_path[path]
+
+    def process(shard: list[dict], index: int) -> ShardResult:
+        errors = [(c["caption_id"], "empty English caption") for c in shard if not c["text"].strip()]
+        good = [c for c in shard if c["text"].strip()]
+        parts = []
+        for lang in languages:
+            texts = translators[lang].translate([c["text"] for c in good], lang)
+            keep = [(c, t) for c, t in zip(good, texts) if t]
+            errors += [(c["caption_id"], f"model produced an empty {lang} translation") for c, t in zip(good, texts) if not t]
+            parts.append(_rows([c for c, _ in keep], lang, [t for _, t in keep], "transformers",
+                               Path(cfg.models[lang]).name))
+        return ShardResult(_concat(parts), errors)
+
+    return process
+
+
+def _load_translation_file(path: Path) -> dict[str, str]:
+    """caption_id -> text from .json (object), .jsonl ({"caption_id", "text"} per line) or .tsv/.txt."""
+    if not path.is_file():
+        raise FileNotFoundError(f"translate.import_path: no file {path}")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of caption_id -> text")
+        return {str(k): str(v) for k, v in data.items()}
+    out: dict[str, str] = {}
+    with path.open(encoding="utf-8") as handle:
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        out[str(row["caption_id"])] = str(row["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        raise ValueError(f"{path}:{number}: expected {{\"caption_id\", \"text\"}}: {error}") from None
+        else:
+            for number, row in enumerate(csv.reader(handle, delimiter="\t"), 1):
+                if not row:
+                    continue
+                if len(row) != 2:
+                    raise ValueError(f"{path}:{number}: expected 'caption_id<TAB>text', got {len(row)} field(s)")
+                out[row[0]] = row[1]
+    return out
+
+
+def _import_processor(ctx: StageContext, languages: list[str]):
+    cfg: TranslateConfig = ctx.section
+    sources: dict[str, dict[str, str]] = {}
+    names: dict[str, str] = {}
+    if cfg.import_path is None:
+        captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
+        mt = captions.filter(pc.equal(captions.column("kind"), "mt")).to_pylist()
+        for lang in languages:
+            sources[lang] = {r["caption_id"]: r["text"] for r in mt if r["lang"] == lang}
+            names[lang] = "dataset"
+    else:
+        for lang in languages:
+            path = Path(cfg.import_path.format(lang=lang))
+            sources[lang] = _load_translation_file(path)
+            names[lang] = path.name
+
+    def process(shard: list[dict], index: int) -> ShardResult:
+        parts, errors = [], []
+        for lang in languages:
+            found = [(c, sources[lang].get(c["caption_id"], "").strip()) for c in shard]
+            errors += [(c["caption_id"], f"no {lang} translation in {names[lang]}") for c, t in found if not t]
+            found = [(c, t) for c, t in found if t]
+            parts.append(_rows([c for c, _ in found], lang, [t for _, t in found], "import", names[lang]))
+        return ShardResult(_concat(parts), errors)
+
+    return process
+
+
+# ------------------------------------------------------------------------------- quality
+def translation_quality(translations: pa.Table, captions: pa.Table) -> dict[str, dict[str, float]]:
+    """chrF and BLEU per language against human captions that share the English caption's id."""
+    import sacrebleu
+
+    human = {(r["caption_id"], r["lang"]): r["text"]
+             for r in captions.filter(pc.equal(captions.column("kind"), "human")).to_pylist()}
+    quality: dict[str, dict[str, float]] = {}
+    for lang in sorted(set(translations.column("lang").to_pylist())):
+        pairs = [(r["text"], human[(r["caption_id"], lang)])
+                 for r in translations.filter(pc.equal(translations.column("lang"), lang)).to_pylist()
+                 if (r["caption_id"], lang) in human]
+        if not pairs:
+            continue
+        hypotheses, references = [p[0] for p in pairs], [p[1] for p in pairs]
+        tokenize = {"zh": "zh", "ja": "char"}.get(lang, "13a")
+        quality[lang] = {
+            "n": len(pairs),
+            "chrF": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
+            "BLEU": round(sacrebleu.corpus_bleu(hypotheses, [references], tokenize=tokenize).score, 2),
+        }
+    return quality
+
+
+def run(ctx: StageContext) -> None:
+    cfg: TranslateConfig = ctx.section
+    languages = target_languages(ctx)
+    work = english_captions(ctx, cfg.splits)
+    process = _transformers_processor(ctx, languages) if cfg.engine == "transformers" else _import_processor(ctx, languages)
+    totals = ctx.run_shards(work, cfg.shard_size, process, TRANSLATIONS, item_id=lambda c: c["caption_id"],
+                            max_error_rate=cfg.max_error_rate, unit="captions")
+    translations = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), TRANSLATIONS)
+    captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
+    ctx.summary.update(
+        engine=cfg.engine,
+        languages=languages,
+        english_captions=len(work),
+        translations=totals.rows,
+        errors=totals.errors,
+        shards_resumed=totals.shards_resumed,
+        quality=translation_quality(translations, captions),
+        models={lang: str(cfg.models[lang]) for lang in languages} if cfg.engine == "transformers" else {},
+    )
