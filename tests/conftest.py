@@ -1,0 +1,40 @@
+"""Shared fixtures: the demo data and tiny models are built once per test session."""
+import os
+from pathlib import Path
+
+import pytest
+
+# vLLM must keep its engine in-process in tests (set before vllm is imported anywhere).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """Demo dataset + tiny models, generated once per session by the same code `leccr demo` uses."""
+    from leccr.cli import prepare_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    prepare_demo(root)
+    return root
+
+
+def demo_config_dict(demo_root: Path, artifacts: Path) -> dict:
+    """configs/demo.yaml with its paths pointed at a test session's demo folder and artifact root."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    text = yaml.safe_dump(data).replace("artifacts/demo/", f"{demo_root.as_posix()}/")
+    data = yaml.safe_load(text)
+    data["artifacts_root"] = str(artifacts)
+    return data
+
+
+@pytest.fixture
+def demo_config(demo_root, tmp_path):
+    """(path of a demo config file in tmp, its artifact root)."""
+    import yaml
+
+    artifacts = tmp_path / "artifacts"
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo_config_dict(demo_root, artifacts)))
+    return path, artifacts
