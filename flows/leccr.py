@@ -1,26 +1,99 @@
-"""The `leccr` Prefect flow: every stage of the DAG as a task. Prefect orchestrates, retries and
+"""The `leccr` Prefect flow: every stage of the DAG as tasks. Prefect orchestrates, retries and
 shows; the store (leccr.store) decides what is reused, so the tasks carry no Prefect cache policy.
 
 Run it with no server (`leccr run --config configs/demo.yaml`, or `python flows/leccr.py CONFIG`:
 Prefect starts a temporary local API) or as the deployment `leccr/full` of prefect.yaml.
+
+The outer flow reads the config and picks the task runner (threads, or `prefect_ray.RayTaskRunner`
+for `runner.kind: ray`); the inner flow `leccr-stages` submits the stages. A sharded stage maps
+onto `runner.shard_tasks` slot tasks (each computes and commits its share of the shards), then one
+finishing task merges errors and writes the manifest — identical files whichever runner ran them.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from leccr.config import ExperimentConfig, load_config
-from leccr.pipeline import StageOutcome, plan, record_run, run_stage, upstream_of
+from leccr.pipeline import (StageOutcome, is_sharded, plan, prepare_stage, record_run, run_stage,
+                            run_stage_slot, upstream_of)
+
+
+def _inputs(upstream: dict[str, StageOutcome]):
+    return {up: outcome.artifact for up, outcome in upstream.items()}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
 def stage_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], force: bool) -> StageOutcome:
-    inputs = {up: outcome.artifact for up, outcome in upstream.items()}
-    return run_stage(cfg, name, inputs, force=force, logger=get_run_logger())
+    return run_stage(cfg, name, _inputs(upstream), force=force, logger=get_run_logger())
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{name}-prepare")
+def prepare_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], force: bool) -> bool:
+    return prepare_stage(cfg, name, _inputs(upstream), force, logger=get_run_logger())
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{name}-shards-{slot}-of-{slots}")
+def shard_slot_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], slot: int,
+                    slots: int) -> int:
+    return run_stage_slot(cfg, name, _inputs(upstream), slot, slots, logger=get_run_logger())
+
+
+@task(cache_policy=NO_CACHE, task_run_name="storage-probe-{node}")
+def storage_probe_task(root: str, token: str, node: str) -> str:
+    from leccr.scaleout import answer_probe
+
+    return answer_probe(root, token, node)
+
+
+def _resources(cfg: ExperimentConfig, name: str):
+    """Ray resources of one task of this stage (a no-op context on the local runner)."""
+    if cfg.runner.kind != "ray" or name not in cfg.runner.resources:
+        return contextlib.nullcontext()
+    from prefect_ray.context import remote_options
+
+    wanted = cfg.runner.resources[name]
+    return remote_options(num_cpus=wanted.num_cpus, num_gpus=wanted.num_gpus)
+
+
+@flow(name="leccr-stages")
+def leccr_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
+                 force: list[str] | None = None) -> dict[str, StageOutcome]:
+    the_plan = plan(stages, force)
+    if cfg.runner.kind == "ray" and cfg.runner.probe_storage:
+        from leccr.scaleout import check_shared_storage
+
+        check_shared_storage(cfg.artifacts_root, storage_probe_task)
+    futures: dict[str, Any] = {}
+    for name in the_plan.order:
+        upstream = {up: futures[up] for up in upstream_of(name)}
+        forced = name in the_plan.forced
+        with _resources(cfg, name):
+            if is_sharded(name) and cfg.runner.shard_tasks > 1:
+                prepared = prepare_task.submit(cfg, name, upstream, forced)
+                slots = [shard_slot_task.submit(cfg, name, upstream, i, cfg.runner.shard_tasks, wait_for=[prepared])
+                         for i in range(cfg.runner.shard_tasks)]
+                futures[name] = stage_task.submit(cfg, name, upstream, False, wait_for=slots)
+            else:
+                futures[name] = stage_task.submit(cfg, name, upstream, forced)
+    return {name: future.result() for name, future in futures.items()}
+
+
+def task_runner(cfg: ExperimentConfig):
+    if cfg.runner.kind == "ray":
+        from prefect_ray import RayTaskRunner
+
+        init_kwargs: dict[str, Any] = {"include_dashboard": False}
+        if cfg.runner.address is None and cfg.runner.num_cpus is not None:
+            init_kwargs["num_cpus"] = cfg.runner.num_cpus
+        return RayTaskRunner(address=cfg.runner.address, init_kwargs=init_kwargs)
+    return ThreadPoolTaskRunner(max_workers=max(2, cfg.runner.shard_tasks))
 
 
 def _summary_table(outcomes: dict[str, StageOutcome]) -> list[dict[str, Any]]:
@@ -34,38 +107,36 @@ def _summary_table(outcomes: dict[str, StageOutcome]) -> list[dict[str, Any]]:
 
 @flow(name="leccr")
 def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
-          force: list[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, str]:
+          force: list[str] | None = None, overrides: dict[str, Any] | None = None,
+          runner: str | None = None) -> dict[str, str]:
     """Run the pipeline for one experiment file; returns {stage: artifact path}.
 
     `stages` limits the run to those stages (and whatever they need upstream); `force` recomputes
-    those stages and everything downstream of them; `overrides` sets dotted config keys.
+    those stages and everything downstream of them; `overrides` sets dotted config keys; `runner`
+    ("local" | "ray") overrides `runner.kind`.
     """
     logger = get_run_logger()
+    overrides = dict(overrides or {})
+    if runner is not None:
+        overrides["runner.kind"] = runner
     cfg = load_config(config, overrides)
-    the_plan = plan(stages, force)
-    futures = {}
-    for name in the_plan.order:
-        # Passing upstream futures as inputs lets independent stages (translate, describe) run side by side.
-        upstream = {up: futures[up] for up in upstream_of(name)}
-        futures[name] = stage_task.submit(cfg, name, upstream, name in the_plan.forced)
-    outcomes = {name: future.result() for name, future in futures.items()}
+    outcomes = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
     record_run(cfg, outcomes)
     table = _summary_table(outcomes)
-    create_table_artifact(key=f"leccr-{_slug(cfg.name)}-stages", table=table,
-                          description=f"Stages of experiment {cfg.name}")
+    slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())  # Prefect keys: a-z, 0-9, dashes
+    create_table_artifact(key=f"leccr-{slug}-stages", table=table, description=f"Stages of experiment {cfg.name}")
     lines = [f"# leccr run: {cfg.name}", "", "| stage | cache hit | seconds | rows | errors | artifact |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['cache_hit']} | {r['seconds']} | {r['rows']} | {r['errors']} | `{r['path']}` |"
               for r in table]
-    create_markdown_artifact(key=f"leccr-{_slug(cfg.name)}-summary", markdown="\n".join(lines))
+    create_markdown_artifact(key=f"leccr-{slug}-summary", markdown="\n".join(lines))
+    evaluate = outcomes.get("evaluate")
+    if evaluate is not None and (evaluate.artifact.path / "report.md").is_file():
+        create_markdown_artifact(key=f"leccr-{slug}-report",
+                                 markdown=(evaluate.artifact.path / "report.md").read_text(encoding="utf-8"))
     for outcome in outcomes.values():
         logger.info(outcome.describe())
     return {name: str(o.artifact.path) for name, o in outcomes.items()}
-
-
-def _slug(name: str) -> str:
-    # Prefect artifact keys allow lowercase letters, digits and dashes only.
-    return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
 if __name__ == "__main__":

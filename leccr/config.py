@@ -39,11 +39,22 @@ class Section(BaseModel):
 
 
 # ---------------------------------------------------------------- runner / orchestration
+class StageResources(Section):
+    num_cpus: float = 1  # Ray resources of one shard task of this stage
+    num_gpus: float = 0
+
+
 class RunnerConfig(Section):
+    """Where tasks run. Nothing in a stage changes with the runner; only the flow's task runner does."""
+
     kind: Literal["local", "ray"] = "local"  # local: threads in this process; ray: prefect_ray.RayTaskRunner
     address: str | None = None  # ray: "ray://host:10001", "auto", or None to start a local Ray
-    num_cpus: int | None = None  # ray: CPUs of a local Ray started for the run
-    max_workers: int = 1  # local: shard tasks in flight at once (threads)
+    num_cpus: int | None = None  # ray: CPUs of a local Ray started for the run (None: all)
+    # Tasks a sharded stage (translate, describe, features) is mapped onto: task i computes the shards
+    # with index % shard_tasks == i. 1 (local default) runs each stage as one task.
+    shard_tasks: int = Field(1, ge=1)
+    resources: dict[str, StageResources] = Field(default_factory=dict)  # per stage name, for Ray
+    probe_storage: bool = True  # ray: check every node sees the artifact root before running
 
 
 # ---------------------------------------------------------------- dataset

@@ -101,6 +101,51 @@ class StageOutcome:
                 f"{self.artifact.path}")
 
 
+def is_sharded(name: str) -> bool:
+    """Whether a stage writes its output in shards that several tasks can compute side by side."""
+    return bool(getattr(stage_module(name), "SHARDED", False))
+
+
+def _locate(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact]) -> tuple[ModuleType, Store, Artifact]:
+    module = stage_module(name)
+    missing = [up for up in module.UPSTREAM if up not in inputs]
+    if missing:
+        raise ValueError(f"stage {name!r} needs upstream artifact(s) {missing}")
+    store = Store(cfg.artifacts_root)
+    key = compute_key(name, module.STAGE_VERSION, module.section(cfg), {up: inputs[up].key for up in module.UPSTREAM})
+    return module, store, store.artifact(name, key)
+
+
+def prepare_stage(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], force: bool,
+                  logger: logging.Logger | logging.LoggerAdapter | None = None) -> bool:
+    """Discard a forced stage's folder before any shard task starts; True when already complete."""
+    _, store, artifact = _locate(cfg, name, inputs)
+    if force:
+        (logger or log).info("%s: --force: discarding %s", name, artifact.path)
+        store.discard(artifact)
+    return store.is_complete(artifact)
+
+
+def run_stage_slot(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], slot: int, slots: int,
+                   logger: logging.Logger | logging.LoggerAdapter | None = None) -> int:
+    """Compute this slot's share of a sharded stage's shards (index % slots == slot); no manifest.
+
+    Returns the number of shards this call committed. `run_stage` afterwards finds every shard
+    committed, merges the errors and writes the manifest.
+    """
+    logger = logger or logging.getLogger(f"leccr.stages.{name}")
+    module, store, artifact = _locate(cfg, name, inputs)
+    if store.is_complete(artifact):
+        return 0
+    artifact.path.mkdir(parents=True, exist_ok=True)
+    before = set(artifact.path.rglob("part-*.parquet"))
+    ctx = StageContext(stage=name, key=artifact.key, section=module.section(cfg),
+                       inputs={up: inputs[up] for up in module.UPSTREAM}, out_dir=artifact.path, log=logger,
+                       shard_slot=(slot, slots))
+    module.run(ctx)
+    return len(set(artifact.path.rglob("part-*.parquet")) - before)
+
+
 def run_stage(
     cfg: ExperimentConfig,
     name: str,
@@ -110,14 +155,8 @@ def run_stage(
 ) -> StageOutcome:
     """Run one stage through the store: a cache hit does no work; otherwise run, then write the manifest."""
     logger = logger or logging.getLogger(f"leccr.stages.{name}")
-    module = stage_module(name)
-    missing = [up for up in module.UPSTREAM if up not in inputs]
-    if missing:
-        raise ValueError(f"stage {name!r} needs upstream artifact(s) {missing}")
-    store = Store(cfg.artifacts_root)
-    section = module.section(cfg)
-    key = compute_key(name, module.STAGE_VERSION, section, {up: inputs[up].key for up in module.UPSTREAM})
-    artifact = store.artifact(name, key)
+    module, store, artifact = _locate(cfg, name, inputs)
+    section, key = module.section(cfg), artifact.key
     if force:
         logger.info("%s: --force: discarding %s", name, artifact.path)
         store.discard(artifact)

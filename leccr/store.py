@@ -227,6 +227,10 @@ class StageContext:
     out_dir: Path
     log: logging.Logger
     summary: dict[str, Any] = field(default_factory=dict)  # stage-specific facts for the manifest and log
+    # (slot, slots): this process computes only shards with index % slots == slot and finalises
+    # nothing — the scale-out runner maps a stage's shards onto several tasks this way, then one
+    # ordinary run (every shard already committed) merges errors and writes the manifest.
+    shard_slot: tuple[int, int] | None = None
 
     def write(self, name: str, table: pa.Table, schema: pa.Schema, row_group_size: int | None = None) -> Path:
         """Write one whole (non-sharded) Parquet file of this artifact atomically."""
@@ -258,6 +262,9 @@ class StageContext:
         with progress(total=len(work), desc=label, unit=unit, logger=self.log) as bar:
             for index, shard in enumerate(plan):
                 part = folder / part_name(index)
+                if self.shard_slot is not None and index % self.shard_slot[1] != self.shard_slot[0]:
+                    bar.update(len(shard))
+                    continue
                 if part.exists():
                     totals.shards_resumed += 1
                     bar.update(len(shard))
@@ -279,6 +286,8 @@ class StageContext:
                 bar.update(len(shard))
                 self.log.debug("%s: shard %d committed (%d rows, %.2fs)", label, index,
                                result.table.num_rows, time.perf_counter() - started)
+        if self.shard_slot is not None:
+            return totals
         committed = sorted(folder.glob("part-*.parquet"))
         totals.rows = sum(_num_rows(p) for p in committed)
         error_parts = sorted((folder / "_errors").glob("part-*.parquet"))

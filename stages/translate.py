@@ -23,6 +23,7 @@ from schemas.translate import TRANSLATIONS
 NAME = "translate"
 STAGE_VERSION = "1"
 UPSTREAM = ("dataset",)
+SHARDED = True
 
 
 def section(cfg: ExperimentConfig) -> TranslateConfig:
@@ -57,24 +58,26 @@ def _concat(parts: list[dict[str, list]]) -> pa.Table:
 
 # ------------------------------------------------------------------------------- engines
 def _transformers_processor(ctx: StageContext, languages: list[str]):
+    from leccr.engines.cache import cached_engine
     from leccr.engines.mt import Seq2SeqTranslator
 
     cfg: TranslateConfig = ctx.section
-    translators: dict[str, Seq2SeqTranslator] = {}
-    by_path: dict[str, Seq2SeqTranslator] = {}  # one multilingual model serves several languages
-    for lang in languages:
-        path = cfg.models[lang]
-        if path not in by_path:
-            by_path[path] = Seq2SeqTranslator(path, cfg.lang_code_style, cfg.device, cfg.batch_size,
-                                              cfg.max_length, cfg.num_beams)
-        translators[lang] = by_path[path]
+
+    def translator(lang: str) -> Seq2SeqTranslator:
+        # Loaded on the first shard that needs it and kept for this process's later shards; one
+        # multilingual model folder serves every language that names it.
+        settings = {"path": str(Path(cfg.models[lang]).absolute()), "style": cfg.lang_code_style,
+                    "device": cfg.device, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+                    "num_beams": cfg.num_beams}
+        return cached_engine("seq2seq", settings, lambda: Seq2SeqTranslator(
+            cfg.models[lang], cfg.lang_code_style, cfg.device, cfg.batch_size, cfg.max_length, cfg.num_beams))
 
     def process(shard: list[dict], index: int) -> ShardResult:
         errors = [(c["caption_id"], "empty English caption") for c in shard if not c["text"].strip()]
         good = [c for c in shard if c["text"].strip()]
         parts = []
         for lang in languages:
-            texts = translators[lang].translate([c["text"] for c in good], lang)
+            texts = translator(lang).translate([c["text"] for c in good], lang)
             keep = [(c, t) for c, t in zip(good, texts) if t]
             errors += [(c["caption_id"], f"model produced an empty {lang} translation") for c, t in zip(good, texts) if not t]
             parts.append(_rows([c for c, _ in keep], lang, [t for _, t in keep], "transformers",
