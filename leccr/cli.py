@@ -44,6 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from leccr.config import load_config
 
     overrides = _parse_sets(args.set)
+    if args.runner:
+        overrides["runner.kind"] = args.runner
+    if args.ray_address:
+        overrides["runner.address"] = args.ray_address
     load_config(args.config, overrides)  # fail fast, before Prefect starts, on a bad config
     paths = leccr(config=args.config, stages=args.stage or None, force=args.force or None,
                   overrides=overrides or None)
@@ -57,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     prepared = prepare_demo(Path(args.root))
     print("Demo inputs ready:", ", ".join(f"{k}={v}" for k, v in prepared.items()))
-    return cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[]))
+    return cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[], runner=None,
+                                      ray_address=None))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -121,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", action="append", default=[], help="run only this stage (and what it needs); repeatable")
     run.add_argument("--force", action="append", default=[], help="recompute this stage and everything downstream; repeatable")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.seed=1")
+    run.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
+    run.add_argument("--ray-address", help="override runner.address: ray://host:10001, auto, ...")
     run.set_defaults(handler=cmd_run)
 
     demo = commands.add_parser("demo", help="build demo data and tiny models, then run every stage on them")
