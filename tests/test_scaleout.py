@@ -86,3 +86,56 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
     assert {n: after[n] for n in finished} == finished  # nothing finished on Ray was recomputed
     assert outcome.artifact.manifest["summary"]["shards_resumed"] == len(finished)
+
+
+def _unshare_works() -> bool:
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs tmpfs /mnt && umount /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or not _unshare_works(),
+                    reason="needs unshare + mount (root with CAP_SYS_ADMIN) to give a Ray node its own filesystem view")
+def test_storage_probe_fails_clearly_when_a_node_cannot_see_the_root(demo_root, tmp_path):
+    """A second Ray node runs in its own mount namespace where the artifact root is an empty tmpfs:
+    exactly what a worker machine without the shared filesystem sees."""
+    import ray
+
+    from flows.leccr import leccr
+    from leccr.scaleout import SharedStorageError
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
+                   check=True, capture_output=True)
+    other_node = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs tmpfs {artifacts} && exec {ray_bin} start --address {address} {' '.join(common)} --block"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ray.init(address=address)
+        deadline = time.time() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert time.time() < deadline, "second Ray node did not join"
+            time.sleep(0.5)
+        ray.shutdown()
+        data = demo_config_dict(demo_root, artifacts)
+        data["runner"] = {"kind": "ray", "address": address}
+        config = tmp_path / "ray.yaml"
+        config.write_text(yaml.safe_dump(data))
+        with pytest.raises(SharedStorageError, match=r"node \w+ .* cannot read the artifact root .*artifacts.*"
+                                                     r"filesystem every Ray node mounts"):
+            leccr(config=str(config), stages=["dataset"])
+        assert not (artifacts / "dataset").exists()  # nothing ran
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+        os.killpg(other_node.pid, signal.SIGKILL)
+        other_node.wait()
