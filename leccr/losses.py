@@ -58,10 +58,10 @@ def _identity(tensor: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- shared pieces
-def positive_targets(item_index: Tensor) -> Tensor:
+def positive_targets(item_index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Row-normalised same-item mask: [B] -> [B, B]; row i spreads mass 1 over i's positives."""
     index = item_index.view(-1, 1)
-    positives = (index == index.t()).float()
+    positives = (index == index.t()).to(dtype)
     return positives / positives.sum(1, keepdim=True)
 
 
@@ -93,7 +93,7 @@ def id_aware_infonce(a: Tensor, b: Tensor, item_index: Tensor, temperature: Tens
     item_index[i] == item_index[j]; targets are the row-normalised positive mask (both directions).
     """
     logits = a @ b.t() / temperature
-    targets = positive_targets(item_index)
+    targets = positive_targets(item_index, logits.dtype)
     return (soft_cross_entropy(logits, targets) + soft_cross_entropy(logits.t(), targets)) / 2
 
 
@@ -152,7 +152,7 @@ def slot_vision_loss(
     `slot_vision_similarity`; -> scalar.
     """
     sim = slot_vision_similarity(slot_proj, token_proj, token_mask, reference_quirk)
-    return soft_cross_entropy(sim, positive_targets(item_index))
+    return soft_cross_entropy(sim, positive_targets(item_index, sim.dtype))
 
 
 def slot_diversity_loss(slots: Tensor) -> Tensor:
