@@ -396,3 +396,19 @@ def test_presets_realise_the_reference_table(bert_path):
 def test_model_config_imports_without_torch():
     code = "import sys, leccr.models, leccr.models.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parameter_groups_follow_the_reference_optimiser(bert_path):
+    model = create_model("leccr-image-tiny", text_encoder_path=bert_path)
+    groups = model.parameter_groups(lr=1e-5, weight_decay=0.01, new_module_lr_multiplier=2.0)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_id) == sum(1 for _ in model.parameters())  # a partition of every trainable parameter
+    assert by_id[id(model.temperature)]["weight_decay"] == 0.01  # the reference decays its temperature
+    assert by_id[id(model.queries)]["weight_decay"] == 0.01 and by_id[id(model.queries)]["lr"] == 2e-5
+    assert by_id[id(model.slot_attention.layers[0].norm.weight)]["weight_decay"] == 0.0
+    assert by_id[id(model.cproj.bias)]["weight_decay"] == 0.0
+    bert = model.text_encoder.model
+    assert by_id[id(bert.embeddings.LayerNorm.weight)]["weight_decay"] == 0.0
+    word_group = by_id[id(bert.embeddings.word_embeddings.weight)]
+    assert (word_group["lr"], word_group["weight_decay"]) == (1e-5, 0.01)  # pretrained: base lr
+    assert {g["lr"] for g in model.parameter_groups(lr=1e-5, weight_decay=0.01)} == {1e-5}

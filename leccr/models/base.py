@@ -177,6 +177,37 @@ class RetrievalModel(nn.Module):
     score_ranges = staticmethod(score_ranges)
     fuse_scores = staticmethod(fuse_scores)
 
+    # ----- optimiser groups
+    def parameter_groups(
+        self, lr: float, weight_decay: float, new_module_lr_multiplier: float = 1.0
+    ) -> list[dict]:
+        """AdamW parameter groups as in the reference `create_optimizer`.
+
+        No weight decay for biases and normalisation weights (LayerNorm anywhere); decay for all
+        else, the temperature and the slot queries included (the reference decays its `temp`).
+        "New" parameters (everything outside the pretrained text encoder) get
+        `lr * new_module_lr_multiplier`; the reference's multiplier never takes effect (its list of
+        new parameters is empty), so 1.0 reproduces it. Empty groups are left out.
+        """
+        norm_params = {
+            id(param) for module in self.modules() if isinstance(module, nn.LayerNorm) for param in module.parameters()
+        }
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = not (name.endswith("bias") or id(param) in norm_params)
+            new = not name.startswith("text_encoder.")
+            groups.setdefault((decay, new), []).append(param)
+        return [
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": lr * (new_module_lr_multiplier if new else 1.0),
+            }
+            for (decay, new), params in sorted(groups.items())
+        ]
+
     # ----- helpers for subclasses
     def _global_embeddings(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         visual_mask = batch.get("visual_mask")
