@@ -13,12 +13,17 @@ The training loop and the evaluation treat all methods alike through `RetrievalM
 Batch contract (dict of tensors): `visual` [B, N_v, D_vin] float, `visual_mask` [B, N_v] bool
 (True = valid), `en_ids`/`en_mask` [B, L], `tgt_ids`/`tgt_mask` [B, L] (the translation),
 `desc_ids`/`desc_mask` [B, L_c] or `desc_states` [B, L_c, D_t] + `desc_mask`, `item_index` [B] long
-(items sharing an index are all positives).
+(items sharing an index are all positives; a dataset-wide id, so that it still means the same item
+after the all-gather across ranks).
 
 `gather` (optional): a callable `Tensor [b, ...] -> Tensor [R*b, ...]` concatenating a tensor over
 the R data-parallel ranks in rank order, keeping the gradient of this rank's rows
 (`leccr.losses.all_gather_with_grad`). The models gather the embeddings and `item_index` before the
-in-batch losses, as the reference does across its 2 GPUs; None = a single process.
+in-batch losses, as the reference does across its 2 GPUs; None = a single process. Every rank then
+computes the loss over the whole gathered batch and back-propagates into its own rows only, so the
+per-rank gradients sum to the single-process gradient of the gathered batch (DDP averages them);
+the temperature, used after the gather, gets the whole gradient on every rank (reference behaviour).
+The caption-slot CE L_c stays per rank (the reference does not gather it), and for video L_cv too.
 """
 from __future__ import annotations
 
@@ -222,8 +227,20 @@ class RetrievalModel(nn.Module):
     def _gather_fn(gather: Gather | None) -> Gather:
         return gather if gather is not None else _identity
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover - abstract
+    @staticmethod
+    def _float32(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Floating outputs as float32: under bf16 autocast, logits divided by τ = 0.07 and the
+        min-max/softmax targets lose too much precision, so the losses run in float32."""
+        return {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}
+
+    def losses(self, outputs: dict[str, Tensor], gather: Gather | None = None) -> dict[str, Tensor]:
+        """Every loss term separately and "total"; computed in float32 with autocast off."""
+        device_type = next(iter(outputs.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.compute_losses(self._float32(outputs), gather)
+
+    def compute_losses(self, outputs: dict[str, Tensor], gather: Gather | None) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def losses(self, outputs: dict[str, Tensor], gather: Gather | None = None) -> dict[str, Tensor]:  # pragma: no cover
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

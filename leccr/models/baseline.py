@@ -22,7 +22,7 @@ class BaselineModel(RetrievalModel):
             "item_index": batch["item_index"],
         }
 
-    def losses(self, outputs: dict[str, Tensor], gather: Gather | None = None) -> dict[str, Tensor]:
+    def compute_losses(self, outputs: dict[str, Tensor], gather: Gather | None = None) -> dict[str, Tensor]:
         g = self._gather_fn(gather)
         visual, en, tgt, index = (g(outputs[k]) for k in ("visual_emb", "en_emb", "tgt_emb", "item_index"))
         terms = {

@@ -58,7 +58,7 @@ class Cl2cmModel(RetrievalModel):
             "item_index": batch["item_index"],
         }
 
-    def losses(self, outputs: dict[str, Tensor], gather: Gather | None = None) -> dict[str, Tensor]:
+    def compute_losses(self, outputs: dict[str, Tensor], gather: Gather | None = None) -> dict[str, Tensor]:
         weights = self.config.losses
         g = self._gather_fn(gather)
         visual, en, tgt, cl_en, cl_tgt, index = (

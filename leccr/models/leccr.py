@@ -151,7 +151,7 @@ class LeccrModel(RetrievalModel):
             )
         return outputs
 
-    def losses(self, outputs: dict[str, Tensor], gather: Gather | None = None) -> dict[str, Tensor]:
+    def compute_losses(self, outputs: dict[str, Tensor], gather: Gather | None = None) -> dict[str, Tensor]:
         cfg, weights, ablations = self.config, self.config.losses, self.config.ablations
         g = self._gather_fn(gather)
         visual, en, tgt, index = (g(outputs[k]) for k in ("visual_emb", "en_emb", "tgt_emb", "item_index"))
