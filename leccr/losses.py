@@ -81,8 +81,11 @@ def slot_max_similarity(slot_emb: Tensor, text_emb: Tensor) -> Tensor:
     """M[i, j] = max_k slot_emb[i, k] · text_emb[j]; rows = visual items, columns = texts.
 
     slot_emb [B_v, N_q, E] (caption_proj1 of the slots, not normalised), text_emb [B_t, E] -> [B_v, B_t].
+    `max(dim).values`, not `amax`: on ties (the slots start equal, their queries are zeros) the
+    gradient goes to one slot, as in the reference's torch.max, instead of being split evenly, which
+    would keep equal slots equal.
     """
-    return torch.einsum("vke,te->vtk", slot_emb, text_emb).amax(dim=-1)
+    return torch.einsum("vke,te->vtk", slot_emb, text_emb).max(dim=-1).values
 
 
 # ---------------------------------------------------------------- global matching

@@ -396,3 +396,11 @@ def test_all_gather_with_grad_single_rank(tmp_path):
         assert torch.equal(L.all_gather_with_grad(torch.tensor([4, 5])), torch.tensor([4, 5]))
     finally:
         dist.destroy_process_group()
+
+
+def test_slot_max_sends_tied_gradient_to_one_slot():
+    # Slots start equal (zero queries); like the reference's torch.max, the gradient of a tie goes to
+    # one slot, so training can pull the slots apart (amax would split it evenly and keep them equal).
+    slots = torch.ones(1, 3, 2, requires_grad=True)
+    L.slot_max_similarity(slots, torch.tensor([[1.0, 0.0]])).sum().backward()
+    assert (slots.grad[0].abs().sum(-1) > 0).sum().item() == 1

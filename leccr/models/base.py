@@ -51,7 +51,7 @@ def similarity_parts(
     global_sim = text_emb @ visual_global.t()
     if visual_slots is None:
         return global_sim, None
-    slot_sim = torch.einsum("te,vke->tvk", text_emb, visual_slots).amax(dim=-1)
+    slot_sim = torch.einsum("te,vke->tvk", text_emb, visual_slots).max(dim=-1).values
     return global_sim, slot_sim
 
 
