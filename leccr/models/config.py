@@ -52,7 +52,11 @@ class AblationConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Architecture of one retrieval model; `arch` picks the class (baseline | leccr | cl2cm)."""
+    """Architecture of one retrieval model; `arch` picks the class (baseline | leccr | cl2cm).
+
+    One flat schema for all three methods: fields another arch does not use (slots and ablations for
+    baseline/cl2cm, the CL2CM loss fields for leccr) are validated and ignored.
+    """
 
     arch: Literal["baseline", "leccr", "cl2cm"]  # which method class to build (never sniffed)
     modality: Literal["image", "video"]  # image: patch tokens, [CLS] pool; video: frame encoder, masked mean
