@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import DescribeConfig, ExperimentConfig
-from leccr.engines.mllm import (Generation, Request, SamplingConfig, load_imported_descriptions, max_frames,
-                                request_seed)
+from leccr.engines.mllm import (Generation, Request, RequestRejected, SamplingConfig, load_imported_descriptions,
+                                max_frames, request_seed)
 from leccr.media import MediaError, ShardPrefetcher, load_visual
 from leccr.store import ShardResult, StageContext, part_name, shard_plan
 from schemas.core import read_table
@@ -113,6 +113,23 @@ def _next_shard(ctx: StageContext, n_shards: int):
     return next_index
 
 
+def generate_isolating_rejects(engine, requests: list[Request]) -> list[Generation | str]:
+    """All requests in one engine call; if the engine rejects the call (vLLM fails the whole call for
+    one invalid request, e.g. a prompt longer than max_model_len), retry one by one so only the bad
+    requests fail — each as the error message in place of its Generation."""
+    try:
+        return list(engine.generate(requests))
+    except RequestRejected:
+        pass
+    results: list[Generation | str] = []
+    for request in requests:
+        try:
+            results.extend(engine.generate([request]))
+        except RequestRejected as error:
+            results.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return results
+
+
 def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
     cfg: DescribeConfig = ctx.section
     sampling_json = sampling_of(cfg).to_json()
@@ -127,15 +144,18 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
             for view_id, prompt in views_for(cfg, item["media_type"]).items():
                 requests.append(Request(item["item_id"], view_id, prompt, frames, item["media_type"],
                                         request_seed(cfg.seed, item["item_id"], view_id)))
-        generations: list[Generation] = []
+        generations: list[Generation | str] = []
         seconds = 0.0
         if requests:
             engine = make_engine(cfg)
             started = time.perf_counter()
-            generations = engine.generate(requests)
+            generations = generate_isolating_rejects(engine, requests)
             seconds = time.perf_counter() - started
         rows, empty_views = [], {}
         for request, generation in zip(requests, generations):
+            if isinstance(generation, str):
+                errors.append((request.item_id, f"view {request.view_id!r}: the engine rejected the request: {generation}"))
+                continue
             if not generation.text:
                 empty_views.setdefault(request.item_id, []).append(request.view_id)
                 continue
@@ -145,7 +165,7 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
                          "seed": request.seed, "seconds": seconds / len(requests)})
         errors += [(item_id, f"model produced an empty description for view(s) {views}")
                    for item_id, views in empty_views.items()]
-        tokens = sum(len(g.token_ids) for g in generations)
+        tokens = sum(len(g.token_ids) for g in generations if isinstance(g, Generation))
         return ShardResult(_table(rows), errors, {"tokens": float(tokens), "generation_seconds": seconds,
                                                   "requests": float(len(requests)), "items": float(len(shard))})
 

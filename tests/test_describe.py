@@ -239,3 +239,23 @@ def test_killed_run_resumes_with_only_the_missing_shards(tiny_llava, tmp_path):
     table = read_table(sorted(out.glob("part-*.parquet")), DESCRIPTIONS)
     assert table.num_rows == 12 * 2
     assert sorted(set(table.column("item_id").to_pylist())) == sorted(f"img{i}" for i in range(12))
+
+
+def test_tiny_llava_is_deterministic_and_in_the_hub_layout(tiny_llava, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoProcessor
+
+    again = build_tiny_llava(tmp_path / "again", CORPUS, seed=0)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (tiny_llava / name).read_bytes(), name
+    with safe_open(str(tiny_llava / "model.safetensors"), "pt") as weights:
+        vision = [k for k in weights.keys() if k.startswith("vision_tower.")]
+    # vLLM's LLaVA (and llava-hf checkpoints) expect the CLIP tower under vision_tower.vision_model.
+    assert vision and all(k.startswith("vision_tower.vision_model.") for k in vision)
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    image = load_image(write_png(tmp_path / "x.png", 50, 40))
+    ids = processor(text=["USER: <image>\nHi ASSISTANT:"], images=[image], return_tensors="pt")["input_ids"][0]
+    # 32 px / patch 8 = 16 patch features (CLS dropped by the "default" strategy): 16 <image> tokens
+    assert int((ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 16
+    assert ids[0] == processor.tokenizer.bos_token_id
+    assert build_tiny_llava(tiny_llava, ["other corpus"], seed=1) == tiny_llava  # complete folder: kept

@@ -100,3 +100,12 @@ def test_describe_stage_through_vllm(vllm_engine, tiny_llava, tmp_path):
         [(f"img{i}", v) for i in range(2) for v in TWO_VIEWS] + [("vid0", "actions")])
     assert {r["engine"] for r in rows} == {"vllm"}
     assert ctx.summary["errors"] == 2 and ctx.summary["tokens_per_s"] > 0
+
+
+def test_a_request_vllm_rejects_fails_alone(vllm_engine, requests):
+    # max_model_len is 512: a prompt of ~600 words cannot be scheduled and vLLM rejects the whole call
+    too_long = Request("img_long", "objects", "describe the red car " * 150, requests[0].frames, "image", 0)
+    results = describe.generate_isolating_rejects(vllm_engine, [requests[0], too_long, requests[1]])
+    assert isinstance(results[1], str) and "512" in results[1]
+    assert results[0].token_ids == vllm_engine.generate([requests[0]])[0].token_ids
+    assert results[2].token_ids == vllm_engine.generate([requests[1]])[0].token_ids

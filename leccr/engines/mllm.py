@@ -66,6 +66,11 @@ class Request:
     seed: int
 
 
+class RequestRejected(ValueError):
+    """The engine refused a call because of an invalid request (e.g. a prompt longer than the model's
+    context); the caller may retry the requests one by one to find the bad one."""
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str  # the description, stripped
@@ -256,7 +261,10 @@ class VllmMLLM:
         # incremental detokenizer drops an unfinished UTF-8 byte sequence at the end; decode() does not).
         params = [SamplingParams(temperature=self.sampling.temperature, top_p=self.sampling.top_p,
                                  max_tokens=self.sampling.max_tokens, seed=r.seed, detokenize=False) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)  # returned in request order
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)  # returned in request order
+        except _vllm_client_errors() as error:  # validation of one request fails the whole call
+            raise RequestRejected(str(error)) from error
         tokenizer = self.processor.tokenizer
         results = []
         for output in outputs:
@@ -265,6 +273,15 @@ class VllmMLLM:
             text = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
             results.append(Generation(text, ids, str(completion.finish_reason)))
         return results
+
+
+def _vllm_client_errors() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for an invalid request: VLLMClientError in 0.32 (ValueError in older releases)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (VLLMClientError, ValueError)
 
 
 # ----------------------------------------------------------------------------------- import
