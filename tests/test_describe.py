@@ -259,3 +259,24 @@ def test_tiny_llava_is_deterministic_and_in_the_hub_layout(tiny_llava, tmp_path)
     assert int((ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 16
     assert ids[0] == processor.tokenizer.bos_token_id
     assert build_tiny_llava(tiny_llava, ["other corpus"], seed=1) == tiny_llava  # complete folder: kept
+
+
+def test_run_stage_through_the_store_then_hits_the_cache(tiny_llava, tmp_path):
+    from leccr.config import parse_config
+    from leccr.pipeline import run_stage
+
+    dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
+    cfg = parse_config({
+        "name": "t", "artifacts_root": str(tmp_path / "artifacts"),
+        "dataset": {"format": "multi30k", "path": str(dataset.path)},
+        "describe": {"model": str(tiny_llava), "image_views": TWO_VIEWS, "num_frames": 2, "max_tokens": 4,
+                     "dtype": "float32"},
+    })
+    first = run_stage(cfg, "describe", {"dataset": dataset})
+    assert not first.cache_hit and first.rows["part-00000.parquet"] == 2 * 2 + 4
+    manifest = first.artifact.manifest
+    assert manifest["summary"]["descriptions"] == 8 and manifest["summary"]["engine"] == "transformers"
+    # the model folder enters the key by content, not by where it lies
+    assert set(manifest["key_config"]["model"]) == {"content"} and len(manifest["key_config"]["model"]["content"]) == 64
+    again = run_stage(cfg, "describe", {"dataset": dataset})
+    assert again.cache_hit and again.artifact.key == first.artifact.key
