@@ -280,3 +280,27 @@ def test_run_stage_through_the_store_then_hits_the_cache(tiny_llava, tmp_path):
     assert set(manifest["key_config"]["model"]) == {"content"} and len(manifest["key_config"]["model"]["content"]) == 64
     again = run_stage(cfg, "describe", {"dataset": dataset})
     assert again.cache_hit and again.artifact.key == first.artifact.key
+
+
+def test_native_video_input_through_a_tiny_onevision(tmp_path_factory, tmp_path):
+    """video_input: video — a video is one <video> input (LLaVA-OneVision, LLaVA-NeXT-Video, Qwen2-VL)."""
+    from leccr.tiny_models.mllm import build_tiny_llava_onevision
+
+    model = build_tiny_llava_onevision(tmp_path_factory.getbasetemp() / "tiny_onevision", CORPUS, seed=0)
+    dataset = make_dataset(tmp_path / "dataset", n_images=1, n_videos=1, broken=False)
+    cfg = small_config(model, video_input="video", num_frames=4, image_views={"scene": "Where is this?"})
+    ctx = make_context(cfg, dataset, tmp_path / "out")
+    describe.run(ctx)
+    rows = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS).to_pylist()
+    assert sorted((r["item_id"], r["view_id"]) for r in rows) == [("img0", "scene"), ("vid0", "actions")]
+
+    engine = describe.make_engine(cfg)  # the stage's engine, from the per-process cache
+    frames = sample_frames(dataset.path / "media" / "vid0.mp4", num_frames=4)
+    request = Request("vid0", "actions", "What happens?", frames, "video", 0)
+    assert chat_prompt(engine.processor, request, "video") == "USER: <video>\nWhat happens? ASSISTANT:"
+    inputs = engine._inputs([request])
+    assert tuple(inputs["pixel_values_videos"].shape) == (1, 4, 3, 32, 32)  # (videos, frames, C, H, W)
+    # 4 frames x (16 patches pooled 2x2 = 4 tokens) + 1 newline token
+    video_tokens = int((inputs["input_ids"] == engine.model.config.video_token_index).sum())
+    assert video_tokens == 4 * 4 + 1
+    assert [r["description"] for r in rows if r["item_id"] == "vid0"] == [engine.generate([request])[0].text]

@@ -109,3 +109,27 @@ def test_a_request_vllm_rejects_fails_alone(vllm_engine, requests):
     assert isinstance(results[1], str) and "512" in results[1]
     assert results[0].token_ids == vllm_engine.generate([requests[0]])[0].token_ids
     assert results[2].token_ids == vllm_engine.generate([requests[1]])[0].token_ids
+
+
+def test_vllm_native_video_input_matches_transformers(vllm_engine, tmp_path_factory, requests):
+    """A second engine in the same process: tiny LLaVA-OneVision with `<video>` input, greedy."""
+    import gc
+
+    from leccr.tiny_models.mllm import build_tiny_llava_onevision
+    from tests.test_describe import CORPUS
+
+    model = build_tiny_llava_onevision(tmp_path_factory.getbasetemp() / "tiny_onevision", CORPUS, seed=0)
+    video = requests[-1]
+    assert video.media_type == "video" and len(video.frames) == 4
+    batch = [video, requests[0]]  # a video and an image in one call
+    engine = VllmMLLM(model, SamplingConfig(max_tokens=MAX_TOKENS), video_input="video", dtype="float32",
+                      gpu_memory_utilization=0.3, options={"enforce_eager": True, "kv_cache_memory_bytes": 64 * 2**20})
+    try:
+        from_vllm = engine.generate(batch)
+    finally:
+        del engine
+        gc.collect()
+    reference = TransformersMLLM(model, SamplingConfig(max_tokens=MAX_TOKENS), batch_size=1, dtype="float32",
+                                 video_input="video")
+    from_transformers = reference.generate(batch)
+    assert [g.token_ids for g in from_vllm] == [g.token_ids for g in from_transformers]
