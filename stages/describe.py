@@ -151,10 +151,11 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
             started = time.perf_counter()
             generations = generate_isolating_rejects(engine, requests)
             seconds = time.perf_counter() - started
-        rows, empty_views = [], {}
+        # One error row per failed item (not per view), so max_error_rate stays a share of items.
+        rows, empty_views, rejected = [], {}, {}
         for request, generation in zip(requests, generations):
             if isinstance(generation, str):
-                errors.append((request.item_id, f"view {request.view_id!r}: the engine rejected the request: {generation}"))
+                rejected.setdefault(request.item_id, ([], generation))[0].append(request.view_id)
                 continue
             if not generation.text:
                 empty_views.setdefault(request.item_id, []).append(request.view_id)
@@ -163,6 +164,8 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
                          "description": generation.text, "n_tokens": len(generation.token_ids),
                          "engine": cfg.engine, "model": Path(cfg.model).name, "sampling": sampling_json,
                          "seed": request.seed, "seconds": seconds / len(requests)})
+        errors += [(item_id, f"the engine rejected view(s) {views}: {message}")
+                   for item_id, (views, message) in rejected.items()]
         errors += [(item_id, f"model produced an empty description for view(s) {views}")
                    for item_id, views in empty_views.items()]
         tokens = sum(len(g.token_ids) for g in generations if isinstance(g, Generation))

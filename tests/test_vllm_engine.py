@@ -19,6 +19,7 @@ from leccr.engines.mllm import Request, SamplingConfig, TransformersMLLM, VllmML
 from leccr.media import load_image, sample_frames  # noqa: E402
 from schemas.core import read_table  # noqa: E402
 from schemas.describe import DESCRIPTIONS  # noqa: E402
+from schemas.errors import ERRORS  # noqa: E402
 from tests.test_describe import TWO_VIEWS, make_context, make_dataset, tiny_llava  # noqa: E402,F401
 from tests.test_media import write_mp4, write_png  # noqa: E402
 
@@ -111,8 +112,25 @@ def test_a_request_vllm_rejects_fails_alone(vllm_engine, requests):
     assert results[2].token_ids == vllm_engine.generate([requests[1]])[0].token_ids
 
 
+def test_stage_records_a_view_vllm_rejects_and_keeps_the_others(vllm_engine, tiny_llava, tmp_path):
+    dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=0, broken=False)
+    views = {"short": "Where is this?", "long": "describe the red car " * 150}  # > max_model_len 512
+    cfg = vllm_config(tiny_llava).model_copy(update={"image_views": views, "max_error_rate": 1.0})
+    ctx = make_context(cfg, dataset, tmp_path / "out")
+    describe.run(ctx)
+    rows = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS).to_pylist()
+    assert sorted((r["item_id"], r["view_id"]) for r in rows) == [("img0", "short"), ("img1", "short")]
+    errors = read_table(ctx.out_dir / "errors.parquet", ERRORS).to_pylist()
+    assert [e["item_id"] for e in errors] == ["img0", "img1"]
+    assert all("rejected view(s) ['long']" in e["reason"] and "512" in e["reason"] for e in errors)
+
+
 def test_vllm_native_video_input_matches_transformers(vllm_engine, tmp_path_factory, requests):
-    """A second engine in the same process: tiny LLaVA-OneVision with `<video>` input, greedy."""
+    """A second engine in the same process: tiny LLaVA-OneVision with `<video>` input, greedy.
+
+    Keep this test last in the module: deleting an in-process vLLM engine tears down vLLM's
+    process-wide parallel state, which the module's first engine still needs.
+    """
     import gc
 
     from leccr.tiny_models.mllm import build_tiny_llava_onevision
