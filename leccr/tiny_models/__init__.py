@@ -1,0 +1,37 @@
+"""Tiny random-weight models for tests and the CPU demo, saved with `save_pretrained` so every stage
+loads them with the same `from_pretrained(path)` code real users point at real weights.
+
+`build_all(out_dir, corpus, seed)` builds `text_encoder/`, `vision/`, `mt/` and `llava/` (each skipped
+when already complete; deterministic by seed and corpus).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def build_all(out_dir: Path, corpus: list[str], seed: int = 0) -> dict[str, Path]:
+    from leccr.tiny_models.mllm import build_tiny_llava
+    from leccr.tiny_models.mt import build_mt
+    from leccr.tiny_models.text import build_text_encoder
+    from leccr.tiny_models.vision import build_vision
+
+    out_dir = Path(out_dir)
+    return {
+        "text_encoder": build_text_encoder(out_dir / "text_encoder", corpus, seed),
+        "vision": build_vision(out_dir / "vision", seed),
+        "mt": build_mt(out_dir / "mt", corpus, seed),
+        "llava": build_tiny_llava(out_dir / "llava", corpus, seed),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="leccr build-tiny-models", description=__doc__)
+    parser.add_argument("--out", required=True, type=Path, help="folder to build the models into")
+    parser.add_argument("--corpus-file", required=True, type=Path, help="text file, one sentence per line")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    corpus = [line.strip() for line in args.corpus_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for name, path in build_all(args.out, corpus, args.seed).items():
+        print(f"{name:<13} {path}")
+    return 0
