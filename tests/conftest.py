@@ -38,3 +38,12 @@ def demo_config(demo_root, tmp_path):
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(demo_config_dict(demo_root, artifacts)))
     return path, artifacts
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect server for every in-process flow run of the test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
