@@ -78,7 +78,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 1
     queries = [args.query] if args.query else []
     if not queries:
-        print("Views:", ", ".join(f"{v} ({con.execute(f'SELECT count(*) FROM {v}').fetchone()[0]} rows)" for v in views))
+        counts = {v: con.execute('SELECT count(*) FROM "' + v + '"').fetchone()[0] for v in views}
+        print("Views:", ", ".join(f"{v} ({n} rows)" for v, n in counts.items()))
+        print('Quote "describe" in SQL (it is a keyword), or use the view descriptions.')
         if not sys.stdin.isatty():
             return 0
         print("Enter SQL (empty line to quit).")

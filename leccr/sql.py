@@ -15,7 +15,9 @@ VIEWS: dict[str, tuple[str, str]] = {
     "captions": ("dataset", "captions.parquet"),
     "translate": ("translate", "part-*.parquet"),
     "translate_errors": ("translate", "errors.parquet"),
+    # DESCRIBE is an SQL keyword: the view is `"describe"` (quoted) and, for convenience, `descriptions`.
     "describe": ("describe", "part-*.parquet"),
+    "descriptions": ("describe", "part-*.parquet"),
     "describe_errors": ("describe", "errors.parquet"),
     "visual_features": ("features", "visual/part-*.parquet"),
     "text_tokens": ("features", "text/part-*.parquet"),
@@ -48,7 +50,7 @@ def view_statements(artifacts: dict[str, Artifact]) -> list[str]:
             continue
         glob = (artifact.path / pattern).as_posix().replace("'", "''")
         statements.append(
-            f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
+            f"CREATE OR REPLACE VIEW \"{view}\" AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
         )
     return statements
 

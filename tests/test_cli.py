@@ -17,7 +17,7 @@ def test_run_then_rerun_is_all_cache_hits_and_inspect_shows_translate(demo_confi
     assert main(["inspect", "--root", str(artifacts), "SELECT count(*) AS n FROM translate"]) == 0
     assert str(n) in capsys.readouterr().out
     assert main(["inspect", "--root", str(artifacts), "--experiment", "demo", "--print-sql"]) == 0
-    assert "CREATE OR REPLACE VIEW translate AS" in capsys.readouterr().out
+    assert "CREATE OR REPLACE VIEW \"translate\" AS" in capsys.readouterr().out
 
 
 def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, capsys):
