@@ -76,12 +76,17 @@ class DatasetTables:
 class TableBuilder:
     """Collects item and caption rows, reporting duplicates, unknown items and empty texts as problems."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], human_target_splits: list[str] | None = None):
         self.problems = problems
+        # Splits whose human non-English captions are kept (None: all). The CCR setting trains on MT
+        # target-language captions only, and a human translation of an English caption would share
+        # (caption_id, lang) with its MT caption.
+        self.human_target_splits = None if human_target_splits is None else set(human_target_splits)
         self.items: dict[str, dict[str, Any]] = {}
         self.item_where: dict[str, str] = {}
         self.captions: list[dict[str, str]] = []
         self.caption_where: dict[tuple[str, str], str] = {}
+        self.failed_items: set[str] = set()  # items already reported (missing media...): not reported again
 
     def add_item(self, item_id: str, split: str, media_type: str, path: Path | None,
                  feature_path: Path | None, file: str, line: int | None) -> bool:
@@ -106,6 +111,9 @@ class TableBuilder:
         if item is None:
             self.problems.append(Problem(file, line, f"caption {caption_id!r} belongs to item {item_id!r}, "
                                                      "which is in no split list"))
+            return False
+        if (kind == "human" and lang != "en" and self.human_target_splits is not None
+                and item["split"] not in self.human_target_splits):
             return False
         text = " ".join(text.split())
         if not text:
@@ -258,11 +266,14 @@ class FeatureIndex:
 def resolve_media(builder: TableBuilder, root: Path, item_id: str, media: Path, features: FeatureIndex | None,
                   file: str, line: int | None) -> tuple[Path | None, Path | None] | None:
     """(path, feature_path) of an item; a problem (and None) when neither the media file nor features exist."""
+    if item_id in builder.failed_items:
+        return None
     feature = features.feature_path(item_id) if features is not None else None
     if media.is_file():
         return media, feature
     if feature is not None:
         return None, feature  # only features were released / kept: path is null
+    builder.failed_items.add(item_id)
     if features is not None and features.ok:
         builder.problems.append(Problem(file, line, f"item {item_id!r}: neither media file {rel(media, root)} "
                                                     f"nor features in {rel(features.folder, root)}"))
@@ -280,6 +291,9 @@ class AdapterOptions(BaseModel):
     # Folder (relative to the dataset root, or absolute) of pre-extracted visual features: per-item
     # `<item_id>.npy` files or a BigFile folder. None: raw images/videos only.
     features: str | None = None
+    # Splits whose human target-language (non-English) captions are read. CCR trains on MT captions
+    # only, so by default human ja/zh/de... captions of the training split are left out.
+    human_target_splits: list[str] = ["val", "test"]
 
 
 class Adapter:
@@ -366,7 +380,7 @@ def load_dataset(format: str, root: Path, languages: list[str], options: dict | 
 
 def _import_adapters() -> None:
     # One module per adapter; importing registers it. Kept here so `base` has no import cycle.
-    from leccr.datasets import multi30k  # noqa: F401
+    from leccr.datasets import mscoco, msrvtt_cn, multi30k, vatex  # noqa: F401
 
 
 def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder) -> int:

@@ -52,7 +52,7 @@ class Multi30k(Adapter):
 
     def collect(self, root: Path, options: Multi30kOptions, languages: list[str] | None,
                 problems: list[Problem]) -> DatasetTables:
-        builder = TableBuilder(problems)
+        builder = TableBuilder(problems, options.human_target_splits)
         task1 = root / "data" / "task1"
         task2 = root / "data" / "task2"
         features = FeatureIndex(under(root, options.features), root, problems) if options.features else None
