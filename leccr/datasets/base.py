@@ -87,6 +87,7 @@ class TableBuilder:
         self.captions: list[dict[str, str]] = []
         self.caption_where: dict[tuple[str, str], str] = {}
         self.failed_items: set[str] = set()  # items already reported (missing media...): not reported again
+        self.excluded_items: set[str] = set()  # in the release but left out by an option: their captions are skipped
 
     def add_item(self, item_id: str, split: str, media_type: str, path: Path | None,
                  feature_path: Path | None, file: str, line: int | None) -> bool:
@@ -400,6 +401,8 @@ def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder) -> in
                                             f"expected '<item-id>#enc2{lang}#<n> <caption>', got {line[:80]!r}"))
             continue
         english_id = english_id_of_mt(parsed[0])
+        if ccr_item_id(english_id) in builder.excluded_items or ccr_item_id(english_id) in builder.failed_items:
+            continue
         if not builder.has_caption(english_id, "en"):
             builder.problems.append(Problem(rel(path, root), number, f"{parsed[0]!r} translates English caption "
                                                                      f"{english_id!r}, which the dataset does not have"))

@@ -74,6 +74,7 @@ class Mscoco(Adapter):
             cocoid = str(entry["cocoid"])
             split = splits.get(cocoid)
             if split is None:
+                builder.excluded_items.add(cocoid)
                 continue
             media = images / str(entry.get("filepath", "")) / str(entry["filename"])
             resolved = resolve_media(builder, root, cocoid, media, features, f"{file}: images[{index}]", None)

@@ -61,7 +61,6 @@ class Vatex(Adapter):
         sources = [(under(root, options.train_json), lambda vid: "train")]
         if options.split_lists:
             sources.append((under(root, options.validation_json), listed.get))
-        self.unlisted = 0
         seen_listed: set[str] = set()
         for path, split_of in sources:
             data = read_json(path, root, problems, what="VATEX annotation file")
@@ -80,7 +79,7 @@ class Vatex(Adapter):
                 video_id = entry["videoID"]
                 split = split_of(video_id)
                 if split is None:
-                    self.unlisted += 1
+                    builder.excluded_items.add(video_id)
                     continue
                 seen_listed.add(video_id)
                 media = under(root, options.videos) / f"{video_id}{options.video_extension}"
