@@ -48,13 +48,16 @@ class MsrvttCn(Adapter):
         features = FeatureIndex(under(root, options.features), root, problems) if options.features else None
         text_dir = under(root, options.text_dir)
         want_zh = languages is None or "zh" in languages
+        conflicts: set[tuple[str, str]] = set()  # (video, split) already reported as in two splits
         for split in options.splits:
             english = text_dir / options.english_pattern.format(collection=options.collection, split=split)
             chinese = text_dir / options.chinese_pattern.format(collection=options.collection, split=split)
             # Training needs English captions; evaluation needs the human Chinese ones.
-            self._captions(builder, root, english, split, "en", options, features, required=split == "train")
+            self._captions(builder, root, english, split, "en", options, features, required=split == "train",
+                           conflicts=conflicts)
             if want_zh:
-                self._captions(builder, root, chinese, split, "zh", options, features, required=split != "train")
+                self._captions(builder, root, chinese, split, "zh", options, features, required=split != "train",
+                               conflicts=conflicts)
         if options.mt_pattern:
             for split in options.splits:
                 for lang in (languages if languages is not None else ["zh"]):
@@ -65,7 +68,7 @@ class MsrvttCn(Adapter):
 
     @staticmethod
     def _captions(builder: TableBuilder, root: Path, path: Path, split: str, lang: str, options: MsrvttCnOptions,
-                  features: FeatureIndex | None, required: bool) -> None:
+                  features: FeatureIndex | None, required: bool, conflicts: set[tuple[str, str]]) -> None:
         lines = read_lines(path, root, builder.problems, what=f"{split} {lang} caption file", required=required)
         file = rel(find_text_file(path) or path, root)
         for number, line in enumerate(lines or [], 1):
@@ -86,8 +89,8 @@ class MsrvttCn(Adapter):
                 if resolved is None or not builder.add_item(video_id, split, "video", *resolved, file, number):
                     continue
             elif builder.items[video_id]["split"] != split:
-                builder.problems.append(Problem(file, number, f"video {video_id!r} is in split {split!r} here but "
-                                                              f"already in split {builder.items[video_id]['split']!r} "
-                                                              f"({builder.item_where[video_id]})"))
+                if (video_id, split) not in conflicts:  # reported once, not on each of its caption lines
+                    conflicts.add((video_id, split))
+                    builder.add_item(video_id, split, "video", None, None, file, number)
                 continue
             builder.add_caption(video_id, caption_id, lang, text, "human", file, number)

@@ -131,7 +131,7 @@ class Multi30k(Adapter):
             known = set(i for i in item_ids if i is not None)
             order = [strip_media_extension(n.strip()) for n in names]
             for number, item_id in enumerate(order, 1):
-                if item_id not in known:
+                if item_id not in known and item_id not in builder.failed_items:
                     builder.problems.append(Problem(rel(list_path, root), number,
                                                     f"image {item_id!r} is not in the task-1 list {rel(task1_list, root)}"))
             order = [i if i in known else None for i in order]
