@@ -175,13 +175,20 @@ class DemoItem:
         return [template.format(**fields) for template in TEMPLATES[self.kind][lang]]
 
 
+def visible_colours(scene: str) -> list[str]:
+    """Colours that stand out from the scene (a green shape in a green field would be invisible)."""
+    top, bottom, _ = SCENES[scene]
+    far = lambda a, b: sum(abs(x - y) for x, y in zip(a, b)) >= 150  # noqa: E731 (L1 distance in RGB)
+    return [name for name, rgb in sorted(COLOURS.items()) if far(rgb, top) and far(rgb, bottom)]
+
+
 def plan_items(seed: int) -> list[DemoItem]:
     """Which items exist and what they show; every random choice comes from `seed`."""
     rng = random.Random(seed)
     items = []
     for index in range(NUM_IMAGES):
         scene = rng.choice(sorted(SCENES))
-        colours = rng.sample(sorted(COLOURS), 2)
+        colours = rng.sample(visible_colours(scene), 2)
         if index % 4 == 3:  # one image in four shows two objects, side by side
             shapes = [rng.choice(SHAPES), rng.choice(SHAPES)]
             objects = [(colours[0], shapes[0], "left"), (colours[1], shapes[1], "right")]
@@ -191,7 +198,7 @@ def plan_items(seed: int) -> list[DemoItem]:
             items.append(DemoItem(f"img{index:04d}", "one", scene, objects))
     for index in range(NUM_VIDEOS):
         scene = rng.choice(sorted(SCENES))
-        objects = [(rng.choice(sorted(COLOURS)), rng.choice(SHAPES), rng.choice(sorted(MOTIONS)))]
+        objects = [(rng.choice(visible_colours(scene)), rng.choice(SHAPES), rng.choice(sorted(MOTIONS)))]
         items.append(DemoItem(f"vid{index:04d}", "video", scene, objects))
     return items
 
