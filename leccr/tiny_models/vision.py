@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leccr.tiny_models._save import build_folder
+from leccr.tiny_models._save import build_folder, recipe
 
 REQUIRED = ("config.json", "model.safetensors", "preprocessor_config.json")
+# Bump when the same seed would give different files (the demo folders then rebuild).
+BUILD_VERSION = "2"
 
 
 def build_vision(out: Path, seed: int = 0) -> Path:
+    """Build (once) the tiny vision tower + image processor in `out`; the same seed gives the same bytes."""
+
     def write(tmp: Path) -> None:
         import torch
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -23,4 +27,4 @@ def build_vision(out: Path, seed: int = 0) -> Path:
         CLIPVisionModel(config).save_pretrained(tmp)
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp)
 
-    return build_folder(out, REQUIRED, "vision", seed, 0, write)
+    return build_folder(out, REQUIRED, recipe("vision", BUILD_VERSION, seed, None), write)
