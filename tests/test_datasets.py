@@ -302,3 +302,35 @@ def test_check_command_errors_are_messages(tmp_path, capsys):
     assert "error: unknown dataset format 'youtube8m'; known formats: mscoco, msrvtt_cn, multi30k, vatex" in out
     assert "error: vatex dataset: unknown option 'video_dir' (known: features, human_target_splits, " in out
     assert "Traceback" not in out
+
+
+# ------------------------------------------------------------------------------ features
+def test_features_stand_in_for_missing_media(copy_of):
+    import numpy as np
+
+    root = copy_of("multi30k")
+    (root / "feats").mkdir()
+    np.save(root / "feats" / "1009434119.npy", np.zeros((1, 4), np.float32))
+    (root / "images" / "1009434119.jpg").unlink()
+    tables = load_dataset("multi30k", root, ["de"], {"features": "feats"})
+    by_id = {r["item_id"]: r for r in tables.items.to_pylist()}
+    assert by_id["1009434119"]["path"] is None
+    assert by_id["1009434119"]["feature_path"] == str(root / "feats" / "1009434119.npy")
+    assert by_id["1007129816"]["feature_path"] is None and by_id["1007129816"]["path"] is not None
+    (root / "images" / "1007129816.jpg").unlink()
+    assert problem_lines(root, "multi30k", {"features": "feats"}) == [
+        "data/task1/image_splits/test_2016_flickr.txt:1: item '1007129816': neither media file "
+        "images/1007129816.jpg nor features in feats"]
+    assert problem_lines(root, "multi30k", {"features": "no_such_dir"})[0] == "no_such_dir: missing features folder"
+
+
+def test_bigfile_frame_level_ids_map_to_videos(tmp_path):
+    from leccr.datasets.base import FeatureIndex
+
+    folder = tmp_path / "FeatureData" / "resnet"
+    folder.mkdir(parents=True)
+    (folder / "id.txt").write_text("video0_0 video0_1 video1_0")
+    (folder / "video2frames.txt").write_text("{'video0': ['video0_0', 'video0_1'], 'video1': ['video1_0']}")
+    index = FeatureIndex(folder, tmp_path, [])
+    assert index.feature_path("video0") == folder and index.feature_path("video1") == folder
+    assert index.feature_path("video2") is None
