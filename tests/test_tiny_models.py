@@ -100,6 +100,12 @@ def test_mt_model_generates_with_language_tokens(models):
     decoded = tokenizer.batch_decode(out, skip_special_tokens=True)
     assert all(isinstance(text, str) for text in decoded)
     assert model.generation_config.max_length == 64  # generate() with no length argument stops at 64
+    # The output depends on the source: without CROSS_ATTENTION_GAIN all 7 give the same 10 tokens
+    # (seeds 0, 1, 2); with it 3-4 distinct outputs.
+    sources = [f">>de<< {text}" for text in CORPUS if text.startswith(("a ", "un "))]
+    with torch.no_grad():
+        out = model.generate(**tokenizer(sources, return_tensors="pt", padding=True), max_new_tokens=10, do_sample=False)
+    assert len({tuple(row.tolist()) for row in out}) >= 2
     assert tokenizer.decode(tokenizer("蓝色背景上的红色圆圈")["input_ids"], skip_special_tokens=True) == "蓝色背景上的红色圆圈"
     assert tokenizer.tokenize("红色圆圈")[-4:] == ["红", "色", "圆", "圈"]
 
