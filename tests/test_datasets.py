@@ -334,3 +334,17 @@ def test_bigfile_frame_level_ids_map_to_videos(tmp_path):
     index = FeatureIndex(folder, tmp_path, [])
     assert index.feature_path("video0") == folder and index.feature_path("video1") == folder
     assert index.feature_path("video2") is None
+
+
+def test_mscoco_mt_files_with_an_id_map(copy_of):
+    root = copy_of("mscoco")
+    mt = root / "TextData" / "mscocotrain_google_enc2ja.caption.txt"
+    mt.write_text(mt.read_text(encoding="utf-8").replace("57870#", "0#").replace("318219#", "1#"), encoding="utf-8")
+    (root / "img_id").mkdir()
+    (root / "img_id" / "image_ids.txt").write_text("0 COCO_train2014_000000057870.jpg\n1 COCO_val2014_000000318219.jpg\n",
+                                                   encoding="utf-8")
+    tables = load_dataset("mscoco", root, ["ja"], {"mt_id_map": "img_id/image_ids.txt"})
+    assert captions_of(tables, "57870", "ja")["57870#enc#1"] == "籐の丸い背もたれの椅子がある長いレストランのテーブル。"
+    (root / "img_id" / "image_ids.txt").write_text("0 COCO_train2014_000000057870.jpg\n", encoding="utf-8")
+    assert problem_lines(root, "mscoco", {"mt_id_map": "img_id/image_ids.txt"}, ["ja"])[0] == \
+        "TextData/mscocotrain_google_enc2ja.caption.txt:6: item id '1' is not in the id map"

@@ -384,11 +384,11 @@ def _import_adapters() -> None:
     from leccr.datasets import mscoco, msrvtt_cn, multi30k, vatex  # noqa: F401
 
 
-def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder) -> int:
+def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder, id_map: dict[str, str] | None = None) -> int:
     """Add the MT captions of one CCR-release file (`<item>#enc2<lang>#<n> <text>` lines); returns how many.
 
     Each line must translate an English caption the dataset has (`<item>#enc#<n>`): the MT caption
-    takes that caption's id, as schemas/dataset.py asks.
+    takes that caption's id, as schemas/dataset.py asks. `id_map` renames the file's item ids to ours.
     """
     lines = read_lines(path, root, builder.problems, what=f"{lang} MT caption file")
     added = 0
@@ -401,6 +401,12 @@ def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder) -> in
                                             f"expected '<item-id>#enc2{lang}#<n> <caption>', got {line[:80]!r}"))
             continue
         english_id = english_id_of_mt(parsed[0])
+        if id_map is not None:
+            item, _, rest = english_id.partition("#")
+            if item not in id_map:
+                builder.problems.append(Problem(rel(path, root), number, f"item id {item!r} is not in the id map"))
+                continue
+            english_id = f"{id_map[item]}#{rest}"
         if ccr_item_id(english_id) in builder.excluded_items or ccr_item_id(english_id) in builder.failed_items:
             continue
         if not builder.has_caption(english_id, "en"):

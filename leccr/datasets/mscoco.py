@@ -49,6 +49,9 @@ class MscocoOptions(AdapterOptions):
     test_protocol: Literal["5k", "1k"] = "5k"
     test_fold: int = Field(0, ge=0, le=4)  # 1k protocol: which 1,000-image fold of the 5K test set
     mt_pattern: str | None = "TextData/mscoco{split}_google_enc2{lang}.caption.txt"
+    # When the MT files name images by another id: a file of `<id> <image file name>` lines (as
+    # LECCR's img_id/image_ids.txt); the COCO id is read from the file name (COCO_val2014_<cocoid>.jpg).
+    mt_id_map: str | None = None
 
 
 @register
@@ -92,12 +95,25 @@ class Mscoco(Adapter):
         if want("zh") and coco_cn_split:
             self._coco_cn_captions(builder, root, under(root, options.coco_cn_dir))
         if options.mt_pattern:
+            id_map = self._id_map(root, under(root, options.mt_id_map), problems) if options.mt_id_map else None
             for split in ("train", "val", "test"):
                 for lang in (languages if languages is not None else ["ja", "zh"]):
                     path = under(root, options.mt_pattern.format(split=split, lang=lang))
                     if path.is_file():
-                        read_mt_file(path, root, lang, builder)
+                        read_mt_file(path, root, lang, builder, id_map)
         return builder.tables(languages)
+
+    @staticmethod
+    def _id_map(root: Path, path: Path, problems: list[Problem]) -> dict[str, str]:
+        id_map = {}
+        for number, line in enumerate(read_lines(path, root, problems, what="MT id map") or [], 1):
+            parts = line.split()
+            digits = re.search(r"(\d+)\.\w+$", parts[1]) if len(parts) == 2 else None
+            if digits is None:
+                problems.append(Problem(rel(path, root), number, f"expected '<id> <COCO image file name>', got {line[:80]!r}"))
+                continue
+            id_map[parts[0]] = str(int(digits.group(1)))
+        return id_map
 
     @staticmethod
     def _entries(data, path: Path, root: Path, problems: list[Problem]) -> list[tuple[int, dict]]:
