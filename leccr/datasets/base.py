@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,9 +222,12 @@ def english_id_of_mt(caption_id: str) -> str:
     return f"{strip_media_extension(item)}#{_MT_MARK.sub('#enc#', '#' + rest)[1:]}"
 
 
+_MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+
+
 def strip_media_extension(name: str) -> str:
-    suffix = Path(name).suffix.lower()
-    return name[: -len(suffix)] if suffix in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS else name
+    stem, suffix = os.path.splitext(name)  # not pathlib: called once per caption line of big files
+    return stem if suffix.lower() in _MEDIA_EXTENSIONS else name
 
 
 def media_type_of(path: str | Path) -> str:
@@ -392,26 +396,27 @@ def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder, id_ma
     """
     lines = read_lines(path, root, builder.problems, what=f"{lang} MT caption file")
     added = 0
+    file = rel(path, root)
     for number, line in enumerate(lines or [], 1):
         if not line.strip():
             continue
         parsed = parse_ccr_line(line)
         if parsed is None:
-            builder.problems.append(Problem(rel(path, root), number,
+            builder.problems.append(Problem(file, number,
                                             f"expected '<item-id>#enc2{lang}#<n> <caption>', got {line[:80]!r}"))
             continue
         english_id = english_id_of_mt(parsed[0])
         if id_map is not None:
             item, _, rest = english_id.partition("#")
             if item not in id_map:
-                builder.problems.append(Problem(rel(path, root), number, f"item id {item!r} is not in the id map"))
+                builder.problems.append(Problem(file, number, f"item id {item!r} is not in the id map"))
                 continue
             english_id = f"{id_map[item]}#{rest}"
         if ccr_item_id(english_id) in builder.excluded_items or ccr_item_id(english_id) in builder.failed_items:
             continue
         if not builder.has_caption(english_id, "en"):
-            builder.problems.append(Problem(rel(path, root), number, f"{parsed[0]!r} translates English caption "
+            builder.problems.append(Problem(file, number, f"{parsed[0]!r} translates English caption "
                                                                      f"{english_id!r}, which the dataset does not have"))
             continue
-        added += builder.add_caption(ccr_item_id(english_id), english_id, lang, parsed[1], "mt", rel(path, root), number)
+        added += builder.add_caption(ccr_item_id(english_id), english_id, lang, parsed[1], "mt", file, number)
     return added

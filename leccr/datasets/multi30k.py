@@ -141,10 +141,10 @@ class Multi30k(Adapter):
         for lang in langs:
             for k in range(1, 6):
                 path = raw / f"{stem}.{k}.{lang}"
+                file = rel(find_text_file(path) or path, root)
                 for number, item_id, text in self._aligned(builder, root, path, order, list_path,
                                                            f"task 2 {lang} caption file", required=False):
                     caption_id = f"{item_id}#enc#{k - 1}" if lang == "en" else f"{item_id}#{lang}#{k - 1}"
-                    file = rel(find_text_file(path) or path, root)
                     if builder.add_caption(item_id, caption_id, lang, text, "human", file, number) and lang == "en":
                         english_by_text[index[item_id]].setdefault(_normal(text), caption_id)
 
@@ -158,14 +158,14 @@ class Multi30k(Adapter):
         line_ids = [f"{i}#t1" if i is not None else None for i in item_ids]
         if "en" in langs:
             path = raw / f"{stem}.en"
+            file = rel(find_text_file(path) or path, root)
             for number, item_id, text in self._aligned(builder, root, path, item_ids, list_path,
                                                        "task 1 English caption file", required=False):
                 match = english_by_text[number - 1].get(_normal(text))
                 if match is not None:
                     line_ids[number - 1] = match
                 else:
-                    builder.add_caption(item_id, line_ids[number - 1], "en", text, "human",
-                                        rel(find_text_file(path) or path, root), number)
+                    builder.add_caption(item_id, line_ids[number - 1], "en", text, "human", file, number)
         elif not any(english_by_text):
             builder.problems.append(Problem(rel(raw / f"{stem}.en", root), None,
                                             "missing English caption file (and no task 2 English captions)"))
@@ -173,10 +173,10 @@ class Multi30k(Adapter):
             if lang == "en":
                 continue
             path = raw / f"{stem}.{lang}"
+            file = rel(find_text_file(path) or path, root)
             for number, item_id, text in self._aligned(builder, root, path, item_ids, list_path,
                                                        f"task 1 {lang} caption file", required=True):
-                builder.add_caption(item_id, line_ids[number - 1], lang, text, "human",
-                                    rel(find_text_file(path) or path, root), number)
+                builder.add_caption(item_id, line_ids[number - 1], lang, text, "human", file, number)
 
     @staticmethod
     def _mt_languages(root: Path, pattern: str, split: str, languages: list[str] | None) -> list[str]:
