@@ -30,7 +30,10 @@ def _inputs(upstream: dict[str, StageOutcome]):
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
-def stage_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], force: bool) -> StageOutcome:
+def stage_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], force: bool,
+               after: list[int] | None = None) -> StageOutcome:
+    # `after` carries the shard-slot results: a data dependency, which every task runner (Ray's
+    # included) resolves before the task starts.
     return run_stage(cfg, name, _inputs(upstream), force=force, logger=get_run_logger())
 
 
@@ -41,7 +44,7 @@ def prepare_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutc
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}-shards-{slot}-of-{slots}")
 def shard_slot_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], slot: int,
-                    slots: int) -> int:
+                    slots: int, prepared: bool) -> int:
     return run_stage_slot(cfg, name, _inputs(upstream), slot, slots, logger=get_run_logger())
 
 
@@ -77,9 +80,9 @@ def leccr_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
         with _resources(cfg, name):
             if is_sharded(name) and cfg.runner.shard_tasks > 1:
                 prepared = prepare_task.submit(cfg, name, upstream, forced)
-                slots = [shard_slot_task.submit(cfg, name, upstream, i, cfg.runner.shard_tasks, wait_for=[prepared])
+                slots = [shard_slot_task.submit(cfg, name, upstream, i, cfg.runner.shard_tasks, prepared)
                          for i in range(cfg.runner.shard_tasks)]
-                futures[name] = stage_task.submit(cfg, name, upstream, False, wait_for=slots)
+                futures[name] = stage_task.submit(cfg, name, upstream, False, slots)
             else:
                 futures[name] = stage_task.submit(cfg, name, upstream, forced)
     return {name: future.result() for name, future in futures.items()}
