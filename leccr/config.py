@@ -153,14 +153,63 @@ def _default_views(media_type: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- features (owner: features stage)
 class FeaturesConfig(Section):
-    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate"})
+    """How visual items, captions and descriptions become cached arrays (see stages/features.py).
 
+    The visual fields (VISUAL_FIELDS) alone, with the dataset key, name the shared visual cache: a
+    change of the text side (tokenizer, max_length, descriptions) reuses the visual features.
+    """
+
+    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate", "decode_workers"})
+    # The fields that shape the visual features (and the file layout of their shards).
+    VISUAL_FIELDS: ClassVar[tuple[str, ...]] = (
+        "visual_source", "vision_model", "visual_output", "image_size", "num_frames", "fps", "precision",
+        "visual_dtype", "import_path", "shard_size")
+
+    # --- visual side
+    visual_source: Literal["model", "import"] = "model"  # model: run vision_model; import: pre-extracted arrays
+    # AutoModel vision tower folder + its AutoImageProcessor (CLIPVisionModel; a full CLIP uses its .vision_model).
     vision_model: ContentPath | None = None
-    text_model: ContentPath | None = None
-    shard_size: int = 256
-    batch_size: int = 32
+    # tokens: the last hidden state per image/frame [n_tokens, dim] (CLS + patches, what LECCR attends to);
+    # pooled: one vector per image/frame (the tower's pooler_output, e.g. CLIP's post-LN [CLS]).
+    visual_output: Literal["tokens", "pooled"] = "tokens"
+    # Square input size in px, overriding the processor's (the paper runs CLIP ViT-B/32 at 384 -> 145 tokens;
+    # position embeddings are interpolated). None keeps the processor's size.
+    image_size: int | None = Field(None, ge=8)
+    num_frames: int | None = Field(8, ge=1)  # video: frames sampled uniformly (leccr.media.sample_frames)
+    fps: float | None = Field(None, gt=0)  # video: sample at this rate instead (then frame counts vary)
+    # Compute precision of the vision tower and the description encoder: auto = bf16 (else fp16) on a
+    # GPU, fp32 on CPU.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    visual_dtype: Literal["float32", "float16"] = "float32"  # stored values of visual features
+    # import: one .npz holding `ids` [N] and `features` [N, D] or [N, T, D]; None reads each item's
+    # `feature_path` (.npy [D] / [T, D], or .npz with a `features` array or a single array).
+    import_path: ContentPath | None = None
+    shard_size: int = Field(256, ge=1)  # items per visual / description shard (file layout: in the key)
+
+    # --- text side
+    text_model: ContentPath | None = None  # AutoModel text encoder folder (+ tokenizer unless `tokenizer` is set)
+    tokenizer: ContentPath | None = None  # tokenizer folder; None = text_model's
+    max_length: int = Field(200, ge=2)  # tokens per caption/description, specials included (paper: 200)
+    text_shard_size: int = Field(16384, ge=1)  # captions per text shard
+    # Description views to use, in this order; None = every view the describe artifact has, by view_id.
+    description_views: list[str] | None = None
+    # concat: the chosen views joined with the tokenizer's [SEP] into one sequence; first: the first available view.
+    description_join: Literal["concat", "first"] = "concat"
+    # Cache the frozen text encoder's token states of every description (LECCR never trains that
+    # pass; caching it saves a forward per step).
+    description_states: bool = False
+    states_dtype: Literal["float32", "float16"] = "float32"
+
+    batch_size: int = Field(32, ge=1)  # images/frames (or descriptions) per forward pass
     device: str = "auto"
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    decode_workers: int = Field(2, ge=1)  # threads decoding images/videos ahead of the encoder
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> FeaturesConfig:
+        if self.num_frames is None and self.fps is None:
+            raise ValueError("num_frames and fps are both unset: video sampling needs one of them")
+        return self
 
 
 # ---------------------------------------------------------------- train (owner: train stage)
@@ -174,12 +223,62 @@ class TrainConfig(Section):
 
 
 # ---------------------------------------------------------------- evaluate (owner: evaluate stage)
-class EvaluateConfig(Section):
-    NON_OUTPUT_FIELDS = frozenset({"device", "chunk_size"})
+class ZeroShotConfig(Section):
+    """A text/visual encoder pair evaluated with no trained model (global cosine only).
 
-    split: str = "test"
+    Both are `AutoModel` folders. Text: `text_embeds` if the model gives them (CLIP-style
+    `*WithProjection`), else `pooler_output`, else the [CLS] state; its own tokenizer (or `tokenizer`)
+    reads the raw captions. Visual: `image_embeds`, else `pooler_output`, of each image (video: mean over
+    `num_frames` uniformly sampled frames), decoded from the dataset's media files through the vision
+    folder's `AutoImageProcessor`. The two widths must match.
+    """
+
+    name: str = "zero-shot"  # the method name in metrics and report
+    text_model: ContentPath
+    vision_model: ContentPath
+    tokenizer: ContentPath | None = None  # None = text_model's
+    max_length: int = Field(77, ge=2)  # tokens per caption (CLIP: 77)
+    num_frames: int = Field(8, ge=1)  # video: frames averaged per item
+
+
+class EvaluateConfig(Section):
+    """How the evaluate stage scores the test split (see stages/evaluate.py)."""
+
+    # chunk_size / batch_size / device shape memory and speed, not the metrics.
+    NON_OUTPUT_FIELDS = frozenset({"device", "chunk_size", "batch_size"})
+
+    split: str = "test"  # dataset split evaluated (test; test_1k / test_5k where an adapter gives them)
+    # Languages of the text side; None = every language with captions in the split (English first).
+    languages: list[str] | None = None
+    # Which captions of a language are the queries: human (the benchmark's references), mt, or auto =
+    # human where the split has any for that language, else the machine translations.
+    caption_kind: Literal["auto", "human", "mt"] = "auto"
+    # Weight of minmax(global) in the fused score; None = each trained model's own score_alpha
+    # (1.0 for images as in the reference image evaluation, 0.9 for video).
+    alpha: float | None = Field(None, ge=0.0, le=1.0)
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])  # recall@K of the table; SumR sums these
+    curve_max_k: int = Field(50, ge=1)  # recall@K curves are drawn for K = 1..curve_max_k
+    worst_queries: int = Field(5, ge=0)  # worst-ranked queries per method x language x direction in the report
+    top_retrieved: int = Field(3, ge=1)  # retrieved items shown for each of them
+    zero_shot: ZeroShotConfig | None = None  # also evaluate this encoder pair
+    # Evaluate the trained methods of the train artifact (False: only the zero-shot pair).
+    trained: bool = True
     device: str = "auto"
-    chunk_size: int = 4096
+    chunk_size: int = Field(4096, ge=1)  # rows/columns of one score block (memory: chunk_size^2 floats)
+    batch_size: int = Field(256, ge=1)  # texts / visual items per encoder forward
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value) or len(set(value)) != len(value):
+            raise ValueError(f"ks must be distinct positive integers, got {value}")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> EvaluateConfig:
+        if not self.trained and self.zero_shot is None:
+            raise ValueError("evaluate.trained is false and no evaluate.zero_shot pair is set: nothing to evaluate")
+        return self
 
 
 # ---------------------------------------------------------------- the experiment
