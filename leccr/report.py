@@ -1,0 +1,295 @@
+"""The evaluation report: report.md with the papers' per-language tables, and matplotlib PNGs.
+
+Everything here reads plain tables (schemas.evaluate.METRICS / WORST_QUERIES, each method's
+history.parquet) and writes files; nothing computes scores. The stage passes in what it measured:
+
+    write_report(out_dir, metrics, worst, curves, histories, notes) -> markdown text
+
+`curves[(method, score, lang, direction)]` is recall@K in % for K = 1..len(array).
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from leccr.store import atomic_write_bytes, atomic_write_text
+
+CL2CM_NOTE = ("CL2CM is our reconstruction from the AAAI 2024 paper's description: no code or equations "
+              "are public, so its numbers are not the paper's system (see METHOD.md, \"CL2CM\").")
+# Method rows in the order the papers print them: the baseline first, the proposed method last.
+METHOD_ORDER = ("baseline", "cl2cm", "leccr")
+ARROWS = {"text_to_visual": "T→V", "visual_to_text": "V→T"}
+
+
+def _method_sort_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (-1, method)
+
+
+def _rows(metrics: pa.Table) -> list[dict]:
+    return metrics.to_pylist()
+
+
+def _lookup(rows: list[dict]) -> dict[tuple, float]:
+    """(method, score, lang, direction, metric, k) -> value."""
+    return {(r["method"], r["score"], r["lang"], r["direction"], r["metric"], r["k"]): r["value"] for r in rows}
+
+
+def _variants(rows: list[dict]) -> list[tuple[str, str]]:
+    """(method, score) rows of a table: methods in paper order, the fused score before global-only.
+
+    A method whose fused score is its global score (alpha = 1) gets one row, not two equal ones."""
+    alphas = {(r["method"], r["score"]): r["alpha"] for r in rows}
+    methods = sorted({m for m, _ in alphas}, key=_method_sort_key)
+    out = []
+    for method in methods:
+        if (method, "fused") in alphas:
+            out.append((method, "fused"))
+        if (method, "global") in alphas and not ((method, "fused") in alphas and alphas[(method, "fused")] == 1.0):
+            out.append((method, "global"))
+    return out
+
+
+def _label(method: str, score: str, rows: list[dict]) -> str:
+    alpha = next(r["alpha"] for r in rows if r["method"] == method and r["score"] == score)
+    if score == "global" and any(r["method"] == method and r["score"] == "fused" and r["alpha"] < 1.0 for r in rows):
+        return f"{method} (global only)"
+    if score == "fused" and alpha < 1.0:
+        return f"{method} (fused, α={alpha:g})"
+    return method
+
+
+def languages_of(rows: list[dict]) -> list[str]:
+    langs = sorted({r["lang"] for r in rows})
+    return (["en"] if "en" in langs else []) + [lang for lang in langs if lang != "en"]
+
+
+def results_tables(metrics: pa.Table) -> str:
+    """One markdown table per language, rows = methods, columns = T→V and V→T R@K and SumR (the
+    LECCR/CL2CM papers' layout), then a SumR overview (rows = methods, columns = languages)."""
+    rows = _rows(metrics)
+    if not rows:
+        return "_No metrics._\n"
+    table = _lookup(rows)
+    ks = sorted({r["k"] for r in rows if r["metric"] == "recall" and r["k"] is not None and r["direction"] != "both"})
+    table_ks = [k for k in ks if k in _table_ks(rows)]
+    variants = _variants(rows)
+    out: list[str] = []
+    for lang in languages_of(rows):
+        present = [v for v in variants if (v[0], v[1], lang, "both", "sumr", None) in table]
+        if not present:
+            continue
+        split = next(r["split"] for r in rows if r["lang"] == lang)
+        n_texts = next(r["n_texts"] for r in rows if r["lang"] == lang)
+        n_items = next(r["n_items"] for r in rows if r["lang"] == lang)
+        out.append(f"### {lang} ({split}: {n_items} visual items, {n_texts} captions)\n")
+        header = ["Method"] + [f"{ARROWS[d]} R@{k}" for d in ARROWS for k in table_ks] + ["SumR"]
+        header += [f"{ARROWS[d]} MedR" for d in ARROWS]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+        for method, score in present:
+            cells = [_label(method, score, rows)]
+            cells += [f"{table[(method, score, lang, d, 'recall', k)]:.1f}" for d in ARROWS for k in table_ks]
+            cells.append(f"{table[(method, score, lang, 'both', 'sumr', None)]:.1f}")
+            cells += [f"{table[(method, score, lang, d, 'median_rank', None)]:g}" for d in ARROWS]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    langs = [lang for lang in languages_of(rows)]
+    if len(langs) > 1:
+        out.append("### SumR per language\n")
+        out.append("| Method | " + " | ".join(langs) + " |")
+        out.append("|---|" + "|".join(["---:"] * len(langs)) + "|")
+        for method, score in variants:
+            cells = [_label(method, score, rows)]
+            for lang in langs:
+                value = table.get((method, score, lang, "both", "sumr", None))
+                cells.append("–" if value is None else f"{value:.1f}")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _table_ks(rows: list[dict]) -> set[int]:
+    """The K of the SumR (those every sumr row was made of): recall rows flagged by the stage."""
+    return {r["k"] for r in rows if r["metric"] == "recall" and r["k"] is not None}
+
+
+# ------------------------------------------------------------------------------------- plots
+def _figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_recall_curves(curves: Mapping[tuple[str, str, str, str], np.ndarray], out_dir: Path) -> list[Path]:
+    """One PNG per language: recall@K (%) against K, both directions side by side, one line per method."""
+    plt = _pyplot()
+    paths = []
+    for lang in sorted({key[2] for key in curves}):
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for axis, direction in zip(axes, ARROWS):
+            for (method, score, curve_lang, curve_direction), values in sorted(
+                curves.items(), key=lambda item: (_method_sort_key(item[0][0]), item[0][1])
+            ):
+                if curve_lang != lang or curve_direction != direction:
+                    continue
+                ks = np.arange(1, len(values) + 1)
+                axis.plot(ks, values, label=method if score == "fused" else f"{method} ({score})",
+                          linestyle="-" if score == "fused" else "--")
+            axis.set_xscale("log")
+            axis.set_xlabel("K")
+            axis.set_title(f"{lang}: {ARROWS[direction]}")
+            axis.grid(True, alpha=0.3)
+        axes[0].set_ylabel("recall@K (%)")
+        axes[0].set_ylim(0, 100)
+        axes[1].legend(loc="lower right", fontsize=8)
+        path = out_dir / f"recall_at_k_{lang}.png"
+        atomic_write_bytes(path, _figure_png(figure))
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def plot_training_curves(histories: Mapping[str, pa.Table], out_dir: Path) -> list[Path]:
+    """One PNG per method: every loss / metric column of its history.parquet against the step (or epoch).
+
+    Columns are grouped: losses (names starting `loss`) in one panel, every other numeric column in
+    its own; the x axis is `step`, else `epoch`, else the row number."""
+    plt = _pyplot()
+    paths = []
+    for method, history in sorted(histories.items(), key=lambda item: _method_sort_key(item[0])):
+        if history.num_rows == 0:
+            continue
+        columns = {name: history.column(name).to_numpy(zero_copy_only=False) for name in history.column_names
+                   if pa.types.is_integer(history.schema.field(name).type)
+                   or pa.types.is_floating(history.schema.field(name).type)}
+        x_name = next((name for name in ("step", "global_step", "epoch") if name in columns), None)
+        x = columns.pop(x_name) if x_name else np.arange(history.num_rows)
+        for name in ("step", "global_step", "epoch"):
+            columns.pop(name, None)
+        # Columns such as a per-row "split" or a "phase" decide which rows a series has: NaN rows are skipped.
+        losses = {name: v for name, v in columns.items() if name.startswith("loss")}
+        others = {name: v for name, v in columns.items() if not name.startswith("loss")}
+        panels = ([("losses", losses)] if losses else []) + [(name, {name: v}) for name, v in others.items()]
+        if not panels:
+            continue
+        cols = min(3, len(panels))
+        rows = math.ceil(len(panels) / cols)
+        figure, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+        for axis, (title, series) in zip(axes.flat, panels):
+            for name, values in series.items():
+                values = values.astype(float)
+                keep = ~np.isnan(values)
+                axis.plot(x[keep], values[keep], label=name, marker="." if keep.sum() < 30 else None)
+            axis.set_title(title)
+            axis.set_xlabel(x_name or "row")
+            axis.grid(True, alpha=0.3)
+            if len(series) > 1:
+                axis.legend(fontsize=7)
+        for axis in list(axes.flat)[len(panels):]:
+            axis.axis("off")
+        figure.suptitle(f"training: {method}")
+        path = out_dir / f"training_{method}.png"
+        atomic_write_bytes(path, _figure_png(figure))
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------- error analysis
+def _clip(text: str, limit: int = 120) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def worst_queries_section(worst: pa.Table) -> str:
+    """Markdown lists of the worst-ranked queries and what came back instead."""
+    rows = worst.to_pylist()
+    if not rows:
+        return "_No error analysis (worst_queries is 0)._\n"
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["score"], row["lang"], row["direction"]), []).append(row)
+    for (method, score, lang, direction), group in sorted(
+        groups.items(), key=lambda item: (item[0][2], _method_sort_key(item[0][0]), item[0][1], item[0][3])
+    ):
+        out.append(f"#### {method} ({score}), {lang}, {ARROWS[direction]}\n")
+        out.append("| rank | query | top retrieved (id: text, score) |")
+        out.append("|---:|---|---|")
+        for row in group:
+            query = f"`{row['query_id']}` {_clip(row['query_text'])} (hits: {', '.join(row['expected'][:3])})"
+            retrieved = "<br>".join(
+                f"{'✓ ' if rid in row['expected'] else ''}`{rid}`: {_clip(text, 90)} ({score_value:.3f})"
+                for rid, text, score_value in zip(row["retrieved_ids"], row["retrieved_texts"], row["retrieved_scores"])
+            )
+            out.append(f"| {row['rank']} | {query} | {retrieved} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------- the report
+def render_report(
+    metrics: pa.Table,
+    worst: pa.Table,
+    plot_paths: Sequence[Path],
+    out_dir: Path,
+    header: Mapping[str, str] | None = None,
+) -> str:
+    """The report.md text; plots are linked relative to `out_dir`."""
+    rows = metrics.to_pylist()
+    methods = sorted({r["method"] for r in rows}, key=_method_sort_key)
+    lines = ["# Evaluation report", ""]
+    for name, value in (header or {}).items():
+        lines.append(f"- **{name}**: {value}")
+    if header:
+        lines.append("")
+    lines.append("Recall@K in % (a visual item is found when any of its captions ranks within K; a caption "
+                 "when its item does). SumR is the sum of the R@K of both directions. MedR: median rank of "
+                 "the first hit. The fused score is α·minmax(global) + (1−α)·minmax(slot max), min/max "
+                 "over the whole test score matrix; α = 1 is global cosine only.")
+    lines.append("")
+    if "cl2cm" in methods:
+        lines += [f"> **Note.** {CL2CM_NOTE}", ""]
+    lines += ["## Results", "", results_tables(metrics)]
+    curves = [p for p in plot_paths if p.name.startswith("recall_at_k")]
+    training = [p for p in plot_paths if p.name.startswith("training_")]
+    if curves:
+        lines += ["## Recall@K curves", ""]
+        lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in curves] + [""]
+    if training:
+        lines += ["## Training curves", ""]
+        lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in training] + [""]
+    lines += ["## Worst-ranked queries", "",
+              "The queries whose first hit ranked lowest, with the top retrieved items (✓ = a hit).", "",
+              worst_queries_section(worst)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(
+    out_dir: Path,
+    metrics: pa.Table,
+    worst: pa.Table,
+    curves: Mapping[tuple[str, str, str, str], np.ndarray],
+    histories: Mapping[str, pa.Table],
+    header: Mapping[str, str] | None = None,
+) -> str:
+    """Write plots/*.png and report.md into `out_dir`; return the markdown."""
+    plots = Path(out_dir) / "plots"
+    plot_paths = plot_recall_curves(curves, plots) + plot_training_curves(histories, plots)
+    text = render_report(metrics, worst, plot_paths, Path(out_dir), header)
+    atomic_write_text(Path(out_dir) / "report.md", text)
+    return text
