@@ -138,24 +138,29 @@ def plot_recall_curves(curves: Mapping[tuple[str, str, str, str], np.ndarray], o
     """One PNG per language: recall@K (%) against K, both directions side by side, one line per method."""
     plt = _pyplot()
     paths = []
+    series = sorted({(key[0], key[1]) for key in curves}, key=lambda ms: (_method_sort_key(ms[0]), ms[1]))
+    # One colour per method, the same in every panel and file; global-only dashed.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = sorted({method for method, _ in series}, key=_method_sort_key)
+    colour = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
     for lang in sorted({key[2] for key in curves}):
         figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         for axis, direction in zip(axes, ARROWS):
-            for (method, score, curve_lang, curve_direction), values in sorted(
-                curves.items(), key=lambda item: (_method_sort_key(item[0][0]), item[0][1])
-            ):
-                if curve_lang != lang or curve_direction != direction:
+            for method, score in series:
+                values = curves.get((method, score, lang, direction))
+                if values is None:
                     continue
                 ks = np.arange(1, len(values) + 1)
                 axis.plot(ks, values, label=method if score == "fused" else f"{method} ({score})",
-                          linestyle="-" if score == "fused" else "--")
+                          color=colour[method], linestyle="-" if score == "fused" else "--")
             axis.set_xscale("log")
             axis.set_xlabel("K")
             axis.set_title(f"{lang}: {ARROWS[direction]}")
             axis.grid(True, alpha=0.3)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(loc="lower right", fontsize=8)
         axes[0].set_ylabel("recall@K (%)")
         axes[0].set_ylim(0, 100)
-        axes[1].legend(loc="lower right", fontsize=8)
         path = out_dir / f"recall_at_k_{lang}.png"
         atomic_write_bytes(path, _figure_png(figure))
         plt.close(figure)
