@@ -1,0 +1,237 @@
+"""The features stage on a tiny hand-built dataset with real tiny models (leccr.tiny_models), run
+through leccr.pipeline.run_stage: values, joins of translations, description views and states, the
+shared visual cache, resume after a failed shard, imported features."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import stages.features as features_stage
+from leccr.config import ExperimentConfig, FeaturesConfig
+from leccr.data import TrainingDataset, load_eval_items
+from leccr.features.vision import VisionEncoder
+from leccr.pipeline import run_stage
+from leccr.store import Artifact, StageFailed
+from schemas.core import write_table
+from schemas.dataset import CAPTIONS, ITEMS
+from schemas.describe import DESCRIPTIONS
+from schemas.translate import TRANSLATIONS
+
+COLOURS = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255), "d": (255, 255, 0), "t1": (0, 255, 255)}
+CORPUS = ["a red square", "a green square", "a blue square", "a yellow square", "a cyan square",
+          "ein rotes Quadrat", "ein grünes Quadrat", "ein blaues Quadrat", "ein cyan Quadrat",
+          "the shape is red", "the shape is green"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from leccr.tiny_models.text import build_text_encoder
+    from leccr.tiny_models.vision import build_vision
+
+    root = tmp_path_factory.mktemp("models")
+    return {"vision": build_vision(root / "vision", seed=0), "text": build_text_encoder(root / "text", CORPUS, seed=0)}
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Items a-d (train), t1 (test), bad (an empty file: a media error); translations for a-c
+    (b's replaces the shipped one); descriptions: a two views, b one, c-d none, t1 one."""
+    media = tmp_path / "media"
+    media.mkdir()
+    rows = []
+    for item, colour in COLOURS.items():
+        Image.new("RGB", (40, 36), colour).save(media / f"{item}.png")
+        rows.append({"item_id": item, "split": "test" if item == "t1" else "train", "media_type": "image",
+                     "path": str(media / f"{item}.png"), "feature_path": None})
+    (media / "bad.png").write_bytes(b"")
+    rows.append({"item_id": "bad", "split": "train", "media_type": "image", "path": str(media / "bad.png"),
+                 "feature_path": None})
+    dataset_dir = tmp_path / "dataset"
+    write_table(pa.Table.from_pylist(rows, ITEMS), dataset_dir / "items.parquet", ITEMS)
+    names = {"a": "red", "b": "green", "c": "blue", "d": "yellow", "t1": "cyan", "bad": "red"}
+    captions = [{"item_id": i, "caption_id": f"{i}0", "split": r["split"], "lang": "en",
+                 "text": f"a {names[i]} square", "kind": "human"} for i, r in zip(names, rows)]
+    captions += [{"item_id": "b", "caption_id": "b0", "split": "train", "lang": "de", "text": "ein Quadrat", "kind": "mt"},
+                 {"item_id": "t1", "caption_id": "t1de", "split": "test", "lang": "de", "text": "ein cyan Quadrat",
+                  "kind": "human"}]
+    write_table(pa.Table.from_pylist(captions, CAPTIONS), dataset_dir / "captions.parquet", CAPTIONS)
+    translations = [{"item_id": i, "caption_id": f"{i}0", "lang": "de", "text": text, "source_text": f"a {names[i]} square",
+                     "engine": "import", "model": None}
+                    for i, text in [("a", "ein rotes Quadrat"), ("b", "ein grünes Quadrat"), ("c", "ein blaues Quadrat")]]
+    translate_dir = tmp_path / "translate"
+    write_table(pa.Table.from_pylist(translations, TRANSLATIONS), translate_dir / "part-00000.parquet", TRANSLATIONS)
+    descriptions = [{"item_id": i, "view_id": v, "prompt": "", "description": text, "n_tokens": None, "engine": "import",
+                     "model": None, "sampling": "{}", "seed": None, "seconds": 0.0}
+                    for i, v, text in [("a", "scene", "the shape is red"), ("a", "objects", "a red square"),
+                                       ("b", "scene", "the shape is green"), ("c", "scene", "   "),
+                                       ("t1", "scene", "a cyan square")]]
+    describe_dir = tmp_path / "describe"
+    write_table(pa.Table.from_pylist(descriptions, DESCRIPTIONS), describe_dir / "part-00000.parquet", DESCRIPTIONS)
+    return {"dataset": Artifact("dataset", "dskey", dataset_dir), "translate": Artifact("translate", "trkey", translate_dir),
+            "describe": Artifact("describe", "dekey", describe_dir), "media": media}
+
+
+def experiment(tmp_path, models, **features) -> ExperimentConfig:
+    settings = {"vision_model": str(models["vision"]), "text_model": str(models["text"]), "shard_size": 2,
+                "max_error_rate": 0.5, "device": "cpu", "batch_size": 3, **features}
+    return ExperimentConfig(name="t", artifacts_root=str(tmp_path / "artifacts"),
+                            dataset={"format": "multi30k", "path": str(tmp_path)}, features=settings)
+
+
+def run(cfg, inputs, **kwargs):
+    return run_stage(cfg, "features", {k: v for k, v in inputs.items() if k != "media"}, **kwargs)
+
+
+def test_stage_writes_visual_text_and_descriptions(tmp_path, models, inputs):
+    cfg = experiment(tmp_path, models, description_states=True)
+    outcome = run(cfg, inputs)
+    root = outcome.artifact.path
+    # visual: every readable item, sorted by id, in the fixed layout (17 tokens x 64 per tiny CLIP image)
+    visual = pq.read_table(sorted((root / "visual").glob("part-*.parquet")))
+    assert visual.column("item_id").to_pylist() == ["a", "b", "c", "d", "t1"]
+    assert visual.schema.field("features").type == pa.list_(pa.float32(), 17 * 64)
+    assert set(visual.column("n_tokens").to_pylist()) == {17} and set(visual.column("dim").to_pylist()) == {64}
+    errors = pq.read_table(root / "visual" / "errors.parquet").to_pylist()
+    assert [e["item_id"] for e in errors] == ["bad"] and "empty" in errors[0]["reason"]
+    encoder = VisionEncoder(models["vision"], device="cpu")
+    expected = encoder.encode([Image.open(inputs["media"] / "c.png").convert("RGB")])[0]
+    got = np.asarray(visual.column("features")[2].values.to_numpy()).reshape(17, 64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    # text: dataset captions + translations; b's translate-artifact MT replaced the shipped one
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(models["text"])
+    text = pq.read_table(root / "text" / "part-00000.parquet").to_pylist()
+    de = {(r["caption_id"], r["kind"]): r for r in text if r["lang"] == "de"}
+    assert set(de) == {("a0", "mt"), ("b0", "mt"), ("c0", "mt"), ("t1de", "human")}
+    assert de[("b0", "mt")]["source"] == "translate"
+    assert de[("b0", "mt")]["input_ids"] == tokenizer("ein grünes Quadrat")["input_ids"]
+    assert de[("b0", "mt")]["n_tokens"] == len(de[("b0", "mt")]["input_ids"])
+    assert sum(r["lang"] == "en" for r in text) == 6
+
+    # descriptions: a's two views by view_id (objects, scene) joined with [SEP]; c's blank one is no description
+    descriptions = pq.read_table(sorted((root / "descriptions").glob("part-*.parquet"))).to_pylist()
+    by_item = {r["item_id"]: r for r in descriptions}
+    assert sorted(by_item) == ["a", "b", "t1"] and by_item["a"]["views"] == ["objects", "scene"]
+    assert by_item["a"]["input_ids"] == tokenizer("a red square [SEP] the shape is red")["input_ids"]
+    assert by_item["a"]["input_ids"].count(tokenizer.sep_token_id) == 2
+    # states: the frozen encoder's last hidden states of exactly those ids
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(models["text"]).eval()
+    with torch.no_grad():
+        states = model(input_ids=torch.tensor([by_item["a"]["input_ids"]])).last_hidden_state[0].numpy()
+    np.testing.assert_allclose(np.asarray(by_item["a"]["states"], np.float32).reshape(-1, 64), states, atol=1e-5)
+    assert outcome.artifact.manifest["summary"]["items_without_description"] == 3  # c, d, bad
+    # DuckDB sees the three sub-tables through the lead's view globs
+    import duckdb
+    con = duckdb.connect()
+    assert con.execute(f"SELECT count(*) FROM read_parquet('{root}/visual/part-*.parquet')").fetchone()[0] == 5
+    assert con.execute(f"SELECT count(*) FROM read_parquet('{root}/text/part-*.parquet') WHERE lang='de'").fetchone()[0] == 4
+    assert con.execute(f"SELECT len(states) FROM read_parquet('{root}/descriptions/part-*.parquet') "
+                       "WHERE item_id='b'").fetchone()[0] == 64 * by_item["b"]["n_tokens"]
+
+    # and the reader joins it all into batches
+    dataset = TrainingDataset(root, "de")
+    assert len(dataset) == 3  # a, b, c have translations; bad has no visual; d no translation
+    batch = dataset.get_batch(range(3))
+    assert batch["visual"].shape == (3, 17, 64) and batch["desc_states"].shape[2] == 64
+    assert load_eval_items(root, "test").item_ids == ["t1"]
+
+
+def test_text_setting_change_reuses_visual_features(tmp_path, models, inputs, monkeypatch):
+    first = run(experiment(tmp_path, models), inputs)
+
+    def no_vision(*args, **kwargs):
+        raise AssertionError("the vision tower must not run: the visual cache should be reused")
+
+    monkeypatch.setattr(features_stage, "VisionEncoder", no_vision)
+    second = run(experiment(tmp_path, models, max_length=8, description_join="first"), inputs)
+    assert second.artifact.key != first.artifact.key
+    assert second.artifact.manifest["summary"]["visual_cache"] == "reused"
+    assert first.artifact.manifest["summary"]["visual_cache"] == "computed"
+    for part in (first.artifact.path / "visual").glob("part-*.parquet"):
+        # the very same file (a hard link to the shared cache), not a recomputation or copy
+        assert part.stat().st_ino == (second.artifact.path / "visual" / part.name).stat().st_ino
+    text = pq.read_table(second.artifact.path / "text" / "part-00000.parquet")
+    assert max(text.column("n_tokens").to_pylist()) <= 8
+    # a visual setting change does compute new visual features
+    with pytest.raises(StageFailed, match="must not run"):
+        run(experiment(tmp_path, models, visual_output="pooled"), inputs)
+
+
+def test_visual_key_depends_only_on_visual_fields():
+    assert set(features_stage.VisualSettings.model_fields) == set(FeaturesConfig.VISUAL_FIELDS)
+    base = FeaturesConfig(visual_source="import")
+    key = features_stage.visual_key(base, "ds")
+    for change in ({"max_length": 10}, {"description_states": True}, {"text_shard_size": 5}, {"batch_size": 1}):
+        assert features_stage.visual_key(base.model_copy(update=change), "ds") == key, change
+    for change in ({"visual_output": "pooled"}, {"visual_dtype": "float16"}, {"shard_size": 3}):
+        assert features_stage.visual_key(base.model_copy(update=change), "ds") != key, change
+    assert features_stage.visual_key(base, "other-dataset") != key
+
+
+def test_resume_after_a_failed_shard(tmp_path, models, inputs, monkeypatch):
+    cfg = experiment(tmp_path, models)
+    calls = {"n": 0}
+    original = VisionEncoder.encode
+
+    def failing_second_shard(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:  # call 1 probes the token shape, call 2 is shard 0
+            raise RuntimeError("simulated crash in shard 1")
+        return original(self, images)
+
+    monkeypatch.setattr(VisionEncoder, "encode", failing_second_shard)
+    with pytest.raises(StageFailed, match="simulated crash"):
+        run(cfg, inputs)
+    cache = next((tmp_path / "artifacts" / "features-visual").iterdir())
+    assert [p.name for p in sorted(cache.glob("part-*.parquet"))] == ["part-00000.parquet"]
+    kept = (cache / "part-00000.parquet").stat().st_mtime_ns
+    monkeypatch.setattr(VisionEncoder, "encode", original)
+    outcome = run(cfg, inputs)
+    assert (cache / "part-00000.parquet").stat().st_mtime_ns == kept  # not recomputed
+    assert outcome.artifact.manifest["summary"]["visual_shards_resumed"] == 1
+    fresh = run(experiment(tmp_path / "fresh", models), inputs)
+    for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
+        assert pq.read_table(outcome.artifact.path / "visual" / name).equals(
+            pq.read_table(fresh.artifact.path / "visual" / name))
+
+
+def test_import_of_pre_extracted_features(tmp_path, models, inputs):
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((3, 8)), "b": rng.standard_normal(8), "c": rng.standard_normal((5, 8)),
+              "d": rng.standard_normal((1, 8)), "t1": rng.standard_normal((2, 8))}
+    ids = np.array(list(arrays))
+    # one .npz of all items must have one matrix: use [N, T, D] with equal T for it
+    stacked = np.stack([np.resize(np.atleast_2d(a), (3, 8)) for a in arrays.values()]).astype(np.float32)
+    np.savez(tmp_path / "all.npz", ids=ids, features=stacked)
+    outcome = run(experiment(tmp_path, models, visual_source="import", import_path=str(tmp_path / "all.npz")), inputs)
+    visual = pq.read_table(sorted((outcome.artifact.path / "visual").glob("part-*.parquet")))
+    assert visual.schema.field("features").type == pa.list_(pa.float32())
+    assert visual.column("item_id").to_pylist() == ["a", "b", "c", "d", "t1"]
+    for row, item in enumerate(visual.column("item_id").to_pylist()):
+        got = visual.column("features")[row].values.to_numpy()
+        assert got.tobytes() == stacked[list(arrays).index(item)].tobytes()  # bit-equal
+    errors = pq.read_table(outcome.artifact.path / "visual" / "errors.parquet").to_pylist()
+    assert errors[0]["item_id"] == "bad" and "no row" in errors[0]["reason"]
+
+    # per-item files through ITEMS.feature_path: .npy of [T, D] or [D]
+    items = pq.read_table(inputs["dataset"].file("items.parquet")).to_pylist()
+    for item in items:
+        if item["item_id"] in arrays:
+            item["feature_path"] = str(tmp_path / f"{item['item_id']}.npy")
+            np.save(item["feature_path"], arrays[item["item_id"]].astype(np.float32))
+    per_item = tmp_path / "dataset2"
+    write_table(pa.Table.from_pylist(items, ITEMS), per_item / "items.parquet", ITEMS)
+    (per_item / "captions.parquet").write_bytes(inputs["dataset"].file("captions.parquet").read_bytes())
+    inputs2 = {**inputs, "dataset": Artifact("dataset", "dskey2", per_item)}
+    outcome = run(experiment(tmp_path, models, visual_source="import"), inputs2)
+    dataset = TrainingDataset(outcome.artifact.path, "de")
+    sample = dataset[[dataset.item_ids[dataset[i]["item_index"]] for i in range(len(dataset))].index("c")]
+    assert sample["visual"].numpy().tobytes() == arrays["c"].astype(np.float32).tobytes()
+    batch = dataset.get_batch(range(len(dataset)))
+    assert batch["visual"].shape[1] == 5 and batch["visual_mask"].sum(1).tolist() == [3, 1, 5]
