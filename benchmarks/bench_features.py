@@ -1,0 +1,209 @@
+"""Benchmarks of the features storage and readers (issue 4). Ratios against baselines measured in the
+same run, so the figures compare across machines.
+
+    .venv/bin/python benchmarks/bench_features.py [--rows 100000] [--dim 512]
+
+(a) write + read of a rows x dim float32 embedding table through our Parquet layout
+    (fixed_size_list<float32>[dim], row groups of ROW_GROUP_BYTES) vs numpy.save / numpy.load;
+    read both as a Parquet decode into memory and through the memory-mapped Arrow cache.
+(b) TrainingDataset batches/s (get_batch, and per-sample __getitem__ + collate) vs indexing
+    in-memory padded tensors with the same batch indices.
+(c) feature extraction images/s of the tiny CLIP vision tower on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from leccr.data import FeatureTables, TrainingDataset
+from leccr.data.tables import open_parts
+from leccr.features.storage import ids_column, rows_per_group
+from schemas.core import write_table
+from schemas.features import TEXT_TOKENS, description_schema, visual_schema
+
+
+def best_of(fn, repeat=3):
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def bench_table(folder: Path, rows: int, dim: int) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    matrix = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    npy = folder / "matrix.npy"
+    parquet = folder / "emb" / "part-00000.parquet"
+    schema = pa.schema([pa.field("item_id", pa.string(), nullable=False),
+                        pa.field("features", pa.list_(pa.float32(), dim), nullable=False)])
+    ids = pa.array([f"item{i:07d}" for i in range(rows)])
+
+    def write_ours():
+        features = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim)  # zero-copy wrap
+        table = pa.table({"item_id": ids, "features": features})
+        write_table(table, parquet, schema, rows_per_group(dim * 4))
+
+    def read_ours():
+        table = pq.read_table(parquet, memory_map=True)
+        values = table.column("features").chunks
+        return [c.flatten().to_numpy(zero_copy_only=True) for c in values]
+
+    def read_ours_mapped():
+        table = open_parts([parquet], folder / "cache")
+        return [c.flatten().to_numpy(zero_copy_only=True) for c in table.column("features").chunks]
+
+    def read_ours_mapped_touch():  # mapping is lazy: also touch every value (a full pass, as an epoch does)
+        return sum(float(v.sum()) for v in read_ours_mapped())
+
+    write_npy = best_of(lambda: np.save(npy, matrix))
+    write_parquet = best_of(write_ours)
+    read_npy = best_of(lambda: np.load(npy))
+    read_parquet = best_of(read_ours)
+    read_ours_mapped()  # builds the Arrow cache once
+    read_mapped = best_of(read_ours_mapped)
+    touch_npy = best_of(lambda: float(np.load(npy, mmap_mode="r").sum()))
+    touch_mapped = best_of(read_ours_mapped_touch)
+    got = np.concatenate(read_ours())
+    assert got.tobytes() == matrix.tobytes(), "round trip is not bit-exact"
+    return {
+        "rows": rows, "dim": dim, "mb": round(matrix.nbytes / 2**20, 1),
+        "parquet_mb": round(parquet.stat().st_size / 2**20, 1),
+        "write_npy_s": round(write_npy, 3), "write_parquet_s": round(write_parquet, 3),
+        "write_ratio": round(write_parquet / write_npy, 2),
+        "read_npy_s": round(read_npy, 3), "read_parquet_s": round(read_parquet, 3),
+        "read_ratio": round(read_parquet / read_npy, 2),
+        "open_arrow_mmap_s": round(read_mapped, 4),
+        "full_pass_npy_mmap_s": round(touch_npy, 3), "full_pass_arrow_mmap_s": round(touch_mapped, 3),
+        "full_pass_ratio": round(touch_mapped / touch_npy, 2),
+    }
+
+
+def build_artifact(root: Path, items: int, tokens: int, dim: int, captions_per_item: int = 2) -> None:
+    rng = np.random.default_rng(1)
+    visual = rng.standard_normal((items, tokens * dim)).astype(np.float32)
+    ids = [f"i{n:06d}" for n in range(items)]
+    write_table(pa.table({
+        "item_id": ids, "split": ["train"] * items, "media_type": ["image"] * items,
+        "n_tokens": pa.array([tokens] * items, pa.int32()), "dim": pa.array([dim] * items, pa.int32()),
+        "features": pa.FixedSizeListArray.from_arrays(pa.array(visual.reshape(-1)), tokens * dim),
+    }), root / "visual" / "part-00000.parquet", visual_schema("float32", tokens * dim), rows_per_group(tokens * dim * 4))
+    rows = []
+    for n, item in enumerate(ids):
+        for c in range(captions_per_item):
+            length = int(rng.integers(8, 30))
+            for lang, kind in (("en", "human"), ("de", "mt")):
+                rows.append({"item_id": item, "caption_id": f"{item}-{c}", "split": "train", "lang": lang, "kind": kind,
+                             "source": "dataset", "ids": rng.integers(5, 1000, length).tolist()})
+    write_table(pa.table({
+        **{k: [r[k] for r in rows] for k in ("item_id", "caption_id", "split", "lang", "kind", "source")},
+        "n_tokens": pa.array([len(r["ids"]) for r in rows], pa.int32()), "input_ids": ids_column([r["ids"] for r in rows]),
+    }), root / "text" / "part-00000.parquet", TEXT_TOKENS)
+    desc = [rng.integers(5, 1000, int(rng.integers(20, 60))).tolist() for _ in ids]
+    schema = description_schema(None)
+    write_table(pa.table({"item_id": ids, "split": ["train"] * items,
+                          "views": pa.array([["scene"]] * items, pa.list_(pa.string())),
+                          "n_tokens": pa.array([len(d) for d in desc], pa.int32()), "input_ids": ids_column(desc)}),
+                root / "descriptions" / "part-00000.parquet", schema)
+    write_table(pa.table({"item_id": [""], "split": [""], "views": pa.array([[]], pa.list_(pa.string())),
+                          "n_tokens": pa.array([2], pa.int32()), "input_ids": ids_column([[2, 3]])}),
+                root / "descriptions" / "empty.parquet", schema)
+    (root / "features_info.json").write_text(json.dumps({"pad_token_id": 0, "descriptions": {"states": False}}))
+
+
+def bench_reader(root: Path, items: int, tokens: int, dim: int, batch_size: int = 128, batches: int = 60) -> dict:
+    build_artifact(root, items, tokens, dim)
+    dataset = TrainingDataset(FeatureTables.open(root), "de")
+    order = np.random.default_rng(2).permutation(len(dataset))
+    batches_idx = [order[i * batch_size:(i + 1) * batch_size] for i in range(min(batches, len(order) // batch_size))]
+    n_samples = sum(len(b) for b in batches_idx)
+
+    # In-memory baseline: the same data as padded tensors, indexed per batch.
+    tables = dataset.tables
+    visual = torch.from_numpy(tables.visual_values.gather(np.arange(items)).reshape(items, tokens, dim))
+
+    def padded(rows):
+        seqs = [torch.from_numpy(tables.text_ids[int(r)].astype(np.int64)) for r in rows]
+        return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+
+    en, tgt = padded(dataset.en_rows), padded(dataset.tgt_rows)
+    desc = torch.nn.utils.rnn.pad_sequence(
+        [torch.from_numpy(tables.desc_ids[int(r)].astype(np.int64)) for r in dataset.desc_rows], batch_first=True)
+    item_index = torch.from_numpy(dataset.item_index)
+
+    def baseline():
+        for b in batches_idx:
+            index = torch.from_numpy(b)
+            items_b = item_index[index]
+            _ = (visual[items_b], en[index], en[index] != 0, tgt[index], tgt[index] != 0, desc[index], desc[index] != 0)
+
+    def ours_batched():
+        for b in batches_idx:
+            dataset.get_batch(b)
+
+    collate = dataset.collate_fn()
+
+    def ours_samples():
+        for b in batches_idx:
+            collate([dataset[int(i)] for i in b])
+
+    t_base, t_batched, t_samples = best_of(baseline), best_of(ours_batched), best_of(ours_samples)
+    return {
+        "items": items, "tokens": tokens, "dim": dim, "samples": len(dataset), "batch_size": batch_size,
+        "baseline_samples_per_s": round(n_samples / t_base), "get_batch_samples_per_s": round(n_samples / t_batched),
+        "getitem_collate_samples_per_s": round(n_samples / t_samples),
+        "get_batch_vs_baseline": round(t_batched / t_base, 2), "getitem_vs_baseline": round(t_samples / t_base, 2),
+    }
+
+
+def bench_extraction(folder: Path, images: int = 256, batch_size: int = 64) -> dict:
+    from PIL import Image
+
+    from leccr.features.vision import VisionEncoder
+    from leccr.tiny_models.vision import build_vision
+
+    path = build_vision(folder / "vision", seed=0)
+    encoder = VisionEncoder(path, device="cpu")
+    rng = np.random.default_rng(3)
+    pil = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(images)]
+    encoder.encode(pil[:batch_size])  # warm-up
+
+    def run():
+        for i in range(0, images, batch_size):
+            encoder.encode(pil[i:i + batch_size])
+
+    seconds = best_of(run, 2)
+    return {"images": images, "batch_size": batch_size, "images_per_s": round(images / seconds, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--reader-items", type=int, default=5000)
+    parser.add_argument("--reader-tokens", type=int, default=50)
+    parser.add_argument("--reader-dim", type=int, default=512)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        results = {
+            "table": bench_table(tmp / "a", args.rows, args.dim),
+            "reader": bench_reader(tmp / "b", args.reader_items, args.reader_tokens, args.reader_dim),
+            "extraction": bench_extraction(tmp / "c"),
+        }
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
