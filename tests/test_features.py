@@ -235,3 +235,60 @@ def test_import_of_pre_extracted_features(tmp_path, models, inputs):
     assert sample["visual"].numpy().tobytes() == arrays["c"].astype(np.float32).tobytes()
     batch = dataset.get_batch(range(len(dataset)))
     assert batch["visual"].shape[1] == 5 and batch["visual_mask"].sum(1).tolist() == [3, 1, 5]
+
+
+def write_video(path, colours, size=32):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for colour in colours:
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), colour, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("output,tokens_per_frame", [("tokens", 17), ("pooled", 1)])
+def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, output, tokens_per_frame):
+    from leccr.media import sample_frames
+
+    video = tmp_path / "v.mp4"
+    write_video(video, [(255, 0, 0)] * 4 + [(0, 0, 255)] * 4 + [(0, 255, 0)] * 4)
+    items = [{"item_id": "v", "split": "train", "media_type": "video", "path": str(video), "feature_path": None}]
+    folder = tmp_path / "videos"
+    write_table(pa.Table.from_pylist(items, ITEMS), folder / "items.parquet", ITEMS)
+    write_table(pa.Table.from_pylist([{"item_id": "v", "caption_id": "v0", "split": "train", "lang": "en",
+                                       "text": "a red square", "kind": "human"}], CAPTIONS),
+                folder / "captions.parquet", CAPTIONS)
+    inputs = {**inputs, "dataset": Artifact("dataset", "videokey", folder)}
+    outcome = run(experiment(tmp_path, models, num_frames=3, visual_output=output), inputs)
+    visual = pq.read_table(outcome.artifact.path / "visual" / "part-00000.parquet")
+    assert visual.schema.field("features").type == pa.list_(pa.float32(), 3 * tokens_per_frame * 64)
+    assert visual.column("n_tokens").to_pylist() == [3 * tokens_per_frame]
+    encoder = VisionEncoder(models["vision"], output=output, device="cpu")
+    expected = encoder.encode(sample_frames(video, num_frames=3)).reshape(-1, 64)
+    got = visual.column("features")[0].values.to_numpy().reshape(-1, 64)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got[:tokens_per_frame], got[tokens_per_frame:2 * tokens_per_frame])  # frames differ
+
+
+def test_scale_out_slots_then_finish_equal_a_plain_run(tmp_path, models, inputs):
+    from leccr.pipeline import run_stage_slot
+
+    cfg = experiment(tmp_path / "slots", models)
+    plain_inputs = {k: v for k, v in inputs.items() if k != "media"}
+    for slot in (0, 1):
+        run_stage_slot(cfg, "features", plain_inputs, slot, 2)
+    cache = next((tmp_path / "slots" / "artifacts" / "features-visual").iterdir())
+    # every visual shard committed by one of the two slots; nothing finalised yet
+    assert len(list(cache.glob("part-*.parquet"))) == 3 and not (cache / "_manifest.json").exists()
+    finished = run(cfg, inputs)
+    assert finished.artifact.manifest["summary"]["visual_shards_resumed"] == 3
+    plain = run(experiment(tmp_path / "plain", models), inputs)
+    for sub in ("visual", "text", "descriptions"):
+        for part in sorted((plain.artifact.path / sub).glob("part-*.parquet")):
+            assert pq.read_table(part).equals(pq.read_table(finished.artifact.path / sub / part.name)), part
