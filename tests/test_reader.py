@@ -231,3 +231,21 @@ def test_eval_loaders(joined):
 def test_open_rejects_unfinished_artifact(tmp_path):
     with pytest.raises(FileNotFoundError, match="features_info.json"):
         FeatureTables.open(tmp_path)
+
+
+def test_dataset_pickles_by_folder_for_dataloader_workers(joined):
+    import pickle
+
+    root, _ = joined
+    dataset = TrainingDataset(root, "de")
+    payload = pickle.dumps(dataset)
+    assert len(payload) < 20_000  # the folder and row indices, not the feature buffers
+    copy = pickle.loads(payload)
+    for key, value in dataset[1].items():
+        # bytes, not torch.equal: the hand-built features hold NaN
+        assert (copy[1][key].numpy().tobytes() == value.numpy().tobytes() if torch.is_tensor(value)
+                else copy[1][key] == value), key
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=dataset.collate_fn(), num_workers=2,
+                                         multiprocessing_context="spawn")
+    batches = list(loader)
+    assert [b["item_index"].tolist() for b in batches] == [[0, 0], [1, 2]]

@@ -130,6 +130,7 @@ class TrainingDataset(Dataset):
         if missing_descriptions not in MISSING_DESCRIPTION_MODES:
             raise ValueError(f"missing_descriptions must be one of {MISSING_DESCRIPTION_MODES}, got {missing_descriptions!r}")
         self.tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features, arrow_cache)
+        self.arrow_cache = arrow_cache
         tables = self.tables
         if use_states and not tables.has_states:
             raise ValueError(f"{tables.root}: description states were not cached "
@@ -179,6 +180,18 @@ class TrainingDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.en_rows)
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started with spawn/forkserver get the dataset pickled: send the folder,
+        # not the tables (pickling an Arrow table copies every buffer); each worker maps the files again.
+        state = self.__dict__.copy()
+        state["tables"] = (str(self.tables.root), self.arrow_cache)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        root, arrow_cache = state["tables"]
+        state["tables"] = FeatureTables.open(root, arrow_cache)
+        self.__dict__.update(state)
 
     def __getitem__(self, index: int) -> dict:
         """One sample: tensors viewing the memory-mapped buffers (no copy), unpadded."""
