@@ -93,6 +93,19 @@ def visual_cache_dir(ctx: StageContext) -> Path:
     return ctx.out_dir.parent.parent / VISUAL_STAGE / visual_key(ctx.section, ctx.inputs["dataset"].key)
 
 
+def discard_visual_cache(store_root: str | Path, cfg: FeaturesConfig, dataset_key: str) -> Path | None:
+    """For `--force features`: remove the shared visual folder this config would reuse (renamed away
+    first, so no reader sees it half-deleted). Returns the removed path, or None when there was none.
+    Features artifacts that already link its files keep their own links."""
+    folder = Path(store_root) / VISUAL_STAGE / visual_key(cfg, dataset_key)
+    if not folder.exists():
+        return None
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}-{time.time_ns()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    return folder
+
+
 def check_config(cfg: FeaturesConfig) -> None:
     if cfg.visual_source == "model" and cfg.vision_model is None:
         raise ValueError("features.vision_model is required for visual_source 'model' (a vision tower folder)")

@@ -158,6 +158,10 @@ def test_text_setting_change_reuses_visual_features(tmp_path, models, inputs, mo
         assert part.stat().st_ino == (second.artifact.path / "visual" / part.name).stat().st_ino
     text = pq.read_table(second.artifact.path / "text" / "part-00000.parquet")
     assert max(text.column("n_tokens").to_pylist()) <= 8
+    # --force: the lead's runner can drop the shared visual folder so the vision tower runs again
+    removed = features_stage.discard_visual_cache(tmp_path / "artifacts", experiment(tmp_path, models).features, "dskey")
+    assert removed is not None and not removed.exists()
+    assert (first.artifact.path / "visual" / "part-00000.parquet").is_file()  # links survive
     # a visual setting change does compute new visual features
     with pytest.raises(StageFailed, match="must not run"):
         run(experiment(tmp_path, models, visual_output="pooled"), inputs)
