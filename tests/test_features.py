@@ -296,3 +296,11 @@ def test_scale_out_slots_then_finish_equal_a_plain_run(tmp_path, models, inputs)
     for sub in ("visual", "text", "descriptions"):
         for part in sorted((plain.artifact.path / sub).glob("part-*.parquet")):
             assert pq.read_table(part).equals(pq.read_table(finished.artifact.path / sub / part.name)), part
+
+
+def test_image_size_override_interpolates_positions(tmp_path, models, inputs):
+    # 48 px with patch 8: 6 x 6 patches + CLS = 37 tokens (the tiny tower was built for 32 px: 17 tokens)
+    outcome = run(experiment(tmp_path, models, image_size=48, visual_dtype="float16"), inputs)
+    visual = pq.read_table(outcome.artifact.path / "visual" / "part-00000.parquet")
+    assert visual.schema.field("features").type == pa.list_(pa.float16(), 37 * 64)
+    assert visual.column("n_tokens").to_pylist() == [37, 37]
