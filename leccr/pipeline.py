@@ -119,11 +119,19 @@ def _locate(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact]) -> tu
 def prepare_stage(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], force: bool,
                   logger: logging.Logger | logging.LoggerAdapter | None = None) -> bool:
     """Discard a forced stage's folder before any shard task starts; True when already complete."""
-    _, store, artifact = _locate(cfg, name, inputs)
+    module, store, artifact = _locate(cfg, name, inputs)
     if force:
         (logger or log).info("%s: --force: discarding %s", name, artifact.path)
-        store.discard(artifact)
+        _discard(module, store, artifact, cfg, inputs)
     return store.is_complete(artifact)
+
+
+def _discard(module: ModuleType, store: Store, artifact: Artifact, cfg: ExperimentConfig,
+             inputs: dict[str, Artifact]) -> None:
+    store.discard(artifact)
+    # A stage with caches of its own outside its folder (features' shared visual cache) drops them too.
+    if hasattr(module, "discard_caches"):
+        module.discard_caches(cfg, inputs)
 
 
 def run_stage_slot(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], slot: int, slots: int,
@@ -159,7 +167,7 @@ def run_stage(
     section, key = module.section(cfg), artifact.key
     if force:
         logger.info("%s: --force: discarding %s", name, artifact.path)
-        store.discard(artifact)
+        _discard(module, store, artifact, cfg, inputs)
     if store.is_complete(artifact):
         store.mark_latest(artifact)
         outcome = _outcome(artifact, cache_hit=True, seconds=0.0)

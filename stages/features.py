@@ -93,6 +93,11 @@ def visual_cache_dir(ctx: StageContext) -> Path:
     return ctx.out_dir.parent.parent / VISUAL_STAGE / visual_key(ctx.section, ctx.inputs["dataset"].key)
 
 
+def discard_caches(cfg: ExperimentConfig, inputs: dict) -> None:
+    """The pipeline's --force hook: a forced features stage recomputes its visual features too."""
+    discard_visual_cache(cfg.artifacts_root, cfg.features, inputs["dataset"].key)
+
+
 def discard_visual_cache(store_root: str | Path, cfg: FeaturesConfig, dataset_key: str) -> Path | None:
     """For `--force features`: remove the shared visual folder this config would reuse (renamed away
     first, so no reader sees it half-deleted). Returns the removed path, or None when there was none.
