@@ -24,10 +24,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("ray", path=str(
 SHARDED = [s for s in ("translate", "describe", "features") if s in plan().order]
 
 
-def _ray_data(demo_root: Path, artifacts: Path, shard_size: int = 16) -> dict:
+def _small_demo(demo_root: Path, artifacts: Path) -> dict:
+    """The demo config on 4 items per split, in shards of 2-8, so each sharded stage has several shards
+    and a Ray run stays short on 2 cores."""
     data = demo_config_dict(demo_root, artifacts)
+    data["dataset"]["max_items_per_split"] = 4
+    data["translate"]["shard_size"] = 8
+    data["describe"]["shard_size"] = 2
+    data["features"]["shard_size"] = 2
+    return data
+
+
+def _ray_data(demo_root: Path, artifacts: Path) -> dict:
+    data = _small_demo(demo_root, artifacts)
     data["runner"] = {"kind": "ray", "num_cpus": 2, "shard_tasks": 2}
-    data["translate"]["shard_size"] = shard_size
     return data
 
 
@@ -47,9 +57,8 @@ def _contents(artifacts: Path, keys: dict[str, str]) -> dict[str, str]:
 def test_ray_runner_gives_the_same_artifacts_as_local(demo_root, tmp_path):
     from flows.leccr import leccr
 
-    local_cfg = parse_config(demo_config_dict(demo_root, tmp_path / "local"))
-    local = run_pipeline(local_cfg, SHARDED)
-    ray_data = _ray_data(demo_root, tmp_path / "ray", shard_size=local_cfg.translate.shard_size)
+    local = run_pipeline(parse_config(_small_demo(demo_root, tmp_path / "local")), SHARDED)
+    ray_data = _ray_data(demo_root, tmp_path / "ray")
     config = tmp_path / "ray.yaml"
     config.write_text(yaml.safe_dump(ray_data))
     paths = leccr(config=str(config), stages=SHARDED)
@@ -59,8 +68,8 @@ def test_ray_runner_gives_the_same_artifacts_as_local(demo_root, tmp_path):
 
 
 def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
-    data = _ray_data(demo_root, tmp_path / "artifacts", shard_size=2)
-    data["translate"].update(engine="transformers", lang_code_style="marian", max_length=96, splits=["train"],
+    data = _ray_data(demo_root, tmp_path / "artifacts")
+    data["translate"].update(shard_size=1, engine="transformers", lang_code_style="marian", max_length=32, splits=["train"],
                              models={lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]})
     config = tmp_path / "ray.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -125,7 +134,7 @@ def test_storage_probe_fails_clearly_when_a_node_cannot_see_the_root(demo_root, 
             assert time.time() < deadline, "second Ray node did not join"
             time.sleep(0.5)
         ray.shutdown()
-        data = demo_config_dict(demo_root, artifacts)
+        data = _small_demo(demo_root, artifacts)
         data["runner"] = {"kind": "ray", "address": address}
         config = tmp_path / "ray.yaml"
         config.write_text(yaml.safe_dump(data))
