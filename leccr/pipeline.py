@@ -27,7 +27,15 @@ STAGE_ORDER = ("dataset", "translate", "describe", "features", "train", "evaluat
 
 
 def available_stages() -> list[str]:
-    return [name for name in STAGE_ORDER if importlib.util.find_spec(f"stages.{name}") is not None]
+    """Stages whose module exists and whose upstream stages are all available."""
+    available: list[str] = []
+    for name in STAGE_ORDER:
+        if importlib.util.find_spec(f"stages.{name}") is None:
+            continue
+        upstream = importlib.import_module(f"stages.{name}").UPSTREAM
+        if all(up in available for up in upstream):
+            available.append(name)
+    return available
 
 
 def stage_module(name: str) -> ModuleType:
