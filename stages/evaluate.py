@@ -1,0 +1,506 @@
+"""evaluate: recall both ways per language, SumR, mean/median rank, and a report people can read.
+
+For every trained method of the train artifact (and, if configured, a zero-shot encoder pair) and
+every language of the split:
+
+1. encode every test caption of that language and every test visual item once, in batches;
+2. score texts against items block by block (`chunk_size` x `chunk_size`), never holding the whole
+   N_t x N_v matrix: a first pass finds the global min/max of the global and slot matrices (the
+   fused score's minmax is over the *whole* test matrix, METHOD.md quirk 3), a second the score of
+   each query's best hit, a third counts how many candidates beat it — that count + 1 is the rank;
+3. write R@K both ways, SumR, mean and median rank for the fused score and the global-only score.
+
+Ranks: the rank of a query is 1 + the number of candidates that score strictly higher than its
+best hit (ties go to the query). A visual item is found when any of its captions ranks within K.
+
+Outputs: metrics.parquet and worst_queries.parquet (schemas/evaluate.py), report.md and plots/*.png
+(leccr/report.py); the report text is also `ctx.summary["report_markdown"]` for the flow to publish.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
+from leccr.report import write_report
+from leccr.store import StageContext, StageFailed, fingerprint_path
+from schemas.core import read_table
+from schemas.dataset import CAPTIONS, ITEMS
+from schemas.evaluate import METRICS, WORST_QUERIES
+
+NAME = "evaluate"
+STAGE_VERSION = "1"
+UPSTREAM = ("dataset", "features", "train")
+DIRECTIONS = ("text_to_visual", "visual_to_text")
+
+# A score block: (text rows, item columns) -> scores [len(rows), len(cols)] float32.
+ScoreBlock = Callable[[slice, slice], torch.Tensor]
+
+
+def section(cfg: ExperimentConfig) -> Section:
+    return cfg.evaluate
+
+
+# ===================================================================================== ranks
+def _blocks(n: int, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def first_hit_ranks(score_block: ScoreBlock, text_item: np.ndarray, n_items: int, chunk_size: int,
+                    device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """1-based rank of the first hit of every text query and every visual query, in chunks.
+
+    text_item [N_t]: index of each caption's visual item. Returns (text_to_visual ranks [N_t],
+    visual_to_text ranks [N_v]). Memory: one chunk_size x chunk_size block at a time plus O(N_t + N_v).
+    Items with no caption get rank 0 (they cannot be found; the caller leaves them out).
+    `device`: where the blocks are computed (the per-query state lives there too).
+    """
+    text_item_t = torch.as_tensor(text_item, dtype=torch.long, device=device)
+    n_texts = len(text_item)
+    rows, cols = _blocks(n_texts, chunk_size), _blocks(n_items, chunk_size)
+    positive = torch.full((n_texts,), float("nan"), dtype=torch.float32, device=device)
+    best = torch.full((n_items,), float("-inf"), dtype=torch.float32, device=device)
+    # Pass 1: each text's score for its own item; each item's best caption score. Taken from the very
+    # blocks the counting pass recomputes, so the comparison below is exact (same float ops).
+    for r in rows:
+        owner = text_item_t[r]
+        for c in cols:
+            block = score_block(r, c).float()
+            inside = (owner >= c.start) & (owner < c.stop)
+            if inside.any():
+                local = torch.nonzero(inside).squeeze(1)
+                values = block[local, owner[local] - c.start]
+                positive[r.start + local] = values
+                best.scatter_reduce_(0, owner[local], values, reduce="amax")
+    # Pass 2: count the candidates that beat the best hit.
+    beat_t2v = torch.zeros(n_texts, dtype=torch.long, device=device)
+    beat_v2t = torch.zeros(n_items, dtype=torch.long, device=device)
+    for r in rows:
+        for c in cols:
+            block = score_block(r, c).float()
+            beat_t2v[r] += (block > positive[r, None]).sum(1)
+            beat_v2t[c] += (block > best[None, c]).sum(0)
+    v2t = beat_v2t + 1
+    v2t[torch.isinf(best)] = 0
+    return (beat_t2v + 1).cpu().numpy(), v2t.cpu().numpy()
+
+
+def naive_first_hit_ranks(scores: torch.Tensor, text_item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same ranks from the whole matrix [N_t, N_v] (tests and small cases)."""
+    scores = scores.double()
+    text_item_t = torch.as_tensor(text_item, dtype=torch.long)
+    positive = scores[torch.arange(len(text_item)), text_item_t]
+    t2v = (scores > positive[:, None]).sum(1) + 1
+    best = torch.full((scores.shape[1],), float("-inf"), dtype=torch.float64)
+    best.scatter_reduce_(0, text_item_t, positive, reduce="amax")
+    v2t = (scores > best[None, :]).sum(0) + 1
+    v2t[torch.isinf(best)] = 0
+    return t2v.numpy(), v2t.numpy()
+
+
+def top_candidates(score_block: ScoreBlock, queries: Sequence[int], n_texts: int, n_items: int, direction: str,
+                   top: int, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`top` candidates (indices, scores), best first, of a few queries, merging chunk by chunk."""
+    found_scores = torch.full((len(queries), 0), float("-inf"), dtype=torch.float64)
+    found_index = torch.zeros((len(queries), 0), dtype=torch.long)
+    query_t = torch.as_tensor(list(queries), dtype=torch.long)
+    n_candidates = n_items if direction == "text_to_visual" else n_texts
+    for c in _blocks(n_candidates, chunk_size):
+        parts = []
+        for q in query_t.tolist():
+            if direction == "text_to_visual":
+                parts.append(score_block(slice(q, q + 1), c)[0])
+            else:
+                parts.append(score_block(c, slice(q, q + 1))[:, 0])
+        block = torch.stack(parts).double().cpu()
+        scores = torch.cat([found_scores, block], dim=1)
+        index = torch.cat([found_index, torch.arange(c.start, c.stop).expand(len(queries), -1)], dim=1)
+        keep = min(top, scores.shape[1])
+        found_scores, order = scores.topk(keep, dim=1)
+        found_index = index.gather(1, order)
+    return found_index.numpy(), found_scores.numpy()
+
+
+def summarise(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """recall@K (%) for each K, mean and median rank, of the valid (rank > 0) queries."""
+    valid = ranks[ranks > 0]
+    out = {f"R@{k}": float((valid <= k).mean() * 100.0) for k in ks}
+    out["mean_rank"] = float(valid.mean())
+    out["median_rank"] = float(np.median(valid))
+    return out
+
+
+# ===================================================================================== inputs
+@dataclass
+class LanguageTexts:
+    caption_ids: list[str]
+    texts: list[str]  # the caption text (error analysis, zero-shot tokenisation)
+    item_index: np.ndarray  # [N_t] index into the split's items
+    ids: torch.Tensor  # [N_t, L] the features tokenizer's ids (trained models)
+    mask: torch.Tensor  # [N_t, L] bool
+
+
+@dataclass
+class SplitData:
+    """The evaluated split: items with their features and descriptions, captions per language."""
+
+    items: object  # leccr.data.EvalItems (visual [N, N_v, D], masks, description ids/states)
+    item_ids: list[str]
+    media_types: list[str]
+    paths: list[str | None]
+    desc_texts: list[str]  # the item's description text (error analysis), "" when none
+    languages: dict[str, LanguageTexts]
+
+
+def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
+    """The split's items, features, descriptions and captions, through the features reader."""
+    from leccr.data import FeatureTables, load_eval_captions, load_eval_items
+
+    dataset, features = ctx.inputs["dataset"], ctx.inputs["features"]
+    tables = FeatureTables.open(features.path)
+    try:
+        items = load_eval_items(tables, cfg.split)
+    except ValueError as error:
+        raise StageFailed(f"evaluate: {error}") from None
+    dataset_items = {row["item_id"]: row for row in read_table(dataset.file("items.parquet"), ITEMS).to_pylist()}
+    captions = [c for c in read_table(dataset.file("captions.parquet"), CAPTIONS).to_pylist()
+                if c["split"] == cfg.split]
+    caption_text = {(c["caption_id"], c["lang"], c["kind"]): c["text"] for c in captions}
+    # Languages and kinds present in the split's caption tokens (shipped MT and translations included).
+    text = tables.text
+    split_rows = pc.equal(text.column("split"), cfg.split)
+    pairs = {(lang, kind) for lang, kind in zip(text.column("lang").filter(split_rows).to_pylist(),
+                                                 text.column("kind").filter(split_rows).to_pylist())}
+    present = sorted({lang for lang, _ in pairs}, key=lambda lang: (lang != "en", lang))
+    wanted = cfg.languages or present
+    languages: dict[str, LanguageTexts] = {}
+    for lang in wanted:
+        kinds = {kind for pair_lang, kind in pairs if pair_lang == lang}
+        if not kinds:
+            raise StageFailed(f"evaluate: no captions in language {lang!r} for split {cfg.split!r} "
+                              f"(languages with captions there: {present})")
+        kind = cfg.caption_kind if cfg.caption_kind != "auto" else ("human" if "human" in kinds else "mt")
+        if kind not in kinds:
+            raise StageFailed(f"evaluate: no {kind} captions in language {lang!r} for split {cfg.split!r} "
+                              f"(languages with captions there: {present})")
+        found = load_eval_captions(tables, lang, items, cfg.split, kind=kind)
+        if kind == "mt":  # a translation row carries its English caption's id; its text is not in the dataset
+            texts = [caption_text.get((cid, lang, "mt"), "(machine translation)") for cid in found.caption_ids]
+        else:
+            texts = [caption_text.get((cid, lang, kind), "") for cid in found.caption_ids]
+        languages[lang] = LanguageTexts(found.caption_ids, texts, found.item_index.numpy(), found.ids, found.mask)
+    described = _description_texts(ctx, items.item_ids)
+    return SplitData(
+        items=items,
+        item_ids=list(items.item_ids),
+        media_types=[dataset_items.get(i, {}).get("media_type", "image") for i in items.item_ids],
+        paths=[dataset_items.get(i, {}).get("path") for i in items.item_ids],
+        desc_texts=[described.get(i, "") for i in items.item_ids],
+        languages=languages,
+    )
+
+
+def _description_texts(ctx: StageContext, item_ids: list[str]) -> dict[str, str]:
+    """Item id -> its description text (views joined), for the error analysis; {} if not reachable."""
+    # The features artifact keeps token ids only; the texts live in the describe artifact, which is
+    # not an input of this stage. Its manifest names the describe key it was built from.
+    import pyarrow.parquet as pq
+
+    features = ctx.inputs["features"]
+    try:
+        describe_key = features.manifest.get("upstream", {}).get("describe")
+    except (OSError, ValueError):
+        return {}
+    if not describe_key:
+        return {}
+    folder = features.path.parent.parent / "describe" / describe_key
+    parts = sorted(folder.glob("part-*.parquet"))
+    if not parts:
+        return {}
+    wanted = set(item_ids)
+    texts: dict[str, list[str]] = {}
+    for part in parts:
+        for row in pq.read_table(part, columns=["item_id", "view_id", "description"]).to_pylist():
+            if row["item_id"] in wanted:
+                texts.setdefault(row["item_id"], []).append(f"[{row['view_id']}] {row['description']}")
+    return {item: " ".join(views) for item, views in texts.items()}
+
+
+# ===================================================================================== encoders
+@torch.no_grad()
+def encode_trained(model, data: SplitData, batch_size: int, device: torch.device
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """(text embeddings per language [N_t, E], visual global [N_v, E], slots [N_v, N_q, E] or None), on CPU."""
+    model.eval().to(device)
+    texts = {}
+    for lang, language in data.languages.items():
+        chunks = []
+        for start in range(0, len(language.caption_ids), batch_size):
+            rows = slice(start, start + batch_size)
+            chunks.append(model.encode_text(language.ids[rows].to(device), language.mask[rows].to(device)).float().cpu())
+        texts[lang] = torch.cat(chunks)
+    items = data.items
+    globals_, slots = [], []
+    for start in range(0, len(data.item_ids), batch_size):
+        rows = slice(start, start + batch_size)
+        global_emb, slot_emb = model.encode_visual(
+            items.visual[rows].to(device), items.visual_mask[rows].to(device),
+            desc_ids=items.desc_ids[rows].to(device), desc_mask=items.desc_mask[rows].to(device),
+            desc_states=items.desc_states[rows].to(device) if items.desc_states is not None else None)
+        globals_.append(global_emb.float().cpu())
+        if slot_emb is not None:
+            slots.append(slot_emb.float().cpu())
+    return texts, torch.cat(globals_), (torch.cat(slots) if slots else None)
+
+
+def load_encoder(path: str):
+    """The model class named in the folder's config.json `architectures` (e.g. CLIPTextModelWithProjection,
+    whose projection `AutoModel` would drop), else `AutoModel`; local files only."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    named = [getattr(transformers, name, None) for name in (config.architectures or [])]
+    cls = next((c for c in named if c is not None), AutoModel)
+    return cls.from_pretrained(path, local_files_only=True)
+
+
+def _embedding(output, names: Sequence[str]) -> torch.Tensor:
+    for name in names:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return output.last_hidden_state[:, 0]
+
+
+@torch.no_grad()
+def encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Normalised text embeddings per language and visual embeddings of a CLIP-style encoder pair."""
+    import torch.nn.functional as F
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from leccr.media import load_visual
+
+    tokenizer = AutoTokenizer.from_pretrained(zs.tokenizer or zs.text_model, local_files_only=True)
+    text_model = load_encoder(zs.text_model).eval().to(device)
+    texts = {}
+    for lang, language in data.languages.items():
+        chunks = []
+        for start in range(0, len(language.texts), batch_size):
+            batch = tokenizer(language.texts[start:start + batch_size], padding=True, truncation=True,
+                              max_length=zs.max_length, return_tensors="pt").to(device)
+            chunks.append(_embedding(text_model(**batch), ("text_embeds", "pooler_output")).float().cpu())
+        texts[lang] = F.normalize(torch.cat(chunks), dim=-1)
+    processor = AutoImageProcessor.from_pretrained(zs.vision_model, local_files_only=True)
+    vision_model = load_encoder(zs.vision_model).eval().to(device)
+    visual = []
+    for start in range(0, len(data.item_ids), batch_size):
+        frames, counts = [], []
+        for index in range(start, min(start + batch_size, len(data.item_ids))):
+            if data.paths[index] is None:
+                raise StageFailed(f"evaluate zero-shot: item {data.item_ids[index]!r} has no media file to encode")
+            item_frames = load_visual(data.paths[index], data.media_types[index], num_frames=zs.num_frames)
+            frames += item_frames
+            counts.append(len(item_frames))
+        pixels = processor(images=frames, return_tensors="pt")["pixel_values"].to(device)
+        frame_emb = _embedding(vision_model(pixel_values=pixels), ("image_embeds", "pooler_output")).float().cpu()
+        # a video's embedding: the mean of its frames' embeddings (one frame for an image)
+        visual += [chunk.mean(0) for chunk in frame_emb.split(counts)]
+    visual_emb = F.normalize(torch.stack(visual), dim=-1)
+    width = {lang: t.shape[1] for lang, t in texts.items()}
+    if any(w != visual_emb.shape[1] for w in width.values()):
+        raise StageFailed(f"evaluate zero-shot: text embeddings are {width} wide but visual ones "
+                          f"{visual_emb.shape[1]}: the two encoders do not share a space")
+    return texts, visual_emb
+
+
+# ===================================================================================== scoring
+def make_score_block(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor | None,
+                     alpha: float, chunk_size: int) -> ScoreBlock:
+    """The score of METHOD.md as a block function, with min/max taken over the whole matrix first.
+
+    alpha = 1: the global cosine only (no min/max needed: minmax is monotone, ranks are the same).
+    """
+    from leccr.models.base import fuse_scores, merge_ranges, score_ranges, similarity_parts
+
+    if alpha >= 1.0 or visual_slots is None:
+        if alpha < 1.0:
+            raise StageFailed(f"evaluate: alpha {alpha} < 1 needs slot features, and this model has none")
+
+        def global_block(rows: slice, cols: slice) -> torch.Tensor:
+            return text_emb[rows] @ visual_global[cols].t()
+
+        return global_block
+    ranges: dict[str, tuple[float, float]] = {}
+    for r in _blocks(len(text_emb), chunk_size):  # first pass: min/max of both whole matrices
+        for c in _blocks(len(visual_global), chunk_size):
+            ranges = merge_ranges(ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c])))
+
+    def fused_block(rows: slice, cols: slice) -> torch.Tensor:
+        global_sim, slot_sim = similarity_parts(text_emb[rows], visual_global[cols], visual_slots[cols])
+        return fuse_scores(global_sim, slot_sim, alpha, ranges)
+
+    return fused_block
+
+
+# ===================================================================================== the stage
+@dataclass
+class Evaluated:
+    metrics: list[dict] = field(default_factory=list)
+    worst: list[dict] = field(default_factory=list)
+    curves: dict[tuple[str, str, str, str], np.ndarray] = field(default_factory=dict)
+
+
+def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: SplitData, cfg: EvaluateConfig,
+                        texts: dict[str, torch.Tensor], visual_global: torch.Tensor,
+                        visual_slots: torch.Tensor | None, scores: dict[str, float],
+                        device: torch.device | str = "cpu") -> None:
+    """Metrics, curves and worst queries of one method for every language and score variant.
+
+    Embeddings are kept on the CPU between methods; the blocks are scored on `device`."""
+    n_items = len(data.item_ids)
+    for lang, language in data.languages.items():
+        for score_name, alpha in scores.items():
+            # Global-only rows are written even when the fused score is global (alpha 1), so that
+            # `WHERE score = 'global'` compares every method; their curves and worst queries are not repeated.
+            duplicate = score_name == "global" and scores.get("fused") == 1.0
+            block = make_score_block(texts[lang].to(device), visual_global.to(device),
+                                     visual_slots.to(device) if visual_slots is not None else None, alpha,
+                                     cfg.chunk_size)
+            t2v, v2t = first_hit_ranks(block, language.item_index, n_items, cfg.chunk_size, device)
+            ranks = {"text_to_visual": t2v, "visual_to_text": v2t}
+            common = {"method": method, "score": score_name, "lang": lang, "split": cfg.split,
+                      "n_texts": len(language.caption_ids), "n_items": n_items, "alpha": float(alpha),
+                      "checkpoint": checkpoint}
+            sumr = 0.0
+            for direction, direction_ranks in ranks.items():
+                stats = summarise(direction_ranks, cfg.ks)
+                for k in cfg.ks:
+                    sumr += stats[f"R@{k}"]
+                    result.metrics.append({**common, "direction": direction, "metric": "recall", "k": k,
+                                           "value": stats[f"R@{k}"], "name": f"{lang}/{direction}_R@{k}"})
+                for metric in ("mean_rank", "median_rank"):
+                    result.metrics.append({**common, "direction": direction, "metric": metric, "k": None,
+                                           "value": stats[metric], "name": f"{lang}/{direction}_{metric}"})
+                if duplicate:
+                    continue  # the same numbers as the fused score: one curve, one error list
+                valid = direction_ranks[direction_ranks > 0]
+                result.curves[(method, score_name, lang, direction)] = np.array(
+                    [(valid <= k).mean() * 100.0 for k in range(1, cfg.curve_max_k + 1)])
+                result.worst += _worst(block, direction, direction_ranks, language, data, cfg, common)
+            result.metrics.append({**common, "direction": "both", "metric": "sumr", "k": None, "value": sumr,
+                                   "name": f"{lang}/sumr"})
+
+
+def _worst(block: ScoreBlock, direction: str, ranks: np.ndarray, language: LanguageTexts, data: SplitData,
+           cfg: EvaluateConfig, common: dict) -> list[dict]:
+    if cfg.worst_queries == 0:
+        return []
+    candidates = np.nonzero(ranks > 0)[0]
+    # Worst first; among equal ranks, the first query (stable order) — deterministic output.
+    order = candidates[np.argsort(-ranks[candidates], kind="stable")][: cfg.worst_queries]
+    if len(order) == 0:
+        return []
+    index, values = top_candidates(block, order.tolist(), len(language.caption_ids), len(data.item_ids),
+                                   direction, cfg.top_retrieved, cfg.chunk_size)
+    rows = []
+    captions_of: dict[int, list[str]] = {}
+    for position, item in enumerate(language.item_index.tolist()):
+        captions_of.setdefault(item, []).append(language.caption_ids[position])
+    for query, found, found_scores in zip(order.tolist(), index, values):
+        if direction == "text_to_visual":
+            query_id, query_text = language.caption_ids[query], language.texts[query]
+            expected = [data.item_ids[language.item_index[query]]]
+            retrieved_ids = [data.item_ids[i] for i in found]
+            retrieved_texts = [data.desc_texts[i] or "(no description)" for i in found]
+        else:
+            query_id, query_text = data.item_ids[query], data.desc_texts[query] or "(no description)"
+            expected = captions_of.get(query, [])
+            retrieved_ids = [language.caption_ids[i] for i in found]
+            retrieved_texts = [language.texts[i] for i in found]
+        rows.append({**{k: common[k] for k in ("method", "score", "lang")}, "direction": direction,
+                     "query_id": query_id, "query_text": query_text, "rank": int(ranks[query]),
+                     "expected": expected, "retrieved_ids": retrieved_ids, "retrieved_texts": retrieved_texts,
+                     "retrieved_scores": [float(v) for v in found_scores]})
+    return rows
+
+
+def trained_methods(train_dir: Path) -> list[str]:
+    """Method folders of a train artifact (those holding model.safetensors), in paper order."""
+    from leccr.report import _method_sort_key
+
+    found = [p.name for p in sorted(train_dir.iterdir()) if p.is_dir() and (p / "model.safetensors").is_file()]
+    return sorted(found, key=_method_sort_key)
+
+
+def load_model(method_dir: Path):
+    """The trained model of one method folder of the train artifact (weights + model.json)."""
+    from leccr.training import load_trained
+
+    return load_trained(method_dir)
+
+
+def _load_history(method_dir: Path) -> pa.Table | None:
+    import pyarrow.parquet as pq
+
+    path = method_dir / "history.parquet"
+    return pq.read_table(path) if path.is_file() else None
+
+
+def run(ctx: StageContext) -> None:
+    cfg: EvaluateConfig = ctx.section  # type: ignore[assignment]
+    from leccr.device import resolve_device
+
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    data = load_split(ctx, cfg)
+    ctx.log.info("evaluate: split %s, %d items, languages %s", cfg.split, len(data.item_ids),
+                 {lang: len(t.caption_ids) for lang, t in data.languages.items()})
+    result = Evaluated()
+    histories: dict[str, pa.Table] = {}
+    train = ctx.inputs["train"]
+    methods = trained_methods(train.path) if cfg.trained else []
+    if cfg.trained and not methods:
+        raise StageFailed(f"evaluate: the train artifact {train.path} holds no <method>/model.safetensors")
+    for method in methods:
+        method_dir = train.path / method
+        model = load_model(method_dir)
+        alpha = cfg.alpha if cfg.alpha is not None else float(model.config.score_alpha)
+        texts, visual_global, visual_slots = encode_trained(model, data, cfg.batch_size, device)
+        if visual_slots is None:
+            alpha = 1.0  # no slots (baseline, cl2cm, leccr with slots ablated): the fused score is global
+        evaluate_embeddings(result, method, train.key, data, cfg, texts, visual_global, visual_slots,
+                            {"fused": alpha, "global": 1.0}, device)
+        history = _load_history(method_dir)
+        if history is not None:
+            histories[method] = history
+        del model
+    if cfg.zero_shot is not None:
+        zs = cfg.zero_shot
+        checkpoint = "zs-" + fingerprint_path(zs.text_model)[:8] + "-" + fingerprint_path(zs.vision_model)[:8]
+        texts, visual_emb = encode_zero_shot(zs, data, cfg.batch_size, device)
+        evaluate_embeddings(result, zs.name, checkpoint, data, cfg, texts, visual_emb, None, {"global": 1.0}, device)
+
+    metrics = pa.Table.from_pylist(result.metrics, schema=METRICS)
+    worst = pa.Table.from_pylist(result.worst, schema=WORST_QUERIES)
+    ctx.write("metrics.parquet", metrics, METRICS)
+    ctx.write("worst_queries.parquet", worst, WORST_QUERIES)
+    header = {"split": f"{cfg.split} ({len(data.item_ids)} visual items)",
+              "train artifact": train.key, "features artifact": ctx.inputs["features"].key,
+              "evaluate key": ctx.key}
+    report = write_report(ctx.out_dir, metrics, worst, result.curves, histories, header)
+    sumr = {f"{r['method']}/{r['score']}/{r['lang']}": round(r["value"], 2) for r in result.metrics
+            if r["metric"] == "sumr"}
+    ctx.summary.update(methods=methods + ([cfg.zero_shot.name] if cfg.zero_shot else []),
+                       languages=list(data.languages), items=len(data.item_ids), sumr=sumr,
+                       report_markdown=report, seconds=round(time.perf_counter() - started, 3))
+    ctx.log.info("evaluate: SumR %s", sumr)
