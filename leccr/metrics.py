@@ -1,0 +1,302 @@
+"""Retrieval metrics: text->visual and visual->text R@K, mean and median rank, SumR.
+
+Setting: N_t texts (captions) and N_v visual items; caption i belongs to exactly one item
+`text_item[i]`; an item may have any number of captions, including none. Scores are a matrix
+S [N_t, N_v] (rows = texts, columns = items), higher = better.
+
+- text->visual: the rank of caption i's item among all N_v items in row i.
+- visual->text: the rank, among all N_t texts in column j, of the best-ranked caption of item j
+  (an item is found within K if any of its captions is within K). Items with no caption have no
+  visual->text query: their rank is reported as 0 and they are left out of the visual->text metrics
+  (they still compete as candidates in text->visual).
+
+Ranks are 1-based and follow a *stable* descending sort: rank = 1 + #(strictly higher) +
+#(equal with a lower index). That is exactly the order of `torch.sort(descending=True, stable=True)`,
+so the chunked path below equals the full-matrix path bit for bit, ties included.
+
+Two paths:
+- `naive_ranks`: the whole matrix, a full stable argsort per query (as the papers' reference code
+  does with `np.argsort`), for tests and the benchmark baseline.
+- `chunked_ranks`: the matrix is only ever seen through `score_block(text_slice, item_slice)`
+  [len(text_slice), len(item_slice)], block by block; nothing of size N_t x N_v is materialised or
+  sorted, so a fused score (METHOD.md "Inference score") can be produced block by block. Pass 1 reads
+  the blocks holding each caption's own cell (the "positive" cells); pass 2 reads every block once and
+  counts, for both directions at once, how many candidates come before each query's target.
+  `score_block` must be deterministic: the same (text_slice, item_slice) must give the same values
+  (both passes use the same block grid, so a cell is always computed within the same block).
+
+Metric names follow open_clip (`image_to_text_R@{k}`): `text_to_visual_R@1`, ..., `sumr`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+# score_block(text_slice, item_slice) -> float tensor [len(text_slice), len(item_slice)]
+ScoreBlock = Callable[[slice, slice], torch.Tensor]
+
+DEFAULT_KS = (1, 5, 10)
+DIRECTIONS = ("text_to_visual", "visual_to_text")
+
+
+def _blocks(n: int, chunk: int) -> list[slice]:
+    if chunk < 1:
+        raise ValueError(f"chunk size must be >= 1, got {chunk}")
+    return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def _check_text_item(text_item, n_items: int) -> torch.Tensor:
+    """text_item as an int64 CPU tensor [N_t], each in [0, n_items)."""
+    text_item = torch.as_tensor(np.asarray(text_item), dtype=torch.int64).reshape(-1)
+    if text_item.numel() == 0:
+        raise ValueError("no texts to evaluate: text_item is empty")
+    if n_items < 1:
+        raise ValueError(f"no visual items to evaluate: n_items={n_items}")
+    low, high = int(text_item.min()), int(text_item.max())
+    if low < 0 or high >= n_items:
+        bad = int(torch.nonzero((text_item < 0) | (text_item >= n_items))[0])
+        raise ValueError(f"text {bad} belongs to item {int(text_item[bad])}, outside [0, {n_items})")
+    return text_item
+
+
+def _check_block(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    expected = (rows.stop - rows.start, cols.stop - cols.start)
+    if tuple(block.shape) != expected:
+        raise ValueError(f"score_block(texts {rows.start}:{rows.stop}, items {cols.start}:{cols.stop}) returned "
+                         f"shape {tuple(block.shape)}, expected {expected}")
+    # a NaN compares false with everything and would silently get rank 1; sum() is a cheap screen
+    if not torch.isfinite(block.sum()) and torch.isnan(block).any():
+        where = torch.nonzero(torch.isnan(block))[0]
+        raise ValueError(f"score_block returned NaN at text {rows.start + int(where[0])}, "
+                         f"item {cols.start + int(where[1])}")
+    return block.float()
+
+
+# ----------------------------------------------------------------------------- naive reference
+
+def naive_ranks(scores: torch.Tensor, text_item) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks from the whole matrix with a full stable argsort per query.
+
+    scores [N_t, N_v]; text_item [N_t] -> (text_to_visual ranks [N_t], visual_to_text ranks [N_v]),
+    int64, 1-based; 0 for items with no caption.
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [N_t, N_v], got shape {tuple(scores.shape)}")
+    n_texts, n_items = scores.shape
+    text_item = _check_text_item(text_item, n_items)
+    if text_item.numel() != n_texts:
+        raise ValueError(f"text_item has {text_item.numel()} entries for {n_texts} score rows")
+    scores = scores.float()
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+
+    # text -> visual: position of the caption's own item in its row's sorted order
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices        # [N_t, N_v]
+    t2v = (order == text_item[:, None]).to(torch.int8).argmax(dim=1) + 1
+    del order
+    # visual -> text: first position in the column's sorted order holding one of the item's captions
+    order = torch.sort(scores.T, dim=1, descending=True, stable=True).indices      # [N_v, N_t]
+    hit = text_item[order] == torch.arange(n_items)[:, None]
+    del order
+    has_caption = torch.bincount(text_item, minlength=n_items) > 0
+    v2t = torch.where(has_caption, hit.to(torch.int8).argmax(dim=1) + 1, 0)
+    return t2v.numpy(), v2t.numpy()
+
+
+# ----------------------------------------------------------------------------- chunked path
+
+@torch.no_grad()
+def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: int = 4096,
+                  item_chunk: int = 4096, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The ranks of `naive_ranks`, reading the matrix only through `score_block`, block by block.
+
+    text_item [N_t] -> (text_to_visual ranks [N_t], visual_to_text ranks [N_v]); same conventions as
+    `naive_ranks`. Memory is O(text_chunk * item_chunk + N_t + N_v). `score_block` is called with
+    the same grid of slices in both passes; blocks are moved to `device` (counting runs there).
+    """
+    device = torch.device(device)
+    text_item = _check_text_item(text_item, n_items)
+    n_texts = text_item.numel()
+    text_blocks, item_blocks = _blocks(n_texts, text_chunk), _blocks(n_items, item_chunk)
+    item_on_device = text_item.to(device)
+
+    # pass 1: each caption's own score, read from the blocks holding the positive cells only
+    # (captions grouped by item -> about one block per text chunk; scattered -> up to every block)
+    positive = torch.empty(n_texts, dtype=torch.float32, device=device)
+    for rows in text_blocks:
+        own = item_on_device[rows]
+        lo, hi = int(own.min()), int(own.max())
+        for cols in item_blocks:
+            if cols.stop <= lo or cols.start > hi:
+                continue
+            block = _check_block(score_block(rows, cols).to(device), rows, cols)
+            inside = (own >= cols.start) & (own < cols.stop)
+            local = torch.nonzero(inside).squeeze(1)
+            positive[rows.start + local] = block[local, own[local] - cols.start]
+
+    # visual->text target of item j: its best caption = highest positive score, lowest index among
+    # ties (the first of its captions in the stable order); items without caption get +inf / none
+    has_caption = torch.bincount(text_item, minlength=n_items).to(device) > 0
+    best_score = torch.full((n_items,), -torch.inf, device=device).scatter_reduce(
+        0, item_on_device, positive, reduce="amax")
+    is_best = positive == best_score[item_on_device]
+    text_index = torch.arange(n_texts, device=device)
+    best_text = torch.full((n_items,), n_texts, dtype=torch.int64, device=device).scatter_reduce(
+        0, item_on_device[is_best], text_index[is_best], reduce="amin")
+    best_score = torch.where(has_caption, best_score, torch.inf)
+
+    # pass 2: every block once; count what comes before each target, in both directions
+    t2v_before = torch.zeros(n_texts, dtype=torch.int64, device=device)
+    v2t_before = torch.zeros(n_items, dtype=torch.int64, device=device)
+    for rows in text_blocks:
+        own, target = item_on_device[rows], positive[rows]
+        own_lo, own_hi = int(own.min()), int(own.max())
+        for cols in item_blocks:
+            block = _check_block(score_block(rows, cols).to(device), rows, cols)
+            t2v_before[rows] += _count_before(block, target[:, None], cols, own[:, None], own_lo, own_hi,
+                                              axis=1, device=device)
+            col_best = best_text[cols]
+            valid = col_best[has_caption[cols]]
+            best_lo = int(valid.min()) if valid.numel() else n_texts
+            best_hi = int(valid.max()) if valid.numel() else n_texts
+            v2t_before[cols] += _count_before(block, best_score[cols][None, :], rows, col_best[None, :],
+                                              best_lo, best_hi, axis=0, device=device)
+    t2v = t2v_before + 1
+    v2t = torch.where(has_caption, v2t_before + 1, 0)
+    return t2v.cpu().numpy(), v2t.cpu().numpy()
+
+
+def _count_before(block: torch.Tensor, target: torch.Tensor, candidates: slice, target_index: torch.Tensor,
+                  target_lo: int, target_hi: int, axis: int, device: torch.device) -> torch.Tensor:
+    """Per query, #candidates of this block before the query's target in the stable descending order.
+
+    block [rows, cols]; `candidates` is the slice of candidate indices along `axis` (the axis summed
+    over); target (broadcast against block) the query's target score; target_index (same broadcast)
+    the target's candidate index. A candidate comes first if it scores higher, or equal with a lower
+    index. When the whole block lies before (after) every target, "equal" counts (doesn't) for all.
+    """
+    if candidates.stop <= target_lo:          # every candidate here has a lower index than every target
+        return (block >= target).sum(dim=axis)
+    if candidates.start > target_hi:          # every candidate here has a higher index
+        return (block > target).sum(dim=axis)
+    index = torch.arange(candidates.start, candidates.stop, device=device)
+    index = index[None, :] if axis == 1 else index[:, None]
+    return ((block > target) | ((block == target) & (index < target_index))).sum(dim=axis)
+
+
+# ----------------------------------------------------------------------------- metrics from ranks
+
+def recall_metrics(t2v_ranks, v2t_ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """R@K (percent), mean and median rank both ways, and SumR (sum of the R@K of both directions).
+
+    t2v_ranks [N_t] >= 1; v2t_ranks [N_v] >= 0 where 0 marks an item without caption (left out).
+    Median of an even count is the mean of the two middle ranks (numpy's). Keys:
+    `text_to_visual_R@{k}`, `text_to_visual_mean_rank`, `text_to_visual_median_rank`,
+    `text_to_visual_queries`, the same for `visual_to_text_`, and `sumr`.
+    """
+    metrics: dict[str, float] = {}
+    sumr = 0.0
+    for direction, ranks in zip(DIRECTIONS, (t2v_ranks, v2t_ranks)):
+        ranks = np.asarray(ranks, dtype=np.int64)
+        ranks = ranks[ranks > 0]
+        if ranks.size == 0:
+            raise ValueError(f"{direction}: no query with a target (every rank is 0)")
+        for k in ks:
+            recall = 100.0 * float(np.mean(ranks <= k))
+            metrics[f"{direction}_R@{k}"] = recall
+            sumr += recall
+        metrics[f"{direction}_mean_rank"] = float(np.mean(ranks))
+        metrics[f"{direction}_median_rank"] = float(np.median(ranks))
+        metrics[f"{direction}_queries"] = float(ranks.size)
+    metrics["sumr"] = sumr
+    return metrics
+
+
+def naive_retrieval_metrics(scores: torch.Tensor, text_item, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """`recall_metrics` of `naive_ranks` (whole matrix, full argsort)."""
+    return recall_metrics(*naive_ranks(scores, text_item), ks=ks)
+
+
+def chunked_retrieval_metrics(score_block: ScoreBlock, text_item, n_items: int, ks: Sequence[int] = DEFAULT_KS,
+                              text_chunk: int = 4096, item_chunk: int = 4096,
+                              device: str | torch.device = "cpu") -> dict[str, float]:
+    """`recall_metrics` of `chunked_ranks` (block by block)."""
+    return recall_metrics(*chunked_ranks(score_block, text_item, n_items, text_chunk, item_chunk, device), ks=ks)
+
+
+# ----------------------------------------------------------------------------- block helpers
+
+def matrix_score_block(scores: torch.Tensor) -> ScoreBlock:
+    """A score_block over a matrix already in memory (tests, small splits)."""
+    return lambda rows, cols: scores[rows, cols]
+
+
+def embedding_score_block(text_emb: torch.Tensor, visual_emb: torch.Tensor) -> ScoreBlock:
+    """score_block of dot products: text_emb [N_t, E], visual_emb [N_v, E] -> block [rows, cols]."""
+    return lambda rows, cols: text_emb[rows] @ visual_emb[cols].T
+
+
+@torch.no_grad()
+def matrix_min_max(score_block: ScoreBlock, n_texts: int, n_items: int, text_chunk: int = 4096,
+                   item_chunk: int = 4096, device: str | torch.device = "cpu") -> tuple[float, float]:
+    """Global (min, max) of the N_t x N_v matrix defined by `score_block`, one pass over the blocks.
+
+    The fused score's minmax is over the whole test matrix (METHOD.md quirk 3): run this once per
+    matrix (global and slot) before scoring blocks of the fused score.
+    """
+    low, high = torch.inf, -torch.inf
+    for rows in _blocks(n_texts, text_chunk):
+        for cols in _blocks(n_items, item_chunk):
+            block = _check_block(score_block(rows, cols).to(device), rows, cols)
+            low, high = min(low, float(block.min())), max(high, float(block.max()))
+    return low, high
+
+
+@torch.no_grad()
+def _topk_rows(score_block: ScoreBlock, n_rows: int, n_cols: int, k: int, row_chunk: int, col_chunk: int,
+               device: torch.device, queries: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k columns of each row (or of the given rows), best first, ties to the lower column index."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, n_cols)
+    row_blocks = (_blocks(n_rows, row_chunk) if queries is None
+                  else [slice(int(q), int(q) + 1) for q in queries])
+    values_out, index_out = [], []
+    for rows in row_blocks:
+        if not 0 <= rows.start < n_rows:
+            raise ValueError(f"query {rows.start} outside [0, {n_rows})")
+        best_values = torch.empty(rows.stop - rows.start, 0, device=device)
+        best_index = torch.empty(rows.stop - rows.start, 0, dtype=torch.int64, device=device)
+        for cols in _blocks(n_cols, col_chunk):
+            block = score_block(rows, cols).to(device).float()
+            # stable sort: among equal scores the lower column index first, as in the full sort;
+            # the running best (lower indices) goes first in the merge, so stability carries over
+            sorted_block = torch.sort(block, dim=1, descending=True, stable=True)
+            values = torch.cat([best_values, sorted_block.values[:, :k]], dim=1)
+            index = torch.cat([best_index, sorted_block.indices[:, :k] + cols.start], dim=1)
+            merged = torch.sort(values, dim=1, descending=True, stable=True)
+            best_values = merged.values[:, :k]
+            best_index = torch.gather(index, 1, merged.indices[:, :k])
+        values_out.append(best_values.cpu())
+        index_out.append(best_index.cpu())
+    return torch.cat(values_out), torch.cat(index_out)
+
+
+def topk_items(score_block: ScoreBlock, n_texts: int, n_items: int, k: int, text_chunk: int = 4096,
+               item_chunk: int = 4096, device: str | torch.device = "cpu",
+               texts: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k items per text query, best first: (scores [Q, k], item indices [Q, k]) for all texts or
+    the given `texts` (Q of them). Ties go to the lower item index (the stable full sort's order)."""
+    check = (lambda rows, cols: _check_block(score_block(rows, cols), rows, cols))
+    return _topk_rows(check, n_texts, n_items, k, text_chunk, item_chunk, torch.device(device), texts)
+
+
+def topk_texts(score_block: ScoreBlock, n_texts: int, n_items: int, k: int, text_chunk: int = 4096,
+               item_chunk: int = 4096, device: str | torch.device = "cpu",
+               items: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k texts per visual query, best first: (scores [Q, k], text indices [Q, k]) for all items or
+    the given `items`. Ties go to the lower text index."""
+    transposed = (lambda rows, cols: _check_block(score_block(cols, rows), cols, rows).T)
+    return _topk_rows(transposed, n_items, n_texts, k, item_chunk, text_chunk, torch.device(device), items)
