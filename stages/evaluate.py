@@ -5,13 +5,14 @@ every language of the split:
 
 1. encode every test caption of that language and every test visual item once, in batches;
 2. score texts against items block by block (`chunk_size` x `chunk_size`), never holding the whole
-   N_t x N_v matrix: a first pass finds the global min/max of the global and slot matrices (the
-   fused score's minmax is over the *whole* test matrix, METHOD.md quirk 3), a second the score of
-   each query's best hit, a third counts how many candidates beat it — that count + 1 is the rank;
-3. write R@K both ways, SumR, mean and median rank for the fused score and the global-only score.
+   N_t x N_v matrix: for the fused score a first pass finds the global min/max of the global and slot
+   matrices (its minmax is over the *whole* test matrix, METHOD.md quirk 3); `leccr.metrics`
+   then ranks block by block (each query's target score, then what comes before it);
+3. write R@K both ways, SumR, mean and median rank for the fused score and the global-only score,
+   recall@K curves, and the worst-ranked queries with their top retrieved items (chunked top-k).
 
-Ranks: the rank of a query is 1 + the number of candidates that score strictly higher than its
-best hit (ties go to the query). A visual item is found when any of its captions ranks within K.
+Ranks follow `leccr.metrics`: 1-based, in the order of a stable descending sort (ties go to the lower
+index, as the reference's argsort). A visual item is found when any of its captions ranks within K.
 
 Outputs: metrics.parquet and worst_queries.parquet (schemas/evaluate.py), report.md and plots/*.png
 (leccr/report.py); the report text is also `ctx.summary["report_markdown"]` for the flow to publish.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import pyarrow.compute as pc
 import torch
 
 from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
+from leccr.metrics import ScoreBlock, chunked_ranks, recall_metrics, topk_items, topk_texts
 from leccr.report import write_report
 from leccr.store import StageContext, StageFailed, fingerprint_path
 from schemas.core import read_table
@@ -41,9 +43,6 @@ STAGE_VERSION = "1"
 UPSTREAM = ("dataset", "features", "train")
 DIRECTIONS = ("text_to_visual", "visual_to_text")
 
-# A score block: (text rows, item columns) -> scores [len(rows), len(cols)] float32.
-ScoreBlock = Callable[[slice, slice], torch.Tensor]
-
 
 def section(cfg: ExperimentConfig) -> Section:
     return cfg.evaluate
@@ -52,90 +51,6 @@ def section(cfg: ExperimentConfig) -> Section:
 # ===================================================================================== ranks
 def _blocks(n: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
-
-
-def first_hit_ranks(score_block: ScoreBlock, text_item: np.ndarray, n_items: int, chunk_size: int,
-                    device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """1-based rank of the first hit of every text query and every visual query, in chunks.
-
-    text_item [N_t]: index of each caption's visual item. Returns (text_to_visual ranks [N_t],
-    visual_to_text ranks [N_v]). Memory: one chunk_size x chunk_size block at a time plus O(N_t + N_v).
-    Items with no caption get rank 0 (they cannot be found; the caller leaves them out).
-    `device`: where the blocks are computed (the per-query state lives there too).
-    """
-    text_item_t = torch.as_tensor(text_item, dtype=torch.long, device=device)
-    n_texts = len(text_item)
-    rows, cols = _blocks(n_texts, chunk_size), _blocks(n_items, chunk_size)
-    positive = torch.full((n_texts,), float("nan"), dtype=torch.float32, device=device)
-    best = torch.full((n_items,), float("-inf"), dtype=torch.float32, device=device)
-    # Pass 1: each text's score for its own item; each item's best caption score. Taken from the very
-    # blocks the counting pass recomputes, so the comparison below is exact (same float ops).
-    for r in rows:
-        owner = text_item_t[r]
-        for c in cols:
-            block = score_block(r, c).float()
-            inside = (owner >= c.start) & (owner < c.stop)
-            if inside.any():
-                local = torch.nonzero(inside).squeeze(1)
-                values = block[local, owner[local] - c.start]
-                positive[r.start + local] = values
-                best.scatter_reduce_(0, owner[local], values, reduce="amax")
-    # Pass 2: count the candidates that beat the best hit.
-    beat_t2v = torch.zeros(n_texts, dtype=torch.long, device=device)
-    beat_v2t = torch.zeros(n_items, dtype=torch.long, device=device)
-    for r in rows:
-        for c in cols:
-            block = score_block(r, c).float()
-            beat_t2v[r] += (block > positive[r, None]).sum(1)
-            beat_v2t[c] += (block > best[None, c]).sum(0)
-    v2t = beat_v2t + 1
-    v2t[torch.isinf(best)] = 0
-    return (beat_t2v + 1).cpu().numpy(), v2t.cpu().numpy()
-
-
-def naive_first_hit_ranks(scores: torch.Tensor, text_item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The same ranks from the whole matrix [N_t, N_v] (tests and small cases)."""
-    scores = scores.double()
-    text_item_t = torch.as_tensor(text_item, dtype=torch.long)
-    positive = scores[torch.arange(len(text_item)), text_item_t]
-    t2v = (scores > positive[:, None]).sum(1) + 1
-    best = torch.full((scores.shape[1],), float("-inf"), dtype=torch.float64)
-    best.scatter_reduce_(0, text_item_t, positive, reduce="amax")
-    v2t = (scores > best[None, :]).sum(0) + 1
-    v2t[torch.isinf(best)] = 0
-    return t2v.numpy(), v2t.numpy()
-
-
-def top_candidates(score_block: ScoreBlock, queries: Sequence[int], n_texts: int, n_items: int, direction: str,
-                   top: int, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-`top` candidates (indices, scores), best first, of a few queries, merging chunk by chunk."""
-    found_scores = torch.full((len(queries), 0), float("-inf"), dtype=torch.float64)
-    found_index = torch.zeros((len(queries), 0), dtype=torch.long)
-    query_t = torch.as_tensor(list(queries), dtype=torch.long)
-    n_candidates = n_items if direction == "text_to_visual" else n_texts
-    for c in _blocks(n_candidates, chunk_size):
-        parts = []
-        for q in query_t.tolist():
-            if direction == "text_to_visual":
-                parts.append(score_block(slice(q, q + 1), c)[0])
-            else:
-                parts.append(score_block(c, slice(q, q + 1))[:, 0])
-        block = torch.stack(parts).double().cpu()
-        scores = torch.cat([found_scores, block], dim=1)
-        index = torch.cat([found_index, torch.arange(c.start, c.stop).expand(len(queries), -1)], dim=1)
-        keep = min(top, scores.shape[1])
-        found_scores, order = scores.topk(keep, dim=1)
-        found_index = index.gather(1, order)
-    return found_index.numpy(), found_scores.numpy()
-
-
-def summarise(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """recall@K (%) for each K, mean and median rank, of the valid (rank > 0) queries."""
-    valid = ranks[ranks > 0]
-    out = {f"R@{k}": float((valid <= k).mean() * 100.0) for k in ks}
-    out["mean_rank"] = float(valid.mean())
-    out["median_rank"] = float(np.median(valid))
-    return out
 
 
 # ===================================================================================== inputs
@@ -376,33 +291,32 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
             block = make_score_block(texts[lang].to(device), visual_global.to(device),
                                      visual_slots.to(device) if visual_slots is not None else None, alpha,
                                      cfg.chunk_size)
-            t2v, v2t = first_hit_ranks(block, language.item_index, n_items, cfg.chunk_size, device)
+            t2v, v2t = chunked_ranks(block, language.item_index, n_items, cfg.chunk_size, cfg.chunk_size, device)
             ranks = {"text_to_visual": t2v, "visual_to_text": v2t}
+            stats = recall_metrics(t2v, v2t, cfg.ks)
             common = {"method": method, "score": score_name, "lang": lang, "split": cfg.split,
                       "n_texts": len(language.caption_ids), "n_items": n_items, "alpha": float(alpha),
                       "checkpoint": checkpoint}
-            sumr = 0.0
             for direction, direction_ranks in ranks.items():
-                stats = summarise(direction_ranks, cfg.ks)
                 for k in cfg.ks:
-                    sumr += stats[f"R@{k}"]
                     result.metrics.append({**common, "direction": direction, "metric": "recall", "k": k,
-                                           "value": stats[f"R@{k}"], "name": f"{lang}/{direction}_R@{k}"})
+                                           "value": stats[f"{direction}_R@{k}"], "name": f"{lang}/{direction}_R@{k}"})
                 for metric in ("mean_rank", "median_rank"):
                     result.metrics.append({**common, "direction": direction, "metric": metric, "k": None,
-                                           "value": stats[metric], "name": f"{lang}/{direction}_{metric}"})
+                                           "value": stats[f"{direction}_{metric}"],
+                                           "name": f"{lang}/{direction}_{metric}"})
                 if duplicate:
                     continue  # the same numbers as the fused score: one curve, one error list
                 valid = direction_ranks[direction_ranks > 0]
                 result.curves[(method, score_name, lang, direction)] = np.array(
                     [(valid <= k).mean() * 100.0 for k in range(1, cfg.curve_max_k + 1)])
-                result.worst += _worst(block, direction, direction_ranks, language, data, cfg, common)
-            result.metrics.append({**common, "direction": "both", "metric": "sumr", "k": None, "value": sumr,
-                                   "name": f"{lang}/sumr"})
+                result.worst += _worst(block, direction, direction_ranks, language, data, cfg, common, device)
+            result.metrics.append({**common, "direction": "both", "metric": "sumr", "k": None,
+                                   "value": stats["sumr"], "name": f"{lang}/sumr"})
 
 
 def _worst(block: ScoreBlock, direction: str, ranks: np.ndarray, language: LanguageTexts, data: SplitData,
-           cfg: EvaluateConfig, common: dict) -> list[dict]:
+           cfg: EvaluateConfig, common: dict, device: torch.device | str) -> list[dict]:
     if cfg.worst_queries == 0:
         return []
     candidates = np.nonzero(ranks > 0)[0]
@@ -410,8 +324,11 @@ def _worst(block: ScoreBlock, direction: str, ranks: np.ndarray, language: Langu
     order = candidates[np.argsort(-ranks[candidates], kind="stable")][: cfg.worst_queries]
     if len(order) == 0:
         return []
-    index, values = top_candidates(block, order.tolist(), len(language.caption_ids), len(data.item_ids),
-                                   direction, cfg.top_retrieved, cfg.chunk_size)
+    top = topk_items if direction == "text_to_visual" else topk_texts
+    queries = {"texts" if direction == "text_to_visual" else "items": order.tolist()}
+    values, index = top(block, len(language.caption_ids), len(data.item_ids), cfg.top_retrieved, cfg.chunk_size,
+                        cfg.chunk_size, device, **queries)
+    index, values = index.numpy(), values.numpy()
     rows = []
     captions_of: dict[int, list[str]] = {}
     for position, item in enumerate(language.item_index.tolist()):

@@ -18,7 +18,7 @@ from schemas.core import read_table, write_table
 from schemas.describe import DESCRIPTIONS
 from schemas.evaluate import METRICS, WORST_QUERIES
 from stages import evaluate
-from stages.evaluate import naive_first_hit_ranks
+from leccr.metrics import naive_ranks
 from tests.builders import dataset_artifact
 from tests.test_reader import caption, write_artifact
 
@@ -128,7 +128,7 @@ def test_zero_shot_metrics_equal_full_matrix(tmp_path, artifacts, zero_shot_pair
         batch = tokenizer([t for _, _, t in CAPTIONS_DE], padding=True, return_tensors="pt")
         text = torch.nn.functional.normalize(text_model(**batch).text_embeds, dim=-1)
     scores = text @ visual.t()
-    t2v, v2t = naive_first_hit_ranks(scores, np.array([0, 1, 1, 2]))
+    t2v, v2t = naive_ranks(scores, np.array([0, 1, 1, 2]))
     assert v2t[3] == 0  # i3 has no German caption: not a visual query
     value = {(r["direction"], r["metric"], r["k"]): r["value"] for r in metrics if r["lang"] == "de"}
     for direction, ranks in (("text_to_visual", t2v), ("visual_to_text", v2t[:3])):
@@ -229,7 +229,7 @@ def test_fused_score_path_equals_full_matrix(tmp_path, artifacts, bert_path):
     for score, alpha in (("fused", 0.6), ("global", 1.0)):
         # alpha 1: the stage scores with the plain cosine (minmax is monotone: the same ranks)
         full = model.score(text, whole_global, whole_slots, alpha) if alpha < 1 else text @ whole_global.t()
-        t2v, v2t = naive_first_hit_ranks(full, de.item_index)
+        t2v, v2t = naive_ranks(full, de.item_index)
         got = {(r["direction"], r["k"]): r["value"] for r in result.metrics
                if r["lang"] == "de" and r["score"] == score and r["metric"] == "recall"}
         for k in (1, 2):
