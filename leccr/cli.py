@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def prepare_demo(root: Path = DEMO_ROOT, seed: int = 0) -> dict[str, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # The embedded default starts a temporary Prefect server; Prefect gives it 20 s, which a busy
+    # 2-core machine (CI, a laptop also extracting features) can miss. A user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.leccr import leccr
     from leccr.config import load_config
 
