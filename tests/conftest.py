@@ -6,6 +6,8 @@ import pytest
 
 # vLLM must keep its engine in-process in tests (set before vllm is imported anywhere).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# In-process flows start a temporary Prefect server; give it time on a loaded 2-core CI machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @pytest.fixture(scope="session")
