@@ -70,7 +70,7 @@ def test_force_recomputes_the_stage(demo_root, tmp_path):
 def test_killed_run_resumes_without_losing_finished_shards(demo_root, tmp_path):
     """A real subprocess is SIGKILLed mid-translate; the rerun recomputes only the missing shards."""
     data = demo_config_dict(demo_root, tmp_path / "artifacts")
-    data["dataset"]["max_items_per_split"] = 6  # 30 English captions: 15 shards of 2
+    data["dataset"]["max_items_per_split"] = 3  # 15 English captions: 8 shards of 2
     data["translate"] = {"engine": "transformers", "lang_code_style": "marian", "shard_size": 2,
                          "max_length": 32, "splits": ["train"],
                          "models": {lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]}}
