@@ -67,5 +67,12 @@ def build_folder(out: Path, required: tuple[str, ...], want: dict, write: Callab
         raise
     if out.exists():  # an older recipe (checked above that it is ours)
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        # Another process building the same folder renamed its copy first: the same recipe gives the
+        # same bytes, so keep theirs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if read_recipe(out) != want:
+            raise
     return out
