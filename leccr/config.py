@@ -214,12 +214,95 @@ class FeaturesConfig(Section):
 
 # ---------------------------------------------------------------- train (owner: train stage)
 class TrainConfig(Section):
-    NON_OUTPUT_FIELDS = frozenset({"device", "num_workers"})
+    """How the train stage fits each method on the features artifact (see stages/train.py).
+
+    Defaults are the LECCR reference settings (METHOD.md): AdamW lr 1e-5, betas (0.9, 0.98), weight
+    decay 0.01 (none on biases and norms), linear schedule with 10 % warm-up, batch 128, seed 42.
+    """
+
+    # Runtime knobs: where and how fast, not what is learned (a resumed or torchrun run gives the same
+    # model up to the floating-point order of a different device or process count).
+    NON_OUTPUT_FIELDS = frozenset({"device", "num_workers", "nproc", "checkpoint_every", "eval_batch_size"})
 
     methods: list[Literal["baseline", "leccr", "cl2cm"]] = Field(default_factory=lambda: ["baseline", "leccr"])
+    # Target languages trained on (one model per method, every (English, translation) pair of these
+    # languages in one shuffled epoch; the paper trains one language per run: list one). None = every
+    # language with machine-translated training captions in the features artifact.
+    languages: list[str] | None = None
+    modality: Literal["image", "video"] = "image"  # image: [CLS] pooling, no frame mask; video: frame encoder
+    # Model config family: "{method}-{modality}" (paper sizes) or "{method}-{modality}-tiny" (the demo's).
+    model_size: Literal["base", "tiny"] = "base"
+    # A row of METHOD.md's table (multi30k-de, ..., msrvtt-cn): the leccr model's slots and loss weights,
+    # and the epochs unless `epochs` is set here.
+    preset: str | None = None
+    # Per-method ModelConfig overrides, e.g. {leccr: {num_slots: 2, losses: {w_d: 0.3}}}.
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # The shared multilingual text encoder's weights; None = features.text_model (the one that tokenised).
+    text_encoder: ContentPath | None = None
+
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(128, ge=2)  # in total (split across `nproc` processes; embeddings are gathered)
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    new_module_lr_multiplier: float = Field(1.0, gt=0)  # reference: configured 2x, never applied (1.0)
+    warmup_fraction: float = Field(0.1, ge=0, le=1)  # linear warm-up, then linear decay to 0
+    max_grad_norm: float | None = Field(None, gt=0)  # clip the gradient norm (None: off, as the reference)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
     seed: int = 42
+    # Per-epoch validation SumR on this split picks the best checkpoint (None: keep the last epoch).
+    val_split: str | None = "val"
+    # Stop after this many epochs without a better validation SumR (None: train every epoch).
+    early_stopping_patience: int | None = Field(None, ge=1)
+    # Training items without an MLLM description: empty (an empty description) or drop (leave out).
+    missing_descriptions: Literal["empty", "drop"] = "empty"
+
+    checkpoint_every: int = Field(0, ge=0)  # also save the resume state every N steps (0: at epoch ends)
+    nproc: int = Field(1, ge=1)  # >1: data-parallel processes under torchrun (nccl on GPUs, gloo on CPU)
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    eval_batch_size: int = Field(256, ge=1)  # validation encoder batch
+
+    @model_validator(mode="after")
+    def _check_models(self) -> TrainConfig:
+        from leccr.models import get_model_config, get_preset
+
+        unknown = sorted(set(self.models) - set(self.methods))
+        if unknown:
+            raise ValueError(f"models has overrides for {unknown}, which are not in methods {self.methods}")
+        if self.preset is not None:
+            try:
+                preset = get_preset(self.preset)
+            except KeyError as error:
+                raise ValueError(str(error.args[0])) from None
+            if not preset.model.startswith(f"leccr-{self.modality}"):
+                raise ValueError(f"preset {self.preset!r} is for model {preset.model!r}, but modality is {self.modality!r}")
+        if self.batch_size % self.nproc:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by nproc {self.nproc}")
+        for method in self.methods:
+            get_model_config(self.model_name(method), **self.model_overrides(method))  # raises naming the key
+        return self
+
+    def model_name(self, method: str) -> str:
+        """The bundled model config of `method` (leccr/models/model_configs/<name>.json)."""
+        return f"{method}-{self.modality}" + ("-tiny" if self.model_size == "tiny" else "")
+
+    def model_overrides(self, method: str) -> dict[str, Any]:
+        """The preset's leccr row (if any), then this section's `models[method]`, merged key by key."""
+        from leccr.models import merge_overrides, get_preset
+
+        base = get_preset(self.preset).model_overrides() if self.preset and method == "leccr" else {}
+        return merge_overrides(base, self.models.get(method, {}))
+
+    @property
+    def resolved_epochs(self) -> int:
+        """`epochs` if set in the config, else the preset's, else the default."""
+        if "epochs" not in self.model_fields_set and self.preset is not None:
+            from leccr.models import get_preset
+
+            return get_preset(self.preset).epochs
+        return self.epochs
 
 
 # ---------------------------------------------------------------- evaluate (owner: evaluate stage)

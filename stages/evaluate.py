@@ -150,30 +150,16 @@ def _description_texts(ctx: StageContext, item_ids: list[str]) -> dict[str, str]
 
 
 # ===================================================================================== encoders
-@torch.no_grad()
 def encode_trained(model, data: SplitData, batch_size: int, device: torch.device
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """(text embeddings per language [N_t, E], visual global [N_v, E], slots [N_v, N_q, E] or None), on CPU."""
+    from leccr.models.encode import encode_items, encode_texts
+
     model.eval().to(device)
-    texts = {}
-    for lang, language in data.languages.items():
-        chunks = []
-        for start in range(0, len(language.caption_ids), batch_size):
-            rows = slice(start, start + batch_size)
-            chunks.append(model.encode_text(language.ids[rows].to(device), language.mask[rows].to(device)).float().cpu())
-        texts[lang] = torch.cat(chunks)
-    items = data.items
-    globals_, slots = [], []
-    for start in range(0, len(data.item_ids), batch_size):
-        rows = slice(start, start + batch_size)
-        global_emb, slot_emb = model.encode_visual(
-            items.visual[rows].to(device), items.visual_mask[rows].to(device),
-            desc_ids=items.desc_ids[rows].to(device), desc_mask=items.desc_mask[rows].to(device),
-            desc_states=items.desc_states[rows].to(device) if items.desc_states is not None else None)
-        globals_.append(global_emb.float().cpu())
-        if slot_emb is not None:
-            slots.append(slot_emb.float().cpu())
-    return texts, torch.cat(globals_), (torch.cat(slots) if slots else None)
+    texts = {lang: encode_texts(model, language.ids, language.mask, batch_size, device)
+             for lang, language in data.languages.items()}
+    visual_global, visual_slots = encode_items(model, data.items, batch_size, device)
+    return texts, visual_global, visual_slots
 
 
 def load_encoder(path: str):

@@ -36,6 +36,7 @@ __all__ = [
     "get_model_config",
     "get_preset",
     "list_models",
+    "merge_overrides",
     "model_class",
 ]
 
@@ -53,11 +54,11 @@ def list_models() -> list[str]:
     return sorted(_configs())
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_overrides(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -68,7 +69,7 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
     configs = _configs()
     if name not in configs:
         raise ValueError(f"unknown model config {name!r}; known models: {', '.join(sorted(configs))}")
-    data = _merge(configs[name], overrides)
+    data = merge_overrides(configs[name], overrides)
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as error:

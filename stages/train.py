@@ -1,0 +1,123 @@
+"""train: fit every configured method (baseline, leccr, cl2cm) on the cached features.
+
+Each method gets its own folder in the artifact (schemas/train.py): best weights as safetensors,
+model.json, the text encoder's config and tokenizer, history.parquet, and train_info.json written
+last. All methods read the same features artifact, so listing several methods computes every
+upstream stage once.
+
+Resume: a crashed run leaves finished methods (train_info.json) and the resume state of the one in
+progress; the rerun skips the first and continues the second from its last checkpoint (epoch ends,
+and every `checkpoint_every` steps), ending with the same weights as an uninterrupted run.
+
+Model per method: the bundled config `{method}-{modality}[-tiny]`, then the preset row (leccr), then
+`train.models[method]`; `visual_input_dim` is the cached visual width, so any vision tower works. The
+text encoder starts from `train.text_encoder`, else the features stage's `text_model` (the encoder
+whose tokenizer produced the cached ids).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from leccr.config import ExperimentConfig, TrainConfig
+from leccr.store import StageContext, StageFailed
+
+NAME = "train"
+STAGE_VERSION = "1"
+UPSTREAM = ("dataset", "features")
+
+
+def section(cfg: ExperimentConfig) -> TrainConfig:
+    return cfg.train
+
+
+def training_languages(features_dir: Path, wanted: list[str] | None) -> list[str]:
+    """`wanted`, checked against the machine translations of the train split; None = all of them."""
+    from leccr.data import FeatureTables
+
+    text = FeatureTables.open(features_dir).text
+    rows = pc.and_(pc.equal(text.column("split"), "train"), pc.equal(text.column("kind"), "mt"))
+    present = sorted(set(text.column("lang").filter(rows).to_pylist()))
+    if wanted is None:
+        if not present:
+            raise StageFailed(f"train: the features artifact {features_dir} has no machine-translated training "
+                              "captions (translate stage: splits must include train)")
+        return present
+    missing = [lang for lang in wanted if lang not in present]
+    if missing:
+        raise StageFailed(f"train: no machine-translated training captions for language(s) {missing} in "
+                          f"{features_dir} (languages with them: {present})")
+    return list(wanted)
+
+
+def text_encoder_path(cfg: TrainConfig, features_manifest: dict) -> str:
+    if cfg.text_encoder is not None:
+        return cfg.text_encoder
+    path = features_manifest.get("config", {}).get("text_model")
+    if not path:
+        raise StageFailed("train: no text encoder: set train.text_encoder (the features stage has no text_model)")
+    if not (Path(path) / "config.json").is_file():
+        raise StageFailed(f"train: text encoder folder {path} (features.text_model) has no config.json; "
+                          "set train.text_encoder to the encoder's folder")
+    return path
+
+
+def build_jobs(ctx: StageContext) -> list:
+    """One TrainJob per method, with the model config resolved and validated."""
+    from leccr.models import get_model_config
+    from leccr.training import TrainJob
+
+    cfg: TrainConfig = ctx.section  # type: ignore[assignment]
+    features = ctx.inputs["features"]
+    info = json.loads((features.path / "features_info.json").read_text(encoding="utf-8"))
+    visual_dim = int(info["visual"]["visual_dim"])
+    languages = training_languages(features.path, cfg.languages)
+    encoder = text_encoder_path(cfg, features.manifest)
+    jobs = []
+    for method in cfg.methods:
+        overrides = {"visual_input_dim": visual_dim, **cfg.model_overrides(method)}
+        model_config = get_model_config(cfg.model_name(method), **overrides)
+        if (model_config.arch == "leccr" and model_config.ablations.slots
+                and model_config.description_encoder == "cached" and not info["descriptions"].get("states")):
+            raise StageFailed(
+                f"train: {method} reads cached description states, but the features artifact has none: set "
+                "features.description_states: true, or train.models.leccr.description_encoder: shared")
+        jobs.append(TrainJob(method, model_config, encoder, features.path, ctx.out_dir / method, languages))
+    return jobs
+
+
+def run(ctx: StageContext) -> None:
+    from leccr.device import resolve_device
+    from leccr.training import train_method
+    from leccr.training.checkpoint import INFO_FILE
+    from leccr.training.distributed import launch
+
+    cfg: TrainConfig = ctx.section  # type: ignore[assignment]
+    started = time.perf_counter()
+    jobs = build_jobs(ctx)
+    results = {}
+    for job in jobs:
+        info_path = job.method_dir / INFO_FILE
+        if info_path.is_file():
+            ctx.log.info("train: %s already finished in %s (resumed stage)", job.method, job.method_dir)
+        else:
+            ctx.log.info("train: %s (%s) on %s, %d epochs, batch %d%s", job.method, cfg.model_name(job.method),
+                         ",".join(job.languages), cfg.resolved_epochs, cfg.batch_size,
+                         f", {cfg.nproc} processes" if cfg.nproc > 1 else "")
+            try:
+                if cfg.nproc > 1:
+                    launch(job, cfg)
+                else:
+                    train_method(job, cfg, resolve_device(cfg.device))
+            except (ValueError, FloatingPointError) as error:
+                raise StageFailed(f"train: {error}") from error
+        results[job.method] = json.loads(info_path.read_text(encoding="utf-8"))
+    ctx.summary.update(
+        languages=jobs[0].languages if jobs else [],
+        methods={method: {key: info[key] for key in ("best_epoch", "best_val_sumr", "epochs_run", "steps",
+                                                      "stopped_early", "steps_per_s", "seconds")}
+                 for method, info in results.items()},
+        seconds=round(time.perf_counter() - started, 3))
