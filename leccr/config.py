@@ -268,9 +268,10 @@ class TrainConfig(Section):
     def _check_models(self) -> TrainConfig:
         from leccr.models import get_model_config, get_preset
 
-        unknown = sorted(set(self.models) - set(self.methods))
+        known = ("baseline", "leccr", "cl2cm")
+        unknown = sorted(set(self.models) - set(known))
         if unknown:
-            raise ValueError(f"models has overrides for {unknown}, which are not in methods {self.methods}")
+            raise ValueError(f"models has overrides for unknown method(s) {unknown} (methods: {list(known)})")
         if self.preset is not None:
             try:
                 preset = get_preset(self.preset)
@@ -280,7 +281,9 @@ class TrainConfig(Section):
                 raise ValueError(f"preset {self.preset!r} is for model {preset.model!r}, but modality is {self.modality!r}")
         if self.batch_size % self.nproc:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by nproc {self.nproc}")
-        for method in self.methods:
+        # Overrides of a method not trained this run are checked too: a typo should not wait for the day
+        # the method is switched on.
+        for method in sorted(set(self.methods) | set(self.models)):
             get_model_config(self.model_name(method), **self.model_overrides(method))  # raises naming the key
         return self
 

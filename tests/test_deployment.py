@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -52,6 +53,11 @@ def _stop(process: subprocess.Popen) -> None:
 
 def test_prefect_deployment_run_leccr_full(demo_config, tmp_path):
     config_path, artifacts = demo_config
+    # Every stage, on 6 items per split and 2 epochs: the deployment path, not the demo's numbers.
+    data = yaml.safe_load(config_path.read_text())
+    data["dataset"]["max_items_per_split"] = 6
+    data["train"].update(epochs=2, batch_size=16)
+    config_path.write_text(yaml.safe_dump(data))
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
@@ -88,6 +94,7 @@ def test_prefect_deployment_run_leccr_full(demo_config, tmp_path):
             _stop(process)
     # The run wrote complete artifacts for every stage into the config's artifact root.
     record = json.loads((artifacts / "runs" / "demo.json").read_text())
-    assert "translate" in record
+    assert set(record) == {"dataset", "translate", "describe", "features", "train", "evaluate"}
+    assert "| leccr |" in (artifacts / "evaluate" / record["evaluate"] / "report.md").read_text()
     for stage, key in record.items():
         assert (artifacts / stage / key / "_manifest.json").is_file(), stage

@@ -93,8 +93,10 @@ def test_optimizer_groups_follow_the_reference(demo_root):
 def test_train_config_validates_methods_overrides_and_presets():
     with pytest.raises(ValueError, match="num_slot"):
         TrainConfig(methods=["leccr"], models={"leccr": {"num_slot": 2}})
-    with pytest.raises(ValueError, match="not in methods"):
-        TrainConfig(methods=["baseline"], models={"leccr": {"num_slots": 2}})
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(methods=["baseline"], models={"lecr": {"num_slots": 2}})
+    with pytest.raises(ValueError, match="num_slot"):  # checked even when leccr is not trained this run
+        TrainConfig(methods=["baseline"], models={"leccr": {"num_slot": 2}})
     with pytest.raises(ValueError, match="unknown LECCR preset"):
         TrainConfig(preset="multi30k-xx")
     with pytest.raises(ValueError, match="modality is 'image'"):
@@ -209,3 +211,35 @@ def test_killed_run_resumes_mid_epoch_to_the_same_weights(features, tmp_path):
     assert (job.method_dir / MODEL_FILE).read_bytes() == (straight_job.method_dir / MODEL_FILE).read_bytes()
     assert pq.read_table(job.method_dir / "history.parquet").equals(
         pq.read_table(straight_job.method_dir / "history.parquet"))
+
+
+def test_two_processes_under_torchrun_with_gloo(features, tmp_path):
+    """`train.nproc: 2` on CPU: torchrun, gloo, each rank half of every batch, rank 0 writes the folder."""
+    data, _ = features
+    data = {**data, "train": {**data["train"], "methods": ["baseline"], "epochs": 1, "nproc": 2}}
+    outcome = run_pipeline(parse_config(data), ["train"])["train"]
+    info = json.loads((outcome.artifact.path / "baseline" / INFO_FILE).read_text())
+    assert info["world_size"] == 2 and info["steps"] == 90 // 16
+    history = pq.read_table(outcome.artifact.path / "baseline" / "history.parquet").to_pylist()
+    assert [r["kind"] for r in history].count("val") == 1
+    assert load_trained(outcome.artifact.path / "baseline") is not None
+
+
+def test_evaluate_reports_every_trained_method_side_by_side(features):
+    """The demo's evaluate stage on trained baseline, cl2cm and leccr: metrics, report and plots."""
+    from leccr.sql import connect
+
+    data, _ = features
+    outcomes = run_pipeline(parse_config(data), ["evaluate"])
+    folder = outcomes["evaluate"].artifact.path
+    report = (folder / "report.md").read_text()
+    for method in ("baseline", "cl2cm", "leccr"):
+        assert f"| {method} |" in report
+        assert (folder / "plots" / f"training_{method}.png").is_file()
+    assert report.index("| baseline |") < report.index("| cl2cm |") < report.index("| leccr |")
+    root = Path(data["artifacts_root"])
+    rows = connect(root).execute(
+        "SELECT method, count(*) FROM metrics WHERE lang = 'de' AND metric = 'sumr' GROUP BY method ORDER BY method"
+    ).fetchall()
+    assert [r[0] for r in rows] == ["baseline", "cl2cm", "leccr"]
+    assert outcomes["evaluate"].artifact.manifest["upstream"]["train"] == outcomes["train"].artifact.key

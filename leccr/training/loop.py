@@ -90,6 +90,20 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return nullcontext()
 
 
+class LossStep(torch.nn.Module):
+    """forward(batch) -> the model's loss terms. The losses run inside `forward` so that DDP sees every
+    parameter they use (the temperature appears only in the losses) within one forward/backward."""
+
+    def __init__(self, model: torch.nn.Module, gather, autocast) -> None:
+        super().__init__()
+        self.model, self.gather, self.autocast = model, gather, autocast
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            outputs = self.model(batch)
+        return self.model.losses(outputs, gather=self.gather)
+
+
 def _uses_states(config: ModelConfig) -> bool:
     return config.arch == "leccr" and config.ablations.slots and config.description_encoder == "cached"
 
@@ -150,13 +164,13 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
     elif is_writer:
         save_text_encoder(job.text_encoder_path, method_dir)
 
-    trained = model
+    loss_step = LossStep(model, gather, lambda: autocast_context(cfg, device))
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         # The text encoder's pooler (and ablated terms) get no gradient: let DDP skip them.
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True)
+        loss_step = DistributedDataParallel(loss_step, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=True)
 
     def checkpoint() -> None:
         if is_writer:
@@ -174,9 +188,7 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
         for batch in loader:
             batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
             torch.manual_seed(step_seed(cfg.seed, progress.step, rank))
-            with autocast_context(cfg, device):
-                outputs = trained(batch)
-            terms = model.losses(outputs, gather=gather)
+            terms = loss_step(batch)
             terms["total"].backward()
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
