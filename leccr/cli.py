@@ -58,7 +58,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\nArtifacts:")
     for stage, path in paths.items():
         print(f"  {stage:<9} {path}")
-    print("Inspect them with: leccr inspect \"SELECT * FROM translate LIMIT 5\"")
+    if "evaluate" in paths and (Path(paths["evaluate"]) / "report.md").is_file():
+        print(f"Report: {Path(paths['evaluate']) / 'report.md'}")
+        print("Compare methods: leccr inspect \"SELECT method, lang, value AS sumr FROM metrics "
+              "WHERE metric = 'sumr' AND score = 'fused' ORDER BY lang, method\"")
+    else:
+        print("Inspect them with: leccr inspect \"SELECT * FROM translate LIMIT 5\"")
     return 0
 
 

@@ -6,6 +6,7 @@
 history.parquet has fixed columns and one float64 column per loss term / validation metric, which
 depend on the method (LECCR logs more terms than the baseline):
 
+    method  string  baseline | leccr | cl2cm (the `history` DuckDB view unions every method)
     kind    string  "train" (a step: loss_* and lr set) | "val" (an epoch's validation: val_* set)
     step    int64   optimiser steps done (a val row: the step it followed)
     epoch   int32   1-based
@@ -14,11 +15,12 @@ depend on the method (LECCR logs more terms than the baseline):
     val_sumr        float64  mean over the target languages of the validation SumR
     val_sumr_<lang> float64  per language
 
-DuckDB: `SELECT epoch, avg(loss_total) FROM history WHERE kind = 'train' GROUP BY epoch ORDER BY epoch`.
+DuckDB: `SELECT method, epoch, avg(loss_total) FROM history WHERE kind = 'train' GROUP BY ALL ORDER BY ALL`.
 """
 import pyarrow as pa
 
 FIXED = [
+    pa.field("method", pa.string(), nullable=False),
     pa.field("kind", pa.string(), nullable=False),
     pa.field("step", pa.int64(), nullable=False),
     pa.field("epoch", pa.int32(), nullable=False),

@@ -203,7 +203,7 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
             if not math.isfinite(loss_values["loss_total"]):
                 raise FloatingPointError(f"{job.method}: the loss is {loss_values['loss_total']} at step "
                                          f"{progress.step} (epoch {progress.epoch + 1}); lower train.lr")
-            progress.history.append({"kind": "train", "step": progress.step, "epoch": progress.epoch + 1,
+            progress.history.append({"method": job.method, "kind": "train", "step": progress.step, "epoch": progress.epoch + 1,
                                      "lr": lr, **loss_values})
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch < len(batches):
                 checkpoint()
@@ -215,7 +215,7 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
         mean_loss = sum(epoch_losses) / max(1, len(epoch_losses))
         if validation is not None:
             scores = validation.evaluate(model, cfg.eval_batch_size, device)
-            progress.history.append({"kind": "val", "step": progress.step, "epoch": progress.epoch + 1, **scores})
+            progress.history.append({"method": job.method, "kind": "val", "step": progress.step, "epoch": progress.epoch + 1, **scores})
             sumr = scores["val_sumr"]
             improved = sumr > progress.best_sumr
         else:
