@@ -223,6 +223,28 @@ def recall_metrics(t2v_ranks, v2t_ranks, ks: Sequence[int] = DEFAULT_KS) -> dict
     return metrics
 
 
+def chance_sumr(text_item, n_items: int, ks: Sequence[int] = DEFAULT_KS) -> float:
+    """Expected SumR of a uniformly random ranking, for reading small test sets.
+
+    text->visual: a caption's one item is within K of N_v with probability min(K, N_v) / N_v.
+    visual->text: item j with c_j of the N_t captions is found within K with probability
+    1 - C(N_t - c_j, K) / C(N_t, K) (no caption among the first K); items without captions are left
+    out, as in `recall_metrics`.
+    """
+    from math import comb
+
+    text_item = np.asarray(text_item, dtype=np.int64)
+    n_texts = len(text_item)
+    counts = np.bincount(text_item, minlength=n_items)
+    counts = counts[counts > 0]
+    total = 0.0
+    for k in ks:
+        total += 100.0 * min(k, n_items) / n_items
+        miss = [comb(n_texts - c, k) / comb(n_texts, k) if k <= n_texts else 0.0 for c in counts]
+        total += 100.0 * float(np.mean([1.0 - m for m in miss]))
+    return total
+
+
 def naive_retrieval_metrics(scores: torch.Tensor, text_item, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """`recall_metrics` of `naive_ranks` (whole matrix, full argsort)."""
     return recall_metrics(*naive_ranks(scores, text_item), ks=ks)

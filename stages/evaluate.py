@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import torch
 
 from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
-from leccr.metrics import ScoreBlock, chunked_ranks, recall_metrics, topk_items, topk_texts
+from leccr.metrics import ScoreBlock, chance_sumr, chunked_ranks, recall_metrics, topk_items, topk_texts
 from leccr.report import write_report
 from leccr.store import StageContext, StageFailed, fingerprint_path
 from schemas.core import read_table
@@ -399,7 +399,10 @@ def run(ctx: StageContext) -> None:
     ctx.write("worst_queries.parquet", worst, WORST_QUERIES)
     header = {"split": f"{cfg.split} ({len(data.item_ids)} visual items)",
               "train artifact": train.key, "features artifact": ctx.inputs["features"].key,
-              "evaluate key": ctx.key}
+              "evaluate key": ctx.key,
+              "chance SumR (a random ranking)": ", ".join(
+                  f"{lang} {chance_sumr(t.item_index, len(data.item_ids), cfg.ks):.1f}"
+                  for lang, t in data.languages.items())}
     report = write_report(ctx.out_dir, metrics, worst, result.curves, histories, header)
     sumr = {f"{r['method']}/{r['score']}/{r['lang']}": round(r["value"], 2) for r in result.metrics
             if r["metric"] == "sumr"}

@@ -176,3 +176,17 @@ def test_errors_name_the_problem():
         chunked_ranks(matrix_score_block(scores), [0, 1], 3)
     with pytest.raises(ValueError, match="no query"):
         recall_metrics([1, 2], [0, 0])
+
+
+def test_chance_sumr_matches_hand_computed_probabilities():
+    from leccr.metrics import chance_sumr
+
+    # 4 items, one caption each, K = 1 and 2: t2v 1/4 + 2/4; v2t the same (1 - C(3,K)/C(4,K)).
+    assert chance_sumr([0, 1, 2, 3], 4, ks=(1, 2)) == pytest.approx(100 * (0.25 + 0.5) * 2)
+    # 2 items, item 0 with 2 captions, item 1 with 1 (N_t = 3), K = 1:
+    # t2v 1/2; v2t item 0: 1 - C(1,1)/C(3,1) = 2/3, item 1: 1 - C(2,1)/C(3,1) = 1/3 -> mean 1/2.
+    assert chance_sumr([0, 0, 1], 2, ks=(1,)) == pytest.approx(100 * (0.5 + 0.5))
+    # K beyond the gallery: everything is found.
+    assert chance_sumr([0, 1], 2, ks=(5,)) == pytest.approx(200.0)
+    # An item with no caption is not a visual->text query.
+    assert chance_sumr([0, 0], 3, ks=(1,)) == pytest.approx(100 * (1 / 3 + 1.0))
