@@ -243,3 +243,17 @@ def test_evaluate_reports_every_trained_method_side_by_side(features):
     ).fetchall()
     assert [r[0] for r in rows] == ["baseline", "cl2cm", "leccr"]
     assert outcomes["evaluate"].artifact.manifest["upstream"]["train"] == outcomes["train"].artifact.key
+
+
+def test_video_modality_trains_on_pooled_frame_features(features, tmp_path):
+    """modality video: one pooled vector per frame through the frame encoder (with its mask), fused score
+    (alpha 0.9) in validation."""
+    data, _ = features
+    data = {**data, "features": {**data["features"], "visual_output": "pooled"},
+            "train": {**data["train"], "methods": ["leccr"], "modality": "video", "epochs": 1}}
+    outcomes = run_pipeline(parse_config(data), ["train"])
+    method_dir = outcomes["train"].artifact.path / "leccr"
+    model = load_trained(method_dir)
+    assert model.config.modality == "video" and model.config.score_alpha == 0.9
+    history = [r for r in pq.read_table(method_dir / "history.parquet").to_pylist() if r["kind"] == "val"]
+    assert len(history) == 1 and history[0]["val_sumr"] > 0
