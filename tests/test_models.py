@@ -425,50 +425,6 @@ def test_losses_run_in_float32_under_bf16_autocast(bert_path):
     assert model.queries.grad is not None
 
 
-def _ddp_rank(rank: int, world_size: int, store: str, bert_path: str, out_dir: str) -> None:
-    """One rank of the 2-process gather check: half the batch, losses over the gathered batch."""
-    import torch.distributed as dist
-
-    from leccr.losses import all_gather_with_grad
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        model = create_model("baseline-video-tiny", text_encoder_path=bert_path, visual_input_dim=D_VIN).eval()
-        batch = make_batch("video", batch_size=4)
-        half = {k: v[rank * 2 : (rank + 1) * 2] for k, v in batch.items()}
-        terms = model.losses(model(half), gather=all_gather_with_grad)
-        terms["total"].backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        torch.save({"terms": {k: v.detach() for k, v in terms.items()}, "grads": grads}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_gather_matches_single_process(bert_path, tmp_path):
-    """2 gloo ranks with half a batch each: same losses as one process on the whole batch, and the
-    ranks' gradients sum to its gradient (each rank back-propagates into its own rows) -- except the
-    temperature, used after the gather, whose gradient is the whole gradient on every rank (as in the
-    reference, so after DDP's averaging it gets twice the relative step of the other parameters)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(bert_path), str(tmp_path)), nprocs=2, join=True)
-    torch.manual_seed(0)
-    model = create_model("baseline-video-tiny", text_encoder_path=bert_path, visual_input_dim=D_VIN).eval()
-    terms = model.losses(model(make_batch("video", batch_size=4)))
-    terms["total"].backward()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for r in ranks:
-        for name in ("vs", "vt", "st", "total"):
-            assert torch.allclose(r["terms"][name], terms[name], atol=1e-5), name
-    for r in ranks:
-        assert torch.allclose(r["grads"]["temperature"], model.temperature.grad, atol=1e-4)
-    for name, param in model.named_parameters():
-        if param.grad is not None and name != "temperature":
-            summed = ranks[0]["grads"][name] + ranks[1]["grads"][name]
-            assert torch.allclose(summed, param.grad, atol=1e-5), name
-
-
 @pytest.mark.parametrize("arch", ["baseline", "leccr", "cl2cm"])
 def test_a_few_steps_fit_a_fixed_batch(bert_path, arch):
     """Gradient signs and wiring: AdamW on one fixed batch lowers every method's total loss."""

@@ -19,11 +19,19 @@ after the all-gather across ranks).
 `gather` (optional): a callable `Tensor [b, ...] -> Tensor [R*b, ...]` concatenating a tensor over
 the R data-parallel ranks in rank order, keeping the gradient of this rank's rows
 (`leccr.losses.all_gather_with_grad`). The models gather the embeddings and `item_index` before the
-in-batch losses, as the reference does across its 2 GPUs; None = a single process. Every rank then
-computes the loss over the whole gathered batch and back-propagates into its own rows only, so the
-per-rank gradients sum to the single-process gradient of the gathered batch (DDP averages them);
-the temperature, used after the gather, gets the whole gradient on every rank (reference behaviour).
-The caption-slot CE L_c stays per rank (the reference does not gather it), and for video L_cv too.
+in-batch losses, as the reference does across its 2 GPUs; None = a single process.
+
+Gathered terms (vs, vt, st, dstl; cl, rd; L_cv on images, or on video with reference_quirks off):
+every rank computes them over the whole gathered batch and back-propagates into its own rows only,
+so for these terms the ranks' gradients sum to the single-process gradient of the gathered batch,
+and DDP's average is that gradient / R.
+Per-rank terms (the caption-slot CE L_c, the slot diversity L_reg, CL2CM's word-level OT, and video
+L_cv with reference_quirks on, as the reference): each rank's own half, so after DDP's average they
+keep their full weight while the gathered terms are scaled by 1/R: under R ranks w_c, w_reg, w_ot
+(and video w_cv) weigh R times more against the gathered terms than in one process on the same batch.
+The temperature is used after the gather: every rank gets the whole gathered-term gradient for it
+(plus its own L_c part), so it steps R times further relative to the other parameters (reference
+behaviour). tests/test_ddp.py checks every one of these relations with gloo on 2 processes.
 """
 from __future__ import annotations
 
