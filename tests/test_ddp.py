@@ -24,7 +24,6 @@ compares them with single-process runs of the same model:
 """
 from __future__ import annotations
 
-import multiprocessing
 from datetime import timedelta
 from pathlib import Path
 
@@ -204,10 +203,10 @@ def ddp_results(tmp_path_factory):
     for name in CASES:
         models[name] = build(name, folder / "bert")
         torch.save(models[name].state_dict(), folder / f"{name}.pt")
-    # fork where there is one: a spawned child re-imports torch and transformers (~5 s of CPU each,
-    # most of this test on a 2-core machine); the children set 1 thread before any torch work, as
-    # DataLoader workers do. `_worker` is module-level, so spawn works too.
-    start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # spawn, not fork: earlier tests in this pytest process leave threads running (Prefect's API
+    # client and log handlers), and a forked child can deadlock on a lock one of them held. Spawned
+    # children re-import torch and transformers (a few seconds each on 2 cores): the price of safety.
+    start_method = "spawn"
     torch.multiprocessing.start_processes(
         _worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD, join=True, start_method=start_method
     )
