@@ -67,6 +67,20 @@ def test_ray_runner_gives_the_same_artifacts_as_local(demo_root, tmp_path):
     assert _contents(tmp_path / "ray", keys) == _contents(tmp_path / "local", keys)
 
 
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment holds `marker`: the killed flow's temporary Prefect
+    server runs in its own session, so killing the flow's process group leaves it orphaned."""
+    needle = f"LECCR_TEST_MARKER={marker}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue  # gone already, or not ours to read
+
+
 def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
     data = _ray_data(demo_root, tmp_path / "artifacts")
     data["translate"].update(shard_size=1, engine="transformers", lang_code_style="marian", max_length=32, splits=["train"],
@@ -76,8 +90,10 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
     cfg = parse_config(data)
     folder = tmp_path / "artifacts" / "translate" / resolve_keys(cfg, ["translate"])["translate"]
     code = "import sys; from flows.leccr import leccr; leccr(config=sys.argv[1], stages=['translate'])"
+    marker = f"leccr-test-{os.getpid()}-{time.time_ns()}"
     process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "LECCR_TEST_MARKER": marker})
     try:
         deadline = time.time() + 400
         while len(list(folder.glob("part-*.parquet"))) < 3:
@@ -88,6 +104,7 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        _kill_marked(marker)
     finished = {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
     local_cfg = parse_config({**data, "runner": {"kind": "local"}})
     outcome = run_pipeline(local_cfg, ["translate"])["translate"]
