@@ -1,0 +1,350 @@
+"""Scale-out benchmark (issue 10): the describe and features stages of the demo (configs/demo.yaml on
+the generated demo data and tiny models) through the Prefect flow with the `ray` runner, 1 worker vs
+2 workers, against the local (thread pool) runner.
+
+    .venv/bin/python benchmarks/bench_scaleout.py [--items-per-split N] [--describe-shard-size 4]
+        [--features-shard-size 4] [--num-cpus 2] [--repeats 1] [--timeline] [--out results.json]
+
+How it runs. The demo inputs are built once by the same code as `leccr demo` (`prepare_demo`; or
+`--demo-root` to reuse a built one). Then, for each runner, one flow run of `leccr` with
+stages=[describe, features] (their upstream dataset and translate run too; they take well under a
+second) in a fresh artifacts root, so nothing is a cache hit:
+  - local:    ThreadPoolTaskRunner, runner.shard_tasks 1 (the default local run; torch uses every core).
+  - ray x1:   runner.shard_tasks 1, resources {describe, features}: num_cpus 1 -> one Ray task per stage.
+  - ray x2:   runner.shard_tasks 2, the same resources -> two shard-slot tasks per stage run side by
+              side (task i computes shards i, i+2, ...), then one finishing task merges the manifest.
+Each Ray configuration gets its own local Ray, started by this script with `ray.init(num_cpus=...,
+include_dashboard=False)` before the flow (prefect-ray reuses an initialised Ray) and shut down after
+it, so every Ray run starts with fresh worker processes that load their models, as a first run does.
+Ray's start is measured apart: `ray.init` seconds, then the first trivial task (a worker process
+starting); after the flow, the torch thread count a 1-CPU Ray task sees. The temporary Prefect server
+is started once by a trivial flow before anything is timed.
+
+How to read the table. `seconds` of a stage is from the moment its inputs were done (the end of its
+last upstream task, read from the Prefect API) to the end of its finishing task: task scheduling, a Ray
+worker's first Prefect task (imports, Prefect client start-up), model loading, every shard and the
+merge. `in tasks` starts instead at the start of the stage's first task (what remains once a worker has
+picked it up). `shards` counts the data part files the stage committed (describe: its parts; features:
+visual + text + description parts), so `shards/s` is throughput in the units the runner distributes.
+`x2/x1` is seconds(1 worker) / seconds(2 workers): 2.0 would be perfect scaling. The fixed costs per
+worker (imports, loading the model: each worker loads its own) and the merge do not shrink with more
+workers, so the ratio approaches 2 only when a shard's work dwarfs them (real models, GPUs, more
+items), and only when the cores are free. `flow s` is the whole flow run (storage probe and the
+upstream stages included, Ray start excluded; its values fall on a ~2 s grid, some periodic wait at
+the end of a Prefect flow run, not investigated).
+Ray sets OMP_NUM_THREADS to a task's num_cpus, so a 1-CPU Ray task runs torch single-threaded while
+the local runner's torch uses every core: with 2 CPUs, local ≈ ray x2 in compute, and the rest is
+Ray's overhead. Use `--timeline` to see every task's start and end, `--repeats` on a noisy machine.
+
+Measured on a 2-core AMD EPYC VM that was shared with other work the whole time (other engineers'
+pytest/DDP runs: the machine was ~89 % busy over the run, load average 2.4 -> 3.1), torch 2.13.0+cpu,
+ray 2.60.0, prefect 3.7.7, prefect-ray 0.6.0; defaults (all 84 demo items, 50/17/17 per split; shard
+size 4) with --repeats 3 (medians; 6 min; a default single run takes ~2 min 15 s):
+
+    stage     runner workers shards  seconds shards/s  x2/x1 in tasks  x2/x1  flow s
+    describe  local  threads     21     4.68     4.49            4.67            7.2
+    describe  ray          1     21    23.90     0.88           13.66           37.2
+    describe  ray          2     21    27.20     0.77   0.88    14.50   0.94    45.2
+    features  local  threads     43     0.85    50.59            0.85            7.2
+    features  ray          1     43     1.04    41.35            0.87           37.2
+    features  ray          2     43     1.53    28.10   0.68     1.38   0.63    45.2
+
+  Ray start, apart from the rows: ray.init 6.5 s (4.7-8.2 over 6 starts), first trivial task 0.3 s;
+  a fresh interpreter imports the flow, stages, torch and transformers in 4.3 s; Prefect's temporary
+  server 8.7 s (once). Run to run, describe on Ray varied 20.9-26.7 s (x1) and 24.5-29.8 s (x2), local
+  4.4-5.2 s; two earlier single runs gave describe x2/x1 of 1.01 and 0.72.
+  Reading: on the demo, 2 workers do not beat 1 here. Describe is ~10-14 s in the one x1 task, while
+  each Ray stage first waits ~10 s for a worker's first Prefect task and each worker loads the LLaVA
+  itself (`describe-prepare` alone, importing the stage, takes ~2 s), and the two cores were not free
+  for two workers. The local runner is 4-5x faster end to end at this size. Ray pays off when shards
+  take far longer than these fixed ~10-20 s per stage plus ~5-8 s to start Ray. The local runner's two
+  torch threads suffer most from other load: in 2 of 5 smaller runs (--items-per-split 4) its describe
+  took 27-30 s instead of 4.6-6.4 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("describe", "features")
+
+
+def _quiet_env(verbose: bool) -> None:
+    """Before Prefect, Ray and transformers are imported (Ray workers inherit this environment)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy 2-core machine
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat (None off Linux)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def cpu_busy_percent(before, after) -> float | None:
+    """Share of the machine's CPU time that was busy between two _cpu_times() (ours and other work)."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
+
+
+def bench_config(demo_root: Path, artifacts: Path, items: int | None, describe_shard: int, features_shard: int,
+                 runner: dict) -> dict:
+    from tests.conftest import demo_config_dict
+
+    data = demo_config_dict(demo_root, artifacts)
+    data["dataset"]["max_items_per_split"] = items
+    data["describe"]["shard_size"] = describe_shard
+    data["features"]["shard_size"] = features_shard
+    data["runner"] = runner
+    return data
+
+
+def runners(num_cpus: int) -> dict[str, dict]:
+    per_task = {stage: {"num_cpus": 1} for stage in STAGES}
+    return {
+        "local": {"kind": "local", "shard_tasks": 1},
+        "ray x1": {"kind": "ray", "num_cpus": num_cpus, "shard_tasks": 1, "resources": per_task},
+        "ray x2": {"kind": "ray", "num_cpus": num_cpus, "shard_tasks": 2, "resources": per_task},
+    }
+
+
+def start_ray(num_cpus: int, verbose: bool) -> dict:
+    """Start a local Ray in this process; seconds of ray.init and of the first trivial task."""
+    import ray
+
+    started = time.perf_counter()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose)
+    init_s = time.perf_counter() - started
+
+    @ray.remote(num_cpus=1)
+    def trivial() -> int:
+        return os.getpid()
+
+    started = time.perf_counter()
+    ray.get(trivial.remote())
+    return {"ray_init_s": round(init_s, 2), "first_task_s": round(time.perf_counter() - started, 2)}
+
+
+def worker_threads() -> dict:
+    """The torch thread count a 1-CPU Ray task sees (asked after the flow, so no worker is warmed for it)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def threads() -> dict:
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+    return ray.get(threads.remote())
+
+
+def worker_imports_s() -> float:
+    """Seconds a fresh Python process spends importing the flow, the two stages, torch and transformers:
+    what every Ray worker process pays before its first Prefect task starts (a subprocess, outside Ray)."""
+    import subprocess
+
+    code = ("import time; t = time.perf_counter(); import flows.leccr, stages.describe, stages.features, "
+            "leccr.engines.mllm, leccr.features.vision, torch, transformers; print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return round(float(out.stdout.strip().splitlines()[-1]), 2)
+
+
+def stage_spans(flow_run_id, flow_started: float) -> tuple[dict[str, dict[str, float]], list[list]]:
+    """Per stage: `seconds` from the end of its last upstream task to the end of its finishing task, and
+    `in_tasks` from the start of its first task to that end; every task run as [name, start, end] in
+    seconds after the flow call (the timeline)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    from leccr.pipeline import upstream_of
+
+    with get_client(sync_client=True) as client:
+        inner = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        ids = [run.id for run in inner]
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200)
+    timeline = [[run.name, round(run.start_time.timestamp() - flow_started, 2) if run.start_time else None,
+                 round(run.end_time.timestamp() - flow_started, 2) if run.end_time else None] for run in task_runs]
+    timeline.sort(key=lambda row: (row[1] is None, row[1]))
+    # A stage's tasks: "{stage}" (the finishing task), "{stage}-prepare", "{stage}-shards-{i}-of-{n}".
+    ends = {run.name: run.end_time.timestamp() for run in task_runs if run.end_time is not None}
+    spans = {}
+    for stage in STAGES:
+        ready = max(ends[up] for up in upstream_of(stage))
+        first = min(run.start_time.timestamp() for run in task_runs
+                    if run.start_time is not None and (run.name == stage or run.name.startswith(f"{stage}-")))
+        spans[stage] = {"seconds": ends[stage] - ready, "in_tasks": ends[stage] - first}
+    return spans, timeline
+
+
+def count_shards(artifact: Path) -> int:
+    return sum(1 for p in artifact.rglob("part-*.parquet") if "_errors" not in p.parts)
+
+
+def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool) -> dict:
+    import yaml
+
+    from flows.leccr import leccr
+
+    folder.mkdir(parents=True)
+    config = folder / "bench.yaml"
+    config.write_text(yaml.safe_dump(data))
+    result: dict = {"runner": label}
+    if data["runner"]["kind"] == "ray":
+        result["ray_start"] = start_ray(num_cpus, verbose)
+    try:
+        started, wall = time.perf_counter(), time.time()
+        state = leccr(config=str(config), stages=list(STAGES), return_state=True)
+        result["flow_s"] = round(time.perf_counter() - started, 2)
+        paths = state.result()
+        if data["runner"]["kind"] == "ray":
+            result["ray_start"]["worker"] = worker_threads()
+    finally:
+        if data["runner"]["kind"] == "ray":
+            import ray
+
+            ray.shutdown()
+    spans, timeline = stage_spans(state.state_details.flow_run_id, wall)
+    result["stages"] = {stage: {"seconds": round(spans[stage]["seconds"], 2),
+                                "in_tasks": round(spans[stage]["in_tasks"], 2),
+                                "shards": count_shards(Path(paths[stage]))} for stage in STAGES}
+    result["tasks"] = timeline
+    return result
+
+
+def warm_prefect() -> float:
+    """Start the temporary Prefect server (once per process) with a trivial flow; its seconds."""
+    from prefect import flow
+
+    @flow(name="bench-scaleout-warm-up")
+    def nothing() -> int:
+        return 0
+
+    started = time.perf_counter()
+    nothing()
+    return round(time.perf_counter() - started, 2)
+
+
+def table(results: list[dict]) -> str:
+    by_runner: dict[str, list[dict]] = {}
+    for r in results:
+        by_runner.setdefault(r["runner"], []).append(r)
+
+    def median(label: str, stage: str, what: str = "seconds") -> float:
+        return statistics.median(r["stages"][stage][what] for r in by_runner[label])
+
+    def ratio(label: str, stage: str, what: str) -> str:
+        if label != "ray x2" or "ray x1" not in by_runner:
+            return ""
+        return f"{median('ray x1', stage, what) / median(label, stage, what):.2f}"
+
+    lines = [f"{'stage':<9} {'runner':<6} {'workers':>7} {'shards':>6} {'seconds':>8} {'shards/s':>8} {'x2/x1':>6}"
+             f" {'in tasks':>8} {'x2/x1':>6} {'flow s':>7}"]
+    for stage in STAGES:
+        for label, runs in by_runner.items():
+            seconds = median(label, stage)
+            shards = runs[0]["stages"][stage]["shards"]
+            workers = "threads" if label == "local" else label.split("x")[1]
+            flow_s = statistics.median(r["flow_s"] for r in runs)
+            in_tasks = median(label, stage, "in_tasks")
+            lines.append(f"{stage:<9} {label.split()[0]:<6} {workers:>7} {shards:>6} {seconds:>8.2f} "
+                         f"{shards / seconds:>8.2f} {ratio(label, stage, 'seconds'):>6} "
+                         f"{in_tasks:>8.2f} {ratio(label, stage, 'in_tasks'):>6} {flow_s:>7.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items-per-split", type=int, default=None,
+                        help="dataset.max_items_per_split (default: every demo item, 50/17/17)")
+    parser.add_argument("--describe-shard-size", type=int, default=4, help="items per describe shard")
+    parser.add_argument("--features-shard-size", type=int, default=4, help="items per visual/description shard")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--repeats", type=int, default=1, help="flow runs per runner (median reported)")
+    parser.add_argument("--runners", default="local,ray x1,ray x2", help="comma-separated subset")
+    parser.add_argument("--demo-root", type=Path, help="a built demo folder (data/, models/) to reuse")
+    parser.add_argument("--out", type=Path, help="write the raw results as JSON")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print every task run's start and end (seconds after the flow call)")
+    parser.add_argument("--verbose", action="store_true", help="keep Prefect/Ray/transformers logs")
+    args = parser.parse_args(argv)
+    _quiet_env(args.verbose)
+    sys.path.insert(0, str(REPO))
+    os.chdir(REPO)
+
+    import torch
+
+    cpu_before = _cpu_times()
+    report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                "load_avg_before": [round(x, 2) for x in os.getloadavg()],
+                                "driver_torch_threads": torch.get_num_threads()},
+                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    wanted = [name.strip() for name in args.runners.split(",")]
+    configs = {name: runner for name, runner in runners(args.num_cpus).items() if name in wanted}
+    with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as tmp:
+        tmp = Path(tmp)
+        demo_root = args.demo_root
+        if demo_root is None:
+            from leccr.cli import prepare_demo
+
+            started = time.perf_counter()
+            demo_root = tmp / "demo"
+            prepare_demo(demo_root)
+            report["demo_build_s"] = round(time.perf_counter() - started, 1)
+        report["prefect_server_start_s"] = warm_prefect()
+        report["worker_imports_s"] = worker_imports_s()
+        results = []
+        for repeat in range(args.repeats):
+            for label, runner in configs.items():
+                data = bench_config(demo_root.absolute(), tmp / f"{label.replace(' ', '')}-{repeat}" / "artifacts",
+                                    args.items_per_split, args.describe_shard_size, args.features_shard_size, runner)
+                result = run_one(label, data, tmp / f"{label.replace(' ', '')}-{repeat}", args.num_cpus, args.verbose)
+                results.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k != "tasks"}), flush=True)
+                if args.timeline:
+                    for name, start, end in result["tasks"]:
+                        print(f"    {name:<28} {start:>7} -> {end:>7}")
+    report["runs"] = results
+    report["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["cpu_busy_percent"] = cpu_busy_percent(cpu_before, _cpu_times())
+    ray_starts = [r["ray_start"] for r in results if "ray_start" in r]
+    print()
+    print(table(results))
+    if ray_starts:
+        init_s = statistics.median(r["ray_init_s"] for r in ray_starts)
+        print(f"\nRay start (separate, not in any row): ray.init {init_s:.2f} s, "
+              f"first trivial task {statistics.median(r['first_task_s'] for r in ray_starts):.2f} s "
+              f"(median of {len(ray_starts)}); a 1-CPU Ray task sees {ray_starts[0]['worker']}; "
+              f"driver torch threads {report['machine']['driver_torch_threads']}")
+    print(f"A fresh interpreter imports the flow, the stages, torch and transformers in {report['worker_imports_s']} s "
+          "(every Ray worker pays it before its first task: inside the Ray rows)")
+    machine = report["machine"]
+    print(f"Prefect temporary server start (once): {report['prefect_server_start_s']} s; load average before/after: "
+          f"{machine['load_avg_before']} / {machine['load_avg_after']}; machine CPU busy over the run (this benchmark "
+          f"and anything else): {machine['cpu_busy_percent']} %")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
