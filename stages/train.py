@@ -111,7 +111,7 @@ def run(ctx: StageContext) -> None:
                 if cfg.nproc > 1:
                     launch(job, cfg)
                 else:
-                    train_method(job, cfg, resolve_device(cfg.device))
+                    train_method(job, cfg, resolve_device(cfg.device), logger=ctx.log)
             except (ValueError, FloatingPointError) as error:
                 raise StageFailed(f"train: {error}") from error
         results[job.method] = json.loads(info_path.read_text(encoding="utf-8"))

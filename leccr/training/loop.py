@@ -26,6 +26,7 @@ import torch
 
 from leccr.config import TrainConfig
 from leccr.models import ModelConfig, create_model_from_config
+from leccr.progress import progress as progress_bar
 from leccr.store import atomic_write_text
 from leccr.training.checkpoint import (HISTORY_FILE, INFO_FILE, clear_state, load_state, save_model, save_state,
                                        save_text_encoder)
@@ -34,7 +35,7 @@ from leccr.training.validate import ValidationSet
 from schemas.core import write_table
 from schemas.train import history_schema
 
-log = logging.getLogger("leccr.training")
+_log = logging.getLogger("leccr.training")
 
 
 @dataclass
@@ -129,9 +130,11 @@ class TrainResult:
 
 
 def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1,
-                 gather=None) -> TrainResult:
+                 gather=None, logger: logging.Logger | logging.LoggerAdapter | None = None) -> TrainResult:
     """Train `job.method` to completion (resuming an unfinished run in `job.method_dir`); rank 0 writes
-    model.safetensors (best), history.parquet, and train_info.json last."""
+    model.safetensors (best), history.parquet, and train_info.json last. Progress (steps/s, ETA) and one
+    line per epoch go to `logger` (the stage passes its run logger, so they show in Prefect)."""
+    log = logger or _log
     is_writer = rank == 0
     method_dir = job.method_dir
     method_dir.mkdir(parents=True, exist_ok=True)
@@ -180,67 +183,74 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
     stopped_early = False
     steps_run = 0
     loop_started = time.perf_counter()
-    while progress.epoch < epochs and not stopped_early:
-        batches = epoch_batches(len(samples), cfg.batch_size, cfg.seed, progress.epoch)
-        loader = batch_loader(samples, batches[progress.batch:], cfg.num_workers, rank, world_size)
-        epoch_started = time.perf_counter()
-        model.train()
-        for batch in loader:
-            batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
-            torch.manual_seed(step_seed(cfg.seed, progress.step, rank))
-            terms = loss_step(batch)
-            terms["total"].backward()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batch += 1
-            steps_run += 1
-            loss_values = {f"loss_{name}": float(value.detach()) for name, value in terms.items()}
-            if not math.isfinite(loss_values["loss_total"]):
-                raise FloatingPointError(f"{job.method}: the loss is {loss_values['loss_total']} at step "
-                                         f"{progress.step} (epoch {progress.epoch + 1}); lower train.lr")
-            progress.history.append({"method": job.method, "kind": "train", "step": progress.step, "epoch": progress.epoch + 1,
-                                     "lr": lr, **loss_values})
-            if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch < len(batches):
-                checkpoint()
-        epoch_seconds = time.perf_counter() - epoch_started
+    bar_context = (progress_bar(total_steps - progress.step, f"train {job.method}", "steps", log) if is_writer
+                   else nullcontext(None))
+    with bar_context as bar:
+        while progress.epoch < epochs and not stopped_early:
+            batches = epoch_batches(len(samples), cfg.batch_size, cfg.seed, progress.epoch)
+            loader = batch_loader(samples, batches[progress.batch:], cfg.num_workers, rank, world_size)
+            epoch_started = time.perf_counter()
+            model.train()
+            for batch in loader:
+                batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+                torch.manual_seed(step_seed(cfg.seed, progress.step, rank))
+                terms = loss_step(batch)
+                terms["total"].backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.batch += 1
+                steps_run += 1
+                loss_values = {f"loss_{name}": float(value.detach()) for name, value in terms.items()}
+                if not math.isfinite(loss_values["loss_total"]):
+                    raise FloatingPointError(f"{job.method}: the loss is {loss_values['loss_total']} at step "
+                                             f"{progress.step} (epoch {progress.epoch + 1}); lower train.lr")
+                progress.history.append({"method": job.method, "kind": "train", "step": progress.step,
+                                         "epoch": progress.epoch + 1, "lr": lr, **loss_values})
+                if bar is not None:
+                    bar.set_postfix(f"epoch {progress.epoch + 1}/{epochs} loss {loss_values['loss_total']:.4f}")
+                    bar.update()
+                if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch < len(batches):
+                    checkpoint()
+            epoch_seconds = time.perf_counter() - epoch_started
 
-        # ----- epoch end: validate, keep the best, maybe stop
-        epoch_losses = [row["loss_total"] for row in progress.history
-                        if row["kind"] == "train" and row["epoch"] == progress.epoch + 1]
-        mean_loss = sum(epoch_losses) / max(1, len(epoch_losses))
-        if validation is not None:
-            scores = validation.evaluate(model, cfg.eval_batch_size, device)
-            progress.history.append({"method": job.method, "kind": "val", "step": progress.step, "epoch": progress.epoch + 1, **scores})
-            sumr = scores["val_sumr"]
-            improved = sumr > progress.best_sumr
-        else:
-            sumr, improved = None, True  # no validation: the last epoch is the model
-        if improved:
-            progress.best_sumr = sumr if sumr is not None else progress.best_sumr
-            progress.best_epoch = progress.epoch + 1
-            progress.stale_epochs = 0
+            # ----- epoch end: validate, keep the best, maybe stop
+            epoch_losses = [row["loss_total"] for row in progress.history
+                            if row["kind"] == "train" and row["epoch"] == progress.epoch + 1]
+            mean_loss = sum(epoch_losses) / max(1, len(epoch_losses))
+            if validation is not None:
+                scores = validation.evaluate(model, cfg.eval_batch_size, device)
+                progress.history.append({"method": job.method, "kind": "val", "step": progress.step,
+                                         "epoch": progress.epoch + 1, **scores})
+                sumr = scores["val_sumr"]
+                improved = sumr > progress.best_sumr
+            else:
+                sumr, improved = None, True  # no validation: the last epoch is the model
+            if improved:
+                progress.best_sumr = sumr if sumr is not None else progress.best_sumr
+                progress.best_epoch = progress.epoch + 1
+                progress.stale_epochs = 0
+                if is_writer:
+                    save_model(model, method_dir, job.method)
+            else:
+                progress.stale_epochs += 1
+            log.info("%s: epoch %d/%d  loss %.4f  val SumR %s%s  (%.1f s)", job.method, progress.epoch + 1, epochs,
+                     mean_loss, "-" if sumr is None else f"{sumr:.2f}", "  best" if improved else "", epoch_seconds)
+            progress.epoch += 1
+            progress.batch = 0
+            if cfg.early_stopping_patience is not None and progress.stale_epochs >= cfg.early_stopping_patience:
+                stopped_early = progress.epoch < epochs
+                if stopped_early:
+                    log.info("%s: no better validation SumR for %d epochs: stopping early after epoch %d",
+                             job.method, progress.stale_epochs, progress.epoch)
             if is_writer:
-                save_model(model, method_dir, job.method)
-        else:
-            progress.stale_epochs += 1
-        log.info("%s: epoch %d/%d  loss %.4f  val SumR %s%s  (%.1f s)", job.method, progress.epoch + 1, epochs,
-                 mean_loss, "-" if sumr is None else f"{sumr:.2f}", "  best" if improved else "", epoch_seconds)
-        progress.epoch += 1
-        progress.batch = 0
-        if cfg.early_stopping_patience is not None and progress.stale_epochs >= cfg.early_stopping_patience:
-            stopped_early = progress.epoch < epochs
-            if stopped_early:
-                log.info("%s: no better validation SumR for %d epochs: stopping early after epoch %d",
-                         job.method, progress.stale_epochs, progress.epoch)
-        if is_writer:
-            history = history_table(progress.history)
-            write_table(history, method_dir / HISTORY_FILE, history.schema)
-        checkpoint()
+                history = history_table(progress.history)
+                write_table(history, method_dir / HISTORY_FILE, history.schema)
+            checkpoint()
 
     loop_seconds = time.perf_counter() - loop_started
     result = TrainResult(

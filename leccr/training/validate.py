@@ -53,7 +53,8 @@ class ValidationSet:
         for lang, captions in self.captions.items():
             text = encode_texts(model, captions.ids, captions.mask, batch_size, device)
             matrix = model.score(text, visual_global, visual_slots, alpha)
-            metrics = chunked_retrieval_metrics(matrix_score_block(matrix), captions.item_index, len(self.items.item_ids))
+            metrics = chunked_retrieval_metrics(matrix_score_block(matrix), captions.item_index,
+                                                len(self.items.item_ids))
             scores[f"val_sumr_{lang}"] = float(metrics["sumr"])
         scores["val_sumr"] = sum(scores.values()) / len(scores)
         return scores
