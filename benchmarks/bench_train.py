@@ -75,7 +75,7 @@ def run_variant(spec: dict) -> dict:
     torch.manual_seed(0)
     model = create_model(f"{spec['method']}-image-tiny", text_encoder_path=spec["text_encoder"],
                          visual_input_dim=info["visual"]["visual_dim"], **spec["overrides"])
-    use_states = spec["method"] == "leccr" and spec["overrides"].get("description_encoder") == "cached"
+    use_states = model.config.reads_cached_description_states
     samples = MultilingualSamples(features, ["de", "fr", "zh"], "train", "empty", use_states)
     batches = [samples.collate(b) for b in epoch_batches(len(samples), cfg.batch_size, 0, 0)]
     step = LossStep(model, None, nullcontext)  # fp32 on CPU, as the loop

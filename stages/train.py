@@ -80,8 +80,7 @@ def build_jobs(ctx: StageContext) -> list:
     for method in cfg.methods:
         overrides = {"visual_input_dim": visual_dim, **cfg.model_overrides(method)}
         model_config = get_model_config(cfg.model_name(method), **overrides)
-        if (model_config.arch == "leccr" and model_config.ablations.slots
-                and model_config.description_encoder == "cached" and not info["descriptions"].get("states")):
+        if model_config.reads_cached_description_states and not info["descriptions"].get("states"):
             raise StageFailed(
                 f"train: {method} reads cached description states, but the features artifact has none: set "
                 "features.description_states: true, or train.models.leccr.description_encoder: shared")

@@ -101,6 +101,11 @@ class ModelConfig(_Strict):
         return self
 
     @property
+    def reads_cached_description_states(self) -> bool:
+        """Whether batches must carry `desc_states` (the features stage's cached description states)."""
+        return self.arch == "leccr" and self.ablations.slots and self.description_encoder == "cached"
+
+    @property
     def resolved_visual_input_dim(self) -> int:
         return self.visual_input_dim if self.visual_input_dim is not None else self.visual_dim
 

@@ -32,10 +32,6 @@ RESUME_DIR = "_resume"
 STATE_FILE = "state.pt"
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
-
-
 def save_text_encoder(text_encoder_path: str | Path, method_dir: Path) -> None:
     """Copy the text encoder's config (and tokenizer, when the folder has one) beside the weights."""
     from transformers import AutoConfig, AutoTokenizer
@@ -56,7 +52,6 @@ def save_model(model: torch.nn.Module, method_dir: Path, method: str) -> Path:
     """The weights as safetensors plus model.json (the ModelConfig that rebuilds the modules)."""
     from safetensors.torch import save_model as save_safetensors
 
-    model = _unwrap(model)
     path = method_dir / MODEL_FILE
     tmp = method_dir / f".{MODEL_FILE}.tmp-{os.getpid()}"
     save_safetensors(model, str(tmp))

@@ -18,9 +18,9 @@ from leccr.data import FeatureTables, TrainingDataset
 class MultilingualSamples:
     """One TrainingDataset per language over the same features; sample i = (language, row)."""
 
-    def __init__(self, features_dir: str | Path, languages: list[str], split: str, missing_descriptions: str,
-                 use_states: bool):
-        tables = FeatureTables.open(features_dir)
+    def __init__(self, features: str | Path | FeatureTables, languages: list[str], split: str,
+                 missing_descriptions: str, use_states: bool):
+        tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features)
         self.parts = [TrainingDataset(tables, lang, split, missing_descriptions, use_states=use_states)
                       for lang in languages]
         self.languages = list(languages)

@@ -14,6 +14,7 @@ writes every file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from leccr.config import TrainConfig
+from leccr.data import FeatureTables
 from leccr.models import ModelConfig, create_model_from_config
 from leccr.progress import progress as progress_bar
 from leccr.store import atomic_write_text
@@ -105,10 +107,6 @@ class LossStep(torch.nn.Module):
         return self.model.losses(outputs, gather=self.gather)
 
 
-def _uses_states(config: ModelConfig) -> bool:
-    return config.arch == "leccr" and config.ablations.slots and config.description_encoder == "cached"
-
-
 def history_table(rows: list[dict]) -> pa.Table:
     """One row per step (kind "train": loss_*, lr) and per validation (kind "val": val_*), with nulls
     where a row has no value; columns in a stable order."""
@@ -142,12 +140,13 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
 
     torch.manual_seed(cfg.seed)
     model = create_model_from_config(job.model_config, job.text_encoder_path).to(device)
-    use_states = _uses_states(job.model_config)
-    samples = MultilingualSamples(job.features_dir, job.languages, "train", cfg.missing_descriptions, use_states)
+    use_states = job.model_config.reads_cached_description_states
+    tables = FeatureTables.open(job.features_dir)  # one memory-mapped view for training and validation
+    samples = MultilingualSamples(tables, job.languages, "train", cfg.missing_descriptions, use_states)
     if len(samples) < cfg.batch_size:
         raise ValueError(f"{job.method}: {len(samples)} training samples ({job.languages}) are fewer than one "
                          f"batch of {cfg.batch_size}; lower train.batch_size")
-    validation = (ValidationSet.load(job.features_dir, cfg.val_split, job.languages, use_states)
+    validation = (ValidationSet.load(tables, cfg.val_split, job.languages, use_states)
                   if cfg.val_split is not None else None)
     epochs = cfg.resolved_epochs
     steps_per_epoch = len(samples) // cfg.batch_size
@@ -260,8 +259,6 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
         seconds=round(time.perf_counter() - started, 3), samples=len(samples),
         steps_per_s=round(steps_run / loop_seconds, 3) if loop_seconds > 0 and steps_run else 0.0)
     if is_writer:
-        import json
-
         atomic_write_text(method_dir / INFO_FILE, json.dumps(
             {**result.__dict__, "languages": job.languages, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
              "batch_size": cfg.batch_size, "world_size": world_size,

@@ -32,8 +32,9 @@ class ValidationSet:
     captions: dict[str, EvalCaptions]
 
     @classmethod
-    def load(cls, features_dir: str | Path, split: str, languages: list[str], use_states: bool) -> ValidationSet:
-        tables = FeatureTables.open(features_dir)
+    def load(cls, features: str | Path | FeatureTables, split: str, languages: list[str], use_states: bool
+             ) -> ValidationSet:
+        tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features)
         try:
             items = load_eval_items(tables, split, use_states=use_states)
             captions = {lang: load_eval_captions(tables, lang, items, split, kind=_caption_kind(tables, lang, split))
