@@ -5,7 +5,10 @@
 1. naive: the whole N x N score matrix, a full stable argsort per query both ways (leccr.metrics.naive_ranks);
 2. chunked: the same scores block by block (leccr.metrics.chunked_ranks), never materialised;
    asserts identical metrics, prints the time ratio and the peak-memory ratio;
-3. a --big x --big chunked evaluation with scores produced blockwise from random embeddings (time only).
+3. score blocks alone: the same grid of score_block calls as the chunked path, no ranking; prints
+   chunked / blocks alone, the cost of ranking over the bare GEMM (goal <= 1.2x; the figure falls as
+   --dim grows, since the GEMM grows with it and the counting does not: 256 is the models' embed_dim);
+4. a --big x --big chunked evaluation with scores produced blockwise from random embeddings (time only).
 
 Each path runs in its own subprocess so its peak RSS (resource.getrusage, ru_maxrss) is its own; the
 RSS after imports and data set-up is printed too, so the ratio of the increments can be read as well.
@@ -40,10 +43,10 @@ def exact_embeddings(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, tor
 
 def child(argv: list[str]) -> None:
     """One path in this process; prints one JSON line."""
-    from leccr.metrics import chunked_ranks, embedding_score_block, naive_ranks, recall_metrics
+    from leccr.metrics import _blocks, chunked_ranks, embedding_score_block, naive_ranks, recall_metrics
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--path", choices=["naive", "chunked", "big"], required=True)
+    parser.add_argument("--path", choices=["naive", "chunked", "blocks", "big"], required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--dim", type=int, required=True)
     parser.add_argument("--chunk", type=int, required=True)
@@ -62,6 +65,14 @@ def child(argv: list[str]) -> None:
     start = time.perf_counter()
     if args.path == "naive":
         ranks = naive_ranks(text @ visual.T, text_item)
+    elif args.path == "blocks":
+        score_block = embedding_score_block(text, visual)
+        for rows in _blocks(args.n, args.chunk):
+            for cols in _blocks(args.n, args.chunk):
+                score_block(rows, cols)
+        seconds = time.perf_counter() - start
+        print(json.dumps({"seconds": seconds, "peak_rss_mib": _rss_mib(), "setup_rss_mib": setup_rss}))
+        return
     else:
         ranks = chunked_ranks(embedding_score_block(text, visual), text_item, args.n, args.chunk, args.chunk)
     seconds = time.perf_counter() - start
@@ -105,6 +116,9 @@ def main(argv: list[str]) -> int:
     print(f"peak RSS ratio naive/chunked: {naive['peak_rss_mib'] / chunked['peak_rss_mib']:.2f}x "
           f"(increment over set-up: {naive_extra:.0f} vs {chunked_extra:.0f} MiB, "
           f"{naive_extra / max(chunked_extra, 1.0):.1f}x)")
+    blocks = run_child("blocks", args.n, args.dim, args.chunk)
+    print(f"score blocks alone (same {args.chunk} x {args.chunk} grid, no ranking): {blocks['seconds']:.2f} s; "
+          f"chunked / blocks alone: {chunked['seconds'] / blocks['seconds']:.2f}x")
     if args.big:
         big = run_child("big", args.big, args.dim, args.chunk)
         print(f"chunked {args.big} x {args.big}: {big['seconds']:.1f} s, peak RSS {big['peak_rss_mib']:.0f} MiB; "

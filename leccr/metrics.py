@@ -29,6 +29,7 @@ Metric names follow open_clip (`image_to_text_R@{k}`): `text_to_visual_R@1`, ...
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -61,17 +62,22 @@ def _check_text_item(text_item, n_items: int) -> torch.Tensor:
     return text_item
 
 
-def _check_block(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+def _check_shape(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
     expected = (rows.stop - rows.start, cols.stop - cols.start)
     if tuple(block.shape) != expected:
         raise ValueError(f"score_block(texts {rows.start}:{rows.stop}, items {cols.start}:{cols.stop}) returned "
                          f"shape {tuple(block.shape)}, expected {expected}")
+    return block.float()
+
+
+def _check_block(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    block = _check_shape(block, rows, cols)
     # a NaN compares false with everything and would silently get rank 1; sum() is a cheap screen
     if not torch.isfinite(block.sum()) and torch.isnan(block).any():
         where = torch.nonzero(torch.isnan(block))[0]
         raise ValueError(f"score_block returned NaN at text {rows.start + int(where[0])}, "
                          f"item {cols.start + int(where[1])}")
-    return block.float()
+    return block
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -107,6 +113,12 @@ def naive_ranks(scores: torch.Tensor, text_item) -> tuple[np.ndarray, np.ndarray
 
 # ----------------------------------------------------------------------------- chunked path
 
+# Rows of a block compared at a time: the comparison results of a tile (tile x item_chunk floats,
+# 1 MiB at 4096 items) stay in cache for the counting product, and one tile serves both directions,
+# so each block is read from memory about once after the score_block call wrote it.
+TILE_BYTES = 2**20
+
+
 @torch.no_grad()
 def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: int = 4096,
                   item_chunk: int = 4096, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -115,84 +127,134 @@ def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: 
     text_item [N_t] -> (text_to_visual ranks [N_t], visual_to_text ranks [N_v]); same conventions as
     `naive_ranks`. Memory is O(text_chunk * item_chunk + N_t + N_v). `score_block` is called with
     the same grid of slices in both passes; blocks are moved to `device` (counting runs there).
+    Each block is counted once; a block of pass 1 is counted there (and not read again) as soon as
+    every target it is compared with is known, so captions grouped by item read each block once.
     """
     device = torch.device(device)
     text_item = _check_text_item(text_item, n_items)
     n_texts = text_item.numel()
     text_blocks, item_blocks = _blocks(n_texts, text_chunk), _blocks(n_items, item_chunk)
-    item_on_device = text_item.to(device)
+    own_item = text_item.to(device)
+    positive = torch.empty(n_texts, dtype=torch.float32, device=device)
+    t2v_before = torch.zeros(n_texts, dtype=torch.int64, device=device)
+    v2t_before = torch.zeros(n_items, dtype=torch.int64, device=device)
+
+    def count(block: torch.Tensor, rows: slice, cols: slice, best: tuple[torch.Tensor, torch.Tensor]) -> None:
+        t2v, v2t = _count_block(block, rows, cols, positive[rows], own_item[rows], *best, n_texts)
+        t2v_before[rows] += t2v
+        v2t_before[cols] += v2t
 
     # pass 1: each caption's own score, read from the blocks holding the positive cells only
     # (captions grouped by item -> about one block per text chunk; scattered -> up to every block)
-    positive = torch.empty(n_texts, dtype=torch.float32, device=device)
-    for rows in text_blocks:
-        own = item_on_device[rows]
-        lo, hi = int(own.min()), int(own.max())
-        for cols in item_blocks:
-            if cols.stop <= lo or cols.start > hi:
-                continue
-            block = _check_block(score_block(rows, cols).to(device), rows, cols)
-            inside = (own >= cols.start) & (own < cols.stop)
-            local = torch.nonzero(inside).squeeze(1)
+    item_block_of = (text_item // item_chunk).tolist()
+    positive_blocks = [sorted(set(item_block_of[rows])) for rows in text_blocks]
+    rows_waiting = [len(blocks) for blocks in positive_blocks]   # positive blocks of a text chunk not yet read
+    cols_waiting = Counter(c for blocks in positive_blocks for c in blocks)  # same, per item chunk
+    counted = set()
+    for r, rows in enumerate(text_blocks):
+        own = own_item[rows]
+        for c in positive_blocks[r]:
+            cols = item_blocks[c]
+            block = _check_shape(score_block(rows, cols).to(device), rows, cols)
+            local = torch.nonzero((own >= cols.start) & (own < cols.stop)).squeeze(1)
             positive[rows.start + local] = block[local, own[local] - cols.start]
+            rows_waiting[r] -= 1
+            cols_waiting[c] -= 1
+            if rows_waiting[r] == 0 and cols_waiting[c] == 0:
+                # this block's text targets and item targets are all known: count it now
+                count(block, rows, cols, _best_captions(positive, own_item, cols))
+                counted.add((r, c))
 
-    # visual->text target of item j: its best caption = highest positive score, lowest index among
-    # ties (the first of its captions in the stable order); items without caption get +inf / none
-    has_caption = torch.bincount(text_item, minlength=n_items).to(device) > 0
-    best_score = torch.full((n_items,), -torch.inf, device=device).scatter_reduce(
-        0, item_on_device, positive, reduce="amax")
-    is_best = positive == best_score[item_on_device]
-    text_index = torch.arange(n_texts, device=device)
-    best_text = torch.full((n_items,), n_texts, dtype=torch.int64, device=device).scatter_reduce(
-        0, item_on_device[is_best], text_index[is_best], reduce="amin")
-    best_score = torch.where(has_caption, best_score, torch.inf)
-
-    # pass 2: every block once; count what comes before each target, in both directions
-    t2v_before = torch.zeros(n_texts, dtype=torch.int64, device=device)
-    v2t_before = torch.zeros(n_items, dtype=torch.int64, device=device)
-    for rows in text_blocks:
-        own, target = item_on_device[rows], positive[rows]
-        own_lo, own_hi = int(own.min()), int(own.max())
-        for cols in item_blocks:
-            block = _check_block(score_block(rows, cols).to(device), rows, cols)
-            t2v_before[rows] += _count_before(block, target[:, None], cols, own[:, None], own_lo, own_hi,
-                                              axis=1, device=device)
-            col_best = best_text[cols]
-            valid = col_best[has_caption[cols]]
-            best_lo = int(valid.min()) if valid.numel() else n_texts
-            best_hi = int(valid.max()) if valid.numel() else n_texts
-            v2t_before[cols] += _count_before(block, best_score[cols][None, :], rows, col_best[None, :],
-                                              best_lo, best_hi, axis=0, device=device)
+    # pass 2: every block not counted yet, once
+    best = _best_captions(positive, own_item, slice(0, n_items))
+    for r, rows in enumerate(text_blocks):
+        for c, cols in enumerate(item_blocks):
+            if (r, c) not in counted:
+                block = _check_shape(score_block(rows, cols).to(device), rows, cols)
+                count(block, rows, cols, (best[0][cols], best[1][cols]))
+    has_caption = best[1] < n_texts
     t2v = t2v_before + 1
     v2t = torch.where(has_caption, v2t_before + 1, 0)
     return t2v.cpu().numpy(), v2t.cpu().numpy()
 
 
-def _count_before(block: torch.Tensor, target: torch.Tensor, candidates: slice, target_index: torch.Tensor,
-                  target_lo: int, target_hi: int, axis: int, device: torch.device) -> torch.Tensor:
-    """Per query, #candidates of this block before the query's target in the stable descending order.
+def _best_captions(positive: torch.Tensor, own_item: torch.Tensor, items: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """The visual->text target of each item in `items`: (its best caption's score, that caption's index).
 
-    block [rows, cols]; `candidates` is the slice of candidate indices along `axis` (the axis summed
-    over); target (broadcast against block) the query's target score; target_index (same broadcast)
-    the target's candidate index. A candidate comes first if it scores higher, or equal with a lower
-    index. When the whole block lies before (after) every target, "equal" counts (doesn't) for all.
+    Best = highest positive score, lowest index among ties (the first of its captions in the stable
+    order). An item without caption gets (+inf, N_t): nothing comes before it, and it is no query.
     """
-    if candidates.stop <= target_lo:          # every candidate here has a lower index than every target
-        comes_first = torch.ge(block, target, out=torch.empty_like(block))
-    elif candidates.start > target_hi:        # every candidate here has a higher index
-        comes_first = torch.gt(block, target, out=torch.empty_like(block))
+    n_texts, n = positive.numel(), items.stop - items.start
+    texts = torch.nonzero((own_item >= items.start) & (own_item < items.stop)).squeeze(1)
+    local_item = own_item[texts] - items.start
+    best_score = torch.full((n,), -torch.inf, device=positive.device).scatter_reduce(
+        0, local_item, positive[texts], reduce="amax")
+    is_best = positive[texts] == best_score[local_item]
+    best_text = torch.full((n,), n_texts, dtype=torch.int64, device=positive.device).scatter_reduce(
+        0, local_item[is_best], texts[is_best], reduce="amin")
+    return torch.where(best_text < n_texts, best_score, torch.inf), best_text
+
+
+def _count_block(block: torch.Tensor, rows: slice, cols: slice, text_target: torch.Tensor, text_target_index: torch.Tensor,
+                 item_target: torch.Tensor, item_target_index: torch.Tensor,
+                 n_texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per text of `rows` and per item of `cols`, how many candidates of this block come before the
+    query's target in the stable descending order: (text->visual counts [rows], visual->text counts [cols]).
+
+    text_target [rows]: each text's own score, at item index text_target_index; item_target [cols]:
+    each item's best caption score, at text index item_target_index (N_t for no caption).
+    The block is compared tile by tile; each tile serves both directions while it is in cache.
+    """
+    n_rows, n_cols = block.shape
+    device = block.device
+    tile = max(1, TILE_BYTES // (4 * n_cols))
+    text_counts = torch.empty(n_rows, device=device)
+    item_counts = torch.zeros(n_cols, device=device)
+    ones, tile_ones = torch.ones(n_cols, device=device), torch.ones(tile, device=device)
+    item_index = torch.arange(cols.start, cols.stop, device=device)[None, :]
+    valid = item_target_index[item_target_index < n_texts]   # items without caption: no query, any count
+    item_lo = int(valid.min()) if valid.numel() else n_texts
+    item_hi = int(valid.max()) if valid.numel() else n_texts
+    buffer, ties = torch.empty(tile, n_cols, device=device), torch.empty(tile, n_cols, device=device)
+    for start in range(0, n_rows, tile):
+        stop = min(start + tile, n_rows)
+        values = block[start:stop]
+        # a NaN compares false with everything and would silently get rank 1; sum() is a cheap screen
+        if not torch.isfinite(values.sum()) and torch.isnan(values).any():
+            where = torch.nonzero(torch.isnan(values))[0]
+            raise ValueError(f"score_block returned NaN at text {rows.start + start + int(where[0])}, "
+                             f"item {cols.start + int(where[1])}")
+        out, tie = buffer[:stop - start], ties[:stop - start]
+        own = text_target_index[start:stop, None]
+        _comes_first(values, text_target[start:stop, None], cols.start, cols.stop, item_index, own,
+                     int(own.min()), int(own.max()), out, tie)
+        torch.mv(out, ones, out=text_counts[start:stop])
+        text_index = torch.arange(rows.start + start, rows.start + stop, device=device)[:, None]
+        _comes_first(values, item_target[None, :], rows.start + start, rows.start + stop, text_index,
+                     item_target_index[None, :], item_lo, item_hi, out, tie)
+        item_counts.addmv_(out.T, tile_ones[:stop - start])
+    # counts of 0./1. floats are exact: a block's count stays far below 2**24
+    return text_counts.round().to(torch.int64), item_counts.round().to(torch.int64)
+
+
+def _comes_first(values: torch.Tensor, target: torch.Tensor, start: int, stop: int, index: torch.Tensor,
+                 target_index: torch.Tensor, target_lo: int, target_hi: int, out: torch.Tensor,
+                 tie: torch.Tensor) -> None:
+    """out = 1. where a candidate comes before the query's target, else 0.: it scores higher, or equal
+    with a lower index. Candidates [start, stop) run along `index` (broadcast against values);
+    target and target_index broadcast the other way. When every candidate index lies below (above)
+    every target index, "equal" counts (doesn't) for all, and the tie test is skipped.
+
+    Written straight as floats, summed by a matrix-vector product: about 6x faster on CPU than
+    summing a bool tensor (which widens to int64)."""
+    if stop <= target_lo:
+        torch.ge(values, target, out=out)
+    elif start > target_hi:
+        torch.gt(values, target, out=out)
     else:
-        index = torch.arange(candidates.start, candidates.stop, device=device)
-        index = index[None, :] if axis == 1 else index[:, None]
-        comes_first = torch.gt(block, target, out=torch.empty_like(block))
-        tie_before = torch.eq(block, target, out=torch.empty_like(block)).mul_(index < target_index)
-        comes_first.add_(tie_before)
-    # comparisons written straight as 0./1. floats and summed by a matrix-vector product: about 6x
-    # faster on CPU than summing a bool tensor (which widens to int64); exact, as a block's count
-    # stays far below 2**24
-    ones = torch.ones(comes_first.shape[axis], device=device)
-    counts = comes_first @ ones if axis == 1 else ones @ comes_first
-    return counts.round().to(torch.int64)
+        torch.gt(values, target, out=out)
+        torch.eq(values, target, out=tie).mul_(index < target_index)
+        out.add_(tie)
 
 
 # ----------------------------------------------------------------------------- metrics from ranks

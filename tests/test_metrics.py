@@ -190,3 +190,32 @@ def test_chance_sumr_matches_hand_computed_probabilities():
     assert chance_sumr([0, 1], 2, ks=(5,)) == pytest.approx(200.0)
     # An item with no caption is not a visual->text query.
     assert chance_sumr([0, 0], 3, ks=(1,)) == pytest.approx(100 * (1 / 3 + 1.0))
+
+
+
+@pytest.mark.parametrize("order", ["one_per_item", "grouped", "scattered"])
+def test_chunked_ranks_tile_by_tile_read_each_block_once_when_grouped(order, monkeypatch):
+    # tiles of 2 rows inside blocks of 6 x 6: every tile boundary and tie shortcut is crossed
+    monkeypatch.setattr("leccr.metrics.TILE_BYTES", 2 * 4 * 6)
+    generator = torch.Generator().manual_seed(5)
+    n_items = 23
+    text_item = {"one_per_item": torch.arange(n_items),
+                 "grouped": torch.sort(torch.randint(0, n_items, (40,), generator=generator)).values,
+                 "scattered": torch.randint(0, n_items, (40,), generator=generator)}[order]
+    scores = torch.randint(-2, 3, (len(text_item), n_items), generator=generator).float()
+    calls = []
+
+    def block(rows, cols):
+        calls.append((rows.start, cols.start))
+        return scores[rows, cols]
+
+    chunked = chunked_ranks(block, text_item, n_items, 6, 6)
+    naive = naive_ranks(scores, text_item)
+    np.testing.assert_array_equal(chunked[0], naive[0])
+    np.testing.assert_array_equal(chunked[1], naive[1])
+    grid = len(range(0, len(text_item), 6)) * len(range(0, n_items, 6))
+    assert len(set(calls)) == grid
+    if order == "one_per_item":
+        # caption i <-> item i on the same grid: the diagonal blocks of pass 1 hold every target they
+        # are compared with, so they are counted there and not read again
+        assert len(calls) == grid
