@@ -21,9 +21,12 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_args, get_origin
 
@@ -282,6 +285,7 @@ class StageContext:
         max_error_rate: float | None = None,
         unit: str = "items",
         row_group_size: int | None = None,
+        background_write: bool = False,
     ) -> ShardTotals:
         """Process `work` shard by shard, committing each as `part-NNNNN.parquet`; resume-safe.
 
@@ -289,12 +293,17 @@ class StageContext:
         only the missing shards. Each shard's failed items are written (atomically, before the part
         file) to `_errors/part-NNNNN.parquet`, and merged into `errors.parquet` at the end. Past
         `max_error_rate` the stage fails, keeping every committed shard.
+
+        `background_write`: shard N is committed on a writer thread while shard N+1 is processed
+        (`ShardWriter`: one commit at a time, a failed commit raised here); the commit itself is the
+        same, so resume and the error files behave as without it.
         """
         folder = self.out_dir / subdir
         plan = shard_plan(work, shard_size)
         totals = ShardTotals(items=len(work))
         label = f"{self.stage}{'/' + subdir if subdir else ''}"
-        with progress(total=len(work), desc=label, unit=unit, logger=self.log) as bar:
+        writer = ShardWriter() if background_write else None
+        with progress(total=len(work), desc=label, unit=unit, logger=self.log) as bar, _closing(writer):
             for index, shard in enumerate(plan):
                 part = folder / part_name(index)
                 if self.shard_slot is not None and index % self.shard_slot[1] != self.shard_slot[0]:
@@ -311,8 +320,12 @@ class StageContext:
                      for item, reason in result.errors],
                     schema=ERRORS,
                 )
-                write_table(errors, folder / "_errors" / part_name(index), ERRORS)
-                write_table(result.table, part, schema, row_group_size)
+                commit = partial(_commit_shard, errors, folder / "_errors" / part_name(index), result.table, part,
+                                 schema, row_group_size)
+                if writer is None:
+                    commit()
+                else:
+                    writer.submit(commit)
                 for name, value in result.stats.items():
                     totals.stats[name] = totals.stats.get(name, 0.0) + value
                 totals.shards_done += 1
@@ -339,6 +352,52 @@ class StageContext:
                 "and a rerun resumes from them."
             )
         return totals
+
+
+def _commit_shard(errors: pa.Table, errors_path: Path, table: pa.Table, part: Path, schema: pa.Schema,
+                  row_group_size: int | None) -> None:
+    """The error rows first, then the part file: a part file on disk means a complete shard."""
+    write_table(errors, errors_path, ERRORS)
+    write_table(table, part, schema, row_group_size)
+
+
+class ShardWriter:
+    """Runs shard commits on one background thread, so that writing shard N (Parquet encoding,
+    which releases the GIL) overlaps computing shard N+1.
+
+    At most `depth` commits are queued or running: `submit` first waits for the oldest beyond that
+    (which bounds the shard tables held in memory) and re-raises its error in the caller's thread;
+    `close` waits for the rest, so every submitted shard is committed (or its error raised) before
+    the caller reads the folder.
+    """
+
+    def __init__(self, depth: int = 1):
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, commit: Callable[[], None]) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(commit))
+
+    def close(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _closing(writer: ShardWriter | None) -> Iterator[None]:
+    """Wait for the writer's commits on the way out, also when processing raised (a shard already
+    handed to the writer is still committed, as it would have been without one)."""
+    try:
+        yield
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _num_rows(path: Path) -> int:

@@ -203,7 +203,8 @@ def run(ctx: StageContext) -> None:
     desc_work = description_work(descriptions, items, cfg.description_views, cfg.description_join)
     desc_totals = ctx.run_shards(desc_work, cfg.shard_size, _description_processor(cfg, tokenizer, encoder),
                                  desc_schema, item_id=lambda r: r["item_id"], subdir="descriptions",
-                                 max_error_rate=cfg.max_error_rate, unit="descriptions")
+                                 max_error_rate=cfg.max_error_rate, unit="descriptions",
+                                 background_write=encoder is not None)  # states: float arrays, slow to encode
     if ctx.shard_slot is not None:
         return  # the finalising run writes the shared files
 

@@ -167,7 +167,8 @@ def run(ctx: StageContext) -> None:
     try:
         totals = ctx.run_shards(items, cfg.shard_size, process, schema, item_id=lambda item: item["item_id"],
                                 max_error_rate=cfg.max_error_rate, unit="items",
-                                row_group_size=rows_per_group(bytes_per_row))
+                                row_group_size=rows_per_group(bytes_per_row),
+                                background_write=True)  # Parquet writes of float arrays hidden behind extraction
     finally:
         if prefetcher is not None:
             prefetcher.close()

@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,8 +13,8 @@ import pytest
 
 from leccr.config import ContentPath, Section
 from leccr.fingerprint import Fingerprinter
-from leccr.store import (Artifact, KeyParts, ShardResult, StageContext, StageFailed, Store, resolve_section,
-                         shard_plan)
+from leccr.store import (Artifact, KeyParts, ShardResult, ShardWriter, StageContext, StageFailed, Store,
+                         resolve_section, shard_plan)
 from schemas.core import SchemaError, read_table, validate, write_table
 
 ROWS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("value", pa.int64())])
@@ -129,6 +130,52 @@ def test_run_shards_resumes_and_collects_errors(tmp_path):
     totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
     assert calls == [1]
     assert (totals.rows, totals.errors, totals.shards_resumed) == (9, 1, 2)
+
+
+def test_background_write_commits_the_same_shards_and_resumes(tmp_path):
+    plain, background = _ctx(tmp_path / "plain"), _ctx(tmp_path / "background")
+    process, _ = _process(fail_ids={3})
+    plain.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    process, calls = _process(fail_ids={3})
+    totals = background.run_shards(list(range(10)), 4, process, ROWS, item_id=str, background_write=True)
+    assert calls == [0, 1, 2] and (totals.rows, totals.errors, totals.shards_done) == (9, 1, 3)
+    for name in ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "errors.parquet"]:
+        assert pq.read_table(background.out_dir / name).equals(pq.read_table(plain.out_dir / name)), name
+    (background.out_dir / "part-00002.parquet").unlink()
+    process, calls = _process(fail_ids={3})
+    totals = background.run_shards(list(range(10)), 4, process, ROWS, item_id=str, background_write=True)
+    assert calls == [2] and (totals.rows, totals.shards_resumed) == (9, 2)
+
+
+def test_background_write_raises_a_failed_commit_and_keeps_the_committed_shards(tmp_path):
+    ctx = _ctx(tmp_path)
+    calls = []
+
+    def process(items, index):
+        calls.append(index)
+        values = pa.array(items, pa.int64() if index != 1 else pa.float64())  # shard 1: wrong type
+        return ShardResult(pa.table({"item_id": [f"id{i}" for i in items], "value": values}))
+
+    with pytest.raises(SchemaError, match=r"part-00001.parquet: column 'value' has type double"):
+        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str, background_write=True)
+    # shard 2 may have been computed while shard 1 was written, but the error stops the stage before
+    # or at its commit; shard 0 stays committed and shard 1 has no part file
+    assert calls[:2] == [0, 1]
+    assert (ctx.out_dir / "part-00000.parquet").exists() and not (ctx.out_dir / "part-00001.parquet").exists()
+
+
+def test_shard_writer_overlaps_the_caller_and_bounds_the_queue():
+    writer = ShardWriter(depth=1)
+    started, release = threading.Event(), threading.Event()
+    order = []
+    writer.submit(lambda: (started.set(), release.wait(10), order.append("commit 0")))
+    assert started.wait(10)                # the commit runs while the caller goes on
+    order.append("caller computes shard 1")
+    release.set()
+    writer.submit(lambda: order.append("commit 1"))   # returns once commit 0 is done (depth 1)
+    assert order[:2] == ["caller computes shard 1", "commit 0"]
+    writer.close()
+    assert order == ["caller computes shard 1", "commit 0", "commit 1"]
 
 
 def test_error_rate_threshold_fails_clearly_and_keeps_shards(tmp_path):
