@@ -9,6 +9,14 @@ same run, so the figures compare across machines.
 (b) TrainingDataset batches/s (get_batch, and per-sample __getitem__ + collate) vs indexing
     in-memory padded tensors with the same batch indices.
 (c) feature extraction images/s of the tiny CLIP vision tower on CPU.
+(d) Parquet write options for the float array column, on the same matrix: pyarrow's defaults
+    (dictionary, statistics, snappy) vs dictionary and statistics off with compression none / zstd /
+    byte-stream-split + zstd; write and read seconds as ratios to numpy.save / numpy.load, and size.
+(e) the visual stage (stages.visual.run: decode prefetch, extraction, shard commits) vs bare extraction
+    (the encoder loaded, then every image encoded from memory, pre-decoded) on the same images; once with
+    the background shard writer (as the stage runs) and once committing inline. Goal: stage <= 1.1x bare.
+
+    .venv/bin/python benchmarks/bench_features.py --only write-options,stage   # (d) and (e) only
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import torch
 from leccr.data import FeatureTables, TrainingDataset
 from leccr.data.tables import open_parts
 from leccr.features.storage import ids_column, rows_per_group
-from schemas.core import write_table
+from schemas.core import write_options, write_table
 from schemas.features import TEXT_TOKENS, description_schema, visual_schema
 
 
@@ -186,6 +194,105 @@ def bench_extraction(folder: Path, images: int = 256, batch_size: int = 64) -> d
             "torch_threads": torch.get_num_threads()}
 
 
+WRITE_OPTIONS = {
+    "pyarrow defaults": {},
+    "plain (write_table's choice)": "write_options",
+    "zstd": {"use_dictionary": ["item_id"], "write_statistics": ["item_id"],
+             "compression": {"item_id": "snappy", "features": "zstd"}},
+    "byte-stream-split + zstd": {"use_dictionary": ["item_id"], "write_statistics": ["item_id"],
+                                 "compression": {"item_id": "snappy", "features": "zstd"},
+                                 "use_byte_stream_split": ["features"]},
+}
+
+
+def bench_write_options(folder: Path, rows: int, dim: int) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    # model features are not white noise: a smooth, low-rank-ish matrix compresses as real ones might
+    rng = np.random.default_rng(0)
+    matrix = (rng.standard_normal((rows, 16)) @ rng.standard_normal((16, dim))).astype(np.float32)
+    matrix += 0.1 * rng.standard_normal((rows, dim)).astype(np.float32)
+    table = pa.table({"item_id": pa.array([f"item{i:07d}" for i in range(rows)]),
+                      "features": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim)})
+    npy = folder / "matrix.npy"
+    write_npy, read_npy = best_of(lambda: np.save(npy, matrix)), best_of(lambda: np.load(npy))
+    results = {"rows": rows, "dim": dim, "npy_mb": round(npy.stat().st_size / 2**20, 1),
+               "write_npy_s": round(write_npy, 3), "read_npy_s": round(read_npy, 3)}
+    for name, options in WRITE_OPTIONS.items():
+        options = write_options(table.schema) if options == "write_options" else options
+        path = folder / f"{name.replace(' ', '_')}.parquet"
+        write = best_of(lambda: pq.write_table(table, path, row_group_size=rows_per_group(dim * 4), **options))
+        read = best_of(lambda: pq.read_table(path))
+        assert pq.read_table(path).equals(table)
+        results[name] = {"write_s": round(write, 3), "write_vs_npy": round(write / write_npy, 2),
+                         "read_s": round(read, 3), "read_vs_npy": round(read / read_npy, 2),
+                         "size_vs_npy": round(path.stat().st_size / npy.stat().st_size, 3)}
+    return results
+
+
+def bench_stage(folder: Path, images: int = 512, shard_size: int = 64, batch_size: int = 32) -> dict:
+    """The visual stage vs bare extraction on the same images (see the module docstring, (e))."""
+    import logging
+
+    from PIL import Image
+
+    import stages.visual as visual
+    from leccr.config import VisualConfig
+    from leccr.features.vision import VisionEncoder
+    from leccr.media import load_visual
+    from leccr.store import Artifact, StageContext
+    from leccr.tiny_models.vision import build_vision
+    from schemas.dataset import ITEMS
+
+    model = build_vision(folder / "vision", seed=0)
+    rng = np.random.default_rng(4)
+    dataset = folder / "dataset"
+    (dataset / "media").mkdir(parents=True)
+    rows = []
+    for n in range(images):
+        path = dataset / "media" / f"{n:05d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(path, quality=90)
+        rows.append({"item_id": f"i{n:05d}", "split": "train", "media_type": "image", "path": str(path),
+                     "feature_path": None})
+    write_table(pa.Table.from_pylist(rows, schema=ITEMS), dataset / "items.parquet", ITEMS)
+    section = VisualConfig(visual_source="model", vision_model=str(model), visual_output="tokens", image_size=None,
+                           num_frames=None, fps=None, precision="fp32", visual_dtype="float32", import_path=None,
+                           shard_size=shard_size, batch_size=batch_size, device="cpu")
+    log = logging.getLogger("bench_features.stage")
+    log.setLevel(logging.WARNING)
+
+    def bare() -> float:
+        frames = [frame for row in rows for frame in load_visual(row["path"], "image", None, None)]
+        started = time.perf_counter()
+        encoder = VisionEncoder(str(model), "tokens", None, "cpu", "fp32")
+        for i in range(0, len(frames), batch_size):
+            encoder.encode(frames[i:i + batch_size])
+        return time.perf_counter() - started
+
+    def stage(run: int, background: bool) -> float:
+        out = folder / f"stage{run}"
+        out.mkdir()
+        ctx = StageContext("visual", f"bench{run}", section, {"dataset": Artifact("dataset", "bench", dataset)},
+                           out, log)
+        if not background:  # the same stage, committing each shard inline
+            run_shards = ctx.run_shards
+            ctx.run_shards = lambda *a, **k: run_shards(*a, **{**k, "background_write": False})
+        started = time.perf_counter()
+        visual.run(ctx)
+        return time.perf_counter() - started
+
+    bare()  # warm-up: imports, allocator, page cache of the images
+    times = {"bare": [], "stage": [], "stage (inline commits)": []}
+    for run in range(2):  # alternated, best of each: a change of machine load hits every variant
+        times["bare"].append(bare())
+        times["stage"].append(stage(2 * run, True))
+        times["stage (inline commits)"].append(stage(2 * run + 1, False))
+    best = {name: min(values) for name, values in times.items()}
+    return {"images": images, "shard_size": shard_size, "batch_size": batch_size,
+            **{f"{name}_s": round(value, 3) for name, value in best.items()},
+            "stage_vs_bare": round(best["stage"] / best["bare"], 3),
+            "inline_commits_vs_bare": round(best["stage (inline commits)"] / best["bare"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000)
@@ -193,14 +300,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reader-items", type=int, default=5000)
     parser.add_argument("--reader-tokens", type=int, default=50)
     parser.add_argument("--reader-dim", type=int, default=512)
+    parser.add_argument("--stage-images", type=int, default=512)
+    parser.add_argument("--only", default="table,reader,extraction,write-options,stage",
+                        help="comma-separated sections to run")
     args = parser.parse_args(argv)
+    sections = {
+        "table": lambda tmp: bench_table(tmp / "a", args.rows, args.dim),
+        "reader": lambda tmp: bench_reader(tmp / "b", args.reader_items, args.reader_tokens, args.reader_dim),
+        "extraction": lambda tmp: bench_extraction(tmp / "c"),
+        "write-options": lambda tmp: bench_write_options(tmp / "d", args.rows // 8, args.dim * 17 // 8),
+        "stage": lambda tmp: bench_stage(tmp / "e", args.stage_images),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        results = {
-            "table": bench_table(tmp / "a", args.rows, args.dim),
-            "reader": bench_reader(tmp / "b", args.reader_items, args.reader_tokens, args.reader_dim),
-            "extraction": bench_extraction(tmp / "c"),
-        }
+        results = {name: sections[name](Path(tmp)) for name in args.only.split(",")}
     print(json.dumps(results, indent=2))
     return 0
 

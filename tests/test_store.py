@@ -208,6 +208,19 @@ def test_write_table_is_atomic_and_round_trips(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]  # no temp file left behind
 
 
+def test_write_table_writes_float_arrays_plain(tmp_path):
+    schema = pa.schema([pa.field("item_id", pa.string(), nullable=False),
+                        pa.field("features", pa.list_(pa.float32(), 3), nullable=False)])
+    table = pa.table({"item_id": ["a", "b"],
+                      "features": pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 3, 4, 5, 6], pa.float32()), 3)})
+    write_table(table, tmp_path / "t.parquet", schema)
+    group = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    ids, features = group.column(0), group.column(1)
+    assert (ids.compression, ids.is_stats_set) == ("SNAPPY", True)
+    assert (features.compression, features.is_stats_set, features.has_dictionary_page) == ("UNCOMPRESSED", False, False)
+    assert pq.read_table(tmp_path / "t.parquet").column("features").to_pylist() == [[1, 2, 3], [4, 5, 6]]
+
+
 def test_store_latest_and_discard(tmp_path):
     store = Store(tmp_path)
     artifact = store.artifact("toy", "k1")
