@@ -285,3 +285,12 @@ def test_no_library_module_imports_prefect():
 def test_key_parts_need_finished_upstream(demo_root, tmp_path):
     with pytest.raises(ValueError, match=r"needs upstream artifact\(s\) \['dataset'\]"):
         key_parts(parse_config(_data(demo_root, tmp_path)), "translate", {}, Fingerprinter())
+
+
+def test_planning_a_run_imports_neither_torch_nor_prefect():
+    """Stage modules import heavy libraries inside `run`: a dry run or a cached rerun stays fast."""
+    code = ("import sys; from leccr.config import load_config; from leccr.pipeline import get_stage, stage_names; "
+            "cfg = load_config('configs/demo.yaml'); [get_stage(n).section(cfg) for n in stage_names()]; "
+            "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
