@@ -94,6 +94,21 @@ def test_train_key_follows_the_resolved_model_config(demo_root, tmp_path, monkey
     assert preset["resolved_epochs"] != base["resolved_epochs"] or preset["resolved_models"] != base["resolved_models"]
 
 
+def test_features_key_holds_the_text_side_it_uses(demo_root, tmp_path):
+    base = _key_config("features", _data(demo_root, tmp_path))
+    assert base["description_states"] is True and "vision_model" not in base  # the visual stage's fields
+    for change in ({"vision_model": "/elsewhere"}, {"visual_output": "pooled"}, {"batch_size": 2}):
+        assert _key_config("features", _data(demo_root, tmp_path, features=change)) == base, change
+    for change in ({"max_length": 20}, {"states_dtype": "float16"}, {"precision": "bf16"}):
+        assert _key_config("features", _data(demo_root, tmp_path, features=change)) != base, change
+    # without states, only the tokenizer is read: the encoder weights and their precision are not
+    tokens_only = {"description_states": False, "tokenizer": str(demo_root / "models" / "text_encoder")}
+    plain = _key_config("features", _data(demo_root, tmp_path, features=tokens_only))
+    for change in ({"text_model": str(demo_root / "models" / "vision")}, {"precision": "bf16"},
+                   {"states_dtype": "float16"}):
+        assert _key_config("features", _data(demo_root, tmp_path, features={**tokens_only, **change})) == plain
+
+
 def test_train_resolves_defaults_from_other_sections(demo_root, tmp_path):
     cfg = parse_config(_data(demo_root, tmp_path, evaluate={"caption_kind": "mt"}))
     section = get_stage("train").section(cfg)
