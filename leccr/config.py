@@ -59,11 +59,16 @@ class RunnerConfig(Section):
 
 # ---------------------------------------------------------------- dataset
 class DatasetConfig(Section):
+    NON_OUTPUT_FIELDS = frozenset({"max_error_rate"})
+
     format: str  # adapter name: multi30k | mscoco | vatex | msrvtt_cn (see leccr.datasets)
     path: ContentPath  # dataset root folder in the format's published layout
     languages: list[str] = Field(default_factory=lambda: ["de"])  # target languages (English is implied)
     options: dict[str, Any] = Field(default_factory=dict)  # adapter-specific options, validated by the adapter
     max_items_per_split: int | None = None  # cap for quick runs (first N items of each split by id)
+    # Share of dataset rows (items + captions) that may be bad (a caption line that is empty or not
+    # UTF-8, a missing media file...): they go to the artifact's errors.parquet and the rest is used.
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
 
 
 # ---------------------------------------------------------------- translate

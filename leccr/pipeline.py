@@ -17,7 +17,7 @@ from typing import Any
 
 from leccr.config import ExperimentConfig
 from leccr.store import (Artifact, StageContext, StageFailed, Store, atomic_write_text, compute_key,
-                         write_manifest)
+                         reopen_for_retry, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def prepare_stage(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact],
     if force:
         (logger or log).info("%s: --force: discarding %s", name, artifact.path)
         _discard(module, store, artifact, cfg, inputs)
+    reopen_for_retry(artifact.path, logger or log, name)
     return store.is_complete(artifact)
 
 
@@ -157,7 +158,7 @@ def run_stage_slot(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact]
     before = set(artifact.path.rglob("part-*.parquet"))
     ctx = StageContext(stage=name, key=artifact.key, section=module.section(cfg),
                        inputs={up: inputs[up] for up in module.UPSTREAM}, out_dir=artifact.path, log=logger,
-                       shard_slot=(slot, slots))
+                       shard_slot=(slot, slots), dataset_root=Path(cfg.dataset.path))
     module.run(ctx)
     return len(set(artifact.path.rglob("part-*.parquet")) - before)
 
@@ -176,6 +177,7 @@ def run_stage(
     if force:
         logger.info("%s: --force: discarding %s", name, artifact.path)
         _discard(module, store, artifact, cfg, inputs)
+    reopen_for_retry(artifact.path, logger, name)  # failed items to retry: not a cache hit
     if store.is_complete(artifact):
         store.mark_latest(artifact)
         outcome = _outcome(artifact, cache_hit=True, seconds=0.0)
@@ -184,7 +186,7 @@ def run_stage(
     artifact.path.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(stage=name, key=key, section=section,
                        inputs={up: inputs[up] for up in module.UPSTREAM},
-                       out_dir=artifact.path, log=logger)
+                       out_dir=artifact.path, log=logger, dataset_root=Path(cfg.dataset.path))
     started = time.time()
     try:
         module.run(ctx)

@@ -70,7 +70,8 @@ class SplitData:
     items: object  # leccr.data.EvalItems (visual [N, N_v, D], masks, description ids/states)
     item_ids: list[str]
     media_types: list[str]
-    paths: list[str | None]
+    paths: list[str | None]  # media files, resolved against the configured dataset root
+    coverage: str  # "16 of 17 test items (1 failed upstream: see ...)" for the log and the report
     desc_texts: list[str]  # the item's description text (error analysis), "" when none
     languages: dict[str, LanguageTexts]
 
@@ -117,10 +118,21 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
         items=items,
         item_ids=list(items.item_ids),
         media_types=[dataset_items.get(i, {}).get("media_type", "image") for i in items.item_ids],
-        paths=[dataset_items.get(i, {}).get("path") for i in items.item_ids],
+        paths=[ctx.media_path(dataset_items.get(i, {}).get("path")) for i in items.item_ids],
+        coverage=_coverage(dataset_items, list(items.item_ids), cfg.split, features.path),
         desc_texts=[described.get(i, "") for i in items.item_ids],
         languages=languages,
     )
+
+
+def _coverage(dataset_items: dict[str, dict], evaluated: list[str], split: str, features_dir: Path) -> str:
+    """How many of the split's dataset items are evaluated, and where the others' failures are recorded."""
+    total = sum(1 for row in dataset_items.values() if row["split"] == split)
+    missing = total - len(evaluated)
+    text = f"{len(evaluated)} of {total} {split} items"
+    if missing:
+        text += f" ({missing} failed upstream: see {features_dir / 'visual' / 'errors.parquet'})"
+    return text
 
 
 def _description_texts(ctx: StageContext, item_ids: list[str]) -> dict[str, str]:
@@ -366,7 +378,7 @@ def run(ctx: StageContext) -> None:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_split(ctx, cfg)
-    ctx.log.info("evaluate: split %s, %d items, languages %s", cfg.split, len(data.item_ids),
+    ctx.log.info("evaluate: %s, languages %s", data.coverage,
                  {lang: len(t.caption_ids) for lang, t in data.languages.items()})
     result = Evaluated()
     histories: dict[str, pa.Table] = {}
@@ -397,7 +409,7 @@ def run(ctx: StageContext) -> None:
     worst = pa.Table.from_pylist(result.worst, schema=WORST_QUERIES)
     ctx.write("metrics.parquet", metrics, METRICS)
     ctx.write("worst_queries.parquet", worst, WORST_QUERIES)
-    header = {"split": f"{cfg.split} ({len(data.item_ids)} visual items)",
+    header = {"split": f"{cfg.split} ({data.coverage})",
               "train artifact": train.key, "features artifact": ctx.inputs["features"].key,
               "evaluate key": ctx.key,
               "chance SumR (a random ranking)": ", ".join(

@@ -43,7 +43,8 @@ from leccr.config import ContentPath, ExperimentConfig, FeaturesConfig, Section
 from leccr.features.storage import fixed_list_column, float_list_column, ids_column, rows_per_group
 from leccr.features.text import TextStateEncoder, join_views, load_tokenizer, tokenize
 from leccr.features.vision import FeatureError, ImportedFeatures, VisionEncoder
-from leccr.store import MANIFEST, ShardResult, StageContext, atomic_write_text, compute_key, part_name, write_manifest
+from leccr.store import (MANIFEST, ItemError, ShardResult, StageContext, atomic_write_text, compute_key, part_name,
+                         reopen_for_retry, write_manifest)
 from schemas.core import read_table, write_table
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.describe import DESCRIPTIONS
@@ -182,7 +183,7 @@ def _model_processor(ctx: StageContext, cfg: FeaturesConfig, shards: list[list[d
     from leccr.media import MediaError, ShardPrefetcher, load_visual
 
     def load(item: dict):
-        return load_visual(item["path"], item["media_type"], cfg.num_frames, cfg.fps)
+        return load_visual(ctx.media_path(item["path"]), item["media_type"], cfg.num_frames, cfg.fps)
 
     step = ctx.shard_slot[1] if ctx.shard_slot is not None else 1
 
@@ -196,9 +197,10 @@ def _model_processor(ctx: StageContext, cfg: FeaturesConfig, shards: list[list[d
 
     def process(shard: list[dict], index: int) -> ShardResult:
         errors, loaded = [], []
-        for item, frames in prefetcher.take(index):
-            if isinstance(frames, MediaError):
-                errors.append((item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}"))
+        for item, frames in prefetcher.take(index, shard):
+            if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
+                errors.append(ItemError(item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}",
+                                        retryable=True))
             else:
                 loaded.append((item, frames))
         frames_flat = [frame for _, frames in loaded for frame in frames]
@@ -223,14 +225,14 @@ def _model_processor(ctx: StageContext, cfg: FeaturesConfig, shards: list[list[d
     return process, prefetcher
 
 
-def _import_processor(cfg: FeaturesConfig, schema: pa.Schema):
+def _import_processor(ctx: StageContext, cfg: FeaturesConfig, schema: pa.Schema):
     imported = _Lazy(lambda: ImportedFeatures(cfg.import_path))
 
     def process(shard: list[dict], index: int) -> ShardResult:
         rows, arrays, errors = [], [], []
         for item in shard:
             try:
-                arrays.append(imported.get().get(item["item_id"], item["feature_path"]))
+                arrays.append(imported.get().get(item["item_id"], ctx.media_path(item["feature_path"])))
                 rows.append(item)
             except FeatureError as error:
                 errors.append((item["item_id"], str(error)))
@@ -244,8 +246,8 @@ def _link_files(source: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for file in sorted(source.glob("part-*.parquet")) + [source / "errors.parquet"]:
         target = dest / file.name
-        if target.exists():
-            continue
+        if target.exists() and os.path.samefile(file, target):
+            continue  # a shard retried in the cache is a new file: link that one
         tmp = dest / f".{file.name}.link-{os.getpid()}"
         tmp.unlink(missing_ok=True)
         try:
@@ -260,7 +262,7 @@ def run_visual(ctx: StageContext, items: list[dict]) -> dict:
     cfg: FeaturesConfig = ctx.section
     cache_dir = visual_cache_dir(ctx)
     facts = {"visual_key": cache_dir.name, "visual_cache_dir": str(cache_dir)}
-    if (cache_dir / MANIFEST).is_file():
+    if (cache_dir / MANIFEST).is_file() and not reopen_for_retry(cache_dir, ctx.log, VISUAL_STAGE):
         facts["visual_cache"] = "reused"
     else:
         facts["visual_cache"] = "computed"
@@ -273,10 +275,10 @@ def run_visual(ctx: StageContext, items: list[dict]) -> dict:
                          if pa.types.is_fixed_size_list(features_type) else 64 * 2**10)
         vctx = StageContext(stage=VISUAL_STAGE, key=cache_dir.name, section=visual_settings(cfg),
                             inputs={"dataset": ctx.inputs["dataset"]}, out_dir=cache_dir, log=ctx.log,
-                            shard_slot=ctx.shard_slot)
+                            shard_slot=ctx.shard_slot, dataset_root=ctx.dataset_root)
         prefetcher = None
         if cfg.visual_source == "import":
-            process = _import_processor(cfg, schema)
+            process = _import_processor(ctx, cfg, schema)
         else:
             shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
             process, prefetcher = _model_processor(ctx, cfg, shards, encoder, schema, per_item, cache_dir)
