@@ -52,7 +52,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["runner.kind"] = args.runner
     if args.ray_address:
         overrides["runner.address"] = args.ray_address
-    load_config(args.config, overrides)  # fail fast, before Prefect starts, on a bad config
+    from leccr.preflight import check_environment
+
+    # Fail fast, before Prefect starts, on a bad config or an unusable artifacts root / dataset path.
+    check_environment(load_config(args.config, overrides))
     paths = leccr(config=args.config, stages=args.stage or None, force=args.force or None,
                   overrides=overrides or None)
     print("\nArtifacts:")
@@ -75,44 +78,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from leccr.sql import connect, list_views, selected_artifacts, view_statements
+    import duckdb
 
-    if args.print_sql:
-        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment))) + ";")
+    from leccr.sql import (ReadOnlyViolation, connect, list_views, lock_statements, run_query, selected_artifacts,
+                           view_statements)
+
+    if args.print_sql:  # for any DuckDB client: the views, then the same read-only lock
+        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment)) + lock_statements(args.root))
+              + ";")
         return 0
     con = connect(args.root, args.experiment)
-    views = list_views(con)
+    views = [v for v in list_views(con) if v != "describe"]  # `descriptions` is the name to use (no quoting)
     if not views:
         print(f"No artifacts under {Path(args.root).absolute()} yet: run `leccr run` first.")
         return 1
-    queries = [args.query] if args.query else []
-    if not queries:
-        counts = {v: con.execute('SELECT count(*) FROM "' + v + '"').fetchone()[0] for v in views}
-        print("Views:", ", ".join(f"{v} ({n} rows)" for v, n in counts.items()))
-        print('Quote "describe" in SQL (it is a keyword), or use the view descriptions.')
-        if not sys.stdin.isatty():
-            return 0
-        print("Enter SQL (empty line to quit).")
-        while (line := input("leccr> ").strip()):
-            queries = [line]
-            _print_query(con, line)
+    # A terminal's width for tables (COLUMNS wins); none for pipes and files, which get every column whole.
+    width = _terminal_width() if sys.stdout.isatty() else None
+
+    def query(sql: str) -> bool:
+        try:
+            run_query(con, sql, args.format, width)
+            return True
+        except (ReadOnlyViolation, duckdb.Error) as error:
+            print(f"leccr: error: {error}", file=sys.stderr)
+            return False
+
+    if args.query:
+        return 0 if query(args.query) else 1
+    counts = {v: con.execute('SELECT count(*) FROM "' + v + '"').fetchone()[0] for v in views}
+    print("Views:", ", ".join(f"{v} ({n} rows)" for v, n in counts.items()))
+    if not sys.stdin.isatty():
         return 0
-    for query in queries:
-        _print_query(con, query)
+    print("Enter SQL (empty line to quit).")
+    while (line := input("leccr> ").strip()):
+        query(line)
     return 0
 
 
-def _print_query(con, query: str) -> None:
-    import duckdb
+def _terminal_width() -> int:
+    import shutil
 
-    try:
-        relation = con.sql(query)
-    except duckdb.Error as error:
-        print(f"SQL error: {error}", file=sys.stderr)
-        return
-    if relation is None:
-        return
-    print(relation.limit(1000))
+    return shutil.get_terminal_size().columns
 
 
 def cmd_datasets_check(args: argparse.Namespace) -> int:
@@ -151,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("query", nargs="?", help="SQL to run, e.g. \"SELECT * FROM translate LIMIT 5\"")
     inspect.add_argument("--root", default="artifacts", help="artifact root")
     inspect.add_argument("--experiment", help="use this experiment's last run instead of each stage's latest artifact")
-    inspect.add_argument("--print-sql", action="store_true", help="print the CREATE VIEW statements (for the duckdb CLI)")
+    inspect.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table",
+                         help="output format (csv/json/markdown print every row; redirect them to save a result)")
+    inspect.add_argument("--print-sql", action="store_true",
+                         help="print the CREATE VIEW statements and the read-only settings, for any DuckDB client")
     inspect.set_defaults(handler=cmd_inspect)
 
     datasets = commands.add_parser("datasets", help="dataset tools")
@@ -173,13 +182,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from leccr.config import ConfigError
+    from leccr.preflight import EnvironmentProblem
     from leccr.store import StageFailed
 
     try:
         return args.handler(args)
-    except (ConfigError, StageFailed, FileNotFoundError) as error:
-        print(f"leccr: error: {error}", file=sys.stderr)
+    except (ConfigError, StageFailed, EnvironmentProblem, OSError) as error:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"leccr: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as the user should read it: an OS error with its path and a hint where one helps."""
+    import errno
+
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.errno is not None:
+        where = f" ({error.filename})" if error.filename else ""
+        hint = {errno.ENOSPC: "free some space or set another artifacts_root",
+                errno.EACCES: "fix the permissions or choose another path",
+                errno.EROFS: "the filesystem is read-only: set another artifacts_root"}.get(error.errno)
+        return f"{error.strerror}{where}" + (f": {hint}" if hint else "")
+    return str(error)
 
 
 if __name__ == "__main__":

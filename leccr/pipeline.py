@@ -104,9 +104,14 @@ class StageOutcome:
 
     def describe(self) -> str:
         state = "cache hit, no work" if self.cache_hit else f"computed in {self.seconds:.1f}s"
-        total = sum(n for name, n in self.rows.items() if not name.endswith("errors.parquet"))
+        total = sum(n for name, n in self.rows.items() if not _is_error_file(name))
         return (f"{self.artifact.stage:<9} {state:<22} rows={total:<7} errors={self.errors:<4} "
                 f"{self.artifact.path}")
+
+
+def _is_error_file(name: str) -> bool:
+    """errors.parquet and the per-shard `_errors/part-*` files it merges: error rows, not output rows."""
+    return name.endswith("errors.parquet") or "_errors/" in name
 
 
 def is_sharded(name: str) -> bool:
