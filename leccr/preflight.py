@@ -34,12 +34,7 @@ def check_artifacts_root(root: Path) -> None:
         raise EnvironmentProblem(f"cannot create the artifacts root {root.absolute()}: {_reason(error)}; {hint}") from None
     probe = root / f".leccr-write-probe-{os.getpid()}"
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        try:
-            os.write(fd, b"\0" * PROBE_BYTES)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_probe(probe)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise EnvironmentProblem(f"the disk of the artifacts root {root.absolute()} is full: free some space "
@@ -48,6 +43,15 @@ def check_artifacts_root(root: Path) -> None:
                                  f"fix its permissions or {hint}") from None
     finally:
         probe.unlink(missing_ok=True)
+
+
+def _write_probe(path: Path) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"\0" * PROBE_BYTES)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_dataset_path(path: Path, fmt: str) -> None:
