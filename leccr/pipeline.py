@@ -136,7 +136,7 @@ def prepare_stage(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact],
     if force:
         (logger or log).info("%s: --force: discarding %s", name, artifact.path)
         _discard(module, store, artifact, cfg, inputs)
-    reopen_for_retry(artifact.path, logger or log, name)
+    reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger or log, name)
     return store.is_complete(artifact)
 
 
@@ -182,7 +182,7 @@ def run_stage(
     if force:
         logger.info("%s: --force: discarding %s", name, artifact.path)
         _discard(module, store, artifact, cfg, inputs)
-    reopen_for_retry(artifact.path, logger, name)  # failed items to retry: not a cache hit
+    reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger, name)  # fixed files to retry: not a hit
     if store.is_complete(artifact):
         store.mark_latest(artifact)
         outcome = _outcome(artifact, cache_hit=True, seconds=0.0)

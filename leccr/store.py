@@ -193,6 +193,9 @@ class ItemError(NamedTuple):
     # True when the failure may go away without a new input: a missing or unreadable media file (a
     # mount that was down, a file being copied), an engine error. A rerun retries these items only.
     retryable: bool = False
+    # The media file at fault, as items.parquet stores it (relative to the dataset root): a finished
+    # artifact is reopened for a retry when this file has changed since the failure.
+    file: str | None = None
 
 
 @dataclass
@@ -224,13 +227,36 @@ def shard_plan(work: Sequence[T], shard_size: int) -> list[list[T]]:
     return [list(work[i : i + shard_size]) for i in range(0, len(work), shard_size)]
 
 
-def _error_table(errors: list[ItemError | tuple[str, str]], stage: str, index: int) -> pa.Table:
+def _error_table(errors: list[ItemError | tuple[str, str]], stage: str, index: int,
+                 dataset_root: Path | None = None) -> pa.Table:
     rows = [ItemError(*error) for error in errors]
     return pa.Table.from_pylist(
-        [{"item_id": str(e.item_id), "stage": stage, "shard": index, "reason": e.reason, "file": None,
-          "line": None, "retryable": bool(e.retryable)} for e in rows],
+        [{"item_id": str(e.item_id), "stage": stage, "shard": index, "reason": e.reason, "file": e.file,
+          "line": None, "retryable": bool(e.retryable),
+          "file_state": None if e.file is None else file_state(dataset_root, e.file)} for e in rows],
         schema=ERRORS,
     )
+
+
+def file_state(dataset_root: Path | None, stored: str) -> str:
+    """A media file's state as an error row records it: size, mtime and inode, or "missing"."""
+    from leccr.datasets.base import resolve_media_path
+
+    try:
+        stat = os.stat(resolve_media_path(dataset_root, stored))
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+
+
+def _due(row: dict[str, Any], dataset_root: Path | None, need_file: bool) -> bool:
+    """Whether a rerun retries this error row: retryable, and its file changed since the failure (an
+    error without a file, an engine error, is retried by the rerun of an unfinished stage only)."""
+    if not row["retryable"]:
+        return False
+    if row["file"] is None:
+        return not need_file
+    return file_state(dataset_root, row["file"]) != row["file_state"]
 
 
 def _unreadable(path: Path) -> str | None:
@@ -388,7 +414,8 @@ class StageContext:
         A committed shard (its part file exists and is readable) is kept, so a rerun after a crash or
         kill does only the missing shards; an empty or unreadable one is named in a warning and
         computed again. A committed shard whose `_errors/part-NNNNN.parquet` holds retryable failures
-        is computed again for those items only (`process` gets that subset; rows are matched to work
+        that are due (the media file changed since it failed; no file: an engine error) is computed
+        again for those items only (`process` gets that subset; rows are matched to work
         items by `key_column` == `item_id(item)`); its good rows are kept. Each shard's failed items
         are written (atomically, before the part file) to `_errors/part-NNNNN.parquet`, and merged into
         `errors.parquet` at the end. The error rate counts `units_per_item` units of work per item
@@ -460,7 +487,7 @@ class StageContext:
             if part.exists():
                 problem = _unreadable(part) or (_unreadable(errors_part) if errors_part.exists() else None)
                 if problem is None:
-                    retry = _retryable_ids(errors_part) & {item_id(w) for w in shard}
+                    retry = _retryable_ids(errors_part, self.dataset_root) & {item_id(w) for w in shard}
                     if not retry:
                         totals.shards_resumed += 1
                         bar.skip(len(shard))
@@ -471,7 +498,7 @@ class StageContext:
             try:
                 started = time.perf_counter()
                 if part.exists() and retry and _unreadable(part) is None:  # another worker may have retried it
-                    retry &= _retryable_ids(errors_part)
+                    retry &= _retryable_ids(errors_part, self.dataset_root)
                     subset = [w for w in shard if item_id(w) in retry]
                     if subset:
                         self._retry_shard(subset, index, part, errors_part, process, schema, item_id,
@@ -492,7 +519,7 @@ class StageContext:
                     part.unlink()
                     totals.shards_recomputed += 1
                 result = process(shard, index)
-                write_table(_error_table(result.errors, self.stage, index), errors_part, ERRORS)
+                write_table(_error_table(result.errors, self.stage, index, self.dataset_root), errors_part, ERRORS)
                 write_table(result.table, part, schema, row_group_size)
                 _add_stats(totals, result)
                 totals.shards_done += 1
@@ -520,7 +547,7 @@ class StageContext:
         result = process(subset, index)
         table = validate(result.table, schema, f"retry of shard {index}")
         new_rows = table.filter(pc.is_in(table.column(key_column), retried))
-        new_errors = _error_table(result.errors, self.stage, index)
+        new_errors = _error_table(result.errors, self.stage, index, self.dataset_root)
         new_errors = new_errors.filter(pc.is_in(new_errors.column("item_id"), retried))
         old = read_table(part, schema)
         kept = old.filter(pc.invert(pc.is_in(old.column(key_column), retried)))
@@ -544,33 +571,38 @@ def _add_stats(totals: ShardTotals, result: ShardResult) -> None:
         totals.stats[name] = totals.stats.get(name, 0.0) + value
 
 
-def _retryable_ids(errors_part: Path) -> set[str]:
+def _retryable_ids(errors_part: Path, dataset_root: Path | None) -> set[str]:
     if not errors_part.exists():
         return set()
-    table = read_table(errors_part, ERRORS, columns=["item_id", "retryable"])
-    return {row["item_id"] for row in table.to_pylist() if row["retryable"]}
+    table = read_table(errors_part, ERRORS, columns=["item_id", "retryable", "file", "file_state"])
+    return {row["item_id"] for row in table.to_pylist() if _due(row, dataset_root, need_file=False)}
 
 
-def retryable_errors(folder: Path) -> int:
-    """Retryable failures recorded in a finished artifact's errors files (all sub-tables): a rerun retries them."""
+def changed_failures(folder: Path, dataset_root: Path | None) -> int:
+    """Retryable failures of a finished artifact whose media file changed (fixed, restored, mounted
+    again) since the failure: those a rerun tries again. A file still as it was when it failed is not
+    retried, so a finished stage with a broken file stays a cache hit."""
     count = 0
     for path in sorted(folder.rglob("errors.parquet")):
         if any(part.startswith(".") for part in path.relative_to(folder).parts) or _unreadable(path):
             continue
-        count += sum(read_table(path, ERRORS, columns=["retryable"]).column("retryable").to_pylist())
+        rows = read_table(path, ERRORS, columns=["retryable", "file", "file_state"]).to_pylist()
+        count += sum(_due(row, dataset_root, need_file=True) for row in rows)
     return count
 
 
-def reopen_for_retry(folder: Path, log: logging.Logger | logging.LoggerAdapter, what: str) -> bool:
-    """When a finished artifact holds retryable failures, remove its manifest (so it is no longer a cache
-    hit) and say so; the stage then runs again, keeps every committed shard and retries only those items."""
+def reopen_for_retry(folder: Path, dataset_root: Path | None, log: logging.Logger | logging.LoggerAdapter,
+                     what: str) -> bool:
+    """When files of a finished artifact's retryable failures have changed since, remove its manifest (so
+    it is no longer a cache hit) and say so; the stage then runs again, keeps every committed shard and
+    retries only its retryable failures. An unfinished artifact retries them anyway (see `run_shards`)."""
     if not (folder / MANIFEST).is_file():
         return False
-    pending = retryable_errors(folder)
-    if not pending:
+    changed = changed_failures(folder, dataset_root)
+    if not changed:
         return False
-    log.info("%s: %d retryable failure(s) in %s: retrying those items, keeping everything else",
-             what, pending, folder)
+    log.info("%s: %d failed item(s) have a changed file since they failed: retrying the failed items of %s, "
+             "keeping everything else", what, changed, folder)
     (folder / MANIFEST).unlink(missing_ok=True)
     return True
 

@@ -140,7 +140,7 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
         for item, frames in prefetcher.take(index, shard):
             if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
                 errors.append(ItemError(item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}",
-                                        retryable=True))
+                                        retryable=True, file=item["path"]))
                 continue
             for view_id, prompt in views_for(cfg, item["media_type"]).items():
                 requests.append(Request(item["item_id"], view_id, prompt, frames, item["media_type"],

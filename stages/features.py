@@ -200,7 +200,7 @@ def _model_processor(ctx: StageContext, cfg: FeaturesConfig, shards: list[list[d
         for item, frames in prefetcher.take(index, shard):
             if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
                 errors.append(ItemError(item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}",
-                                        retryable=True))
+                                        retryable=True, file=item["path"]))
             else:
                 loaded.append((item, frames))
         frames_flat = [frame for _, frames in loaded for frame in frames]
@@ -262,7 +262,7 @@ def run_visual(ctx: StageContext, items: list[dict]) -> dict:
     cfg: FeaturesConfig = ctx.section
     cache_dir = visual_cache_dir(ctx)
     facts = {"visual_key": cache_dir.name, "visual_cache_dir": str(cache_dir)}
-    if (cache_dir / MANIFEST).is_file() and not reopen_for_retry(cache_dir, ctx.log, VISUAL_STAGE):
+    if (cache_dir / MANIFEST).is_file() and not reopen_for_retry(cache_dir, ctx.dataset_root, ctx.log, VISUAL_STAGE):
         facts["visual_cache"] = "reused"
     else:
         facts["visual_cache"] = "computed"

@@ -121,7 +121,7 @@ def test_run_shards_resumes_and_collects_errors(tmp_path):
         "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     errors = pq.read_table(ctx.out_dir / "errors.parquet").to_pylist()
     assert errors == [{"item_id": "id3", "stage": "toy", "shard": 0, "reason": "bad item", "file": None,
-                       "line": None, "retryable": False}]
+                       "line": None, "retryable": False, "file_state": None}]
     # Lose shard 1 (as if killed before its rename): only it is recomputed.
     (ctx.out_dir / "part-00001.parquet").unlink()
     process, calls = _process(fail_ids={3})
