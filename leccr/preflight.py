@@ -18,8 +18,10 @@ class EnvironmentProblem(RuntimeError):
     """The machine, not the config, stops the run: a path that cannot be used. The message has a hint."""
 
 
-def check_environment(cfg: ExperimentConfig) -> None:
-    check_artifacts_root(Path(cfg.artifacts_root))
+def check_environment(cfg: ExperimentConfig, write: bool = True) -> None:
+    """Raise `EnvironmentProblem` for the first unusable path; `write=False` (a dry run) skips the root."""
+    if write:
+        check_artifacts_root(Path(cfg.artifacts_root))
     check_dataset_path(Path(cfg.dataset.path), cfg.dataset.format)
 
 

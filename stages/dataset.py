@@ -21,8 +21,6 @@ from leccr.store import StageContext, StageFailed
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.errors import ERRORS
 
-NAME = "dataset"
-STAGE_VERSION = "2"  # 2: relative media paths, errors.parquet
 UPSTREAM: tuple[str, ...] = ()
 
 MAX_PROBLEMS_IN_MESSAGE = 20  # `leccr datasets check` lists every one
@@ -61,7 +59,7 @@ def run(ctx: StageContext) -> None:
         raise StageFailed(_listed(fatal, root, f"dataset: {cfg.format} dataset at {root.absolute()} cannot be read "
                                                f"({len(fatal)} problem(s) no dataset can be built around)"))
     errors = pa.Table.from_pylist(
-        [{"item_id": p.item, "stage": NAME, "shard": -1, "reason": p.message, "file": p.file, "line": p.line,
+        [{"item_id": p.item, "stage": "dataset", "shard": -1, "reason": p.message, "file": p.file, "line": p.line,
           "retryable": False} for p in problems],  # a fixed folder has a new key: nothing to retry under this one
         schema=ERRORS)
     items, captions = tables.items, tables.captions

@@ -22,7 +22,7 @@ import pytest
 from leccr.cli import main
 from leccr.config import parse_config
 from leccr.datasets.check import check_command
-from leccr.pipeline import resolve_keys, run_pipeline
+from leccr.pipeline import explain, run_pipeline
 from leccr.store import StageFailed
 from tests.conftest import demo_config_dict
 
@@ -145,15 +145,17 @@ def test_broken_media_cost_their_items_a_rerun_retries_them_and_a_moved_folder_k
     assert first.rows["part-00000.parquet"] + first.rows["part-00001.parquet"] + first.rows["part-00002.parquet"] \
         == len(described)  # rows= counts descriptions, not error rows
 
-    # The image is fixed and the folder moved: the dataset is a cache hit under its new path, and the
-    # rerun retries the fixed item only (the videos are as broken as they were); every other
-    # description is kept as it was.
-    (data / "images" / image).write_bytes(original)
+    # The folder moved: same content, so every stage is a cache hit under the new dataset.path.
     moved = Path(shutil.move(str(data), tmp_path / "moved"))
     cfg_moved = parse_config(_config(demo_root, moved, artifacts, describe=_describe(shard_size=6)))
+    assert all(o.cache_hit for o in run_pipeline(cfg_moved, ["describe"]).values())
+    # The image is fixed: the dataset is read again (its folder changed) and holds the same rows, so
+    # describe keeps its key and retries the fixed item only (the videos are as broken as they were);
+    # every other description is kept as it was.
+    (moved / "images" / image).write_bytes(original)
     with caplog.at_level(logging.INFO):
         second = run_pipeline(cfg_moved, ["describe"])
-    assert second["dataset"].cache_hit and second["describe"].artifact.key == first.artifact.key
+    assert second["describe"].artifact.key == first.artifact.key and not second["describe"].cache_hit
     retried = [r.getMessage() for r in caplog.records if "retried" in r.getMessage()]
     assert sum(int(m.split("retried ")[1].split()[0]) for m in retried if ": retried " in m) == 1
     errors = {e["item_id"] for e in _rows(folder / "errors.parquet")}
@@ -196,8 +198,9 @@ def test_kill_9_mid_stage_then_two_concurrent_runs_compute_each_shard_once(demo_
     config = tmp_path / "describe.yaml"
     config.write_text(json.dumps(config_data))
     cfg = parse_config(config_data)
-    folder = tmp_path / "artifacts" / "describe" / resolve_keys(cfg, ["describe"])["describe"]
     run_pipeline(cfg, ["dataset"])
+    key = {stage.name: stage.key for stage in explain(cfg, ["describe"])}["describe"]
+    folder = tmp_path / "artifacts" / "describe" / key
     shards = -(-len(_test_items(data)) // 2)
 
     killed = _describe_process(config, tmp_path / "killed.log")
