@@ -33,7 +33,8 @@ def check_artifacts_root(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise EnvironmentProblem(f"cannot create the artifacts root {root.absolute()}: {_reason(error)}; {hint}") from None
+        raise EnvironmentProblem(f"cannot create the artifacts root {root.absolute()}: {_reason(error)}; "
+                                 f"{hint}") from None
     probe = root / f".leccr-write-probe-{os.getpid()}"
     try:
         _write_probe(probe)

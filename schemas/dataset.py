@@ -7,7 +7,8 @@ ITEMS = pa.schema(
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),  # train | val | test (adapters may add test_1k, ...)
         pa.field("media_type", pa.string(), nullable=False),  # image | video
-        pa.field("path", pa.string()),  # image/video file relative to the dataset root (absolute if outside); null: features only
+        # image/video file, relative to the dataset root (absolute if outside it); null when only features exist
+        pa.field("path", pa.string()),
         pa.field("feature_path", pa.string()),  # pre-extracted features (relative like `path`), if the release has them
     ]
 )

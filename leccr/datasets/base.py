@@ -113,8 +113,8 @@ class TableBuilder:
                                                          f"in split {first['split']!r} ({self.item_where[item_id]})",
                                              item_id))
             else:
-                self.problems.append(Problem(file, line, f"item {item_id!r} listed twice (first at {self.item_where[item_id]})",
-                                             item_id))
+                self.problems.append(Problem(file, line, f"item {item_id!r} listed twice "
+                                                         f"(first at {self.item_where[item_id]})", item_id))
             return False
         # Absolute here; `Adapter.check` makes them relative to the dataset root.
         self.items[item_id] = {"item_id": item_id, "split": split, "media_type": media_type,
@@ -181,7 +181,8 @@ def find_text_file(path: Path) -> Path | None:
 
 
 def read_lines(path: Path, root: Path, problems: list[Problem], what: str = "file",
-               required: bool = True, item_of: Callable[[int, str], str | None] | None = None) -> list[str | None] | None:
+               required: bool = True,
+               item_of: Callable[[int, str], str | None] | None = None) -> list[str | None] | None:
     """Lines of a UTF-8 text file (plain or .gz), without line ends. A missing file is a problem if required.
 
     A UTF-8 byte-order mark is dropped and blank lines at the end of the file are ignored (editors
@@ -314,7 +315,8 @@ def resolve_media(builder: TableBuilder, root: Path, item_id: str, media: Path, 
         builder.problems.append(Problem(file, line, f"item {item_id!r}: neither media file {rel(media, root)} "
                                                     f"nor features in {rel(features.folder, root)}", item_id))
     else:
-        builder.problems.append(Problem(file, line, f"item {item_id!r}: missing media file {rel(media, root)}", item_id))
+        builder.problems.append(Problem(file, line, f"item {item_id!r}: missing media file {rel(media, root)}",
+                                        item_id))
     return None
 
 

@@ -139,8 +139,8 @@ class Multi30k(Adapter):
             for number, item_id in enumerate(order, 1):
                 if item_id is not None and item_id not in known and item_id not in builder.failed_items:
                     builder.problems.append(Problem(rel(list_path, root), number,
-                                                    f"image {item_id!r} is not in the task-1 list {rel(task1_list, root)}",
-                                                    item_id))
+                                                    f"image {item_id!r} is not in the task-1 list "
+                                                    f"{rel(task1_list, root)}", item_id))
             order = [i if i in known else None for i in order]
         else:
             list_path = task1_list

@@ -139,7 +139,8 @@ def test_broken_media_cost_their_items_a_rerun_retries_them_and_a_moved_folder_k
     assert set(errors) == {n.split(".")[0] for n in (image, empty, garbage, cut)}
     assert all(e["retryable"] for e in errors.values())
     assert "file is empty (0 bytes)" in errors[empty.split(".")[0]]["reason"]
-    assert all(str(data / "images" / name) in errors[name.split(".")[0]]["reason"] for name in (image, empty, garbage, cut))
+    assert all(str(data / "images" / name) in errors[name.split(".")[0]]["reason"]
+               for name in (image, empty, garbage, cut))  # the bad file is named
     described = {r["item_id"]: r["description"] for p in sorted(folder.glob("part-*.parquet")) for r in _rows(p)}
     assert len(described) == len(test_items) - 4
     assert first.rows["part-00000.parquet"] + first.rows["part-00001.parquet"] + first.rows["part-00002.parquet"] \
