@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Every stage of the DAG in topological order. A stage whose module does not exist yet is not run:
 # nothing may pretend to be a stage it is not.
-STAGE_ORDER = ("dataset", "translate", "describe", "features", "train", "evaluate")
+STAGE_ORDER = ("dataset", "translate", "describe", "features", "train", "evaluate", "index")
 
 
 def available_stages() -> list[str]:
