@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import demo_config_dict
 
-ITEMS_PER_SPLIT = 6
+ITEMS_PER_SPLIT = 6  # the first 6 items of each split (images only: ids img* sort before vid*)
 ALPHA = 0.6  # a real fused score (the demo's image models default to alpha 1: global only)
 
 
