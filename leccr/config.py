@@ -373,7 +373,7 @@ class IvfConfig(Section):
 
     kind: Literal["ivf"] = "ivf"
     nlist: int | None = Field(None, ge=1)  # cells; None: 4*sqrt(N), capped so each cell trains on >= 39 points
-    nprobe: int = Field(32, ge=1)  # cells scanned per query (recall vs speed)
+    nprobe: int = Field(64, ge=1)  # cells scanned per query (recall vs speed; benchmarks/bench_search.py)
     train_size: int = Field(100_000, ge=1)  # items sampled to train the k-means (all when fewer)
     seed: int = 0  # k-means and sample seed
 
@@ -384,7 +384,7 @@ class HnswConfig(Section):
     kind: Literal["hnsw"] = "hnsw"
     m: int = Field(32, ge=2)  # graph neighbours per node
     ef_construction: int = Field(200, ge=1)  # build-time search width (graph quality)
-    ef_search: int = Field(128, ge=1)  # query-time search width (recall vs speed)
+    ef_search: int = Field(256, ge=1)  # query-time search width (recall vs speed; benchmarks/bench_search.py)
 
 
 class IndexConfig(Section):

@@ -30,3 +30,19 @@ def indexed(demo_root, tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("search") / "artifacts"
     cfg = parse_config(search_config(demo_root, artifacts))
     return cfg, run_pipeline(cfg, ["index"])
+
+
+def skip_loudly(request, reason: str) -> None:
+    """Skip the test and print why on the terminal (pytest -q alone does not show skip reasons)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\nSKIPPED {request.node.nodeid}: {reason}", flush=True)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def faiss_or_skip(request):
+    from leccr.search.vectors import faiss_missing
+
+    if reason := faiss_missing():
+        skip_loudly(request, reason)
