@@ -72,8 +72,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     prepared = prepare_demo(Path(args.root))
     print("Demo inputs ready:", ", ".join(f"{k}={v}" for k, v in prepared.items()))
-    return cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[], runner=None,
-                                      ray_address=None))
+    status = cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[], runner=None,
+                                        ray_address=None))
+    if status == 0:
+        print_search_commands(args.config)
+    return status
+
+
+def print_search_commands(config: str) -> None:
+    """Ready `leccr search` / `leccr serve` lines for the collection the config indexed (a German caption
+    of its first item as the query)."""
+    from leccr.config import load_config
+    from leccr.search import find_index
+    from schemas.core import read_table
+    from schemas.index import INDEX_ITEMS
+
+    cfg = load_config(config)
+    index = find_index(cfg.artifacts_root, cfg.name)
+    captions = read_table(index.file("items.parquet"), INDEX_ITEMS, columns=["captions"]).column("captions")
+    query, lang = next(((c["text"], c["lang"]) for item in captions.to_pylist() for c in item if c["lang"] == "de"),
+                       ("a red circle", "en"))
+    root = "" if cfg.artifacts_root == "artifacts" else f" --root {cfg.artifacts_root}"
+    print(f"\nSearch the collection:\n  leccr search \"{query}\" --lang {lang} --method leccr -k 5{root}\n"
+          f"  leccr serve{root}          # then open http://127.0.0.1:8000/")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ def test_changing_translate_config_changes_it_and_downstream_keys_only(demo_root
     before = resolve_keys(_cfg(demo_root, tmp_path))
     after = resolve_keys(_cfg(demo_root, tmp_path, translate={"splits": ["train"]}))
     changed = {stage for stage in before if before[stage] != after[stage]}
-    downstream_of_translate = {"translate", "features", "train", "evaluate"} & set(before)
+    downstream_of_translate = {"translate", "features", "train", "evaluate", "index"} & set(before)
     assert changed == downstream_of_translate
     # A field that does not change output keeps every key.
     assert resolve_keys(_cfg(demo_root, tmp_path, translate={"batch_size": 3})) == before

@@ -175,6 +175,7 @@ function showDetail(hit, card) {
     <h4>Captions</h4><ul class="captions">${captions}</ul>
     <h4>Description</h4><p class="description">${esc(hit.description || "(none)")}</p>`;
   $("detail").style.display = "block";
+  $("detail").scrollIntoView({block: "nearest"});
 }
 $("search").addEventListener("submit", async (event) => {
   event.preventDefault();

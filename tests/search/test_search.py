@@ -151,3 +151,22 @@ def test_duckdb_index_view(indexed):
     rows = con.execute("SELECT method, count(*), max(len(embedding)) FROM index GROUP BY method ORDER BY method").fetchall()
     assert rows == [("baseline", ITEMS_PER_SPLIT, 32), ("leccr", ITEMS_PER_SPLIT, 32)]
     assert con.execute("SELECT count(*) FROM index_items").fetchone()[0] == ITEMS_PER_SPLIT
+
+
+def test_demo_ends_with_ready_search_and_serve_commands(indexed, tmp_path, capsys):
+    import shlex
+
+    import yaml
+
+    from leccr.cli import main, print_search_commands
+
+    cfg, _ = indexed
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    print_search_commands(str(config))
+    lines = capsys.readouterr().out.splitlines()
+    search = next(line.strip() for line in lines if line.strip().startswith("leccr search"))
+    assert "--lang de --method leccr" in search and f"--root {cfg.artifacts_root}" in search
+    assert any(line.strip().startswith(f"leccr serve --root {cfg.artifacts_root}") for line in lines)
+    assert main(shlex.split(search)[1:] + ["--json"]) == 0  # the printed command runs as printed
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 5
