@@ -31,9 +31,7 @@ from schemas.core import read_table, write_table
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.index import INDEX_ITEMS, embeddings_schema
 
-NAME = "index"
-STAGE_VERSION = "1"
-UPSTREAM = ("dataset", "features", "train")
+UPSTREAM = ("dataset", "describe", "features", "train")  # describe: the description texts shown with hits
 SHARDED = False
 ITEMS_FILE = "items.parquet"
 EMBEDDINGS_FILE = "embeddings.parquet"

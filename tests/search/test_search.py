@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from leccr.config import EvaluateConfig, IndexConfig
+from leccr.config import EvaluateConfig, parse_config
 from leccr.search import SearchEngine, UnknownLanguage, UnknownMethod
-from leccr.store import StageContext, compute_key
+from leccr.store import StageContext
 from schemas.core import read_table
 from schemas.index import INDEX_ITEMS
 from stages import evaluate
@@ -29,7 +29,7 @@ def _test_split(indexed):
     """evaluate's own view of the test split (items, captions per language with their token ids)."""
     cfg, outcomes = indexed
     ctx = StageContext(stage="evaluate", key="k", section=EvaluateConfig(split="test"),
-                       inputs={name: outcomes[name].artifact for name in ("dataset", "features", "train")},
+                       inputs={name: outcomes[name].artifact for name in ("dataset", "describe", "features", "train")},
                        out_dir=outcomes["index"].artifact.path, log=logging.getLogger("test"))
     return evaluate.load_split(ctx, ctx.section)
 
@@ -56,14 +56,25 @@ def test_index_files_and_schema(indexed):
     assert baseline["alpha"] == 1.0 and baseline["ranges"] is None  # no slots: the global cosine
 
 
-def test_key_holds_the_ann_setup_not_the_device():
-    base = compute_key("index", "1", IndexConfig(), {"train": "t"})
-    assert compute_key("index", "1", IndexConfig(device="cpu", batch_size=3, chunk_size=5), {"train": "t"}) == base
-    hnsw = compute_key("index", "1", IndexConfig(ann={"kind": "hnsw"}), {"train": "t"})
-    assert hnsw != base
-    assert compute_key("index", "1", IndexConfig(ann={"kind": "hnsw", "ef_search": 64}), {"train": "t"}) != hnsw
-    assert compute_key("index", "1", IndexConfig(ann={"kind": "ivf"}), {"train": "t"}) not in (base, hnsw)
-    assert compute_key("index", "1", IndexConfig(), {"train": "u"}) != base
+def test_key_holds_the_ann_setup_not_the_device(indexed):
+    from leccr.fingerprint import Fingerprinter
+    from leccr.pipeline import get_stage
+
+    cfg, _ = indexed
+
+    def key_config(**index) -> dict:
+        data = cfg.model_dump(mode="json")
+        data["index"].update(index)
+        return get_stage("index").key_config(parse_config(data), Fingerprinter())
+
+    base = key_config()
+    assert key_config(device="cuda", batch_size=3, chunk_size=5) == base
+    hnsw = key_config(ann={"kind": "hnsw"})
+    assert hnsw["ann"] == {"kind": "hnsw", "m": 32, "ef_construction": 200, "ef_search": 256}
+    assert key_config(ann={"kind": "hnsw", "ef_search": 64}) != hnsw
+    assert key_config(ann={"kind": "ivf"})["ann"] == {"kind": "ivf", "nlist": None, "nprobe": 64,
+                                                      "train_size": 100_000, "seed": 0}
+    assert key_config(alpha=0.9) != base and key_config(splits=["test", "val"]) != base
 
 
 def test_queries_are_tokenised_as_the_features_stage_tokenised_captions(indexed):

@@ -84,7 +84,7 @@ def test_index_stage_with_faiss_searches_as_exact(faiss_or_skip, indexed, ann):
     cfg, outcomes = indexed
     data = cfg.model_dump(mode="json")
     data["index"]["ann"] = ann
-    outcome = run_stage(parse_config(data), "index", {s: outcomes[s].artifact for s in ("dataset", "features", "train")})
+    outcome = run_stage(parse_config(data), "index", {s: outcomes[s].artifact for s in ("dataset", "describe", "features", "train")})
     assert outcome.artifact.key != outcomes["index"].artifact.key
     folder = outcome.artifact.path / "leccr"
     assert (folder / "vectors.faiss").is_file() and json.loads((folder / "index.json").read_text())["ann"]["kind"] == ann["kind"]
@@ -109,4 +109,4 @@ def test_index_stage_without_faiss_says_how_to_get_it(indexed, monkeypatch):
     data = cfg.model_dump(mode="json")
     data["index"]["ann"] = {"kind": "ivf"}
     with pytest.raises(StageFailed, match=r"index.ann is ivf, but faiss is not installed.*leccr\[search\]"):
-        run_stage(parse_config(data), "index", {s: outcomes[s].artifact for s in ("dataset", "features", "train")})
+        run_stage(parse_config(data), "index", {s: outcomes[s].artifact for s in ("dataset", "describe", "features", "train")})
