@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--lang", default="en", help="the query's language (one the method was trained on; default en)")
     search.add_argument("--method", default="leccr", help="the trained method to search with (default leccr)")
     search.add_argument("-k", type=int, default=10, help="hits to print (default 10)")
-    search.add_argument("--candidates", type=int, default=200,
+    search.add_argument("--candidates", type=int, default=200,  # leccr.search.DEFAULT_CANDIDATES (not imported: torch)
                         help="items taken from the vector index by global cosine and re-ranked by the method's "
                              "inference score (default 200)")
     search.add_argument("--json", action="store_true", help="print the hits as JSON")

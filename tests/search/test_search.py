@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from leccr.config import EvaluateConfig, parse_config
-from leccr.search import SearchEngine, UnknownLanguage, UnknownMethod
+from leccr.search import DEFAULT_CANDIDATES, SearchEngine, UnknownLanguage, UnknownMethod
 from leccr.store import StageContext
 from schemas.core import read_table
 from schemas.index import INDEX_ITEMS
@@ -143,7 +143,7 @@ def test_cli_search_text_and_json(indexed, capsys):
     query = next(c["text"] for c in first_item["captions"] if c["lang"] == "de")
     assert main(["search", query, "--lang", "de", "--method", "leccr", "-k", "3", "--root", root, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["hits"]) == 3 and out["lang"] == "de" and out["candidates"] == 200
+    assert len(out["hits"]) == 3 and out["lang"] == "de" and out["candidates"] == DEFAULT_CANDIDATES
     assert [h["rank"] for h in out["hits"]] == [1, 2, 3]
     assert out["hits"][0]["score"] >= out["hits"][1]["score"] >= out["hits"][2]["score"]
     assert {"item_id", "score", "path", "caption", "description"} <= set(out["hits"][0])
