@@ -45,6 +45,7 @@ def prepare_demo(root: Path = DEMO_ROOT, seed: int = 0) -> dict[str, Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from leccr.config import load_config
+    from leccr.fingerprint import fingerprinter_for
     from leccr.pipeline import explain, run_pipeline
 
     overrides = _parse_sets(args.set)
@@ -54,7 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["runner.address"] = args.ray_address
     cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts, on a bad config
     stages, force = args.stage or None, args.force or None
-    planned = explain(cfg, stages, force)
+    fingerprints = fingerprinter_for(cfg.artifacts_root)  # one per run: each path is hashed once
+    planned = explain(cfg, stages, force, fingerprints)
     if args.dry_run:
         print(f"Plan for experiment {cfg.name} (artifacts under {Path(cfg.artifacts_root).absolute()}):")
         for stage in planned:
@@ -64,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     if all(stage.status == "hit" for stage in planned):
         # Nothing to compute: no Prefect server, no flow run, just the bookkeeping of a run.
-        paths = {name: str(o.artifact.path) for name, o in run_pipeline(cfg, stages, force).items()}
+        paths = {name: str(o.artifact.path) for name, o in run_pipeline(cfg, stages, force, fingerprints).items()}
         print(f"All {len(planned)} stages are up to date (cache hits); nothing to run.")
     else:
         # The embedded default starts a temporary Prefect server; Prefect gives it 20 s, which a busy

@@ -394,11 +394,12 @@ def record_run(cfg: ExperimentConfig, outcomes: dict[str, StageOutcome]) -> Path
 
 
 def run_pipeline(
-    cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None
+    cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
+    fingerprints: Fingerprinter | None = None,
 ) -> dict[str, StageOutcome]:
     """Run the DAG in this process, stage after stage (the Prefect flow does the same as tasks)."""
     the_plan = plan(stages, force)
-    fingerprints = fingerprinter_for(cfg.artifacts_root)
+    fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
     outcomes: dict[str, StageOutcome] = {}
     for name in the_plan.order:
         inputs = {up: outcomes[up].artifact for up in upstream_of(name)}

@@ -28,11 +28,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
-from leccr.metrics import ScoreBlock, chance_sumr, chunked_ranks, recall_metrics, topk_items, topk_texts
-from leccr.report import write_report
 from leccr.fingerprint import Fingerprinter
 from leccr.store import StageContext, StageFailed
 from schemas.core import read_table
@@ -168,10 +165,18 @@ def _embedding(output, names: Sequence[str]) -> torch.Tensor:
     return output.last_hidden_state[:, 0]
 
 
-@torch.no_grad()
 def encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Normalised text embeddings per language and visual embeddings of a CLIP-style encoder pair."""
+    import torch
+
+    with torch.no_grad():
+        return _encode_zero_shot(zs, data, batch_size, device)
+
+
+def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    import torch
     import torch.nn.functional as F
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -264,6 +269,8 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
     """Metrics, curves and worst queries of one method for every language and score variant.
 
     Embeddings are kept on the CPU between methods; the blocks are scored on `device`."""
+    from leccr.metrics import chunked_ranks, recall_metrics
+
     n_items = len(data.item_ids)
     for lang, language in data.languages.items():
         for score_name, alpha in scores.items():
@@ -299,6 +306,8 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
 
 def _worst(block: ScoreBlock, direction: str, ranks: np.ndarray, language: LanguageTexts, data: SplitData,
            cfg: EvaluateConfig, common: dict, device: torch.device | str) -> list[dict]:
+    from leccr.metrics import topk_items, topk_texts
+
     if cfg.worst_queries == 0:
         return []
     candidates = np.nonzero(ranks > 0)[0]
@@ -360,6 +369,8 @@ def _load_history(method_dir: Path) -> pa.Table | None:
 def run(ctx: StageContext) -> None:
     cfg: EvaluateConfig = ctx.section  # type: ignore[assignment]
     from leccr.device import resolve_device
+    from leccr.metrics import chance_sumr
+    from leccr.report import write_report
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)

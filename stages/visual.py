@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from leccr.config import ExperimentConfig, VisualConfig
 from leccr.engines.cache import Lazy
 from leccr.features.storage import fixed_list_column, float_list_column, rows_per_group
-from leccr.features.vision import FeatureError, ImportedFeatures, VisionEncoder
 from leccr.store import ShardResult, StageContext, part_name
 from schemas.core import read_table
 from schemas.dataset import ITEMS
@@ -132,6 +131,8 @@ def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dic
 
 
 def _import_processor(cfg: VisualConfig, schema: pa.Schema):
+    from leccr.features.vision import FeatureError, ImportedFeatures
+
     imported = Lazy(lambda: ImportedFeatures(cfg.import_path))
 
     def process(shard: list[dict], index: int) -> ShardResult:
@@ -148,6 +149,8 @@ def _import_processor(cfg: VisualConfig, schema: pa.Schema):
 
 
 def run(ctx: StageContext) -> None:
+    from leccr.features.vision import VisionEncoder  # torch: imported when the stage runs, not when planned
+
     cfg: VisualConfig = ctx.section  # type: ignore[assignment]
     check_config(cfg)
     items = sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
