@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from leccr.config import EvaluateConfig, ExperimentConfig, IndexConfig, Section
 from leccr.store import StageContext, StageFailed, atomic_write_text
@@ -92,6 +91,8 @@ def _item_table(ctx: StageContext, item_ids: list[str], splits: list[str]) -> pa
 def encode_collection(model, tables, chosen: list[tuple[str, int]], batch_size: int, device: torch.device
                       ) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor | None]:
     """(item ids, their splits, global [N, E], slots [N, N_q, E] or None) of every chosen item, in order."""
+    import torch
+
     from leccr.data import load_eval_items
     from leccr.models.encode import encode_items
 
