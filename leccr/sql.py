@@ -34,6 +34,9 @@ VIEWS: dict[str, tuple[str, str]] = {
     "features_errors": ("features", "*/errors.parquet"),
     "history": ("train", "*/history.parquet"),
     "metrics": ("evaluate", "metrics.parquet"),
+    # One row per (method, indexed item): its global (and slot) embeddings; `index_items` holds captions.
+    "index": ("index", "*/embeddings.parquet"),
+    "index_items": ("index", "items.parquet"),
 }
 
 

@@ -228,13 +228,26 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
 
 
 # ===================================================================================== scoring
+def whole_ranges(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor,
+                 chunk_size: int) -> dict[str, tuple[float, float]]:
+    """(min, max) of the global and the slot score matrices over every (text, item) pair, block by block
+    (the fused score's normalisation; the index stage fixes it this way for search too)."""
+    from leccr.models.base import merge_ranges, score_ranges, similarity_parts
+
+    ranges: dict[str, tuple[float, float]] = {}
+    for r in _blocks(len(text_emb), chunk_size):
+        for c in _blocks(len(visual_global), chunk_size):
+            ranges = merge_ranges(ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c])))
+    return ranges
+
+
 def make_score_block(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor | None,
                      alpha: float, chunk_size: int) -> ScoreBlock:
     """The score of METHOD.md as a block function, with min/max taken over the whole matrix first.
 
     alpha = 1: the global cosine only (no min/max needed: minmax is monotone, ranks are the same).
     """
-    from leccr.models.base import fuse_scores, merge_ranges, score_ranges, similarity_parts
+    from leccr.models.base import fuse_scores, similarity_parts
 
     if alpha >= 1.0 or visual_slots is None:
         if alpha < 1.0:
@@ -244,10 +257,7 @@ def make_score_block(text_emb: torch.Tensor, visual_global: torch.Tensor, visual
             return text_emb[rows] @ visual_global[cols].t()
 
         return global_block
-    ranges: dict[str, tuple[float, float]] = {}
-    for r in _blocks(len(text_emb), chunk_size):  # first pass: min/max of both whole matrices
-        for c in _blocks(len(visual_global), chunk_size):
-            ranges = merge_ranges(ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c])))
+    ranges = whole_ranges(text_emb, visual_global, visual_slots, chunk_size)  # first pass
 
     def fused_block(rows: slice, cols: slice) -> torch.Tensor:
         global_sim, slot_sim = similarity_parts(text_emb[rows], visual_global[cols], visual_slots[cols])
