@@ -66,7 +66,8 @@ class SplitData:
     items: object  # leccr.data.EvalItems (visual [N, N_v, D], masks, description ids/states)
     item_ids: list[str]
     media_types: list[str]
-    paths: list[str | None]
+    paths: list[str | None]  # media files, resolved against the configured dataset root
+    coverage: str  # "16 of 17 test items (1 failed upstream: see ...)" for the log and the report
     desc_texts: list[str]  # the item's description text (error analysis), "" when none
     languages: dict[str, LanguageTexts]
 
@@ -113,10 +114,21 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
         items=items,
         item_ids=list(items.item_ids),
         media_types=[dataset_items.get(i, {}).get("media_type", "image") for i in items.item_ids],
-        paths=[dataset_items.get(i, {}).get("path") for i in items.item_ids],
+        paths=[ctx.media_path(dataset_items.get(i, {}).get("path")) for i in items.item_ids],
+        coverage=_coverage(dataset_items, list(items.item_ids), cfg.split, features.path),
         desc_texts=[described.get(i, "") for i in items.item_ids],
         languages=languages,
     )
+
+
+def _coverage(dataset_items: dict[str, dict], evaluated: list[str], split: str, features_dir: Path) -> str:
+    """How many of the split's dataset items are evaluated, and where the others' failures are recorded."""
+    total = sum(1 for row in dataset_items.values() if row["split"] == split)
+    missing = total - len(evaluated)
+    text = f"{len(evaluated)} of {total} {split} items"
+    if missing:
+        text += f" ({missing} failed upstream: see {features_dir / 'visual' / 'errors.parquet'})"
+    return text
 
 
 def _description_texts(ctx: StageContext, item_ids: list[str]) -> dict[str, str]:
@@ -216,13 +228,26 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
 
 
 # ===================================================================================== scoring
+def whole_ranges(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor,
+                 chunk_size: int) -> dict[str, tuple[float, float]]:
+    """(min, max) of the global and the slot score matrices over every (text, item) pair, block by block
+    (the fused score's normalisation; the index stage fixes it this way for search too)."""
+    from leccr.models.base import merge_ranges, score_ranges, similarity_parts
+
+    ranges: dict[str, tuple[float, float]] = {}
+    for r in _blocks(len(text_emb), chunk_size):
+        for c in _blocks(len(visual_global), chunk_size):
+            ranges = merge_ranges(ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c])))
+    return ranges
+
+
 def make_score_block(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor | None,
                      alpha: float, chunk_size: int) -> ScoreBlock:
     """The score of METHOD.md as a block function, with min/max taken over the whole matrix first.
 
     alpha = 1: the global cosine only (no min/max needed: minmax is monotone, ranks are the same).
     """
-    from leccr.models.base import fuse_scores, merge_ranges, score_ranges, similarity_parts
+    from leccr.models.base import fuse_scores, similarity_parts
 
     if alpha >= 1.0 or visual_slots is None:
         if alpha < 1.0:
@@ -232,10 +257,7 @@ def make_score_block(text_emb: torch.Tensor, visual_global: torch.Tensor, visual
             return text_emb[rows] @ visual_global[cols].t()
 
         return global_block
-    ranges: dict[str, tuple[float, float]] = {}
-    for r in _blocks(len(text_emb), chunk_size):  # first pass: min/max of both whole matrices
-        for c in _blocks(len(visual_global), chunk_size):
-            ranges = merge_ranges(ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c])))
+    ranges = whole_ranges(text_emb, visual_global, visual_slots, chunk_size)  # first pass
 
     def fused_block(rows: slice, cols: slice) -> torch.Tensor:
         global_sim, slot_sim = similarity_parts(text_emb[rows], visual_global[cols], visual_slots[cols])
@@ -365,7 +387,7 @@ def run(ctx: StageContext) -> None:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_split(ctx, cfg)
-    ctx.log.info("evaluate: split %s, %d items, languages %s", cfg.split, len(data.item_ids),
+    ctx.log.info("evaluate: %s, languages %s", data.coverage,
                  {lang: len(t.caption_ids) for lang, t in data.languages.items()})
     result = Evaluated()
     histories: dict[str, pa.Table] = {}
@@ -397,7 +419,7 @@ def run(ctx: StageContext) -> None:
     worst = pa.Table.from_pylist(result.worst, schema=WORST_QUERIES)
     ctx.write("metrics.parquet", metrics, METRICS)
     ctx.write("worst_queries.parquet", worst, WORST_QUERIES)
-    header = {"split": f"{cfg.split} ({len(data.item_ids)} visual items)",
+    header = {"split": f"{cfg.split} ({data.coverage})",
               "train artifact": train.key, "features artifact": ctx.inputs["features"].key,
               "evaluate key": ctx.key,
               "chance SumR (a random ranking)": ", ".join(
