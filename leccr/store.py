@@ -154,6 +154,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def _read_umask() -> int:
+    umask = os.umask(0o022)  # Python 3.11 can only read the umask by setting it
+    os.umask(umask)
+    return umask
+
+
+# Read once at import (setting the umask, even back, races with threads creating files).
+_UMASK = _read_umask()
+
+
+def give_default_mode(path: Path) -> Path:
+    """Set a file's permissions to what `open()` would have given it (0644 under the usual umask 022).
+
+    safetensors (0.8) writes its files 0600, so a model saved for others to load was readable by its
+    owner only."""
+    os.chmod(path, 0o666 & ~_UMASK)
+    return path
+
+
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from leccr.config import ExperimentConfig, TrainConfig
+from leccr.hub import ModelNotFound, model_path
 from leccr.store import StageContext, StageFailed
 
 NAME = "train"
@@ -54,15 +55,24 @@ def training_languages(features_dir: Path, wanted: list[str] | None) -> list[str
 
 
 def text_encoder_path(cfg: TrainConfig, features_manifest: dict) -> str:
+    """The text encoder's local folder: train.text_encoder, else features.text_model (a folder or hub id)."""
     if cfg.text_encoder is not None:
-        return cfg.text_encoder
-    path = features_manifest.get("config", {}).get("text_model")
-    if not path:
+        return str(_resolve(cfg.text_encoder, "train.text_encoder"))
+    spec = features_manifest.get("config", {}).get("text_model")
+    if not spec:
         raise StageFailed("train: no text encoder: set train.text_encoder (the features stage has no text_model)")
-    if not (Path(path) / "config.json").is_file():
-        raise StageFailed(f"train: text encoder folder {path} (features.text_model) has no config.json; "
+    path = _resolve(spec, "features.text_model")
+    if not (path / "config.json").is_file():
+        raise StageFailed(f"train: text encoder folder {spec} (features.text_model) has no config.json; "
                           "set train.text_encoder to the encoder's folder")
-    return path
+    return str(path)
+
+
+def _resolve(spec: str, field_name: str) -> Path:
+    try:
+        return model_path(spec, field_name)
+    except ModelNotFound as error:
+        raise StageFailed(f"train: {error}") from None
 
 
 def build_jobs(ctx: StageContext) -> list:
