@@ -1,14 +1,8 @@
-"""The `leccr` command. Entry points take argv (`main(sys.argv[1:])`), so tests call them directly.
-
-    leccr demo                                   build demo data + tiny models, run every stage
-    leccr run --config C [--stage S] [--force S] [--set KEY=VALUE]
-    leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
-    leccr datasets check PATH --format F         validate a dataset folder
-    leccr build-tiny-models --out DIR --corpus-file F
-"""
+"""The `leccr` command: `main(argv)` parses and dispatches, so tests call it with a list."""
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
 import sys
@@ -16,8 +10,42 @@ from pathlib import Path
 
 import yaml
 
+DESCRIPTION = """\
+Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefect pipeline.
+
+  leccr demo                                   build demo data + tiny models, run every stage
+  leccr run --config C [--stage S] [--force S] [--set KEY=VALUE]
+  leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
+  leccr datasets check PATH --format F         validate a dataset folder
+  leccr build-tiny-models --out DIR --corpus-file F
+
+`leccr COMMAND --help` describes each command; -v shows library logs and tracebacks."""
 DEMO_CONFIG = "configs/demo.yaml"
 DEMO_ROOT = Path("artifacts/demo")  # demo data and tiny models, referenced by configs/demo.yaml
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def stage_names() -> list[str]:
+    """The stages `leccr.pipeline.available_stages()` lists, read from the stage modules' source.
+
+    Building the parser must stay cheap (every `leccr` call builds it): importing the stage modules
+    costs seconds of torch import. A stage is `stages/<module>.py` with a literal `UPSTREAM`; its
+    name is `NAME` (else the module's); each comes after its upstream stages."""
+    found: dict[str, tuple[str, ...]] = {}
+    for path in sorted((PROJECT / "stages").glob("*.py")):
+        assigned = {}
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            target = node.target if isinstance(node, ast.AnnAssign) else (
+                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+            if isinstance(target, ast.Name) and target.id in ("NAME", "UPSTREAM") and node.value is not None:
+                assigned[target.id] = ast.literal_eval(node.value)
+        if "UPSTREAM" in assigned:
+            found[assigned.get("NAME", path.stem)] = tuple(assigned["UPSTREAM"])
+    ordered: list[str] = []
+    while ready := [name for name, upstream in found.items()
+                    if name not in ordered and all(up in ordered for up in upstream)]:
+        ordered.append(ready[0])
+    return ordered
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -44,6 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The embedded default starts a temporary Prefect server; Prefect gives it 20 s, which a busy
     # 2-core machine (CI, a laptop also extracting features) can miss. A user's own setting wins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The temporary server's telemetry service fails offline with an error and a traceback on every run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.leccr import leccr
     from leccr.config import load_config
 
@@ -122,63 +152,185 @@ def cmd_datasets_check(args: argparse.Namespace) -> int:
 
 
 def cmd_build_tiny_models(args: argparse.Namespace) -> int:
-    from leccr.tiny_models import main as build_main
+    from leccr.tiny_models import run
 
-    return build_main(args.rest) or 0
+    return run(args, args.tiny_parser)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fills `{formats}` in help texts when help is shown: listing the dataset formats imports the
+    adapters, which a plain `leccr run` need not pay for."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        if "{formats}" in text:
+            from leccr.datasets import list_formats
+
+            text = text.replace("{formats}", ", ".join(list_formats()))
+        return text
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"leccr {version('leccr')}"
+    except PackageNotFoundError:
+        return "leccr (not installed: run scripts/setup.sh)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leccr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    stages = stage_names()
+    stage_list = ", ".join(stages)
+    # -v works before or after the command (`leccr -v run ...`, `leccr run ... -v`).
+    verbose_help = "show library logs (Prefect, httpx, transformers) and tracebacks"
+    verbose = argparse.ArgumentParser(add_help=False)  # the commands' -v: absent unless given
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    parser = argparse.ArgumentParser(prog="leccr", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the pipeline (embedded Prefect, no server needed)")
+    def command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[verbose],
+                                   formatter_class=_HelpFormatter, **kwargs)
+
+    run = command("run", "run the pipeline (embedded Prefect, no server needed)")
     run.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
-    run.add_argument("--stage", action="append", default=[], help="run only this stage (and what it needs); repeatable")
-    run.add_argument("--force", action="append", default=[], help="recompute this stage and everything downstream; repeatable")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.seed=1")
+    run.add_argument("--stage", action="append", default=[], choices=stages, metavar="STAGE",
+                     help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}")
+    run.add_argument("--force", action="append", default=[], choices=stages, metavar="STAGE",
+                     help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. train.seed=1 or translate.num_beams=4; repeatable")
     run.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
     run.add_argument("--ray-address", help="override runner.address: ray://host:10001, auto, ...")
     run.set_defaults(handler=cmd_run)
 
-    demo = commands.add_parser("demo", help="build demo data and tiny models, then run every stage on them")
-    demo.add_argument("--root", default=str(DEMO_ROOT))
-    demo.add_argument("--config", default=DEMO_CONFIG)
-    demo.add_argument("--force", action="append", default=[])
+    demo = command("demo", "build demo data and tiny models, then run every stage on them")
+    demo.add_argument("--root", default=str(DEMO_ROOT),
+                      help="folder for the generated demo data and tiny models (default: %(default)s; "
+                           "the default config reads them there)")
+    demo.add_argument("--config", default=DEMO_CONFIG, help="experiment YAML to run (default: %(default)s)")
+    demo.add_argument("--force", action="append", default=[], choices=stages, metavar="STAGE",
+                      help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}")
     demo.set_defaults(handler=cmd_demo)
 
-    inspect = commands.add_parser("inspect", help="query the artifacts with DuckDB (one view per stage)")
+    inspect = command("inspect", "query the artifacts with DuckDB (one view per stage)")
     inspect.add_argument("query", nargs="?", help="SQL to run, e.g. \"SELECT * FROM translate LIMIT 5\"")
     inspect.add_argument("--root", default="artifacts", help="artifact root")
     inspect.add_argument("--experiment", help="use this experiment's last run instead of each stage's latest artifact")
     inspect.add_argument("--print-sql", action="store_true", help="print the CREATE VIEW statements (for the duckdb CLI)")
     inspect.set_defaults(handler=cmd_inspect)
 
-    datasets = commands.add_parser("datasets", help="dataset tools")
-    datasets_commands = datasets.add_subparsers(dest="datasets_command", required=True)
-    check = datasets_commands.add_parser("check", help="validate a dataset folder and report counts and problems")
-    check.add_argument("path")
-    check.add_argument("--format", required=True)
-    check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    datasets = command("datasets", "dataset tools")
+    datasets_commands = datasets.add_subparsers(dest="datasets_command", required=True, metavar="COMMAND")
+    check = datasets_commands.add_parser(
+        "check", help="validate a dataset folder and report counts and problems", parents=[verbose],
+        description="Validate a dataset folder in its published layout: items and captions per split and "
+                    "language, missing files, malformed entries.", formatter_class=_HelpFormatter)
+    check.add_argument("path", help="the dataset's root folder")
+    check.add_argument("--format", required=True, metavar="FORMAT", help="the dataset's layout: {formats}")
+    check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an adapter option, as dataset.options in an experiment file; repeatable")
     check.set_defaults(handler=cmd_datasets_check)
 
-    tiny = commands.add_parser("build-tiny-models", help="build tiny random-weight models (see --help of the builder)")
-    tiny.add_argument("rest", nargs=argparse.REMAINDER)
-    tiny.set_defaults(handler=cmd_build_tiny_models)
+    from leccr.tiny_models import add_arguments
+
+    tiny = command("build-tiny-models", "build tiny random-weight models (text encoder, vision tower, MT, LLaVA)")
+    add_arguments(tiny).set_defaults(handler=cmd_build_tiny_models, tiny_parser=tiny)
     return parser
+
+
+# Library loggers whose records (even errors) stay out of the console without -v: their failures
+# reach the user as the exception `main` reports in one line.
+_CHATTY = ("prefect", "httpx", "httpcore", "uvicorn", "fastapi", "docket", "asyncio")
+_OWN_CODE = tuple(str(PROJECT / package) + os.sep for package in ("leccr", "stages", "flows"))
+
+
+class _OwnMessages(logging.Filter):
+    """Without -v the console shows what leccr's own code logs at INFO and above: stage start and end,
+    progress with items/s and ETA, summaries — including what stages log through Prefect's run
+    logger, so the record's source file decides, not the logger name. Other libraries: errors only,
+    and none from the orchestration stack (Prefect's task-state lines and retries, HTTP requests)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.pathname.startswith(_OWN_CODE):
+            return record.levelno >= logging.INFO
+        return record.levelno >= logging.ERROR and not record.name.startswith(_CHATTY)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname}: {text}"
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now: a rich progress bar swaps it to print lines above the bar.
+
+    (Public name on purpose: Prefect keeps a root handler as the user's only if its class name does
+    not start with "_"; otherwise it replaces it with its own console handler.)"""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def configure_logging(verbose: bool) -> None:
+    """Console logging for one `leccr` command (see _OwnMessages); -v: everything, with logger names."""
+    handler = ConsoleHandler()
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:  # main() called again
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        for package in ("leccr", "stages", "flows"):
+            logging.getLogger(package).setLevel(logging.DEBUG)
+        return
+    handler.setFormatter(_ConsoleFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(_OwnMessages())
+    logging.captureWarnings(True)  # library warnings (py.warnings) go through the filter too
+    # Read by transformers / huggingface_hub at import: no loading bars, no advice lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # The temporary Prefect server is a subprocess writing to our stderr (not through these handlers).
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+
+
+def _hint(error: BaseException, verbose: bool) -> str | None:
+    from leccr.config import ConfigError
+    from leccr.store import StageFailed
+
+    if isinstance(error, ConfigError):
+        return "every section and key, with its default, is in leccr/config.py"
+    if isinstance(error, StageFailed):
+        return "rerun the same command to resume" + ("" if verbose else "; add -v for the traceback")
+    return None if verbose else "add -v for the traceback"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from leccr.config import ConfigError
-    from leccr.store import StageFailed
-
+    configure_logging(args.verbose)
     try:
         return args.handler(args)
-    except (ConfigError, StageFailed, FileNotFoundError) as error:
-        print(f"leccr: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("leccr: interrupted; finished shards are kept and a rerun resumes from them", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the command's one error line; -v keeps the traceback
+        if args.verbose:
+            logging.getLogger("leccr").exception("leccr %s failed", args.command)
+        message = str(error) if isinstance(error, (OSError, ValueError, RuntimeError)) and str(error) else \
+            f"{type(error).__name__}: {error}"
+        print(f"leccr: error: {message}", file=sys.stderr)
+        if hint := _hint(error, args.verbose):
+            print(f"leccr: hint: {hint}", file=sys.stderr)
         return 2
 
 

@@ -185,6 +185,7 @@ def run_stage(
     ctx = StageContext(stage=name, key=key, section=section,
                        inputs={up: inputs[up] for up in module.UPSTREAM},
                        out_dir=artifact.path, log=logger)
+    logger.info("%-9s started (key %s)", name, key)  # the matching end line is outcome.describe()
     started = time.time()
     try:
         module.run(ctx)
