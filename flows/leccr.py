@@ -23,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from leccr.config import ExperimentConfig, load_config
 from leccr.pipeline import (StageOutcome, is_sharded, plan, prepare_stage, record_run, run_stage,
                             run_stage_slot, upstream_of)
+from leccr.report import artifact_markdown
 
 
 def _inputs(upstream: dict[str, StageOutcome]):
@@ -136,7 +137,7 @@ def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
     evaluate = outcomes.get("evaluate")
     if evaluate is not None and (evaluate.artifact.path / "report.md").is_file():
         create_markdown_artifact(key=f"leccr-{slug}-report",
-                                 markdown=(evaluate.artifact.path / "report.md").read_text(encoding="utf-8"))
+                                 markdown=artifact_markdown(evaluate.artifact.path))  # images inlined
     for outcome in outcomes.values():
         logger.info(outcome.describe())
     return {name: str(o.artifact.path) for name, o in outcomes.items()}

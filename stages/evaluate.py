@@ -40,7 +40,7 @@ from schemas.dataset import CAPTIONS, ITEMS
 from schemas.evaluate import METRICS, WORST_QUERIES
 
 NAME = "evaluate"
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"  # 2: MedR as the papers count it; report plots and tables reworked
 UPSTREAM = ("dataset", "features", "train")
 DIRECTIONS = ("text_to_visual", "visual_to_text")
 
