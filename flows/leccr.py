@@ -1,52 +1,58 @@
 """The `leccr` Prefect flow: every stage of the DAG as tasks. Prefect orchestrates, retries and
-shows; the store (leccr.store) decides what is reused, so the tasks carry no Prefect cache policy.
+shows; the store (leccr.store) decides what is reused, so the tasks carry no Prefect cache policy. A
+stage whose artifact is already complete finishes at once in a `Cached` state.
 
 Run it with no server (`leccr run --config configs/demo.yaml`, or `python flows/leccr.py CONFIG`:
 Prefect starts a temporary local API) or as the deployment `leccr/full` of prefect.yaml.
 
-The outer flow reads the config and picks the task runner (threads, or `prefect_ray.RayTaskRunner`
-for `runner.kind: ray`); the inner flow `leccr-stages` submits the stages. A sharded stage maps
-onto `runner.shard_tasks` slot tasks (each computes and commits its share of the shards), then one
-finishing task merges errors and writes the manifest — identical files whichever runner ran them.
+One `leccr run` is one flow run: the CLI picks the task runner from the config before it starts the
+flow (threads, or `prefect_ray.RayTaskRunner` for `runner.kind: ray`). The flow body is the driver:
+it computes each stage's key once its upstream stages have finished (a key hashes what they hold),
+then submits the stage. A sharded stage maps onto `runner.shard_tasks` slot tasks (each computes and
+commits its share of the shards), then one finishing task merges errors and writes the manifest —
+identical files whichever runner ran them.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import uuid
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from leccr.config import ExperimentConfig, load_config
-from leccr.pipeline import (StageOutcome, is_sharded, plan, prepare_stage, record_run, run_stage,
+from leccr.fingerprint import fingerprinter_for
+from leccr.pipeline import (StageOutcome, is_sharded, key_parts, plan, prepare_stage, record_run, run_stage,
                             run_stage_slot, upstream_of)
 from leccr.report import artifact_markdown
-
-
-def _inputs(upstream: dict[str, StageOutcome]):
-    return {up: outcome.artifact for up, outcome in upstream.items()}
+from leccr.store import KeyParts
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
-def stage_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], force: bool,
-               after: list[int] | None = None) -> StageOutcome:
+def stage_task(cfg: ExperimentConfig, name: str, inputs: dict, parts: KeyParts, force: bool,
+               after: list[int] | None = None):
     # `after` carries the shard-slot results: a data dependency, which every task runner (Ray's
     # included) resolves before the task starts.
-    return run_stage(cfg, name, _inputs(upstream), force=force, logger=get_run_logger())
+    outcome = run_stage(cfg, name, inputs, force=force, logger=get_run_logger(), parts=parts)
+    # A reused artifact shows as Prefect's own "Cached" state; the result is the same small handle.
+    return Completed(name="Cached", data=outcome) if outcome.cache_hit else outcome
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}-prepare")
-def prepare_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], force: bool) -> bool:
-    return prepare_stage(cfg, name, _inputs(upstream), force, logger=get_run_logger())
+def prepare_task(cfg: ExperimentConfig, name: str, parts: KeyParts, force: bool) -> bool:
+    return prepare_stage(cfg, name, parts, force, logger=get_run_logger())
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}-shards-{slot}-of-{slots}")
-def shard_slot_task(cfg: ExperimentConfig, name: str, upstream: dict[str, StageOutcome], slot: int,
+def shard_slot_task(cfg: ExperimentConfig, name: str, inputs: dict, parts: KeyParts, slot: int,
                     slots: int, prepared: bool) -> int:
-    return run_stage_slot(cfg, name, _inputs(upstream), slot, slots, logger=get_run_logger())
+    return run_stage_slot(cfg, name, inputs, parts, slot, slots, logger=get_run_logger())
 
 
 @task(cache_policy=NO_CACHE, task_run_name="storage-probe-{node}")
@@ -54,6 +60,22 @@ def storage_probe_task(root: str, token: str, node: str) -> str:
     from leccr.scaleout import answer_probe
 
     return answer_probe(root, token, node)
+
+
+def probe_shared_storage(root: str) -> dict[str, str]:
+    """One probe task pinned to every alive Ray node: each must see and write the artifact root."""
+    from prefect_ray.context import remote_options
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from leccr.scaleout import alive_nodes, check_answers, probe_folder
+
+    token = uuid.uuid4().hex
+    with probe_folder(root, token) as folder:
+        futures = {}
+        for node in alive_nodes():
+            with remote_options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)):
+                futures[node] = storage_probe_task.submit(str(folder.parent), token, node)
+        return check_answers(folder, token, {node: future.result() for node, future in futures.items()})
 
 
 def _resources(cfg: ExperimentConfig, name: str):
@@ -66,27 +88,38 @@ def _resources(cfg: ExperimentConfig, name: str):
     return remote_options(num_cpus=wanted.num_cpus, num_gpus=wanted.num_gpus)
 
 
-@flow(name="leccr-stages")
-def leccr_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
-                 force: list[str] | None = None) -> dict[str, StageOutcome]:
+def _result(future) -> StageOutcome:
+    return future.result()
+
+
+def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
+               force: list[str] | None = None) -> dict[str, StageOutcome]:
+    """Submit every planned stage as soon as its upstream stages have finished (runs inside a flow)."""
     the_plan = plan(stages, force)
     if cfg.runner.kind == "ray" and cfg.runner.probe_storage:
-        from leccr.scaleout import check_shared_storage
-
-        check_shared_storage(cfg.artifacts_root, storage_probe_task)
+        probe_shared_storage(cfg.artifacts_root)
+    fingerprints = fingerprinter_for(cfg.artifacts_root)
     futures: dict[str, Any] = {}
-    for name in the_plan.order:
-        upstream = {up: futures[up] for up in upstream_of(name)}
+    for name in the_plan.order:  # topological: waiting here never blocks a stage that could start
+        inputs = {up: _result(futures[up]).artifact for up in upstream_of(name)}
+        parts = key_parts(cfg, name, inputs, fingerprints)
         forced = name in the_plan.forced
         with _resources(cfg, name):
             if is_sharded(name) and cfg.runner.shard_tasks > 1:
-                prepared = prepare_task.submit(cfg, name, upstream, forced)
-                slots = [shard_slot_task.submit(cfg, name, upstream, i, cfg.runner.shard_tasks, prepared)
+                prepared = prepare_task.submit(cfg, name, parts, forced)
+                slots = [shard_slot_task.submit(cfg, name, inputs, parts, i, cfg.runner.shard_tasks, prepared)
                          for i in range(cfg.runner.shard_tasks)]
-                futures[name] = stage_task.submit(cfg, name, upstream, False, slots)
+                futures[name] = stage_task.submit(cfg, name, inputs, parts, False, slots)
             else:
-                futures[name] = stage_task.submit(cfg, name, upstream, forced)
-    return {name: future.result() for name, future in futures.items()}
+                futures[name] = stage_task.submit(cfg, name, inputs, parts, forced)
+    return {name: _result(future) for name, future in futures.items()}
+
+
+@flow(name="leccr-stages")
+def leccr_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
+                 force: list[str] | None = None) -> dict[str, StageOutcome]:
+    """The stages under a task runner the running flow does not have (a deployment of a Ray experiment)."""
+    return run_stages(cfg, stages, force)
 
 
 def task_runner(cfg: ExperimentConfig):
@@ -98,6 +131,14 @@ def task_runner(cfg: ExperimentConfig):
             init_kwargs["num_cpus"] = cfg.runner.num_cpus
         return RayTaskRunner(address=cfg.runner.address, init_kwargs=init_kwargs)
     return ThreadPoolTaskRunner(max_workers=max(2, cfg.runner.shard_tasks))
+
+
+def _has_runner_for(cfg: ExperimentConfig) -> bool:
+    """Whether the running flow's task runner is the kind this config asks for."""
+    context = FlowRunContext.get()
+    runner = context.task_runner if context is not None else None
+    is_ray = type(runner).__name__ == "RayTaskRunner"
+    return is_ray == (cfg.runner.kind == "ray")
 
 
 def _summary_table(outcomes: dict[str, StageOutcome]) -> list[dict[str, Any]]:
@@ -119,12 +160,14 @@ def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
     those stages and everything downstream of them; `overrides` sets dotted config keys; `runner`
     ("local" | "ray") overrides `runner.kind`.
     """
-    logger = get_run_logger()
     overrides = dict(overrides or {})
     if runner is not None:
         overrides["runner.kind"] = runner
     cfg = load_config(config, overrides)
-    outcomes = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
+    if _has_runner_for(cfg):
+        outcomes = run_stages(cfg, stages, force)
+    else:  # started with the default runner (a deployment): the stages run under the configured one
+        outcomes = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
     record_run(cfg, outcomes)
     table = _summary_table(outcomes)
     slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())  # Prefect keys: a-z, 0-9, dashes
@@ -138,8 +181,6 @@ def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
     if evaluate is not None and (evaluate.artifact.path / "report.md").is_file():
         create_markdown_artifact(key=f"leccr-{slug}-report",
                                  markdown=artifact_markdown(evaluate.artifact.path))  # images inlined
-    for outcome in outcomes.values():
-        logger.info(outcome.describe())
     return {name: str(o.artifact.path) for name, o in outcomes.items()}
 
 

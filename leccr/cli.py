@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import graphlib
 import logging
 import os
 import sys
@@ -14,9 +15,10 @@ DESCRIPTION = """\
 Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefect pipeline.
 
   leccr demo                                   build demo data + tiny models, run every stage
-  leccr run --config C [--stage S] [--force S] [--set KEY=VALUE]
+  leccr run --config C [--stage S] [--force S] [--set KEY=VALUE] [--dry-run]
   leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
   leccr datasets check PATH --format F         validate a dataset folder
+  leccr gc [--yes]                             list/delete artifacts no experiment's latest run uses
   leccr build-tiny-models --out DIR --corpus-file F
 
 `leccr COMMAND --help` describes each command; -v shows library logs and tracebacks."""
@@ -26,26 +28,29 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 def stage_names() -> list[str]:
-    """The stages `leccr.pipeline.available_stages()` lists, read from the stage modules' source.
+    """`leccr.pipeline.stage_names()`, read from the stage modules' source instead of importing them.
 
-    Building the parser must stay cheap (every `leccr` call builds it): importing the stage modules
-    costs seconds of torch import. A stage is `stages/<module>.py` with a literal `UPSTREAM`; its
-    name is `NAME` (else the module's); each comes after its upstream stages."""
-    found: dict[str, tuple[str, ...]] = {}
+    Building the parser must stay cheap (every `leccr` call builds it) and importing the stage modules
+    costs seconds of torch import. Same rule as the pipeline: every module of `stages/` not starting
+    with "_" is a stage of that name; the order is topological over its literal `UPSTREAM`, sorted
+    within each ready set."""
+    upstream: dict[str, tuple[str, ...]] = {}
     for path in sorted((PROJECT / "stages").glob("*.py")):
-        assigned = {}
+        if path.stem.startswith("_"):
+            continue
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             target = node.target if isinstance(node, ast.AnnAssign) else (
                 node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-            if isinstance(target, ast.Name) and target.id in ("NAME", "UPSTREAM") and node.value is not None:
-                assigned[target.id] = ast.literal_eval(node.value)
-        if "UPSTREAM" in assigned:
-            found[assigned.get("NAME", path.stem)] = tuple(assigned["UPSTREAM"])
-    ordered: list[str] = []
-    while ready := [name for name, upstream in found.items()
-                    if name not in ordered and all(up in ordered for up in upstream)]:
-        ordered.append(ready[0])
-    return ordered
+            if isinstance(target, ast.Name) and target.id == "UPSTREAM" and node.value is not None:
+                upstream[path.stem] = tuple(ast.literal_eval(node.value))
+    graph = graphlib.TopologicalSorter(upstream)
+    graph.prepare()
+    order: list[str] = []
+    while graph.is_active():
+        ready = sorted(graph.get_ready())
+        order.extend(ready)
+        graph.done(*ready)
+    return order
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -69,22 +74,38 @@ def prepare_demo(root: Path = DEMO_ROOT, seed: int = 0) -> dict[str, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # The embedded default starts a temporary Prefect server; Prefect gives it 20 s, which a busy
-    # 2-core machine (CI, a laptop also extracting features) can miss. A user's own setting wins.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # The temporary server's telemetry service fails offline with an error and a traceback on every run.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.leccr import leccr
     from leccr.config import load_config
+    from leccr.pipeline import explain, run_pipeline
 
     overrides = _parse_sets(args.set)
     if args.runner:
         overrides["runner.kind"] = args.runner
     if args.ray_address:
         overrides["runner.address"] = args.ray_address
-    load_config(args.config, overrides)  # fail fast, before Prefect starts, on a bad config
-    paths = leccr(config=args.config, stages=args.stage or None, force=args.force or None,
-                  overrides=overrides or None)
+    cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts, on a bad config
+    stages, force = args.stage or None, args.force or None
+    planned = explain(cfg, stages, force)
+    if args.dry_run:
+        print(f"Plan for experiment {cfg.name} (artifacts under {Path(cfg.artifacts_root).absolute()}):")
+        for stage in planned:
+            print("  " + stage.line())
+        todo = [s.name for s in planned if s.status != "hit"]
+        print(f"{len(planned) - len(todo)} cached, {len(todo)} to run" + (f": {', '.join(todo)}" if todo else ""))
+        return 0
+    if all(stage.status == "hit" for stage in planned):
+        # Nothing to compute: no Prefect server, no flow run, just the bookkeeping of a run.
+        paths = {name: str(o.artifact.path) for name, o in run_pipeline(cfg, stages, force).items()}
+        print(f"All {len(planned)} stages are up to date (cache hits); nothing to run.")
+    else:
+        # The embedded default starts a temporary Prefect server; Prefect gives it 20 s, which a busy
+        # 2-core machine (CI, a laptop also extracting features) can miss. A user's own setting wins.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        # Offline, the temporary server's telemetry logs an error on every run.
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from flows.leccr import leccr, task_runner
+
+        paths = leccr.with_options(task_runner=task_runner(cfg))(
+            config=args.config, stages=stages, force=force, overrides=overrides or None)
     print("\nArtifacts:")
     for stage, path in paths.items():
         print(f"  {stage:<9} {path}")
@@ -97,11 +118,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from leccr.gc import collect, delete, human_size
+
+    garbage = collect(args.root)
+    if not garbage:
+        print(f"Nothing to collect under {Path(args.root).absolute()}: every artifact is referenced.")
+        return 0
+    for entry in garbage:
+        print(f"  {human_size(entry.bytes):>9}  {entry.artifact.stage}/{entry.artifact.key}  {entry.note}")
+    deletable = [e for e in garbage if e.deletable]
+    total = sum(e.bytes for e in deletable)
+    if not args.yes:
+        print(f"{len(deletable)} artifact(s), {human_size(total)}, referenced by no experiment's latest run; "
+              "delete them with --yes")
+        return 0
+    removed = delete(args.root, deletable)
+    print(f"Deleted {len(removed)} artifact(s), {human_size(sum(e.bytes for e in removed))}.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     prepared = prepare_demo(Path(args.root))
     print("Demo inputs ready:", ", ".join(f"{k}={v}" for k, v in prepared.items()))
     return cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[], runner=None,
-                                      ray_address=None))
+                                      ray_address=None, dry_run=False))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -205,7 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. train.seed=1 or translate.num_beams=4; repeatable")
     run.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
     run.add_argument("--ray-address", help="override runner.address: ray://host:10001, auto, ...")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print every planned stage with its key, cached or not, and why it would run; run nothing")
     run.set_defaults(handler=cmd_run)
+
+    gc = command("gc", "list (and with --yes delete) artifacts no experiment's latest run uses")
+    gc.add_argument("--root", default="artifacts", help="artifact root")
+    gc.add_argument("--yes", action="store_true", help="delete them (never a folder a running stage holds)")
+    gc.set_defaults(handler=cmd_gc)
 
     demo = command("demo", "build demo data and tiny models, then run every stage on them")
     demo.add_argument("--root", default=str(DEMO_ROOT),

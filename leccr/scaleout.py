@@ -3,15 +3,16 @@
 Shard tasks write their shards straight into the store, so a worker on a node whose disk is not
 the shared filesystem (NFS, Lustre, ...) would write shards nobody else sees. Before any stage runs,
 the driver writes a probe file, one task pinned to each alive node reads it and writes an answer,
-and the driver reads every answer back. Any failure stops the run with the node and the reason.
+and the driver reads every answer back. Any failure stops the run with the node and the reason. The
+tasks themselves are submitted by the flow (flows/leccr.py): this module does not import Prefect.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
-import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 PROBE_DIR = ".storage-probe"
@@ -51,37 +52,27 @@ def alive_nodes() -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
 
 
-def check_shared_storage(root: str | Path, probe_task: Callable, nodes: list[str] | None = None) -> dict[str, str]:
-    """Probe every alive Ray node (one Prefect task pinned to each); returns {node id: host name}.
-
-    `probe_task` is the Prefect task wrapping `answer_probe`; it is passed in because this module,
-    like every library module, does not import Prefect.
-    """
-    from prefect_ray.context import remote_options
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    root = Path(root).absolute()
-    token = uuid.uuid4().hex
-    probe_dir = root / PROBE_DIR
-    probe_dir.mkdir(parents=True, exist_ok=True)
-    (probe_dir / token).write_text(token, encoding="utf-8")
+@contextlib.contextmanager
+def probe_folder(root: str | Path, token: str) -> Iterator[Path]:
+    """Write the driver's probe file under the artifact root; remove it (and the answers) afterwards."""
+    folder = Path(root).absolute() / PROBE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / token).write_text(token, encoding="utf-8")
     try:
-        futures = {}
-        for node in nodes or alive_nodes():
-            with remote_options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)):
-                futures[node] = probe_task.submit(str(root), token, node)
-        hosts = {}
-        for node, future in futures.items():
-            hosts[node] = future.result()
-            if not (probe_dir / f"{token}-{node}").is_file():
-                raise SharedStorageError(
-                    f"node {node} ({hosts[node]}) wrote its probe answer, but the driver cannot see it under "
-                    f"{probe_dir}: that node's {root} is a different filesystem."
-                )
-        return hosts
+        yield folder
     finally:
-        for path in probe_dir.glob(f"{token}*"):
+        for path in folder.glob(f"{token}*"):
             path.unlink(missing_ok=True)
-        with_contents = any(probe_dir.iterdir())
-        if not with_contents:
-            shutil.rmtree(probe_dir, ignore_errors=True)
+        if not any(folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_answers(folder: Path, token: str, hosts: dict[str, str]) -> dict[str, str]:
+    """After every node's probe task returned its host name: the driver must see each answer file."""
+    for node, host in hosts.items():
+        if not (folder / f"{token}-{node}").is_file():
+            raise SharedStorageError(
+                f"node {node} ({host}) wrote its probe answer, but the driver cannot see it under "
+                f"{folder}: that node's {folder.parent} is a different filesystem."
+            )
+    return hosts

@@ -1,16 +1,20 @@
 """The content-addressed artifact store.
 
-Each stage output lives in `<root>/<stage>/<key>/`, where `key` hashes what produced it: the stage
-name, its `STAGE_VERSION`, its config section (less the fields that do not change output), the
-content of any model or dataset folder the section names, and the keys of its upstream artifacts —
-the idea behind Hugging Face `datasets` fingerprints. A complete `_manifest.json`, written last, marks
-a finished artifact: a later run with the same key does no work.
+Each stage output lives in `<root>/<stage>/<key>/`, where `key` hashes what produced it (`KeyParts`):
+the stage name, its code identity (`leccr.codeid`), its config section as the stage really uses it
+(fields that cannot change the output left out, files and folders by content), and the content digest
+of every upstream artifact — Hugging Face `datasets` fingerprints and DVC's stage lock in one. A
+complete `_manifest.json`, written last, marks a finished artifact and records every part of its key
+and the digest of what it holds: a later run with the same key does no work, and a run that differs
+can say why.
 
 Long stages write `part-NNNNN.parquet` shards through a temporary name and a rename, so a crash
 loses at most the shard in progress and a rerun skips the committed ones.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +31,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from leccr.config import Section, _PathMarker
+from leccr.fingerprint import Fingerprinter, hash_file
 from leccr.progress import progress
 from schemas.core import SCHEMA_VERSION, read_table, write_table
 from schemas.errors import ERRORS
@@ -34,72 +39,36 @@ from schemas.errors import ERRORS
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
+LOCK_FILE = ".lock"  # held (shared) by a running stage, so `leccr gc` leaves the folder alone
 KEY_LENGTH = 16  # hex digits of sha256 kept in folder names
-# Files bigger than this are fingerprinted by size plus their first and last MiB, not their full content.
-FULL_HASH_LIMIT = 16 * 2**20
-# Media files are fingerprinted by relative path and size: hashing 120k images per run is too slow,
-# and a re-encoded file changes size.
-MEDIA_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".mp4", ".avi", ".mkv", ".webm", ".mov"}
-)
+# The layout of artifact folders (shard names, manifest fields). Part of every key: bump it when the
+# store writes results differently, since leccr.store itself is not part of any stage's code identity.
+STORE_FORMAT = "2"
 
 
 class StageFailed(RuntimeError):
     """A stage could not finish; the message says why and what a rerun will do."""
 
 
-# ------------------------------------------------------------------------------------- hashing
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        if size <= FULL_HASH_LIMIT:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-        else:
-            digest.update(f"size={size}".encode())
-            digest.update(handle.read(2**20))
-            handle.seek(size - 2**20)
-            digest.update(handle.read(2**20))
-    return digest.hexdigest()
+# ------------------------------------------------------------------------------------- keys
+def resolve_section(section: BaseModel, fingerprints: Fingerprinter) -> dict[str, Any]:
+    """A section as its stage really uses it, as plain JSON data.
 
-
-def fingerprint_path(path: str | Path) -> str:
-    """Content fingerprint of a file or folder, independent of where it lies on disk.
-
-    Folders: every file by relative path and content (media files by relative path and size).
-    A missing path is an error: a key must never be computed from something that is not there.
+    Left out: `NON_OUTPUT_FIELDS` (batch sizes, devices, thresholds) and the fields the section's
+    current choices leave unused (`Section.unused_fields`: the other engine's settings). Content
+    paths become `{"content": <fingerprint>}`, so moving a model keeps the key and editing it does not.
     """
-    path = Path(path)
-    if path.is_file():
-        return _file_digest(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"cannot fingerprint {path}: no such file or folder")
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        relative = file.relative_to(path).as_posix()
-        if any(part.startswith(".") for part in file.relative_to(path).parts):
-            continue  # temp files, caches
-        if file.suffix.lower() in MEDIA_SUFFIXES:
-            entry = f"{relative}\0size={file.stat().st_size}"
-        else:
-            entry = f"{relative}\0{_file_digest(file)}"
-        digest.update(entry.encode() + b"\n")
-    return digest.hexdigest()
-
-
-def _resolved(section: BaseModel) -> Any:
-    """The section as plain JSON data, with content paths replaced by their content fingerprints."""
 
     def walk(model: BaseModel) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        exclude = getattr(model, "NON_OUTPUT_FIELDS", frozenset())
+        skip = set(getattr(model, "NON_OUTPUT_FIELDS", frozenset()))
+        if isinstance(model, Section):
+            skip |= model.unused_fields()
         for name, info in type(model).model_fields.items():
-            if name in exclude:
+            if name in skip:
                 continue
-            value = getattr(model, name)
             is_path = any(isinstance(meta, _PathMarker) for meta in info.metadata) or _mentions_path(info.annotation)
-            out[name] = convert(value, is_path)
+            out[name] = convert(getattr(model, name), is_path)
         return out
 
     def convert(value: Any, is_path: bool) -> Any:
@@ -110,7 +79,7 @@ def _resolved(section: BaseModel) -> Any:
         if isinstance(value, (list, tuple)):
             return [convert(v, is_path) for v in value]
         if is_path and isinstance(value, str):
-            return {"content": fingerprint_path(value)}
+            return {"content": fingerprints.path(value)}
         if value is None or isinstance(value, (str, int, float, bool)):
             return value
         raise TypeError(f"cannot hash config value {value!r} of type {type(value).__name__}")
@@ -129,15 +98,75 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def compute_key(stage: str, version: str, section: BaseModel, upstream: dict[str, str]) -> str:
-    """The cache key of a stage output: sha256 of stage@version, the resolved section and upstream keys."""
-    payload = canonical_json(
-        {"stage": f"{stage}@{version}", "config": _resolved(section), "upstream": dict(sorted(upstream.items()))}
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+@dataclass(frozen=True)
+class KeyParts:
+    """Everything a stage output's key hashes; the manifest keeps each part, so a new key can say why."""
+
+    stage: str
+    code: str  # leccr.codeid.code_digest of the stage module
+    config: dict[str, Any]  # the section as the stage uses it (resolve_section, plus stage extras)
+    upstream: dict[str, str]  # upstream stage -> content digest of the artifact it read
+    # {module: digest} behind `code`, kept in the manifest so a new key can name the changed modules
+    code_modules: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def key(self) -> str:
+        payload = canonical_json({"stage": self.stage, "store_format": STORE_FORMAT, "code": self.code,
+                                  "config": self.config, "upstream": dict(sorted(self.upstream.items()))})
+        return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def content_digest(folder: Path) -> str:
+    """Digest of what an artifact holds: every file but the manifest (hidden files skipped)."""
+    hasher = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = file.relative_to(folder)
+        if relative.as_posix() == MANIFEST or any(part.startswith(".") for part in relative.parts):
+            continue
+        hasher.update(f"{relative.as_posix()}\0{hash_file(file)}\n".encode())
+    return hasher.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- files
+@contextlib.contextmanager
+def stage_lock(folder: Path) -> Iterator[None]:
+    """Hold a shared lock on `<folder>/.lock` while a stage writes into the folder.
+
+    `leccr gc` takes the lock exclusively without waiting, so it never deletes a folder a running
+    stage holds; several shard tasks of one stage share it.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[bool]:
+    """Try to take `<folder>/.lock` exclusively without waiting: yields False while a stage holds it."""
+    with open(folder / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_locked(folder: Path) -> bool:
+    """True when a running stage holds `<folder>/.lock` (see stage_lock)."""
+    if not (folder / LOCK_FILE).is_file():
+        return False
+    with exclusive(folder) as free:
+        return not free
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -199,6 +228,11 @@ class Artifact:
     def manifest(self) -> dict[str, Any]:
         return json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
 
+    @property
+    def content_digest(self) -> str:
+        """Digest of what the finished artifact holds (recorded in its manifest when it was written)."""
+        return self.manifest["content_digest"]
+
 
 # ------------------------------------------------------------------------------------- shards
 T = TypeVar("T")
@@ -245,6 +279,7 @@ class StageContext:
     inputs: dict[str, Artifact]
     out_dir: Path
     log: logging.Logger
+    key_parts: KeyParts | None = None  # what the key hashes (recorded in the manifest)
     summary: dict[str, Any] = field(default_factory=dict)  # stage-specific facts for the manifest and log
     # (slot, slots): this process computes only shards with index % slots == slot and finalises
     # nothing — the scale-out runner maps a stage's shards onto several tasks this way, then one
@@ -362,16 +397,24 @@ class Store:
             os.replace(artifact.path, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def iter_artifacts(self, stage: str) -> Iterator[Artifact]:
-        folder = self.root / stage
-        if folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                if path.is_dir() and not path.name.startswith(".") and (path / MANIFEST).is_file():
-                    yield Artifact(stage, path.name, path)
+    def artifacts(self) -> list[Artifact]:
+        """Every artifact folder of every stage under this root, complete or not (hidden ones skipped)."""
+        found = []
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []:
+            if stage_dir.name.startswith(".") or stage_dir.name == "runs":
+                continue
+            found.extend(Artifact(stage_dir.name, p.name, p) for p in sorted(stage_dir.iterdir())
+                         if p.is_dir() and not p.name.startswith("."))
+        return found
 
 
-def write_manifest(ctx: StageContext, version: str, started: float, extra: dict[str, Any]) -> None:
-    """Write `_manifest.json` last: its presence is what marks the artifact complete."""
+def write_manifest(ctx: StageContext, started: float) -> None:
+    """Write `_manifest.json` last: its presence is what marks the artifact complete.
+
+    It records every part of the key (code digest, the config as used, upstream keys and digests) and
+    the content digest of what the folder now holds, which downstream keys are made from.
+    """
+    parts = ctx.key_parts
     files = {}
     for parquet in sorted(ctx.out_dir.rglob("*.parquet")):
         relative = parquet.relative_to(ctx.out_dir)
@@ -380,15 +423,18 @@ def write_manifest(ctx: StageContext, version: str, started: float, extra: dict[
     manifest = {
         "stage": ctx.stage,
         "key": ctx.key,
-        "stage_version": version,
+        "store_format": STORE_FORMAT,
         "schema_version": SCHEMA_VERSION,
+        "code_digest": parts.code if parts else None,
+        "code_modules": parts.code_modules if parts else {},
         "config": ctx.section.model_dump(mode="json"),
-        "key_config": _resolved(ctx.section),
+        "key_config": parts.config if parts else None,
         "upstream": {name: artifact.key for name, artifact in sorted(ctx.inputs.items())},
+        "upstream_digests": dict(sorted(parts.upstream.items())) if parts else {},
+        "content_digest": content_digest(ctx.out_dir),
         "rows": files,
         "seconds": round(time.time() - started, 3),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "summary": ctx.summary,
-        **extra,
     }
     atomic_write_text(ctx.out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")

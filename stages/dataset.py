@@ -14,8 +14,6 @@ from leccr.config import DatasetConfig, ExperimentConfig
 from leccr.store import StageContext
 from schemas.dataset import CAPTIONS, ITEMS
 
-NAME = "dataset"
-STAGE_VERSION = "1"
 UPSTREAM: tuple[str, ...] = ()
 
 

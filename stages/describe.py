@@ -30,8 +30,6 @@ from schemas.core import read_table
 from schemas.dataset import ITEMS
 from schemas.describe import DESCRIPTIONS
 
-NAME = "describe"
-STAGE_VERSION = "1"
 UPSTREAM = ("dataset",)
 SHARDED = True
 

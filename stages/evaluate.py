@@ -33,15 +33,14 @@ import torch
 from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
 from leccr.metrics import ScoreBlock, chance_sumr, chunked_ranks, recall_metrics, topk_items, topk_texts
 from leccr.report import write_report
+from leccr.fingerprint import Fingerprinter
 from leccr.hub import model_path
-from leccr.store import StageContext, StageFailed, fingerprint_path
+from leccr.store import StageContext, StageFailed
 from schemas.core import read_table
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.evaluate import METRICS, WORST_QUERIES
 
-NAME = "evaluate"
-STAGE_VERSION = "2"  # 2: MedR as the papers count it; report plots and tables reworked
-UPSTREAM = ("dataset", "features", "train")
+UPSTREAM = ("dataset", "describe", "features", "train")
 DIRECTIONS = ("text_to_visual", "visual_to_text")
 
 
@@ -78,7 +77,7 @@ class SplitData:
 
 def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
     """The split's items, features, descriptions and captions, through the features reader."""
-    from leccr.data import FeatureTables, load_eval_captions, load_eval_items
+    from leccr.data import FeatureTables, load_eval_captions, load_eval_items, query_caption_kind
 
     dataset, features = ctx.inputs["dataset"], ctx.inputs["features"]
     tables = FeatureTables.open(features.path)
@@ -103,7 +102,7 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
         if not kinds:
             raise StageFailed(f"evaluate: no captions in language {lang!r} for split {cfg.split!r} "
                               f"(languages with captions there: {present})")
-        kind = cfg.caption_kind if cfg.caption_kind != "auto" else ("human" if "human" in kinds else "mt")
+        kind = query_caption_kind(tables, lang, cfg.split, cfg.caption_kind)
         if kind not in kinds:
             raise StageFailed(f"evaluate: no {kind} captions in language {lang!r} for split {cfg.split!r} "
                               f"(languages with captions there: {present})")
@@ -125,25 +124,12 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
 
 
 def _description_texts(ctx: StageContext, item_ids: list[str]) -> dict[str, str]:
-    """Item id -> its description text (views joined), for the error analysis; {} if not reachable."""
-    # The features artifact keeps token ids only; the texts live in the describe artifact, which is
-    # not an input of this stage. Its manifest names the describe key it was built from.
+    """Item id -> its description text (views joined), for the error analysis."""
     import pyarrow.parquet as pq
 
-    features = ctx.inputs["features"]
-    try:
-        describe_key = features.manifest.get("upstream", {}).get("describe")
-    except (OSError, ValueError):
-        return {}
-    if not describe_key:
-        return {}
-    folder = features.path.parent.parent / "describe" / describe_key
-    parts = sorted(folder.glob("part-*.parquet"))
-    if not parts:
-        return {}
     wanted = set(item_ids)
     texts: dict[str, list[str]] = {}
-    for part in parts:
+    for part in ctx.inputs["describe"].parts():
         for row in pq.read_table(part, columns=["item_id", "view_id", "description"]).to_pylist():
             if row["item_id"] in wanted:
                 texts.setdefault(row["item_id"], []).append(f"[{row['view_id']}] {row['description']}")
@@ -359,8 +345,10 @@ def load_model(method_dir: Path):
 def _load_history(method_dir: Path) -> pa.Table | None:
     import pyarrow.parquet as pq
 
+    from schemas.train import check_history
+
     path = method_dir / "history.parquet"
-    return pq.read_table(path) if path.is_file() else None
+    return check_history(pq.read_table(path), str(path)) if path.is_file() else None
 
 
 def run(ctx: StageContext) -> None:
@@ -393,8 +381,9 @@ def run(ctx: StageContext) -> None:
         del model
     if cfg.zero_shot is not None:
         zs = cfg.zero_shot
-        checkpoint = ("zs-" + fingerprint_path(model_path(zs.text_model))[:8] + "-"
-                      + fingerprint_path(model_path(zs.vision_model))[:8])
+        fingerprints = Fingerprinter()
+        checkpoint = ("zs-" + fingerprints.path(model_path(zs.text_model))[:8] + "-"
+                      + fingerprints.path(model_path(zs.vision_model))[:8])
         texts, visual_emb = encode_zero_shot(zs, data, cfg.batch_size, device)
         evaluate_embeddings(result, zs.name, checkpoint, data, cfg, texts, visual_emb, None, {"global": 1.0}, device)
 

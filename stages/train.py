@@ -26,13 +26,26 @@ from leccr.config import ExperimentConfig, TrainConfig
 from leccr.hub import ModelNotFound, model_path
 from leccr.store import StageContext, StageFailed
 
-NAME = "train"
-STAGE_VERSION = "1"
 UPSTREAM = ("dataset", "features")
 
 
 def section(cfg: ExperimentConfig) -> TrainConfig:
-    return cfg.train
+    """`train` with its defaults from other sections resolved: the text encoder (features.text_model)
+    and the validation queries' caption kind (evaluate.caption_kind)."""
+    return cfg.train.model_copy(update={
+        "text_encoder": cfg.train.text_encoder or cfg.features.text_model,
+        "val_caption_kind": cfg.train.val_caption_kind or cfg.evaluate.caption_kind})
+
+
+def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
+    """What the model of each method really is: the bundled JSON, then the preset, then the overrides,
+    resolved (the visual input width comes from the features artifact, an upstream), and the epochs."""
+    from leccr.models import get_model_config
+
+    train = cfg.train
+    models = {method: get_model_config(train.model_name(method), **train.model_overrides(method)).model_dump(mode="json")
+              for method in train.methods}
+    return {"resolved_models": models, "resolved_epochs": train.resolved_epochs}
 
 
 def training_languages(features_dir: Path, wanted: list[str] | None) -> list[str]:
@@ -54,16 +67,14 @@ def training_languages(features_dir: Path, wanted: list[str] | None) -> list[str
     return list(wanted)
 
 
-def text_encoder_path(cfg: TrainConfig, features_manifest: dict) -> str:
-    """The text encoder's local folder: train.text_encoder, else features.text_model (a folder or hub id)."""
-    if cfg.text_encoder is not None:
-        return str(_resolve(cfg.text_encoder, "train.text_encoder"))
-    spec = features_manifest.get("config", {}).get("text_model")
-    if not spec:
+def text_encoder_path(cfg: TrainConfig) -> str:
+    """The shared text encoder's local folder: train.text_encoder (resolved to features.text_model by
+    `section`), a folder or a hub id."""
+    if not cfg.text_encoder:
         raise StageFailed("train: no text encoder: set train.text_encoder (the features stage has no text_model)")
-    path = _resolve(spec, "features.text_model")
+    path = _resolve(cfg.text_encoder, "train.text_encoder")
     if not (path / "config.json").is_file():
-        raise StageFailed(f"train: text encoder folder {spec} (features.text_model) has no config.json; "
+        raise StageFailed(f"train: text encoder folder {cfg.text_encoder} has no config.json; "
                           "set train.text_encoder to the encoder's folder")
     return str(path)
 
@@ -85,7 +96,7 @@ def build_jobs(ctx: StageContext) -> list:
     info = json.loads((features.path / "features_info.json").read_text(encoding="utf-8"))
     visual_dim = int(info["visual"]["visual_dim"])
     languages = training_languages(features.path, cfg.languages)
-    encoder = text_encoder_path(cfg, features.manifest)
+    encoder = text_encoder_path(cfg)
     jobs = []
     for method in cfg.methods:
         overrides = {"visual_input_dim": visual_dim, **cfg.model_overrides(method)}

@@ -21,8 +21,6 @@ from schemas.core import read_table
 from schemas.dataset import CAPTIONS
 from schemas.translate import TRANSLATIONS
 
-NAME = "translate"
-STAGE_VERSION = "1"
 UPSTREAM = ("dataset",)
 SHARDED = True
 
@@ -31,9 +29,24 @@ def section(cfg: ExperimentConfig) -> TranslateConfig:
     return cfg.translate
 
 
+def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
+    """The target languages, and under `import` each language's translation file by content (the
+    path template itself is not hashed: moving the files keeps the key, editing one changes it)."""
+    extra: dict = {"languages": list(cfg.dataset.languages)}
+    if cfg.translate.engine == "import" and cfg.translate.import_path is not None:
+        files = {}
+        for lang in cfg.dataset.languages:
+            path = Path(cfg.translate.import_path.format(lang=lang))
+            if not path.is_file():
+                raise FileNotFoundError(f"translate.import_path: no {lang} translation file {path}")
+            files[lang] = {"content": fingerprints.path(path)}
+        extra["import_files"] = files
+    return extra
+
+
 def target_languages(ctx: StageContext) -> list[str]:
-    # The dataset artifact's own config says which target languages this experiment uses; it is
-    # upstream, so its key already covers this choice.
+    # The dataset artifact's own config says which target languages this experiment uses (in this
+    # stage's key too: see key_config).
     return list(ctx.inputs["dataset"].manifest["config"]["languages"])
 
 

@@ -17,5 +17,13 @@ def dataset_artifact(folder: Path, items: list[dict], captions: list[dict], lang
     captions = [{"kind": "human", **row} for row in captions]
     write_table(pa.Table.from_pylist(items, schema=ITEMS), folder / "items.parquet", ITEMS)
     write_table(pa.Table.from_pylist(captions, schema=CAPTIONS), folder / "captions.parquet", CAPTIONS)
-    (folder / "_manifest.json").write_text(json.dumps({"config": {"languages": languages}, "rows": {}}))
-    return Artifact("dataset", key, folder)
+    return finish_handmade("dataset", folder, key, config={"languages": languages})
+
+
+def finish_handmade(stage: str, folder: Path, key: str, **manifest) -> Artifact:
+    """Mark a hand-built folder complete: a manifest with the content digest downstream keys hash."""
+    from leccr.store import content_digest
+
+    manifest = {"config": {}, "rows": {}, "summary": {}, **manifest, "content_digest": content_digest(folder)}
+    (folder / "_manifest.json").write_text(json.dumps(manifest))
+    return Artifact(stage, key, folder)

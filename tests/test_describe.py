@@ -18,7 +18,9 @@ from leccr.config import DescribeConfig
 from leccr.engines.mllm import (Request, SamplingConfig, TransformersMLLM, chat_prompt, load_imported_descriptions,
                                 request_seed)
 from leccr.media import load_image, sample_frames
-from leccr.store import Artifact, StageContext, StageFailed, compute_key
+from leccr.fingerprint import Fingerprinter
+from leccr.store import Artifact, KeyParts, StageContext, StageFailed, resolve_section
+from tests.builders import finish_handmade
 from leccr.tiny_models.mllm import build_tiny_llava
 from schemas.core import read_table, write_table
 from schemas.dataset import CAPTIONS, ITEMS
@@ -54,7 +56,7 @@ def make_dataset(folder: Path, n_images: int = 3, n_videos: int = 2, broken: boo
                    "path": str(media / "missing.png"), "feature_path": None}]
     write_table(pa.Table.from_pylist(items, schema=ITEMS), folder / "items.parquet", ITEMS)
     write_table(CAPTIONS.empty_table(), folder / "captions.parquet", CAPTIONS)
-    return Artifact("dataset", "test", folder)
+    return finish_handmade("dataset", folder, "test")
 
 
 def make_context(cfg: DescribeConfig, dataset: Artifact, out: Path) -> StageContext:
@@ -180,9 +182,18 @@ def test_cache_key_follows_prompts_and_sampling_not_batching(tiny_llava):
     base = small_config(tiny_llava)
 
     def key(cfg):
-        return compute_key("describe", describe.STAGE_VERSION, cfg, {"dataset": "d"})
+        return KeyParts("describe", "code", resolve_section(cfg, Fingerprinter()), {"dataset": "d"}).key
 
     assert key(base) == key(small_config(tiny_llava, batch_size=1, decode_workers=4, gpu_memory_utilization=0.3))
+    # greedy decoding: seed and top_p draw nothing; vLLM-only settings do not touch the transformers engine
+    assert key(base) == key(small_config(tiny_llava, seed=7, top_p=0.5, max_model_len=64))
+    # sampling with transformers: one random stream per batch, so the batch size is in the key
+    sampled = small_config(tiny_llava, temperature=0.7)
+    assert key(sampled) != key(small_config(tiny_llava, temperature=0.7, batch_size=1))
+    assert key(sampled) != key(small_config(tiny_llava, temperature=0.7, seed=7))
+    # import: only the file (by content) and its view matter
+    imported = DescribeConfig(engine="import", import_path=str(tiny_llava / "config.json"))
+    assert key(imported) == key(imported.model_copy(update={"max_tokens": 3, "model": "elsewhere", "num_frames": 2}))
     assert key(base) != key(small_config(tiny_llava, image_views={**TWO_VIEWS, "scene": "Where was it taken?"}))
     assert key(base) != key(small_config(tiny_llava, temperature=0.7))
     assert key(base) != key(small_config(tiny_llava, num_frames=4))

@@ -2,7 +2,6 @@
 report, zero-shot mode."""
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -56,8 +55,7 @@ def artifacts(tmp_path_factory):
     text.append(caption("i0", "e0", "test", "de", "mt", token_ids("roter kreis"), "translate"))
     descriptions = {"i0": ("test", token_ids("a red circle")), "i1": ("test", token_ids("a blue circle"))}
     features_dir = write_artifact(root / "artifacts" / "features" / "feat", visual, text, descriptions)
-    # The description texts live in the describe artifact the features manifest names.
-    (features_dir / "_manifest.json").write_text(json.dumps({"upstream": {"describe": "dk"}}))
+    # The description texts live in the describe artifact (an upstream of evaluate).
     write_table(pa.Table.from_pylist([
         {"item_id": item, "view_id": "detailed", "prompt": "p", "description": f"a {colour} thing", "n_tokens": None,
          "engine": "import", "model": None, "sampling": "{}", "seed": None, "seconds": 0.0}
@@ -96,9 +94,10 @@ def zero_shot_pair(artifacts):
 def make_context(tmp_path, section, dataset, features, train) -> StageContext:
     out = tmp_path / "evaluate"
     out.mkdir()
+    describe = Artifact("describe", "dk", features.path.parent.parent / "describe" / "dk")
     return StageContext(stage="evaluate", key="k", section=section,
-                        inputs={"dataset": dataset, "features": features, "train": train}, out_dir=out,
-                        log=logging.getLogger("test.evaluate"))
+                        inputs={"dataset": dataset, "describe": describe, "features": features, "train": train},
+                        out_dir=out, log=logging.getLogger("test.evaluate"))
 
 
 def test_zero_shot_metrics_equal_full_matrix(tmp_path, artifacts, zero_shot_pair):
@@ -251,8 +250,9 @@ def test_stage_with_trained_methods(tmp_path, artifacts, bert_path, monkeypatch)
     for method in ("leccr", "baseline", "cl2cm"):
         (train_dir / method).mkdir(parents=True)
         (train_dir / method / "model.safetensors").write_bytes(b"")
-        pq.write_table(pa.table({"step": [1, 2, 3], "loss_total": [3.0, 2.0, 1.5]}),
-                       train_dir / method / "history.parquet")
+        history = pa.table({"method": [method] * 3, "kind": ["train"] * 3, "step": pa.array([1, 2, 3], pa.int64()),
+                            "epoch": pa.array([1, 1, 2], pa.int32()), "lr": [1e-3] * 3, "loss_total": [3.0, 2.0, 1.5]})
+        pq.write_table(history, train_dir / method / "history.parquet")
         models[method] = tiny_model(method, bert_path, **({"score_alpha": 0.9} if method == "leccr" else {}))
     monkeypatch.setattr(evaluate, "load_model", lambda method_dir: models[method_dir.name])
     section = EvaluateConfig(ks=[1, 5, 10], chunk_size=3, device="cpu")

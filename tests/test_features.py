@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-import stages.features as features_stage
-from leccr.config import ExperimentConfig, FeaturesConfig
+import stages.visual as visual_stage
+from leccr.config import ExperimentConfig, FeaturesConfig, VisualConfig
 from leccr.data import TrainingDataset, load_eval_items
 from leccr.features.vision import VisionEncoder
 from leccr.pipeline import run_stage
-from leccr.store import Artifact, StageFailed
+from leccr.fingerprint import Fingerprinter
+from leccr.store import Artifact, StageFailed, resolve_section
+from tests.builders import finish_handmade
 from schemas.core import write_table
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.describe import DESCRIPTIONS
@@ -71,8 +73,9 @@ def inputs(tmp_path):
                                        ("t1", "scene", "a cyan square")]]
     describe_dir = tmp_path / "describe"
     write_table(pa.Table.from_pylist(descriptions, DESCRIPTIONS), describe_dir / "part-00000.parquet", DESCRIPTIONS)
-    return {"dataset": Artifact("dataset", "dskey", dataset_dir), "translate": Artifact("translate", "trkey", translate_dir),
-            "describe": Artifact("describe", "dekey", describe_dir), "media": media}
+    return {"dataset": finish_handmade("dataset", dataset_dir, "dskey", config={"languages": ["de"]}),
+            "translate": finish_handmade("translate", translate_dir, "trkey"),
+            "describe": finish_handmade("describe", describe_dir, "dekey"), "media": media}
 
 
 def experiment(tmp_path, models, **features) -> ExperimentConfig:
@@ -82,8 +85,15 @@ def experiment(tmp_path, models, **features) -> ExperimentConfig:
                             dataset={"format": "multi30k", "path": str(tmp_path)}, features=settings)
 
 
+def run_visual(cfg, inputs, **kwargs):
+    return run_stage(cfg, "visual", {"dataset": inputs["dataset"]}, **kwargs)
+
+
 def run(cfg, inputs, **kwargs):
-    return run_stage(cfg, "features", {k: v for k, v in inputs.items() if k != "media"}, **kwargs)
+    """The visual stage, then features on its artifact (as the pipeline runs them)."""
+    visual = run_visual(cfg, inputs, **kwargs)
+    inputs = {k: v for k, v in inputs.items() if k != "media"}
+    return run_stage(cfg, "features", {**inputs, "visual": visual.artifact}, **kwargs)
 
 
 def test_stage_writes_visual_text_and_descriptions(tmp_path, models, inputs):
@@ -144,38 +154,46 @@ def test_stage_writes_visual_text_and_descriptions(tmp_path, models, inputs):
 
 def test_text_setting_change_reuses_visual_features(tmp_path, models, inputs, monkeypatch):
     first = run(experiment(tmp_path, models), inputs)
+    visual = run_visual(experiment(tmp_path, models), inputs)
+    assert visual.cache_hit
 
     def no_vision(*args, **kwargs):
-        raise AssertionError("the vision tower must not run: the visual cache should be reused")
+        raise AssertionError("the vision tower must not run: the visual artifact should be reused")
 
-    monkeypatch.setattr(features_stage, "VisionEncoder", no_vision)
+    monkeypatch.setattr(visual_stage, "VisionEncoder", no_vision)
     second = run(experiment(tmp_path, models, max_length=8, description_join="first"), inputs)
     assert second.artifact.key != first.artifact.key
-    assert second.artifact.manifest["summary"]["visual_cache"] == "reused"
-    assert first.artifact.manifest["summary"]["visual_cache"] == "computed"
+    assert second.artifact.manifest["upstream"]["visual"] == visual.artifact.key
     for part in (first.artifact.path / "visual").glob("part-*.parquet"):
-        # the very same file (a hard link to the shared cache), not a recomputation or copy
+        # the very same file (a hard link to the visual artifact), not a recomputation or copy
         assert part.stat().st_ino == (second.artifact.path / "visual" / part.name).stat().st_ino
     text = pq.read_table(second.artifact.path / "text" / "part-00000.parquet")
     assert max(text.column("n_tokens").to_pylist()) <= 8
-    # --force: the lead's runner can drop the shared visual folder so the vision tower runs again
-    removed = features_stage.discard_visual_cache(tmp_path / "artifacts", experiment(tmp_path, models).features, "dskey")
-    assert removed is not None and not removed.exists()
-    assert (first.artifact.path / "visual" / "part-00000.parquet").is_file()  # links survive
+    # --force visual recomputes it (the links of the features artifacts survive)
+    with pytest.raises(StageFailed, match="must not run"):
+        run_visual(experiment(tmp_path, models), inputs, force=True)
+    assert (first.artifact.path / "visual" / "part-00000.parquet").is_file()
     # a visual setting change does compute new visual features
     with pytest.raises(StageFailed, match="must not run"):
         run(experiment(tmp_path, models, visual_output="pooled"), inputs)
 
 
-def test_visual_key_depends_only_on_visual_fields():
-    assert set(features_stage.VisualSettings.model_fields) == set(FeaturesConfig.VISUAL_FIELDS)
+def test_visual_section_holds_only_visual_fields():
+    visual_fields = set(VisualConfig.model_fields) - VisualConfig.NON_OUTPUT_FIELDS
+    assert visual_fields == set(FeaturesConfig.VISUAL_FIELDS)
     base = FeaturesConfig(visual_source="import")
-    key = features_stage.visual_key(base, "ds")
-    for change in ({"max_length": 10}, {"description_states": True}, {"text_shard_size": 5}, {"batch_size": 1}):
-        assert features_stage.visual_key(base.model_copy(update=change), "ds") == key, change
-    for change in ({"visual_output": "pooled"}, {"visual_dtype": "float16"}, {"shard_size": 3}):
-        assert features_stage.visual_key(base.model_copy(update=change), "ds") != key, change
-    assert features_stage.visual_key(base, "other-dataset") != key
+
+    def key_data(features):
+        return resolve_section(VisualConfig.of(features), Fingerprinter())
+
+    for change in ({"max_length": 10}, {"description_states": True}, {"text_shard_size": 5}, {"batch_size": 1},
+                   {"visual_output": "pooled"}, {"num_frames": 3}):  # import: no tower, no frame sampling
+        assert key_data(base.model_copy(update=change)) == key_data(base), change
+    for change in ({"visual_dtype": "float16"}, {"shard_size": 3}):
+        assert key_data(base.model_copy(update=change)) != key_data(base), change
+    model = FeaturesConfig(vision_model="/nonexistent", visual_source="model")
+    assert "vision_model" not in VisualConfig.of(model).unused_fields()
+    assert "import_path" in VisualConfig.of(model).unused_fields()
 
 
 def test_resume_after_a_failed_shard(tmp_path, models, inputs, monkeypatch):
@@ -192,13 +210,14 @@ def test_resume_after_a_failed_shard(tmp_path, models, inputs, monkeypatch):
     monkeypatch.setattr(VisionEncoder, "encode", failing_second_shard)
     with pytest.raises(StageFailed, match="simulated crash"):
         run(cfg, inputs)
-    cache = next((tmp_path / "artifacts" / "features-visual").iterdir())
+    cache = next((tmp_path / "artifacts" / "visual").iterdir())
     assert [p.name for p in sorted(cache.glob("part-*.parquet"))] == ["part-00000.parquet"]
     kept = (cache / "part-00000.parquet").stat().st_mtime_ns
     monkeypatch.setattr(VisionEncoder, "encode", original)
     outcome = run(cfg, inputs)
     assert (cache / "part-00000.parquet").stat().st_mtime_ns == kept  # not recomputed
-    assert outcome.artifact.manifest["summary"]["visual_shards_resumed"] == 1
+    assert (cache / "_manifest.json").is_file() and (outcome.artifact.path / "visual" / "part-00002.parquet").is_file()
+    assert Artifact("visual", cache.name, cache).manifest["summary"]["shards_resumed"] == 1
     fresh = run(experiment(tmp_path / "fresh", models), inputs)
     for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
         assert pq.read_table(outcome.artifact.path / "visual" / name).equals(
@@ -232,7 +251,7 @@ def test_import_of_pre_extracted_features(tmp_path, models, inputs):
     per_item = tmp_path / "dataset2"
     write_table(pa.Table.from_pylist(items, ITEMS), per_item / "items.parquet", ITEMS)
     (per_item / "captions.parquet").write_bytes(inputs["dataset"].file("captions.parquet").read_bytes())
-    inputs2 = {**inputs, "dataset": Artifact("dataset", "dskey2", per_item)}
+    inputs2 = {**inputs, "dataset": finish_handmade("dataset", per_item, "dskey2")}
     outcome = run(experiment(tmp_path, models, visual_source="import"), inputs2)
     dataset = TrainingDataset(outcome.artifact.path, "de")
     sample = dataset[[dataset.item_ids[dataset[i]["item_index"]] for i in range(len(dataset))].index("c")]
@@ -268,7 +287,7 @@ def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, out
     write_table(pa.Table.from_pylist([{"item_id": "v", "caption_id": "v0", "split": "train", "lang": "en",
                                        "text": "a red square", "kind": "human"}], CAPTIONS),
                 folder / "captions.parquet", CAPTIONS)
-    inputs = {**inputs, "dataset": Artifact("dataset", "videokey", folder)}
+    inputs = {**inputs, "dataset": finish_handmade("dataset", folder, "videokey")}
     outcome = run(experiment(tmp_path, models, num_frames=3, visual_output=output), inputs)
     visual = pq.read_table(outcome.artifact.path / "visual" / "part-00000.parquet")
     assert visual.schema.field("features").type == pa.list_(pa.float32(), 3 * tokens_per_frame * 64)
@@ -281,17 +300,17 @@ def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, out
 
 
 def test_scale_out_slots_then_finish_equal_a_plain_run(tmp_path, models, inputs):
-    from leccr.pipeline import run_stage_slot
+    from leccr.pipeline import key_parts, run_stage_slot
 
     cfg = experiment(tmp_path / "slots", models)
-    plain_inputs = {k: v for k, v in inputs.items() if k != "media"}
+    parts = key_parts(cfg, "visual", {"dataset": inputs["dataset"]}, Fingerprinter())
     for slot in (0, 1):
-        run_stage_slot(cfg, "features", plain_inputs, slot, 2)
-    cache = next((tmp_path / "slots" / "artifacts" / "features-visual").iterdir())
+        run_stage_slot(cfg, "visual", {"dataset": inputs["dataset"]}, parts, slot, 2)
+    cache = tmp_path / "slots" / "artifacts" / "visual" / parts.key
     # every visual shard committed by one of the two slots; nothing finalised yet
     assert len(list(cache.glob("part-*.parquet"))) == 3 and not (cache / "_manifest.json").exists()
     finished = run(cfg, inputs)
-    assert finished.artifact.manifest["summary"]["visual_shards_resumed"] == 3
+    assert Artifact("visual", parts.key, cache).manifest["summary"]["shards_resumed"] == 3
     plain = run(experiment(tmp_path / "plain", models), inputs)
     for sub in ("visual", "text", "descriptions"):
         for part in sorted((plain.artifact.path / sub).glob("part-*.parquet")):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from leccr.config import parse_config
-from leccr.pipeline import plan, resolve_keys, run_pipeline
+from leccr.pipeline import explain, plan, run_pipeline
 from leccr.sql import connect
 from tests.conftest import demo_config_dict
 
@@ -35,14 +35,15 @@ def test_plan_adds_upstream_and_forces_downstream():
         plan(["translat"])
 
 
-def test_changing_translate_config_changes_it_and_downstream_keys_only(demo_root, tmp_path):
-    before = resolve_keys(_cfg(demo_root, tmp_path))
-    after = resolve_keys(_cfg(demo_root, tmp_path, translate={"splits": ["train"]}))
-    changed = {stage for stage in before if before[stage] != after[stage]}
-    downstream_of_translate = {"translate", "features", "train", "evaluate"} & set(before)
-    assert changed == downstream_of_translate
+def test_changing_translate_config_reruns_it_and_downstream_only(demo_root, tmp_path):
+    stages = ["translate", "describe", "features"]
+    run_pipeline(_cfg(demo_root, tmp_path), stages)
+    planned = {p.name: p for p in explain(_cfg(demo_root, tmp_path, translate={"splits": ["train"]}), stages)}
+    assert {name for name, p in planned.items() if p.status != "hit"} == {"translate", "features"}
+    assert planned["translate"].reasons == ['translate.splits: ["train", "val"] → ["train"]']
+    assert planned["features"].status == "pending" and planned["features"].reasons == ["after translate"]
     # A field that does not change output keeps every key.
-    assert resolve_keys(_cfg(demo_root, tmp_path, translate={"batch_size": 3})) == before
+    assert all(p.status == "hit" for p in explain(_cfg(demo_root, tmp_path, translate={"batch_size": 3}), stages))
 
 
 def test_second_run_is_all_cache_hits_and_translate_change_reruns_downstream(demo_root, tmp_path):
@@ -81,14 +82,14 @@ def test_killed_run_resumes_without_losing_finished_shards(demo_root, tmp_path):
     process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = parse_config(data)
-    folder = tmp_path / "artifacts" / "translate" / resolve_keys(cfg, ["translate"])["translate"]
     deadline = time.time() + 300
-    while len(list(folder.glob("part-*.parquet"))) < 2:
+    while len(list((tmp_path / "artifacts" / "translate").glob("*/part-*.parquet"))) < 2:
         assert process.poll() is None, "the run finished before it could be killed: make shards slower"
         assert time.time() < deadline, "no shard committed in 300 s"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    folder = next((tmp_path / "artifacts" / "translate").glob("*/part-*.parquet")).parent
     assert not (folder / "_manifest.json").exists()
     finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("part-*.parquet")}
     outcome = run_pipeline(cfg, ["translate"])["translate"]

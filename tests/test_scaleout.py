@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from leccr.config import parse_config
-from leccr.pipeline import plan, resolve_keys, run_pipeline
+from leccr.pipeline import plan, run_pipeline
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]
@@ -87,8 +87,7 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
                              models={lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]})
     config = tmp_path / "ray.yaml"
     config.write_text(yaml.safe_dump(data))
-    cfg = parse_config(data)
-    folder = tmp_path / "artifacts" / "translate" / resolve_keys(cfg, ["translate"])["translate"]
+    shards = tmp_path / "artifacts" / "translate"
     code = "import sys; from flows.leccr import leccr; leccr(config=sys.argv[1], stages=['translate'])"
     marker = f"leccr-test-{os.getpid()}-{time.time_ns()}"
     process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
@@ -96,7 +95,7 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
                                env={**os.environ, "LECCR_TEST_MARKER": marker})
     try:
         deadline = time.time() + 400
-        while len(list(folder.glob("part-*.parquet"))) < 3:
+        while len(list(shards.glob("*/part-*.parquet"))) < 3:
             assert process.poll() is None, "the Ray run ended before it could be killed"
             assert time.time() < deadline, "no shards committed on Ray in time"
             time.sleep(0.1)
@@ -105,6 +104,7 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
         process.wait()
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
         _kill_marked(marker)
+    folder = next(shards.glob("*/part-*.parquet")).parent
     finished = {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
     local_cfg = parse_config({**data, "runner": {"kind": "local"}})
     outcome = run_pipeline(local_cfg, ["translate"])["translate"]

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from leccr.config import ContentPath, Section
-from leccr.store import (Artifact, ShardResult, StageContext, StageFailed, Store, compute_key,
-                         fingerprint_path, shard_plan)
+from leccr.fingerprint import Fingerprinter
+from leccr.store import (Artifact, KeyParts, ShardResult, StageContext, StageFailed, Store, resolve_section,
+                         shard_plan)
 from schemas.core import SchemaError, read_table, validate, write_table
 
 ROWS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("value", pa.int64())])
@@ -23,6 +24,11 @@ class ToySection(Section):
     model: ContentPath
     width: int = 4
     batch_size: int = 8
+    engine: str = "a"
+    engine_b_option: int = 0
+
+    def unused_fields(self) -> frozenset[str]:
+        return frozenset() if self.engine == "b" else frozenset({"engine_b_option"})
 
 
 def _model_dir(tmp_path: Path, weights: bytes = b"weights") -> Path:
@@ -33,8 +39,9 @@ def _model_dir(tmp_path: Path, weights: bytes = b"weights") -> Path:
     return folder
 
 
-def _key(section, upstream=None, version="1"):
-    return compute_key("toy", version, section, upstream or {"dataset": "abc"})
+def _key(section, upstream=None, code="c1"):
+    config = resolve_section(section, Fingerprinter())
+    return KeyParts("toy", code, config, upstream or {"dataset": "abc"}).key
 
 
 def test_key_ignores_non_output_fields_and_path_spelling(tmp_path):
@@ -46,11 +53,19 @@ def test_key_ignores_non_output_fields_and_path_spelling(tmp_path):
     assert _key(ToySection(model=str(moved))) == base
 
 
+def test_key_covers_only_fields_the_section_uses(tmp_path):
+    model = str(_model_dir(tmp_path))
+    base = _key(ToySection(model=model))
+    assert _key(ToySection(model=model, engine_b_option=3)) == base  # engine a never reads it
+    b = _key(ToySection(model=model, engine="b"))
+    assert b != base and _key(ToySection(model=model, engine="b", engine_b_option=3)) != b
+
+
 def test_key_changes_with_what_produced_the_output(tmp_path):
     model = _model_dir(tmp_path)
     base = _key(ToySection(model=str(model)))
     assert _key(ToySection(model=str(model), width=5)) != base
-    assert _key(ToySection(model=str(model)), version="2") != base
+    assert _key(ToySection(model=str(model)), code="c2") != base
     assert _key(ToySection(model=str(model)), upstream={"dataset": "abd"}) != base
     _model_dir(tmp_path, weights=b"other weights")
     assert _key(ToySection(model=str(model))) != base
@@ -69,18 +84,9 @@ def test_key_is_stable_across_processes(tmp_path):
 
 def test_fingerprint_refuses_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        fingerprint_path(tmp_path / "nope")
+        Fingerprinter().path(tmp_path / "nope")
     with pytest.raises(FileNotFoundError):
         _key(ToySection(model=str(tmp_path / "nope")))
-
-
-def test_media_files_are_fingerprinted_by_name_and_size(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"xxxx")
-    first = fingerprint_path(tmp_path)
-    (tmp_path / "a.jpg").write_bytes(b"yyyy")  # same size
-    assert fingerprint_path(tmp_path) == first
-    (tmp_path / "a.jpg").write_bytes(b"yyyyy")
-    assert fingerprint_path(tmp_path) != first
 
 
 def test_shard_plan():

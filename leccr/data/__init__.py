@@ -1,4 +1,4 @@
 """Readers over a features artifact: memory-mapped Arrow tables, a training Dataset, evaluation loaders."""
 from leccr.data.reader import (EvalCaptions, EvalItems, FeatureCollate, TrainingDataset, load_eval_captions,  # noqa: F401
-                               load_eval_items)
+                               load_eval_items, query_caption_kind)
 from leccr.data.tables import FeatureTables  # noqa: F401

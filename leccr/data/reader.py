@@ -270,6 +270,17 @@ def load_eval_items(features: str | Path | FeatureTables, split: str = "test", u
                      torch.tensor([r >= 0 for r in desc_rows], dtype=torch.bool))
 
 
+def query_caption_kind(tables: FeatureTables, lang: str, split: str, wanted: str = "auto") -> str:
+    """Which captions of `lang` in `split` are the retrieval queries — the one rule for validation and
+    evaluation: `wanted` ("human" or "mt"), or for "auto" the split's human captions in that language
+    when it has any, else its machine translations (most CCR releases ship MT captions for validation
+    and references for test only)."""
+    if wanted != "auto":
+        return wanted
+    rows = _rows_where(tables.text, lang=lang, kind="human", split=split)
+    return "human" if len(rows) else "mt"
+
+
 def load_eval_captions(features: str | Path | FeatureTables, lang: str, items: EvalItems, split: str = "test",
                        kind: str = "human", arrow_cache: bool = True) -> EvalCaptions:
     """Captions of `lang` and `kind` (human: the dataset's own; mt: translations) in `split`.

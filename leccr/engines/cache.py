@@ -30,3 +30,15 @@ def clear() -> None:
     """Drop every cached engine (frees memory between unrelated runs in one process)."""
     with _lock:
         _engines.clear()
+
+
+class Lazy:
+    """Builds an engine on first use: a run whose shards are all committed never loads a model."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.factory, self.value = factory, None
+
+    def get(self) -> Any:
+        if self.value is None:
+            self.value = self.factory()
+        return self.value

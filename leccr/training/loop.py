@@ -146,7 +146,7 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
     if len(samples) < cfg.batch_size:
         raise ValueError(f"{job.method}: {len(samples)} training samples ({job.languages}) are fewer than one "
                          f"batch of {cfg.batch_size}; lower train.batch_size")
-    validation = (ValidationSet.load(tables, cfg.val_split, job.languages, use_states)
+    validation = (ValidationSet.load(tables, cfg.val_split, job.languages, use_states, cfg.val_caption_kind or "auto")
                   if cfg.val_split is not None else None)
     epochs = cfg.resolved_epochs
     steps_per_epoch = len(samples) // cfg.batch_size

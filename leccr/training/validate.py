@@ -1,8 +1,8 @@
 """Per-epoch validation: SumR per target language on the validation split, with the model's own
 inference score (fused with its `score_alpha`; global only without slots).
 
-Queries per language are the split's human captions in that language when it has any, else its
-machine translations (most CCR releases ship MT captions for validation, references for test only).
+Queries per language follow `leccr.data.query_caption_kind`, the rule evaluate scores with, so the
+best checkpoint is picked on the kind of queries it is scored on.
 """
 from __future__ import annotations
 
@@ -11,18 +11,10 @@ from pathlib import Path
 
 import torch
 
-from leccr.data import EvalCaptions, EvalItems, FeatureTables, load_eval_captions, load_eval_items
+from leccr.data import (EvalCaptions, EvalItems, FeatureTables, load_eval_captions, load_eval_items,
+                        query_caption_kind)
 from leccr.metrics import chunked_retrieval_metrics, matrix_score_block
 from leccr.models.encode import encode_items, encode_texts
-
-
-def _caption_kind(tables: FeatureTables, lang: str, split: str) -> str:
-    import pyarrow.compute as pc
-
-    text = tables.text
-    rows = pc.and_(pc.equal(text.column("split"), split), pc.equal(text.column("lang"), lang))
-    kinds = set(text.column("kind").filter(rows).to_pylist())
-    return "human" if "human" in kinds or not kinds else "mt"
 
 
 @dataclass
@@ -32,12 +24,13 @@ class ValidationSet:
     captions: dict[str, EvalCaptions]
 
     @classmethod
-    def load(cls, features: str | Path | FeatureTables, split: str, languages: list[str], use_states: bool
-             ) -> ValidationSet:
+    def load(cls, features: str | Path | FeatureTables, split: str, languages: list[str], use_states: bool,
+             caption_kind: str = "auto") -> ValidationSet:
         tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features)
         try:
             items = load_eval_items(tables, split, use_states=use_states)
-            captions = {lang: load_eval_captions(tables, lang, items, split, kind=_caption_kind(tables, lang, split))
+            captions = {lang: load_eval_captions(tables, lang, items, split,
+                                                 kind=query_caption_kind(tables, lang, split, caption_kind))
                         for lang in languages}
         except ValueError as error:
             raise ValueError(f"validation split {split!r}: {error} (set train.val_split to another split, "

@@ -1,0 +1,186 @@
+"""Content fingerprints of files and folders, each file hashed in full and, while unchanged, only once.
+
+A cache key must change when any byte of a model, a dataset or an import file changes, so every file
+is hashed whole — weights and media included (BLAKE3, several threads over a memory map). Rereading
+a 20 GB dataset on every run would make a cached rerun slow, so digests are remembered in a small
+SQLite table keyed by what `stat` says of the file: (absolute path, size, mtime_ns, inode, ctime_ns),
+the way git's index and DVC's state database avoid rereading unchanged files. Writing a file changes
+its mtime and ctime (even `head -c SIZE /dev/urandom > F`, which keeps the size), so the next lookup
+misses and the file is hashed again.
+
+Racy entries: a file written within the same clock tick as its hashing could change again without a
+visible mtime change. Like git, entries whose mtime is younger than `RACY_SECONDS` at hashing time are
+used for this run but not stored.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+DIGEST_CACHE = "digests.sqlite"  # in <artifacts root>/.cache/
+RACY_SECONDS = 2.0
+_SMALL_FILE = 1 << 20  # below this, a plain read beats setting up a memory map
+
+
+def hash_file(path: str | Path) -> str:
+    """BLAKE3 of a file's whole content (hex)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    size = os.stat(path).st_size
+    if size >= _SMALL_FILE:
+        hasher.update_mmap(str(path))
+    elif size:
+        with open(path, "rb") as handle:
+            hasher.update(handle.read())
+    return hasher.hexdigest()
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
+
+
+@dataclass
+class _Entry:
+    relative: str
+    absolute: str
+    stat: os.stat_result
+
+
+def _walk(folder: Path) -> list[_Entry]:
+    """Every regular file under `folder` (hidden files and folders skipped: temp files, caches), sorted."""
+    found: list[_Entry] = []
+    pending = [(folder, "")]
+    while pending:
+        current, prefix = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                relative = prefix + entry.name
+                if entry.is_dir(follow_symlinks=True):
+                    pending.append((Path(entry.path), relative + "/"))
+                elif entry.is_file(follow_symlinks=True):
+                    found.append(_Entry(relative, entry.path, entry.stat(follow_symlinks=True)))
+    found.sort(key=lambda e: e.relative)
+    return found
+
+
+class Fingerprinter:
+    """Fingerprints of files and folders for one run, backed by a persistent digest cache.
+
+    One instance per run: a path asked for twice is fingerprinted once (folders are memoised by path
+    for the life of the instance, files by their stat signature). `cache_file=None` keeps digests in
+    memory only.
+    """
+
+    def __init__(self, cache_file: str | Path | None = None):
+        self.cache_file = Path(cache_file) if cache_file is not None else None
+        self._files: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+        self._folders: dict[str, str] = {}
+        self._loaded = False
+        self._lock = threading.Lock()
+        self.hashed_bytes = 0  # bytes read this run (a warm rerun reads none)
+        self.hashed_files = 0
+
+    # ------------------------------------------------------------------ persistent cache
+    def _connect(self) -> sqlite3.Connection | None:
+        if self.cache_file is None:
+            return None
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(self.cache_file, timeout=30)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
+                        "mtime_ns INTEGER, inode INTEGER, ctime_ns INTEGER, digest TEXT)")
+            return con
+        except (OSError, sqlite3.Error):
+            return None  # a read-only or odd filesystem: hash without remembering
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        con = self._connect()
+        if con is None:
+            return
+        with con:
+            for path, size, mtime, inode, ctime, digest in con.execute("SELECT * FROM digests"):
+                self._files.setdefault(path, ((size, mtime, inode, ctime), digest))
+        con.close()
+
+    def _store(self, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        con = self._connect()
+        if con is None:
+            return
+        try:
+            with con:
+                con.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error:
+            pass  # the cache only saves time; a failed write costs a rehash next run
+        finally:
+            con.close()
+
+    # ------------------------------------------------------------------ fingerprints
+    def _digests(self, entries: list[_Entry]) -> list[str]:
+        with self._lock:
+            self._load()
+            out, fresh = [], []
+            now = time.time_ns()
+            for entry in entries:
+                signature = _signature(entry.stat)
+                known = self._files.get(entry.absolute)
+                if known is not None and known[0] == signature:
+                    out.append(known[1])
+                    continue
+                digest = hash_file(entry.absolute)
+                self.hashed_bytes += entry.stat.st_size
+                self.hashed_files += 1
+                self._files[entry.absolute] = (signature, digest)
+                if now - entry.stat.st_mtime_ns > RACY_SECONDS * 1e9:
+                    fresh.append((entry.absolute, *signature, digest))
+                out.append(digest)
+            self._store(fresh)
+        return out
+
+    def file(self, path: str | Path) -> str:
+        path = Path(path).absolute()
+        return self._digests([_Entry(path.name, str(path), path.stat())])[0]
+
+    def path(self, path: str | Path) -> str:
+        """Content fingerprint of a file or a folder, independent of where it lies on disk.
+
+        Folders: every file by relative path and full content. A missing path is an error: a key must
+        never be computed from something that is not there.
+        """
+        path = Path(path).absolute()
+        if path.is_file():
+            return self.file(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"cannot fingerprint {path}: no such file or folder")
+        cached = self._folders.get(str(path))
+        if cached is not None:
+            return cached
+        entries = _walk(path)
+        digests = self._digests(entries)
+        hasher = blake3.blake3()
+        for entry, digest in zip(entries, digests):
+            hasher.update(f"{entry.relative}\0{digest}\n".encode())
+        result = hasher.hexdigest()
+        self._folders[str(path)] = result
+        return result
+
+    def forget(self, path: str | Path) -> None:
+        """Drop a folder's memoised fingerprint (after this run wrote into it)."""
+        self._folders.pop(str(Path(path).absolute()), None)
+
+
+def fingerprinter_for(artifacts_root: str | Path) -> Fingerprinter:
+    """A run's fingerprinter, remembering digests under `<artifacts root>/.cache/`."""
+    return Fingerprinter(Path(artifacts_root).absolute() / ".cache" / DIGEST_CACHE)

@@ -1,0 +1,96 @@
+"""`leccr gc`: find and delete artifacts that no experiment's latest run references.
+
+Referenced: every artifact named in `<root>/runs/<experiment>.json` (what each experiment used last),
+each stage's `LATEST` pointer (what `leccr inspect` opens), and, through their manifests, every
+upstream artifact those were built from. Everything else is garbage, except a folder a running stage
+holds (its `.lock`, see leccr.store.stage_lock), which is never touched.
+
+An incomplete folder (no manifest) is listed too: it holds the finished shards of a stopped run, which
+a rerun of the same config would resume from, so deleting it costs that work.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from leccr.store import MANIFEST, Artifact, Store, exclusive, is_locked
+
+
+@dataclass
+class Garbage:
+    artifact: Artifact
+    bytes: int
+    complete: bool
+    in_use: bool
+
+    @property
+    def deletable(self) -> bool:
+        return not self.in_use
+
+    @property
+    def note(self) -> str:
+        if self.in_use:
+            return "in use by a running stage: kept"
+        return "" if self.complete else "incomplete (finished shards of a stopped run)"
+
+
+def folder_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def referenced(store: Store) -> set[tuple[str, str]]:
+    """(stage, key) of every artifact an experiment's latest run or a LATEST pointer uses, with upstream."""
+    pending: list[tuple[str, str]] = []
+    for record in sorted((store.root / "runs").glob("*.json")):
+        pending.extend(json.loads(record.read_text(encoding="utf-8")).items())
+    for pointer in store.root.glob("*/LATEST"):
+        pending.append((pointer.parent.name, pointer.read_text(encoding="utf-8").strip()))
+    seen: set[tuple[str, str]] = set()
+    while pending:
+        stage, key = pending.pop()
+        if (stage, key) in seen:
+            continue
+        seen.add((stage, key))
+        manifest = store.root / stage / key / MANIFEST
+        if manifest.is_file():
+            pending.extend(json.loads(manifest.read_text(encoding="utf-8")).get("upstream", {}).items())
+    return seen
+
+
+def collect(root: str | Path) -> list[Garbage]:
+    """Every unreferenced artifact under `root`, with its size, whether complete, whether in use."""
+    store = Store(root)
+    keep = referenced(store)
+    return [Garbage(a, folder_size(a.path), store.is_complete(a), is_locked(a.path))
+            for a in store.artifacts() if (a.stage, a.key) not in keep]
+
+
+def delete(root: str | Path, garbage: list[Garbage]) -> list[Garbage]:
+    """Delete these artifacts (renamed away first); one a stage started holding meanwhile is kept."""
+    store = Store(root)
+    removed = []
+    for entry in garbage:
+        if not entry.artifact.path.is_dir():
+            continue
+        with exclusive(entry.artifact.path) as free:  # held while the folder is renamed away
+            if free:
+                store.discard(entry.artifact)
+                removed.append(entry)
+    return removed

@@ -1,0 +1,186 @@
+"""visual: the visual features of every item — a vision tower's tokens (or pooled vectors), or imported arrays.
+
+A stage of its own, upstream of `features`, because the visual features are the expensive part of
+featurising (a vision tower over every image or frame) and depend on a few fields only: those of
+`features` named in `FeaturesConfig.VISUAL_FIELDS` (see `leccr.config.VisualConfig`). A change of the
+text side (tokenizer, max_length, descriptions) gives a new features artifact over the same visual
+artifact, which `features` hard-links into its own `visual/` folder.
+
+    <artifacts root>/visual/<key>/part-*.parquet, errors.parquet, _manifest.json
+
+One row per item: [n_tokens, dim] features, fixed-size when every item's shape is known up front
+(images; videos sampled to a fixed `num_frames`), variable otherwise (schemas/features.py).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from leccr.config import ExperimentConfig, VisualConfig
+from leccr.engines.cache import Lazy
+from leccr.features.storage import fixed_list_column, float_list_column, rows_per_group
+from leccr.features.vision import FeatureError, ImportedFeatures, VisionEncoder
+from leccr.store import ShardResult, StageContext, part_name
+from schemas.core import read_table
+from schemas.dataset import ITEMS
+from schemas.features import visual_schema
+
+UPSTREAM = ("dataset",)
+SHARDED = True
+
+
+def section(cfg: ExperimentConfig) -> VisualConfig:
+    return VisualConfig.of(cfg.features)
+
+
+def check_config(cfg: VisualConfig) -> None:
+    if cfg.visual_source == "model" and cfg.vision_model is None:
+        raise ValueError("features.vision_model is required for visual_source 'model' (a vision tower folder)")
+
+
+def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy, out_dir) -> tuple[pa.Schema, int | None]:
+    """The visual schema (fixed or variable size) and the tokens per item when fixed.
+
+    Fixed when every item's shape is known up front: model features of images, and of videos sampled
+    to a fixed `num_frames` (no fps). Imported arrays may vary, so they use the variable layout.
+    """
+    committed = sorted(out_dir.glob("part-*.parquet"))
+    if committed:  # a resumed or finalising run: the shape is in the committed shards, no model needed
+        schema = pq.read_schema(committed[0])
+        features = schema.field("features").type
+        first = pq.read_table(committed[0], columns=["n_tokens"]).column("n_tokens")
+        per_item = int(first[0].as_py()) if pa.types.is_fixed_size_list(features) and len(first) else None
+        return visual_schema(cfg.visual_dtype, features.list_size if per_item else None), per_item
+    if cfg.visual_source == "import":
+        return visual_schema(cfg.visual_dtype, None), None
+    media = {item["media_type"] for item in items}
+    if not media or (("video" in media) and cfg.fps is not None) or len(media) > 1:
+        return visual_schema(cfg.visual_dtype, None), None
+    from PIL import Image
+
+    side = cfg.image_size or 224  # the processor resizes to its own size: any probe size will do
+    tokens_per_image, dim = encoder.get().encode([Image.new("RGB", (side, side))]).shape[1:]
+    per_item = tokens_per_image * (cfg.num_frames if media == {"video"} else 1)
+    return visual_schema(cfg.visual_dtype, per_item * dim), per_item
+
+
+def _rows(rows: list[dict], arrays: list[np.ndarray], schema: pa.Schema, dtype: str) -> pa.Table:
+    features_type = schema.field("features").type
+    if not arrays:
+        features = pa.array([], type=features_type)
+    elif pa.types.is_fixed_size_list(features_type):
+        features = fixed_list_column(arrays, dtype)
+    else:
+        features = float_list_column(arrays, dtype)
+    return pa.table({
+        "item_id": pa.array([r["item_id"] for r in rows], pa.string()),
+        "split": pa.array([r["split"] for r in rows], pa.string()),
+        "media_type": pa.array([r["media_type"] for r in rows], pa.string()),
+        "n_tokens": pa.array([a.shape[0] for a in arrays], pa.int32()),
+        "dim": pa.array([a.shape[1] for a in arrays], pa.int32()),
+        "features": features,
+    })
+
+
+def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dict]], encoder: Lazy,
+                     schema: pa.Schema, per_item: int | None):
+    from leccr.media import MediaError, ShardPrefetcher, load_visual
+
+    def load(item: dict):
+        return load_visual(item["path"], item["media_type"], cfg.num_frames, cfg.fps)
+
+    step = ctx.shard_slot[1] if ctx.shard_slot is not None else 1
+
+    def next_index(index: int) -> int | None:  # the next shard this process will compute: prefetch it
+        candidate = index + step
+        while candidate < len(shards) and (ctx.out_dir / part_name(candidate)).exists():
+            candidate += step
+        return candidate if candidate < len(shards) else None
+
+    prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=next_index)
+
+    def process(shard: list[dict], index: int) -> ShardResult:
+        errors, loaded = [], []
+        for item, frames in prefetcher.take(index):
+            if isinstance(frames, MediaError):
+                errors.append((item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}"))
+            else:
+                loaded.append((item, frames))
+        frames_flat = [frame for _, frames in loaded for frame in frames]
+        started = time.perf_counter()
+        outputs = [encoder.get().encode(frames_flat[i : i + cfg.batch_size])
+                   for i in range(0, len(frames_flat), cfg.batch_size)]
+        seconds = time.perf_counter() - started
+        states = np.concatenate(outputs) if outputs else np.zeros((0, 1, 1), np.float32)
+        rows, arrays, at = [], [], 0
+        for item, frames in loaded:
+            tokens = states[at : at + len(frames)]  # [frames, tokens, dim]: a video's frames in order
+            at += len(frames)
+            array = tokens.reshape(-1, tokens.shape[-1])
+            if per_item is not None and array.shape[0] != per_item:
+                errors.append((item["item_id"], f"{array.shape[0]} visual tokens, the fixed layout holds {per_item}"))
+                continue
+            rows.append(item)
+            arrays.append(array)
+        return ShardResult(_rows(rows, arrays, schema, cfg.visual_dtype), errors,
+                           {"frames": float(len(frames_flat)), "encode_seconds": seconds})
+
+    return process, prefetcher
+
+
+def _import_processor(cfg: VisualConfig, schema: pa.Schema):
+    imported = Lazy(lambda: ImportedFeatures(cfg.import_path))
+
+    def process(shard: list[dict], index: int) -> ShardResult:
+        rows, arrays, errors = [], [], []
+        for item in shard:
+            try:
+                arrays.append(imported.get().get(item["item_id"], item["feature_path"]))
+                rows.append(item)
+            except FeatureError as error:
+                errors.append((item["item_id"], str(error)))
+        return ShardResult(_rows(rows, arrays, schema, cfg.visual_dtype), errors, {})
+
+    return process
+
+
+def run(ctx: StageContext) -> None:
+    cfg: VisualConfig = ctx.section  # type: ignore[assignment]
+    check_config(cfg)
+    items = sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
+                   key=lambda item: item["item_id"])
+    encoder = Lazy(lambda: VisionEncoder(cfg.vision_model, cfg.visual_output, cfg.image_size, cfg.device,
+                                         cfg.precision))
+    schema, per_item = _layout(cfg, items, encoder, ctx.out_dir)
+    features_type = schema.field("features").type
+    bytes_per_row = (features_type.list_size * features_type.value_type.byte_width
+                     if pa.types.is_fixed_size_list(features_type) else 64 * 2**10)
+    prefetcher = None
+    if cfg.visual_source == "import":
+        process = _import_processor(cfg, schema)
+    else:
+        shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+        process, prefetcher = _model_processor(ctx, cfg, shards, encoder, schema, per_item)
+    try:
+        totals = ctx.run_shards(items, cfg.shard_size, process, schema, item_id=lambda item: item["item_id"],
+                                max_error_rate=cfg.max_error_rate, unit="items",
+                                row_group_size=rows_per_group(bytes_per_row))
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
+    if ctx.shard_slot is not None:
+        return
+    encode_seconds = totals.stats.get("encode_seconds", 0.0)
+    first = pq.read_table(ctx.out_dir / part_name(0), columns=["n_tokens", "dim"]) \
+        if (ctx.out_dir / part_name(0)).exists() else None
+    ctx.summary.update(
+        items=len(items), rows=totals.rows, errors=totals.errors, shards_done=totals.shards_done,
+        shards_resumed=totals.shards_resumed, frames_encoded=int(totals.stats.get("frames", 0)),
+        frames_per_s=round(totals.stats["frames"] / encode_seconds, 1) if encode_seconds > 0 else None,
+        fixed=bool(pa.types.is_fixed_size_list(features_type)),
+        dim=int(first.column("dim")[0].as_py()) if first is not None and first.num_rows else None,
+        n_tokens=int(first.column("n_tokens")[0].as_py()) if first is not None and first.num_rows else None,
+    )
