@@ -223,7 +223,8 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     stages = stage_names()
     stage_list = ", ".join(stages)
-    # -v works before or after the command (`leccr -v run ...`, `leccr run ... -v`).
+    # -v works before or after the command (`leccr -v run ...`, `leccr run ... -v`). Stage names are
+    # checked by the pipeline (UnknownStage lists them) before Prefect starts.
     verbose_help = "show library logs (Prefect, httpx, transformers) and tracebacks"
     verbose = argparse.ArgumentParser(add_help=False)  # the commands' -v: absent unless given
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
@@ -238,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", "run the pipeline (embedded Prefect, no server needed)")
     run.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
-    run.add_argument("--stage", action="append", default=[], choices=stages, metavar="STAGE",
+    run.add_argument("--stage", action="append", default=[], metavar="STAGE",
                      help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}")
-    run.add_argument("--force", action="append", default=[], choices=stages, metavar="STAGE",
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. train.seed=1 or translate.num_beams=4; repeatable")
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for the generated demo data and tiny models (default: %(default)s; "
                            "the default config reads them there)")
     demo.add_argument("--config", default=DEMO_CONFIG, help="experiment YAML to run (default: %(default)s)")
-    demo.add_argument("--force", action="append", default=[], choices=stages, metavar="STAGE",
+    demo.add_argument("--force", action="append", default=[], metavar="STAGE",
                       help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}")
     demo.set_defaults(handler=cmd_demo)
 
@@ -356,8 +357,12 @@ def _hint(error: BaseException, verbose: bool) -> str | None:
     from leccr.config import ConfigError
     from leccr.store import StageFailed
 
+    from leccr.pipeline import UnknownStage
+
     if isinstance(error, ConfigError):
         return "every section and key, with its default, is in leccr/config.py"
+    if isinstance(error, UnknownStage):
+        return None  # the message lists the stages
     if isinstance(error, StageFailed):
         return "rerun the same command to resume" + ("" if verbose else "; add -v for the traceback")
     return None if verbose else "add -v for the traceback"

@@ -61,9 +61,6 @@ def test_help_lists_stages_and_formats_and_every_command_has_help(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"leccr {version('leccr')}"
-    with pytest.raises(SystemExit) as done:
-        main(["run", "--config", "x.yaml", "--stage", "translat"])
-    assert done.value.code == 2 and "invalid choice: 'translat'" in capsys.readouterr().err
 
 
 def test_set_typo_is_the_overrides_fault_with_a_suggestion(demo_config, capsys):
