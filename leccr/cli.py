@@ -17,6 +17,8 @@ Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefec
   leccr demo                                   build demo data + tiny models, run every stage
   leccr run --config C [--stage S] [--force S] [--set KEY=VALUE] [--dry-run]
   leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
+  leccr search "QUERY" --lang de --method leccr  ranked items from the index (--json for scripts)
+  leccr serve [--host H] [--port P]            search API and web page (127.0.0.1 by default)
   leccr datasets check PATH --format F         validate a dataset folder
   leccr gc [--yes]                             list/delete artifacts no experiment's latest run uses
   leccr build-tiny-models --out DIR --corpus-file F
@@ -75,7 +77,9 @@ def prepare_demo(root: Path = DEMO_ROOT, seed: int = 0) -> dict[str, Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from leccr.config import load_config
+    from leccr.fingerprint import fingerprinter_for
     from leccr.pipeline import explain, run_pipeline
+    from leccr.preflight import check_environment
 
     overrides = _parse_sets(args.set)
     if args.runner:
@@ -83,8 +87,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address:
         overrides["runner.address"] = args.ray_address
     cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts, on a bad config
+    # ... and on an unusable dataset path or artifacts root (a dry run writes nothing: the root may be absent)
+    check_environment(cfg, write=not args.dry_run)
     stages, force = args.stage or None, args.force or None
-    planned = explain(cfg, stages, force)
+    fingerprints = fingerprinter_for(cfg.artifacts_root)  # one per run: each path is hashed once
+    planned = explain(cfg, stages, force, fingerprints)
     if args.dry_run:
         print(f"Plan for experiment {cfg.name} (artifacts under {Path(cfg.artifacts_root).absolute()}):")
         for stage in planned:
@@ -94,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     if all(stage.status == "hit" for stage in planned):
         # Nothing to compute: no Prefect server, no flow run, just the bookkeeping of a run.
-        paths = {name: str(o.artifact.path) for name, o in run_pipeline(cfg, stages, force).items()}
+        paths = {name: str(o.artifact.path) for name, o in run_pipeline(cfg, stages, force, fingerprints).items()}
         print(f"All {len(planned)} stages are up to date (cache hits); nothing to run.")
     else:
         # The embedded default starts a temporary Prefect server; Prefect gives it 20 s, which a busy
@@ -141,49 +148,105 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     prepared = prepare_demo(Path(args.root))
     print("Demo inputs ready:", ", ".join(f"{k}={v}" for k, v in prepared.items()))
-    return cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[], runner=None,
-                                      ray_address=None, dry_run=False))
+    status = cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[], runner=None,
+                                        ray_address=None, dry_run=False))
+    if status == 0:
+        print_search_commands(args.config)
+    return status
+
+
+def print_search_commands(config: str) -> None:
+    """Ready `leccr search` / `leccr serve` lines for the collection the config indexed (a German caption
+    of its first item as the query)."""
+    from leccr.config import load_config
+    from leccr.search import find_index
+    from schemas.core import read_table
+    from schemas.index import INDEX_ITEMS
+
+    cfg = load_config(config)
+    index = find_index(cfg.artifacts_root, cfg.name)
+    captions = read_table(index.file("items.parquet"), INDEX_ITEMS, columns=["captions"]).column("captions")
+    query, lang = next(((c["text"], c["lang"]) for item in captions.to_pylist() for c in item if c["lang"] == "de"),
+                       ("a red circle", "en"))
+    root = "" if cfg.artifacts_root == "artifacts" else f" --root {cfg.artifacts_root}"
+    print(f"\nSearch the collection:\n  leccr search \"{query}\" --lang {lang} --method leccr -k 5{root}\n"
+          f"  leccr serve{root}          # then open http://127.0.0.1:8000/")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from leccr.sql import connect, list_views, selected_artifacts, view_statements
+    import duckdb
 
-    if args.print_sql:
-        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment))) + ";")
+    from leccr.sql import (ReadOnlyViolation, connect, list_views, lock_statements, run_query, selected_artifacts,
+                           view_statements)
+
+    if args.print_sql:  # for any DuckDB client: the views, then the same read-only lock
+        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment)) + lock_statements(args.root))
+              + ";")
         return 0
     con = connect(args.root, args.experiment)
-    views = list_views(con)
+    views = [v for v in list_views(con) if v != "describe"]  # `descriptions` is the name to use (no quoting)
     if not views:
         print(f"No artifacts under {Path(args.root).absolute()} yet: run `leccr run` first.")
         return 1
-    queries = [args.query] if args.query else []
-    if not queries:
-        counts = {v: con.execute('SELECT count(*) FROM "' + v + '"').fetchone()[0] for v in views}
-        print("Views:", ", ".join(f"{v} ({n} rows)" for v, n in counts.items()))
-        print('Quote "describe" in SQL (it is a keyword), or use the view descriptions.')
-        if not sys.stdin.isatty():
-            return 0
-        print("Enter SQL (empty line to quit).")
-        while (line := input("leccr> ").strip()):
-            queries = [line]
-            _print_query(con, line)
+    # A terminal's width for tables (COLUMNS wins); none for pipes and files, which get every column whole.
+    width = _terminal_width() if sys.stdout.isatty() else None
+
+    def query(sql: str) -> bool:
+        try:
+            run_query(con, sql, args.format, width)
+            return True
+        except (ReadOnlyViolation, duckdb.Error) as error:
+            print(f"leccr: error: {error}", file=sys.stderr)
+            return False
+
+    if args.query:
+        return 0 if query(args.query) else 1
+    counts = {v: con.execute('SELECT count(*) FROM "' + v + '"').fetchone()[0] for v in views}
+    print("Views:", ", ".join(f"{v} ({n} rows)" for v, n in counts.items()))
+    if not sys.stdin.isatty():
         return 0
-    for query in queries:
-        _print_query(con, query)
+    print("Enter SQL (empty line to quit).")
+    while (line := input("leccr> ").strip()):
+        query(line)
     return 0
 
 
-def _print_query(con, query: str) -> None:
-    import duckdb
+def _terminal_width() -> int:
+    import shutil
 
+    return shutil.get_terminal_size().columns
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from leccr.search import SearchEngine, UnknownLanguage, UnknownMethod
+
+    engine = SearchEngine.open(args.root, args.experiment, args.data_root, args.device)
     try:
-        relation = con.sql(query)
-    except duckdb.Error as error:
-        print(f"SQL error: {error}", file=sys.stderr)
-        return
-    if relation is None:
-        return
-    print(relation.limit(1000))
+        hits = engine.search([args.query], args.lang, args.method, args.k, args.candidates)[0]
+    except (UnknownMethod, UnknownLanguage) as error:
+        print(f"leccr search: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"query": args.query, "lang": args.lang, "method": args.method, "k": args.k,
+                          "candidates": args.candidates, "index": str(engine.index_dir),
+                          "hits": [hit.to_dict(args.lang) for hit in hits]}, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{len(hits)} hits for {args.query!r} ({args.lang}, {args.method}; index {engine.index_dir.name}):")
+    for hit in hits:
+        print(f"{hit.rank:>3}. {hit.item_id:<16} score {hit.score:.4f} (cosine {hit.global_score:.4f})  {hit.path or '-'}")
+        print(f"     caption: {hit.caption(args.lang)}")
+        if hit.description:
+            snippet = hit.description if len(hit.description) <= 100 else hit.description[:97] + "..."
+            print(f"     description: {snippet}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from leccr.search.server import serve
+
+    return serve(args.root, args.experiment, args.data_root, args.device, args.host, args.port)
 
 
 def cmd_datasets_check(args: argparse.Namespace) -> int:
@@ -218,6 +281,13 @@ def _version() -> str:
         return f"leccr {version('leccr')}"
     except PackageNotFoundError:
         return "leccr (not installed: run scripts/setup.sh)"
+
+
+def _index_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default="artifacts", help="artifact root (default artifacts)")
+    parser.add_argument("--experiment", help="the index of this experiment's last run (default: the latest index)")
+    parser.add_argument("--data-root", help="the dataset folder holding the media (default: the dataset stage's path)")
+    parser.add_argument("--device", default="auto", help="where the query encoder runs (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,8 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("query", nargs="?", help="SQL to run, e.g. \"SELECT * FROM translate LIMIT 5\"")
     inspect.add_argument("--root", default="artifacts", help="artifact root")
     inspect.add_argument("--experiment", help="use this experiment's last run instead of each stage's latest artifact")
-    inspect.add_argument("--print-sql", action="store_true", help="print the CREATE VIEW statements (for the duckdb CLI)")
+    inspect.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table",
+                         help="output format (csv/json/markdown print every row; redirect them to save a result)")
+    inspect.add_argument("--print-sql", action="store_true",
+                         help="print the CREATE VIEW statements and the read-only settings, for any DuckDB client")
     inspect.set_defaults(handler=cmd_inspect)
+
+    search = command("search", "find indexed images/videos with a text query in a trained language")
+    search.add_argument("query", help='the query text, e.g. "ein Hund rennt durch den Schnee"')
+    search.add_argument("--lang", default="en", help="the query's language (one the method was trained on; default en)")
+    search.add_argument("--method", default="leccr", help="the trained method to search with (default leccr)")
+    search.add_argument("-k", type=int, default=10, help="hits to print (default 10)")
+    search.add_argument("--candidates", type=int, default=200,  # leccr.search.DEFAULT_CANDIDATES (not imported: torch)
+                        help="items taken from the vector index by global cosine and re-ranked by the method's "
+                             "inference score (default 200)")
+    search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    _index_arguments(search)
+    search.set_defaults(handler=cmd_search)
+
+    serve = command("serve", "HTTP search API (/api/search) and a web page over the index")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _index_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
 
     datasets = command("datasets", "dataset tools")
     datasets_commands = datasets.add_subparsers(dest="datasets_command", required=True, metavar="COMMAND")
@@ -358,11 +449,12 @@ def _hint(error: BaseException, verbose: bool) -> str | None:
     from leccr.store import StageFailed
 
     from leccr.pipeline import UnknownStage
+    from leccr.preflight import EnvironmentProblem
 
     if isinstance(error, ConfigError):
         return "every section and key, with its default, is in leccr/config.py"
-    if isinstance(error, UnknownStage):
-        return None  # the message lists the stages
+    if isinstance(error, (UnknownStage, EnvironmentProblem, OSError)):
+        return None  # the message says what to change: the stages, the path and why
     if isinstance(error, StageFailed):
         return "rerun the same command to resume" + ("" if verbose else "; add -v for the traceback")
     return None if verbose else "add -v for the traceback"
@@ -371,6 +463,8 @@ def _hint(error: BaseException, verbose: bool) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    from leccr.preflight import EnvironmentProblem
+
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -379,12 +473,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the command's one error line; -v keeps the traceback
         if args.verbose:
             logging.getLogger("leccr").exception("leccr %s failed", args.command)
-        message = str(error) if isinstance(error, (OSError, ValueError, RuntimeError)) and str(error) else \
-            f"{type(error).__name__}: {error}"
+        expected = isinstance(error, (OSError, ValueError, RuntimeError, EnvironmentProblem)) and str(error)
+        message = _one_line(error) if expected else f"{type(error).__name__}: {error}"
         print(f"leccr: error: {message}", file=sys.stderr)
         if hint := _hint(error, args.verbose):
             print(f"leccr: hint: {hint}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as the user should read it: an OS error with its path and a hint where one helps."""
+    import errno
+
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.errno is not None:
+        where = f" ({error.filename})" if error.filename else ""
+        hint = {errno.ENOSPC: "free some space or set another artifacts_root",
+                errno.EACCES: "fix the permissions or choose another path",
+                errno.EROFS: "the filesystem is read-only: set another artifacts_root"}.get(error.errno)
+        return f"{error.strerror}{where}" + (f": {hint}" if hint else "")
+    return str(error)
 
 
 if __name__ == "__main__":

@@ -64,11 +64,16 @@ class RunnerConfig(Section):
 
 # ---------------------------------------------------------------- dataset
 class DatasetConfig(Section):
+    NON_OUTPUT_FIELDS = frozenset({"max_error_rate"})
+
     format: str  # adapter name: multi30k | mscoco | vatex | msrvtt_cn (see leccr.datasets)
     path: ContentPath  # dataset root folder in the format's published layout
     languages: list[str] = Field(default_factory=lambda: ["de"])  # target languages (English is implied)
     options: dict[str, Any] = Field(default_factory=dict)  # adapter-specific options, validated by the adapter
     max_items_per_split: int | None = None  # cap for quick runs (first N items of each split by id)
+    # Share of dataset rows (items + captions) that may be bad (a caption line that is empty or not
+    # UTF-8, a missing media file...): they go to the artifact's errors.parquet and the rest is used.
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
 
 
 # ---------------------------------------------------------------- translate
@@ -447,6 +452,49 @@ class EvaluateConfig(Section):
         return self
 
 
+# ---------------------------------------------------------------- index (owner: index stage / search)
+class IvfConfig(Section):
+    """FAISS IndexIVFFlat over the global embeddings (inner product): k-means cells, `nprobe` scanned."""
+
+    kind: Literal["ivf"] = "ivf"
+    nlist: int | None = Field(None, ge=1)  # cells; None: 4*sqrt(N), capped so each cell trains on >= 39 points
+    nprobe: int = Field(64, ge=1)  # cells scanned per query (recall vs speed; benchmarks/bench_search.py)
+    train_size: int = Field(100_000, ge=1)  # items sampled to train the k-means (all when fewer)
+    seed: int = 0  # k-means and sample seed
+
+
+class HnswConfig(Section):
+    """FAISS IndexHNSWFlat over the global embeddings (inner product): a graph, no training."""
+
+    kind: Literal["hnsw"] = "hnsw"
+    m: int = Field(32, ge=2)  # graph neighbours per node
+    ef_construction: int = Field(200, ge=1)  # build-time search width (graph quality)
+    ef_search: int = Field(256, ge=1)  # query-time search width (recall vs speed; benchmarks/bench_search.py)
+
+
+class IndexConfig(Section):
+    """How the index stage embeds the collection for search (see stages/index.py).
+
+    Candidates come from the vector index by global cosine; the final order is the method's fused score
+    (METHOD.md), whose min/max normalisation is fixed at index time from the captions of
+    `calibration_split` against the indexed items (per language), so one query's scores do not depend
+    on which other items happen to be candidates.
+    """
+
+    NON_OUTPUT_FIELDS = frozenset({"device", "batch_size", "chunk_size"})
+
+    methods: list[str] | None = None  # trained methods to index; None = every method of the train artifact
+    splits: list[str] | None = None  # visual items of these splits; None = every split of the features artifact
+    alpha: float | None = Field(None, ge=0.0, le=1.0)  # weight of minmax(global); None = the model's score_alpha
+    # Captions of this split set the fused score's min/max (as evaluate's whole-matrix minmax does).
+    calibration_split: str = "test"
+    # None: exact inner product over every item (default; fine to a few 100k items on a CPU).
+    ann: Annotated[IvfConfig | HnswConfig, Field(discriminator="kind")] | None = None
+    device: str = "auto"
+    batch_size: int = Field(256, ge=1)  # items / captions per encoder forward
+    chunk_size: int = Field(4096, ge=1)  # rows/columns of one calibration score block
+
+
 # ---------------------------------------------------------------- the experiment
 class ExperimentConfig(Section):
     """A whole experiment: one YAML file, one section per stage."""
@@ -460,6 +508,7 @@ class ExperimentConfig(Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
 
     @field_validator("name")
     @classmethod

@@ -54,20 +54,26 @@ class _Entry:
 def _walk(folder: Path) -> list[_Entry]:
     """Every regular file under `folder` (hidden files and folders skipped: temp files, caches), sorted."""
     found: list[_Entry] = []
-    pending = [(folder, "")]
+    pending = [(str(folder), "")]
     while pending:
         current, prefix = pending.pop()
         with os.scandir(current) as entries:
             for entry in entries:
-                if entry.name.startswith("."):
+                if entry.name[0] == ".":
                     continue
-                relative = prefix + entry.name
-                if entry.is_dir(follow_symlinks=True):
-                    pending.append((Path(entry.path), relative + "/"))
-                elif entry.is_file(follow_symlinks=True):
-                    found.append(_Entry(relative, entry.path, entry.stat(follow_symlinks=True)))
+                if entry.is_dir():
+                    pending.append((entry.path, prefix + entry.name + "/"))
+                elif entry.is_file():
+                    found.append(_Entry(prefix + entry.name, entry.path, entry.stat()))
     found.sort(key=lambda e: e.relative)
     return found
+
+
+def _listing(entries: list[_Entry]) -> str:
+    """Digest of what `stat` says of every file of a folder: equal listings mean unchanged files."""
+    return blake3.blake3("".join(
+        f"{e.relative}\0{e.stat.st_size}\0{e.stat.st_mtime_ns}\0{e.stat.st_ino}\0{e.stat.st_ctime_ns}\n"
+        for e in entries).encode()).hexdigest()
 
 
 class Fingerprinter:
@@ -97,6 +103,8 @@ class Fingerprinter:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
                         "mtime_ns INTEGER, inode INTEGER, ctime_ns INTEGER, digest TEXT)")
+            # A whole folder whose listing (every file's stat signature) is unchanged: no per-file lookups.
+            con.execute("CREATE TABLE IF NOT EXISTS folders (path TEXT PRIMARY KEY, listing TEXT, digest TEXT)")
             return con
         except (OSError, sqlite3.Error):
             return None  # a read-only or odd filesystem: hash without remembering
@@ -168,13 +176,41 @@ class Fingerprinter:
         if cached is not None:
             return cached
         entries = _walk(path)
-        digests = self._digests(entries)
-        hasher = blake3.blake3()
-        for entry, digest in zip(entries, digests):
-            hasher.update(f"{entry.relative}\0{digest}\n".encode())
-        result = hasher.hexdigest()
+        listing = _listing(entries)
+        result = self._known_folder(str(path), listing)
+        if result is None:
+            digests = self._digests(entries)
+            result = blake3.blake3("".join(f"{e.relative}\0{d}\n" for e, d in zip(entries, digests)).encode()
+                                   ).hexdigest()
+            racy = time.time_ns() - RACY_SECONDS * 1e9
+            if all(e.stat.st_mtime_ns < racy for e in entries):
+                self._store_folder(str(path), listing, result)
         self._folders[str(path)] = result
         return result
+
+    def _known_folder(self, path: str, listing: str) -> str | None:
+        con = self._connect()
+        if con is None:
+            return None
+        try:
+            row = con.execute("SELECT listing, digest FROM folders WHERE path = ?", (path,)).fetchone()
+        except sqlite3.Error:
+            row = None
+        finally:
+            con.close()
+        return row[1] if row is not None and row[0] == listing else None
+
+    def _store_folder(self, path: str, listing: str, digest: str) -> None:
+        con = self._connect()
+        if con is None:
+            return
+        try:
+            with con:
+                con.execute("INSERT OR REPLACE INTO folders VALUES (?, ?, ?)", (path, listing, digest))
+        except sqlite3.Error:
+            pass
+        finally:
+            con.close()
 
     def forget(self, path: str | Path) -> None:
         """Drop a folder's memoised fingerprint (after this run wrote into it)."""

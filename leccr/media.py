@@ -216,9 +216,15 @@ class ShardPrefetcher:
             return
         self._pending[index] = [self._pool.submit(_load_or_error, self.load, item) for item in self.shards[index]]
 
-    def take(self, index: int) -> list[tuple[T, R | MediaError]]:
+    def take(self, index: int, items: Sequence[T] | None = None) -> list[tuple[T, R | MediaError]]:
+        """Shard `index`'s loaded items. `items`: a subset of that shard (the failed items a rerun
+        retries) — loaded now, in this thread, instead of the whole prefetched shard."""
         import time
 
+        if items is not None and len(items) != len(self.shards[index]):
+            for future in self._pending.pop(index, []):
+                future.cancel()
+            return [(item, _load_or_error(self.load, item)) for item in items]
         self._schedule(index)
         self._schedule(self.next_index(index))
         futures = self._pending.pop(index)

@@ -27,7 +27,7 @@ from leccr.codeid import code_digest, code_modules
 from leccr.config import ExperimentConfig, Section
 from leccr.fingerprint import Fingerprinter, fingerprinter_for
 from leccr.store import (STORE_FORMAT, Artifact, KeyParts, StageContext, StageFailed, Store, atomic_write_text,
-                         resolve_section, stage_lock, write_manifest)
+                         changed_failures, reopen_for_retry, resolve_section, stage_lock, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,9 @@ def explain(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[
         artifact = store.artifact(name, parts.key)
         if name in the_plan.forced:
             planned[name] = PlannedStage(name, "forced", parts.key, ["--force"])
+        elif store.is_complete(artifact) and (changed := changed_failures(artifact.path, Path(cfg.dataset.path))):
+            planned[name] = PlannedStage(name, "miss", parts.key,
+                                         [f"retries failed items: {changed} have a changed file since they failed"])
         elif store.is_complete(artifact):
             planned[name] = PlannedStage(name, "hit", parts.key)
             finished[name] = artifact
@@ -292,9 +295,14 @@ class StageOutcome:
 
     def describe(self) -> str:
         state = "cache hit, no work" if self.cache_hit else f"computed in {self.seconds:.1f}s"
-        total = sum(n for name, n in self.rows.items() if not name.endswith("errors.parquet"))
+        total = sum(n for name, n in self.rows.items() if not _is_error_file(name))
         return (f"{self.artifact.stage:<9} {state:<22} rows={total:<7} errors={self.errors:<4} "
                 f"{self.artifact.path}")
+
+
+def _is_error_file(name: str) -> bool:
+    """errors.parquet and the per-shard `_errors/part-*` files it merges: error rows, not output rows."""
+    return name.endswith("errors.parquet") or "_errors/" in name
 
 
 def prepare_stage(cfg: ExperimentConfig, name: str, parts: KeyParts, force: bool,
@@ -305,6 +313,7 @@ def prepare_stage(cfg: ExperimentConfig, name: str, parts: KeyParts, force: bool
     if force:
         (logger or log).info("%s: --force: discarding %s", name, artifact.path)
         store.discard(artifact)
+    reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger or log, name)
     return store.is_complete(artifact)
 
 
@@ -313,7 +322,7 @@ def _context(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], part
     spec = get_stage(name)
     return StageContext(stage=name, key=parts.key, section=spec.section(cfg),
                         inputs={up: inputs[up] for up in spec.upstream}, out_dir=artifact.path, log=logger,
-                        key_parts=parts, shard_slot=shard_slot)
+                        key_parts=parts, shard_slot=shard_slot, dataset_root=Path(cfg.dataset.path))
 
 
 def run_stage_slot(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], parts: KeyParts, slot: int,
@@ -350,6 +359,7 @@ def run_stage(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], for
     if force:
         logger.info("%s: --force: discarding %s", name, artifact.path)
         store.discard(artifact)
+    reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger, name)  # fixed files to retry: not a hit
     if store.is_complete(artifact):
         store.mark_latest(artifact)
         outcome = _outcome(artifact, cache_hit=True, seconds=0.0)
@@ -394,11 +404,12 @@ def record_run(cfg: ExperimentConfig, outcomes: dict[str, StageOutcome]) -> Path
 
 
 def run_pipeline(
-    cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None
+    cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
+    fingerprints: Fingerprinter | None = None,
 ) -> dict[str, StageOutcome]:
     """Run the DAG in this process, stage after stage (the Prefect flow does the same as tasks)."""
     the_plan = plan(stages, force)
-    fingerprints = fingerprinter_for(cfg.artifacts_root)
+    fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
     outcomes: dict[str, StageOutcome] = {}
     for name in the_plan.order:
         inputs = {up: outcomes[up].artifact for up in upstream_of(name)}

@@ -17,6 +17,7 @@ class _Bar:
         self.log = logger or log
         self.total, self.desc, self.unit = total, desc, unit
         self.done = 0
+        self.skipped = 0  # items already finished (resumed shards, other workers' shards): not in the rate
         self.started = time.perf_counter()
         self._last_log = self.started
         self._rich, self._task = rich_progress, task_id
@@ -25,11 +26,22 @@ class _Bar:
     @property
     def rate(self) -> float:
         elapsed = time.perf_counter() - self.started
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.skipped) / elapsed if elapsed > 0 else 0.0
 
     def set_postfix(self, text: str) -> None:
         """Extra live figures (e.g. tokens/s) shown beside items/s."""
         self.extra = text
+
+    def skip(self, n: int) -> None:
+        """Count `n` items that were already done: they advance the bar but not the rate or the ETA."""
+        if n <= 0:
+            return
+        self.skipped += n
+        if self._rich is not None:  # reset: rich's own speed and ETA must not count these either
+            self.done += n
+            self._rich.reset(self._task, completed=self.done, extra=self.extra, rate=f"{self.rate:.1f} {self.unit}/s")
+            return
+        self.update(n)
 
     def update(self, n: int = 1) -> None:
         self.done += n

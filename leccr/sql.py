@@ -1,8 +1,17 @@
-"""DuckDB over the artifact store: one view per stage output, for the latest run or one experiment."""
+"""DuckDB over the artifact store: one view per stage output, for the latest run or one experiment.
+
+`connect` returns a read-only session: after the views exist, DuckDB may read files under the
+artifacts root only (`allowed_directories` + `enable_external_access = false`, then the configuration
+is locked so SQL cannot undo it), and `check_read_only` refuses every statement but queries, so
+`COPY ... TO`, `ATTACH`, `INSTALL` and chained writes never run.
+"""
 from __future__ import annotations
 
+import csv
 import json
+import sys
 from pathlib import Path
+from typing import TextIO
 
 import duckdb
 
@@ -25,6 +34,9 @@ VIEWS: dict[str, tuple[str, str]] = {
     "features_errors": ("features", "*/errors.parquet"),
     "history": ("train", "*/history.parquet"),
     "metrics": ("evaluate", "metrics.parquet"),
+    # One row per (method, indexed item): its global (and slot) embeddings; `index_items` holds captions.
+    "index": ("index", "*/embeddings.parquet"),
+    "index_items": ("index", "items.parquet"),
 }
 
 
@@ -55,14 +67,90 @@ def view_statements(artifacts: dict[str, Artifact]) -> list[str]:
     return statements
 
 
+# Statements that only read: SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE are all SELECT.
+READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+
+
+class ReadOnlyViolation(ValueError):
+    """A statement that would write, attach, install or change settings: `leccr inspect` only reads."""
+
+
+def lock_statements(root: str | Path) -> list[str]:
+    """What makes a session read the artifacts root and nothing else (run after the views exist)."""
+    folder = Path(root).absolute().as_posix().rstrip("/").replace("'", "''") + "/"
+    return [f"SET allowed_directories = ['{folder}']", "SET enable_external_access = false",
+            "SET lock_configuration = true"]
+
+
 def connect(root: str | Path, experiment: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per available artifact table."""
+    """An in-memory DuckDB connection with one view per available artifact table, reading nothing
+    outside the artifacts root."""
     con = duckdb.connect()
     for statement in view_statements(selected_artifacts(root, experiment)):
         con.execute(statement)
+    for statement in lock_statements(Store(root).root):
+        con.execute(statement)
     return con
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise `ReadOnlyViolation` naming the first statement of `sql` that is not a query (a syntax error
+    raises duckdb's own ParserException)."""
+    for statement in con.extract_statements(sql):
+        if statement.type not in READ_ONLY_STATEMENTS:
+            kind = str(statement.type).rsplit(".", 1)[-1]
+            text = " ".join(statement.query.split())
+            raise ReadOnlyViolation(f"refused {kind} statement {text[:80]!r}: `leccr inspect` only reads the "
+                                    "artifacts (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); to save a "
+                                    "result, redirect `--format csv` or `--format json` output to a file")
 
 
 def list_views(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [row[0] for row in con.execute(
         "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name").fetchall()]
+
+
+FORMATS = ("table", "csv", "json", "markdown")
+TABLE_MAX_ROWS = 1000  # the table format is for reading; csv/json/markdown print every row
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str, fmt: str = "table", width: int | None = None,
+              out: TextIO | None = None) -> None:
+    """Run read-only `sql` (one or more queries) and print each result in `fmt`.
+
+    `width`: the table format's width (None: no limit, for pipes and files). Raises
+    `ReadOnlyViolation` or `duckdb.Error`; nothing runs when any statement is refused.
+    """
+    out = out or sys.stdout
+    check_read_only(con, sql)
+    for statement in con.extract_statements(sql):
+        relation = con.sql(statement.query)
+        if relation is None:
+            continue
+        if fmt == "table":
+            out.flush()
+            relation.limit(TABLE_MAX_ROWS).show(max_width=width or 10**6, max_rows=TABLE_MAX_ROWS,
+                                                max_col_width=width or 10**6)
+            continue
+        columns, rows = relation.columns, relation.fetchall()
+        if fmt == "csv":
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(columns)
+            writer.writerows([[_cell(v) for v in row] for row in rows])
+        elif fmt == "json":
+            out.write(json.dumps([dict(zip(columns, row)) for row in rows], ensure_ascii=False, default=str) + "\n")
+        elif fmt == "markdown":
+            out.write("| " + " | ".join(_md(c) for c in columns) + " |\n")
+            out.write("|" + "---|" * len(columns) + "\n")
+            for row in rows:
+                out.write("| " + " | ".join(_md(_cell(v)) for v in row) + " |\n")
+        else:
+            raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+
+
+def _cell(value: object) -> object:
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else value
+
+
+def _md(value: object) -> str:
+    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")

@@ -8,8 +8,10 @@ complete `_manifest.json`, written last, marks a finished artifact and records e
 and the digest of what it holds: a later run with the same key does no work, and a run that differs
 can say why.
 
-Long stages write `part-NNNNN.parquet` shards through a temporary name and a rename, so a crash
-loses at most the shard in progress and a rerun skips the committed ones.
+Long stages write `part-NNNNN.parquet` shards through a temporary name, an fsync and a rename, so a
+crash loses at most the shard in progress and a rerun skips the committed ones. A worker claims a
+shard before computing it (`_claims/`), so two runs on one root never compute the same shard twice.
+A rerun retries the items whose error is retryable (missing or unreadable file, engine error).
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_args, get_origin
+from typing import Annotated, Any, NamedTuple, TypeVar, get_args, get_origin
 
 import pyarrow as pa
 from pydantic import BaseModel
@@ -33,7 +36,7 @@ from pydantic import BaseModel
 from leccr.config import Section, _PathMarker
 from leccr.fingerprint import Fingerprinter, hash_file
 from leccr.progress import progress
-from schemas.core import SCHEMA_VERSION, read_table, write_table
+from schemas.core import SCHEMA_VERSION, durable_replace, read_table, validate, write_table
 from schemas.errors import ERRORS
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ LOCK_FILE = ".lock"  # held (shared) by a running stage, so `leccr gc` leaves th
 KEY_LENGTH = 16  # hex digits of sha256 kept in folder names
 # The layout of artifact folders (shard names, manifest fields). Part of every key: bump it when the
 # store writes results differently, since leccr.store itself is not part of any stage's code identity.
-STORE_FORMAT = "2"
+STORE_FORMAT = "3"  # 3: errors rows gained file, line, retryable, file_state
 
 
 class StageFailed(RuntimeError):
@@ -168,18 +171,15 @@ def is_locked(folder: Path) -> bool:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write through a temporary name, fsync, rename, fsync the folder: all or nothing, even on power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     return path
 
 
@@ -238,22 +238,38 @@ class Artifact:
 T = TypeVar("T")
 
 
+class ItemError(NamedTuple):
+    """One failed item of a shard. A plain `(item_id, reason)` tuple is a final (non-retryable) error."""
+
+    item_id: str
+    reason: str
+    # True when the failure may go away without a new input: a missing or unreadable media file (a
+    # mount that was down, a file being copied), an engine error. A rerun retries these items only.
+    retryable: bool = False
+    # The media file at fault, as items.parquet stores it (relative to the dataset root): a finished
+    # artifact is reopened for a retry when this file has changed since the failure.
+    file: str | None = None
+
+
 @dataclass
 class ShardResult:
     """What one shard's processing produced: the rows to commit and the items that failed."""
 
     table: pa.Table
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (item_id, reason)
+    errors: list[ItemError | tuple[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)  # summed into the stage summary (e.g. tokens)
 
 
 @dataclass
 class ShardTotals:
     items: int = 0
-    rows: int = 0
+    rows: int = 0  # committed output rows (error rows are not output)
     errors: int = 0
+    retryable_errors: int = 0  # of `errors`: the ones a rerun retries
     shards_done: int = 0
-    shards_resumed: int = 0
+    shards_resumed: int = 0  # committed by an earlier (or concurrent) run and kept as they were
+    shards_recomputed: int = 0  # of `shards_done`: committed but empty or unreadable, computed again
+    items_retried: int = 0  # failed items of committed shards computed again
     stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -262,6 +278,139 @@ def shard_plan(work: Sequence[T], shard_size: int) -> list[list[T]]:
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     return [list(work[i : i + shard_size]) for i in range(0, len(work), shard_size)]
+
+
+def _error_table(errors: list[ItemError | tuple[str, str]], stage: str, index: int,
+                 dataset_root: Path | None = None) -> pa.Table:
+    rows = [ItemError(*error) for error in errors]
+    return pa.Table.from_pylist(
+        [{"item_id": str(e.item_id), "stage": stage, "shard": index, "reason": e.reason, "file": e.file,
+          "line": None, "retryable": bool(e.retryable),
+          "file_state": None if e.file is None else file_state(dataset_root, e.file)} for e in rows],
+        schema=ERRORS,
+    )
+
+
+def file_state(dataset_root: Path | None, stored: str) -> str:
+    """A media file's state as an error row records it: size, mtime and inode, or "missing"."""
+    from leccr.datasets.base import resolve_media_path
+
+    try:
+        stat = os.stat(resolve_media_path(dataset_root, stored))
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+
+
+def _due(row: dict[str, Any], dataset_root: Path | None, need_file: bool) -> bool:
+    """Whether a rerun retries this error row: retryable, and its file changed since the failure (an
+    error without a file, an engine error, is retried by the rerun of an unfinished stage only)."""
+    if not row["retryable"]:
+        return False
+    if row["file"] is None:
+        return not need_file
+    return file_state(dataset_root, row["file"]) != row["file_state"]
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a committed Parquet file cannot be used (empty, cut, not Parquet), or None when it is fine."""
+    import pyarrow.parquet as pq
+
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty (0 bytes)"
+        pq.ParquetFile(path).metadata  # the footer: a cut or overwritten file fails here
+    except (OSError, pa.ArrowException) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class ShardClaims:
+    """One claim file per shard, so concurrent runs on one artifact root never compute a shard twice.
+
+    A claim is created with O_CREAT|O_EXCL (atomic on local filesystems and NFSv3+) and holds the
+    claimant's host, pid and process start time. A claim whose process is gone (same host: the pid is
+    dead or now belongs to another process; another host: older than `STALE_SECONDS`) is taken over.
+    The img2dataset writers do the same per shard.
+    """
+
+    STALE_SECONDS = 3600.0  # a claim from another host is trusted this long (no liveness check there)
+
+    def __init__(self, folder: Path):
+        self.folder = folder / "_claims"
+        self.held: set[int] = set()
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"part-{index:05d}.claim"
+
+    def acquire(self, index: int) -> bool:
+        """Claim shard `index`; False when another live worker holds it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(index)
+        for _ in range(2):  # once more after removing a stale claim
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self.holder_alive(index):
+                    return False
+                path.unlink(missing_ok=True)  # stale: its worker died (kill -9, power cut)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(_me(), handle)
+            self.held.add(index)
+            return True
+        return False
+
+    def holder_alive(self, index: int) -> bool:
+        path = self._path(index)
+        try:
+            holder = json.loads(path.read_text(encoding="utf-8"))
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return time.time() - path.stat().st_mtime < 5  # being written right now, or garbage
+        if holder.get("host") != socket.gethostname():
+            return age < self.STALE_SECONDS
+        return _process_alive(int(holder.get("pid", -1)), holder.get("started"))
+
+    def release(self, index: int) -> None:
+        if index in self.held:
+            self._path(index).unlink(missing_ok=True)
+            self.held.discard(index)
+
+    def release_all(self) -> None:
+        for index in list(self.held):
+            self.release(index)
+        try:
+            self.folder.rmdir()  # only when no other worker still holds a claim
+        except OSError:
+            pass
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the claimant."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _me() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def _process_alive(pid: int, started: str | None) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    return started is None or _process_start(pid) in (None, started)
 
 
 # ------------------------------------------------------------------------------------- stage context
@@ -285,10 +434,19 @@ class StageContext:
     # nothing — the scale-out runner maps a stage's shards onto several tasks this way, then one
     # ordinary run (every shard already committed) merges errors and writes the manifest.
     shard_slot: tuple[int, int] | None = None
+    # The configured `dataset.path`: media paths in items.parquet are relative to it (see
+    # `leccr.datasets.resolve_media_path`), so a moved dataset folder keeps its cache and works.
+    dataset_root: Path | None = None
 
     def write(self, name: str, table: pa.Table, schema: pa.Schema, row_group_size: int | None = None) -> Path:
         """Write one whole (non-sharded) Parquet file of this artifact atomically."""
         return write_table(table, self.out_dir / name, schema, row_group_size)
+
+    def media_path(self, stored: str | None) -> str | None:
+        """An item's `path` or `feature_path` from items.parquet, as a file to open now."""
+        from leccr.datasets.base import resolve_media_path
+
+        return resolve_media_path(self.dataset_root, stored)
 
     def run_shards(
         self,
@@ -301,45 +459,45 @@ class StageContext:
         max_error_rate: float | None = None,
         unit: str = "items",
         row_group_size: int | None = None,
+        key_column: str = "item_id",
+        units_per_item: int = 1,
+        error_unit: str | None = None,
     ) -> ShardTotals:
         """Process `work` shard by shard, committing each as `part-NNNNN.parquet`; resume-safe.
 
-        A committed shard (its part file exists) is skipped, so a rerun after a crash or kill does
-        only the missing shards. Each shard's failed items are written (atomically, before the part
-        file) to `_errors/part-NNNNN.parquet`, and merged into `errors.parquet` at the end. Past
-        `max_error_rate` the stage fails, keeping every committed shard.
+        A committed shard (its part file exists and is readable) is kept, so a rerun after a crash or
+        kill does only the missing shards; an empty or unreadable one is named in a warning and
+        computed again. A committed shard whose `_errors/part-NNNNN.parquet` holds retryable failures
+        that are due (the media file changed since it failed; no file: an engine error) is computed
+        again for those items only (`process` gets that subset; rows are matched to work
+        items by `key_column` == `item_id(item)`); its good rows are kept. Each shard's failed items
+        are written (atomically, before the part file) to `_errors/part-NNNNN.parquet`, and merged into
+        `errors.parquet` at the end. The error rate counts `units_per_item` units of work per item
+        (caption x language for translate); past `max_error_rate` the stage fails, keeping every
+        committed shard. Each shard is claimed first (`ShardClaims`): a shard another live worker is
+        computing is waited for, not computed twice.
         """
         folder = self.out_dir / subdir
         plan = shard_plan(work, shard_size)
         totals = ShardTotals(items=len(work))
         label = f"{self.stage}{'/' + subdir if subdir else ''}"
-        with progress(total=len(work), desc=label, unit=unit, logger=self.log) as bar:
-            for index, shard in enumerate(plan):
-                part = folder / part_name(index)
-                if self.shard_slot is not None and index % self.shard_slot[1] != self.shard_slot[0]:
-                    bar.update(len(shard))
-                    continue
-                if part.exists():
-                    totals.shards_resumed += 1
-                    bar.update(len(shard))
-                    continue
-                started = time.perf_counter()
-                result = process(shard, index)
-                errors = pa.Table.from_pylist(
-                    [{"item_id": str(item), "stage": self.stage, "shard": index, "reason": reason}
-                     for item, reason in result.errors],
-                    schema=ERRORS,
-                )
-                write_table(errors, folder / "_errors" / part_name(index), ERRORS)
-                write_table(result.table, part, schema, row_group_size)
-                for name, value in result.stats.items():
-                    totals.stats[name] = totals.stats.get(name, 0.0) + value
-                totals.shards_done += 1
-                if "tokens" in totals.stats:
-                    bar.set_postfix(f"{totals.stats['tokens'] / (time.perf_counter() - bar.started):.0f} tokens/s")
-                bar.update(len(shard))
-                self.log.debug("%s: shard %d committed (%d rows, %.2fs)", label, index,
-                               result.table.num_rows, time.perf_counter() - started)
+        claims = ShardClaims(folder)
+        mine = [i for i in range(len(plan)) if self.shard_slot is None or i % self.shard_slot[1] == self.shard_slot[0]]
+        try:
+            with progress(total=len(work), desc=label, unit=unit, logger=self.log) as bar:
+                bar.skip(len(work) - sum(len(plan[i]) for i in mine))  # other slots' shards
+                waiting = self._shard_pass(mine, plan, folder, process, schema, item_id, key_column,
+                                           row_group_size, claims, totals, bar, label)
+                while waiting:  # shards another worker is computing: wait for them, or take over if it dies
+                    time.sleep(0.5)
+                    waiting = self._shard_pass(waiting, plan, folder, process, schema, item_id, key_column,
+                                               row_group_size, claims, totals, bar, label)
+        finally:
+            claims.release_all()
+        if totals.shards_resumed:
+            self.log.info("%s: kept %d finished shard(s) of %d; computed %d%s", label, totals.shards_resumed,
+                          len(plan), totals.shards_done,
+                          f", retried {totals.items_retried} failed item(s)" if totals.items_retried else "")
         if self.shard_slot is not None:
             return totals
         committed = sorted(folder.glob("part-*.parquet"))
@@ -347,17 +505,160 @@ class StageContext:
         error_parts = sorted((folder / "_errors").glob("part-*.parquet"))
         all_errors = read_table(error_parts, ERRORS) if error_parts else ERRORS.empty_table()
         totals.errors = all_errors.num_rows
+        totals.retryable_errors = sum(all_errors.column("retryable").to_pylist())
         write_table(all_errors, folder / "errors.parquet", ERRORS)
-        if max_error_rate is not None and work and totals.errors / len(work) > max_error_rate:
+        units = len(work) * units_per_item
+        what = error_unit or unit
+        if max_error_rate is not None and units and totals.errors / units > max_error_rate:
             reasons = all_errors.column("reason").to_pylist()[:3]
+            final = totals.errors - totals.retryable_errors
+            advice = []
+            if totals.retryable_errors:
+                advice.append(f"a rerun retries the {totals.retryable_errors} retryable failure(s) (missing or "
+                              "unreadable files, engine errors) and nothing else")
+            if final:
+                advice.append(f"{'the other ' if totals.retryable_errors else ''}{final} are final for this input: "
+                              "a rerun does not retry them; a fixed "
+                              f"input or a higher {self.stage.split('-')[0]}.max_error_rate lets the stage finish")
             raise StageFailed(
-                f"{label}: {totals.errors} of {len(work)} {unit} failed "
-                f"({totals.errors / len(work):.1%} > max_error_rate {max_error_rate:.1%}); "
+                f"{label}: {totals.errors} of {units} {what} failed "
+                f"({totals.errors / units:.1%} > max_error_rate {max_error_rate:.1%}); "
                 f"first reasons: {reasons}; all in {folder / 'errors.parquet'}. "
-                f"{len(committed)} finished shard(s) are kept: fix the input or raise max_error_rate, "
-                "and a rerun resumes from them."
+                f"{len(committed)} finished shard(s) are kept; " + "; ".join(advice) + "."
             )
         return totals
+
+    def _shard_pass(self, indices: list[int], plan: list[list[T]], folder: Path,
+                    process: Callable[[list[T], int], ShardResult], schema: pa.Schema,
+                    item_id: Callable[[T], str], key_column: str, row_group_size: int | None,
+                    claims: ShardClaims, totals: ShardTotals, bar: Any, label: str) -> list[int]:
+        """One pass over `indices`: compute, retry or keep each shard; returns those another worker holds."""
+        busy = []
+        for index in indices:
+            shard = plan[index]
+            part, errors_part = folder / part_name(index), folder / "_errors" / part_name(index)
+            retry: set[str] = set()
+            if part.exists():
+                problem = _unreadable(part) or (_unreadable(errors_part) if errors_part.exists() else None)
+                if problem is None:
+                    retry = _retryable_ids(errors_part, self.dataset_root) & {item_id(w) for w in shard}
+                    if not retry:
+                        totals.shards_resumed += 1
+                        bar.skip(len(shard))
+                        continue
+            if not claims.acquire(index):
+                busy.append(index)
+                continue
+            try:
+                started = time.perf_counter()
+                if part.exists() and retry and _unreadable(part) is None:  # another worker may have retried it
+                    retry &= _retryable_ids(errors_part, self.dataset_root)
+                    subset = [w for w in shard if item_id(w) in retry]
+                    if subset:
+                        self._retry_shard(subset, index, part, errors_part, process, schema, item_id,
+                                          key_column, row_group_size, totals, shard)
+                    else:
+                        totals.shards_resumed += 1
+                    bar.skip(len(shard) - len(subset))
+                    bar.update(len(subset))
+                    continue
+                if part.exists():
+                    problem = _unreadable(part) or (_unreadable(errors_part) if errors_part.exists() else None)
+                    if problem is None:  # committed by another worker while we waited
+                        totals.shards_resumed += 1
+                        bar.skip(len(shard))
+                        continue
+                    self.log.warning("%s: committed shard %s is unusable (%s): computing it again",
+                                     label, part, problem)
+                    part.unlink()
+                    totals.shards_recomputed += 1
+                result = process(shard, index)
+                write_table(_error_table(result.errors, self.stage, index, self.dataset_root), errors_part, ERRORS)
+                write_table(result.table, part, schema, row_group_size)
+                _add_stats(totals, result)
+                totals.shards_done += 1
+                if "tokens" in totals.stats:
+                    bar.set_postfix(f"{totals.stats['tokens'] / (time.perf_counter() - bar.started):.0f} tokens/s")
+                bar.update(len(shard))
+                self.log.debug("%s: shard %d committed (%d rows, %.2fs)", label, index,
+                               result.table.num_rows, time.perf_counter() - started)
+            finally:
+                claims.release(index)
+        return busy
+
+    def _retry_shard(self, subset: list[T], index: int, part: Path, errors_part: Path,
+                     process: Callable[[list[T], int], ShardResult], schema: pa.Schema,
+                     item_id: Callable[[T], str], key_column: str, row_group_size: int | None,
+                     totals: ShardTotals, shard: list[T]) -> None:
+        """Compute a committed shard's retryable failures again; keep its other rows and errors.
+
+        The part file is rewritten first (old rows of the retried items dropped, so a crash between the
+        two writes and another retry cannot duplicate rows), then the errors file.
+        """
+        import pyarrow.compute as pc
+
+        retried = pa.array([item_id(w) for w in subset], pa.string())
+        result = process(subset, index)
+        table = validate(result.table, schema, f"retry of shard {index}")
+        new_rows = table.filter(pc.is_in(table.column(key_column), retried))
+        new_errors = _error_table(result.errors, self.stage, index, self.dataset_root)
+        new_errors = new_errors.filter(pc.is_in(new_errors.column("item_id"), retried))
+        old = read_table(part, schema)
+        kept = old.filter(pc.invert(pc.is_in(old.column(key_column), retried)))
+        position = {item_id(w): i for i, w in reversed(list(enumerate(shard)))}
+        merged = pa.concat_tables([kept, new_rows])
+        order = sorted(range(merged.num_rows),
+                       key=lambda i: position.get(merged.column(key_column)[i].as_py(), len(shard)))
+        write_table(merged.take(pa.array(order, pa.int64())), part, schema, row_group_size)
+        old_errors = read_table(errors_part, ERRORS)
+        errors = pa.concat_tables([old_errors.filter(pc.invert(pc.is_in(old_errors.column("item_id"), retried))),
+                                   new_errors])
+        write_table(errors, errors_part, ERRORS)
+        _add_stats(totals, result)
+        totals.items_retried += len(subset)
+        self.log.info("%s: retried %d failed item(s) of shard %d: %d now done", self.stage, len(subset), index,
+                      len(subset) - len(set(new_errors.column("item_id").to_pylist())))
+
+
+def _add_stats(totals: ShardTotals, result: ShardResult) -> None:
+    for name, value in result.stats.items():
+        totals.stats[name] = totals.stats.get(name, 0.0) + value
+
+
+def _retryable_ids(errors_part: Path, dataset_root: Path | None) -> set[str]:
+    if not errors_part.exists():
+        return set()
+    table = read_table(errors_part, ERRORS, columns=["item_id", "retryable", "file", "file_state"])
+    return {row["item_id"] for row in table.to_pylist() if _due(row, dataset_root, need_file=False)}
+
+
+def changed_failures(folder: Path, dataset_root: Path | None) -> int:
+    """Retryable failures of a finished artifact whose media file changed (fixed, restored, mounted
+    again) since the failure: those a rerun tries again. A file still as it was when it failed is not
+    retried, so a finished stage with a broken file stays a cache hit."""
+    count = 0
+    for path in sorted(folder.rglob("errors.parquet")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts) or _unreadable(path):
+            continue
+        rows = read_table(path, ERRORS, columns=["retryable", "file", "file_state"]).to_pylist()
+        count += sum(_due(row, dataset_root, need_file=True) for row in rows)
+    return count
+
+
+def reopen_for_retry(folder: Path, dataset_root: Path | None, log: logging.Logger | logging.LoggerAdapter,
+                     what: str) -> bool:
+    """When files of a finished artifact's retryable failures have changed since, remove its manifest (so
+    it is no longer a cache hit) and say so; the stage then runs again, keeps every committed shard and
+    retries only its retryable failures. An unfinished artifact retries them anyway (see `run_shards`)."""
+    if not (folder / MANIFEST).is_file():
+        return False
+    changed = changed_failures(folder, dataset_root)
+    if not changed:
+        return False
+    log.info("%s: %d failed item(s) have a changed file since they failed: retrying the failed items of %s, "
+             "keeping everything else", what, changed, folder)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    return True
 
 
 def _num_rows(path: Path) -> int:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Bumped when any artifact schema changes incompatibly; recorded in every manifest.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: errors gained file, line, retryable
 
 
 class SchemaError(ValueError):
@@ -48,15 +48,41 @@ def validate(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
 def write_table(table: pa.Table, path: Path, schema: pa.Schema, row_group_size: int | None = None) -> Path:
     """Validate and write `table` to `path` atomically (temp file in the same folder, then rename).
 
-    A reader never sees a half-written file: either the old content, nothing, or the new file.
+    A reader never sees a half-written file: either the old content, nothing, or the new file. The
+    file is fsynced before the rename and the folder after it, so a power cut cannot leave a committed
+    name over an empty or partial file.
     """
     table = validate(table, schema, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     return path
+
+
+def durable_replace(tmp: Path, path: Path) -> None:
+    """`os.replace(tmp, path)` that survives a crash: data on disk before the rename, the rename after."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a platform without directory fds (Windows): the rename is as durable as it gets
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (network mounts) refuse fsync on a folder; the file itself is synced
+    finally:
+        os.close(fd)
 
 
 def read_table(path: Path | list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:

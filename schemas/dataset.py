@@ -7,8 +7,9 @@ ITEMS = pa.schema(
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),  # train | val | test (adapters may add test_1k, ...)
         pa.field("media_type", pa.string(), nullable=False),  # image | video
-        pa.field("path", pa.string()),  # absolute path of the image/video file; null when only features exist
-        pa.field("feature_path", pa.string()),  # absolute path of pre-extracted features, if the release has them
+        # image/video file, relative to the dataset root (absolute if outside it); null when only features exist
+        pa.field("path", pa.string()),
+        pa.field("feature_path", pa.string()),  # pre-extracted features (relative like `path`), if the release has them
     ]
 )
 

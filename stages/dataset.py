@@ -2,6 +2,12 @@
 
 Every later stage reads the dataset through this artifact, so its key (which fingerprints the
 folder's content) is upstream of everything: editing an annotation file reruns the whole DAG.
+
+A bad line or a missing media file costs only its item or caption: it becomes a row of
+`errors.parquet` (file, line, item, reason) and the rest is read, unless more than
+`dataset.max_error_rate` of the rows are bad. A problem no dataset can be built around (a missing
+caption file, a caption file out of step with its image list) stops the stage with every problem listed.
+Media paths are stored relative to the dataset root (see `leccr.datasets.base.resolve_media_path`).
 """
 from __future__ import annotations
 
@@ -11,10 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import DatasetConfig, ExperimentConfig
-from leccr.store import StageContext
+from leccr.store import StageContext, StageFailed
 from schemas.dataset import CAPTIONS, ITEMS
+from schemas.errors import ERRORS
 
 UPSTREAM: tuple[str, ...] = ()
+
+MAX_PROBLEMS_IN_MESSAGE = 20  # `leccr datasets check` lists every one
 
 
 def section(cfg: ExperimentConfig) -> DatasetConfig:
@@ -32,21 +41,48 @@ def cap_items(items: pa.Table, captions: pa.Table, per_split: int) -> tuple[pa.T
             captions.filter(pc.is_in(captions.column("item_id"), keep)))
 
 
+def _listed(problems: list, root: Path, what: str) -> str:
+    shown = "\n".join(f"  {p}" for p in problems[:MAX_PROBLEMS_IN_MESSAGE])
+    more = len(problems) - MAX_PROBLEMS_IN_MESSAGE
+    tail = f"\n  ... and {more} more" if more > 0 else ""
+    return f"{what}:\n{shown}{tail}\n`leccr datasets check {root} --format <format>` lists every problem"
+
+
 def run(ctx: StageContext) -> None:
-    from leccr.datasets import load_dataset
+    from leccr.datasets import get_adapter
 
     cfg: DatasetConfig = ctx.section
-    tables = load_dataset(cfg.format, Path(cfg.path), cfg.languages, cfg.options)
+    root = Path(cfg.path)
+    tables, problems = get_adapter(cfg.format).check(root, cfg.options, cfg.languages)
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        raise StageFailed(_listed(fatal, root, f"dataset: {cfg.format} dataset at {root.absolute()} cannot be read "
+                                               f"({len(fatal)} problem(s) no dataset can be built around)"))
+    errors = pa.Table.from_pylist(
+        [{"item_id": p.item, "stage": "dataset", "shard": -1, "reason": p.message, "file": p.file, "line": p.line,
+          "retryable": False} for p in problems],  # a fixed folder has a new key: nothing to retry under this one
+        schema=ERRORS)
     items, captions = tables.items, tables.captions
+    rows = items.num_rows + captions.num_rows + errors.num_rows
+    if rows and errors.num_rows / rows > cfg.max_error_rate:
+        raise StageFailed(_listed(problems, root, f"dataset: {errors.num_rows} of {rows} dataset rows (items and "
+                                                  f"captions) are bad ({errors.num_rows / rows:.1%} > "
+                                                  f"dataset.max_error_rate {cfg.max_error_rate:.1%}); fix the folder "
+                                                  "(a fixed folder has a new key) or raise dataset.max_error_rate"))
+    if problems:
+        ctx.log.warning("%s", _listed(problems, root, f"dataset: {len(problems)} bad row(s) skipped, in "
+                                                    f"{ctx.out_dir / 'errors.parquet'}"))
     if cfg.max_items_per_split is not None:
         items, captions = cap_items(items, captions, cfg.max_items_per_split)
     items = items.sort_by("item_id")
     captions = captions.sort_by([("item_id", "ascending"), ("lang", "ascending"), ("caption_id", "ascending")])
     ctx.write("items.parquet", items, ITEMS)
     ctx.write("captions.parquet", captions, CAPTIONS)
+    ctx.write("errors.parquet", errors, ERRORS)
     ctx.summary.update(
         format=cfg.format,
         items_per_split={s: items.column("split").to_pylist().count(s) for s in sorted(set(items.column("split").to_pylist()))},
         captions_per_lang={lang: captions.column("lang").to_pylist().count(lang)
                            for lang in sorted(set(captions.column("lang").to_pylist()))},
+        errors=errors.num_rows,
     )

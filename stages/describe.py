@@ -25,7 +25,7 @@ from leccr.engines.mllm import (Generation, Request, RequestRejected, SamplingCo
                                 max_frames, request_seed)
 from leccr.hub import ModelNotFound, model_path
 from leccr.media import MediaError, ShardPrefetcher, load_visual
-from leccr.store import ShardResult, StageContext, part_name, shard_plan
+from leccr.store import ItemError, ShardResult, StageContext, part_name, shard_plan
 from schemas.core import read_table
 from schemas.dataset import ITEMS
 from schemas.describe import DESCRIPTIONS
@@ -138,9 +138,10 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
     def process(shard: list[dict], index: int) -> ShardResult:
         errors: list[tuple[str, str]] = []
         requests: list[Request] = []
-        for item, frames in prefetcher.take(index):
-            if isinstance(frames, MediaError):
-                errors.append((item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}"))
+        for item, frames in prefetcher.take(index, shard):
+            if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
+                errors.append(ItemError(item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}",
+                                        retryable=True, file=item["path"]))
                 continue
             for view_id, prompt in views_for(cfg, item["media_type"]).items():
                 requests.append(Request(item["item_id"], view_id, prompt, frames, item["media_type"],
@@ -215,7 +216,8 @@ def run(ctx: StageContext) -> None:
         shards = shard_plan(work, cfg.shard_size)
 
         def load(item: dict):
-            return load_visual(item["path"], item["media_type"], cfg.num_frames, cfg.fps, cfg.max_image_side)
+            return load_visual(ctx.media_path(item["path"]), item["media_type"], cfg.num_frames, cfg.fps,
+                               cfg.max_image_side)
 
         prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=_next_shard(ctx, len(shards)))
         process = _generating_processor(ctx, prefetcher)

@@ -28,11 +28,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
-from leccr.metrics import ScoreBlock, chance_sumr, chunked_ranks, recall_metrics, topk_items, topk_texts
-from leccr.report import write_report
 from leccr.fingerprint import Fingerprinter
 from leccr.hub import model_path
 from leccr.store import StageContext, StageFailed
@@ -70,7 +67,8 @@ class SplitData:
     items: object  # leccr.data.EvalItems (visual [N, N_v, D], masks, description ids/states)
     item_ids: list[str]
     media_types: list[str]
-    paths: list[str | None]
+    paths: list[str | None]  # media files, resolved against the configured dataset root
+    coverage: str  # "16 of 17 test items (1 failed upstream: see ...)" for the log and the report
     desc_texts: list[str]  # the item's description text (error analysis), "" when none
     languages: dict[str, LanguageTexts]
 
@@ -117,10 +115,21 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
         items=items,
         item_ids=list(items.item_ids),
         media_types=[dataset_items.get(i, {}).get("media_type", "image") for i in items.item_ids],
-        paths=[dataset_items.get(i, {}).get("path") for i in items.item_ids],
+        paths=[ctx.media_path(dataset_items.get(i, {}).get("path")) for i in items.item_ids],
+        coverage=_coverage(dataset_items, list(items.item_ids), cfg.split, features.path),
         desc_texts=[described.get(i, "") for i in items.item_ids],
         languages=languages,
     )
+
+
+def _coverage(dataset_items: dict[str, dict], evaluated: list[str], split: str, features_dir: Path) -> str:
+    """How many of the split's dataset items are evaluated, and where the others' failures are recorded."""
+    total = sum(1 for row in dataset_items.values() if row["split"] == split)
+    missing = total - len(evaluated)
+    text = f"{len(evaluated)} of {total} {split} items"
+    if missing:
+        text += f" ({missing} failed upstream: see {features_dir / 'visual' / 'errors.parquet'})"
+    return text
 
 
 def _description_texts(ctx: StageContext, item_ids: list[str]) -> dict[str, str]:
@@ -170,10 +179,18 @@ def _embedding(output, names: Sequence[str]) -> torch.Tensor:
     return output.last_hidden_state[:, 0]
 
 
-@torch.no_grad()
 def encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Normalised text embeddings per language and visual embeddings of a CLIP-style encoder pair."""
+    import torch
+
+    with torch.no_grad():
+        return _encode_zero_shot(zs, data, batch_size, device)
+
+
+def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    import torch
     import torch.nn.functional as F
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -215,13 +232,26 @@ def encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devic
 
 
 # ===================================================================================== scoring
+def whole_ranges(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor,
+                 chunk_size: int) -> dict[str, tuple[float, float]]:
+    """(min, max) of the global and the slot score matrices over every (text, item) pair, block by block
+    (the fused score's normalisation; the index stage fixes it this way for search too)."""
+    from leccr.models.base import merge_ranges, score_ranges, similarity_parts
+
+    ranges: dict[str, tuple[float, float]] = {}
+    for r in _blocks(len(text_emb), chunk_size):
+        for c in _blocks(len(visual_global), chunk_size):
+            ranges = merge_ranges(ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c])))
+    return ranges
+
+
 def make_score_block(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor | None,
                      alpha: float, chunk_size: int) -> ScoreBlock:
     """The score of METHOD.md as a block function, with min/max taken over the whole matrix first.
 
     alpha = 1: the global cosine only (no min/max needed: minmax is monotone, ranks are the same).
     """
-    from leccr.models.base import fuse_scores, merge_ranges, score_ranges, similarity_parts
+    from leccr.models.base import fuse_scores, similarity_parts
 
     if alpha >= 1.0 or visual_slots is None:
         if alpha < 1.0:
@@ -231,10 +261,7 @@ def make_score_block(text_emb: torch.Tensor, visual_global: torch.Tensor, visual
             return text_emb[rows] @ visual_global[cols].t()
 
         return global_block
-    ranges: dict[str, tuple[float, float]] = {}
-    for r in _blocks(len(text_emb), chunk_size):  # first pass: min/max of both whole matrices
-        for c in _blocks(len(visual_global), chunk_size):
-            ranges = merge_ranges(ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c])))
+    ranges = whole_ranges(text_emb, visual_global, visual_slots, chunk_size)  # first pass
 
     def fused_block(rows: slice, cols: slice) -> torch.Tensor:
         global_sim, slot_sim = similarity_parts(text_emb[rows], visual_global[cols], visual_slots[cols])
@@ -258,6 +285,8 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
     """Metrics, curves and worst queries of one method for every language and score variant.
 
     Embeddings are kept on the CPU between methods; the blocks are scored on `device`."""
+    from leccr.metrics import chunked_ranks, recall_metrics
+
     n_items = len(data.item_ids)
     for lang, language in data.languages.items():
         for score_name, alpha in scores.items():
@@ -293,6 +322,8 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
 
 def _worst(block: ScoreBlock, direction: str, ranks: np.ndarray, language: LanguageTexts, data: SplitData,
            cfg: EvaluateConfig, common: dict, device: torch.device | str) -> list[dict]:
+    from leccr.metrics import topk_items, topk_texts
+
     if cfg.worst_queries == 0:
         return []
     candidates = np.nonzero(ranks > 0)[0]
@@ -354,11 +385,13 @@ def _load_history(method_dir: Path) -> pa.Table | None:
 def run(ctx: StageContext) -> None:
     cfg: EvaluateConfig = ctx.section  # type: ignore[assignment]
     from leccr.device import resolve_device
+    from leccr.metrics import chance_sumr
+    from leccr.report import write_report
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_split(ctx, cfg)
-    ctx.log.info("evaluate: split %s, %d items, languages %s", cfg.split, len(data.item_ids),
+    ctx.log.info("evaluate: %s, languages %s", data.coverage,
                  {lang: len(t.caption_ids) for lang, t in data.languages.items()})
     result = Evaluated()
     histories: dict[str, pa.Table] = {}
@@ -391,7 +424,7 @@ def run(ctx: StageContext) -> None:
     worst = pa.Table.from_pylist(result.worst, schema=WORST_QUERIES)
     ctx.write("metrics.parquet", metrics, METRICS)
     ctx.write("worst_queries.parquet", worst, WORST_QUERIES)
-    header = {"split": f"{cfg.split} ({len(data.item_ids)} visual items)",
+    header = {"split": f"{cfg.split} ({data.coverage})",
               "train artifact": train.key, "features artifact": ctx.inputs["features"].key,
               "evaluate key": ctx.key,
               "chance SumR (a random ranking)": ", ".join(

@@ -32,7 +32,6 @@ import pyarrow as pa
 
 from leccr.config import ExperimentConfig, FeaturesConfig
 from leccr.features.storage import float_list_column, ids_column
-from leccr.features.text import TextStateEncoder, join_views, load_tokenizer, tokenize
 from leccr.engines.cache import Lazy
 from leccr.store import Artifact, ShardResult, StageContext, atomic_write_text
 from schemas.core import read_table, write_table
@@ -98,6 +97,7 @@ def caption_work(captions: pa.Table, translations: pa.Table, items: list[dict]) 
 
 
 def _text_processor(cfg: FeaturesConfig, tokenizer: Lazy):
+    from leccr.features.text import tokenize
     def process(shard: list[dict], index: int) -> ShardResult:
         errors = [(r["item_id"], f"caption {r['caption_id']} ({r['lang']}, {r['kind']}): empty text")
                   for r in shard if not r["text"].strip()]
@@ -163,6 +163,7 @@ def _encode_states(encoder: Lazy, ids: list[list[int]], batch_size: int) -> list
 
 
 def _description_processor(cfg: FeaturesConfig, tokenizer: Lazy, encoder: Lazy | None):
+    from leccr.features.text import join_views, tokenize
     def process(shard: list[dict], index: int) -> ShardResult:
         texts = [join_views(tokenizer.get(), r["texts"], cfg.description_join) for r in shard]
         ids = tokenize(tokenizer.get(), texts, cfg.max_length)
@@ -175,6 +176,9 @@ def _description_processor(cfg: FeaturesConfig, tokenizer: Lazy, encoder: Lazy |
 
 # ------------------------------------------------------------------------------------------- run
 def run(ctx: StageContext) -> None:
+    # torch and transformers: imported when the stage runs, not when a run is planned
+    from leccr.features.text import TextStateEncoder, load_tokenizer, tokenize
+
     cfg: FeaturesConfig = ctx.section
     check_config(cfg)
     started = time.perf_counter()

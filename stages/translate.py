@@ -187,8 +187,10 @@ def run(ctx: StageContext) -> None:
     languages = target_languages(ctx)
     work = english_captions(ctx, cfg.splits)
     process = _transformers_processor(ctx, languages) if cfg.engine == "transformers" else _import_processor(ctx, languages)
+    # An error row is one caption in one language: the rate is over captions x languages.
     totals = ctx.run_shards(work, cfg.shard_size, process, TRANSLATIONS, item_id=lambda c: c["caption_id"],
-                            max_error_rate=cfg.max_error_rate, unit="captions")
+                            max_error_rate=cfg.max_error_rate, unit="captions", key_column="caption_id",
+                            units_per_item=len(languages), error_unit="caption translations")
     translations = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), TRANSLATIONS)
     captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
     ctx.summary.update(

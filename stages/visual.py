@@ -22,8 +22,7 @@ import pyarrow.parquet as pq
 from leccr.config import ExperimentConfig, VisualConfig
 from leccr.engines.cache import Lazy
 from leccr.features.storage import fixed_list_column, float_list_column, rows_per_group
-from leccr.features.vision import FeatureError, ImportedFeatures, VisionEncoder
-from leccr.store import ShardResult, StageContext, part_name
+from leccr.store import ItemError, ShardResult, StageContext, part_name
 from schemas.core import read_table
 from schemas.dataset import ITEMS
 from schemas.features import visual_schema
@@ -90,7 +89,7 @@ def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dic
     from leccr.media import MediaError, ShardPrefetcher, load_visual
 
     def load(item: dict):
-        return load_visual(item["path"], item["media_type"], cfg.num_frames, cfg.fps)
+        return load_visual(ctx.media_path(item["path"]), item["media_type"], cfg.num_frames, cfg.fps)
 
     step = ctx.shard_slot[1] if ctx.shard_slot is not None else 1
 
@@ -104,9 +103,10 @@ def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dic
 
     def process(shard: list[dict], index: int) -> ShardResult:
         errors, loaded = [], []
-        for item, frames in prefetcher.take(index):
-            if isinstance(frames, MediaError):
-                errors.append((item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}"))
+        for item, frames in prefetcher.take(index, shard):
+            if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
+                errors.append(ItemError(item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}",
+                                        retryable=True, file=item["path"]))
             else:
                 loaded.append((item, frames))
         frames_flat = [frame for _, frames in loaded for frame in frames]
@@ -131,14 +131,16 @@ def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dic
     return process, prefetcher
 
 
-def _import_processor(cfg: VisualConfig, schema: pa.Schema):
+def _import_processor(ctx: StageContext, cfg: VisualConfig, schema: pa.Schema):
+    from leccr.features.vision import FeatureError, ImportedFeatures
+
     imported = Lazy(lambda: ImportedFeatures(cfg.import_path))
 
     def process(shard: list[dict], index: int) -> ShardResult:
         rows, arrays, errors = [], [], []
         for item in shard:
             try:
-                arrays.append(imported.get().get(item["item_id"], item["feature_path"]))
+                arrays.append(imported.get().get(item["item_id"], ctx.media_path(item["feature_path"])))
                 rows.append(item)
             except FeatureError as error:
                 errors.append((item["item_id"], str(error)))
@@ -148,6 +150,8 @@ def _import_processor(cfg: VisualConfig, schema: pa.Schema):
 
 
 def run(ctx: StageContext) -> None:
+    from leccr.features.vision import VisionEncoder  # torch: imported when the stage runs, not when planned
+
     cfg: VisualConfig = ctx.section  # type: ignore[assignment]
     check_config(cfg)
     items = sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
@@ -160,7 +164,7 @@ def run(ctx: StageContext) -> None:
                      if pa.types.is_fixed_size_list(features_type) else 64 * 2**10)
     prefetcher = None
     if cfg.visual_source == "import":
-        process = _import_processor(cfg, schema)
+        process = _import_processor(ctx, cfg, schema)
     else:
         shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
         process, prefetcher = _model_processor(ctx, cfg, shards, encoder, schema, per_item)

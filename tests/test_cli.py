@@ -91,11 +91,17 @@ def test_console_shows_leccr_lines_not_library_chatter(capsys):
 
 
 def test_an_error_is_one_line_and_a_hint_traceback_only_with_v(tmp_path, capsys):
-    argv = ["build-tiny-models", "--out", str(tmp_path / "m"), "--corpus-file", str(tmp_path / "missing.txt")]
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("Grüße\n".encode("latin-1"))  # not UTF-8: an error no handler expects
+    argv = ["build-tiny-models", "--out", str(tmp_path / "m"), "--corpus-file", str(corpus)]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("leccr: error: ") and "missing.txt" in lines[0]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("leccr: error: ") and "utf-8" in lines[0]
     assert lines[1] == "leccr: hint: add -v for the traceback"
     assert main(["-v", *argv]) == 2
-    assert "Traceback" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UnicodeDecodeError" in err and "hint" not in err
+    # a missing file: the message names it, no hint needed
+    assert main(["build-tiny-models", "--out", str(tmp_path / "m"), "--corpus-file", str(tmp_path / "no.txt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"leccr: error: [Errno 2] No such file or directory: '{tmp_path / 'no.txt'}'"]

@@ -103,7 +103,7 @@ def test_prefect_deployment_run_leccr_full(demo_config, tmp_path):
             _stop(process)
     # The run wrote complete artifacts for every stage into the config's artifact root.
     record = json.loads((artifacts / "runs" / "demo.json").read_text())
-    assert set(record) == {"dataset", "translate", "describe", "features", "train", "evaluate"}
+    assert set(record) == {"dataset", "translate", "describe", "visual", "features", "train", "evaluate", "index"}
     assert "| leccr |" in (artifacts / "evaluate" / record["evaluate"] / "report.md").read_text()
     for stage, key in record.items():
         assert (artifacts / stage / key / "_manifest.json").is_file(), stage

@@ -44,6 +44,7 @@ def artifacts(tmp_path_factory):
         Image.new("RGB", (40, 40), colours[colour]).save(media / f"{item}.png")
     items = [{"item_id": i, "split": "test", "path": str(media / f"{i}.png")} for i in ITEMS]
     items.append({"item_id": "t0", "split": "train", "path": str(media / "i0.png")})
+    items.append({"item_id": "i4", "split": "test", "path": "missing.png"})  # failed upstream: no features
     captions = [{"item_id": i, "caption_id": c, "split": "test", "lang": "de", "text": t} for i, c, t in CAPTIONS_DE]
     captions += [{"item_id": i, "caption_id": c, "split": "test", "lang": "en", "text": t} for i, c, t in CAPTIONS_EN]
     dataset = dataset_artifact(root / "dataset", items, captions, ["de"])
@@ -154,6 +155,7 @@ def test_zero_shot_metrics_equal_full_matrix(tmp_path, artifacts, zero_shot_pair
     report = (ctx.out_dir / "report.md").read_text()
     assert ctx.summary["report_markdown"] == report
     assert "### de (test: 4 visual items, 4 captions)" in report
+    assert f"test (4 of 5 test items (1 failed upstream: see {features.path / 'visual' / 'errors.parquet'}))" in report
     assert (ctx.out_dir / "plots" / "recall_at_k_de.png").is_file()
     assert "CL2CM" not in report
     table = pq.read_table(ctx.out_dir / "metrics.parquet")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import stages.visual as visual_stage
+import leccr.features.vision as vision_module
 from leccr.config import ExperimentConfig, FeaturesConfig, VisualConfig
 from leccr.data import TrainingDataset, load_eval_items
 from leccr.features.vision import VisionEncoder
@@ -160,7 +160,7 @@ def test_text_setting_change_reuses_visual_features(tmp_path, models, inputs, mo
     def no_vision(*args, **kwargs):
         raise AssertionError("the vision tower must not run: the visual artifact should be reused")
 
-    monkeypatch.setattr(visual_stage, "VisionEncoder", no_vision)
+    monkeypatch.setattr(vision_module, "VisionEncoder", no_vision)
     second = run(experiment(tmp_path, models, max_length=8, description_join="first"), inputs)
     assert second.artifact.key != first.artifact.key
     assert second.artifact.manifest["upstream"]["visual"] == visual.artifact.key

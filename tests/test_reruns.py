@@ -94,6 +94,21 @@ def test_train_key_follows_the_resolved_model_config(demo_root, tmp_path, monkey
     assert preset["resolved_epochs"] != base["resolved_epochs"] or preset["resolved_models"] != base["resolved_models"]
 
 
+def test_features_key_holds_the_text_side_it_uses(demo_root, tmp_path):
+    base = _key_config("features", _data(demo_root, tmp_path))
+    assert base["description_states"] is True and "vision_model" not in base  # the visual stage's fields
+    for change in ({"vision_model": "/elsewhere"}, {"visual_output": "pooled"}, {"batch_size": 2}):
+        assert _key_config("features", _data(demo_root, tmp_path, features=change)) == base, change
+    for change in ({"max_length": 20}, {"states_dtype": "float16"}, {"precision": "bf16"}):
+        assert _key_config("features", _data(demo_root, tmp_path, features=change)) != base, change
+    # without states, only the tokenizer is read: the encoder weights and their precision are not
+    tokens_only = {"description_states": False, "tokenizer": str(demo_root / "models" / "text_encoder")}
+    plain = _key_config("features", _data(demo_root, tmp_path, features=tokens_only))
+    for change in ({"text_model": str(demo_root / "models" / "vision")}, {"precision": "bf16"},
+                   {"states_dtype": "float16"}):
+        assert _key_config("features", _data(demo_root, tmp_path, features={**tokens_only, **change})) == plain
+
+
 def test_train_resolves_defaults_from_other_sections(demo_root, tmp_path):
     cfg = parse_config(_data(demo_root, tmp_path, evaluate={"caption_kind": "mt"}))
     section = get_stage("train").section(cfg)
@@ -285,3 +300,12 @@ def test_no_library_module_imports_prefect():
 def test_key_parts_need_finished_upstream(demo_root, tmp_path):
     with pytest.raises(ValueError, match=r"needs upstream artifact\(s\) \['dataset'\]"):
         key_parts(parse_config(_data(demo_root, tmp_path)), "translate", {}, Fingerprinter())
+
+
+def test_planning_a_run_imports_neither_torch_nor_prefect():
+    """Stage modules import heavy libraries inside `run`: a dry run or a cached rerun stays fast."""
+    code = ("import sys; from leccr.config import load_config; from leccr.pipeline import get_stage, stage_names; "
+            "cfg = load_config('configs/demo.yaml'); [get_stage(n).section(cfg) for n in stage_names()]; "
+            "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

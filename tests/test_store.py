@@ -2,8 +2,11 @@
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,9 +15,10 @@ import pytest
 
 from leccr.config import ContentPath, Section
 from leccr.fingerprint import Fingerprinter
-from leccr.store import (Artifact, KeyParts, ShardResult, StageContext, StageFailed, Store, resolve_section,
-                         shard_plan)
+from leccr.store import (Artifact, ItemError, KeyParts, ShardClaims, ShardResult, StageContext, StageFailed, Store,
+                         _error_table, resolve_section, shard_plan)
 from schemas.core import SchemaError, read_table, validate, write_table
+from schemas.errors import ERRORS
 
 ROWS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("value", pa.int64())])
 
@@ -122,7 +126,8 @@ def test_run_shards_resumes_and_collects_errors(tmp_path):
     assert sorted(p.name for p in ctx.out_dir.glob("part-*.parquet")) == [
         "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     errors = pq.read_table(ctx.out_dir / "errors.parquet").to_pylist()
-    assert errors == [{"item_id": "id3", "stage": "toy", "shard": 0, "reason": "bad item"}]
+    assert errors == [{"item_id": "id3", "stage": "toy", "shard": 0, "reason": "bad item", "file": None,
+                       "line": None, "retryable": False, "file_state": None}]
     # Lose shard 1 (as if killed before its rename): only it is recomputed.
     (ctx.out_dir / "part-00001.parquet").unlink()
     process, calls = _process(fail_ids={3})
@@ -134,9 +139,109 @@ def test_run_shards_resumes_and_collects_errors(tmp_path):
 def test_error_rate_threshold_fails_clearly_and_keeps_shards(tmp_path):
     ctx = _ctx(tmp_path)
     process, _ = _process(fail_ids={0, 1, 2})
-    with pytest.raises(StageFailed, match=r"3 of 10 items failed \(30.0% > max_error_rate 10.0%\).*rerun resumes"):
+    with pytest.raises(StageFailed, match=r"3 of 10 items failed \(30.0% > max_error_rate 10.0%\).*3 finished "
+                                          r"shard\(s\) are kept; 3 are final for this input: a rerun does "
+                                          r"not retry them"):
         ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str, max_error_rate=0.1)
     assert len(list(ctx.out_dir.glob("part-*.parquet"))) == 3
+
+
+def _retrying_process(broken: set[int]):
+    """Items in `broken` fail with a retryable error while they are in the set (a file that comes back)."""
+    calls = []
+
+    def process(items, index):
+        calls.append((index, list(items)))
+        good = [i for i in items if i not in broken and i != 9]
+        table = pa.table({"item_id": pa.array([f"id{i}" for i in good], pa.string()),
+                          "value": pa.array(good, pa.int64())})
+        errors = [ItemError(f"id{i}", "file not found", retryable=True) for i in items if i in broken]
+        errors += [(f"id{i}", "final") for i in items if i == 9]
+        return ShardResult(table, errors)
+
+    return process, calls
+
+
+def test_rerun_retries_only_retryable_items_and_keeps_the_rest(tmp_path):
+    ctx = _ctx(tmp_path)
+    broken = {1, 6}
+    process, calls = _retrying_process(broken)
+    with pytest.raises(StageFailed, match=r"3 of 10 items failed.*a rerun retries the 2 retryable failure\(s\).*"
+                                          r"the other 1 are final"):
+        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=lambda i: f"id{i}", max_error_rate=0.1)
+    assert [c[0] for c in calls] == [0, 1, 2]
+    before = pq.read_table(ctx.out_dir / "part-00002.parquet")
+    broken.discard(1)  # one file is back
+    process, calls = _retrying_process(broken)
+    with pytest.raises(StageFailed, match="2 of 10 items failed"):
+        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=lambda i: f"id{i}", max_error_rate=0.1)
+    assert calls == [(0, [1]), (1, [6])]  # only the retryable items; shard 2's final error is not retried
+    shard0 = pq.read_table(ctx.out_dir / "part-00000.parquet").column("item_id").to_pylist()
+    assert shard0 == ["id0", "id1", "id2", "id3"]  # in work order, the kept rows untouched
+    assert pq.read_table(ctx.out_dir / "part-00002.parquet").equals(before)
+    broken.clear()
+    process, calls = _retrying_process(broken)
+    totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=lambda i: f"id{i}", max_error_rate=0.1)
+    assert calls == [(1, [6])]
+    assert (totals.rows, totals.errors, totals.retryable_errors, totals.items_retried) == (9, 1, 0, 1)
+    errors = pq.read_table(ctx.out_dir / "errors.parquet").to_pylist()
+    assert [(e["item_id"], e["retryable"]) for e in errors] == [("id9", False)]
+
+
+def test_an_empty_or_cut_committed_shard_is_named_and_recomputed(tmp_path, caplog):
+    ctx = _ctx(tmp_path)
+    process, _ = _process()
+    ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    (ctx.out_dir / "part-00001.parquet").write_bytes(b"")
+    data = (ctx.out_dir / "part-00002.parquet").read_bytes()
+    (ctx.out_dir / "part-00002.parquet").write_bytes(data[: len(data) // 2])
+    process, calls = _process()
+    with caplog.at_level(logging.WARNING):
+        totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    assert calls == [1, 2] and totals.shards_recomputed == 2 and totals.rows == 10
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "part-00001.parquet is unusable (the file is empty (0 bytes))" in warned
+    assert "part-00002.parquet is unusable" in warned
+
+
+def test_a_shard_claimed_by_a_live_worker_is_waited_for_and_a_dead_claim_taken_over(tmp_path):
+    ctx = _ctx(tmp_path)
+    claims = ShardClaims(ctx.out_dir)
+    assert claims.acquire(0) and not ShardClaims(ctx.out_dir).acquire(0)  # this process holds it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (ctx.out_dir / "_claims" / "part-00001.claim").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "1"}))
+    process, calls = _process()
+
+    def commit_shard0_later():
+        time.sleep(1.0)  # the "other worker" finishes shard 0, then releases its claim
+        write_table(pa.table({"item_id": ["id0", "id1", "id2", "id3"], "value": pa.array([0, 1, 2, 3], pa.int64())}),
+                    ctx.out_dir / "part-00000.parquet", ROWS)
+        write_table(_error_table([], "toy", 0), ctx.out_dir / "_errors" / "part-00000.parquet", ERRORS)
+        claims.release(0)
+
+    other = threading.Thread(target=commit_shard0_later)
+    other.start()
+    totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    other.join()
+    assert calls == [1, 2]  # shard 0 was the other worker's; the dead worker's shard 1 was taken over
+    assert (totals.shards_done, totals.shards_resumed, totals.rows) == (2, 1, 10)
+    assert not (ctx.out_dir / "_claims").exists()
+
+
+def test_translate_style_error_rate_counts_units_of_work(tmp_path):
+    ctx = _ctx(tmp_path)
+
+    def process(items, index):  # 2 languages per caption; one language fails for every caption
+        table = pa.table({"item_id": [f"id{i}" for i in items], "value": pa.array(items, pa.int64())})
+        return ShardResult(table, [(f"id{i}", "no fr translation") for i in items])
+
+    with pytest.raises(StageFailed, match=r"10 of 20 caption translations failed \(50.0%"):
+        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str, max_error_rate=0.3, unit="captions",
+                       units_per_item=2, error_unit="caption translations")
+    totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str, max_error_rate=0.5,
+                            units_per_item=2)
+    assert (totals.rows, totals.errors) == (10, 10)
 
 
 def test_schema_rejects_malformed_tables_with_the_file_name(tmp_path):

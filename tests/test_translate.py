@@ -58,7 +58,7 @@ def test_missing_translations_are_errors_and_fail_past_the_threshold(tmp_path):
     errors = read_table(ctx.out_dir / "errors.parquet", ERRORS).to_pylist()
     assert [(e["item_id"], e["reason"]) for e in errors] == [("b#0", "no de translation in dataset")]
     ctx = _ctx(tmp_path / "strict", TranslateConfig(engine="import", splits=["train"], max_error_rate=0.1), captions)
-    with pytest.raises(StageFailed, match=r"1 of 3 captions failed"):
+    with pytest.raises(StageFailed, match=r"1 of 3 caption translations failed"):
         translate.run(ctx)
 
 

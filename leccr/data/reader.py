@@ -254,10 +254,14 @@ class EvalCaptions:
 
 
 def load_eval_items(features: str | Path | FeatureTables, split: str = "test", use_states: bool | None = None,
-                    arrow_cache: bool = True) -> EvalItems:
+                    arrow_cache: bool = True, chunk: slice | None = None) -> EvalItems:
+    """Every visual item of `split`, or only `chunk` of them (in the same order): a collection too big
+    to hold as padded tensors at once is encoded chunk by chunk."""
     tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features, arrow_cache)
     use_states = tables.has_states if use_states is None else use_states
     rows, item_ids = _split_items(tables, split)
+    if chunk is not None:
+        rows, item_ids = rows[chunk], item_ids[chunk]
     if not item_ids:
         raise ValueError(f"{tables.root}: no visual item in split {split!r}")
     visual, visual_mask = pad_tokens([_tensor(tables.visual_tokens(int(r))) for r in rows])

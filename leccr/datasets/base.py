@@ -4,6 +4,11 @@ An adapter turns a dataset folder in its *published* layout into two tables (sch
 items (one row per image or video) and captions (one row per caption and language). Adapters never
 raise on the first bad line: they collect every `Problem` (file, line, message) while reading, so
 `leccr datasets check` can list them all, and `read` raises one `DatasetFormatError` naming each.
+A problem that costs one item or caption (a bad line, a missing media file) is not `fatal`: the
+dataset stage writes it to its errors.parquet and goes on with the rest.
+
+Media paths in the items table are relative to the dataset root (`resolve_media_path` resolves them
+against the configured root at use), so a moved dataset folder with the same content keeps working.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -32,6 +38,13 @@ class Problem:
     file: str
     line: int | None
     message: str
+    # The item or caption id this problem costs ("" when the line names none). None: the problem is
+    # about a whole file or the folder, and no dataset can be built around it (fatal).
+    item: str | None = None
+
+    @property
+    def fatal(self) -> bool:
+        return self.item is None
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.message}" if self.line is not None else f"{self.file}: {self.message}"
@@ -97,10 +110,13 @@ class TableBuilder:
             first = self.items[item_id]
             if first["split"] != split:
                 self.problems.append(Problem(file, line, f"item {item_id!r} is in split {split!r} here but already "
-                                                         f"in split {first['split']!r} ({self.item_where[item_id]})"))
+                                                         f"in split {first['split']!r} ({self.item_where[item_id]})",
+                                             item_id))
             else:
-                self.problems.append(Problem(file, line, f"item {item_id!r} listed twice (first at {self.item_where[item_id]})"))
+                self.problems.append(Problem(file, line, f"item {item_id!r} listed twice "
+                                                         f"(first at {self.item_where[item_id]})", item_id))
             return False
+        # Absolute here; `Adapter.check` makes them relative to the dataset root.
         self.items[item_id] = {"item_id": item_id, "split": split, "media_type": media_type,
                                "path": None if path is None else str(Path(path).absolute()),
                                "feature_path": None if feature_path is None else str(Path(feature_path).absolute())}
@@ -112,19 +128,19 @@ class TableBuilder:
         item = self.items.get(item_id)
         if item is None:
             self.problems.append(Problem(file, line, f"caption {caption_id!r} belongs to item {item_id!r}, "
-                                                     "which is in no split list"))
+                                                     "which is in no split list", caption_id))
             return False
         if (kind == "human" and lang != "en" and self.human_target_splits is not None
                 and item["split"] not in self.human_target_splits):
             return False
         text = " ".join(text.split())
         if not text:
-            self.problems.append(Problem(file, line, f"empty {lang} caption {caption_id!r}"))
+            self.problems.append(Problem(file, line, f"empty {lang} caption {caption_id!r}", caption_id))
             return False
         key = (caption_id, lang)
         if key in self.caption_where:
             self.problems.append(Problem(file, line, f"{lang} caption {caption_id!r} given twice "
-                                                     f"(first at {self.caption_where[key]})"))
+                                                     f"(first at {self.caption_where[key]})", caption_id))
             return False
         self.caption_where[key] = f"{file}:{line}" if line is not None else file
         self.captions.append({"item_id": item_id, "caption_id": caption_id, "split": item["split"],
@@ -165,8 +181,14 @@ def find_text_file(path: Path) -> Path | None:
 
 
 def read_lines(path: Path, root: Path, problems: list[Problem], what: str = "file",
-               required: bool = True) -> list[str] | None:
-    """Lines of a UTF-8 text file (plain or .gz), without line ends. A missing file is a problem if required."""
+               required: bool = True,
+               item_of: Callable[[int, str], str | None] | None = None) -> list[str | None] | None:
+    """Lines of a UTF-8 text file (plain or .gz), without line ends. A missing file is a problem if required.
+
+    A UTF-8 byte-order mark is dropped and blank lines at the end of the file are ignored (editors
+    add them). A line that is not valid UTF-8 comes back as None and is reported with its line number;
+    `item_of(line number, text with U+FFFD for the bad bytes)` names the item or caption it costs.
+    """
     found = find_text_file(path)
     if found is None:
         if required:
@@ -174,14 +196,24 @@ def read_lines(path: Path, root: Path, problems: list[Problem], what: str = "fil
         return None
     try:
         raw = gzip.decompress(found.read_bytes()) if found.suffix == ".gz" else found.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError, EOFError) as error:
+    except (OSError, EOFError) as error:
         problems.append(Problem(rel(found, root), None, f"cannot read {what}: {error}"))
         return None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it does not start an empty one
-    return [line.rstrip("\r") for line in lines]
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    byte_lines = raw.split(b"\n")
+    while byte_lines and not byte_lines[-1].strip():
+        byte_lines.pop()  # the final newline ends the last line; trailing blank lines are not lines
+    lines: list[str | None] = []
+    for number, data in enumerate(byte_lines, 1):
+        try:
+            lines.append(data.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as error:
+            text = data.decode("utf-8", errors="replace").rstrip("\r")
+            item = (item_of(number, text) if item_of is not None else None) or ""
+            problems.append(Problem(rel(found, root), number, f"not valid UTF-8: byte 0x{data[error.start]:02x} at "
+                                                               f"column {error.start + 1} ({what})", item))
+            lines.append(None)
+    return lines
 
 
 def read_json(path: Path, root: Path, problems: list[Problem], what: str = "file", required: bool = True) -> Any:
@@ -281,10 +313,36 @@ def resolve_media(builder: TableBuilder, root: Path, item_id: str, media: Path, 
     builder.failed_items.add(item_id)
     if features is not None and features.ok:
         builder.problems.append(Problem(file, line, f"item {item_id!r}: neither media file {rel(media, root)} "
-                                                    f"nor features in {rel(features.folder, root)}"))
+                                                    f"nor features in {rel(features.folder, root)}", item_id))
     else:
-        builder.problems.append(Problem(file, line, f"item {item_id!r}: missing media file {rel(media, root)}"))
+        builder.problems.append(Problem(file, line, f"item {item_id!r}: missing media file {rel(media, root)}",
+                                        item_id))
     return None
+
+
+def resolve_media_path(root: str | Path | None, stored: str | None) -> str | None:
+    """An item's `path` / `feature_path` as stored in items.parquet (relative to the dataset root, or
+    absolute where the file lies outside it) resolved against the configured dataset root."""
+    if stored is None:
+        return None
+    if root is None or Path(stored).is_absolute():
+        return stored
+    return str(Path(root).absolute() / stored)
+
+
+def _relative_paths(items: pa.Table, root: Path) -> pa.Table:
+    """items with `path` / `feature_path` relative to `root` (kept absolute when outside it)."""
+    for name in ("path", "feature_path"):
+        values = [None if v is None else _relative_to(v, root) for v in items.column(name).to_pylist()]
+        items = items.set_column(items.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return items
+
+
+def _relative_to(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
 
 
 # ------------------------------------------------------------------------------------ adapters
@@ -341,6 +399,7 @@ class Adapter:
             problems.append(Problem(str(root), None, "dataset folder does not exist"))
             return TableBuilder(problems).tables(languages), problems
         tables = self.collect(root, opts, languages, problems)
+        tables.items = _relative_paths(tables.items, root)
         found = set(tables.captions.column("lang").to_pylist())
         for lang in ["en", *(languages or [])]:
             if lang not in found:
@@ -394,29 +453,37 @@ def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder, id_ma
     Each line must translate an English caption the dataset has (`<item>#enc#<n>`): the MT caption
     takes that caption's id, as schemas/dataset.py asks. `id_map` renames the file's item ids to ours.
     """
-    lines = read_lines(path, root, builder.problems, what=f"{lang} MT caption file")
+    lines = read_lines(path, root, builder.problems, what=f"{lang} MT caption file", item_of=line_caption_id)
     added = 0
     file = rel(path, root)
     for number, line in enumerate(lines or [], 1):
-        if not line.strip():
+        if line is None or not line.strip():
             continue
         parsed = parse_ccr_line(line)
         if parsed is None:
             builder.problems.append(Problem(file, number,
-                                            f"expected '<item-id>#enc2{lang}#<n> <caption>', got {line[:80]!r}"))
+                                            f"expected '<item-id>#enc2{lang}#<n> <caption>', got {line[:80]!r}",
+                                            line_caption_id(number, line) or ""))
             continue
         english_id = english_id_of_mt(parsed[0])
         if id_map is not None:
             item, _, rest = english_id.partition("#")
             if item not in id_map:
-                builder.problems.append(Problem(file, number, f"item id {item!r} is not in the id map"))
+                builder.problems.append(Problem(file, number, f"item id {item!r} is not in the id map", parsed[0]))
                 continue
             english_id = f"{id_map[item]}#{rest}"
         if ccr_item_id(english_id) in builder.excluded_items or ccr_item_id(english_id) in builder.failed_items:
             continue
         if not builder.has_caption(english_id, "en"):
             builder.problems.append(Problem(file, number, f"{parsed[0]!r} translates English caption "
-                                                                     f"{english_id!r}, which the dataset does not have"))
+                                                                     f"{english_id!r}, which the dataset does not have",
+                                            parsed[0]))
             continue
         added += builder.add_caption(ccr_item_id(english_id), english_id, lang, parsed[1], "mt", file, number)
     return added
+
+
+def line_caption_id(number: int, line: str) -> str | None:
+    """The caption id a `<item-id>#<tag>#<n> <caption>` line starts with (also for a line with bad bytes)."""
+    head = line.split(maxsplit=1)
+    return head[0] if head and "#" in head[0] else None

@@ -107,10 +107,12 @@ class Mscoco(Adapter):
     def _id_map(root: Path, path: Path, problems: list[Problem]) -> dict[str, str]:
         id_map = {}
         for number, line in enumerate(read_lines(path, root, problems, what="MT id map") or [], 1):
+            if line is None:  # not UTF-8: reported by read_lines
+                continue
             parts = line.split()
             digits = re.search(r"(\d+)\.\w+$", parts[1]) if len(parts) == 2 else None
             if digits is None:
-                problems.append(Problem(rel(path, root), number, f"expected '<id> <COCO image file name>', got {line[:80]!r}"))
+                problems.append(Problem(rel(path, root), number, f"expected '<id> <COCO image file name>', got {line[:80]!r}", ""))
                 continue
             id_map[parts[0]] = str(int(digits.group(1)))
         return id_map
@@ -158,10 +160,12 @@ class Mscoco(Adapter):
         for split in ("train", "val", "test"):
             path = folder / f"coco-cn_{split}.txt"
             for number, line in enumerate(read_lines(path, root, problems, what="COCO-CN split list") or [], 1):
+                if line is None:
+                    continue
                 match = _COCO_CN_ID.match(line.strip())
                 if not match:
                     problems.append(Problem(rel(path, root), number,
-                                            f"expected a COCO image id like COCO_val2014_000000290951, got {line[:60]!r}"))
+                                            f"expected a COCO image id like COCO_val2014_000000290951, got {line[:60]!r}", ""))
                     continue
                 splits[str(int(match.group(1)))] = split
         return splits
@@ -190,13 +194,13 @@ class Mscoco(Adapter):
         path = folder / "imageid.human-written-caption.txt"
         file = rel(path, root)
         for number, line in enumerate(read_lines(path, root, builder.problems, what="COCO-CN caption file") or [], 1):
-            if not line.strip():
+            if line is None or not line.strip():
                 continue
             parsed = parse_ccr_line(line)
             match = _COCO_CN_ID.match(parsed[0].split("#", 1)[0]) if parsed else None
             if parsed is None or match is None:
                 builder.problems.append(Problem(file, number, f"expected 'COCO_<set>2014_<id>#<n><TAB><caption>', "
-                                                              f"got {line[:60]!r}"))
+                                                              f"got {line[:60]!r}", parsed[0] if parsed else ""))
                 continue
             cocoid = str(int(match.group(1)))
             if cocoid in builder.items:

@@ -21,8 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from leccr.datasets.base import (Adapter, AdapterOptions, DatasetTables, FeatureIndex, Problem, TableBuilder,
-                                 ccr_item_id, find_text_file, parse_ccr_line, read_lines, read_mt_file, register,
-                                 rel, resolve_media, under)
+                                 ccr_item_id, find_text_file, line_caption_id, parse_ccr_line, read_lines,
+                                 read_mt_file, register, rel, resolve_media, under)
 
 
 class MsrvttCnOptions(AdapterOptions):
@@ -69,15 +69,16 @@ class MsrvttCn(Adapter):
     @staticmethod
     def _captions(builder: TableBuilder, root: Path, path: Path, split: str, lang: str, options: MsrvttCnOptions,
                   features: FeatureIndex | None, required: bool, conflicts: set[tuple[str, str]]) -> None:
-        lines = read_lines(path, root, builder.problems, what=f"{split} {lang} caption file", required=required)
+        lines = read_lines(path, root, builder.problems, what=f"{split} {lang} caption file", required=required,
+                           item_of=line_caption_id)
         file = rel(find_text_file(path) or path, root)
         for number, line in enumerate(lines or [], 1):
-            if not line.strip():
+            if line is None or not line.strip():  # None: not UTF-8, reported by read_lines
                 continue
             parsed = parse_ccr_line(line)
             if parsed is None:
                 builder.problems.append(Problem(file, number, f"expected '<video-id>#<tag>#<n> <caption>', "
-                                                              f"got {line[:80]!r}"))
+                                                              f"got {line[:80]!r}", ""))
                 continue
             caption_id, text = parsed
             video_id = ccr_item_id(caption_id)

@@ -59,7 +59,8 @@ class Multi30k(Adapter):
         images = under(root, options.images)
         for split, stem in options.splits.items():
             list_path = task1 / "image_splits" / f"{stem}.txt"
-            names = read_lines(list_path, root, problems, what=f"{split} image list")
+            names = read_lines(list_path, root, problems, what=f"{split} image list",
+                               item_of=lambda number, text: strip_media_extension(text.strip()))
             if names is None:
                 continue
             item_ids = self._items(builder, root, split, names, list_path, images, features)
@@ -83,9 +84,12 @@ class Multi30k(Adapter):
         item_ids: list[str | None] = []
         file = rel(list_path, root)
         for number, name in enumerate(names, 1):
+            if name is None:  # not UTF-8: reported by read_lines
+                item_ids.append(None)
+                continue
             name = name.strip()
             if not name or len(name.split()) != 1:
-                builder.problems.append(Problem(file, number, f"expected one image file name, got {name!r}"))
+                builder.problems.append(Problem(file, number, f"expected one image file name, got {name!r}", name))
                 item_ids.append(None)
                 continue
             item_id = strip_media_extension(name)
@@ -99,7 +103,8 @@ class Multi30k(Adapter):
     def _aligned(self, builder: TableBuilder, root: Path, path: Path, item_ids: list[str | None], list_path: Path,
                  what: str, required: bool) -> list[tuple[int, str, str]]:
         """(line number, item id, text) of a caption file aligned line by line with an image list."""
-        lines = read_lines(path, root, builder.problems, what=what, required=required)
+        lines = read_lines(path, root, builder.problems, what=what, required=required,
+                           item_of=lambda number, text: item_ids[number - 1] if number <= len(item_ids) else None)
         if lines is None:
             return []
         found = find_text_file(path)
@@ -110,10 +115,10 @@ class Multi30k(Adapter):
                                             f"{len(item_ids)} image(s); line i must describe image i"))
         out = []
         for number, (text, item_id) in enumerate(zip(lines, item_ids), 1):
-            if item_id is None:
+            if item_id is None or text is None:  # a bad list line, or bytes that are not UTF-8: reported
                 continue
             if not text.strip():
-                builder.problems.append(Problem(file, number, f"empty caption for image {item_id!r}"))
+                builder.problems.append(Problem(file, number, f"empty caption for image {item_id!r}", item_id))
                 continue
             out.append((number, item_id, text))
         return out
@@ -127,13 +132,15 @@ class Multi30k(Adapter):
         list_path = task2 / "image_splits" / f"{stem}_images.txt"
         order = item_ids
         if list_path.is_file():
-            names = read_lines(list_path, root, builder.problems) or []
+            names = read_lines(list_path, root, builder.problems,
+                               item_of=lambda number, text: strip_media_extension(text.strip())) or []
             known = set(i for i in item_ids if i is not None)
-            order = [strip_media_extension(n.strip()) for n in names]
+            order = [strip_media_extension(n.strip()) if n is not None else None for n in names]
             for number, item_id in enumerate(order, 1):
-                if item_id not in known and item_id not in builder.failed_items:
+                if item_id is not None and item_id not in known and item_id not in builder.failed_items:
                     builder.problems.append(Problem(rel(list_path, root), number,
-                                                    f"image {item_id!r} is not in the task-1 list {rel(task1_list, root)}"))
+                                                    f"image {item_id!r} is not in the task-1 list "
+                                                    f"{rel(task1_list, root)}", item_id))
             order = [i if i in known else None for i in order]
         else:
             list_path = task1_list

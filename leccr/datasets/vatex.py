@@ -50,12 +50,14 @@ class Vatex(Adapter):
         for split, name in options.split_lists.items():
             path = under(root, name)
             for number, line in enumerate(read_lines(path, root, problems, what=f"{split} split list") or [], 1):
+                if line is None:  # not UTF-8: reported by read_lines
+                    continue
                 video_id = line.strip().split("#", 1)[0].split(" ", 1)[0]
                 if not video_id:
-                    problems.append(Problem(rel(path, root), number, "empty line (expected a videoID)"))
+                    problems.append(Problem(rel(path, root), number, "empty line (expected a videoID)", ""))
                 elif video_id in listed:
                     problems.append(Problem(rel(path, root), number, f"video {video_id!r} already listed in split "
-                                                                     f"{listed[video_id]!r}"))
+                                                                     f"{listed[video_id]!r}", video_id))
                 else:
                     listed[video_id] = split
         sources = [(under(root, options.train_json), lambda vid: "train")]

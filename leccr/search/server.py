@@ -1,0 +1,205 @@
+"""`leccr serve`: a JSON search API and a page that shows the hits (FastAPI + uvicorn).
+
+    GET /api/search?q=...&lang=de&method=leccr&k=10[&candidates=200]   hits as JSON
+    GET /api/info                                                       methods and their languages
+    GET /media/<path>                                                   a media file of the dataset folder
+    GET /frames/<path>                                                  a video's frame strip (JPEG, decord)
+    GET /                                                               the search page
+
+Media are served only from inside the dataset folder: a path that resolves outside it (`../`, an
+absolute path, a link out) is a 404, as is a missing file. A bad request (empty or over-long query, an
+unknown method or language, k out of range) is a 4xx whose `detail` says what is wrong. The handlers
+are plain functions, which FastAPI runs in its thread pool: searches run side by side, each model
+loading once (SearchEngine.method).
+"""
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+from pathlib import Path
+
+from leccr.search.engine import DEFAULT_CANDIDATES, SearchEngine, UnknownMethod
+from leccr.search.query import UnknownLanguage
+
+MAX_QUERY_CHARS = 500
+MAX_K = 100
+MAX_CANDIDATES = 10_000
+STRIP_FRAMES = 4
+STRIP_HEIGHT = 96
+
+
+def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS):
+    from fastapi import FastAPI, HTTPException, Query
+    from fastapi.responses import HTMLResponse, Response
+
+    app = FastAPI(title="leccr search", docs_url=None, redoc_url=None)
+
+    @app.get("/api/info")
+    def info() -> dict:
+        return {"methods": {m: {"languages": engine.infos[m]["languages"], "alpha": engine.infos[m]["alpha"],
+                                "items": engine.infos[m]["items"]} for m in engine.methods},
+                "default_method": "leccr" if "leccr" in engine.methods else engine.methods[0],
+                "default_candidates": DEFAULT_CANDIDATES, "max_query_chars": max_query_chars}
+
+    @app.get("/api/search")
+    def search(q: str = "", lang: str = "en", method: str = "leccr", k: int = Query(10),
+               candidates: int = Query(DEFAULT_CANDIDATES)) -> dict:
+        text = q.strip()
+        if not text:
+            raise HTTPException(400, "the query q is empty")
+        if len(text) > max_query_chars:
+            raise HTTPException(413, f"the query is {len(text)} characters long; the limit is {max_query_chars}")
+        if not 1 <= k <= MAX_K:
+            raise HTTPException(400, f"k must be between 1 and {MAX_K}, got {k}")
+        if not 1 <= candidates <= MAX_CANDIDATES:
+            raise HTTPException(400, f"candidates must be between 1 and {MAX_CANDIDATES}, got {candidates}")
+        try:
+            hits = engine.search([text], lang, method, k, candidates)[0]
+        except UnknownMethod as error:
+            raise HTTPException(404, str(error)) from None
+        except UnknownLanguage as error:
+            raise HTTPException(400, str(error)) from None
+        return {"query": text, "lang": lang, "method": method, "k": k, "candidates": candidates,
+                "hits": [_hit_json(hit, lang, engine) for hit in hits]}
+
+    @app.get("/media/{relative:path}")
+    def media(relative: str):
+        from fastapi.responses import FileResponse
+
+        return FileResponse(_inside(engine, relative))
+
+    @app.get("/frames/{relative:path}")
+    def frames(relative: str) -> Response:
+        return Response(_frame_strip(_inside(engine, relative)), media_type="image/jpeg")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE
+
+    def _inside(engine: SearchEngine, relative: str) -> Path:
+        path = engine.media_file(relative)
+        if path is None:
+            raise HTTPException(404, "no such media file in the dataset folder")
+        return path
+
+    return app
+
+
+def _hit_json(hit, lang: str, engine: SearchEngine) -> dict:
+    data = hit.to_dict(lang)
+    served = hit.path is not None and engine.media_file(hit.path) is not None
+    data["media_url"] = f"/media/{hit.path}" if served else None
+    data["frames_url"] = f"/frames/{hit.path}" if served and hit.media_type == "video" else None
+    return data
+
+
+@lru_cache(maxsize=256)
+def _frame_strip(path: Path) -> bytes:
+    """STRIP_FRAMES frames of a video side by side, STRIP_HEIGHT px high, as JPEG."""
+    from PIL import Image
+
+    from leccr.media import sample_frames
+
+    frames = sample_frames(path, num_frames=STRIP_FRAMES)
+    frames = [f.resize((max(1, round(f.width * STRIP_HEIGHT / f.height)), STRIP_HEIGHT)) for f in frames]
+    strip = Image.new("RGB", (sum(f.width for f in frames), STRIP_HEIGHT))
+    x = 0
+    for frame in frames:
+        strip.paste(frame, (x, 0))
+        x += frame.width
+    out = io.BytesIO()
+    strip.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def serve(root: str, experiment: str | None, data_root: str | None, device: str, host: str, port: int) -> int:
+    import uvicorn
+
+    engine = SearchEngine.open(root, experiment, data_root, device)
+    print(f"Serving {engine.index_dir} ({', '.join(engine.methods)}; media from {engine.data_root}) "
+          f"on http://{host}:{port}/", flush=True)
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    return 0
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>leccr search</title>
+<style>
+ body { font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }
+ form { display: flex; gap: .5rem; margin-bottom: 1rem; }
+ #q { flex: 1; font-size: 1.1rem; padding: .4rem; }
+ #status { color: #666; margin-bottom: .5rem; min-height: 1.2em; }
+ #results { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: .8rem; }
+ .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5rem; cursor: pointer; }
+ .card.open { outline: 2px solid #36c; }
+ .card img { width: 100%; max-height: 180px; object-fit: contain; background: #eee; image-rendering: pixelated; }
+ .score { font-weight: bold; } .id { color: #555; font-size: .85rem; }
+ .caption { font-size: .9rem; margin: .3rem 0; }
+ #detail { margin-top: 1rem; background: #fff; border: 1px solid #ccc; padding: .8rem; display: none; }
+ #detail li { margin: .2rem 0; }
+</style></head>
+<body>
+<h1>leccr search</h1>
+<form id="search">
+ <input id="q" name="q" placeholder="a query in any trained language" autofocus>
+ <select id="lang" name="lang"></select>
+ <select id="method" name="method"></select>
+ <button id="go" type="submit">Search</button>
+</form>
+<div id="status"></div>
+<div id="results"></div>
+<div id="detail"></div>
+<script>
+const $ = (id) => document.getElementById(id);
+let info = null;
+function esc(text) { const d = document.createElement("div"); d.textContent = text ?? ""; return d.innerHTML; }
+function fillLanguages() {
+  const langs = info.methods[$("method").value].languages, keep = $("lang").value;
+  $("lang").innerHTML = langs.map((l) => `<option>${l}</option>`).join("");
+  if (langs.includes(keep)) $("lang").value = keep;
+}
+async function start() {
+  info = await (await fetch("/api/info")).json();
+  $("method").innerHTML = Object.keys(info.methods).map((m) => `<option>${m}</option>`).join("");
+  $("method").value = info.default_method;
+  fillLanguages();
+  $("method").addEventListener("change", fillLanguages);
+  document.body.dataset.ready = "1";
+}
+function showDetail(hit, card) {
+  document.querySelectorAll(".card.open").forEach((c) => c.classList.remove("open"));
+  card.classList.add("open");
+  const captions = hit.captions.map((c) => `<li><b>${esc(c.lang)}</b> (${esc(c.kind)}): ${esc(c.text)}</li>`).join("");
+  $("detail").innerHTML = `<h3>${esc(hit.item_id)} <small>(${esc(hit.split)}, ${esc(hit.media_type)})</small></h3>
+    <p>score ${hit.score.toFixed(4)} · cosine ${hit.global_score.toFixed(4)} · ${esc(hit.path)}</p>
+    <h4>Captions</h4><ul class="captions">${captions}</ul>
+    <h4>Description</h4><p class="description">${esc(hit.description || "(none)")}</p>`;
+  $("detail").style.display = "block";
+  $("detail").scrollIntoView({block: "nearest"});
+}
+$("search").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const params = new URLSearchParams({q: $("q").value, lang: $("lang").value, method: $("method").value, k: 12});
+  $("status").textContent = "searching…";
+  const response = await fetch("/api/search?" + params);
+  const body = await response.json();
+  if (!response.ok) { $("status").textContent = "error: " + body.detail; $("results").innerHTML = ""; return; }
+  $("status").textContent = `${body.hits.length} hits for “${body.query}” (${body.lang}, ${body.method})`;
+  $("results").innerHTML = "";
+  $("detail").style.display = "none";
+  for (const hit of body.hits) {
+    const card = document.createElement("div");
+    card.className = "card";
+    card.dataset.itemId = hit.item_id;
+    const picture = hit.frames_url || hit.media_url;
+    card.innerHTML = (picture ? `<img src="${picture}" alt="${esc(hit.item_id)}">` : "<div>(no media)</div>") +
+      `<div><span class="score">${hit.score.toFixed(3)}</span> <span class="id">#${hit.rank} ${esc(hit.item_id)}</span></div>` +
+      `<div class="caption">${esc(hit.caption)}</div>`;
+    card.addEventListener("click", () => showDetail(hit, card));
+    $("results").appendChild(card);
+  }
+});
+start();
+</script>
+</body></html>
+"""

@@ -1,0 +1,210 @@
+"""index: the collection embedded by every trained method, for `leccr search` and `leccr serve`.
+
+For the visual items of the chosen splits (schemas/index.py):
+
+1. items.parquet: each item's media path relative to the dataset root, its captions (every language)
+   and its MLLM description, for showing hits;
+2. per method, embeddings.parquet: the global embedding, and the slot embeddings where the method has
+   them, encoded by the same functions evaluate uses (`leccr.models.encode.encode_items`), chunk by
+   chunk of `batch_size` items so a large collection never sits in memory as padded tokens;
+3. per method, index.json: the inference score's alpha, the query languages (English + the trained
+   ones), the tokenizer's max_length, and — for a fused score (alpha < 1) — the min/max of the global
+   and slot matrices of the `calibration_split` captions against the indexed items, per language,
+   computed as evaluate computes them (`stages.evaluate.whole_ranges`): with the test split indexed and
+   calibrated on, a search ranks exactly as evaluate's fused score does;
+4. with `index.ann` set, vectors.faiss: a FAISS IVF or HNSW index over the global embeddings.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from leccr.config import EvaluateConfig, ExperimentConfig, IndexConfig, Section
+from leccr.store import StageContext, StageFailed, atomic_write_text
+from schemas.core import read_table, write_table
+from schemas.dataset import CAPTIONS, ITEMS
+from schemas.index import INDEX_ITEMS, embeddings_schema
+
+UPSTREAM = ("dataset", "describe", "features", "train")  # describe: the description texts shown with hits
+SHARDED = False
+ITEMS_FILE = "items.parquet"
+EMBEDDINGS_FILE = "embeddings.parquet"
+INFO_FILE = "index.json"
+ANY_LANGUAGE = "*"  # ranges over every calibration language: for a query language without captions there
+
+
+def section(cfg: ExperimentConfig) -> Section:
+    return cfg.index
+
+
+def relative_media_path(path: str | None, root: str | None) -> str | None:
+    """A media path relative to the dataset root (as given, when already relative or outside the root)."""
+    if path is None or root is None or not Path(path).is_absolute():
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def dataset_root(dataset) -> str | None:
+    """The dataset folder the dataset artifact was read from (its config `path`), if recorded."""
+    try:
+        return dataset.manifest.get("config", {}).get("path")
+    except (OSError, ValueError):
+        return None
+
+
+def _chosen_items(tables, splits: list[str] | None) -> list[tuple[str, int]]:
+    """(split, number of items) in the order indexed: the configured splits, else every split present."""
+    split_column = tables.visual.column("split")
+    present = list(dict.fromkeys(split_column.to_pylist()))
+    wanted = splits if splits is not None else present
+    missing = [split for split in wanted if split not in present]
+    if missing:
+        raise StageFailed(f"index: no visual features for split(s) {missing} (splits with features: {present})")
+    return [(split, int(pc.sum(pc.equal(split_column, split)).as_py() or 0)) for split in wanted]
+
+
+def _item_table(ctx: StageContext, item_ids: list[str], splits: list[str]) -> pa.Table:
+    from stages.evaluate import _description_texts
+
+    dataset = ctx.inputs["dataset"]
+    root = dataset_root(dataset)
+    rows = {row["item_id"]: row for row in read_table(dataset.file("items.parquet"), ITEMS).to_pylist()}
+    captions: dict[str, list[dict]] = {}
+    for row in read_table(dataset.file("captions.parquet"), CAPTIONS).to_pylist():
+        captions.setdefault(row["item_id"], []).append({"lang": row["lang"], "kind": row["kind"], "text": row["text"]})
+    described = _description_texts(ctx, item_ids)
+    return pa.Table.from_pylist([
+        {"item_id": item, "split": split, "media_type": rows.get(item, {}).get("media_type", "image"),
+         "path": relative_media_path(rows.get(item, {}).get("path"), root),
+         "captions": captions.get(item, []), "description": described.get(item)}
+        for item, split in zip(item_ids, splits)], schema=INDEX_ITEMS)
+
+
+def encode_collection(model, tables, chosen: list[tuple[str, int]], batch_size: int, device: torch.device
+                      ) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor | None]:
+    """(item ids, their splits, global [N, E], slots [N, N_q, E] or None) of every chosen item, in order."""
+    import torch
+
+    from leccr.data import load_eval_items
+    from leccr.models.encode import encode_items
+
+    ids, splits, globals_, slots = [], [], [], []
+    model.eval().to(device)
+    for split, count in chosen:
+        for start in range(0, count, batch_size):
+            items = load_eval_items(tables, split, chunk=slice(start, start + batch_size))
+            global_emb, slot_emb = encode_items(model, items, batch_size, device)
+            ids += items.item_ids
+            splits += [split] * len(items.item_ids)
+            globals_.append(global_emb)
+            if slot_emb is not None:
+                slots.append(slot_emb)
+    return ids, splits, torch.cat(globals_), (torch.cat(slots) if slots else None)
+
+
+def calibration_ranges(ctx: StageContext, cfg: IndexConfig, model, visual_global: torch.Tensor,
+                       visual_slots: torch.Tensor, device: torch.device) -> dict[str, dict[str, list[float]]]:
+    """Per language (and ANY_LANGUAGE): min/max of the global and slot scores of the calibration split's
+    captions (human where the split has them, else machine translations, as evaluate) vs the indexed items."""
+    from leccr.models.base import merge_ranges
+    from leccr.models.encode import encode_texts
+    from stages.evaluate import load_split, whole_ranges
+
+    try:
+        data = load_split(ctx, EvaluateConfig(split=cfg.calibration_split))
+    except StageFailed as error:
+        raise StageFailed(f"index: the fused score (alpha < 1) needs calibration captions from split "
+                          f"{cfg.calibration_split!r} (index.calibration_split): {error}") from None
+    ranges: dict[str, dict[str, tuple[float, float]]] = {}
+    for lang, language in data.languages.items():
+        texts = encode_texts(model, language.ids, language.mask, cfg.batch_size, device)
+        ranges[lang] = whole_ranges(texts.to(device), visual_global.to(device), visual_slots.to(device), cfg.chunk_size)
+    merged: dict[str, tuple[float, float]] = {}
+    for part in ranges.values():
+        merged = merge_ranges(merged, part)
+    ranges[ANY_LANGUAGE] = merged
+    return {lang: {part: list(bounds) for part, bounds in parts.items()} for lang, parts in ranges.items()}
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def run(ctx: StageContext) -> None:
+    from leccr.data import FeatureTables
+    from leccr.device import resolve_device
+    from leccr.search.vectors import build_faiss, faiss_missing
+    from stages.evaluate import load_model, trained_methods
+
+    cfg: IndexConfig = ctx.section  # type: ignore[assignment]
+    started = time.perf_counter()
+    if cfg.ann is not None and (reason := faiss_missing()):
+        raise StageFailed(f"index: index.ann is {cfg.ann.kind}, but {reason}")
+    device = resolve_device(cfg.device)
+    train = ctx.inputs["train"]
+    available = trained_methods(train.path)
+    methods = cfg.methods if cfg.methods is not None else available
+    unknown = [m for m in methods if m not in available]
+    if unknown or not methods:
+        raise StageFailed(f"index: method(s) {unknown or methods} not in the train artifact {train.path} "
+                          f"(trained methods: {available})")
+    tables = FeatureTables.open(ctx.inputs["features"].path)
+    chosen = _chosen_items(tables, cfg.splits)
+    summary: dict[str, dict] = {}
+    item_ids: list[str] | None = None
+    for method in methods:
+        method_dir = train.path / method
+        model = load_model(method_dir)
+        ids, splits, visual_global, visual_slots = encode_collection(model, tables, chosen, cfg.batch_size, device)
+        if item_ids is None:
+            item_ids = ids
+            write_table(_item_table(ctx, ids, splits), ctx.out_dir / ITEMS_FILE, INDEX_ITEMS)
+        alpha = cfg.alpha if cfg.alpha is not None else float(model.config.score_alpha)
+        if visual_slots is None:
+            alpha = 1.0  # no slots (baseline, cl2cm, leccr with slots ablated): the score is the global cosine
+        out = ctx.out_dir / method
+        embed_dim = visual_global.shape[1]
+        slot_values = None if visual_slots is None else visual_slots.shape[1] * visual_slots.shape[2]
+        columns = {"method": [method] * len(ids), "item_id": ids, "split": splits,
+                   "path": _item_paths(ctx.out_dir / ITEMS_FILE), "embedding": _fixed_list(visual_global.numpy())}
+        if visual_slots is not None:
+            columns["slots"] = _fixed_list(visual_slots.reshape(len(ids), -1).numpy())
+        schema = embeddings_schema(embed_dim, slot_values)
+        write_table(pa.table(columns), out / EMBEDDINGS_FILE, schema)
+        train_info = json.loads((method_dir / "train_info.json").read_text(encoding="utf-8"))
+        info = {
+            "method": method,
+            "alpha": alpha,
+            "embed_dim": embed_dim,
+            "num_slots": None if visual_slots is None else int(visual_slots.shape[1]),
+            "items": len(ids),
+            "languages": ["en"] + [lang for lang in train_info.get("languages", []) if lang != "en"],
+            "max_length": int(tables.info["max_length"]),
+            "calibration_split": cfg.calibration_split if alpha < 1.0 else None,
+            "ranges": (calibration_ranges(ctx, cfg, model, visual_global, visual_slots, device)
+                       if alpha < 1.0 else None),
+            "ann": cfg.ann.model_dump(mode="json") if cfg.ann is not None else None,
+        }
+        if cfg.ann is not None:
+            build_faiss(visual_global.numpy(), cfg.ann).save(out)
+        atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        summary[method] = {"items": len(ids), "alpha": alpha, "slots": info["num_slots"]}
+        ctx.log.info("index: %s: %d items, alpha %.2f, %s", method, len(ids), alpha,
+                     f"FAISS {cfg.ann.kind}" if cfg.ann is not None else "exact search")
+        del model
+    ctx.summary.update(methods=summary, splits=[split for split, _ in chosen],
+                       backend=cfg.ann.kind if cfg.ann is not None else "exact",
+                       seconds=round(time.perf_counter() - started, 3))
+
+
+def _item_paths(items_file: Path) -> list[str | None]:
+    return read_table(items_file, INDEX_ITEMS, columns=["path"]).column("path").to_pylist()
