@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from leccr.config import Section, _PathMarker
 from leccr.fingerprint import Fingerprinter, hash_file
 from leccr.progress import progress
-from schemas.core import SCHEMA_VERSION, durable_replace, read_table, validate, write_table
+from schemas.core import SCHEMA_VERSION, durable_replace, read_table, validate, volatile_columns, write_table
 from schemas.errors import ERRORS
 
 log = logging.getLogger(__name__)
@@ -120,14 +120,32 @@ class KeyParts:
 
 
 def content_digest(folder: Path) -> str:
-    """Digest of what an artifact holds: every file but the manifest (hidden files skipped)."""
+    """Digest of what an artifact holds: every file but the manifest (hidden files skipped).
+
+    A Parquet file with volatile columns (schemas.core.VOLATILE: timings, file states) counts by its
+    other columns only, so recomputing the same output gives the same digest.
+    """
     hasher = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = file.relative_to(folder)
         if relative.as_posix() == MANIFEST or any(part.startswith(".") for part in relative.parts):
             continue
-        hasher.update(f"{relative.as_posix()}\0{hash_file(file)}\n".encode())
+        hasher.update(f"{relative.as_posix()}\0{_stable_digest(file)}\n".encode())
     return hasher.hexdigest()
+
+
+def _stable_digest(file: Path) -> str:
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        volatile = volatile_columns(pq.read_schema(file))
+        if volatile:
+            table = pq.read_table(file).drop_columns(volatile)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+    return hash_file(file)
 
 
 # ------------------------------------------------------------------------------------- files
