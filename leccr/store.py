@@ -59,10 +59,12 @@ def resolve_section(section: BaseModel, fingerprints: Fingerprinter) -> dict[str
 
     Left out: `NON_OUTPUT_FIELDS` (batch sizes, devices, thresholds) and the fields the section's
     current choices leave unused (`Section.unused_fields`: the other engine's settings). Content
-    paths become `{"content": <fingerprint>}`, so moving a model keeps the key and editing it does not.
+    paths become `{"content": <fingerprint>}`, so moving a model keeps the key and editing it does not;
+    a Hugging Face hub id (`org/name[@rev]`, no such local path) is its cached snapshot's content plus
+    `{"hub": repo, revision, commit}`.
     """
 
-    def walk(model: BaseModel) -> dict[str, Any]:
+    def walk(model: BaseModel, where: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         skip = set(getattr(model, "NON_OUTPUT_FIELDS", frozenset()))
         if isinstance(model, Section):
@@ -71,23 +73,39 @@ def resolve_section(section: BaseModel, fingerprints: Fingerprinter) -> dict[str
             if name in skip:
                 continue
             is_path = any(isinstance(meta, _PathMarker) for meta in info.metadata) or _mentions_path(info.annotation)
-            out[name] = convert(getattr(model, name), is_path)
+            out[name] = convert(getattr(model, name), is_path, f"{where}{name}")
         return out
 
-    def convert(value: Any, is_path: bool) -> Any:
+    def convert(value: Any, is_path: bool, where: str) -> Any:
         if isinstance(value, BaseModel):
-            return walk(value)
+            return walk(value, where + ".")
         if isinstance(value, dict):
-            return {str(k): convert(v, is_path) for k, v in value.items()}
+            return {str(k): convert(v, is_path, f"{where}.{k}") for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return [convert(v, is_path) for v in value]
+            return [convert(v, is_path, where) for v in value]
         if is_path and isinstance(value, str):
-            return {"content": fingerprints.path(value)}
+            return path_identity(value, fingerprints, where)
         if value is None or isinstance(value, (str, int, float, bool)):
             return value
         raise TypeError(f"cannot hash config value {value!r} of type {type(value).__name__}")
 
-    return walk(section)
+    return walk(section, "")
+
+
+def path_identity(value: str, fingerprints: Fingerprinter, where: str = "") -> dict[str, Any]:
+    """What a content path holds: a local file or folder by content, or a hub id's cached snapshot."""
+    from leccr.hub import parse_hub_id, resolve_model
+
+    if Path(value).expanduser().exists() or parse_hub_id(value) is None:
+        try:
+            return {"content": fingerprints.path(Path(value).expanduser())}
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{where}: {error}" if where else str(error)) from None
+    try:
+        resolved = resolve_model(value)  # ModelNotFound says how to get it
+    except FileNotFoundError as error:
+        raise type(error)(f"{where}: {error}" if where else str(error)) from None
+    return {"content": fingerprints.path(resolved.path), "hub": resolved.identity}
 
 
 def _mentions_path(annotation: Any) -> bool:

@@ -89,3 +89,21 @@ def test_config_with_a_hub_id_validates_without_the_model(tmp_path):
                         "features": {"text_model": "org/not-downloaded@main"}})
     assert cfg.features.text_model == "org/not-downloaded@main"
 
+
+
+def test_a_hub_id_is_keyed_by_its_snapshot(hub_cache, tiny_text, tmp_path):
+    """`leccr run` with a hub id: the key holds the snapshot's files and its commit; a new commit of
+    the same files changes the recorded identity, other files change the content."""
+    from leccr.fingerprint import Fingerprinter
+    from leccr.store import path_identity
+
+    fingerprints = Fingerprinter()
+    main = path_identity("org/tiny-text", fingerprints, "features.text_model")
+    assert main == {"content": fingerprints.path(tiny_text),
+                    "hub": {"source": "hub", "repo_id": "org/tiny-text", "revision": "main", "commit": COMMIT}}
+    assert path_identity(f"org/tiny-text@{OTHER_COMMIT}", fingerprints)["hub"]["commit"] == OTHER_COMMIT
+    assert path_identity(str(tiny_text), fingerprints) == {"content": main["content"]}  # a folder: content only
+    with pytest.raises(ModelNotFound, match=r"features.text_model: model 'org/absent'.*hf download org/absent"):
+        path_identity("org/absent", fingerprints, "features.text_model")
+    with pytest.raises(FileNotFoundError, match=r"dataset.path: cannot fingerprint .*/no/such/place"):
+        path_identity(str(tmp_path / "no/such/place"), fingerprints, "dataset.path")
