@@ -217,12 +217,22 @@ def _terminal_width() -> int:
     return shutil.get_terminal_size().columns
 
 
+def _index_source(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """(artifact root, experiment, dataset folder) from --config, else from the separate options."""
+    if args.config is None:
+        return args.root, args.experiment, args.data_root
+    from leccr.config import load_config
+
+    cfg = load_config(args.config)
+    return cfg.artifacts_root, args.experiment or cfg.name, args.data_root or cfg.dataset.path
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     import json
 
     from leccr.search import SearchEngine, UnknownLanguage, UnknownMethod
 
-    engine = SearchEngine.open(args.root, args.experiment, args.data_root, args.device)
+    engine = SearchEngine.open(*_index_source(args), args.device)
     try:
         hits = engine.search([args.query], args.lang, args.method, args.k, args.candidates)[0]
     except (UnknownMethod, UnknownLanguage) as error:
@@ -246,7 +256,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from leccr.search.server import serve
 
-    return serve(args.root, args.experiment, args.data_root, args.device, args.host, args.port)
+    return serve(*_index_source(args), args.device, args.host, args.port)
 
 
 def cmd_datasets_check(args: argparse.Namespace) -> int:
@@ -284,6 +294,8 @@ def _version() -> str:
 
 
 def _index_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="an experiment file: its artifacts_root, name and dataset.path "
+                                         "(the media folder, wherever it lies now) in place of the three options below")
     parser.add_argument("--root", default="artifacts", help="artifact root (default artifacts)")
     parser.add_argument("--experiment", help="the index of this experiment's last run (default: the latest index)")
     parser.add_argument("--data-root", help="the dataset folder holding the media (default: the dataset stage's path)")

@@ -105,3 +105,20 @@ def test_an_error_is_one_line_and_a_hint_traceback_only_with_v(tmp_path, capsys)
     assert main(["build-tiny-models", "--out", str(tmp_path / "m"), "--corpus-file", str(tmp_path / "no.txt")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"leccr: error: [Errno 2] No such file or directory: '{tmp_path / 'no.txt'}'"]
+
+
+def test_search_takes_root_experiment_and_media_folder_from_an_experiment_file(tmp_path):
+    """After the dataset folder moved, `--config` points search and serve at where it lies now."""
+    from pathlib import Path
+
+    from leccr.cli import _index_source, build_parser
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    data.update(artifacts_root=str(tmp_path / "artifacts"), name="moved")
+    data["dataset"]["path"] = str(tmp_path / "new-place")
+    config = tmp_path / "moved.yaml"
+    config.write_text(yaml.safe_dump(data))
+    args = build_parser().parse_args(["search", "ein Hund", "--config", str(config)])
+    assert _index_source(args) == (str(tmp_path / "artifacts"), "moved", str(tmp_path / "new-place"))
+    args = build_parser().parse_args(["serve", "--root", "r", "--data-root", "d"])
+    assert _index_source(args) == ("r", None, "d")
