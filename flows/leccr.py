@@ -30,7 +30,8 @@ from leccr.config import ExperimentConfig, load_config
 from leccr.fingerprint import fingerprinter_for
 from leccr.pipeline import (StageOutcome, is_sharded, key_parts, plan, prepare_stage, record_run, run_stage,
                             run_stage_slot, upstream_of)
-from leccr.store import KeyParts
+from leccr.report import artifact_markdown
+from leccr.store import KeyParts, Store
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
@@ -91,6 +92,19 @@ def _result(future) -> StageOutcome:
     return future.result()
 
 
+def preload_transformers() -> None:
+    """transformers' lazy top-level module is not safe to first touch from several threads: two stage
+    tasks importing it at once (describe and visual run side by side) failed with "cannot import name
+    'AutoConfig' from 'transformers'". The driver touches what the engines use once, before they start."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    for name in ("AutoConfig", "AutoModel", "AutoTokenizer", "AutoProcessor", "AutoImageProcessor",
+                 "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"):
+        getattr(transformers, name, None)
+
+
 def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
                force: list[str] | None = None) -> dict[str, StageOutcome]:
     """Submit every planned stage as soon as its upstream stages have finished (runs inside a flow)."""
@@ -98,11 +112,16 @@ def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
     if cfg.runner.kind == "ray" and cfg.runner.probe_storage:
         probe_shared_storage(cfg.artifacts_root)
     fingerprints = fingerprinter_for(cfg.artifacts_root)
+    store = Store(cfg.artifacts_root)
     futures: dict[str, Any] = {}
+    preloaded = False
     for name in the_plan.order:  # topological: waiting here never blocks a stage that could start
         inputs = {up: _result(futures[up]).artifact for up in upstream_of(name)}
         parts = key_parts(cfg, name, inputs, fingerprints)
         forced = name in the_plan.forced
+        if not preloaded and (forced or not store.is_complete(store.artifact(name, parts.key))):
+            preload_transformers()
+            preloaded = True
         with _resources(cfg, name):
             if is_sharded(name) and cfg.runner.shard_tasks > 1:
                 prepared = prepare_task.submit(cfg, name, parts, forced)
@@ -179,7 +198,7 @@ def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
     evaluate = outcomes.get("evaluate")
     if evaluate is not None and (evaluate.artifact.path / "report.md").is_file():
         create_markdown_artifact(key=f"leccr-{slug}-report",
-                                 markdown=(evaluate.artifact.path / "report.md").read_text(encoding="utf-8"))
+                                 markdown=artifact_markdown(evaluate.artifact.path))  # images inlined
     return {name: str(o.artifact.path) for name, o in outcomes.items()}
 
 

@@ -1,17 +1,9 @@
-"""The `leccr` command. Entry points take argv (`main(sys.argv[1:])`), so tests call them directly.
-
-    leccr demo                                   build demo data + tiny models, run every stage
-    leccr run --config C [--stage S] [--force S] [--set KEY=VALUE] [--dry-run]
-    leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
-    leccr search "QUERY" --lang de --method leccr  ranked items from the index (--json for scripts)
-    leccr serve [--host H] [--port P]            search API and web page (127.0.0.1 by default)
-    leccr datasets check PATH --format F         validate a dataset folder
-    leccr gc [--yes]                             list/delete artifacts no experiment's latest run uses
-    leccr build-tiny-models --out DIR --corpus-file F
-"""
+"""The `leccr` command: `main(argv)` parses and dispatches, so tests call it with a list."""
 from __future__ import annotations
 
 import argparse
+import ast
+import graphlib
 import logging
 import os
 import sys
@@ -19,8 +11,48 @@ from pathlib import Path
 
 import yaml
 
+DESCRIPTION = """\
+Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefect pipeline.
+
+  leccr demo                                   build demo data + tiny models, run every stage
+  leccr run --config C [--stage S] [--force S] [--set KEY=VALUE] [--dry-run]
+  leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
+  leccr search "QUERY" --lang de --method leccr  ranked items from the index (--json for scripts)
+  leccr serve [--host H] [--port P]            search API and web page (127.0.0.1 by default)
+  leccr datasets check PATH --format F         validate a dataset folder
+  leccr gc [--yes]                             list/delete artifacts no experiment's latest run uses
+  leccr build-tiny-models --out DIR --corpus-file F
+
+`leccr COMMAND --help` describes each command; -v shows library logs and tracebacks."""
 DEMO_CONFIG = "configs/demo.yaml"
 DEMO_ROOT = Path("artifacts/demo")  # demo data and tiny models, referenced by configs/demo.yaml
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def stage_names() -> list[str]:
+    """`leccr.pipeline.stage_names()`, read from the stage modules' source instead of importing them.
+
+    Building the parser must stay cheap (every `leccr` call builds it) and importing the stage modules
+    costs seconds of torch import. Same rule as the pipeline: every module of `stages/` not starting
+    with "_" is a stage of that name; the order is topological over its literal `UPSTREAM`, sorted
+    within each ready set."""
+    upstream: dict[str, tuple[str, ...]] = {}
+    for path in sorted((PROJECT / "stages").glob("*.py")):
+        if path.stem.startswith("_"):
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            target = node.target if isinstance(node, ast.AnnAssign) else (
+                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+            if isinstance(target, ast.Name) and target.id == "UPSTREAM" and node.value is not None:
+                upstream[path.stem] = tuple(ast.literal_eval(node.value))
+    graph = graphlib.TopologicalSorter(upstream)
+    graph.prepare()
+    order: list[str] = []
+    while graph.is_active():
+        ready = sorted(graph.get_ready())
+        order.extend(ready)
+        graph.done(*ready)
+    return order
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -185,12 +217,22 @@ def _terminal_width() -> int:
     return shutil.get_terminal_size().columns
 
 
+def _index_source(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """(artifact root, experiment, dataset folder) from --config, else from the separate options."""
+    if args.config is None:
+        return args.root, args.experiment, args.data_root
+    from leccr.config import load_config
+
+    cfg = load_config(args.config)
+    return cfg.artifacts_root, args.experiment or cfg.name, args.data_root or cfg.dataset.path
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     import json
 
     from leccr.search import SearchEngine, UnknownLanguage, UnknownMethod
 
-    engine = SearchEngine.open(args.root, args.experiment, args.data_root, args.device)
+    engine = SearchEngine.open(*_index_source(args), args.device)
     try:
         hits = engine.search([args.query], args.lang, args.method, args.k, args.candidates)[0]
     except (UnknownMethod, UnknownLanguage) as error:
@@ -214,7 +256,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from leccr.search.server import serve
 
-    return serve(args.root, args.experiment, args.data_root, args.device, args.host, args.port)
+    return serve(*_index_source(args), args.device, args.host, args.port)
 
 
 def cmd_datasets_check(args: argparse.Namespace) -> int:
@@ -224,12 +266,36 @@ def cmd_datasets_check(args: argparse.Namespace) -> int:
 
 
 def cmd_build_tiny_models(args: argparse.Namespace) -> int:
-    from leccr.tiny_models import main as build_main
+    from leccr.tiny_models import run
 
-    return build_main(args.rest) or 0
+    return run(args, args.tiny_parser)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fills `{formats}` in help texts when help is shown: listing the dataset formats imports the
+    adapters, which a plain `leccr run` need not pay for."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        if "{formats}" in text:
+            from leccr.datasets import list_formats
+
+            text = text.replace("{formats}", ", ".join(list_formats()))
+        return text
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"leccr {version('leccr')}"
+    except PackageNotFoundError:
+        return "leccr (not installed: run scripts/setup.sh)"
 
 
 def _index_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="an experiment file: its artifacts_root, name and dataset.path "
+                                         "(the media folder, wherever it lies now) in place of the three options below")
     parser.add_argument("--root", default="artifacts", help="artifact root (default artifacts)")
     parser.add_argument("--experiment", help="the index of this experiment's last run (default: the latest index)")
     parser.add_argument("--data-root", help="the dataset folder holding the media (default: the dataset stage's path)")
@@ -237,33 +303,51 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leccr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    stages = stage_names()
+    stage_list = ", ".join(stages)
+    # -v works before or after the command (`leccr -v run ...`, `leccr run ... -v`). Stage names are
+    # checked by the pipeline (UnknownStage lists them) before Prefect starts.
+    verbose_help = "show library logs (Prefect, httpx, transformers) and tracebacks"
+    verbose = argparse.ArgumentParser(add_help=False)  # the commands' -v: absent unless given
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    parser = argparse.ArgumentParser(prog="leccr", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the pipeline (embedded Prefect, no server needed)")
+    def command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[verbose],
+                                   formatter_class=_HelpFormatter, **kwargs)
+
+    run = command("run", "run the pipeline (embedded Prefect, no server needed)")
     run.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
-    run.add_argument("--stage", action="append", default=[], help="run only this stage (and what it needs); repeatable")
-    run.add_argument("--force", action="append", default=[], help="recompute this stage and everything downstream; repeatable")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.seed=1")
+    run.add_argument("--stage", action="append", default=[], metavar="STAGE",
+                     help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. train.seed=1 or translate.num_beams=4; repeatable")
     run.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
     run.add_argument("--ray-address", help="override runner.address: ray://host:10001, auto, ...")
     run.add_argument("--dry-run", action="store_true",
                      help="print every planned stage with its key, cached or not, and why it would run; run nothing")
     run.set_defaults(handler=cmd_run)
 
-    gc = commands.add_parser("gc", help="list (and with --yes delete) artifacts no experiment's latest run uses")
+    gc = command("gc", "list (and with --yes delete) artifacts no experiment's latest run uses")
     gc.add_argument("--root", default="artifacts", help="artifact root")
     gc.add_argument("--yes", action="store_true", help="delete them (never a folder a running stage holds)")
     gc.set_defaults(handler=cmd_gc)
 
-    demo = commands.add_parser("demo", help="build demo data and tiny models, then run every stage on them")
-    demo.add_argument("--root", default=str(DEMO_ROOT))
-    demo.add_argument("--config", default=DEMO_CONFIG)
-    demo.add_argument("--force", action="append", default=[])
+    demo = command("demo", "build demo data and tiny models, then run every stage on them")
+    demo.add_argument("--root", default=str(DEMO_ROOT),
+                      help="folder for the generated demo data and tiny models (default: %(default)s; "
+                           "the default config reads them there)")
+    demo.add_argument("--config", default=DEMO_CONFIG, help="experiment YAML to run (default: %(default)s)")
+    demo.add_argument("--force", action="append", default=[], metavar="STAGE",
+                      help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}")
     demo.set_defaults(handler=cmd_demo)
 
-    inspect = commands.add_parser("inspect", help="query the artifacts with DuckDB (one view per stage)")
+    inspect = command("inspect", "query the artifacts with DuckDB (one view per stage)")
     inspect.add_argument("query", nargs="?", help="SQL to run, e.g. \"SELECT * FROM translate LIMIT 5\"")
     inspect.add_argument("--root", default="artifacts", help="artifact root")
     inspect.add_argument("--experiment", help="use this experiment's last run instead of each stage's latest artifact")
@@ -273,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print the CREATE VIEW statements and the read-only settings, for any DuckDB client")
     inspect.set_defaults(handler=cmd_inspect)
 
-    search = commands.add_parser("search", help="find indexed images/videos with a text query in a trained language")
+    search = command("search", "find indexed images/videos with a text query in a trained language")
     search.add_argument("query", help='the query text, e.g. "ein Hund rennt durch den Schnee"')
     search.add_argument("--lang", default="en", help="the query's language (one the method was trained on; default en)")
     search.add_argument("--method", default="leccr", help="the trained method to search with (default leccr)")
@@ -285,43 +369,127 @@ def build_parser() -> argparse.ArgumentParser:
     _index_arguments(search)
     search.set_defaults(handler=cmd_search)
 
-    serve = commands.add_parser("serve", help="HTTP search API (/api/search) and a web page over the index")
+    serve = command("serve", "HTTP search API (/api/search) and a web page over the index")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     _index_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
-    datasets = commands.add_parser("datasets", help="dataset tools")
-    datasets_commands = datasets.add_subparsers(dest="datasets_command", required=True)
-    check = datasets_commands.add_parser("check", help="validate a dataset folder and report counts and problems")
-    check.add_argument("path")
-    check.add_argument("--format", required=True)
-    check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    datasets = command("datasets", "dataset tools")
+    datasets_commands = datasets.add_subparsers(dest="datasets_command", required=True, metavar="COMMAND")
+    check = datasets_commands.add_parser(
+        "check", help="validate a dataset folder and report counts and problems", parents=[verbose],
+        description="Validate a dataset folder in its published layout: items and captions per split and "
+                    "language, missing files, malformed entries.", formatter_class=_HelpFormatter)
+    check.add_argument("path", help="the dataset's root folder")
+    check.add_argument("--format", required=True, metavar="FORMAT", help="the dataset's layout: {formats}")
+    check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an adapter option, as dataset.options in an experiment file; repeatable")
     check.set_defaults(handler=cmd_datasets_check)
 
-    tiny = commands.add_parser("build-tiny-models", help="build tiny random-weight models (see --help of the builder)")
-    tiny.add_argument("rest", nargs=argparse.REMAINDER)
-    tiny.set_defaults(handler=cmd_build_tiny_models)
+    from leccr.tiny_models import add_arguments
+
+    tiny = command("build-tiny-models", "build tiny random-weight models (text encoder, vision tower, MT, LLaVA)")
+    add_arguments(tiny).set_defaults(handler=cmd_build_tiny_models, tiny_parser=tiny)
     return parser
+
+
+# Library loggers whose records (even errors) stay out of the console without -v: their failures
+# reach the user as the exception `main` reports in one line.
+_CHATTY = ("prefect", "httpx", "httpcore", "uvicorn", "fastapi", "docket", "asyncio")
+_OWN_CODE = tuple(str(PROJECT / package) + os.sep for package in ("leccr", "stages", "flows"))
+
+
+class _OwnMessages(logging.Filter):
+    """Without -v the console shows what leccr's own code logs at INFO and above: stage start and end,
+    progress with items/s and ETA, summaries — including what stages log through Prefect's run
+    logger, so the record's source file decides, not the logger name. Other libraries: errors only,
+    and none from the orchestration stack (Prefect's task-state lines and retries, HTTP requests)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.pathname.startswith(_OWN_CODE):
+            return record.levelno >= logging.INFO
+        return record.levelno >= logging.ERROR and not record.name.startswith(_CHATTY)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname}: {text}"
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now: a rich progress bar swaps it to print lines above the bar.
+
+    (Public name on purpose: Prefect keeps a root handler as the user's only if its class name does
+    not start with "_"; otherwise it replaces it with its own console handler.)"""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def configure_logging(verbose: bool) -> None:
+    """Console logging for one `leccr` command (see _OwnMessages); -v: everything, with logger names."""
+    handler = ConsoleHandler()
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:  # main() called again
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        for package in ("leccr", "stages", "flows"):
+            logging.getLogger(package).setLevel(logging.DEBUG)
+        return
+    handler.setFormatter(_ConsoleFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(_OwnMessages())
+    logging.captureWarnings(True)  # library warnings (py.warnings) go through the filter too
+    # Read by transformers / huggingface_hub at import: no loading bars, no advice lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # The temporary Prefect server is a subprocess writing to our stderr (not through these handlers).
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+
+
+def _hint(error: BaseException, verbose: bool) -> str | None:
+    from leccr.config import ConfigError
+    from leccr.store import StageFailed
+
+    from leccr.pipeline import UnknownStage
+    from leccr.preflight import EnvironmentProblem
+
+    if isinstance(error, ConfigError):
+        return "every section and key, with its default, is in leccr/config.py"
+    if isinstance(error, (UnknownStage, EnvironmentProblem, OSError)):
+        return None  # the message says what to change: the stages, the path and why
+    if isinstance(error, StageFailed):
+        return "rerun the same command to resume" + ("" if verbose else "; add -v for the traceback")
+    return None if verbose else "add -v for the traceback"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from leccr.config import ConfigError
-    from leccr.pipeline import UnknownStage
+    configure_logging(args.verbose)
     from leccr.preflight import EnvironmentProblem
-    from leccr.store import StageFailed
 
     try:
         return args.handler(args)
-    except (ConfigError, StageFailed, EnvironmentProblem, OSError, UnknownStage) as error:
+    except KeyboardInterrupt:
+        print("leccr: interrupted; finished shards are kept and a rerun resumes from them", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the command's one error line; -v keeps the traceback
         if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        print(f"leccr: error: {_one_line(error)}", file=sys.stderr)
+            logging.getLogger("leccr").exception("leccr %s failed", args.command)
+        expected = isinstance(error, (OSError, ValueError, RuntimeError, EnvironmentProblem)) and str(error)
+        message = _one_line(error) if expected else f"{type(error).__name__}: {error}"
+        print(f"leccr: error: {message}", file=sys.stderr)
+        if hint := _hint(error, args.verbose):
+            print(f"leccr: hint: {hint}", file=sys.stderr)
         return 2
 
 

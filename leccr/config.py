@@ -9,6 +9,7 @@ schema of an experiment file can be read in one place.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -528,27 +529,53 @@ class ExperimentConfig(Section):
         return self
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
-    for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+def _suggestion(loc: tuple) -> str:
+    """' (did you mean translate.num_beams?)' for a misspelt key at `loc`, else ''."""
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        info = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if info is None:
+            return ""
+        # Optional[Section] and friends: the section class among the annotation's arguments.
+        candidates = [info.annotation, *getattr(info.annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))}?)" if close else ""
+
+
+def _format_validation_error(error: ValidationError, source: str, overridden: frozenset[str] = frozenset()) -> str:
+    """One line per problem, each naming its key; a key set by `--set` (in `overridden`) is reported
+    as the override's, not the file's."""
+    problems = error.errors()
+    keys = [".".join(str(part) for part in problem["loc"]) or "<root>" for problem in problems]
+    from_set = [key in overridden for key in keys]
+    if from_set and all(from_set):
+        lines = [f"--set: invalid config (overriding {source})"]
+    else:
+        lines = [f"{source}: invalid config"]
+    for problem, key, by_set in zip(problems, keys, from_set):
+        label = f"--set {key}" if by_set else key
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {label}: unknown key{_suggestion(problem['loc'])}")
         elif problem["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
+            lines.append(f"  {label}: required key is missing")
         else:
-            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+            lines.append(f"  {label}: {problem['msg']} (got {problem.get('input')!r})")
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
-    """Validate a dict (as read from YAML) into an ExperimentConfig; errors name every bad key."""
+def parse_config(data: dict[str, Any], source: str = "<config>",
+                 overridden: frozenset[str] = frozenset()) -> ExperimentConfig:
+    """Validate a dict (as read from YAML) into an ExperimentConfig; errors name every bad key
+    (`overridden`: dotted keys that came from `--set`, so errors name them as such)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
+        raise ConfigError(_format_validation_error(error, source, overridden)) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -568,4 +595,4 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: cannot override {dotted!r}: {part!r} is not a section")
         node[leaf] = value
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), frozenset(overrides or {}))

@@ -266,7 +266,9 @@ def recall_metrics(t2v_ranks, v2t_ranks, ks: Sequence[int] = DEFAULT_KS) -> dict
     """R@K (percent), mean and median rank both ways, and SumR (sum of the R@K of both directions).
 
     t2v_ranks [N_t] >= 1; v2t_ranks [N_v] >= 0 where 0 marks an item without caption (left out).
-    Median of an even count is the mean of the two middle ranks (numpy's). Keys:
+    Median rank as the papers count it: their `itm_eval` reports `floor(median(ranks0)) + 1` over
+    0-based ranks, i.e. floor(median) of our 1-based ranks: on an even count the mean of the two
+    middle ranks rounded down (ranks 1, 2 -> 1, where numpy's median says 1.5). Keys:
     `text_to_visual_R@{k}`, `text_to_visual_mean_rank`, `text_to_visual_median_rank`,
     `text_to_visual_queries`, the same for `visual_to_text_`, and `sumr`.
     """
@@ -282,7 +284,7 @@ def recall_metrics(t2v_ranks, v2t_ranks, ks: Sequence[int] = DEFAULT_KS) -> dict
             metrics[f"{direction}_R@{k}"] = recall
             sumr += recall
         metrics[f"{direction}_mean_rank"] = float(np.mean(ranks))
-        metrics[f"{direction}_median_rank"] = float(np.median(ranks))
+        metrics[f"{direction}_median_rank"] = float(np.floor(np.median(ranks - 1)) + 1)
         metrics[f"{direction}_queries"] = float(ranks.size)
     metrics["sumr"] = sumr
     return metrics

@@ -186,7 +186,7 @@ def previous_manifest(store: Store, experiment: str, name: str) -> dict[str, Any
 
 
 def _flatten(data: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(data, dict) and data and set(data) != {"content"}:
+    if isinstance(data, dict) and data and "content" not in data:  # {"content": ...}: one path, a leaf
         out: dict[str, Any] = {}
         for key, value in data.items():
             out.update(_flatten(value, f"{prefix}.{key}"))
@@ -218,7 +218,7 @@ def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: st
         before, after = old.get(dotted, _ABSENT), new.get(dotted, _ABSENT)
         if before == after:
             continue
-        if isinstance(before, dict) and isinstance(after, dict):  # {"content": digest} on both sides
+        if isinstance(before, dict) and isinstance(after, dict):  # {"content": digest, ...} on both sides
             reasons.append(f"{dotted}: content changed")
         else:
             reasons.append(f"{dotted}: {_show(before)} → {_show(after)}")

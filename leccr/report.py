@@ -9,8 +9,10 @@ history.parquet) and writes files; nothing computes scores. The stage passes in 
 """
 from __future__ import annotations
 
+import base64
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pyarrow as pa
 from leccr.store import atomic_write_bytes, atomic_write_text
 
 CL2CM_NOTE = ("CL2CM is our reconstruction from the AAAI 2024 paper's description: no code or equations "
-              "are public, so its numbers are not the paper's system (see METHOD.md, \"CL2CM\").")
+              "are public, so its numbers are not the paper's system (see docs/method.md, \"CL2CM\").")
 # Method rows in the order the papers print them: the baseline first, the proposed method last.
 METHOD_ORDER = ("baseline", "cl2cm", "leccr")
 ARROWS = {"text_to_visual": "T→V", "visual_to_text": "V→T"}
@@ -63,6 +65,11 @@ def _label(method: str, score: str, rows: list[dict]) -> str:
     return method
 
 
+def _alpha(method: str, score: str, rows: list[dict]) -> float:
+    """The weight of global cosine in this row's score (1 for global only)."""
+    return next(r["alpha"] for r in rows if r["method"] == method and r["score"] == score)
+
+
 def languages_of(rows: list[dict]) -> list[str]:
     langs = sorted({r["lang"] for r in rows})
     return (["en"] if "en" in langs else []) + [lang for lang in langs if lang != "en"]
@@ -87,12 +94,12 @@ def results_tables(metrics: pa.Table) -> str:
         n_texts = next(r["n_texts"] for r in rows if r["lang"] == lang)
         n_items = next(r["n_items"] for r in rows if r["lang"] == lang)
         out.append(f"### {lang} ({split}: {n_items} visual items, {n_texts} captions)\n")
-        header = ["Method"] + [f"{ARROWS[d]} R@{k}" for d in ARROWS for k in table_ks] + ["SumR"]
+        header = ["Method", "α"] + [f"{ARROWS[d]} R@{k}" for d in ARROWS for k in table_ks] + ["SumR"]
         header += [f"{ARROWS[d]} MedR" for d in ARROWS]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for method, score in present:
-            cells = [_label(method, score, rows)]
+            cells = [_label(method, score, rows), f"{_alpha(method, score, rows):g}"]
             cells += [f"{table[(method, score, lang, d, 'recall', k)]:.1f}" for d in ARROWS for k in table_ks]
             cells.append(f"{table[(method, score, lang, 'both', 'sumr', None)]:.1f}")
             cells += [f"{table[(method, score, lang, d, 'median_rank', None)]:g}" for d in ARROWS]
@@ -134,33 +141,51 @@ def _pyplot():
     return plt
 
 
-def plot_recall_curves(curves: Mapping[tuple[str, str, str, str], np.ndarray], out_dir: Path) -> list[Path]:
-    """One PNG per language: recall@K (%) against K, both directions side by side, one line per method."""
+def _series_label(method: str, score: str, alphas: Mapping[tuple[str, str], float]) -> str:
+    if score == "global":
+        return f"{method} (global cosine)"
+    alpha = alphas.get((method, score))
+    return f"{method} ({score}" + (f", α={alpha:g})" if alpha is not None else ")")
+
+
+def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: str,
+                  alphas: Mapping[tuple[str, str], float] | None = None):
+    """Recall@K (%) against K for one language, both directions side by side, one line per
+    (method, score): solid for the fused score (α in the legend), dashed for global cosine only."""
     plt = _pyplot()
-    paths = []
+    alphas = alphas or {}
     series = sorted({(key[0], key[1]) for key in curves}, key=lambda ms: (_method_sort_key(ms[0]), ms[1]))
-    # One colour per method, the same in every panel and file; global-only dashed.
+    # One colour per method, the same in every panel and file.
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = sorted({method for method, _ in series}, key=_method_sort_key)
     colour = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
+    for axis, direction in zip(axes, ARROWS):
+        for method, score in series:
+            values = curves.get((method, score, lang, direction))
+            if values is None:
+                continue
+            ks = np.arange(1, len(values) + 1)
+            axis.plot(ks, values, label=_series_label(method, score, alphas), color=colour[method],
+                      linestyle="--" if score == "global" else "-")
+        axis.set_xscale("log")
+        axis.set_xlabel("K")
+        axis.set_title(f"{lang}: {ARROWS[direction]}")
+        axis.grid(True, alpha=0.3)
+    axes[0].set_ylabel("recall@K (%)")
+    axes[0].set_ylim(0, 100)
+    if axes[-1].get_legend_handles_labels()[0]:
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="score")
+    return figure
+
+
+def plot_recall_curves(curves: Mapping[tuple[str, str, str, str], np.ndarray], out_dir: Path,
+                       alphas: Mapping[tuple[str, str], float] | None = None) -> list[Path]:
+    """One PNG per language (see recall_figure)."""
+    plt = _pyplot()
+    paths = []
     for lang in sorted({key[2] for key in curves}):
-        figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for axis, direction in zip(axes, ARROWS):
-            for method, score in series:
-                values = curves.get((method, score, lang, direction))
-                if values is None:
-                    continue
-                ks = np.arange(1, len(values) + 1)
-                axis.plot(ks, values, label=method if score == "fused" else f"{method} ({score})",
-                          color=colour[method], linestyle="-" if score == "fused" else "--")
-            axis.set_xscale("log")
-            axis.set_xlabel("K")
-            axis.set_title(f"{lang}: {ARROWS[direction]}")
-            axis.grid(True, alpha=0.3)
-            if axis.get_legend_handles_labels()[0]:
-                axis.legend(loc="lower right", fontsize=8)
-        axes[0].set_ylabel("recall@K (%)")
-        axes[0].set_ylim(0, 100)
+        figure = recall_figure(curves, lang, alphas)
         path = out_dir / f"recall_at_k_{lang}.png"
         atomic_write_bytes(path, _figure_png(figure))
         plt.close(figure)
@@ -168,45 +193,75 @@ def plot_recall_curves(curves: Mapping[tuple[str, str, str, str], np.ndarray], o
     return paths
 
 
-def plot_training_curves(histories: Mapping[str, pa.Table], out_dir: Path) -> list[Path]:
-    """One PNG per method: every loss / metric column of its history.parquet against the step (or epoch).
+def _numeric_columns(history: pa.Table) -> dict[str, np.ndarray]:
+    return {name: history.column(name).to_numpy(zero_copy_only=False).astype(float) for name in history.column_names
+            if pa.types.is_integer(history.schema.field(name).type)
+            or pa.types.is_floating(history.schema.field(name).type)}
 
-    Columns are grouped: losses (names starting `loss`) in one panel, every other numeric column in
-    its own; the x axis is `step`, else `epoch`, else the row number."""
+
+def training_figure(method: str, history: pa.Table):
+    """Training curves of one method's history.parquet, or None when it has nothing to plot.
+
+    One panel per loss term (each on its own y scale: a 0.005 term next to a 10.0 total would be a
+    flat line at zero), one per other column (lr) and, last, one for the validation SumR (overall
+    and per language; legend outside the curves). A dotted line marks the step of the best validation SumR
+    (the checkpoint kept) in every panel. x: `step`, else `epoch`, else the row number."""
+    plt = _pyplot()
+    columns = _numeric_columns(history)
+    x_name = next((name for name in ("step", "global_step", "epoch") if name in columns), None)
+    x = columns.pop(x_name) if x_name else np.arange(history.num_rows, dtype=float)
+    for name in ("step", "global_step", "epoch"):
+        columns.pop(name, None)
+    # Rows of another kind (a validation row has no losses) are NaN in a column: those points are skipped.
+    columns = {name: values for name, values in columns.items() if not np.isnan(values).all()}
+    losses = sorted((n for n in columns if n.startswith("loss")), key=lambda n: (n != "loss_total", n))
+    validation = sorted((n for n in columns if n.startswith("val_")), key=lambda n: (n != "val_sumr", n))
+    others = [n for n in columns if n not in losses and n not in validation]
+    panels = [(name, [name], "loss") for name in losses]
+    panels += [(name, [name], "learning rate" if name == "lr" else name) for name in others]
+    if validation:  # last, so its legend (outside, on the right) widens only the last column
+        panels.append(("validation SumR", validation, "SumR"))
+    if not panels:
+        return None
+    best_x = best_label = None
+    if "val_sumr" in columns:
+        values = columns["val_sumr"]
+        best = int(np.nanargmax(values))
+        best_x = x[best]
+        epoch = history.column("epoch")[best].as_py() if "epoch" in history.column_names else None
+        best_label = f"best validation SumR {values[best]:.1f}" + (f" (epoch {epoch})" if epoch is not None else "")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    figure, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False, layout="constrained")
+    for axis, (title, names, ylabel) in zip(axes.flat, panels):
+        for name in names:
+            values = columns[name]
+            keep = ~np.isnan(values)
+            axis.plot(x[keep], values[keep], label=name, marker="." if keep.sum() < 30 else None)
+        if best_x is not None:
+            axis.axvline(best_x, color="grey", linestyle=":", linewidth=1.2, label=best_label)
+        axis.set_title(title)
+        axis.set_xlabel(x_name or "row")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.3)
+        if len(names) > 1:
+            axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.suptitle(f"training: {method}" + (f"  (dotted: {best_label})" if best_label else ""))
+    return figure
+
+
+def plot_training_curves(histories: Mapping[str, pa.Table], out_dir: Path) -> list[Path]:
+    """One PNG per method (see training_figure)."""
     plt = _pyplot()
     paths = []
     for method, history in sorted(histories.items(), key=lambda item: _method_sort_key(item[0])):
         if history.num_rows == 0:
             continue
-        columns = {name: history.column(name).to_numpy(zero_copy_only=False) for name in history.column_names
-                   if pa.types.is_integer(history.schema.field(name).type)
-                   or pa.types.is_floating(history.schema.field(name).type)}
-        x_name = next((name for name in ("step", "global_step", "epoch") if name in columns), None)
-        x = columns.pop(x_name) if x_name else np.arange(history.num_rows)
-        for name in ("step", "global_step", "epoch"):
-            columns.pop(name, None)
-        # Columns such as a per-row "split" or a "phase" decide which rows a series has: NaN rows are skipped.
-        losses = {name: v for name, v in columns.items() if name.startswith("loss")}
-        others = {name: v for name, v in columns.items() if not name.startswith("loss")}
-        panels = ([("losses", losses)] if losses else []) + [(name, {name: v}) for name, v in others.items()]
-        if not panels:
+        figure = training_figure(method, history)
+        if figure is None:
             continue
-        cols = min(3, len(panels))
-        rows = math.ceil(len(panels) / cols)
-        figure, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-        for axis, (title, series) in zip(axes.flat, panels):
-            for name, values in series.items():
-                values = values.astype(float)
-                keep = ~np.isnan(values)
-                axis.plot(x[keep], values[keep], label=name, marker="." if keep.sum() < 30 else None)
-            axis.set_title(title)
-            axis.set_xlabel(x_name or "row")
-            axis.grid(True, alpha=0.3)
-            if len(series) > 1:
-                axis.legend(fontsize=7)
-        for axis in list(axes.flat)[len(panels):]:
-            axis.axis("off")
-        figure.suptitle(f"training: {method}")
         path = out_dir / f"training_{method}.png"
         atomic_write_bytes(path, _figure_png(figure))
         plt.close(figure)
@@ -221,7 +276,11 @@ def _clip(text: str, limit: int = 120) -> str:
 
 
 def worst_queries_section(worst: pa.Table) -> str:
-    """Markdown lists of the worst-ranked queries and what came back instead."""
+    """Markdown tables of the worst-ranked queries and what came back instead.
+
+    Visual items are named by their item id (their only text is an MLLM description, unreadable from
+    a small model and not what a reader looks for); captions by id and text. A retrieved entry that
+    is a hit is marked ✓ — rare here, since these queries' first hit ranked below what is shown."""
     rows = worst.to_pylist()
     if not rows:
         return "_No error analysis (worst_queries is 0)._\n"
@@ -232,16 +291,20 @@ def worst_queries_section(worst: pa.Table) -> str:
     for (method, score, lang, direction), group in sorted(
         groups.items(), key=lambda item: (item[0][2], _method_sort_key(item[0][0]), item[0][1], item[0][3])
     ):
+        text_to_visual = direction == "text_to_visual"
         out.append(f"#### {method} ({score}), {lang}, {ARROWS[direction]}\n")
-        out.append("| rank | query | top retrieved (id: text, score) |")
-        out.append("|---:|---|---|")
+        shown = "visual items (id, score)" if text_to_visual else "captions (id: text, score)"
+        out.append(f"| rank of first hit | query | expected | top retrieved {shown} |")
+        out.append("|---:|---|---|---|")
         for row in group:
-            query = f"`{row['query_id']}` {_clip(row['query_text'])} (hits: {', '.join(row['expected'][:3])})"
+            query = f"`{row['query_id']}`" + (f" {_clip(row['query_text'])}" if text_to_visual else "")
+            expected = ", ".join(f"`{e}`" for e in row["expected"][:3]) + (" …" if len(row["expected"]) > 3 else "")
             retrieved = "<br>".join(
-                f"{'✓ ' if rid in row['expected'] else ''}`{rid}`: {_clip(text, 90)} ({score_value:.3f})"
+                f"{'✓ ' if rid in row['expected'] else ''}`{rid}`" + ("" if text_to_visual else f": {_clip(text, 90)}")
+                + f" ({score_value:.3f})"
                 for rid, text, score_value in zip(row["retrieved_ids"], row["retrieved_texts"], row["retrieved_scores"])
             )
-            out.append(f"| {row['rank']} | {query} | {retrieved} |")
+            out.append(f"| {row['rank']} | {query} | {expected} | {retrieved} |")
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -264,8 +327,9 @@ def render_report(
         lines.append("")
     lines.append("Recall@K in % (a visual item is found when any of its captions ranks within K; a caption "
                  "when its item does). SumR is the sum of the R@K of both directions. MedR: median rank of "
-                 "the first hit. The fused score is α·minmax(global) + (1−α)·minmax(slot max), min/max "
-                 "over the whole test score matrix; α = 1 is global cosine only.")
+                 "the first hit, as the papers' evaluation code counts it (floor of the median of 0-based "
+                 "ranks, plus 1). The fused score is α·minmax(global) + (1−α)·minmax(slot max), min/max "
+                 "over the whole test score matrix; α (its column) = 1 is global cosine only.")
     lines.append("")
     if "cl2cm" in methods:
         lines += [f"> **Note.** {CL2CM_NOTE}", ""]
@@ -279,7 +343,8 @@ def render_report(
         lines += ["## Training curves", ""]
         lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in training] + [""]
     lines += ["## Worst-ranked queries", "",
-              "The queries whose first hit ranked lowest, with the top retrieved items (✓ = a hit).", "",
+              "The queries whose first hit ranked lowest: what they expected and what ranked first instead "
+              "(visual items by item id; ✓ marks a retrieved entry that is a hit).", "",
               worst_queries_section(worst)]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -294,7 +359,33 @@ def write_report(
 ) -> str:
     """Write plots/*.png and report.md into `out_dir`; return the markdown."""
     plots = Path(out_dir) / "plots"
-    plot_paths = plot_recall_curves(curves, plots) + plot_training_curves(histories, plots)
+    alphas = {(r["method"], r["score"]): r["alpha"] for r in metrics.to_pylist()}
+    plot_paths = plot_recall_curves(curves, plots, alphas) + plot_training_curves(histories, plots)
     text = render_report(metrics, worst, plot_paths, Path(out_dir), header)
     atomic_write_text(Path(out_dir) / "report.md", text)
     return text
+
+
+_IMAGE_LINK = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<target>[^)\s]+)\)")
+
+
+def embed_images(markdown: str, base_dir: Path) -> str:
+    """The markdown with every relative image link replaced by a base64 `data:` URI of the file.
+
+    For the Prefect artifact: the UI shows the markdown away from report.md's folder, where the
+    relative `plots/*.png` links of report.md point nowhere."""
+
+    def inline(match: re.Match) -> str:
+        target = match["target"]
+        if ":" in target.split("/")[0]:  # http:, https:, data: ... already absolute
+            return match.group(0)
+        data = base64.b64encode((Path(base_dir) / target).read_bytes()).decode("ascii")
+        mime = "image/png" if target.lower().endswith(".png") else "image/" + target.rsplit(".", 1)[-1].lower()
+        return f"![{match['alt']}](data:{mime};base64,{data})"
+
+    return _IMAGE_LINK.sub(inline, markdown)
+
+
+def artifact_markdown(report_dir: Path) -> str:
+    """report.md of an evaluate artifact, self-contained for a Prefect markdown artifact."""
+    return embed_images((Path(report_dir) / "report.md").read_text(encoding="utf-8"), Path(report_dir))

@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from leccr.config import Section, _PathMarker
 from leccr.fingerprint import Fingerprinter, hash_file
 from leccr.progress import progress
-from schemas.core import SCHEMA_VERSION, durable_replace, read_table, validate, write_table
+from schemas.core import SCHEMA_VERSION, durable_replace, read_table, validate, volatile_columns, write_table
 from schemas.errors import ERRORS
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,12 @@ def resolve_section(section: BaseModel, fingerprints: Fingerprinter) -> dict[str
 
     Left out: `NON_OUTPUT_FIELDS` (batch sizes, devices, thresholds) and the fields the section's
     current choices leave unused (`Section.unused_fields`: the other engine's settings). Content
-    paths become `{"content": <fingerprint>}`, so moving a model keeps the key and editing it does not.
+    paths become `{"content": <fingerprint>}`, so moving a model keeps the key and editing it does not;
+    a Hugging Face hub id (`org/name[@rev]`, no such local path) is its cached snapshot's content plus
+    `{"hub": repo, revision, commit}`.
     """
 
-    def walk(model: BaseModel) -> dict[str, Any]:
+    def walk(model: BaseModel, where: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         skip = set(getattr(model, "NON_OUTPUT_FIELDS", frozenset()))
         if isinstance(model, Section):
@@ -74,23 +76,39 @@ def resolve_section(section: BaseModel, fingerprints: Fingerprinter) -> dict[str
             if name in skip:
                 continue
             is_path = any(isinstance(meta, _PathMarker) for meta in info.metadata) or _mentions_path(info.annotation)
-            out[name] = convert(getattr(model, name), is_path)
+            out[name] = convert(getattr(model, name), is_path, f"{where}{name}")
         return out
 
-    def convert(value: Any, is_path: bool) -> Any:
+    def convert(value: Any, is_path: bool, where: str) -> Any:
         if isinstance(value, BaseModel):
-            return walk(value)
+            return walk(value, where + ".")
         if isinstance(value, dict):
-            return {str(k): convert(v, is_path) for k, v in value.items()}
+            return {str(k): convert(v, is_path, f"{where}.{k}") for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return [convert(v, is_path) for v in value]
+            return [convert(v, is_path, where) for v in value]
         if is_path and isinstance(value, str):
-            return {"content": fingerprints.path(value)}
+            return path_identity(value, fingerprints, where)
         if value is None or isinstance(value, (str, int, float, bool)):
             return value
         raise TypeError(f"cannot hash config value {value!r} of type {type(value).__name__}")
 
-    return walk(section)
+    return walk(section, "")
+
+
+def path_identity(value: str, fingerprints: Fingerprinter, where: str = "") -> dict[str, Any]:
+    """What a content path holds: a local file or folder by content, or a hub id's cached snapshot."""
+    from leccr.hub import parse_hub_id, resolve_model
+
+    if Path(value).expanduser().exists() or parse_hub_id(value) is None:
+        try:
+            return {"content": fingerprints.path(Path(value).expanduser())}
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{where}: {error}" if where else str(error)) from None
+    try:
+        resolved = resolve_model(value)  # ModelNotFound says how to get it
+    except FileNotFoundError as error:
+        raise type(error)(f"{where}: {error}" if where else str(error)) from None
+    return {"content": fingerprints.path(resolved.path), "hub": resolved.identity}
 
 
 def _mentions_path(annotation: Any) -> bool:
@@ -123,14 +141,32 @@ class KeyParts:
 
 
 def content_digest(folder: Path) -> str:
-    """Digest of what an artifact holds: every file but the manifest (hidden files skipped)."""
+    """Digest of what an artifact holds: every file but the manifest (hidden files skipped).
+
+    A Parquet file with volatile columns (schemas.core.VOLATILE: timings, file states) counts by its
+    other columns only, so recomputing the same output gives the same digest.
+    """
     hasher = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = file.relative_to(folder)
         if relative.as_posix() == MANIFEST or any(part.startswith(".") for part in relative.parts):
             continue
-        hasher.update(f"{relative.as_posix()}\0{hash_file(file)}\n".encode())
+        hasher.update(f"{relative.as_posix()}\0{_stable_digest(file)}\n".encode())
     return hasher.hexdigest()
+
+
+def _stable_digest(file: Path) -> str:
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        volatile = volatile_columns(pq.read_schema(file))
+        if volatile:
+            table = pq.read_table(file).drop_columns(volatile)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+    return hash_file(file)
 
 
 # ------------------------------------------------------------------------------------- files
@@ -183,6 +219,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     durable_replace(tmp, path)
+    return path
+
+
+def _read_umask() -> int:
+    umask = os.umask(0o022)  # Python 3.11 can only read the umask by setting it
+    os.umask(umask)
+    return umask
+
+
+# Read once at import (setting the umask, even back, races with threads creating files).
+_UMASK = _read_umask()
+
+
+def give_default_mode(path: Path) -> Path:
+    """Set a file's permissions to what `open()` would have given it (0644 under the usual umask 022).
+
+    safetensors (0.8) writes its files 0600, so a model saved for others to load was readable by its
+    owner only."""
+    os.chmod(path, 0o666 & ~_UMASK)
     return path
 
 

@@ -11,6 +11,15 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = 2  # 2: errors gained file, line, retryable
 
 
+# Field metadata of a column that records how a row was made, not what it holds (a timing, a file's
+# inode): left out of the artifact's content digest, so it never changes a downstream key.
+VOLATILE = {"leccr.volatile": "true"}
+
+
+def volatile_columns(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema if f.metadata and f.metadata.get(b"leccr.volatile") == b"true"]
+
+
 class SchemaError(ValueError):
     """A table does not match the schema of the artifact it claims to be."""
 

@@ -1,6 +1,8 @@
 """The `describe` stage: one MLLM description per visual item per view (prompt)."""
 import pyarrow as pa
 
+from schemas.core import VOLATILE
+
 DESCRIPTIONS = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),
@@ -12,6 +14,7 @@ DESCRIPTIONS = pa.schema(
         pa.field("model", pa.string()),  # model folder name (vllm/transformers) or source file name (import)
         pa.field("sampling", pa.string(), nullable=False),  # JSON: temperature, top_p, max_tokens, seed (base)
         pa.field("seed", pa.int64()),  # the seed this row was sampled with (derived from base seed + ids); null on import
-        pa.field("seconds", pa.float64(), nullable=False),  # engine wall time of the call, shared equally by its rows
+        # engine wall time of the call, shared equally by its rows (volatile: not in the content digest)
+        pa.field("seconds", pa.float64(), nullable=False, metadata=VOLATILE),
     ]
 )

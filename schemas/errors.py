@@ -7,6 +7,8 @@ error): a rerun retries those items, and only those, once their file has changed
 """
 import pyarrow as pa
 
+from schemas.core import VOLATILE
+
 ERRORS = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),  # item or caption id; "" when a line names none
@@ -18,6 +20,7 @@ ERRORS = pa.schema(
         pa.field("retryable", pa.bool_(), nullable=False),
         # The media file's state when the item failed ("size:mtime_ns:inode", or "missing"): a rerun
         # retries the item once the file differs from this (restored, fixed, mounted again).
-        pa.field("file_state", pa.string()),
+        # Volatile: an inode and an mtime differ between machines and copies, so not in the content digest.
+        pa.field("file_state", pa.string(), metadata=VOLATILE),
     ]
 )

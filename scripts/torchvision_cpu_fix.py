@@ -7,7 +7,6 @@ needs the operator *schemas* to exist at import (it registers fake kernels for t
 run calls the kernels. So, the first time torchvision is imported in any process, define the two
 schemas. Installed by scripts/setup.sh as a .pth hook (vLLM inspects models in subprocesses, so an
 in-test patch would not reach them); it costs nothing until torchvision is imported.
-See ../shared/design/ENVIRONMENT.md.
 """
 import importlib.abc
 import sys

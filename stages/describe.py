@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from leccr.config import DescribeConfig, ExperimentConfig
 from leccr.engines.mllm import (Generation, Request, RequestRejected, SamplingConfig, load_imported_descriptions,
                                 max_frames, request_seed)
+from leccr.hub import ModelNotFound, model_path
 from leccr.media import MediaError, ShardPrefetcher, load_visual
 from leccr.store import ItemError, ShardResult, StageContext, part_name, shard_plan
 from schemas.core import read_table
@@ -42,8 +43,10 @@ def check_config(cfg: DescribeConfig) -> None:
     if cfg.engine in ("transformers", "vllm"):
         if cfg.model is None:
             raise ValueError(f"describe.model is required for engine {cfg.engine!r}: a model folder")
-        if not Path(cfg.model).is_dir():
-            raise ValueError(f"describe.model: no model folder at {cfg.model}")
+        try:
+            model_path(cfg.model, "describe.model")  # a folder or a cached hub snapshot
+        except ModelNotFound as error:
+            raise ValueError(str(error)) from None
     if cfg.engine == "vllm":
         max_frames(cfg.num_frames, cfg.fps)
     if cfg.engine == "import" and cfg.import_path is None:
@@ -73,7 +76,7 @@ def make_engine(cfg: DescribeConfig):
     from leccr.engines.cache import cached_engine
 
     sampling = sampling_of(cfg)
-    path = str(Path(cfg.model).absolute())
+    path = str(model_path(cfg.model, "describe.model"))
     if cfg.engine == "vllm":
         from leccr.engines.mllm import VllmMLLM
 

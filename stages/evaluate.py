@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
 from leccr.fingerprint import Fingerprinter
+from leccr.hub import model_path
 from leccr.store import StageContext, StageFailed
 from schemas.core import read_table
 from schemas.dataset import CAPTIONS, ITEMS
@@ -163,6 +164,7 @@ def load_encoder(path: str):
     import transformers
     from transformers import AutoConfig, AutoModel
 
+    path = str(model_path(path, "evaluate.zero_shot"))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     named = [getattr(transformers, name, None) for name in (config.architectures or [])]
     cls = next((c for c in named if c is not None), AutoModel)
@@ -194,7 +196,8 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
 
     from leccr.media import load_visual
 
-    tokenizer = AutoTokenizer.from_pretrained(zs.tokenizer or zs.text_model, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path(zs.tokenizer or zs.text_model, "evaluate.zero_shot.tokenizer"),
+                                              local_files_only=True)
     text_model = load_encoder(zs.text_model).eval().to(device)
     texts = {}
     for lang, language in data.languages.items():
@@ -204,7 +207,8 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
                               max_length=zs.max_length, return_tensors="pt").to(device)
             chunks.append(_embedding(text_model(**batch), ("text_embeds", "pooler_output")).float().cpu())
         texts[lang] = F.normalize(torch.cat(chunks), dim=-1)
-    processor = AutoImageProcessor.from_pretrained(zs.vision_model, local_files_only=True)
+    processor = AutoImageProcessor.from_pretrained(model_path(zs.vision_model, "evaluate.zero_shot.vision_model"),
+                                                   local_files_only=True)
     vision_model = load_encoder(zs.vision_model).eval().to(device)
     visual = []
     for start in range(0, len(data.item_ids), batch_size):
@@ -411,7 +415,8 @@ def run(ctx: StageContext) -> None:
     if cfg.zero_shot is not None:
         zs = cfg.zero_shot
         fingerprints = Fingerprinter()
-        checkpoint = "zs-" + fingerprints.path(zs.text_model)[:8] + "-" + fingerprints.path(zs.vision_model)[:8]
+        checkpoint = ("zs-" + fingerprints.path(model_path(zs.text_model))[:8] + "-"
+                      + fingerprints.path(model_path(zs.vision_model))[:8])
         texts, visual_emb = encode_zero_shot(zs, data, cfg.batch_size, device)
         evaluate_embeddings(result, zs.name, checkpoint, data, cfg, texts, visual_emb, None, {"global": 1.0}, device)
 

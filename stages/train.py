@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from leccr.config import ExperimentConfig, TrainConfig
+from leccr.hub import ModelNotFound, model_path
 from leccr.store import StageContext, StageFailed
 
 UPSTREAM = ("dataset", "features")
@@ -67,14 +68,22 @@ def training_languages(features_dir: Path, wanted: list[str] | None) -> list[str
 
 
 def text_encoder_path(cfg: TrainConfig) -> str:
-    """The shared text encoder's folder (train.text_encoder, resolved to features.text_model by `section`)."""
-    path = cfg.text_encoder
-    if not path:
+    """The shared text encoder's local folder: train.text_encoder (resolved to features.text_model by
+    `section`), a folder or a hub id."""
+    if not cfg.text_encoder:
         raise StageFailed("train: no text encoder: set train.text_encoder (the features stage has no text_model)")
-    if not (Path(path) / "config.json").is_file():
-        raise StageFailed(f"train: text encoder folder {path} has no config.json; "
+    path = _resolve(cfg.text_encoder, "train.text_encoder")
+    if not (path / "config.json").is_file():
+        raise StageFailed(f"train: text encoder folder {cfg.text_encoder} has no config.json; "
                           "set train.text_encoder to the encoder's folder")
-    return path
+    return str(path)
+
+
+def _resolve(spec: str, field_name: str) -> Path:
+    try:
+        return model_path(spec, field_name)
+    except ModelNotFound as error:
+        raise StageFailed(f"train: {error}") from None
 
 
 def build_jobs(ctx: StageContext) -> list:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import ExperimentConfig, TranslateConfig
+from leccr.hub import model_path
 from leccr.store import ShardResult, StageContext
 from schemas.core import read_table
 from schemas.dataset import CAPTIONS
@@ -79,7 +80,7 @@ def _transformers_processor(ctx: StageContext, languages: list[str]):
     def translator(lang: str) -> Seq2SeqTranslator:
         # Loaded on the first shard that needs it and kept for this process's later shards; one
         # multilingual model folder serves every language that names it.
-        settings = {"path": str(Path(cfg.models[lang]).absolute()), "style": cfg.lang_code_style,
+        settings = {"path": str(model_path(cfg.models[lang], f"translate.models.{lang}")), "style": cfg.lang_code_style,
                     "device": cfg.device, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
                     "num_beams": cfg.num_beams}
         return cached_engine("seq2seq", settings, lambda: Seq2SeqTranslator(

@@ -1,4 +1,8 @@
 """The `leccr` command: a run through the embedded Prefect flow, cache hits, inspect, clear errors."""
+import logging
+from importlib.metadata import version
+
+import pytest
 import yaml
 
 from leccr.cli import main
@@ -26,3 +30,95 @@ def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "translate.shard_sise: unknown key" in err and "Traceback" not in err
+
+
+def test_help_lists_stages_and_formats_and_every_command_has_help(capsys):
+    from leccr.cli import build_parser, stage_names
+    from leccr.datasets import list_formats
+    from leccr import pipeline
+
+    assert stage_names() == list(pipeline.stage_names())  # the cheap source scan: the same stages, same order
+    for argv in (["run", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "Stages: " + ", ".join(stage_names()) in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    demo_help = " ".join(capsys.readouterr().out.split())
+    assert "--root ROOT folder for the generated demo data" in demo_help and "--config CONFIG experiment YAML" in demo_help
+    with pytest.raises(SystemExit):
+        main(["datasets", "check", "--help"])
+    check_help = " ".join(capsys.readouterr().out.split())
+    assert "the dataset's layout: " + ", ".join(list_formats()) in check_help
+    assert "path the dataset's root folder" in check_help and "--option KEY=VALUE an adapter option" in check_help
+    with pytest.raises(SystemExit) as done:
+        main(["build-tiny-models", "--help"])
+    assert done.value.code == 0 and "--corpus-file" in capsys.readouterr().out
+    top = build_parser().format_help()
+    assert "tests call" not in top and "argv" not in top
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"leccr {version('leccr')}"
+
+
+def test_set_typo_is_the_overrides_fault_with_a_suggestion(demo_config, capsys):
+    config, _ = demo_config
+    assert main(["run", "--config", str(config), "--set", "translate.num_beam=4"]) == 2
+    err = capsys.readouterr().err
+    assert "--set translate.num_beam: unknown key (did you mean translate.num_beams?)" in err
+    assert f"{config}: invalid config" not in err and err.startswith("leccr: error: --set: invalid config")
+
+
+def test_console_shows_leccr_lines_not_library_chatter(capsys):
+    from leccr.cli import configure_logging
+    from leccr.progress import progress
+
+    configure_logging(verbose=False)
+    logging.getLogger("httpx").info("HTTP Request: POST http://127.0.0.1/api/logs/ 201")
+    logging.getLogger("prefect.server.services").error("Failed to send telemetry")
+    logging.getLogger("transformers.modeling_utils").warning("Some weights were not initialized")
+    with progress(4, "describe", "items") as bar:  # leccr's own code, non-TTY: a log line at the end
+        bar.update(4)
+    err = capsys.readouterr().err
+    assert "describe: 4/4 items" in err and "items/s, ETA" in err
+    assert "HTTP Request" not in err and "telemetry" not in err and "Some weights" not in err
+    configure_logging(verbose=True)
+    logging.getLogger("httpx").info("HTTP Request: POST http://127.0.0.1/api/logs/ 201")
+    assert "INFO httpx: HTTP Request" in capsys.readouterr().err
+    configure_logging(verbose=False)
+
+
+def test_an_error_is_one_line_and_a_hint_traceback_only_with_v(tmp_path, capsys):
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("Grüße\n".encode("latin-1"))  # not UTF-8: an error no handler expects
+    argv = ["build-tiny-models", "--out", str(tmp_path / "m"), "--corpus-file", str(corpus)]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("leccr: error: ") and "utf-8" in lines[0]
+    assert lines[1] == "leccr: hint: add -v for the traceback"
+    assert main(["-v", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UnicodeDecodeError" in err and "hint" not in err
+    # a missing file: the message names it, no hint needed
+    assert main(["build-tiny-models", "--out", str(tmp_path / "m"), "--corpus-file", str(tmp_path / "no.txt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"leccr: error: [Errno 2] No such file or directory: '{tmp_path / 'no.txt'}'"]
+
+
+def test_search_takes_root_experiment_and_media_folder_from_an_experiment_file(tmp_path):
+    """After the dataset folder moved, `--config` points search and serve at where it lies now."""
+    from pathlib import Path
+
+    from leccr.cli import _index_source, build_parser
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    data.update(artifacts_root=str(tmp_path / "artifacts"), name="moved")
+    data["dataset"]["path"] = str(tmp_path / "new-place")
+    config = tmp_path / "moved.yaml"
+    config.write_text(yaml.safe_dump(data))
+    args = build_parser().parse_args(["search", "ein Hund", "--config", str(config)])
+    assert _index_source(args) == (str(tmp_path / "artifacts"), "moved", str(tmp_path / "new-place"))
+    args = build_parser().parse_args(["serve", "--root", "r", "--data-root", "d"])
+    assert _index_source(args) == ("r", None, "d")

@@ -89,6 +89,15 @@ def test_prefect_deployment_run_leccr_full(demo_config, tmp_path):
         output = result.stdout + result.stderr
         assert result.returncode == 0, output + "\n--- worker log ---\n" + (logs / "worker.log").read_text()[-5000:]
         assert "Completed" in output
+        # The report artifact as the UI shows it: its plots inlined, no link relative to report.md.
+        query = json.dumps({"artifacts": {"key": {"any_": ["leccr-demo-report"]}}}).encode()
+        request = urllib.request.Request(f"{api}/artifacts/filter", data=query,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            found = json.loads(response.read())
+        assert found, "no report artifact published"
+        markdown = found[0]["data"]
+        assert "](data:image/png;base64," in markdown and "](plots/" not in markdown
     finally:
         for process in reversed(started):
             _stop(process)

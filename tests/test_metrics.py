@@ -59,9 +59,10 @@ def test_several_captions_per_item_best_caption_counts():
     assert metrics["text_to_visual_R@1"] == 25.0
     assert metrics["text_to_visual_R@5"] == 100.0
     assert metrics["text_to_visual_mean_rank"] == 1.75
-    assert metrics["text_to_visual_median_rank"] == 2.0      # mean of the two middle ranks (2, 2)
+    assert metrics["text_to_visual_median_rank"] == 2.0      # middle ranks (2, 2): floor(2 - 1) + 1
     assert metrics["visual_to_text_R@1"] == 50.0
-    assert metrics["visual_to_text_median_rank"] == 1.5      # mean of 1 and 2
+    # the papers' itm_eval: floor(median of 0-based ranks [0, 1] = 0.5) + 1 = 1, not numpy's 1.5
+    assert metrics["visual_to_text_median_rank"] == 1.0
     assert metrics["sumr"] == 25 + 100 + 100 + 50 + 100 + 100
 
 
@@ -110,7 +111,8 @@ def test_hand_metrics_ten_items():
     assert metrics["text_to_visual_R@5"] == 60.0
     assert metrics["text_to_visual_R@10"] == 90.0      # all but the rank 11
     assert metrics["text_to_visual_mean_rank"] == 5.0
-    assert metrics["text_to_visual_median_rank"] == 4.5
+    # sorted 0-based ranks 0 0 1 2 3 | 4 5 6 9 10: median 3.5, floor + 1 = 4 (numpy's 1-based median: 4.5)
+    assert metrics["text_to_visual_median_rank"] == 4.0
     assert metrics == chunked_retrieval_metrics(matrix_score_block(scores), list(range(10)), n, text_chunk=3,
                                                 item_chunk=5)
 

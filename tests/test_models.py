@@ -110,8 +110,11 @@ def test_text_encoder_from_pretrained(bert_path, tmp_path):
     ids, mask = torch.randint(1, VOCAB, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
     states, cls = encoder(ids, mask)
     assert states.shape == (2, 6, TEXT_WIDTH) and torch.equal(cls, states[:, 0])
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no model folder"):
         TextEncoder.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        TextEncoder.from_pretrained(tmp_path / "empty")
 
 
 def test_visual_encoder_image_tokens_pass_through():

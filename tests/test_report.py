@@ -1,13 +1,15 @@
 """The report: table numbers are those of metrics.parquet, plots are valid PNGs, notes appear when due."""
 from __future__ import annotations
 
+import base64
 import re
+from itertools import combinations
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from leccr.report import CL2CM_NOTE, results_tables, write_report
+from leccr.report import CL2CM_NOTE, artifact_markdown, recall_figure, results_tables, training_figure, write_report
 from schemas.core import validate
 from schemas.evaluate import METRICS, WORST_QUERIES
 
@@ -48,7 +50,11 @@ def make_worst() -> pa.Table:
         "method": "leccr", "score": "fused", "lang": "de", "direction": "text_to_visual", "query_id": "c7",
         "query_text": "ein roter Kreis | links", "rank": 4, "expected": ["img3"],
         "retrieved_ids": ["img1", "img2", "img3"], "retrieved_texts": ["a blue square", "a green dot", "a red circle"],
-        "retrieved_scores": [0.9, 0.8, 0.7]}], schema=WORST_QUERIES)
+        "retrieved_scores": [0.9, 0.8, 0.7]}, {
+        "method": "leccr", "score": "fused", "lang": "de", "direction": "visual_to_text", "query_id": "img3",
+        "query_text": "[objects] a red circle", "rank": 5, "expected": ["c7"],
+        "retrieved_ids": ["c1", "c2"], "retrieved_texts": ["ein Quadrat", "ein Stern"],
+        "retrieved_scores": [0.6, 0.5]}], schema=WORST_QUERIES)
 
 
 def table_rows(markdown: str, lang: str) -> dict[str, list[str]]:
@@ -67,7 +73,7 @@ def test_table_numbers_match_metrics_and_layout():
     markdown = results_tables(metrics)
     header = next(line for line in markdown.splitlines() if line.startswith("| Method"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "Method", "T→V R@1", "T→V R@5", "T→V R@10", "V→T R@1", "V→T R@5", "V→T R@10", "SumR", "T→V MedR", "V→T MedR"]
+        "Method", "α", "T→V R@1", "T→V R@5", "T→V R@10", "V→T R@1", "V→T R@5", "V→T R@10", "SumR", "T→V MedR", "V→T MedR"]
     lookup = {(r["method"], r["score"], r["lang"], r["direction"], r["metric"], r["k"]): r["value"]
               for r in metrics.to_pylist()}
     for lang in ("de", "fr"):
@@ -80,9 +86,10 @@ def test_table_numbers_match_metrics_and_layout():
             expected = [lookup[(method, score, lang, d, "recall", k)]
                         for d in ("text_to_visual", "visual_to_text") for k in (1, 5, 10)]
             expected.append(lookup[(method, score, lang, "both", "sumr", None)])
-            assert [float(c) for c in rows[label][:7]] == expected
+            assert float(rows[label][0]) == (0.9 if label == "leccr (fused, α=0.9)" else 1.0)  # α beside the numbers
+            assert [float(c) for c in rows[label][1:8]] == expected
         # by hand: R@K values b+1, b+5, b+10 (T→V) and b+11, b+15, b+20 (V→T) sum to 6b + 62
-        assert float(rows["baseline"][6]) == 6 * (30 + (3 if lang == "fr" else 0)) + 62
+        assert float(rows["baseline"][7]) == 6 * (30 + (3 if lang == "fr" else 0)) + 62
     # the SumR overview: one column per language
     overview = markdown.split("### SumR per language")[1]
     assert re.search(r"\| leccr \(fused, α=0.9\) \| 302\.0 \| 320\.0 \|", overview)
@@ -108,7 +115,10 @@ def test_report_files_plots_and_notes(tmp_path):
         assert f"(plots/{name})" in text
     assert CL2CM_NOTE in text
     assert "`c7` ein roter Kreis \\| links" in text  # pipes escaped so the table stays a table
-    assert "✓ `img3`: a red circle (0.700)" in text
+    # visual items by id, not by their (MLLM description) text; the hit among them marked
+    assert "| 4 | `c7` ein roter Kreis \\| links | `img3` | `img1` (0.900)<br>`img2` (0.800)<br>✓ `img3` (0.700) |" in text
+    assert "| 5 | `img3` | `c7` | `c1`: ein Quadrat (0.600)<br>`c2`: ein Stern (0.500) |" in text
+    assert "a blue square" not in text and "[objects]" not in text
     assert "- **split**: test (5 visual items)" in text
 
 
@@ -118,3 +128,71 @@ def test_no_cl2cm_note_without_cl2cm(tmp_path):
     text = write_report(tmp_path, pa.Table.from_pylist(keep, schema=METRICS), WORST_QUERIES.empty_table(), {}, {})
     assert CL2CM_NOTE not in text
     assert "_No error analysis" in text
+
+
+def test_report_artifact_markdown_embeds_every_image(tmp_path):
+    """The Prefect UI shows the artifact away from report.md's folder: no relative image links."""
+    curves = {("leccr", "fused", "de", d): np.linspace(10, 90, 20) for d in ("text_to_visual", "visual_to_text")}
+    histories = {"leccr": pa.table({"step": [1, 2], "loss_total": [2.0, 1.0]})}
+    report = write_report(tmp_path, make_metrics(), make_worst(), curves, histories)
+    assert "](plots/recall_at_k_de.png)" in report  # report.md itself links the files beside it
+    markdown = artifact_markdown(tmp_path)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]*)\)", markdown)
+    assert len(links) == 2 and all(link.startswith("data:image/png;base64,") for link in links)
+    assert base64.b64decode(links[0].split(",", 1)[1]) == (tmp_path / "plots" / "recall_at_k_de.png").read_bytes()
+    assert markdown.replace(links[0], "").replace(links[1], "") == report.replace(
+        "plots/recall_at_k_de.png", "").replace("plots/training_leccr.png", "")
+
+
+def realistic_history(epochs: int = 6, steps: int = 10) -> pa.Table:
+    """A LECCR history as the train stage writes it: train rows with ten loss terms (loss_dstl ~0.005)
+    and the lr, one validation row per epoch with SumR overall and per language (best: epoch 4)."""
+    rng = np.random.default_rng(0)
+    terms = ["loss_c", "loss_c_s", "loss_c_t", "loss_cv", "loss_dstl", "loss_reg", "loss_st", "loss_total",
+             "loss_vs", "loss_vt"]
+    val_sumr = [150.0, 180.0, 210.0, 260.0, 240.0, 230.0]
+    rows = []
+    for epoch in range(1, epochs + 1):
+        for i in range(steps):
+            step = (epoch - 1) * steps + i + 1
+            row = {"kind": "train", "step": step, "epoch": epoch, "lr": 1e-5 * step / (epochs * steps)}
+            row.update({t: (0.005 if t == "loss_dstl" else 10.0) / (1 + 0.1 * step) * (1 + 0.01 * rng.random())
+                        for t in terms})
+            rows.append(row)
+        rows.append({"kind": "val", "step": epoch * steps, "epoch": epoch, "val_sumr": val_sumr[epoch - 1],
+                     **{f"val_sumr_{lang}": val_sumr[epoch - 1] + d for lang, d in (("de", 5), ("fr", -5))}})
+    names = ["kind", "step", "epoch", "lr", *terms, "val_sumr", "val_sumr_de", "val_sumr_fr"]
+    return pa.table({n: [r.get(n) for r in rows] for n in names})
+
+
+def test_training_plot_keeps_labels_apart_and_marks_the_best_epoch():
+    figure = training_figure("leccr", realistic_history())
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    axes = [axis for axis in figure.axes if axis.axison]
+    assert len(axes) == 12  # ten loss terms, validation SumR, lr
+    # Everything an axis draws (title, x/y labels, tick labels, legend): no two axes overlap, so no
+    # x-label runs into the title of the panel below it.
+    boxes = [axis.get_tightbbox(renderer) for axis in axes]
+    for (i, a), (j, b) in combinations(enumerate(boxes), 2):
+        assert not a.overlaps(b), f"{axes[i].get_title()} overlaps {axes[j].get_title()}"
+    by_title = {axis.get_title(): axis for axis in axes}
+    dstl = by_title["loss_dstl"]
+    low, high = dstl.get_ylim()
+    assert high < 0.01  # its own scale: the ~0.005 term is not a flat line at zero
+    validation = by_title["validation SumR"]
+    legend = validation.get_legend()
+    assert legend is not None and not legend.get_window_extent(renderer).overlaps(validation.bbox)  # outside the curves
+    for axis in axes:
+        assert axis.get_ylabel() and axis.get_xlabel() == "step"
+        marker = [line for line in axis.get_lines() if line.get_linestyle() == ":"]
+        assert len(marker) == 1 and marker[0].get_xdata()[0] == 40  # epoch 4's validation step
+    assert "epoch 4" in figure._suptitle.get_text()
+
+
+def test_recall_plot_says_which_score_each_line_is():
+    curves = {("leccr", "fused", "de", d): np.linspace(10, 90, 20) for d in ("text_to_visual", "visual_to_text")}
+    curves.update({("leccr", "global", "de", d): np.linspace(5, 80, 20) for d in ("text_to_visual", "visual_to_text")})
+    figure = recall_figure(curves, "de", {("leccr", "fused"): 0.9, ("leccr", "global"): 1.0})
+    labels = [text.get_text() for text in figure.axes[-1].get_legend().get_texts()]
+    assert labels == ["leccr (fused, α=0.9)", "leccr (global cosine)"]

@@ -309,3 +309,22 @@ def test_planning_a_run_imports_neither_torch_nor_prefect():
             "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_content_digest_ignores_volatile_columns(tmp_path):
+    """A describe shard recomputed to the same text (other timings) holds the same content."""
+    import pyarrow as pa
+
+    from leccr.store import content_digest
+    from schemas.core import write_table
+    from schemas.describe import DESCRIPTIONS
+
+    def shard(folder, description, seconds):
+        row = {"item_id": "a", "view_id": "v", "prompt": "p", "description": description, "n_tokens": 3,
+               "engine": "transformers", "model": "m", "sampling": "{}", "seed": 1, "seconds": seconds}
+        write_table(pa.Table.from_pylist([row], schema=DESCRIPTIONS), folder / "part-00000.parquet", DESCRIPTIONS)
+        return content_digest(folder)
+
+    first = shard(tmp_path / "a", "a red square", 0.25)
+    assert shard(tmp_path / "b", "a red square", 1.75) == first
+    assert shard(tmp_path / "c", "a blue square", 0.25) != first

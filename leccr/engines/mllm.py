@@ -32,6 +32,8 @@ from typing import Any, Literal, Protocol
 
 from PIL import Image
 
+from leccr.hub import model_path
+
 log = logging.getLogger(__name__)
 
 VideoInput = Literal["images", "video"]
@@ -134,8 +136,8 @@ class TransformersMLLM:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.path = Path(model)
-        self.model_name = self.path.name
+        self.path = model_path(model, "describe.model")
+        self.model_name = Path(str(model)).name  # a hub id keeps its name (its snapshot folder is a hash)
         self.sampling = sampling
         self.batch_size = batch_size
         self.video_input = video_input
@@ -218,8 +220,8 @@ class VllmMLLM:
         from transformers import AutoProcessor
         from vllm import LLM
 
-        self.path = Path(model)
-        self.model_name = self.path.name
+        self.path = model_path(model, "describe.model")
+        self.model_name = Path(str(model)).name  # a hub id keeps its name (its snapshot folder is a hash)
         self.sampling = sampling
         self.video_input = video_input
         limit = {"image": max_images_per_prompt} if video_input == "images" else {"image": 1, "video": 1}

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from leccr.device import resolve_device
+from leccr.hub import model_path
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class Seq2SeqTranslator:
                  batch_size: int = 32, max_length: int = 128, num_beams: int = 1):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        self.path = Path(path)
+        self.path = model_path(path, "translate.models")
         self.lang_code_style = lang_code_style
         self.device = resolve_device(device)
         self.batch_size, self.max_length, self.num_beams = batch_size, max_length, num_beams

@@ -11,15 +11,14 @@ import numpy as np
 import torch
 
 from leccr.device import resolve_device
+from leccr.hub import model_path
 from leccr.features.vision import resolve_precision
 
 
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"features.tokenizer / text_model: no tokenizer folder at {path}")
+    path = model_path(path, "features.tokenizer / text_model")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"tokenizer at {path} has no pad token; readers pad batches with it")
@@ -50,9 +49,7 @@ class TextStateEncoder:
     def __init__(self, path: str | Path, pad_token_id: int, device: str = "auto", precision: str = "auto"):
         from transformers import AutoModel
 
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"features.text_model: no model folder at {path}")
+        path = model_path(path, "features.text_model")
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()

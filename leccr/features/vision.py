@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from leccr.device import resolve_device
+from leccr.hub import model_path
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ class VisionEncoder:
                  device: str = "auto", precision: str = "auto"):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"features.vision_model: no model folder at {path}")
+        path = model_path(path, "features.vision_model")
         if output not in ("tokens", "pooled"):
             raise ValueError(f"visual_output must be 'tokens' or 'pooled', got {output!r}")
         self.output, self.image_size = output, image_size

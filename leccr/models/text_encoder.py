@@ -10,6 +10,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from leccr.hub import model_path
+
 
 class TextEncoder(nn.Module):
     """Wraps `transformers.AutoModel.from_pretrained(path)`.
@@ -35,7 +37,7 @@ class TextEncoder(nn.Module):
         """Load the encoder from a local folder (never downloads: `local_files_only`)."""
         from transformers import AutoModel
 
-        path = Path(path)
+        path = model_path(path, "text encoder")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"text encoder folder {path} has no config.json (expected a save_pretrained folder)")
         return cls(AutoModel.from_pretrained(str(path), local_files_only=True))

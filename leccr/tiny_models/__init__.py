@@ -34,12 +34,21 @@ def build_all(out_dir: Path, corpus: list[str], seed: int = 0) -> dict[str, Path
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="leccr build-tiny-models", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The builder's options, shared by `main` and the `leccr build-tiny-models` subcommand."""
     parser.add_argument("--out", required=True, type=Path, help="folder to build the models into")
-    parser.add_argument("--corpus-file", required=True, type=Path, help="text file, one sentence per line")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--corpus-file", required=True, type=Path,
+                        help="text file, one sentence per line: the tokenizers are trained on it")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed (same seed and corpus: same bytes)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="leccr build-tiny-models", description=__doc__))
+    return run(parser.parse_args(argv), parser)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     corpus = [line.strip() for line in args.corpus_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not corpus:
         parser.error(f"--corpus-file {args.corpus_file} has no non-empty line")

@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from leccr.store import give_default_mode
+
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "tiny_model.json"
@@ -62,6 +64,8 @@ def build_folder(out: Path, required: tuple[str, ...], want: dict, write: Callab
         if missing:
             raise RuntimeError(f"building tiny {want['kind']} into {tmp} did not write {missing}")
         (tmp / RECIPE_FILE).write_text(json.dumps(want, indent=2) + "\n", encoding="utf-8")
+        for weights in tmp.rglob("*.safetensors"):
+            give_default_mode(weights)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

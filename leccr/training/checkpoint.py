@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from leccr.store import atomic_write_text
+from leccr.store import atomic_write_text, give_default_mode
 
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model.json"
@@ -55,6 +55,7 @@ def save_model(model: torch.nn.Module, method_dir: Path, method: str) -> Path:
     path = method_dir / MODEL_FILE
     tmp = method_dir / f".{MODEL_FILE}.tmp-{os.getpid()}"
     save_safetensors(model, str(tmp))
+    give_default_mode(tmp)
     os.replace(tmp, path)
     atomic_write_text(method_dir / MODEL_CONFIG_FILE, json.dumps(
         {"method": method, "model": model.config.model_dump(mode="json"), "text_encoder": TEXT_ENCODER_DIR},
