@@ -192,8 +192,6 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
                          dtype="float32", video_views={"actions": "What happens?", "scene": "Where is this?"})
     out = folder / "stage_out"
     out.mkdir()
-    ctx = StageContext("describe", "bench", cfg, {"dataset": Artifact("dataset", "bench", data)}, out,
-                       logging.getLogger("bench.describe"))
     engine = describe.make_engine(cfg)  # load the model first: this measures decoding against generation
 
     # The engine alone: the same requests, shard by shard, every video decoded in memory beforehand.

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import tempfile
 import threading
 import time

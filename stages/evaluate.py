@@ -19,11 +19,11 @@ Outputs: metrics.parquet and worst_queries.parquet (schemas/evaluate.py), report
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,11 @@ from leccr.store import StageContext, StageFailed
 from schemas.core import read_table
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.evaluate import METRICS, WORST_QUERIES
+
+if TYPE_CHECKING:  # torch is imported where it is used: planning a run never loads it
+    import torch
+
+    from leccr.metrics import ScoreBlock
 
 UPSTREAM = ("dataset", "describe", "features", "train")
 DIRECTIONS = ("text_to_visual", "visual_to_text")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,9 @@ from leccr.store import StageContext, StageFailed, atomic_write_text
 from schemas.core import read_table, write_table
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.index import INDEX_ITEMS, embeddings_schema
+
+if TYPE_CHECKING:  # torch is imported where it is used: planning a run never loads it
+    import torch
 
 UPSTREAM = ("dataset", "describe", "features", "train")  # describe: the description texts shown with hits
 SHARDED = False

@@ -3,7 +3,6 @@
 Everything started here is stopped here, by its own process id."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess

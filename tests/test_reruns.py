@@ -69,29 +69,32 @@ def test_translation_files_are_keyed_by_content(demo_root, tmp_path):
         _key_config("translate", _data(demo_root, tmp_path, translate={"import_path": str(files / "{lang}.json")}))
 
 
-def test_train_key_follows_the_resolved_model_config(demo_root, tmp_path, monkeypatch):
+def test_train_key_follows_the_resolved_model_config(demo_root, tmp_path):
+    base = _key_config("train", _data(demo_root, tmp_path))
+    # a runtime knob keeps the key
+    assert _key_config("train", _data(demo_root, tmp_path, train={"device": "cpu", "num_workers": 2})) == base
+    # an override, a preset (and so the model it resolves to) change it
+    assert _key_config("train", _data(demo_root, tmp_path, train={"models": {"leccr": {"num_slots": 3}}})) != base
+    preset = _key_config("train", _data(demo_root, tmp_path, train={"preset": "multi30k-de", "model_size": "base"}))
+    assert preset["resolved_epochs"] != base["resolved_epochs"] or preset["resolved_models"] != base["resolved_models"]
+    # the bundled JSON itself, edited in place (in a copy of the folder; restored before any other test)
     configs = tmp_path / "model_configs"
     shutil.copytree(leccr.models.MODEL_CONFIG_DIR, configs)
-    monkeypatch.setattr(leccr.models, "MODEL_CONFIG_DIR", configs)
-    leccr.models._configs.cache_clear()
+    original = leccr.models.MODEL_CONFIG_DIR
     try:
-        base = _key_config("train", _data(demo_root, tmp_path))
-        # a runtime knob keeps the key
-        assert _key_config("train", _data(demo_root, tmp_path, train={"device": "cpu", "num_workers": 2})) == base
-        # an override, a preset (and so the model it resolves to) change it
-        assert _key_config("train", _data(demo_root, tmp_path, train={"models": {"leccr": {"num_slots": 3}}})) != base
-        # the bundled JSON itself, edited in place
+        leccr.models.MODEL_CONFIG_DIR = configs
+        leccr.models._configs.cache_clear()
         path = configs / "baseline-image-tiny.json"
         model = json.loads(path.read_text())
         path.write_text(json.dumps({**model, "embed_dim": model["embed_dim"] * 2}))
         leccr.models._configs.cache_clear()
         edited = _key_config("train", _data(demo_root, tmp_path))
-        assert edited != base
-        assert edited["resolved_models"]["baseline"]["embed_dim"] == 2 * base["resolved_models"]["baseline"]["embed_dim"]
     finally:
+        leccr.models.MODEL_CONFIG_DIR = original
         leccr.models._configs.cache_clear()
-    preset = _key_config("train", _data(demo_root, tmp_path, train={"preset": "multi30k-de", "model_size": "base"}))
-    assert preset["resolved_epochs"] != base["resolved_epochs"] or preset["resolved_models"] != base["resolved_models"]
+    assert edited != base
+    assert edited["resolved_models"]["baseline"]["embed_dim"] == 2 * base["resolved_models"]["baseline"]["embed_dim"]
+    assert _key_config("train", _data(demo_root, tmp_path)) == base  # the bundled JSON again
 
 
 def test_features_key_holds_the_text_side_it_uses(demo_root, tmp_path):

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from leccr.data.tables import FeatureTables, column_numpy
+from leccr.data.tables import FeatureTables
 
 log = logging.getLogger(__name__)
 
