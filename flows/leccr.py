@@ -162,7 +162,7 @@ def _has_runner_for(cfg: ExperimentConfig) -> bool:
 def _summary_table(outcomes: dict[str, StageOutcome]) -> list[dict[str, Any]]:
     return [
         {"stage": name, "key": o.artifact.key, "cache_hit": o.cache_hit, "seconds": round(o.seconds, 2),
-         "rows": sum(n for f, n in o.rows.items() if not f.endswith("errors.parquet")), "errors": o.errors,
+         "rows": o.output_rows, "errors": o.errors,
          "path": str(o.artifact.path)}
         for name, o in outcomes.items()
     ]

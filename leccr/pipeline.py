@@ -293,10 +293,14 @@ class StageOutcome:
     rows: dict[str, int]
     errors: int
 
+    @property
+    def output_rows(self) -> int:
+        """Rows of the artifact's output tables (error rows are not output)."""
+        return sum(n for name, n in self.rows.items() if not _is_error_file(name))
+
     def describe(self) -> str:
         state = "cache hit, no work" if self.cache_hit else f"computed in {self.seconds:.1f}s"
-        total = sum(n for name, n in self.rows.items() if not _is_error_file(name))
-        return (f"{self.artifact.stage:<9} {state:<22} rows={total:<7} errors={self.errors:<4} "
+        return (f"{self.artifact.stage:<9} {state:<22} rows={self.output_rows:<7} errors={self.errors:<4} "
                 f"{self.artifact.path}")
 
 
