@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import graphlib
 import logging
 import os
 import sys
@@ -30,29 +28,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 def stage_names() -> list[str]:
-    """`leccr.pipeline.stage_names()`, read from the stage modules' source instead of importing them.
+    """`leccr.pipeline.stage_names()` without importing the stage modules: every `leccr` call builds the
+    parser, and must stay cheap."""
+    from leccr.stage_order import declared_upstream, stage_order
 
-    Building the parser must stay cheap (every `leccr` call builds it) and importing the stage modules
-    costs seconds of torch import. Same rule as the pipeline: every module of `stages/` not starting
-    with "_" is a stage of that name; the order is topological over its literal `UPSTREAM`, sorted
-    within each ready set."""
-    upstream: dict[str, tuple[str, ...]] = {}
-    for path in sorted((PROJECT / "stages").glob("*.py")):
-        if path.stem.startswith("_"):
-            continue
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
-            target = node.target if isinstance(node, ast.AnnAssign) else (
-                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-            if isinstance(target, ast.Name) and target.id == "UPSTREAM" and node.value is not None:
-                upstream[path.stem] = tuple(ast.literal_eval(node.value))
-    graph = graphlib.TopologicalSorter(upstream)
-    graph.prepare()
-    order: list[str] = []
-    while graph.is_active():
-        ready = sorted(graph.get_ready())
-        order.extend(ready)
-        graph.done(*ready)
-    return order
+    return stage_order(declared_upstream())
 
 
 def _parse_sets(pairs: list[str]) -> dict:

@@ -51,7 +51,7 @@ class _Entry:
     stat: os.stat_result
 
 
-def _walk(folder: Path) -> list[_Entry]:
+def files_under(folder: Path) -> list[_Entry]:
     """Every regular file under `folder` (hidden files and folders skipped: temp files, caches), sorted."""
     found: list[_Entry] = []
     pending = [(str(folder), "")]
@@ -175,7 +175,7 @@ class Fingerprinter:
         cached = self._folders.get(str(path))
         if cached is not None:
             return cached
-        entries = _walk(path)
+        entries = files_under(path)
         listing = _listing(entries)
         result = self._known_folder(str(path), listing)
         if result is None:
@@ -211,10 +211,6 @@ class Fingerprinter:
             pass
         finally:
             con.close()
-
-    def forget(self, path: str | Path) -> None:
-        """Drop a folder's memoised fingerprint (after this run wrote into it)."""
-        self._folders.pop(str(Path(path).absolute()), None)
 
 
 def fingerprinter_for(artifacts_root: str | Path) -> Fingerprinter:

@@ -12,20 +12,18 @@ when it is not the stage's name). The order of the DAG comes from `UPSTREAM` alo
 from __future__ import annotations
 
 import functools
-import graphlib
 import importlib
 import json
 import logging
-import pkgutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Protocol
 
 from leccr.codeid import code_digest, code_modules
 from leccr.config import ExperimentConfig, Section
 from leccr.fingerprint import Fingerprinter, fingerprinter_for
+from leccr.stage_order import declared_upstream, stage_order
 from leccr.store import (STORE_FORMAT, Artifact, KeyParts, StageContext, StageFailed, Store, atomic_write_text,
                          changed_failures, reopen_for_retry, resolve_section, stage_lock, write_manifest)
 
@@ -91,23 +89,14 @@ class StageSpec:
 
 @functools.lru_cache(maxsize=1)
 def _stages() -> dict[str, StageSpec]:
-    package = importlib.import_module(STAGES_PACKAGE)
-    modules: dict[str, ModuleType] = {
-        info.name: importlib.import_module(f"{STAGES_PACKAGE}.{info.name}")
-        for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")}
-    graph = graphlib.TopologicalSorter()
-    for name, module in modules.items():
-        unknown = [up for up in module.UPSTREAM if up not in modules]
-        if unknown:
-            raise RuntimeError(f"stage {name!r} names unknown upstream stage(s) {unknown}")
-        graph.add(name, *module.UPSTREAM)
-    graph.prepare()
-    order: list[str] = []
-    while graph.is_active():  # sorted within each ready set: one stable order for every run
-        ready = sorted(graph.get_ready())
-        order.extend(ready)
-        graph.done(*ready)
-    return {name: StageSpec(name, modules[name]) for name in order}
+    upstream = declared_upstream()
+    specs = {}
+    for name in stage_order(upstream):
+        module = importlib.import_module(f"{STAGES_PACKAGE}.{name}")
+        if tuple(module.UPSTREAM) != upstream[name]:
+            raise RuntimeError(f"stage {name!r}: UPSTREAM {module.UPSTREAM} is not the literal {upstream[name]}")
+        specs[name] = StageSpec(name, module)
+    return specs
 
 
 def stage_names() -> tuple[str, ...]:

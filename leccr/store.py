@@ -37,7 +37,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from leccr.config import Section, _PathMarker
-from leccr.fingerprint import Fingerprinter, hash_file
+from leccr.fingerprint import Fingerprinter, files_under, hash_file
 from leccr.progress import progress
 from schemas.core import SCHEMA_VERSION, durable_replace, read_table, validate, volatile_columns, write_table
 from schemas.errors import ERRORS
@@ -147,11 +147,9 @@ def content_digest(folder: Path) -> str:
     other columns only, so recomputing the same output gives the same digest.
     """
     hasher = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = file.relative_to(folder)
-        if relative.as_posix() == MANIFEST or any(part.startswith(".") for part in relative.parts):
-            continue
-        hasher.update(f"{relative.as_posix()}\0{_stable_digest(file)}\n".encode())
+    for entry in files_under(folder):
+        if entry.relative != MANIFEST:
+            hasher.update(f"{entry.relative}\0{_stable_digest(Path(entry.absolute))}\n".encode())
     return hasher.hexdigest()
 
 
