@@ -46,16 +46,6 @@ def section(cfg: ExperimentConfig) -> Section:
     return cfg.index
 
 
-def relative_media_path(path: str | None, root: str | None) -> str | None:
-    """A media path relative to the dataset root (as given, when already relative or outside the root)."""
-    if path is None or root is None or not Path(path).is_absolute():
-        return path
-    try:
-        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return path
-
-
 def dataset_root(dataset) -> str | None:
     """The dataset folder the dataset artifact was read from (its config `path`), if recorded."""
     try:
@@ -79,7 +69,6 @@ def _item_table(ctx: StageContext, item_ids: list[str], splits: list[str]) -> pa
     from stages.evaluate import _description_texts
 
     dataset = ctx.inputs["dataset"]
-    root = dataset_root(dataset)
     rows = {row["item_id"]: row for row in read_table(dataset.file("items.parquet"), ITEMS).to_pylist()}
     captions: dict[str, list[dict]] = {}
     for row in read_table(dataset.file("captions.parquet"), CAPTIONS).to_pylist():
@@ -87,7 +76,7 @@ def _item_table(ctx: StageContext, item_ids: list[str], splits: list[str]) -> pa
     described = _description_texts(ctx, item_ids)
     return pa.Table.from_pylist([
         {"item_id": item, "split": split, "media_type": rows.get(item, {}).get("media_type", "image"),
-         "path": relative_media_path(rows.get(item, {}).get("path"), root),
+         "path": rows.get(item, {}).get("path"),  # as items.parquet holds it: relative to the dataset root
          "captions": captions.get(item, []), "description": described.get(item)}
         for item, split in zip(item_ids, splits)], schema=INDEX_ITEMS)
 
