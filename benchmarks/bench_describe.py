@@ -159,7 +159,8 @@ def bench_decoding(folder: Path, videos: int, frames: int, size: int, sample: in
     }
 
 
-def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, size: int, sample: int) -> dict:
+def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, size: int, sample: int,
+                         max_tokens: int) -> dict:
     """The describe stage over videos: how long the engine waited on decoding, against the decode time.
 
     Shards of 4 videos; while shard k is generated, shard k+1 is decoded in background threads, so the
@@ -188,7 +189,7 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
              for i, p in enumerate(paths)]
     write_table(pa.Table.from_pylist(items, schema=ITEMS), data / "items.parquet", ITEMS)
     write_table(CAPTIONS.empty_table(), data / "captions.parquet", CAPTIONS)
-    cfg = DescribeConfig(model=str(model), num_frames=sample, max_tokens=16, shard_size=4, batch_size=16,
+    cfg = DescribeConfig(model=str(model), num_frames=sample, max_tokens=max_tokens, shard_size=4, batch_size=16,
                          dtype="float32", video_views={"actions": "What happens?", "scene": "Where is this?"})
     out = folder / "stage_out"
     out.mkdir()
@@ -221,7 +222,7 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
         engine_s.append(engine_alone())
         wall, summary = stage(run)
         stage_s.append(wall)
-    return {"videos": videos, "shard_size": 4, "decode_workers": cfg.decode_workers,
+    return {"videos": videos, "shard_size": 4, "decode_workers": cfg.decode_workers, "max_tokens": max_tokens,
             "serial_decode_s": round(serial_decode_s, 3), "generation_s": summary["generation_seconds"],
             "engine_waited_on_decoding_s": summary["decode_wait_seconds"], "stage_wall_s": round(min(stage_s), 3),
             "items_per_s": summary["items_per_s"], "tokens_per_s": summary["tokens_per_s"],
@@ -242,6 +243,10 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
     parser.add_argument("--skip-engines", action="store_true")
     parser.add_argument("--stage-only", action="store_true", help="only the describe stage vs the engine on pre-decoded inputs")
+    from leccr.config import DescribeConfig
+
+    parser.add_argument("--stage-max-tokens", type=int, default=DescribeConfig.model_fields["max_tokens"].default,
+                        help="description length in the stage comparison (default: describe.max_tokens' default)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -265,7 +270,7 @@ def main(argv: list[str]) -> dict:
                 model = build_tiny_llava(folder / "tiny_llava", ["a dog runs on the grass", "a man rides a bike"], seed=0)
             report["model"] = str(model)
             report["stage_prefetch"] = bench_stage_prefetch(folder, model, 16, args.decode_frames, args.decode_size,
-                                                            args.frames)
+                                                            args.frames, args.stage_max_tokens)
             print(json.dumps({"stage_prefetch": report["stage_prefetch"]}, indent=2), flush=True)
             if args.stage_only:
                 return report

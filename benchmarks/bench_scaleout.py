@@ -74,7 +74,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("describe", "features")
+STAGES = ("describe", "features")  # the default --stages
 
 
 def _quiet_env(verbose: bool) -> None:
@@ -107,23 +107,32 @@ def cpu_busy_percent(before, after) -> float | None:
 
 
 def bench_config(demo_root: Path, artifacts: Path, items: int | None, describe_shard: int, features_shard: int,
-                 runner: dict) -> dict:
+                 runner: dict, max_tokens: int | None = None, views: int | None = None) -> dict:
+    from leccr.prompts import default_views
     from tests.conftest import demo_config_dict
 
     data = demo_config_dict(demo_root, artifacts)
     data["dataset"]["max_items_per_split"] = items
     data["describe"]["shard_size"] = describe_shard
+    if max_tokens is not None:
+        data["describe"]["max_tokens"] = max_tokens
+    if views is not None:  # more work per item: the shipped prompts, cycled, each view numbered
+        for media in ("image", "video"):
+            shipped = list(default_views(media).items())
+            data["describe"][f"{media}_views"] = {
+                f"{shipped[k % len(shipped)][0]}{k}": f"{shipped[k % len(shipped)][1]} (view {k})" for k in range(views)}
     data["features"]["shard_size"] = features_shard
     data["runner"] = runner
     return data
 
 
-def runners(num_cpus: int) -> dict[str, dict]:
-    per_task = {stage: {"num_cpus": 1} for stage in STAGES}
+def runners(num_cpus: int, stages: tuple[str, ...]) -> dict[str, dict]:
+    per_task = {stage: {"num_cpus": 1} for stage in stages}
+    # Ray first: in one run with the local runner measured first, Ray x2 came out 1.43x instead of 1.74x.
     return {
-        "local": {"kind": "local", "shard_tasks": 1},
         "ray x1": {"kind": "ray", "num_cpus": num_cpus, "shard_tasks": 1, "resources": per_task},
         "ray x2": {"kind": "ray", "num_cpus": num_cpus, "shard_tasks": 2, "resources": per_task},
+        "local": {"kind": "local", "shard_tasks": 1},
     }
 
 
@@ -131,8 +140,12 @@ def start_ray(num_cpus: int, verbose: bool) -> dict:
     """Start a local Ray in this process; seconds of ray.init and of the first trivial task."""
     import ray
 
+    from flows.leccr import worker_prefect_env
+
     started = time.perf_counter()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose)
+    # As the flow's own runner does when it starts Ray: workers report to this process's Prefect API.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose,
+             runtime_env={"env_vars": worker_prefect_env()})
     init_s = time.perf_counter() - started
 
     @ray.remote(num_cpus=1)
@@ -168,7 +181,8 @@ def worker_imports_s() -> float:
     return round(float(out.stdout.strip().splitlines()[-1]), 2)
 
 
-def stage_spans(flow_run_id, flow_started: float) -> tuple[dict[str, dict[str, float]], list[list]]:
+def stage_spans(flow_run_id, flow_started: float, stages: tuple[str, ...]
+                ) -> tuple[dict[str, dict[str, float]], list[list]]:
     """Per stage: `seconds` from the end of its last upstream task to the end of its finishing task, and
     `in_tasks` from the start of its first task to that end; every task run as [name, start, end] in
     seconds after the flow call (the timeline)."""
@@ -180,7 +194,7 @@ def stage_spans(flow_run_id, flow_started: float) -> tuple[dict[str, dict[str, f
     with get_client(sync_client=True) as client:
         inner = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
-        ids = [run.id for run in inner]
+        ids = [flow_run_id] + [run.id for run in inner]  # Ray runs nest a flow; local runs do not
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200)
     timeline = [[run.name, round(run.start_time.timestamp() - flow_started, 2) if run.start_time else None,
                  round(run.end_time.timestamp() - flow_started, 2) if run.end_time else None] for run in task_runs]
@@ -188,7 +202,7 @@ def stage_spans(flow_run_id, flow_started: float) -> tuple[dict[str, dict[str, f
     # A stage's tasks: "{stage}" (the finishing task), "{stage}-prepare", "{stage}-shards-{i}-of-{n}".
     ends = {run.name: run.end_time.timestamp() for run in task_runs if run.end_time is not None}
     spans = {}
-    for stage in STAGES:
+    for stage in stages:
         ready = max(ends[up] for up in upstream_of(stage))
         first = min(run.start_time.timestamp() for run in task_runs
                     if run.start_time is not None and (run.name == stage or run.name.startswith(f"{stage}-")))
@@ -196,11 +210,19 @@ def stage_spans(flow_run_id, flow_started: float) -> tuple[dict[str, dict[str, f
     return spans, timeline
 
 
-def count_shards(artifact: Path) -> int:
-    return sum(1 for p in artifact.rglob("part-*.parquet") if "_errors" not in p.parts)
+def shard_parts(artifact: Path) -> list[Path]:
+    return [p for p in artifact.rglob("part-*.parquet") if "_errors" not in p.parts]
 
 
-def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool) -> dict:
+def shard_seconds(parts: list[Path]) -> float | None:
+    """Compute seconds of one shard in a 1-worker run: the median gap between consecutive shard
+    commits (file modification times). None with fewer than 2 shards."""
+    commits = sorted(p.stat().st_mtime for p in parts)
+    gaps = [b - a for a, b in zip(commits, commits[1:])]
+    return statistics.median(gaps) if gaps else None
+
+
+def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool, stages: tuple[str, ...]) -> dict:
     import yaml
 
     from flows.leccr import leccr
@@ -213,7 +235,7 @@ def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool) 
         result["ray_start"] = start_ray(num_cpus, verbose)
     try:
         started, wall = time.perf_counter(), time.time()
-        state = leccr(config=str(config), stages=list(STAGES), return_state=True)
+        state = leccr(config=str(config), stages=list(stages), return_state=True)
         result["flow_s"] = round(time.perf_counter() - started, 2)
         paths = state.result()
         if data["runner"]["kind"] == "ray":
@@ -223,10 +245,17 @@ def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool) 
             import ray
 
             ray.shutdown()
-    spans, timeline = stage_spans(state.state_details.flow_run_id, wall)
-    result["stages"] = {stage: {"seconds": round(spans[stage]["seconds"], 2),
-                                "in_tasks": round(spans[stage]["in_tasks"], 2),
-                                "shards": count_shards(Path(paths[stage]))} for stage in STAGES}
+    spans, timeline = stage_spans(state.state_details.flow_run_id, wall, stages)
+    result["stages"] = {}
+    for stage in stages:
+        parts = shard_parts(Path(paths[stage]))
+        result["stages"][stage] = {"seconds": round(spans[stage]["seconds"], 2),
+                                   "in_tasks": round(spans[stage]["in_tasks"], 2), "shards": len(parts)}
+        per_shard = shard_seconds(parts)
+        if label != "ray x2" and per_shard is not None:
+            # one worker commits its shards one after another: what is left is the stage's fixed cost
+            result["stages"][stage].update(shard_s=round(per_shard, 2),
+                                           fixed_s=round(spans[stage]["seconds"] - len(parts) * per_shard, 2))
     result["tasks"] = timeline
     return result
 
@@ -244,22 +273,26 @@ def warm_prefect() -> float:
     return round(time.perf_counter() - started, 2)
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], stages: tuple[str, ...]) -> str:
     by_runner: dict[str, list[dict]] = {}
     for r in results:
         by_runner.setdefault(r["runner"], []).append(r)
 
-    def median(label: str, stage: str, what: str = "seconds") -> float:
-        return statistics.median(r["stages"][stage][what] for r in by_runner[label])
+    def median(label: str, stage: str, what: str = "seconds") -> float | None:
+        values = [r["stages"][stage][what] for r in by_runner.get(label, []) if what in r["stages"][stage]]
+        return statistics.median(values) if values else None
 
     def ratio(label: str, stage: str, what: str) -> str:
         if label != "ray x2" or "ray x1" not in by_runner:
             return ""
         return f"{median('ray x1', stage, what) / median(label, stage, what):.2f}"
 
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
     lines = [f"{'stage':<9} {'runner':<6} {'workers':>7} {'shards':>6} {'seconds':>8} {'shards/s':>8} {'x2/x1':>6}"
-             f" {'in tasks':>8} {'x2/x1':>6} {'flow s':>7}"]
-    for stage in STAGES:
+             f" {'in tasks':>8} {'x2/x1':>6} {'shard s':>7} {'fixed s':>7} {'flow s':>7}"]
+    for stage in stages:
         for label, runs in by_runner.items():
             seconds = median(label, stage)
             shards = runs[0]["stages"][stage]["shards"]
@@ -268,8 +301,26 @@ def table(results: list[dict]) -> str:
             in_tasks = median(label, stage, "in_tasks")
             lines.append(f"{stage:<9} {label.split()[0]:<6} {workers:>7} {shards:>6} {seconds:>8.2f} "
                          f"{shards / seconds:>8.2f} {ratio(label, stage, 'seconds'):>6} "
-                         f"{in_tasks:>8.2f} {ratio(label, stage, 'in_tasks'):>6} {flow_s:>7.1f}")
-    return "\n".join(lines)
+                         f"{in_tasks:>8.2f} {ratio(label, stage, 'in_tasks'):>6} "
+                         f"{cell(median(label, stage, 'shard_s')):>7} {cell(median(label, stage, 'fixed_s')):>7} "
+                         f"{flow_s:>7.1f}")
+        lines.append(break_even(stage, median))
+    return "\n".join(line for line in lines if line)
+
+
+def break_even(stage: str, median) -> str:
+    """From the measured fixed cost F and per-shard seconds: with N shards, 1 Ray worker takes F + N*S1,
+    2 take F + N*S1/2, the local runner N*S_local (no fixed cost past its model load)."""
+    fixed, s1, s_local = median("ray x1", stage, "fixed_s"), median("ray x1", stage, "shard_s"), median("local", stage, "shard_s")
+    if fixed is None or s1 is None:
+        return ""
+    parts = [f"  {stage}: fixed cost on Ray {fixed:.1f} s per stage, {s1:.2f} s per shard on 1 worker; "
+             f"2 workers reach x2/x1 >= 1.7 from {max(0.0, fixed / (0.15 * s1) * 0.7):.0f} shards "
+             f"({max(0.0, 4.67 * fixed):.0f} s of shard work)"]
+    if s_local is not None and s_local > s1 / 2:
+        parts.append(f"; beat the local runner ({s_local:.2f} s per shard) from "
+                     f"{fixed / (s_local - s1 / 2):.0f} shards")
+    return "".join(parts)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -279,6 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--describe-shard-size", type=int, default=4, help="items per describe shard")
     parser.add_argument("--features-shard-size", type=int, default=4, help="items per visual/description shard")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--stages", default=",".join(STAGES), help="stages to time (comma-separated; upstream ones run untimed)")
+    parser.add_argument("--max-tokens", type=int, help="describe.max_tokens (default: the demo's 24)")
+    parser.add_argument("--views", type=int, help="describe views (prompts) per item (default: the 4 shipped ones)")
     parser.add_argument("--repeats", type=int, default=1, help="flow runs per runner (median reported)")
     parser.add_argument("--runners", default="local,ray x1,ray x2", help="comma-separated subset")
     parser.add_argument("--demo-root", type=Path, help="a built demo folder (data/, models/) to reuse")
@@ -299,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 "driver_torch_threads": torch.get_num_threads()},
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     wanted = [name.strip() for name in args.runners.split(",")]
-    configs = {name: runner for name, runner in runners(args.num_cpus).items() if name in wanted}
+    stages = tuple(name.strip() for name in args.stages.split(","))
+    configs = {name: runner for name, runner in runners(args.num_cpus, stages).items() if name in wanted}
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as tmp:
         tmp = Path(tmp)
         demo_root = args.demo_root
@@ -316,8 +371,10 @@ def main(argv: list[str] | None = None) -> dict:
         for repeat in range(args.repeats):
             for label, runner in configs.items():
                 data = bench_config(demo_root.absolute(), tmp / f"{label.replace(' ', '')}-{repeat}" / "artifacts",
-                                    args.items_per_split, args.describe_shard_size, args.features_shard_size, runner)
-                result = run_one(label, data, tmp / f"{label.replace(' ', '')}-{repeat}", args.num_cpus, args.verbose)
+                                    args.items_per_split, args.describe_shard_size, args.features_shard_size, runner,
+                                    args.max_tokens, args.views)
+                result = run_one(label, data, tmp / f"{label.replace(' ', '')}-{repeat}", args.num_cpus, args.verbose,
+                                 stages)
                 results.append(result)
                 print(json.dumps({k: v for k, v in result.items() if k != "tasks"}), flush=True)
                 if args.timeline:
@@ -328,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["machine"]["cpu_busy_percent"] = cpu_busy_percent(cpu_before, _cpu_times())
     ray_starts = [r["ray_start"] for r in results if "ray_start" in r]
     print()
-    print(table(results))
+    print(table(results, stages))
     if ray_starts:
         init_s = statistics.median(r["ray_init_s"] for r in ray_starts)
         print(f"\nRay start (separate, not in any row): ray.init {init_s:.2f} s, "

@@ -15,9 +15,11 @@ identical files whichever runner ran them.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -140,14 +142,54 @@ def leccr_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
     return run_stages(cfg, stages, force)
 
 
+def worker_prefect_env() -> dict[str, str]:
+    """The Prefect API the running flow reports to, for Ray workers' environment.
+
+    Without it a worker that finds no PREFECT_API_URL starts a temporary Prefect server of its own:
+    ~5 s before its first task, and its task runs land on that throw-away server instead of the
+    flow's. Run inside the flow, where the flow's client (temporary server or not) is known."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    env = {"PREFECT_API_URL": url}
+    for name in ("PREFECT_API_KEY", "PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def _ray_task_runner_class():
+    from prefect_ray import RayTaskRunner
+
+    class LeccrRayTaskRunner(RayTaskRunner):
+        """prefect-ray's runner whose workers report to this flow's Prefect API (see worker_prefect_env).
+
+        Ray started by this runner (or by `ray.init` on a cluster) gets the settings as the job's
+        runtime environment; a Ray the caller initialised already must have been given them."""
+
+        def __enter__(self):
+            import ray
+
+            env = worker_prefect_env()
+            # A temporary server listens on this machine only: workers of a cluster elsewhere cannot
+            # reach it (they keep their own; give the run a real server to see their task runs).
+            loopback = urlsplit(env["PREFECT_API_URL"]).hostname in ("127.0.0.1", "localhost", "::1")
+            if not ray.is_initialized() and (self.address is None or not loopback):
+                env_vars = self.init_kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})
+                for name, value in env.items():
+                    env_vars.setdefault(name, value)
+            return super().__enter__()
+
+    return LeccrRayTaskRunner
+
+
 def task_runner(cfg: ExperimentConfig):
     if cfg.runner.kind == "ray":
-        from prefect_ray import RayTaskRunner
-
         init_kwargs: dict[str, Any] = {"include_dashboard": False}
         if cfg.runner.address is None and cfg.runner.num_cpus is not None:
             init_kwargs["num_cpus"] = cfg.runner.num_cpus
-        return RayTaskRunner(address=cfg.runner.address, init_kwargs=init_kwargs)
+        return _ray_task_runner_class()(address=cfg.runner.address, init_kwargs=init_kwargs)
     return ThreadPoolTaskRunner(max_workers=max(2, cfg.runner.shard_tasks))
 
 
@@ -155,7 +197,7 @@ def _has_runner_for(cfg: ExperimentConfig) -> bool:
     """Whether the running flow's task runner is the kind this config asks for."""
     context = FlowRunContext.get()
     runner = context.task_runner if context is not None else None
-    is_ray = type(runner).__name__ == "RayTaskRunner"
+    is_ray = any(base.__name__ == "RayTaskRunner" for base in type(runner).__mro__)
     return is_ray == (cfg.runner.kind == "ray")
 
 

@@ -67,6 +67,29 @@ def test_ray_runner_gives_the_same_artifacts_as_local(demo_root, tmp_path):
     assert _contents(tmp_path / "ray", keys) == _contents(tmp_path / "local", keys)
 
 
+def test_ray_workers_report_to_the_flows_prefect_api(demo_root, tmp_path):
+    """A Ray worker that finds no PREFECT_API_URL starts a temporary Prefect server of its own (seconds
+    before its first task, one more server per worker); the flow's runner hands it the flow's API."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+
+    from flows.leccr import task_runner
+
+    cfg = parse_config({**demo_config_dict(demo_root, tmp_path), "runner": {"kind": "ray", "num_cpus": 1}})
+
+    @task
+    def api_url_seen_by_worker() -> str | None:
+        return os.environ.get("PREFECT_API_URL")
+
+    @flow(task_runner=task_runner(cfg))
+    def probe() -> tuple[str, str | None]:
+        with get_client(sync_client=True) as client:
+            return str(client.api_url), api_url_seen_by_worker.submit().result()
+
+    driver, worker = probe()
+    assert worker == driver
+
+
 def _kill_marked(marker: str) -> None:
     """SIGKILL every process whose environment holds `marker`: the killed flow's temporary Prefect
     server runs in its own session, so killing the flow's process group leaves it orphaned."""
