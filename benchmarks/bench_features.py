@@ -232,7 +232,22 @@ def bench_write_options(folder: Path, rows: int, dim: int) -> dict:
     return results
 
 
-def bench_stage(folder: Path, images: int = 512, shard_size: int = 64, batch_size: int = 32) -> dict:
+def photo_like_image(rng: np.random.Generator, width: int, height: int):
+    """A JPEG-friendly picture: a colour gradient with a few flat rectangles and mild noise. Pure noise
+    decodes several times slower than a photo of the same size, which would flatter the prefetch."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, rng.integers(0, 256))], -1)
+    for _ in range(4):
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        pixels[top:top + height // 4, left:left + width // 4] = rng.integers(0, 256, 3)
+    pixels = pixels + rng.integers(-8, 9, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def bench_stage(folder: Path, images: int = 512, shard_size: int = 64, batch_size: int = 32,
+                image_size: tuple[int, int] = (500, 375)) -> dict:
     """The visual stage vs bare extraction on the same images (see the module docstring, (e))."""
     import logging
 
@@ -251,9 +266,10 @@ def bench_stage(folder: Path, images: int = 512, shard_size: int = 64, batch_siz
     dataset = folder / "dataset"
     (dataset / "media").mkdir(parents=True)
     rows = []
+    width, height = image_size
     for n in range(images):
         path = dataset / "media" / f"{n:05d}.jpg"
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(path, quality=90)
+        photo_like_image(rng, width, height).save(path, quality=90)
         rows.append({"item_id": f"i{n:05d}", "split": "train", "media_type": "image", "path": str(path),
                      "feature_path": None})
     write_table(pa.Table.from_pylist(rows, schema=ITEMS), dataset / "items.parquet", ITEMS)
@@ -293,7 +309,7 @@ def bench_stage(folder: Path, images: int = 512, shard_size: int = 64, batch_siz
         times["stage"].append(stage(2 * run, True))
         times["stage (inline commits)"].append(stage(2 * run + 1, False))
     best = {name: min(values) for name, values in times.items()}
-    return {"images": images, "shard_size": shard_size, "batch_size": batch_size,
+    return {"images": images, "image_size": f"{width}x{height}", "shard_size": shard_size, "batch_size": batch_size,
             **{f"{name}_s": round(value, 3) for name, value in best.items()},
             "stage_vs_bare": round(best["stage"] / best["bare"], 3),
             "stage_vs_encode_only": round(best["stage"] / best["encode only"], 3),
@@ -308,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reader-tokens", type=int, default=50)
     parser.add_argument("--reader-dim", type=int, default=512)
     parser.add_argument("--stage-images", type=int, default=512)
+    parser.add_argument("--stage-image-size", default="500x375",
+                        help="WxH of the stage section's JPEGs (default: a typical Flickr30k/Multi30k photo)")
     parser.add_argument("--only", default="table,reader,extraction,write-options,stage",
                         help="comma-separated sections to run")
     args = parser.parse_args(argv)
@@ -316,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         "reader": lambda tmp: bench_reader(tmp / "b", args.reader_items, args.reader_tokens, args.reader_dim),
         "extraction": lambda tmp: bench_extraction(tmp / "c"),
         "write-options": lambda tmp: bench_write_options(tmp / "d", args.rows // 8, args.dim * 17 // 8),
-        "stage": lambda tmp: bench_stage(tmp / "e", args.stage_images),
+        "stage": lambda tmp: bench_stage(tmp / "e", args.stage_images,
+                                         image_size=tuple(int(v) for v in args.stage_image_size.split("x"))),
     }
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: sections[name](Path(tmp)) for name in args.only.split(",")}

@@ -4,9 +4,8 @@ Images are read with PIL; videos with decord's `VideoReader`, which seeks and de
 asked for (`get_batch`), instead of decoding every frame of the file. Unreadable, empty or missing
 files raise `MediaError(path, reason)`, so a stage can write the item to `errors.parquet` and go on.
 
-`prefetch` and `ShardPrefetcher` decode in a thread pool ahead of the consumer, so a model (an MLLM
-in `describe`, a vision encoder in `features`) never waits on disk or decoding: decord and PIL release
-the GIL while they decode.
+`ShardPrefetcher` decodes the next shard in background threads while the current one is computed, so a model (an MLLM in `describe`, a vision encoder in `visual`) never waits on disk or
+decoding.
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -162,34 +162,27 @@ def load_visual(path: str | Path | None, media_type: str, num_frames: int | None
     raise MediaError(path, f"unknown media_type {media_type!r} (expected 'image' or 'video')")
 
 
+@dataclass(frozen=True)
+class ItemLoader:
+    """Loads an item's frames from its items.parquet row (`path` resolved against `dataset_root`)."""
+
+    dataset_root: str | None
+    num_frames: int | None = None
+    fps: float | None = None
+    max_side: int | None = None
+
+    def __call__(self, item: dict) -> list[Image.Image]:
+        from leccr.datasets.base import resolve_media_path
+
+        return load_visual(resolve_media_path(self.dataset_root, item["path"]), item["media_type"], self.num_frames,
+                           self.fps, self.max_side)
+
+
 def _load_or_error(load: Callable[[T], R], item: T) -> R | MediaError:
     try:
         return load(item)
     except MediaError as error:  # data, not a crash: the caller records it per item
         return error
-
-
-def prefetch(items: Iterable[T], load: Callable[[T], R], workers: int = 2,
-             ahead: int = 16) -> Iterator[tuple[T, R | MediaError]]:
-    """Yield `(item, load(item))` in input order, loading up to `ahead` items in `workers` threads.
-
-    A `MediaError` from `load` is yielded in place of the result; any other exception propagates.
-    """
-    if workers < 1 or ahead < 1:
-        raise ValueError(f"prefetch needs workers >= 1 and ahead >= 1, got {workers}, {ahead}")
-    pending: list[tuple[T, Future]] = []
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="leccr-decode") as pool:
-        iterator = iter(items)
-        for item in iterator:
-            pending.append((item, pool.submit(_load_or_error, load, item)))
-            if len(pending) >= ahead:
-                break
-        while pending:
-            item, future = pending.pop(0)
-            for next_item in iterator:  # refill one for each one handed out
-                pending.append((next_item, pool.submit(_load_or_error, load, next_item)))
-                break
-            yield item, future.result()
 
 
 class ShardPrefetcher:

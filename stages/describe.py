@@ -24,7 +24,7 @@ from leccr.config import DescribeConfig, ExperimentConfig
 from leccr.engines.mllm import (Generation, Request, RequestRejected, SamplingConfig, load_imported_descriptions,
                                 max_frames, request_seed)
 from leccr.hub import ModelNotFound, model_path
-from leccr.media import MediaError, ShardPrefetcher, load_visual
+from leccr.media import ItemLoader, MediaError, ShardPrefetcher
 from leccr.store import ItemError, ShardResult, StageContext, part_name, shard_plan
 from schemas.core import read_table
 from schemas.dataset import ITEMS
@@ -214,11 +214,7 @@ def run(ctx: StageContext) -> None:
         process = _import_processor(ctx)
     else:
         shards = shard_plan(work, cfg.shard_size)
-
-        def load(item: dict):
-            return load_visual(ctx.media_path(item["path"]), item["media_type"], cfg.num_frames, cfg.fps,
-                               cfg.max_image_side)
-
+        load = ItemLoader(str(ctx.dataset_root) if ctx.dataset_root else None, cfg.num_frames, cfg.fps, cfg.max_image_side)
         prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=_next_shard(ctx, len(shards)))
         process = _generating_processor(ctx, prefetcher)
     try:

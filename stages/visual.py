@@ -86,11 +86,9 @@ def _rows(rows: list[dict], arrays: list[np.ndarray], schema: pa.Schema, dtype: 
 
 def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dict]], encoder: Lazy,
                      schema: pa.Schema, per_item: int | None):
-    from leccr.media import MediaError, ShardPrefetcher, load_visual
+    from leccr.media import ItemLoader, MediaError, ShardPrefetcher
 
-    def load(item: dict):
-        return load_visual(ctx.media_path(item["path"]), item["media_type"], cfg.num_frames, cfg.fps)
-
+    load = ItemLoader(str(ctx.dataset_root) if ctx.dataset_root else None, cfg.num_frames, cfg.fps)
     step = ctx.shard_slot[1] if ctx.shard_slot is not None else 1
 
     def next_index(index: int) -> int | None:  # the next shard this process will compute: prefetch it

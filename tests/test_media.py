@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leccr.media import (MediaError, ShardPrefetcher, frame_indices, load_image, load_visual, prefetch,
+from leccr.media import (ItemLoader, MediaError, ShardPrefetcher, frame_indices, load_image, load_visual,
                          sample_frames)
 
 GRAY_STEP = 7  # frame i of a test video is a flat gray of level i * GRAY_STEP
@@ -152,7 +152,7 @@ def test_load_visual_dispatches_on_media_type(tmp_path):
 
 
 # ------------------------------------------------------------------------------- background decoding
-def test_prefetch_keeps_order_runs_in_threads_and_yields_media_errors(tmp_path):
+def test_shard_prefetcher_keeps_order_runs_in_threads_and_returns_media_errors(tmp_path):
     paths = [write_png(tmp_path / f"{i}.png", seed=i) for i in range(5)]
     paths.insert(2, tmp_path / "missing.png")
     threads = []
@@ -161,19 +161,31 @@ def test_prefetch_keeps_order_runs_in_threads_and_yields_media_errors(tmp_path):
         threads.append(threading.current_thread().name)
         return load_image(path)
 
-    results = list(prefetch(paths, load, workers=2, ahead=3))
+    with ShardPrefetcher([paths[:3], paths[3:]], load, workers=2) as prefetcher:
+        results = prefetcher.take(0) + prefetcher.take(1)
     assert [item for item, _ in results] == paths
     assert isinstance(results[2][1], MediaError) and results[2][1].reason == "file not found"
     assert all(isinstance(r, Image.Image) for i, (_, r) in enumerate(results) if i != 2)
     assert threads and all(name.startswith("leccr-decode") for name in threads)
 
 
-def test_prefetch_propagates_other_errors():
+def test_shard_prefetcher_propagates_other_errors():
     def load(item):
         raise KeyError(item)
 
-    with pytest.raises(KeyError):
-        list(prefetch([1, 2], load))
+    with ShardPrefetcher([[1, 2]], load) as prefetcher, pytest.raises(KeyError):
+        prefetcher.take(0)
+
+
+def test_item_loader_resolves_stored_paths_against_the_dataset_root(tmp_path):
+    write_png(tmp_path / "a.png", seed=1)
+    write_mp4(tmp_path / "v.mp4", num_frames=12)
+    load = ItemLoader(str(tmp_path), num_frames=3)
+    assert np.asarray(load({"path": "a.png", "media_type": "image"})[0]).tolist() == \
+        np.asarray(load_image(tmp_path / "a.png")).tolist()
+    assert len(load({"path": str(tmp_path / "v.mp4"), "media_type": "video"})) == 3  # absolute: kept
+    with pytest.raises(MediaError, match="file not found"):
+        load({"path": "gone.png", "media_type": "image"})
 
 
 def test_shard_prefetcher_decodes_the_next_shard_before_it_is_asked_for(tmp_path):
