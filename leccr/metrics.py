@@ -24,6 +24,8 @@ Two paths:
   counts, for both directions at once, how many candidates come before each query's target.
   `score_block` must be deterministic: the same (text_slice, item_slice) must give the same values
   (both passes use the same block grid, so a cell is always computed within the same block).
+  A block is counted on CPU by the compiled one-pass kernel of `leccr.rank_kernel`, on a GPU with
+  torch ops (`_count_block_torch`); the tests run both against `naive_ranks`.
 
 Metric names follow open_clip (`image_to_text_R@{k}`): `text_to_visual_R@1`, ..., `sumr`.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -142,43 +145,46 @@ def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: 
     t2v_before = torch.zeros(n_texts, dtype=torch.int64, device=device)
     v2t_before = torch.zeros(n_items, dtype=torch.int64, device=device)
 
-    def count(block: torch.Tensor, rows: slice, cols: slice, best: tuple[torch.Tensor, torch.Tensor]) -> None:
-        t2v, v2t = _count_block(block, rows, cols, positive[rows], own_item[rows], *best, n_texts)
-        t2v_before[rows] += t2v
-        v2t_before[cols] += v2t
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="leccr-ranks") as pool:  # threads start on use
 
-    # pass 1: each caption's own score, read from the blocks holding the positive cells only
-    # (captions grouped by item -> about one block per text chunk; scattered -> up to every block)
-    item_block_of = (text_item // item_chunk).tolist()
-    positive_blocks = [sorted(set(item_block_of[rows])) for rows in text_blocks]
-    rows_waiting = [len(blocks) for blocks in positive_blocks]   # positive blocks of a text chunk not yet read
-    cols_waiting = Counter(c for blocks in positive_blocks for c in blocks)  # same, per item chunk
-    counted = set()
-    for r, rows in enumerate(text_blocks):
-        own = own_item[rows]
-        for c in positive_blocks[r]:
-            cols = item_blocks[c]
-            block = _check_shape(score_block(rows, cols).to(device), rows, cols)
-            local = torch.nonzero((own >= cols.start) & (own < cols.stop)).squeeze(1)
-            positive[rows.start + local] = block[local, own[local] - cols.start]
-            rows_waiting[r] -= 1
-            cols_waiting[c] -= 1
-            if rows_waiting[r] == 0 and cols_waiting[c] == 0:
-                # this block's text targets and item targets are all known: count it now
-                count(block, rows, cols, _best_captions(positive, own_item, cols))
-                counted.add((r, c))
+        def count(block: torch.Tensor, rows: slice, cols: slice, best: tuple[torch.Tensor, torch.Tensor]) -> None:
+            t2v, v2t = _count_block(block, rows, cols, positive[rows], own_item[rows], *best, n_texts, pool, threads)
+            t2v_before[rows] += t2v
+            v2t_before[cols] += v2t
 
-    # pass 2: every block not counted yet, once
-    best = _best_captions(positive, own_item, slice(0, n_items))
-    for r, rows in enumerate(text_blocks):
-        for c, cols in enumerate(item_blocks):
-            if (r, c) not in counted:
+        # pass 1: each caption's own score, read from the blocks holding the positive cells only
+        # (captions grouped by item -> about one block per text chunk; scattered -> up to every block)
+        item_block_of = (text_item // item_chunk).tolist()
+        positive_blocks = [sorted(set(item_block_of[rows])) for rows in text_blocks]
+        rows_waiting = [len(blocks) for blocks in positive_blocks]   # positive blocks of a text chunk not yet read
+        cols_waiting = Counter(c for blocks in positive_blocks for c in blocks)  # same, per item chunk
+        counted = set()
+        for r, rows in enumerate(text_blocks):
+            own = own_item[rows]
+            for c in positive_blocks[r]:
+                cols = item_blocks[c]
                 block = _check_shape(score_block(rows, cols).to(device), rows, cols)
-                count(block, rows, cols, (best[0][cols], best[1][cols]))
-    has_caption = best[1] < n_texts
-    t2v = t2v_before + 1
-    v2t = torch.where(has_caption, v2t_before + 1, 0)
-    return t2v.cpu().numpy(), v2t.cpu().numpy()
+                local = torch.nonzero((own >= cols.start) & (own < cols.stop)).squeeze(1)
+                positive[rows.start + local] = block[local, own[local] - cols.start]
+                rows_waiting[r] -= 1
+                cols_waiting[c] -= 1
+                if rows_waiting[r] == 0 and cols_waiting[c] == 0:
+                    # this block's text targets and item targets are all known: count it now
+                    count(block, rows, cols, _best_captions(positive, own_item, cols))
+                    counted.add((r, c))
+
+        # pass 2: every block not counted yet, once
+        best = _best_captions(positive, own_item, slice(0, n_items))
+        for r, rows in enumerate(text_blocks):
+            for c, cols in enumerate(item_blocks):
+                if (r, c) not in counted:
+                    block = _check_shape(score_block(rows, cols).to(device), rows, cols)
+                    count(block, rows, cols, (best[0][cols], best[1][cols]))
+        has_caption = best[1] < n_texts
+        t2v = t2v_before + 1
+        v2t = torch.where(has_caption, v2t_before + 1, 0)
+        return t2v.cpu().numpy(), v2t.cpu().numpy()
 
 
 def _best_captions(positive: torch.Tensor, own_item: torch.Tensor, items: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,14 +206,35 @@ def _best_captions(positive: torch.Tensor, own_item: torch.Tensor, items: slice)
 
 def _count_block(block: torch.Tensor, rows: slice, cols: slice, text_target: torch.Tensor, text_target_index: torch.Tensor,
                  item_target: torch.Tensor, item_target_index: torch.Tensor,
-                 n_texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 n_texts: int, pool: Executor | None = None, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per text of `rows` and per item of `cols`, how many candidates of this block come before the
     query's target in the stable descending order: (text->visual counts [rows], visual->text counts [cols]).
 
     text_target [rows]: each text's own score, at item index text_target_index; item_target [cols]:
     each item's best caption score, at text index item_target_index (N_t for no caption).
-    The block is compared tile by tile; each tile serves both directions while it is in cache.
+    On CPU: the compiled one-pass kernel of `leccr.rank_kernel`, rows split over `threads` threads of
+    `pool`. Elsewhere (a GPU), or with a target of -inf: `_count_block_torch`.
     """
+    if block.device.type == "cpu" and not (torch.isneginf(text_target).any() or torch.isneginf(item_target).any()):
+        from leccr.rank_kernel import count_block
+
+        values = block.numpy()
+        text_counts, item_counts, nan_row = count_block(
+            values, rows.start, cols.start, text_target.numpy(), text_target_index.numpy(), item_target.numpy(),
+            item_target_index.numpy(), pool, threads)
+        if nan_row >= 0:
+            column = int(np.flatnonzero(np.isnan(values[nan_row]))[0])
+            raise ValueError(f"score_block returned NaN at text {rows.start + nan_row}, item {cols.start + column}")
+        return torch.from_numpy(text_counts), torch.from_numpy(item_counts)
+    return _count_block_torch(block, rows, cols, text_target, text_target_index, item_target, item_target_index,
+                              n_texts)
+
+
+def _count_block_torch(block: torch.Tensor, rows: slice, cols: slice, text_target: torch.Tensor,
+                       text_target_index: torch.Tensor, item_target: torch.Tensor, item_target_index: torch.Tensor,
+                       n_texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_count_block` with torch ops on the block's device. The block is compared tile by tile; each
+    tile serves both directions while it is in cache."""
     n_rows, n_cols = block.shape
     device = block.device
     tile = max(1, TILE_BYTES // (4 * n_cols))

@@ -13,6 +13,18 @@ from leccr.metrics import (chunked_ranks, chunked_retrieval_metrics, embedding_s
 CHUNKS = [(1, 1), (2, 3), (3, 2), (100, 100)]
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def counting(request, monkeypatch):
+    """Run a test with each way of counting a block: the compiled CPU kernel (what a CPU evaluation
+    uses) and the torch ops a GPU evaluation uses, forced here on CPU."""
+    import leccr.metrics as metrics
+
+    if request.param == "torch":
+        # (block, rows, cols, 4 targets, n_texts, pool, threads): the torch path takes all but the last two
+        monkeypatch.setattr(metrics, "_count_block", lambda *args: metrics._count_block_torch(*args[:8]))
+    return request.param
+
+
 def both_paths(scores, text_item):
     """Ranks from the naive path, after checking every chunking gives the same ranks."""
     t2v, v2t = naive_ranks(scores, text_item)
@@ -121,13 +133,17 @@ def test_hand_metrics_ten_items():
     (1, 1, 1, 1), (7, 3, 2, 2), (30, 11, 7, 4), (64, 64, 64, 64), (50, 20, 13, 100), (37, 41, 5, 9),
 ])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_chunked_equals_naive_on_random_matrices(n_texts, n_items, text_chunk, item_chunk, grouped):
+def test_chunked_equals_naive_on_random_matrices(n_texts, n_items, text_chunk, item_chunk, grouped, counting):
     generator = torch.Generator().manual_seed(n_texts * 1000 + n_items)
     text_item = torch.randint(0, n_items, (n_texts,), generator=generator)
     if grouped:
         text_item = torch.sort(text_item).values
-    # small integer scores: many ties; plus a continuous matrix without ties
-    for scores in (torch.randint(-3, 4, (n_texts, n_items), generator=generator).float(),
+    # small integer scores: many ties; the same with infinities (tied too, and as targets); a
+    # continuous matrix without ties
+    with_infinities = torch.randint(-3, 4, (n_texts, n_items), generator=generator).float()
+    with_infinities[torch.rand(n_texts, n_items, generator=generator) < 0.2] = torch.inf
+    with_infinities[torch.rand(n_texts, n_items, generator=generator) < 0.2] = -torch.inf
+    for scores in (torch.randint(-3, 4, (n_texts, n_items), generator=generator).float(), with_infinities,
                    torch.randn(n_texts, n_items, generator=generator)):
         naive = naive_ranks(scores, text_item)
         chunked = chunked_ranks(matrix_score_block(scores), text_item, n_items, text_chunk, item_chunk)
@@ -167,7 +183,7 @@ def test_topk_matches_full_stable_sort(k):
         assert torch.equal(index, full.indices[[18, 0, 5], :k])
 
 
-def test_errors_name_the_problem():
+def test_errors_name_the_problem(counting):
     scores = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="text 1 belongs to item 3"):
         chunked_ranks(matrix_score_block(scores), [0, 3], 3)
@@ -196,8 +212,9 @@ def test_chance_sumr_matches_hand_computed_probabilities():
 
 
 @pytest.mark.parametrize("order", ["one_per_item", "grouped", "scattered"])
-def test_chunked_ranks_tile_by_tile_read_each_block_once_when_grouped(order, monkeypatch):
-    # tiles of 2 rows inside blocks of 6 x 6: every tile boundary and tie shortcut is crossed
+def test_chunked_ranks_tile_by_tile_read_each_block_once_when_grouped(order, monkeypatch, counting):
+    # torch: tiles of 2 rows inside blocks of 6 x 6, every tile boundary and tie shortcut is crossed;
+    # kernel: each block's rows split over threads
     monkeypatch.setattr("leccr.metrics.TILE_BYTES", 2 * 4 * 6)
     generator = torch.Generator().manual_seed(5)
     n_items = 23
