@@ -2,7 +2,7 @@
 
 Checks that vLLM and transformers give the same greedy tokens for the same images and video frames,
 that per-request seeds make sampling independent of batch composition, and that the describe stage
-runs through vLLM. Needs `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set in conftest) to keep the engine
+runs through vLLM, in a process that has loaded numba first (see mllm._shield_llvmlite_from_vllm_scan). Needs `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set in conftest) to keep the engine
 in-process.
 """
 import os
@@ -13,6 +13,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is i
 
 pytest.importorskip("vllm")
 
+import leccr.rank_kernel  # noqa: E402,F401  numba (llvmlite) loaded before vLLM starts, as after an evaluate
 import stages.describe as describe  # noqa: E402
 from leccr.config import DescribeConfig  # noqa: E402
 from leccr.engines.mllm import Request, SamplingConfig, TransformersMLLM, VllmMLLM  # noqa: E402

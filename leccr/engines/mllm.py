@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -204,6 +205,27 @@ class TransformersMLLM:
 
 
 # ----------------------------------------------------------------------------------- vLLM
+def _shield_llvmlite_from_vllm_scan() -> None:
+    """vLLM's CPU platform, starting an engine, scans every loaded module's objects and calls
+    `vars(value).get("kernel")` on each. llvmlite's `ffi.lib` (loaded with numba, which evaluate's
+    rank kernel uses) answers any attribute with a function wrapper, `__dict__` included, and the
+    scan fails ("'_lib_fn_wrapper' object has no attribute 'get'"). Make it refuse dunder names, as
+    an object without them does; its own names (`LLVMPY_*`) are unaffected."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    wrapper = type(getattr(ffi, "lib", None))
+    lookup = getattr(wrapper, "__getattr__", None)
+    if ffi is None or lookup is None or getattr(lookup, "refuses_dunders", False):
+        return
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return lookup(self, name)
+
+    __getattr__.refuses_dunders = True
+    wrapper.__getattr__ = __getattr__
+
+
 class VllmMLLM:
     """Offline `vllm.LLM`: all requests of a call go to its scheduler at once.
 
@@ -239,6 +261,7 @@ class VllmMLLM:
             arguments["max_num_seqs"] = max_num_seqs
         arguments.update(options or {})
         started = time.perf_counter()
+        _shield_llvmlite_from_vllm_scan()
         self.llm = LLM(**arguments)
         self.start_seconds = time.perf_counter() - started
         # The same processor transformers would use, for the model's own chat template.
