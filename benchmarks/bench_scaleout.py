@@ -2,13 +2,15 @@
 the generated demo data and tiny models) through the Prefect flow with the `ray` runner, 1 worker vs
 2 workers, against the local (thread pool) runner.
 
-    .venv/bin/python benchmarks/bench_scaleout.py [--items-per-split N] [--describe-shard-size 4]
-        [--features-shard-size 4] [--num-cpus 2] [--repeats 1] [--timeline] [--out results.json]
+    .venv/bin/python benchmarks/bench_scaleout.py [--stages describe,features] [--items-per-split N]
+        [--describe-shard-size 4] [--features-shard-size 4] [--max-tokens N] [--views N] [--num-cpus 2]
+        [--repeats 1] [--runners "ray x1,ray x2,local"] [--timeline] [--out results.json]
 
 How it runs. The demo inputs are built once by the same code as `leccr demo` (`prepare_demo`; or
-`--demo-root` to reuse a built one). Then, for each runner, one flow run of `leccr` with
-stages=[describe, features] (their upstream dataset and translate run too; they take well under a
-second) in a fresh artifacts root, so nothing is a cache hit:
+`--demo-root` to reuse a built one). Then, for each runner, one flow run of `leccr` with the
+`--stages` (their upstream stages run too, untimed; they take well under a second) in a fresh
+artifacts root, so nothing is a cache hit. `--max-tokens` and `--views` (the shipped prompts, cycled
+and numbered) make each item's describe work longer, for shards whose work dominates:
   - local:    ThreadPoolTaskRunner, runner.shard_tasks 1 (the default local run; torch uses every core).
   - ray x1:   runner.shard_tasks 1, resources {describe, features}: num_cpus 1 -> one Ray task per stage.
   - ray x2:   runner.shard_tasks 2, the same resources -> two shard-slot tasks per stage run side by
@@ -36,30 +38,24 @@ Ray sets OMP_NUM_THREADS to a task's num_cpus, so a 1-CPU Ray task runs torch si
 the local runner's torch uses every core: with 2 CPUs, local ≈ ray x2 in compute, and the rest is
 Ray's overhead. Use `--timeline` to see every task's start and end, `--repeats` on a noisy machine.
 
-Measured on a 2-core AMD EPYC VM that was shared with other work the whole time (other engineers'
-pytest/DDP runs: the machine was ~89 % busy over the run, load average 2.4 -> 3.1), torch 2.13.0+cpu,
-ray 2.60.0, prefect 3.7.7, prefect-ray 0.6.0; defaults (all 84 demo items, 50/17/17 per split; shard
-size 4) with --repeats 3 (medians; 6 min; a default single run takes ~2 min 15 s):
+Long shards (`--stages describe --describe-shard-size 21 --max-tokens 256 --views 16`: the 84 demo items,
+16 views each, 4 shards), on the same 2-core VM with nothing else running, 2026-11-29 (torch 2.13.0+cpu,
+ray 2.60.0, prefect 3.7.7, prefect-ray 0.6.0):
 
-    stage     runner workers shards  seconds shards/s  x2/x1 in tasks  x2/x1  flow s
-    describe  local  threads     21     4.68     4.49            4.67            7.2
-    describe  ray          1     21    23.90     0.88           13.66           37.2
-    describe  ray          2     21    27.20     0.77   0.88    14.50   0.94    45.2
-    features  local  threads     43     0.85    50.59            0.85            7.2
-    features  ray          1     43     1.04    41.35            0.87           37.2
-    features  ray          2     43     1.53    28.10   0.68     1.38   0.63    45.2
+    stage     runner workers shards  seconds shards/s  x2/x1 in tasks  x2/x1 shard s fixed s  flow s
+    describe  ray          1      4    59.58     0.07           59.42          13.30    6.40    63.1
+    describe  ray          2      4    40.74     0.10   1.46    40.60   1.46                    44.1
+    describe  local  threads      4    89.43     0.04           89.42          21.12    4.94    90.1
 
-  Ray start, apart from the rows: ray.init 6.5 s (4.7-8.2 over 6 starts), first trivial task 0.3 s;
-  a fresh interpreter imports the flow, stages, torch and transformers in 4.3 s; Prefect's temporary
-  server 8.7 s (once). Run to run, describe on Ray varied 20.9-26.7 s (x1) and 24.5-29.8 s (x2), local
-  4.4-5.2 s; two earlier single runs gave describe x2/x1 of 1.01 and 0.72.
-  Reading: on the demo, 2 workers do not beat 1 here. Describe is ~10-14 s in the one x1 task, while
-  each Ray stage first waits ~10 s for a worker's first Prefect task and each worker loads the LLaVA
-  itself (`describe-prepare` alone, importing the stage, takes ~2 s), and the two cores were not free
-  for two workers. The local runner is 4-5x faster end to end at this size. Ray pays off when shards
-  take far longer than these fixed ~10-20 s per stage plus ~5-8 s to start Ray. The local runner's two
-  torch threads suffer most from other load: in 2 of 5 smaller runs (--items-per-split 4) its describe
-  took 27-30 s instead of 4.6-6.4 s.
+  Over 5 runs x2/x1 was 1.46-1.74 (median 1.52), the fixed cost 1.5-6.8 s, one worker's shard 13.3-17.3 s.
+  `shard s` is the median gap between a 1-worker run's shard commits; `fixed s` = seconds - shards x
+  shard s. In the x2 runs each worker's shards took ~20 % longer than in x1 (both cores busy: nothing
+  left for the driver, Prefect's server, Ray's daemons and the workers' decode threads), except in the
+  1.74 run. Two generation loops alone in two processes run as fast as one.
+  Before the runner gave workers the flow's Prefect API, each worker started a temporary Prefect server
+  of its own before its first task: ~7 s, and each Ray stage waited ~10 s; on the demo's default short
+  shards 2 workers ran at 0.88x of 1. The tiny LLaVA runs faster with one torch thread per process
+  (Ray) than with two threads in one process (local).
 """
 from __future__ import annotations
 
