@@ -4,14 +4,14 @@ Images are read with PIL; videos with decord's `VideoReader`, which seeks and de
 asked for (`get_batch`), instead of decoding every frame of the file. Unreadable, empty or missing
 files raise `MediaError(path, reason)`, so a stage can write the item to `errors.parquet` and go on.
 
-`ShardPrefetcher` decodes the next shard in background threads while the current one is computed, so a model (an MLLM in `describe`, a vision encoder in `visual`) never waits on disk or
-decoding.
+`ShardPrefetcher` decodes the next shard in background threads while the current one is computed,
+so a model (an MLLM in `describe`, a vision encoder in `visual`) never waits on disk or decoding.
 """
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
