@@ -49,9 +49,11 @@ ray 2.60.0, prefect 3.7.7, prefect-ray 0.6.0):
 
   Over 5 runs x2/x1 was 1.46-1.74 (median 1.52), the fixed cost 1.5-6.8 s, one worker's shard 13.3-17.3 s.
   `shard s` is the median gap between a 1-worker run's shard commits; `fixed s` = seconds - shards x
-  shard s. In the x2 runs each worker's shards took ~20 % longer than in x1 (both cores busy: nothing
-  left for the driver, Prefect's server, Ray's daemons and the workers' decode threads), except in the
-  1.74 run. Two generation loops alone in two processes run as fast as one.
+  shard s. In the x2 runs each worker's shards took ~20 % longer than in x1, except in the 1.74 run.
+  Per-process CPU time sampled over one run: the x1 worker spent 62.6 s on the stage, the two x2
+  workers 75.3 s together on the same shards, so the VM's vCPUs run slower when both are busy; in the
+  1.74 run the x1 worker itself spent 73.8 s (x2: 75.6 s). The driver, Prefect's temporary server and
+  Ray's daemons took ~10 s of CPU per run besides.
   Before the runner gave workers the flow's Prefect API, each worker started a temporary Prefect server
   of its own before its first task: ~7 s, and each Ray stage waited ~10 s; on the demo's default short
   shards 2 workers ran at 0.88x of 1. The tiny LLaVA runs faster with one torch thread per process
