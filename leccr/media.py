@@ -166,7 +166,7 @@ def load_visual(path: str | Path | None, media_type: str, num_frames: int | None
 class ItemLoader:
     """Loads an item's frames from its items.parquet row (`path` resolved against `dataset_root`)."""
 
-    dataset_root: str | None
+    dataset_root: str | Path | None
     num_frames: int | None = None
     fps: float | None = None
     max_side: int | None = None

@@ -485,6 +485,19 @@ class StageContext:
 
         return resolve_media_path(self.dataset_root, stored)
 
+    def next_shard(self, n_shards: int) -> Callable[[int], int | None]:
+        """`next_shard(n)(index)`: the shard this process computes after `index` (its own slot's,
+        skipping committed ones), or None: the one a prefetcher should decode next."""
+        step = self.shard_slot[1] if self.shard_slot is not None else 1
+
+        def after(index: int) -> int | None:
+            candidate = index + step
+            while candidate < n_shards and (self.out_dir / part_name(candidate)).exists():
+                candidate += step
+            return candidate if candidate < n_shards else None
+
+        return after
+
     def run_shards(
         self,
         work: Sequence[T],

@@ -25,7 +25,7 @@ from leccr.engines.mllm import (Generation, Request, RequestRejected, SamplingCo
                                 max_frames, request_seed)
 from leccr.hub import ModelNotFound, model_path
 from leccr.media import ItemLoader, MediaError, ShardPrefetcher
-from leccr.store import ItemError, ShardResult, StageContext, part_name, shard_plan
+from leccr.store import ItemError, ShardResult, StageContext, shard_plan
 from schemas.core import read_table
 from schemas.dataset import ITEMS
 from schemas.describe import DESCRIPTIONS
@@ -101,19 +101,6 @@ def _table(rows: list[dict]) -> pa.Table:
 
 
 # ------------------------------------------------------------------------------- generating engines
-def _next_shard(ctx: StageContext, n_shards: int):
-    """Which shard this process computes after `index` (skipping committed ones): the one to prefetch."""
-    step = ctx.shard_slot[1] if ctx.shard_slot is not None else 1
-
-    def next_index(index: int) -> int | None:
-        candidate = index + step
-        while candidate < n_shards and (ctx.out_dir / part_name(candidate)).exists():
-            candidate += step
-        return candidate if candidate < n_shards else None
-
-    return next_index
-
-
 def generate_isolating_rejects(engine, requests: list[Request]) -> list[Generation | str]:
     """All requests in one engine call; if the engine rejects the call (vLLM fails the whole call for
     one invalid request, e.g. a prompt longer than max_model_len), retry one by one so only the bad
@@ -214,8 +201,8 @@ def run(ctx: StageContext) -> None:
         process = _import_processor(ctx)
     else:
         shards = shard_plan(work, cfg.shard_size)
-        load = ItemLoader(str(ctx.dataset_root) if ctx.dataset_root else None, cfg.num_frames, cfg.fps, cfg.max_image_side)
-        prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=_next_shard(ctx, len(shards)))
+        load = ItemLoader(ctx.dataset_root, cfg.num_frames, cfg.fps, cfg.max_image_side)
+        prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=ctx.next_shard(len(shards)))
         process = _generating_processor(ctx, prefetcher)
     try:
         totals = ctx.run_shards(work, cfg.shard_size, process, DESCRIPTIONS, item_id=lambda item: item["item_id"],

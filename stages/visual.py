@@ -88,16 +88,8 @@ def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dic
                      schema: pa.Schema, per_item: int | None):
     from leccr.media import ItemLoader, MediaError, ShardPrefetcher
 
-    load = ItemLoader(str(ctx.dataset_root) if ctx.dataset_root else None, cfg.num_frames, cfg.fps)
-    step = ctx.shard_slot[1] if ctx.shard_slot is not None else 1
-
-    def next_index(index: int) -> int | None:  # the next shard this process will compute: prefetch it
-        candidate = index + step
-        while candidate < len(shards) and (ctx.out_dir / part_name(candidate)).exists():
-            candidate += step
-        return candidate if candidate < len(shards) else None
-
-    prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=next_index)
+    load = ItemLoader(ctx.dataset_root, cfg.num_frames, cfg.fps)
+    prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=ctx.next_shard(len(shards)))
 
     def process(shard: list[dict], index: int) -> ShardResult:
         errors, loaded = [], []
