@@ -7,23 +7,26 @@ A bad line or a missing media file costs only its item or caption: it becomes a 
 `errors.parquet` (file, line, item, reason) and the rest is read, unless more than
 `dataset.max_error_rate` of the rows are bad. A problem no dataset can be built around (a missing
 caption file, a caption file out of step with its image list) stops the stage with every problem listed.
-Media paths are stored relative to the dataset root (see `leccr.datasets.base.resolve_media_path`).
+Media paths are stored relative to the dataset root (see `leccr.datasets.base.resolve_media_path`);
+`source.json` records the folder's content digest, so the media's bytes count in downstream keys.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import DatasetConfig, ExperimentConfig
-from leccr.store import StageContext, StageFailed
+from leccr.store import StageContext, StageFailed, atomic_write_text
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.errors import ERRORS
 
 UPSTREAM: tuple[str, ...] = ()
 
 MAX_PROBLEMS_IN_MESSAGE = 20  # `leccr datasets check` lists every one
+SOURCE_FILE = "source.json"  # the dataset folder's content digest (see run)
 
 
 def section(cfg: ExperimentConfig) -> DatasetConfig:
@@ -79,6 +82,11 @@ def run(ctx: StageContext) -> None:
     ctx.write("items.parquet", items, ITEMS)
     ctx.write("captions.parquet", captions, CAPTIONS)
     ctx.write("errors.parquet", errors, ERRORS)
+    # Later stages open the media themselves, under dataset.path (items.parquet holds paths, not
+    # pixels), and are keyed on what this artifact holds: the folder's content digest, which this
+    # stage's key already hashed, is written here so a media file edited in place changes their keys.
+    atomic_write_text(ctx.out_dir / SOURCE_FILE,
+                      json.dumps({"dataset_content": ctx.key_parts.config["path"]["content"]}) + "\n")
     ctx.summary.update(
         format=cfg.format,
         items_per_split={s: items.column("split").to_pylist().count(s) for s in sorted(set(items.column("split").to_pylist()))},

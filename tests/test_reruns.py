@@ -214,6 +214,33 @@ def test_downstream_keys_follow_what_upstream_holds(demo_root, tmp_path, monkeyp
     assert rebuilt["features"].artifact.key != first["features"].artifact.key
 
 
+def test_a_media_file_edited_in_place_rebuilds_what_read_it(demo_root, tmp_path):
+    """items.parquet holds media paths, not pixels: an image edited in place leaves it byte-identical,
+    yet the visual and describe stages that decode the image must not reuse their old output."""
+    from PIL import Image
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(demo_root / "data", data_dir)
+    data = _data(demo_root, tmp_path)
+    data["dataset"]["path"] = str(data_dir)
+    cfg = parse_config(data)
+    stages = ["visual", "describe"]
+    first = run_pipeline(cfg, stages)
+    image = data_dir / next(p for p in sorted((data_dir / "images").iterdir()) if p.suffix == ".png").relative_to(data_dir)
+    Image.new("RGB", Image.open(image).size, (255, 0, 255)).save(image)
+    planned = {p.name: p for p in explain(cfg, stages)}
+    assert planned["dataset"].status == "miss"
+    rebuilt = run_pipeline(cfg, stages)
+    assert rebuilt["dataset"].artifact.content_digest != first["dataset"].artifact.content_digest
+    for stage in stages:
+        assert rebuilt[stage].artifact.key != first[stage].artifact.key, stage
+    # The same bytes under another folder: nothing to rebuild.
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    assert all(p.status == "hit" for p in explain(parse_config({**data, "dataset": {**data["dataset"],
+                                                                                   "path": str(moved)}}), stages))
+
+
 # ------------------------------------------------------------------------------ dry run, no-op, CLI
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
     code = ("import sys; from leccr.cli import main; rc = main(sys.argv[1:]); "
