@@ -103,19 +103,26 @@ def encode_collection(model, tables, chosen: list[tuple[str, int]], batch_size: 
     return ids, splits, torch.cat(globals_), (torch.cat(slots) if slots else None)
 
 
-def calibration_ranges(ctx: StageContext, cfg: IndexConfig, model, visual_global: torch.Tensor,
-                       visual_slots: torch.Tensor, device: torch.device) -> dict[str, dict[str, list[float]]]:
-    """Per language (and ANY_LANGUAGE): min/max of the global and slot scores of the calibration split's
-    captions (human where the split has them, else machine translations, as evaluate) vs the indexed items."""
-    from leccr.models.base import merge_ranges
-    from leccr.models.encode import encode_texts
-    from stages.evaluate import load_split, whole_ranges
+def calibration_split(ctx: StageContext, cfg: IndexConfig):
+    """The calibration split's captions (human where the split has them, else machine translations, as
+    evaluate), loaded once for every method."""
+    from stages.evaluate import load_split
 
     try:
-        data = load_split(ctx, EvaluateConfig(split=cfg.calibration_split))
+        return load_split(ctx, EvaluateConfig(split=cfg.calibration_split))
     except StageFailed as error:
         raise StageFailed(f"index: the fused score (alpha < 1) needs calibration captions from split "
                           f"{cfg.calibration_split!r} (index.calibration_split): {error}") from None
+
+
+def calibration_ranges(data, cfg: IndexConfig, model, visual_global: torch.Tensor,
+                       visual_slots: torch.Tensor, device: torch.device) -> dict[str, dict[str, list[float]]]:
+    """Per language (and ANY_LANGUAGE): min/max of the global and slot scores of the calibration split's
+    captions (`calibration_split`) vs the indexed items."""
+    from leccr.models.base import merge_ranges
+    from leccr.models.encode import encode_texts
+    from stages.evaluate import whole_ranges
+
     ranges: dict[str, dict[str, tuple[float, float]]] = {}
     for lang, language in data.languages.items():
         texts = encode_texts(model, language.ids, language.mask, cfg.batch_size, device)
@@ -135,6 +142,7 @@ def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
 def run(ctx: StageContext) -> None:
     from leccr.data import FeatureTables
     from leccr.device import resolve_device
+    from leccr.engines.cache import Lazy
     from leccr.search.vectors import build_faiss, faiss_missing
     from stages.evaluate import load_model, trained_methods
 
@@ -154,6 +162,7 @@ def run(ctx: StageContext) -> None:
     chosen = _chosen_items(tables, cfg.splits)
     summary: dict[str, dict] = {}
     item_ids: list[str] | None = None
+    calibration = Lazy(lambda: calibration_split(ctx, cfg))  # only methods with a fused score need it
     for method in methods:
         method_dir = train.path / method
         model = load_model(method_dir)
@@ -183,7 +192,7 @@ def run(ctx: StageContext) -> None:
             "languages": ["en"] + [lang for lang in train_info.get("languages", []) if lang != "en"],
             "max_length": int(tables.info["max_length"]),
             "calibration_split": cfg.calibration_split if alpha < 1.0 else None,
-            "ranges": (calibration_ranges(ctx, cfg, model, visual_global, visual_slots, device)
+            "ranges": (calibration_ranges(calibration.get(), cfg, model, visual_global, visual_slots, device)
                        if alpha < 1.0 else None),
             "ann": cfg.ann.model_dump(mode="json") if cfg.ann is not None else None,
         }
