@@ -817,14 +817,22 @@ class Store:
             shutil.rmtree(trash, ignore_errors=True)
 
     def artifacts(self) -> list[Artifact]:
-        """Every artifact folder of every stage under this root, complete or not (hidden ones skipped)."""
+        """Every artifact folder of every stage under this root, complete or not: `<stage>/<key>` for
+        the pipeline's stages only. Anything else kept under the root (the demo's data and models in
+        `artifacts/demo/`, say) is no artifact."""
+        from leccr.stage_order import declared_upstream
+
         found = []
-        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []:
-            if stage_dir.name.startswith(".") or stage_dir.name == "runs":
-                continue
-            found.extend(Artifact(stage_dir.name, p.name, p) for p in sorted(stage_dir.iterdir())
-                         if p.is_dir() and not p.name.startswith("."))
+        for stage in sorted(declared_upstream()):
+            stage_dir = self.root / stage
+            if stage_dir.is_dir():
+                found.extend(Artifact(stage, p.name, p) for p in sorted(stage_dir.iterdir())
+                             if p.is_dir() and _is_key(p.name))
         return found
+
+
+def _is_key(name: str) -> bool:
+    return len(name) == KEY_LENGTH and all(c in "0123456789abcdef" for c in name)
 
 
 def write_manifest(ctx: StageContext, started: float) -> None:

@@ -299,6 +299,12 @@ def test_gc_lists_and_deletes_unreferenced_artifacts_but_not_running_ones(demo_r
 
     old = run_pipeline(parse_config(_data(demo_root, tmp_path)), ["translate"])["translate"].artifact
     run_pipeline(parse_config(_data(demo_root, tmp_path, translate={"splits": ["train"]})), ["translate"])
+    # Other folders under the root are not artifacts (the demo keeps its data and models in
+    # artifacts/demo/): never listed, never deleted.
+    kept = [tmp_path / "artifacts" / "demo" / "models", tmp_path / "artifacts" / "translate" / "notes"]
+    for folder in kept:
+        folder.mkdir(parents=True)
+        (folder / "file.txt").write_text("keep")
     # LATEST and the experiment's record now name the new translate: the old one is garbage
     garbage = collect(tmp_path / "artifacts")
     assert [(g.artifact.stage, g.artifact.key) for g in garbage] == [("translate", old.key)]
@@ -310,6 +316,7 @@ def test_gc_lists_and_deletes_unreferenced_artifacts_but_not_running_ones(demo_r
     assert main(["gc", "--root", str(tmp_path / "artifacts"), "--yes"]) == 0
     assert not old.path.exists() and collect(tmp_path / "artifacts") == []
     assert Store(tmp_path / "artifacts").latest("translate") is not None  # what is used stays
+    assert all((folder / "file.txt").is_file() for folder in kept)
 
 
 # ------------------------------------------------------------------------------ the stage contract
