@@ -347,7 +347,10 @@ class TrainConfig(Section):
     def unused_fields(self) -> frozenset[str]:
         # Not hashed as spelled: the train stage's key holds each method's fully resolved model config
         # (bundled JSON + preset + overrides) and the resolved epochs instead (stages.train.key_config).
-        return frozenset({"models", "preset", "model_size", "epochs"})
+        unused = {"models", "preset", "model_size", "epochs"}
+        if self.val_split is None:  # no validation: the last epoch is the model, nothing stops early
+            unused |= {"val_caption_kind", "early_stopping_patience"}
+        return frozenset(unused)
 
     @model_validator(mode="after")
     def _check_models(self) -> TrainConfig:

@@ -112,6 +112,16 @@ def test_features_key_holds_the_text_side_it_uses(demo_root, tmp_path):
         assert _key_config("features", _data(demo_root, tmp_path, features={**tokens_only, **change})) == plain
 
 
+def test_train_key_leaves_out_validation_settings_without_validation(demo_root, tmp_path):
+    unvalidated = _key_config("train", _data(demo_root, tmp_path, train={"val_split": None}))
+    for change in ({"early_stopping_patience": 2}, {"val_caption_kind": "mt"}):
+        assert _key_config("train", _data(demo_root, tmp_path, train={"val_split": None, **change})) == unvalidated
+        assert _key_config("train", _data(demo_root, tmp_path, train=change)) != \
+            _key_config("train", _data(demo_root, tmp_path)), change
+    assert _key_config("train", _data(demo_root, tmp_path, train={"val_split": None},
+                                      evaluate={"caption_kind": "mt"})) == unvalidated
+
+
 def test_train_resolves_defaults_from_other_sections(demo_root, tmp_path):
     cfg = parse_config(_data(demo_root, tmp_path, evaluate={"caption_kind": "mt"}))
     section = get_stage("train").section(cfg)
