@@ -73,13 +73,18 @@ def _check_shape(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
     return block.float()
 
 
+def _raise_if_nan(values: torch.Tensor, first_text: int, first_item: int) -> None:
+    """A NaN compares false with everything and would silently get rank 1: name the first one.
+    values [texts, items] starting at (first_text, first_item); sum() is a cheap screen."""
+    if not torch.isfinite(values.sum()) and torch.isnan(values).any():
+        where = torch.nonzero(torch.isnan(values))[0]
+        raise ValueError(f"score_block returned NaN at text {first_text + int(where[0])}, "
+                         f"item {first_item + int(where[1])}")
+
+
 def _check_block(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
     block = _check_shape(block, rows, cols)
-    # a NaN compares false with everything and would silently get rank 1; sum() is a cheap screen
-    if not torch.isfinite(block.sum()) and torch.isnan(block).any():
-        where = torch.nonzero(torch.isnan(block))[0]
-        raise ValueError(f"score_block returned NaN at text {rows.start + int(where[0])}, "
-                         f"item {cols.start + int(where[1])}")
+    _raise_if_nan(block, rows.start, cols.start)
     return block
 
 
@@ -223,8 +228,7 @@ def _count_block(block: torch.Tensor, rows: slice, cols: slice, text_target: tor
             values, rows.start, cols.start, text_target.numpy(), text_target_index.numpy(), item_target.numpy(),
             item_target_index.numpy(), pool, threads)
         if nan_row >= 0:
-            column = int(np.flatnonzero(np.isnan(values[nan_row]))[0])
-            raise ValueError(f"score_block returned NaN at text {rows.start + nan_row}, item {cols.start + column}")
+            _raise_if_nan(block[nan_row:nan_row + 1], rows.start + nan_row, cols.start)
         return torch.from_numpy(text_counts), torch.from_numpy(item_counts)
     return _count_block_torch(block, rows, cols, text_target, text_target_index, item_target, item_target_index,
                               n_texts)
@@ -249,11 +253,7 @@ def _count_block_torch(block: torch.Tensor, rows: slice, cols: slice, text_targe
     for start in range(0, n_rows, tile):
         stop = min(start + tile, n_rows)
         values = block[start:stop]
-        # a NaN compares false with everything and would silently get rank 1; sum() is a cheap screen
-        if not torch.isfinite(values.sum()) and torch.isnan(values).any():
-            where = torch.nonzero(torch.isnan(values))[0]
-            raise ValueError(f"score_block returned NaN at text {rows.start + start + int(where[0])}, "
-                             f"item {cols.start + int(where[1])}")
+        _raise_if_nan(values, rows.start + start, cols.start)
         out, tie = buffer[:stop - start], ties[:stop - start]
         own = text_target_index[start:stop, None]
         _comes_first(values, text_target[start:stop, None], cols.start, cols.stop, item_index, own,

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from leccr.config import ExperimentConfig, VisualConfig
 from leccr.engines.cache import Lazy
 from leccr.features.storage import fixed_list_column, float_list_column, rows_per_group
-from leccr.store import ItemError, ShardResult, StageContext, part_name
+from leccr.store import ItemError, ShardResult, StageContext, part_name, shard_plan
 from schemas.core import read_table
 from schemas.dataset import ITEMS
 from schemas.features import visual_schema
@@ -156,7 +156,7 @@ def run(ctx: StageContext) -> None:
     if cfg.visual_source == "import":
         process = _import_processor(ctx, cfg, schema)
     else:
-        shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+        shards = shard_plan(items, cfg.shard_size)
         process, prefetcher = _model_processor(ctx, cfg, shards, encoder, schema, per_item)
     try:
         totals = ctx.run_shards(items, cfg.shard_size, process, schema, item_id=lambda item: item["item_id"],
