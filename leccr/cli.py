@@ -455,8 +455,6 @@ def _hint(error: BaseException, verbose: bool) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    from leccr.preflight import EnvironmentProblem
-
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -465,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the command's one error line; -v keeps the traceback
         if args.verbose:
             logging.getLogger("leccr").exception("leccr %s failed", args.command)
-        expected = isinstance(error, (OSError, ValueError, RuntimeError, EnvironmentProblem)) and str(error)
+        expected = isinstance(error, (OSError, ValueError, RuntimeError)) and str(error)  # EnvironmentProblem too
         message = _one_line(error) if expected else f"{type(error).__name__}: {error}"
         print(f"leccr: error: {message}", file=sys.stderr)
         if hint := _hint(error, args.verbose):

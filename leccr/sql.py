@@ -93,16 +93,18 @@ def connect(root: str | Path, experiment: str | None = None) -> duckdb.DuckDBPyC
     return con
 
 
-def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Raise `ReadOnlyViolation` naming the first statement of `sql` that is not a query (a syntax error
-    raises duckdb's own ParserException)."""
-    for statement in con.extract_statements(sql):
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list:
+    """The statements of `sql`, all queries; else raise `ReadOnlyViolation` naming the first that is not
+    (a syntax error raises duckdb's own ParserException)."""
+    statements = con.extract_statements(sql)
+    for statement in statements:
         if statement.type not in READ_ONLY_STATEMENTS:
             kind = str(statement.type).rsplit(".", 1)[-1]
             text = " ".join(statement.query.split())
             raise ReadOnlyViolation(f"refused {kind} statement {text[:80]!r}: `leccr inspect` only reads the "
                                     "artifacts (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); to save a "
                                     "result, redirect `--format csv` or `--format json` output to a file")
+    return statements
 
 
 def list_views(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -122,8 +124,7 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str, fmt: str = "table", widt
     `ReadOnlyViolation` or `duckdb.Error`; nothing runs when any statement is refused.
     """
     out = out or sys.stdout
-    check_read_only(con, sql)
-    for statement in con.extract_statements(sql):
+    for statement in check_read_only(con, sql):
         relation = con.sql(statement.query)
         if relation is None:
             continue
