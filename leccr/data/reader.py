@@ -106,18 +106,6 @@ def _rows_where(table, **equal) -> np.ndarray:
     return np.flatnonzero(mask.to_numpy(zero_copy_only=False)) if mask is not None else np.arange(table.num_rows)
 
 
-def _split_items(tables: FeatureTables, split: str) -> tuple[np.ndarray, list[str]]:
-    rows = _rows_where(tables.visual, split=split)
-    ids = tables.visual.column("item_id").take(rows).to_pylist()
-    return rows, ids
-
-
-def _description_rows(tables: FeatureTables) -> dict[str, int]:
-    if tables.descriptions is None:
-        return {}
-    return {item_id: row for row, item_id in enumerate(tables.descriptions.column("item_id").to_pylist())}
-
-
 class TrainingDataset(Dataset):
     """(English caption, its translation, visual tokens, description) samples of one split and language.
 
@@ -138,7 +126,7 @@ class TrainingDataset(Dataset):
         self.use_states = tables.has_states if use_states is None else use_states
         self.lang, self.split = lang, split
 
-        visual_rows, item_ids = _split_items(tables, split)
+        visual_rows, item_ids = tables.split_items(split)
         item_position = {item_id: index for index, item_id in enumerate(item_ids)}
         self.item_ids = item_ids  # item_index -> item_id
         self.visual_rows = visual_rows  # item_index -> row of the visual table
@@ -150,7 +138,7 @@ class TrainingDataset(Dataset):
         tgt_row_of = dict(zip(caption_ids.take(tgt_rows).to_pylist(), tgt_rows.tolist()))
         en_items = text.column("item_id").take(en_rows).to_pylist()
         en_captions = caption_ids.take(en_rows).to_pylist()
-        desc_row_of = _description_rows(tables)
+        desc_row_of = tables.description_row_of
 
         samples, self.dropped = [], {"no_visual": 0, "no_translation": 0, "no_description": 0}
         for en_row, item_id, caption_id in zip(en_rows.tolist(), en_items, en_captions):
@@ -259,13 +247,13 @@ def load_eval_items(features: str | Path | FeatureTables, split: str = "test", u
     to hold as padded tensors at once is encoded chunk by chunk."""
     tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features, arrow_cache)
     use_states = tables.has_states if use_states is None else use_states
-    rows, item_ids = _split_items(tables, split)
+    rows, item_ids = tables.split_items(split)
     if chunk is not None:
         rows, item_ids = rows[chunk], item_ids[chunk]
     if not item_ids:
         raise ValueError(f"{tables.root}: no visual item in split {split!r}")
     visual, visual_mask = pad_tokens([_tensor(tables.visual_tokens(int(r))) for r in rows])
-    desc_row_of = _description_rows(tables)
+    desc_row_of = tables.description_row_of
     desc_rows = [desc_row_of.get(item_id, -1) for item_id in item_ids]
     described = [tables.description(r) for r in desc_rows]
     desc_ids, desc_mask = pad_ids([_tensor(ids) for ids, _ in described], tables.pad_token_id)

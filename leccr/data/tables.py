@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -98,6 +100,8 @@ class FeatureTables:
     text: pa.Table
     descriptions: pa.Table | None
     empty_description: pa.Table
+    _split_items: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict, init=False, repr=False,
+                                                                  compare=False)
 
     @classmethod
     def open(cls, root: str | Path, arrow_cache: bool = True) -> FeatureTables:
@@ -151,6 +155,21 @@ class FeatureTables:
         if self.has_states:
             dim = int(self.empty_description.column("dim")[0].as_py())
             self.empty_states = RowViews(self.empty_description.column("states"))[0].reshape(-1, dim)
+
+    def split_items(self, split: str) -> tuple[np.ndarray, list[str]]:
+        """(rows of `visual` in `split`, their item ids) in table order. Computed once per split: a
+        collection encoded chunk by chunk asks for it at every chunk. Read-only: callers slice it."""
+        if split not in self._split_items:
+            rows = np.flatnonzero(pc.equal(self.visual.column("split"), split).to_numpy(zero_copy_only=False))
+            self._split_items[split] = (rows, self.visual.column("item_id").take(rows).to_pylist())
+        return self._split_items[split]
+
+    @cached_property
+    def description_row_of(self) -> dict[str, int]:
+        """item_id -> its row of `descriptions` (built once, like `split_items`)."""
+        if self.descriptions is None:
+            return {}
+        return {item_id: row for row, item_id in enumerate(self.descriptions.column("item_id").to_pylist())}
 
     @property
     def pad_token_id(self) -> int:
