@@ -841,7 +841,7 @@ def write_manifest(ctx: StageContext, started: float) -> None:
     It records every part of the key (code digest, the config as used, upstream keys and digests) and
     the content digest of what the folder now holds, which downstream keys are made from.
     """
-    parts = ctx.key_parts
+    parts = ctx.key_parts  # the pipeline always gives the context its key's parts
     files = {}
     for parquet in sorted(ctx.out_dir.rglob("*.parquet")):
         relative = parquet.relative_to(ctx.out_dir)
@@ -852,12 +852,12 @@ def write_manifest(ctx: StageContext, started: float) -> None:
         "key": ctx.key,
         "store_format": STORE_FORMAT,
         "schema_version": SCHEMA_VERSION,
-        "code_digest": parts.code if parts else None,
-        "code_modules": parts.code_modules if parts else {},
+        "code_digest": parts.code,
+        "code_modules": parts.code_modules,
         "config": ctx.section.model_dump(mode="json"),
-        "key_config": parts.config if parts else None,
+        "key_config": parts.config,
         "upstream": {name: artifact.key for name, artifact in sorted(ctx.inputs.items())},
-        "upstream_digests": dict(sorted(parts.upstream.items())) if parts else {},
+        "upstream_digests": dict(sorted(parts.upstream.items())),
         "content_digest": content_digest(ctx.out_dir),
         "rows": files,
         "seconds": round(time.time() - started, 3),
