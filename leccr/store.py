@@ -672,8 +672,8 @@ class StageContext:
         kept = old.filter(pc.invert(pc.is_in(old.column(key_column), retried)))
         position = {item_id(w): i for i, w in reversed(list(enumerate(shard)))}
         merged = pa.concat_tables([kept, new_rows])
-        order = sorted(range(merged.num_rows),
-                       key=lambda i: position.get(merged.column(key_column)[i].as_py(), len(shard)))
+        keys = merged.column(key_column).to_pylist()
+        order = sorted(range(merged.num_rows), key=lambda i: position.get(keys[i], len(shard)))
         write_table(merged.take(pa.array(order, pa.int64())), part, schema, row_group_size)
         old_errors = read_table(errors_part, ERRORS)
         errors = pa.concat_tables([old_errors.filter(pc.invert(pc.is_in(old_errors.column("item_id"), retried))),
