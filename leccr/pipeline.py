@@ -36,6 +36,9 @@ class Stage(Protocol):
     """What a module of the `stages` package provides (modules satisfy protocols, PEP 544)."""
 
     UPSTREAM: tuple[str, ...]  # the stages whose artifacts `run` reads, by name
+    # Optional READS: {upstream stage: the files of its artifact `run` reads}, when that is fewer than
+    # all: the key then hashes those files only (translate reads the dataset's captions, not its media
+    # record). Without it the key hashes each upstream artifact's whole content.
 
     def section(self, cfg: ExperimentConfig) -> Section:
         """The stage's config section, as the stage will use it."""
@@ -63,6 +66,10 @@ class StageSpec:
     def sharded(self) -> bool:
         """Whether the stage writes shards that several tasks can compute side by side."""
         return bool(getattr(self.module, "SHARDED", False))
+
+    @property
+    def reads(self) -> dict[str, tuple[str, ...]]:
+        return dict(getattr(self.module, "READS", {}))
 
     @property
     def config_section(self) -> str:
@@ -159,7 +166,8 @@ def key_parts(cfg: ExperimentConfig, name: str, inputs: dict[str, Artifact], fin
     if missing:
         raise ValueError(f"stage {name!r} needs upstream artifact(s) {missing}")
     return KeyParts(stage=name, code=spec.code, config=spec.key_config(cfg, fingerprints),
-                    upstream={up: inputs[up].content_digest for up in spec.upstream},
+                    upstream={up: (inputs[up].digest_of(spec.reads[up]) if up in spec.reads
+                                   else inputs[up].content_digest) for up in spec.upstream},
                     code_modules=spec.code_modules)
 
 

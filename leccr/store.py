@@ -140,17 +140,25 @@ class KeyParts:
         return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
-def content_digest(folder: Path) -> str:
-    """Digest of what an artifact holds: every file but the manifest (hidden files skipped).
+def file_digests(folder: Path) -> dict[str, str]:
+    """{relative path: digest} of what an artifact holds: every file but the manifest (hidden files
+    skipped). A Parquet file with volatile columns (schemas.core.VOLATILE: timings, file states) counts
+    by its other columns only, so recomputing the same output gives the same digests."""
+    return {entry.relative: _stable_digest(Path(entry.absolute))
+            for entry in files_under(folder) if entry.relative != MANIFEST}
 
-    A Parquet file with volatile columns (schemas.core.VOLATILE: timings, file states) counts by its
-    other columns only, so recomputing the same output gives the same digest.
-    """
+
+def combined_digest(digests: dict[str, str]) -> str:
+    """One digest of some of an artifact's files (all of them: its content digest)."""
     hasher = hashlib.sha256()
-    for entry in files_under(folder):
-        if entry.relative != MANIFEST:
-            hasher.update(f"{entry.relative}\0{_stable_digest(Path(entry.absolute))}\n".encode())
+    for relative, digest in digests.items():
+        hasher.update(f"{relative}\0{digest}\n".encode())
     return hasher.hexdigest()
+
+
+def content_digest(folder: Path) -> str:
+    """Digest of everything an artifact holds (see `file_digests`)."""
+    return combined_digest(file_digests(folder))
 
 
 def _stable_digest(file: Path) -> str:
@@ -269,6 +277,15 @@ class Artifact:
     def content_digest(self) -> str:
         """Digest of what the finished artifact holds (recorded in its manifest when it was written)."""
         return self.manifest["content_digest"]
+
+    def digest_of(self, names: tuple[str, ...]) -> str:
+        """Digest of these files of the finished artifact only, from the digests its manifest recorded
+        (computed from the files for a manifest older than that record)."""
+        recorded = self.manifest.get("file_digests") or file_digests(self.path)
+        missing = [name for name in names if name not in recorded]
+        if missing:
+            raise FileNotFoundError(f"{self.path} holds no {missing}")
+        return combined_digest({name: recorded[name] for name in sorted(names)})
 
 
 # ------------------------------------------------------------------------------------- shards
@@ -858,7 +875,8 @@ def write_manifest(ctx: StageContext, started: float) -> None:
         "key_config": parts.config,
         "upstream": {name: artifact.key for name, artifact in sorted(ctx.inputs.items())},
         "upstream_digests": dict(sorted(parts.upstream.items())),
-        "content_digest": content_digest(ctx.out_dir),
+        "file_digests": (digests := file_digests(ctx.out_dir)),
+        "content_digest": combined_digest(digests),
         "rows": files,
         "seconds": round(time.time() - started, 3),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -22,6 +22,7 @@ from schemas.dataset import CAPTIONS
 from schemas.translate import TRANSLATIONS
 
 UPSTREAM = ("dataset",)
+READS = {"dataset": ("captions.parquet",)}  # not its media record (source.json): editing an image keeps translations
 SHARDED = True
 
 

@@ -226,7 +226,8 @@ def test_downstream_keys_follow_what_upstream_holds(demo_root, tmp_path, monkeyp
 
 def test_a_media_file_edited_in_place_rebuilds_what_read_it(demo_root, tmp_path):
     """items.parquet holds media paths, not pixels: an image edited in place leaves it byte-identical,
-    yet the visual and describe stages that decode the image must not reuse their old output."""
+    yet the visual and describe stages that decode the image must not reuse their old output, while
+    translate, which reads only the captions, must not run again."""
     from PIL import Image
 
     data_dir = tmp_path / "data"
@@ -234,7 +235,7 @@ def test_a_media_file_edited_in_place_rebuilds_what_read_it(demo_root, tmp_path)
     data = _data(demo_root, tmp_path)
     data["dataset"]["path"] = str(data_dir)
     cfg = parse_config(data)
-    stages = ["visual", "describe"]
+    stages = ["visual", "describe", "translate"]
     first = run_pipeline(cfg, stages)
     image = data_dir / next(p for p in sorted((data_dir / "images").iterdir()) if p.suffix == ".png").relative_to(data_dir)
     Image.new("RGB", Image.open(image).size, (255, 0, 255)).save(image)
@@ -242,13 +243,21 @@ def test_a_media_file_edited_in_place_rebuilds_what_read_it(demo_root, tmp_path)
     assert planned["dataset"].status == "miss"
     rebuilt = run_pipeline(cfg, stages)
     assert rebuilt["dataset"].artifact.content_digest != first["dataset"].artifact.content_digest
-    for stage in stages:
+    for stage in ("visual", "describe"):
         assert rebuilt[stage].artifact.key != first[stage].artifact.key, stage
+    # translate reads the captions only (READS): their content is the same, so are its key and output
+    assert rebuilt["translate"].cache_hit and rebuilt["translate"].artifact.key == first["translate"].artifact.key
     # The same bytes under another folder: nothing to rebuild.
     moved = tmp_path / "moved"
     shutil.copytree(data_dir, moved)
     assert all(p.status == "hit" for p in explain(parse_config({**data, "dataset": {**data["dataset"],
                                                                                    "path": str(moved)}}), stages))
+    # A caption edited: translate is keyed anew.
+    for english in (data_dir / "data" / "task2" / "raw").glob("*.1.en"):  # every item's first caption
+        english.write_text(english.read_text(encoding="utf-8").replace("\n", " again\n"), encoding="utf-8")
+    run_pipeline(cfg, ["dataset"])
+    planned = {p.name: p for p in explain(cfg, ["translate"])}
+    assert planned["translate"].status == "miss" and planned["translate"].reasons == ["upstream dataset changed"]
 
 
 # ------------------------------------------------------------------------------ dry run, no-op, CLI
