@@ -4,7 +4,7 @@
 
 1. Warm fingerprint of a folder of `--files` small files (every digest in the persistent cache, as on
    a rerun): seconds, beside the cold pass that hashed them, and the bytes reread (0 when warm).
-2. Cold hashing speed: BLAKE3 (leccr.fingerprint.hash_file) in MB/s beside `sha256sum` on the same
+2. Cold hashing speed: BLAKE3 (leccr.core.fingerprint.hash_file) in MB/s beside `sha256sum` on the same
    files, both from the page cache (each file read once before timing).
 3. `--demo`: the demo pipeline in a fresh artifact root, first run vs a second, fully cached run of
    the same command (both as subprocesses, wall time): the no-op ratio.
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from leccr.fingerprint import Fingerprinter, hash_file  # noqa: E402
+from leccr.core.fingerprint import Fingerprinter, hash_file  # noqa: E402
 
 
 def small_files(folder: Path, count: int) -> None:

@@ -174,7 +174,8 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
     from leccr.config import DescribeConfig
     from leccr.engines.mllm import Request, request_seed
     from leccr.media import load_visual, sample_frames
-    from leccr.store import Artifact, StageContext
+    from leccr.core.artifact import Artifact
+    from leccr.core.context import StageContext
     from schemas.core import write_table
     from schemas.dataset import CAPTIONS, ITEMS
 

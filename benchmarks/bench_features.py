@@ -251,13 +251,13 @@ def bench_stage(folder: Path, images: int = 512, shard_size: int = 64, batch_siz
     """The visual stage vs bare extraction on the same images (see the module docstring, (e))."""
     import logging
 
-    from PIL import Image
 
     import stages.visual as visual
     from leccr.config import VisualConfig
     from leccr.features.vision import VisionEncoder
     from leccr.media import load_visual
-    from leccr.store import Artifact, StageContext
+    from leccr.core.artifact import Artifact
+    from leccr.core.context import StageContext
     from leccr.tiny_models.vision import build_vision
     from schemas.dataset import ITEMS
 

@@ -187,7 +187,7 @@ def stage_spans(flow_run_id, flow_started: float, stages: tuple[str, ...]
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
-    from leccr.pipeline import upstream_of
+    from leccr.core.dag import get_stage
 
     with get_client(sync_client=True) as client:
         inner = client.read_flow_runs(
@@ -201,7 +201,7 @@ def stage_spans(flow_run_id, flow_started: float, stages: tuple[str, ...]
     ends = {run.name: run.end_time.timestamp() for run in task_runs if run.end_time is not None}
     spans = {}
     for stage in stages:
-        ready = max(ends[up] for up in upstream_of(stage))
+        ready = max(ends[up] for up in get_stage(stage).upstream)
         first = min(run.start_time.timestamp() for run in task_runs
                     if run.start_time is not None and (run.name == stage or run.name.startswith(f"{stage}-")))
         spans[stage] = {"seconds": ends[stage] - ready, "in_tasks": ends[stage] - first}

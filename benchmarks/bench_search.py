@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from leccr.config import HnswConfig, IvfConfig
-from leccr.search.vectors import ExactIndex, build_faiss, faiss_missing
+from leccr.vectors import ExactIndex, build_faiss, faiss_missing
 
 K = 10
 

@@ -1,16 +1,18 @@
 """The `leccr` Prefect flow: every stage of the DAG as tasks. Prefect orchestrates, retries and
-shows; the store (leccr.store) decides what is reused, so the tasks carry no Prefect cache policy. A
+shows; the store (leccr.core) decides what is reused, so the tasks carry no Prefect cache policy. A
 stage whose artifact is already complete finishes at once in a `Cached` state.
 
 Run it with no server (`leccr run --config configs/demo.yaml`, or `python flows/leccr.py CONFIG`:
 Prefect starts a temporary local API) or as the deployment `leccr/full` of prefect.yaml.
 
 One `leccr run` is one flow run: the CLI picks the task runner from the config before it starts the
-flow (threads, or `prefect_ray.RayTaskRunner` for `runner.kind: ray`). The flow body is the driver:
-it computes each stage's key once its upstream stages have finished (a key hashes what they hold),
-then submits the stage. A sharded stage maps onto `runner.shard_tasks` slot tasks (each computes and
-commits its share of the shards), then one finishing task merges errors and writes the manifest —
-identical files whichever runner ran them.
+flow (threads, or `prefect_ray.RayTaskRunner` for `runner.kind: ray`). The driver is
+`leccr.core.runner.drive`, the same one `leccr run` uses without Prefect: it computes each job's key
+once its upstream stages have finished (a key hashes what they hold); this module only says how a job
+is submitted. A sharded stage maps onto `runner.shard_tasks` slot tasks (each computes and commits its
+share of the shards), then one finishing task merges errors and writes the manifest — identical files
+whichever runner ran them. Shard tasks are retried on transient errors (an OSError: a mount that
+dropped, a worker that lost its file handle); a retried shard task resumes from its committed shards.
 """
 from __future__ import annotations
 
@@ -29,32 +31,42 @@ from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from leccr.config import ExperimentConfig, load_config
-from leccr.fingerprint import fingerprinter_for
-from leccr.pipeline import (StageOutcome, is_sharded, key_parts, plan, prepare_stage, record_run, run_stage,
-                            run_stage_slot, upstream_of)
+from leccr.core.dag import get_stage, plan
+from leccr.core.keys import KeyParts
+from leccr.core.runner import (Job, StageOutcome, Submission, drive, prepare_stage, record_run, run_stage,
+                               run_stage_slot)
 from leccr.report import artifact_markdown
-from leccr.store import KeyParts, Store
 
 
-@task(cache_policy=NO_CACHE, task_run_name="{name}")
-def stage_task(cfg: ExperimentConfig, name: str, inputs: dict, parts: KeyParts, force: bool,
+def transient(task, task_run, state) -> bool:
+    """Retry a shard task on an OSError (a mount that dropped, a file handle lost): what a rerun would
+    fix. A StageFailed (bad input past the error rate) or a bug is not retried."""
+    from leccr.core.failures import StageFailed
+
+    error = state.data  # Prefect hands the condition a Failed state holding the exception
+    return isinstance(error, OSError) and not isinstance(error, StageFailed)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{label}")
+def stage_task(cfg: ExperimentConfig, label: str, job: Job, inputs: dict, parts: KeyParts, force: bool,
                after: list[int] | None = None):
     # `after` carries the shard-slot results: a data dependency, which every task runner (Ray's
     # included) resolves before the task starts.
-    outcome = run_stage(cfg, name, inputs, force=force, logger=get_run_logger(), parts=parts)
+    outcome = run_stage(cfg, job, inputs, force=force, logger=get_run_logger(), parts=parts)
     # A reused artifact shows as Prefect's own "Cached" state; the result is the same small handle.
     return Completed(name="Cached", data=outcome) if outcome.cache_hit else outcome
 
 
-@task(cache_policy=NO_CACHE, task_run_name="{name}-prepare")
-def prepare_task(cfg: ExperimentConfig, name: str, parts: KeyParts, force: bool) -> bool:
-    return prepare_stage(cfg, name, parts, force, logger=get_run_logger())
+@task(cache_policy=NO_CACHE, task_run_name="{label}-prepare")
+def prepare_task(cfg: ExperimentConfig, label: str, job: Job, parts: KeyParts, force: bool) -> bool:
+    return prepare_stage(cfg, job, parts, force, logger=get_run_logger())
 
 
-@task(cache_policy=NO_CACHE, task_run_name="{name}-shards-{slot}-of-{slots}")
-def shard_slot_task(cfg: ExperimentConfig, name: str, inputs: dict, parts: KeyParts, slot: int,
+@task(cache_policy=NO_CACHE, task_run_name="{label}-shards-{slot}-of-{slots}", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient)
+def shard_slot_task(cfg: ExperimentConfig, label: str, job: Job, inputs: dict, parts: KeyParts, slot: int,
                     slots: int, prepared: bool) -> int:
-    return run_stage_slot(cfg, name, inputs, parts, slot, slots, logger=get_run_logger())
+    return run_stage_slot(cfg, job, inputs, parts, slot, slots, logger=get_run_logger())
 
 
 @task(cache_policy=NO_CACHE, task_run_name="storage-probe-{node}")
@@ -90,10 +102,6 @@ def _resources(cfg: ExperimentConfig, name: str):
     return remote_options(num_cpus=wanted.num_cpus, num_gpus=wanted.num_gpus)
 
 
-def _result(future) -> StageOutcome:
-    return future.result()
-
-
 def preload_transformers() -> None:
     """transformers' lazy top-level module is not safe to first touch from several threads: two stage
     tasks importing it at once (describe and visual run side by side) failed with "cannot import name
@@ -109,30 +117,27 @@ def preload_transformers() -> None:
 
 def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
                force: list[str] | None = None) -> dict[str, StageOutcome]:
-    """Submit every planned stage as soon as its upstream stages have finished (runs inside a flow)."""
-    the_plan = plan(stages, force)
+    """Submit every planned job as a task as soon as its upstream stages have finished (inside a flow)."""
     if cfg.runner.kind == "ray" and cfg.runner.probe_storage:
         probe_shared_storage(cfg.artifacts_root)
-    fingerprints = fingerprinter_for(cfg.artifacts_root)
-    store = Store(cfg.artifacts_root)
-    futures: dict[str, Any] = {}
     preloaded = False
-    for name in the_plan.order:  # topological: waiting here never blocks a stage that could start
-        inputs = {up: _result(futures[up]).artifact for up in upstream_of(name)}
-        parts = key_parts(cfg, name, inputs, fingerprints)
-        forced = name in the_plan.forced
-        if not preloaded and (forced or not store.is_complete(store.artifact(name, parts.key))):
+
+    def submit(submission: Submission):
+        nonlocal preloaded
+        job, label = submission.job, submission.job.label
+        if not preloaded and submission.will_compute:
             preload_transformers()
             preloaded = True
-        with _resources(cfg, name):
-            if is_sharded(name) and cfg.runner.shard_tasks > 1:
-                prepared = prepare_task.submit(cfg, name, parts, forced)
-                slots = [shard_slot_task.submit(cfg, name, inputs, parts, i, cfg.runner.shard_tasks, prepared)
+        with _resources(cfg, job.stage):
+            if get_stage(job.stage).sharded and cfg.runner.shard_tasks > 1:
+                prepared = prepare_task.submit(cfg, label, job, submission.parts, submission.forced)
+                slots = [shard_slot_task.submit(cfg, label, job, submission.inputs, submission.parts, i,
+                                                cfg.runner.shard_tasks, prepared)
                          for i in range(cfg.runner.shard_tasks)]
-                futures[name] = stage_task.submit(cfg, name, inputs, parts, False, slots)
-            else:
-                futures[name] = stage_task.submit(cfg, name, inputs, parts, forced)
-    return {name: _result(future) for name, future in futures.items()}
+                return stage_task.submit(cfg, label, job, submission.inputs, submission.parts, False, slots)
+            return stage_task.submit(cfg, label, job, submission.inputs, submission.parts, submission.forced)
+
+    return drive(cfg, plan(stages, force), submit)
 
 
 @flow(name="leccr-stages")
@@ -203,10 +208,10 @@ def _has_runner_for(cfg: ExperimentConfig) -> bool:
 
 def _summary_table(outcomes: dict[str, StageOutcome]) -> list[dict[str, Any]]:
     return [
-        {"stage": name, "key": o.artifact.key, "cache_hit": o.cache_hit, "seconds": round(o.seconds, 2),
+        {"stage": label, "key": o.artifact.key, "cache_hit": o.cache_hit, "seconds": round(o.seconds, 2),
          "rows": o.output_rows, "errors": o.errors,
          "path": str(o.artifact.path)}
-        for name, o in outcomes.items()
+        for label, o in outcomes.items()
     ]
 
 

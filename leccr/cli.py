@@ -28,9 +28,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 def stage_names() -> list[str]:
-    """`leccr.pipeline.stage_names()` without importing the stage modules: every `leccr` call builds the
+    """`leccr.core.dag.stage_names()` without importing the stage modules: every `leccr` call builds the
     parser, and must stay cheap."""
-    from leccr.stage_order import declared_upstream, stage_order
+    from leccr.core.dag import declared_upstream, stage_order
 
     return stage_order(declared_upstream())
 
@@ -57,8 +57,8 @@ def prepare_demo(root: Path = DEMO_ROOT, seed: int = 0) -> dict[str, Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from leccr.config import load_config
-    from leccr.fingerprint import fingerprinter_for
-    from leccr.pipeline import explain, run_pipeline
+    from leccr.core.fingerprint import fingerprinter_for
+    from leccr.core.runner import explain, run_pipeline
     from leccr.preflight import check_environment
 
     overrides = _parse_sets(args.set)
@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             config=args.config, stages=stages, force=force, overrides=overrides or None)
     print("\nArtifacts:")
     for stage, path in paths.items():
-        print(f"  {stage:<9} {path}")
+        print(f"  {stage:<15} {path}")
     if "evaluate" in paths and (Path(paths["evaluate"]) / "report.md").is_file():
         print(f"Report: {Path(paths['evaluate']) / 'report.md'}")
         print("Compare methods: leccr inspect \"SELECT method, lang, value AS sumr FROM metrics "
@@ -438,9 +438,8 @@ def configure_logging(verbose: bool) -> None:
 
 def _hint(error: BaseException, verbose: bool) -> str | None:
     from leccr.config import ConfigError
-    from leccr.store import StageFailed
-
-    from leccr.pipeline import UnknownStage
+    from leccr.core.dag import UnknownStage
+    from leccr.core.failures import StageFailed
     from leccr.preflight import EnvironmentProblem
 
     if isinstance(error, ConfigError):

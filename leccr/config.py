@@ -290,6 +290,14 @@ class VisualConfig(Section):
 
 
 # ---------------------------------------------------------------- train (owner: train stage)
+# The methods in the order the papers' tables list them (reports, evaluation, search).
+METHOD_ORDER = ("baseline", "cl2cm", "leccr")
+
+
+def method_sort_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (-1, method)
+
+
 class TrainConfig(Section):
     """How the train stage fits each method on the features artifact (see stages/train.py).
 
@@ -297,9 +305,10 @@ class TrainConfig(Section):
     decay 0.01 (none on biases and norms), linear schedule with 10 % warm-up, batch 128, seed 42.
     """
 
-    # Runtime knobs: where and how fast, not what is learned (a resumed or torchrun run gives the same
-    # model up to the floating-point order of a different device or process count).
-    NON_OUTPUT_FIELDS = frozenset({"device", "num_workers", "nproc", "checkpoint_every", "eval_batch_size"})
+    # Runtime knobs: where and how fast, not what is learned. Not `nproc`: each process seeds its own
+    # dropout, so the process count changes the weights. `device` is hashed as what it resolves to
+    # (stages.train.key_config: the device kind and the precision `auto` stands for there).
+    NON_OUTPUT_FIELDS = frozenset({"device", "num_workers", "checkpoint_every", "eval_batch_size"})
 
     methods: list[Literal["baseline", "leccr", "cl2cm"]] = Field(default_factory=lambda: ["baseline", "leccr"])
     # Target languages trained on (one model per method, every (English, translation) pair of these

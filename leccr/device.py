@@ -11,3 +11,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for, but torch sees no CUDA GPU on this machine")
     return device
+
+
+def resolved_numerics(cfg, stage: str, device: str = "auto", precision: str | None = None) -> dict[str, str]:
+    """What `device: auto` and `precision: auto` will mean where this stage runs: part of its key, since
+    a GPU run (bf16) and a CPU run (fp32) of the same config give different numbers.
+
+    Where the task runs: here (local runner), or a Ray worker with the GPUs that `runner.resources`
+    gives the stage (the driver may have none)."""
+    if device == "auto":
+        wanted = cfg.runner.resources.get(stage) if cfg.runner.kind == "ray" else None
+        if wanted is not None:
+            kind = "cuda" if (wanted.num_gpus or 0) > 0 else "cpu"
+        else:
+            kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        kind = torch.device(device).type
+    numerics = {"device_kind": kind}
+    if precision is not None:
+        if precision == "auto":
+            # the engines' rule (leccr.features.vision, leccr.training.loop.autocast_context); a driver
+            # without the GPU its Ray workers have assumes bf16 support
+            if kind != "cuda":
+                precision = "fp32"
+            elif stage == "train" or not torch.cuda.is_available() or torch.cuda.is_bf16_supported():
+                precision = "bf16"
+            else:
+                precision = "fp16"
+        numerics["precision"] = precision
+    return numerics

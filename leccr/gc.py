@@ -3,7 +3,7 @@
 Referenced: every artifact named in `<root>/runs/<experiment>.json` (what each experiment used last),
 each stage's `LATEST` pointer (what `leccr inspect` opens), and, through their manifests, every
 upstream artifact those were built from. Everything else is garbage, except a folder a running stage
-holds (its `.lock`, see leccr.store.stage_lock), which is never touched.
+holds (its `.lock`, see leccr.core.artifact.stage_lock), which is never touched.
 
 An incomplete folder (no manifest) is listed too: it holds the finished shards of a stopped run, which
 a rerun of the same config would resume from, so deleting it costs that work.
@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from leccr.store import MANIFEST, Artifact, Store, exclusive, is_locked
+from leccr.core.artifact import MANIFEST, Artifact, Store, exclusive, is_locked
 
 
 @dataclass

@@ -172,7 +172,7 @@ class ItemLoader:
     max_side: int | None = None
 
     def __call__(self, item: dict) -> list[Image.Image]:
-        from leccr.datasets.base import resolve_media_path
+        from leccr.media_paths import resolve_media_path
 
         return load_visual(resolve_media_path(self.dataset_root, item["path"]), item["media_type"], self.num_frames,
                            self.fps, self.max_side)

@@ -19,17 +19,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from leccr.store import atomic_write_bytes, atomic_write_text
+from leccr.config import method_sort_key
+from leccr.core.io import atomic_write_bytes, atomic_write_text
 
 CL2CM_NOTE = ("CL2CM is our reconstruction from the AAAI 2024 paper's description: no code or equations "
               "are public, so its numbers are not the paper's system (see docs/method.md, \"CL2CM\").")
 # Method rows in the order the papers print them: the baseline first, the proposed method last.
-METHOD_ORDER = ("baseline", "cl2cm", "leccr")
 ARROWS = {"text_to_visual": "T→V", "visual_to_text": "V→T"}
-
-
-def _method_sort_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (-1, method)
 
 
 def _rows(metrics: pa.Table) -> list[dict]:
@@ -46,7 +42,7 @@ def _variants(rows: list[dict]) -> list[tuple[str, str]]:
 
     A method whose fused score is its global score (alpha = 1) gets one row, not two equal ones."""
     alphas = {(r["method"], r["score"]): r["alpha"] for r in rows}
-    methods = sorted({m for m, _ in alphas}, key=_method_sort_key)
+    methods = sorted({m for m, _ in alphas}, key=method_sort_key)
     out = []
     for method in methods:
         if (method, "fused") in alphas:
@@ -154,10 +150,10 @@ def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: 
     (method, score): solid for the fused score (α in the legend), dashed for global cosine only."""
     plt = _pyplot()
     alphas = alphas or {}
-    series = sorted({(key[0], key[1]) for key in curves}, key=lambda ms: (_method_sort_key(ms[0]), ms[1]))
+    series = sorted({(key[0], key[1]) for key in curves}, key=lambda ms: (method_sort_key(ms[0]), ms[1]))
     # One colour per method, the same in every panel and file.
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    methods = sorted({method for method, _ in series}, key=_method_sort_key)
+    methods = sorted({method for method, _ in series}, key=method_sort_key)
     colour = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
     for axis, direction in zip(axes, ARROWS):
@@ -256,7 +252,7 @@ def plot_training_curves(histories: Mapping[str, pa.Table], out_dir: Path) -> li
     """One PNG per method (see training_figure)."""
     plt = _pyplot()
     paths = []
-    for method, history in sorted(histories.items(), key=lambda item: _method_sort_key(item[0])):
+    for method, history in sorted(histories.items(), key=lambda item: method_sort_key(item[0])):
         if history.num_rows == 0:
             continue
         figure = training_figure(method, history)
@@ -289,7 +285,7 @@ def worst_queries_section(worst: pa.Table) -> str:
     for row in rows:
         groups.setdefault((row["method"], row["score"], row["lang"], row["direction"]), []).append(row)
     for (method, score, lang, direction), group in sorted(
-        groups.items(), key=lambda item: (item[0][2], _method_sort_key(item[0][0]), item[0][1], item[0][3])
+        groups.items(), key=lambda item: (item[0][2], method_sort_key(item[0][0]), item[0][1], item[0][3])
     ):
         text_to_visual = direction == "text_to_visual"
         out.append(f"#### {method} ({score}), {lang}, {ARROWS[direction]}\n")
@@ -319,7 +315,7 @@ def render_report(
 ) -> str:
     """The report.md text; plots are linked relative to `out_dir`."""
     rows = metrics.to_pylist()
-    methods = sorted({r["method"] for r in rows}, key=_method_sort_key)
+    methods = sorted({r["method"] for r in rows}, key=method_sort_key)
     lines = ["# Evaluation report", ""]
     for name, value in (header or {}).items():
         lines.append(f"- **{name}**: {value}")

@@ -15,7 +15,7 @@ from typing import TextIO
 
 import duckdb
 
-from leccr.store import Artifact, Store
+from leccr.core.artifact import Artifact, Store
 
 # view name -> (stage, glob inside the stage's artifact folder). A view is created only when its
 # files exist, so an experiment that skipped a stage still opens.

@@ -1,11 +1,12 @@
 """Schema validation for Parquet artifacts: every write and every read of an artifact goes through here."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from leccr.core.io import durable_replace, temporary_name
 
 # Bumped when any artifact schema changes incompatibly; recorded in every manifest.
 SCHEMA_VERSION = 2  # 2: errors gained file, line, retryable
@@ -84,34 +85,10 @@ def write_table(table: pa.Table, path: Path, schema: pa.Schema, row_group_size: 
     table = validate(table, schema, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     pq.write_table(table, tmp, row_group_size=row_group_size, **write_options(schema))
     durable_replace(tmp, path)
     return path
-
-
-def durable_replace(tmp: Path, path: Path) -> None:
-    """`os.replace(tmp, path)` that survives a crash: data on disk before the rename, the rename after."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(Path(path).parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # a platform without directory fds (Windows): the rename is as durable as it gets
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (network mounts) refuse fsync on a folder; the file itself is synced
-    finally:
-        os.close(fd)
 
 
 def read_table(path: Path | list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:

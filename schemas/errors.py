@@ -3,7 +3,7 @@
 One schema for every stage. `file` and `line` say where a dataset problem is (a caption file and its
 1-based line); for a media error, `file` is the item's path as items.parquet stores it. `retryable`
 marks failures that may go away without a new input (a missing or unreadable media file, an engine
-error): a rerun retries those items, and only those, once their file has changed (see leccr/store.py).
+error): a rerun retries those items, and only those, once their file has changed (see leccr/core/failures.py).
 """
 import pyarrow as pa
 

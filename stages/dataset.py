@@ -7,26 +7,27 @@ A bad line or a missing media file costs only its item or caption: it becomes a 
 `errors.parquet` (file, line, item, reason) and the rest is read, unless more than
 `dataset.max_error_rate` of the rows are bad. A problem no dataset can be built around (a missing
 caption file, a caption file out of step with its image list) stops the stage with every problem listed.
-Media paths are stored relative to the dataset root (see `leccr.datasets.base.resolve_media_path`);
-`source.json` records the folder's content digest, so the media's bytes count in downstream keys.
+Media paths are stored relative to the dataset root (see `leccr.media_paths.resolve_media_path`),
+and each item row carries the content digest of its media (and feature) file: the media's bytes count
+in the keys of the stages that read items.parquet, and a per-item stage recomputes only the items whose
+digest changed (one replaced image costs one image).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import DatasetConfig, ExperimentConfig
-from leccr.store import StageContext, StageFailed, atomic_write_text
+from leccr.media_paths import resolve_media_path
+from leccr.core.context import StageContext
+from leccr.core.failures import StageFailed
+from leccr.core.stage import StageDef
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.errors import ERRORS
 
-UPSTREAM: tuple[str, ...] = ()
-
 MAX_PROBLEMS_IN_MESSAGE = 20  # `leccr datasets check` lists every one
-SOURCE_FILE = "source.json"  # the dataset folder's content digest (see run)
 
 
 def section(cfg: ExperimentConfig) -> DatasetConfig:
@@ -42,6 +43,21 @@ def cap_items(items: pa.Table, captions: pa.Table, per_split: int) -> tuple[pa.T
     keep = pa.array(kept, pa.string())
     return (items.filter(pc.is_in(items.column("item_id"), keep)),
             captions.filter(pc.is_in(captions.column("item_id"), keep)))
+
+
+def with_digests(items: pa.Table, root: Path, fingerprints) -> pa.Table:
+    """items plus the content digest of each item's media and feature file (null where there is none:
+    a missing file is the describing stages' error to report, with the item's name)."""
+    def digest(stored: str | None) -> str | None:
+        path = resolve_media_path(root, stored)
+        if path is None or not Path(path).exists():
+            return None
+        return fingerprints.path(path)  # through the run's stat cache: the key already hashed these files
+
+    columns = {name: items.column(name) for name in items.column_names}
+    columns["media_digest"] = pa.array([digest(p) for p in items.column("path").to_pylist()], pa.string())
+    columns["feature_digest"] = pa.array([digest(p) for p in items.column("feature_path").to_pylist()], pa.string())
+    return pa.table(columns)
 
 
 def _listed(problems: list, root: Path, what: str) -> str:
@@ -77,16 +93,11 @@ def run(ctx: StageContext) -> None:
                                                     f"{ctx.out_dir / 'errors.parquet'}"))
     if cfg.max_items_per_split is not None:
         items, captions = cap_items(items, captions, cfg.max_items_per_split)
-    items = items.sort_by("item_id")
+    items = with_digests(items.sort_by("item_id"), root, ctx.fingerprints())
     captions = captions.sort_by([("item_id", "ascending"), ("lang", "ascending"), ("caption_id", "ascending")])
     ctx.write("items.parquet", items, ITEMS)
     ctx.write("captions.parquet", captions, CAPTIONS)
     ctx.write("errors.parquet", errors, ERRORS)
-    # Later stages open the media themselves, under dataset.path (items.parquet holds paths, not
-    # pixels), and are keyed on what this artifact holds: the folder's content digest, which this
-    # stage's key already hashed, is written here so a media file edited in place changes their keys.
-    atomic_write_text(ctx.out_dir / SOURCE_FILE,
-                      json.dumps({"dataset_content": ctx.key_parts.config["path"]["content"]}) + "\n")
     ctx.summary.update(
         format=cfg.format,
         items_per_split={s: items.column("split").to_pylist().count(s) for s in sorted(set(items.column("split").to_pylist()))},
@@ -94,3 +105,14 @@ def run(ctx: StageContext) -> None:
                            for lang in sorted(set(captions.column("lang").to_pylist()))},
         errors=errors.num_rows,
     )
+
+
+def adapter_code(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The configured format's adapter (imported by name when the stage runs, so no import names it)."""
+    from leccr.datasets.base import adapter_module
+
+    return (adapter_module(cfg.dataset.format),)
+
+
+# preview: reading captions and stat-ing media is cheap, so a dry run computes it to plan downstream exactly
+STAGE = StageDef(name="dataset", upstream=(), reads={}, section=section, run=run, code_for=adapter_code, preview=True)

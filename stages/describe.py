@@ -15,6 +15,7 @@ and point `describe.import_path` at the file.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,14 +26,13 @@ from leccr.engines.mllm import (Generation, Request, RequestRejected, SamplingCo
                                 max_frames, request_seed)
 from leccr.hub import ModelNotFound, model_path
 from leccr.media import ItemLoader, MediaError, ShardPrefetcher
-from leccr.store import ItemError, ShardResult, StageContext, shard_plan
+from leccr.core.context import StageContext
+from leccr.core.failures import ItemError
+from leccr.core.shards import ShardJob, ShardResult
+from leccr.core.stage import StageDef
 from schemas.core import read_table
 from schemas.dataset import ITEMS
 from schemas.describe import DESCRIPTIONS
-
-UPSTREAM = ("dataset",)
-SHARDED = True
-
 
 def section(cfg: ExperimentConfig) -> DescribeConfig:
     return cfg.describe
@@ -59,7 +59,7 @@ def work_items(ctx: StageContext) -> list[dict]:
     items = read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS)
     if cfg.splits is not None:
         items = items.filter(pc.is_in(items.column("split"), pa.array(cfg.splits)))
-    rows = items.select(["item_id", "media_type", "path"]).to_pylist()
+    rows = items.select(["item_id", "media_type", "path", "media_digest"]).to_pylist()
     return sorted(rows, key=lambda r: r["item_id"])
 
 
@@ -191,22 +191,32 @@ def _import_processor(ctx: StageContext):
     return process
 
 
+def shard_jobs(ctx: StageContext) -> list[ShardJob]:
+    """One job over the items. An item's descriptions depend on its media bytes, its media type (the
+    views) and its id (the sampling seed): an item with all three unchanged keeps its descriptions."""
+    cfg: DescribeConfig = ctx.section
+    return [ShardJob(work_items(ctx), cfg.shard_size, DESCRIPTIONS, item_id=lambda item: item["item_id"],
+                     input_fields=("item_id", "media_type", "media_digest"), max_error_rate=cfg.max_error_rate,
+                     unit="items")]
+
+
 def run(ctx: StageContext) -> None:
     cfg: DescribeConfig = ctx.section
     check_config(cfg)
-    work = work_items(ctx)
+    job = shard_jobs(ctx)[0]
+    work = job.work
     started = time.perf_counter()
     prefetcher = None
     if cfg.engine == "import":
         process = _import_processor(ctx)
     else:
-        shards = shard_plan(work, cfg.shard_size)
+        split = ctx.plan_shards(job)  # media is decoded only for the items to compute
+        shards = [split.to_compute(i) for i in range(len(split.shards))]
         load = ItemLoader(ctx.dataset_root, cfg.num_frames, cfg.fps, cfg.max_image_side)
         prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=ctx.next_shard(len(shards)))
         process = _generating_processor(ctx, prefetcher)
     try:
-        totals = ctx.run_shards(work, cfg.shard_size, process, DESCRIPTIONS, item_id=lambda item: item["item_id"],
-                                max_error_rate=cfg.max_error_rate, unit="items")
+        totals = ctx.run_shards(replace(job, process=process))
     finally:
         if prefetcher is not None:
             prefetcher.close()
@@ -234,3 +244,16 @@ def run(ctx: StageContext) -> None:
     ctx.log.info("describe: %d descriptions of %d items (%d errors); %s tokens/s, %s items/s, engine waited %ss on decoding",
                  totals.rows, len(work), totals.errors, ctx.summary["tokens_per_s"], ctx.summary["items_per_s"],
                  ctx.summary["decode_wait_seconds"])
+
+
+def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
+    """Where a generating engine runs (a GPU and a CPU give other tokens)."""
+    if cfg.describe.engine == "import":
+        return {}
+    from leccr.device import resolved_numerics
+
+    return {"numerics": resolved_numerics(cfg, "describe", cfg.describe.device)}
+
+
+STAGE = StageDef(name="describe", upstream=("dataset",), reads={"dataset": ("items.parquet",)}, section=section,
+                 run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs)

@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +34,16 @@ import pyarrow as pa
 from leccr.config import ExperimentConfig, FeaturesConfig
 from leccr.features.storage import float_list_column, ids_column
 from leccr.engines.cache import Lazy
-from leccr.store import Artifact, ShardResult, StageContext, atomic_write_text
+from leccr.core.artifact import ReadView
+from leccr.core.context import StageContext
+from leccr.core.io import atomic_write_text
+from leccr.core.shards import ShardJob, ShardResult
+from leccr.core.stage import StageDef
 from schemas.core import read_table, write_table
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.describe import DESCRIPTIONS
 from schemas.features import TEXT_TOKENS, description_schema
 from schemas.translate import TRANSLATIONS
-
-UPSTREAM = ("dataset", "translate", "describe", "visual")
-SHARDED = True
 
 INFO_FILE = "features_info.json"
 EMPTY_DESCRIPTION_FILE = "empty.parquet"
@@ -58,10 +60,10 @@ def check_config(cfg: FeaturesConfig) -> None:
         raise ValueError("features.description_states needs features.text_model (the frozen encoder to run)")
 
 
-def link_visual(visual: Artifact, dest: Path) -> None:
+def link_visual(visual: ReadView, dest: Path) -> None:
     """Hard-link the visual artifact's files into `visual/` (copy across filesystems)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for file in sorted(visual.path.glob("part-*.parquet")) + [visual.file("errors.parquet")]:
+    for file in visual.parts() + [visual.file("errors.parquet")]:
         target = dest / file.name
         if target.exists():
             continue
@@ -175,13 +177,13 @@ def _description_processor(cfg: FeaturesConfig, tokenizer: Lazy, encoder: Lazy |
 
 
 # ------------------------------------------------------------------------------------------- run
-def run(ctx: StageContext) -> None:
-    # torch and transformers: imported when the stage runs, not when a run is planned
-    from leccr.features.text import TextStateEncoder, load_tokenizer, tokenize
+# A caption's token ids depend on its row alone; a description's on its item, split, views and texts.
+TEXT_INPUT = ("item_id", "caption_id", "split", "lang", "text", "kind", "source")
+TEXT_UNIT = ("item_id", "caption_id", "lang", "kind", "source")
+DESCRIPTION_INPUT = ("item_id", "split", "views", "texts")
 
-    cfg: FeaturesConfig = ctx.section
-    check_config(cfg)
-    started = time.perf_counter()
+
+def _inputs(ctx: StageContext) -> tuple[list[dict], pa.Table, pa.Table, pa.Table]:
     items = sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
                    key=lambda item: item["item_id"])
     captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
@@ -189,26 +191,51 @@ def run(ctx: StageContext) -> None:
         if ctx.inputs["translate"].parts() else TRANSLATIONS.empty_table()
     descriptions = ctx.inputs["describe"].read(DESCRIPTIONS, columns=["item_id", "view_id", "description"]) \
         if ctx.inputs["describe"].parts() else DESCRIPTIONS.empty_table()
+    return items, captions, translations, descriptions
+
+
+def shard_jobs(ctx: StageContext) -> list[ShardJob]:
+    """The text side's two tables: one row per caption, one per described item."""
+    return _jobs(ctx.section, *_inputs(ctx))
+
+
+def _jobs(cfg: FeaturesConfig, items: list[dict], captions: pa.Table, translations: pa.Table,
+          descriptions: pa.Table) -> list[ShardJob]:
+    desc_schema = description_schema(cfg.states_dtype if cfg.description_states else None)
+    return [
+        ShardJob(caption_work(captions, translations, items), cfg.text_shard_size, TEXT_TOKENS,
+                 item_id=lambda r: r["item_id"], unit_columns=TEXT_UNIT, input_fields=TEXT_INPUT, subdir="text",
+                 max_error_rate=cfg.max_error_rate, unit="captions", row_group_size=65536),
+        ShardJob(description_work(descriptions, items, cfg.description_views, cfg.description_join), cfg.shard_size,
+                 desc_schema, item_id=lambda r: r["item_id"], input_fields=DESCRIPTION_INPUT, subdir="descriptions",
+                 max_error_rate=cfg.max_error_rate, unit="descriptions",
+                 background_write=cfg.description_states),  # states: float arrays, slow to encode
+    ]
+
+
+def run(ctx: StageContext) -> None:
+    # torch and transformers: imported when the stage runs, not when a run is planned
+    from leccr.features.text import TextStateEncoder, load_tokenizer, tokenize
+
+    cfg: FeaturesConfig = ctx.section
+    check_config(cfg)
+    started = time.perf_counter()
+    items, captions, translations, descriptions = _inputs(ctx)
 
     if ctx.shard_slot is None:
         link_visual(ctx.inputs["visual"], ctx.out_dir / "visual")
 
     tokenizer_path = cfg.tokenizer or cfg.text_model
     tokenizer = Lazy(lambda: load_tokenizer(tokenizer_path))
-    captions_work = caption_work(captions, translations, items)
-    text_totals = ctx.run_shards(captions_work, cfg.text_shard_size, _text_processor(cfg, tokenizer), TEXT_TOKENS,
-                                 item_id=lambda r: r["item_id"], subdir="text", max_error_rate=cfg.max_error_rate,
-                                 unit="captions", row_group_size=65536)
+    text_job, desc_job = _jobs(cfg, items, captions, translations, descriptions)
+    text_totals = ctx.run_shards(replace(text_job, process=_text_processor(cfg, tokenizer)))
 
     device, precision = cfg.device, cfg.precision
     encoder = (Lazy(lambda: TextStateEncoder(cfg.text_model, tokenizer.get().pad_token_id, device, precision))
                if cfg.description_states else None)
-    desc_schema = description_schema(cfg.states_dtype if cfg.description_states else None)
-    desc_work = description_work(descriptions, items, cfg.description_views, cfg.description_join)
-    desc_totals = ctx.run_shards(desc_work, cfg.shard_size, _description_processor(cfg, tokenizer, encoder),
-                                 desc_schema, item_id=lambda r: r["item_id"], subdir="descriptions",
-                                 max_error_rate=cfg.max_error_rate, unit="descriptions",
-                                 background_write=encoder is not None)  # states: float arrays, slow to encode
+    desc_schema = desc_job.schema
+    desc_work = desc_job.work
+    desc_totals = ctx.run_shards(replace(desc_job, process=_description_processor(cfg, tokenizer, encoder)))
     if ctx.shard_slot is not None:
         return  # the finalising run writes the shared files
 
@@ -220,8 +247,8 @@ def run(ctx: StageContext) -> None:
 
     loaded = tokenizer.get()
     visual = ctx.inputs["visual"].manifest
-    visual_facts = {"visual_key": ctx.inputs["visual"].key, "visual_rows": visual["summary"].get("rows"),
-                    "visual_errors": visual["summary"].get("errors")}
+    visual_facts = {"visual_key": ctx.inputs["visual"].key, "visual_rows": visual.summary.get("rows"),
+                    "visual_errors": visual.summary.get("errors")}
     info = {
         "layout_version": 1,
         "tokenizer": Path(tokenizer_path).name,
@@ -229,11 +256,11 @@ def run(ctx: StageContext) -> None:
         "cls_token_id": loaded.cls_token_id,
         "sep_token_id": loaded.sep_token_id,
         "max_length": cfg.max_length,
-        "visual": {"visual_key": ctx.inputs["visual"].key, "visual_fixed": visual["summary"].get("fixed"),
-                   "visual_dim": visual["summary"].get("dim"), "visual_n_tokens": visual["summary"].get("n_tokens"),
-                   "source": visual["config"]["visual_source"], "output": visual["config"]["visual_output"],
-                   "dtype": visual["config"]["visual_dtype"],
-                   "model": Path(visual["config"]["vision_model"]).name if visual["config"]["vision_model"] else None},
+        "visual": {"visual_key": ctx.inputs["visual"].key, "visual_fixed": visual.summary.get("fixed"),
+                   "visual_dim": visual.summary.get("dim"), "visual_n_tokens": visual.summary.get("n_tokens"),
+                   "source": visual.config["visual_source"], "output": visual.config["visual_output"],
+                   "dtype": visual.config["visual_dtype"],
+                   "model": Path(visual.config["vision_model"]).name if visual.config["vision_model"] else None},
         "descriptions": {"join": cfg.description_join, "views": cfg.description_views,
                          "states": cfg.description_states,
                          "states_dtype": cfg.states_dtype if cfg.description_states else None},
@@ -253,3 +280,18 @@ def run(ctx: StageContext) -> None:
     ctx.log.info("features: %s visual rows (visual %s), %d captions, %d descriptions (%d items without)",
                  visual_facts["visual_rows"], visual_facts["visual_key"], text_totals.rows, desc_totals.rows,
                  ctx.summary["items_without_description"])
+
+
+def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
+    """What `device`/`precision: auto` mean where the description encoder runs, when it runs."""
+    if not cfg.features.description_states:
+        return {}
+    from leccr.device import resolved_numerics
+
+    return {"numerics": resolved_numerics(cfg, "features", cfg.features.device, cfg.features.precision)}
+
+
+STAGE = StageDef(name="features", upstream=("dataset", "translate", "describe", "visual"),
+                 reads={"dataset": ("items.parquet", "captions.parquet"), "translate": ("*",), "describe": ("*",),
+                        "visual": ("*",)},
+                 section=section, run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs)

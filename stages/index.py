@@ -26,7 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import EvaluateConfig, ExperimentConfig, IndexConfig, Section
-from leccr.store import StageContext, StageFailed, atomic_write_text
+from leccr.core.context import StageContext
+from leccr.core.failures import StageFailed
+from leccr.core.io import atomic_write_text
+from leccr.core.stage import StageDef
 from schemas.core import read_table, write_table
 from schemas.dataset import CAPTIONS, ITEMS
 from schemas.index import INDEX_ITEMS, embeddings_schema
@@ -34,8 +37,6 @@ from schemas.index import INDEX_ITEMS, embeddings_schema
 if TYPE_CHECKING:  # torch is imported where it is used: planning a run never loads it
     import torch
 
-UPSTREAM = ("dataset", "describe", "features", "train")  # describe: the description texts shown with hits
-SHARDED = False
 ITEMS_FILE = "items.parquet"
 EMBEDDINGS_FILE = "embeddings.parquet"
 INFO_FILE = "index.json"
@@ -44,14 +45,6 @@ ANY_LANGUAGE = "*"  # ranges over every calibration language: for a query langua
 
 def section(cfg: ExperimentConfig) -> Section:
     return cfg.index
-
-
-def dataset_root(dataset) -> str | None:
-    """The dataset folder the dataset artifact was read from (its config `path`), if recorded."""
-    try:
-        return dataset.manifest.get("config", {}).get("path")
-    except (OSError, ValueError):
-        return None
 
 
 def _chosen_items(tables, splits: list[str] | None) -> list[tuple[str, int]]:
@@ -66,7 +59,7 @@ def _chosen_items(tables, splits: list[str] | None) -> list[tuple[str, int]]:
 
 
 def _item_table(ctx: StageContext, item_ids: list[str], splits: list[str]) -> pa.Table:
-    from stages.evaluate import _description_texts
+    from leccr.evaluation import _description_texts
 
     dataset = ctx.inputs["dataset"]
     rows = {row["item_id"]: row for row in read_table(dataset.file("items.parquet"), ITEMS).to_pylist()}
@@ -106,7 +99,7 @@ def encode_collection(model, tables, chosen: list[tuple[str, int]], batch_size: 
 def calibration_split(ctx: StageContext, cfg: IndexConfig):
     """The calibration split's captions (human where the split has them, else machine translations, as
     evaluate), loaded once for every method."""
-    from stages.evaluate import load_split
+    from leccr.evaluation import load_split
 
     try:
         return load_split(ctx, EvaluateConfig(split=cfg.calibration_split))
@@ -121,7 +114,7 @@ def calibration_ranges(data, cfg: IndexConfig, model, visual_global: torch.Tenso
     captions (`calibration_split`) vs the indexed items."""
     from leccr.models.base import merge_ranges
     from leccr.models.encode import encode_texts
-    from stages.evaluate import whole_ranges
+    from leccr.evaluation import whole_ranges
 
     ranges: dict[str, dict[str, tuple[float, float]]] = {}
     for lang, language in data.languages.items():
@@ -143,8 +136,9 @@ def run(ctx: StageContext) -> None:
     from leccr.data import FeatureTables
     from leccr.device import resolve_device
     from leccr.engines.cache import Lazy
-    from leccr.search.vectors import build_faiss, faiss_missing
-    from stages.evaluate import load_model, trained_methods
+    from leccr.vectors import build_faiss, faiss_missing
+    from leccr.config import method_sort_key
+    from leccr.evaluation import load_model
 
     cfg: IndexConfig = ctx.section  # type: ignore[assignment]
     started = time.perf_counter()
@@ -152,19 +146,19 @@ def run(ctx: StageContext) -> None:
         raise StageFailed(f"index: index.ann is {cfg.ann.kind}, but {reason}")
     device = resolve_device(cfg.device)
     train = ctx.inputs["train"]
-    available = trained_methods(train.path)
+    available = sorted(train.methods, key=method_sort_key)
     methods = cfg.methods if cfg.methods is not None else available
     unknown = [m for m in methods if m not in available]
     if unknown or not methods:
-        raise StageFailed(f"index: method(s) {unknown or methods} not in the train artifact {train.path} "
-                          f"(trained methods: {available})")
+        raise StageFailed(f"index: method(s) {unknown or methods} not trained in this run "
+                          f"(trained methods: {available}); add them to train.methods")
     tables = FeatureTables.open(ctx.inputs["features"].path)
     chosen = _chosen_items(tables, cfg.splits)
     summary: dict[str, dict] = {}
     item_ids: list[str] | None = None
     calibration = Lazy(lambda: calibration_split(ctx, cfg))  # only methods with a fused score need it
     for method in methods:
-        method_dir = train.path / method
+        method_dir = train.method_dir(method)
         model = load_model(method_dir)
         ids, splits, visual_global, visual_slots = encode_collection(model, tables, chosen, cfg.batch_size, device)
         if item_ids is None:
@@ -210,3 +204,16 @@ def run(ctx: StageContext) -> None:
 
 def _item_paths(items_file: Path) -> list[str | None]:
     return read_table(items_file, INDEX_ITEMS, columns=["path"]).column("path").to_pylist()
+
+
+def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
+    from leccr.device import resolved_numerics
+
+    return {"numerics": resolved_numerics(cfg, "index", cfg.index.device)}
+
+
+# describe: the description texts shown with hits
+STAGE = StageDef(name="index", upstream=("dataset", "describe", "features", "train"),
+                 reads={"dataset": ("items.parquet", "captions.parquet"), "describe": ("*",), "features": ("*",),
+                        "train": ("*",)},
+                 section=section, run=run, key_config=key_config)

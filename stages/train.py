@@ -1,9 +1,10 @@
-"""train: fit every configured method (baseline, leccr, cl2cm) on the cached features.
+"""train: fit one configured method (baseline, leccr or cl2cm) on the cached features.
 
-Each method gets its own folder in the artifact (schemas/train.py): best weights as safetensors,
-model.json, the text encoder's config and tokenizer, history.parquet, and train_info.json written
-last. All methods read the same features artifact, so listing several methods computes every
-upstream stage once.
+One artifact per method (a per-method stage): each is keyed by its own resolved model config, the
+shared train settings and the features, so adding a method or changing one method's loss weight
+trains that method alone. The artifact holds the method's folder (schemas/train.py): best weights as
+safetensors, model.json, the text encoder's config and tokenizer, history.parquet, and
+train_info.json written last.
 
 Resume: a crashed run leaves finished methods (train_info.json) and the resume state of the one in
 progress; the rerun skips the first and continues the second from its last checkpoint (epoch ends,
@@ -24,10 +25,9 @@ import pyarrow.compute as pc
 
 from leccr.config import ExperimentConfig, TrainConfig
 from leccr.hub import ModelNotFound, model_path
-from leccr.store import StageContext, StageFailed
-
-UPSTREAM = ("dataset", "features")
-
+from leccr.core.context import StageContext
+from leccr.core.failures import StageFailed
+from leccr.core.stage import StageDef
 
 def section(cfg: ExperimentConfig) -> TrainConfig:
     """`train` with its defaults from other sections resolved: the text encoder (features.text_model)
@@ -38,14 +38,17 @@ def section(cfg: ExperimentConfig) -> TrainConfig:
 
 
 def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
-    """What the model of each method really is: the bundled JSON, then the preset, then the overrides,
-    resolved (the visual input width comes from the features artifact, an upstream), and the epochs."""
+    """What the model of the method really is: the bundled JSON, then the preset, then the overrides,
+    resolved (the visual input width comes from the features artifact, an upstream), the epochs, and
+    the numerics `auto` stands for on the device the run will use (bf16 on a GPU, fp32 on a CPU)."""
+    from leccr.device import resolved_numerics
     from leccr.models import get_model_config
 
     train = cfg.train
     models = {method: get_model_config(train.model_name(method), **train.model_overrides(method)).model_dump(mode="json")
               for method in train.methods}
-    return {"resolved_models": models, "resolved_epochs": train.resolved_epochs}
+    return {"resolved_models": models, "resolved_epochs": train.resolved_epochs,
+            "numerics": resolved_numerics(cfg, "train", train.device, train.precision)}
 
 
 def training_languages(features_dir: Path, wanted: list[str] | None) -> list[str]:
@@ -93,7 +96,7 @@ def build_jobs(ctx: StageContext) -> list:
 
     cfg: TrainConfig = ctx.section  # type: ignore[assignment]
     features = ctx.inputs["features"]
-    info = json.loads((features.path / "features_info.json").read_text(encoding="utf-8"))
+    info = json.loads(features.file("features_info.json").read_text(encoding="utf-8"))
     visual_dim = int(info["visual"]["visual_dim"])
     languages = training_languages(features.path, cfg.languages)
     encoder = text_encoder_path(cfg)
@@ -141,3 +144,7 @@ def run(ctx: StageContext) -> None:
                                                       "stopped_early", "steps_per_s", "seconds")}
                  for method, info in results.items()},
         seconds=round(time.perf_counter() - started, 3))
+
+
+STAGE = StageDef(name="train", upstream=("features",), reads={"features": ("*",)}, section=section, run=run,
+                 key_config=key_config, per_method=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,15 +17,12 @@ import pyarrow.compute as pc
 
 from leccr.config import ExperimentConfig, TranslateConfig
 from leccr.hub import model_path
-from leccr.store import ShardResult, StageContext
+from leccr.core.context import StageContext
+from leccr.core.shards import ShardJob, ShardResult
+from leccr.core.stage import StageDef
 from schemas.core import read_table
 from schemas.dataset import CAPTIONS
 from schemas.translate import TRANSLATIONS
-
-UPSTREAM = ("dataset",)
-READS = {"dataset": ("captions.parquet",)}  # not its media record (source.json): editing an image keeps translations
-SHARDED = True
-
 
 def section(cfg: ExperimentConfig) -> TranslateConfig:
     return cfg.translate
@@ -42,20 +40,31 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
                 raise FileNotFoundError(f"translate.import_path: no {lang} translation file {path}")
             files[lang] = {"content": fingerprints.path(path)}
         extra["import_files"] = files
+    if cfg.translate.engine == "transformers":
+        from leccr.device import resolved_numerics
+
+        extra["numerics"] = resolved_numerics(cfg, "translate", cfg.translate.device)
     return extra
 
 
 def target_languages(ctx: StageContext) -> list[str]:
     # The dataset artifact's own config says which target languages this experiment uses (in this
     # stage's key too: see key_config).
-    return list(ctx.inputs["dataset"].manifest["config"]["languages"])
+    return list(ctx.inputs["dataset"].manifest.config["languages"])
 
 
 def english_captions(ctx: StageContext, splits: list[str]) -> list[dict]:
+    """The English captions to translate, each with the dataset's own MT of it (`shipped`: lang -> text,
+    what the import engine without a file takes)."""
     captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
     english = captions.filter(pc.and_(pc.equal(captions.column("lang"), "en"),
                                       pc.is_in(captions.column("split"), pa.array(splits))))
-    return sorted(english.select(["item_id", "caption_id", "text"]).to_pylist(), key=lambda r: r["caption_id"])
+    shipped: dict[str, dict[str, str]] = {}
+    for row in captions.filter(pc.equal(captions.column("kind"), "mt")).select(["caption_id", "lang", "text"]).to_pylist():
+        shipped.setdefault(row["caption_id"], {})[row["lang"]] = row["text"]
+    rows = english.select(["item_id", "caption_id", "text"]).to_pylist()
+    return sorted(({**row, "shipped": shipped.get(row["caption_id"], {})} for row in rows),
+                  key=lambda r: r["caption_id"])
 
 
 def _rows(shard: list[dict], lang: str, texts: list[str], engine: str, model: str) -> dict[str, list]:
@@ -131,15 +140,13 @@ def _load_translation_file(path: Path) -> dict[str, str]:
     return out
 
 
-def _import_processor(ctx: StageContext, languages: list[str]):
+def _import_processor(ctx: StageContext, languages: list[str], work: list[dict]):
     cfg: TranslateConfig = ctx.section
     sources: dict[str, dict[str, str]] = {}
     names: dict[str, str] = {}
     if cfg.import_path is None:
-        captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
-        mt = captions.filter(pc.equal(captions.column("kind"), "mt")).to_pylist()
         for lang in languages:
-            sources[lang] = {r["caption_id"]: r["text"] for r in mt if r["lang"] == lang}
+            sources[lang] = {c["caption_id"]: c["shipped"].get(lang, "") for c in work}
             names[lang] = "dataset"
     else:
         for lang in languages:
@@ -183,15 +190,29 @@ def translation_quality(translations: pa.Table, captions: pa.Table) -> dict[str,
     return quality
 
 
+def shard_jobs(ctx: StageContext) -> list[ShardJob]:
+    """One job over the English captions: a caption whose text is unchanged keeps its translations (under
+    the import engine without a file, its shipped translations must be unchanged too; a file's content
+    is in the key)."""
+    cfg: TranslateConfig = ctx.section
+    imports_shipped = cfg.engine == "import" and cfg.import_path is None
+    # An error row is one caption in one language: the rate is over captions x languages.
+    return [ShardJob(english_captions(ctx, cfg.splits), cfg.shard_size, TRANSLATIONS, item_id=lambda c: c["caption_id"],
+                     unit_columns=("caption_id",),
+                     input_fields=("item_id", "caption_id", "text") + (("shipped",) if imports_shipped else ()),
+                     max_error_rate=cfg.max_error_rate, unit="captions",
+                     units_per_item=len(target_languages(ctx)), error_unit="caption translations")]
+
+
 def run(ctx: StageContext) -> None:
     cfg: TranslateConfig = ctx.section
     languages = target_languages(ctx)
-    work = english_captions(ctx, cfg.splits)
-    process = _transformers_processor(ctx, languages) if cfg.engine == "transformers" else _import_processor(ctx, languages)
-    # An error row is one caption in one language: the rate is over captions x languages.
-    totals = ctx.run_shards(work, cfg.shard_size, process, TRANSLATIONS, item_id=lambda c: c["caption_id"],
-                            max_error_rate=cfg.max_error_rate, unit="captions", key_column="caption_id",
-                            units_per_item=len(languages), error_unit="caption translations")
+    job = shard_jobs(ctx)[0]
+    work = job.work
+    process = (_transformers_processor(ctx, languages) if cfg.engine == "transformers"
+               else _import_processor(ctx, languages, work))
+    job = replace(job, process=process)
+    totals = ctx.run_shards(job)
     translations = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), TRANSLATIONS)
     captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
     ctx.summary.update(
@@ -204,3 +225,8 @@ def run(ctx: StageContext) -> None:
         quality=translation_quality(translations, captions),
         models={lang: str(cfg.models[lang]) for lang in languages} if cfg.engine == "transformers" else {},
     )
+
+
+# Reads the dataset's captions alone, not its items: a replaced image keeps every translation.
+STAGE = StageDef(name="translate", upstream=("dataset",), reads={"dataset": ("captions.parquet",)}, section=section,
+                 run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs)

@@ -14,6 +14,7 @@ One row per item: [n_tokens, dim] features, fixed-size when every item's shape i
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -22,14 +23,15 @@ import pyarrow.parquet as pq
 from leccr.config import ExperimentConfig, VisualConfig
 from leccr.engines.cache import Lazy
 from leccr.features.storage import fixed_list_column, float_list_column, rows_per_group
-from leccr.store import ItemError, ShardResult, StageContext, part_name, shard_plan
+from leccr.core.artifact import part_name
+from leccr.core.context import StageContext
+from leccr.core.failures import ItemError
+from leccr.core.shards import ShardJob, ShardResult
+from leccr.core.stage import StageDef
+from leccr.media_paths import resolve_media_path
 from schemas.core import read_table
 from schemas.dataset import ITEMS
 from schemas.features import visual_schema
-
-UPSTREAM = ("dataset",)
-SHARDED = True
-
 
 def section(cfg: ExperimentConfig) -> VisualConfig:
     return VisualConfig.of(cfg.features)
@@ -130,7 +132,7 @@ def _import_processor(ctx: StageContext, cfg: VisualConfig, schema: pa.Schema):
         rows, arrays, errors = [], [], []
         for item in shard:
             try:
-                arrays.append(imported.get().get(item["item_id"], ctx.media_path(item["feature_path"])))
+                arrays.append(imported.get().get(item["item_id"], resolve_media_path(ctx.dataset_root, item["feature_path"])))
                 rows.append(item)
             except FeatureError as error:
                 errors.append((item["item_id"], str(error)))
@@ -139,30 +141,45 @@ def _import_processor(ctx: StageContext, cfg: VisualConfig, schema: pa.Schema):
     return process
 
 
+def work_items(ctx: StageContext) -> list[dict]:
+    return sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
+                  key=lambda item: item["item_id"])
+
+
+# An item's features depend on its media (or imported feature file) bytes, and its row names its split.
+INPUT_FIELDS = ("item_id", "split", "media_type", "media_digest", "feature_digest")
+
+
+def shard_jobs(ctx: StageContext) -> list[ShardJob]:
+    cfg: VisualConfig = ctx.section  # type: ignore[assignment]
+    return [ShardJob(work_items(ctx), cfg.shard_size, visual_schema(cfg.visual_dtype, None),
+                     item_id=lambda item: item["item_id"], input_fields=INPUT_FIELDS, unit="items")]
+
+
 def run(ctx: StageContext) -> None:
     from leccr.features.vision import VisionEncoder  # torch: imported when the stage runs, not when planned
 
     cfg: VisualConfig = ctx.section  # type: ignore[assignment]
     check_config(cfg)
-    items = sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
-                   key=lambda item: item["item_id"])
+    items = work_items(ctx)
     encoder = Lazy(lambda: VisionEncoder(cfg.vision_model, cfg.visual_output, cfg.image_size, cfg.device,
                                          cfg.precision))
     schema, per_item = _layout(cfg, items, encoder, ctx.out_dir)
     features_type = schema.field("features").type
     bytes_per_row = (features_type.list_size * features_type.value_type.byte_width
                      if pa.types.is_fixed_size_list(features_type) else 64 * 2**10)
+    job = ShardJob(items, cfg.shard_size, schema, item_id=lambda item: item["item_id"], input_fields=INPUT_FIELDS,
+                   max_error_rate=cfg.max_error_rate, unit="items", row_group_size=rows_per_group(bytes_per_row),
+                   background_write=True)  # Parquet writes of float arrays hidden behind extraction
     prefetcher = None
     if cfg.visual_source == "import":
         process = _import_processor(ctx, cfg, schema)
     else:
-        shards = shard_plan(items, cfg.shard_size)
+        split = ctx.plan_shards(job)  # media is decoded only for the items to compute
+        shards = [split.to_compute(i) for i in range(len(split.shards))]
         process, prefetcher = _model_processor(ctx, cfg, shards, encoder, schema, per_item)
     try:
-        totals = ctx.run_shards(items, cfg.shard_size, process, schema, item_id=lambda item: item["item_id"],
-                                max_error_rate=cfg.max_error_rate, unit="items",
-                                row_group_size=rows_per_group(bytes_per_row),
-                                background_write=True)  # Parquet writes of float arrays hidden behind extraction
+        totals = ctx.run_shards(replace(job, process=process))
     finally:
         if prefetcher is not None:
             prefetcher.close()
@@ -179,3 +196,16 @@ def run(ctx: StageContext) -> None:
         dim=int(first.column("dim")[0].as_py()) if first is not None and first.num_rows else None,
         n_tokens=int(first.column("n_tokens")[0].as_py()) if first is not None and first.num_rows else None,
     )
+
+
+def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
+    """What `device`/`precision: auto` mean where the vision tower runs (bf16 on a GPU, fp32 on a CPU)."""
+    if cfg.features.visual_source != "model":
+        return {}
+    from leccr.device import resolved_numerics
+
+    return {"numerics": resolved_numerics(cfg, "visual", cfg.features.device, cfg.features.precision)}
+
+
+STAGE = StageDef(name="visual", upstream=("dataset",), reads={"dataset": ("items.parquet",)}, section=section, run=run,
+                 sharded=True, key_config=key_config, shard_jobs=shard_jobs, config_section="features")

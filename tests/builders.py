@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from leccr.store import Artifact
+from leccr.core.artifact import Artifact
 from schemas.core import write_table
 from schemas.dataset import CAPTIONS, ITEMS
 
@@ -22,7 +22,7 @@ def dataset_artifact(folder: Path, items: list[dict], captions: list[dict], lang
 
 def finish_handmade(stage: str, folder: Path, key: str, **manifest) -> Artifact:
     """Mark a hand-built folder complete: a manifest with the content digest downstream keys hash."""
-    from leccr.store import content_digest
+    from leccr.core.artifact import content_digest
 
     manifest = {"config": {}, "rows": {}, "summary": {}, **manifest, "content_digest": content_digest(folder)}
     (folder / "_manifest.json").write_text(json.dumps(manifest))

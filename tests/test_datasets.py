@@ -13,7 +13,7 @@ from leccr.datasets import DatasetFormatError, DatasetOptionsError, list_formats
 from leccr.datasets.base import english_id_of_mt, parse_ccr_line
 from leccr.datasets.check import check_command
 from schemas.core import validate
-from schemas.dataset import CAPTIONS, ITEMS
+from schemas.dataset import CAPTIONS, SOURCE_ITEMS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -75,7 +75,7 @@ def test_ccr_line_parsing():
 # ------------------------------------------------------------------------------ multi30k
 def test_multi30k_fixture():
     tables = load_dataset("multi30k", FIXTURES / "multi30k", ["de", "fr", "cs"], {})
-    validate(tables.items, ITEMS, "items")
+    validate(tables.items, SOURCE_ITEMS, "items")
     validate(tables.captions, CAPTIONS, "captions")
     assert counts(tables) == {"train": 3, "val": 2, "test": 2}
     assert set(tables.items.column("media_type").to_pylist()) == {"image"}

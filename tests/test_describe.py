@@ -18,8 +18,11 @@ from leccr.config import DescribeConfig
 from leccr.engines.mllm import (Request, SamplingConfig, TransformersMLLM, chat_prompt, load_imported_descriptions,
                                 request_seed)
 from leccr.media import load_image, sample_frames
-from leccr.fingerprint import Fingerprinter
-from leccr.store import Artifact, KeyParts, StageContext, StageFailed, resolve_section
+from leccr.core.fingerprint import Fingerprinter
+from leccr.core.artifact import Artifact
+from leccr.core.context import StageContext
+from leccr.core.failures import StageFailed
+from leccr.core.keys import KeyParts, resolve_section
 from tests.builders import finish_handmade
 from leccr.tiny_models.mllm import build_tiny_llava
 from schemas.core import read_table, write_table
@@ -207,7 +210,8 @@ _KILLABLE_RUN = """
 import json, logging, sys
 from pathlib import Path
 from leccr.config import DescribeConfig
-from leccr.store import Artifact, StageContext
+from leccr.core.artifact import Artifact
+from leccr.core.context import StageContext
 import stages.describe as describe
 args = json.loads(sys.argv[1])
 ctx = StageContext(stage="describe", key="test", section=DescribeConfig(**args["cfg"]),
@@ -274,7 +278,7 @@ def test_tiny_llava_is_deterministic_and_in_the_hub_layout(tiny_llava, tmp_path)
 
 def test_run_stage_through_the_store_then_hits_the_cache(tiny_llava, tmp_path):
     from leccr.config import parse_config
-    from leccr.pipeline import run_stage
+    from leccr.core.runner import run_stage
 
     dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
     cfg = parse_config({
@@ -286,9 +290,9 @@ def test_run_stage_through_the_store_then_hits_the_cache(tiny_llava, tmp_path):
     first = run_stage(cfg, "describe", {"dataset": dataset})
     assert not first.cache_hit and first.rows["part-00000.parquet"] == 2 * 2 + 4
     manifest = first.artifact.manifest
-    assert manifest["summary"]["descriptions"] == 8 and manifest["summary"]["engine"] == "transformers"
+    assert manifest.summary["descriptions"] == 8 and manifest.summary["engine"] == "transformers"
     # the model folder enters the key by content, not by where it lies
-    assert set(manifest["key_config"]["model"]) == {"content"} and len(manifest["key_config"]["model"]["content"]) == 64
+    assert set(manifest.key_config["model"]) == {"content"} and len(manifest.key_config["model"]["content"]) == 64
     again = run_stage(cfg, "describe", {"dataset": dataset})
     assert again.cache_hit and again.artifact.key == first.artifact.key
 

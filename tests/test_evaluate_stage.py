@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from leccr.config import EvaluateConfig, ZeroShotConfig
-from leccr.store import Artifact, StageContext
+from leccr.core.artifact import Artifact
+from leccr.core.context import StageContext
 from schemas.core import read_table, write_table
 from schemas.describe import DESCRIPTIONS
 from schemas.evaluate import METRICS, WORST_QUERIES

@@ -1,5 +1,5 @@
 """The features stage on a tiny hand-built dataset with real tiny models (leccr.tiny_models), run
-through leccr.pipeline.run_stage: values, joins of translations, description views and states, the
+through leccr.core.runner.run_stage: values, joins of translations, description views and states, the
 shared visual cache, resume after a failed shard, imported features."""
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import leccr.features.vision as vision_module
 from leccr.config import ExperimentConfig, FeaturesConfig, VisualConfig
 from leccr.data import TrainingDataset, load_eval_items
 from leccr.features.vision import VisionEncoder
-from leccr.pipeline import run_stage
-from leccr.fingerprint import Fingerprinter
-from leccr.store import Artifact, StageFailed, resolve_section
+from leccr.core.runner import run_stage
+from leccr.core.fingerprint import Fingerprinter
+from leccr.core.artifact import Artifact
+from leccr.core.failures import StageFailed
+from leccr.core.keys import resolve_section
 from tests.builders import finish_handmade
 from schemas.core import write_table
 from schemas.dataset import CAPTIONS, ITEMS
@@ -135,7 +137,7 @@ def test_stage_writes_visual_text_and_descriptions(tmp_path, models, inputs):
     with torch.no_grad():
         states = model(input_ids=torch.tensor([by_item["a"]["input_ids"]])).last_hidden_state[0].numpy()
     np.testing.assert_allclose(np.asarray(by_item["a"]["states"], np.float32).reshape(-1, 64), states, atol=1e-5)
-    assert outcome.artifact.manifest["summary"]["items_without_description"] == 3  # c, d, bad
+    assert outcome.artifact.manifest.summary["items_without_description"] == 3  # c, d, bad
     # DuckDB sees the three sub-tables through the lead's view globs
     import duckdb
     con = duckdb.connect()
@@ -163,7 +165,7 @@ def test_text_setting_change_reuses_visual_features(tmp_path, models, inputs, mo
     monkeypatch.setattr(vision_module, "VisionEncoder", no_vision)
     second = run(experiment(tmp_path, models, max_length=8, description_join="first"), inputs)
     assert second.artifact.key != first.artifact.key
-    assert second.artifact.manifest["upstream"]["visual"] == visual.artifact.key
+    assert second.artifact.manifest.upstream["visual"] == visual.artifact.key
     for part in (first.artifact.path / "visual").glob("part-*.parquet"):
         # the very same file (a hard link to the visual artifact), not a recomputation or copy
         assert part.stat().st_ino == (second.artifact.path / "visual" / part.name).stat().st_ino
@@ -217,7 +219,7 @@ def test_resume_after_a_failed_shard(tmp_path, models, inputs, monkeypatch):
     outcome = run(cfg, inputs)
     assert (cache / "part-00000.parquet").stat().st_mtime_ns == kept  # not recomputed
     assert (cache / "_manifest.json").is_file() and (outcome.artifact.path / "visual" / "part-00002.parquet").is_file()
-    assert Artifact("visual", cache.name, cache).manifest["summary"]["shards_resumed"] == 1
+    assert Artifact("visual", cache.name, cache).manifest.summary["shards_resumed"] == 1
     fresh = run(experiment(tmp_path / "fresh", models), inputs)
     for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
         assert pq.read_table(outcome.artifact.path / "visual" / name).equals(
@@ -300,7 +302,7 @@ def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, out
 
 
 def test_scale_out_slots_then_finish_equal_a_plain_run(tmp_path, models, inputs):
-    from leccr.pipeline import key_parts, run_stage_slot
+    from leccr.core.runner import key_parts, run_stage_slot
 
     cfg = experiment(tmp_path / "slots", models)
     parts = key_parts(cfg, "visual", {"dataset": inputs["dataset"]}, Fingerprinter())
@@ -310,7 +312,7 @@ def test_scale_out_slots_then_finish_equal_a_plain_run(tmp_path, models, inputs)
     # every visual shard committed by one of the two slots; nothing finalised yet
     assert len(list(cache.glob("part-*.parquet"))) == 3 and not (cache / "_manifest.json").exists()
     finished = run(cfg, inputs)
-    assert Artifact("visual", parts.key, cache).manifest["summary"]["shards_resumed"] == 3
+    assert Artifact("visual", parts.key, cache).manifest.summary["shards_resumed"] == 3
     plain = run(experiment(tmp_path / "plain", models), inputs)
     for sub in ("visual", "text", "descriptions"):
         for part in sorted((plain.artifact.path / sub).glob("part-*.parquet")):

@@ -94,8 +94,8 @@ def test_config_with_a_hub_id_validates_without_the_model(tmp_path):
 def test_a_hub_id_is_keyed_by_its_snapshot(hub_cache, tiny_text, tmp_path):
     """`leccr run` with a hub id: the key holds the snapshot's files and its commit; a new commit of
     the same files changes the recorded identity, other files change the content."""
-    from leccr.fingerprint import Fingerprinter
-    from leccr.store import path_identity
+    from leccr.core.fingerprint import Fingerprinter
+    from leccr.core.keys import path_identity
 
     fingerprints = Fingerprinter()
     main = path_identity("org/tiny-text", fingerprints, "features.text_model")

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from leccr.config import parse_config
-from leccr.pipeline import explain, plan, run_pipeline
+from leccr.core.dag import plan
+from leccr.core.runner import explain, run_pipeline
 from leccr.sql import connect
 from tests.conftest import demo_config_dict
 
@@ -58,7 +59,7 @@ def test_second_run_is_all_cache_hits_and_translate_change_reruns_downstream(dem
     assert reran == {"translate", "features"} & set(stages)
     # The latest run's translate output is visible in DuckDB.
     rows = connect(tmp_path).execute("SELECT count(*), count(DISTINCT lang) FROM translate").fetchone()
-    assert rows == (changed["translate"].artifact.manifest["summary"]["translations"], 3)
+    assert rows == (changed["translate"].artifact.manifest.summary["translations"], 3)
 
 
 def test_force_recomputes_the_stage(demo_root, tmp_path):
@@ -77,7 +78,7 @@ def test_killed_run_resumes_without_losing_finished_shards(demo_root, tmp_path):
                          "models": {lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]}}
     config = tmp_path / "kill.yaml"
     config.write_text(yaml.safe_dump(data))
-    code = ("import sys; from leccr.config import load_config; from leccr.pipeline import run_pipeline; "
+    code = ("import sys; from leccr.config import load_config; from leccr.core.runner import run_pipeline; "
             "run_pipeline(load_config(sys.argv[1]), ['translate'])")
     process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,6 +97,6 @@ def test_killed_run_resumes_without_losing_finished_shards(demo_root, tmp_path):
     assert not outcome.cache_hit
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("part-*.parquet")}
     assert {name: after[name] for name in finished} == finished  # finished shards untouched
-    summary = outcome.artifact.manifest["summary"]
+    summary = outcome.artifact.manifest.summary
     assert summary["shards_resumed"] == len(finished)
     assert len(after) == -(-summary["english_captions"] // 2) > len(finished)  # every shard, once

@@ -14,11 +14,12 @@ import pytest
 import yaml
 
 import leccr.models
-from leccr.codeid import _module_digest, code_digest
+from leccr.core.codeid import _module_digest, code_digest
 from leccr.config import parse_config
-from leccr.fingerprint import Fingerprinter
-from leccr.pipeline import explain, get_stage, key_parts, run_pipeline, stage_names, upstream_of
-from leccr.store import Store, stage_lock
+from leccr.core.fingerprint import Fingerprinter
+from leccr.core.dag import get_stage, stage_names
+from leccr.core.runner import explain, key_parts, run_pipeline
+from leccr.core.artifact import Store, stage_lock
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]
@@ -129,8 +130,8 @@ def test_train_resolves_defaults_from_other_sections(demo_root, tmp_path):
 
 
 def test_evaluate_declares_every_artifact_it_reads():
-    assert set(upstream_of("evaluate")) == {"dataset", "describe", "features", "train"}
-    assert "visual" in upstream_of("features")
+    assert set(get_stage("evaluate").upstream) == {"dataset", "describe", "features", "train"}
+    assert "visual" in get_stage("features").upstream
 
 
 # ------------------------------------------------------------------------------ fingerprints
@@ -342,7 +343,7 @@ def test_gc_lists_and_deletes_unreferenced_artifacts_but_not_running_ones(demo_r
 def test_stage_order_comes_from_upstream_alone():
     order = stage_names()
     for name in order:
-        for up in upstream_of(name):
+        for up in get_stage(name).upstream:
             assert order.index(up) < order.index(name), (up, name)
     assert order[0] == "dataset" and {"visual", "features", "train", "evaluate"} <= set(order)
 
@@ -360,7 +361,7 @@ def test_key_parts_need_finished_upstream(demo_root, tmp_path):
 
 def test_planning_a_run_imports_neither_torch_nor_prefect():
     """Stage modules import heavy libraries inside `run`: a dry run or a cached rerun stays fast."""
-    code = ("import sys; from leccr.config import load_config; from leccr.pipeline import get_stage, stage_names; "
+    code = ("import sys; from leccr.config import load_config; from leccr.core.dag import get_stage, stage_names; "
             "cfg = load_config('configs/demo.yaml'); [get_stage(n).section(cfg) for n in stage_names()]; "
             "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -371,7 +372,7 @@ def test_content_digest_ignores_volatile_columns(tmp_path):
     """A describe shard recomputed to the same text (other timings) holds the same content."""
     import pyarrow as pa
 
-    from leccr.store import content_digest
+    from leccr.core.artifact import content_digest
     from schemas.core import write_table
     from schemas.describe import DESCRIPTIONS
 

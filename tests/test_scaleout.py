@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from leccr.config import parse_config
-from leccr.pipeline import plan, run_pipeline
+from leccr.core.dag import plan
+from leccr.core.runner import run_pipeline
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]
@@ -134,7 +135,7 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
     assert outcome.artifact.path == folder  # the runner is not part of the key
     after = {p.name: p.stat().st_mtime_ns for p in folder.glob("part-*.parquet")}
     assert {n: after[n] for n in finished} == finished  # nothing finished on Ray was recomputed
-    assert outcome.artifact.manifest["summary"]["shards_resumed"] == len(finished)
+    assert outcome.artifact.manifest.summary["shards_resumed"] == len(finished)
 
 
 def _unshare_works() -> bool:

@@ -14,9 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from leccr.config import ContentPath, Section
-from leccr.fingerprint import Fingerprinter
-from leccr.store import (Artifact, ItemError, KeyParts, ShardClaims, ShardResult, ShardWriter, StageContext,
-                         StageFailed, Store, _error_table, resolve_section, shard_plan)
+from leccr.core.fingerprint import Fingerprinter
+from leccr.core.failures import error_table as _error_table
+from leccr.core.artifact import Artifact, Store
+from leccr.core.claims import Claims, shard_claim
+from leccr.core.context import StageContext
+from leccr.core.failures import ItemError, StageFailed
+from leccr.core.keys import KeyParts, resolve_section
+from leccr.core.shards import ShardJob, ShardResult, ShardWriter, shard_plan
 from schemas.core import SchemaError, read_table, validate, write_table
 from schemas.errors import ERRORS
 
@@ -120,7 +125,7 @@ def _process(fail_ids=()):
 def test_run_shards_resumes_and_collects_errors(tmp_path):
     ctx = _ctx(tmp_path)
     process, calls = _process(fail_ids={3})
-    totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    totals = ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}"))
     assert calls == [0, 1, 2]
     assert (totals.rows, totals.errors, totals.shards_done) == (9, 1, 3)
     assert sorted(p.name for p in ctx.out_dir.glob("part-*.parquet")) == [
@@ -131,7 +136,7 @@ def test_run_shards_resumes_and_collects_errors(tmp_path):
     # Lose shard 1 (as if killed before its rename): only it is recomputed.
     (ctx.out_dir / "part-00001.parquet").unlink()
     process, calls = _process(fail_ids={3})
-    totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    totals = ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}"))
     assert calls == [1]
     assert (totals.rows, totals.errors, totals.shards_resumed) == (9, 1, 2)
 
@@ -139,16 +144,16 @@ def test_run_shards_resumes_and_collects_errors(tmp_path):
 def test_background_write_commits_the_same_shards_and_resumes(tmp_path):
     plain, background = _ctx(tmp_path / "plain"), _ctx(tmp_path / "background")
     process, _ = _process(fail_ids={3})
-    plain.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    plain.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}"))
     process, calls = _process(fail_ids={3})
-    totals = background.run_shards(list(range(10)), 4, process, ROWS, item_id=str, background_write=True)
+    totals = background.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", background_write=True))
     assert calls == [0, 1, 2] and (totals.rows, totals.errors, totals.shards_done) == (9, 1, 3)
     assert not (background.out_dir / "_claims").exists()  # each claim released once its shard was committed
     for name in ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "errors.parquet"]:
         assert pq.read_table(background.out_dir / name).equals(pq.read_table(plain.out_dir / name)), name
     (background.out_dir / "part-00002.parquet").unlink()
     process, calls = _process(fail_ids={3})
-    totals = background.run_shards(list(range(10)), 4, process, ROWS, item_id=str, background_write=True)
+    totals = background.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", background_write=True))
     assert calls == [2] and (totals.rows, totals.shards_resumed) == (9, 2)
 
 
@@ -162,7 +167,7 @@ def test_background_write_raises_a_failed_commit_and_keeps_the_committed_shards(
         return ShardResult(pa.table({"item_id": [f"id{i}" for i in items], "value": values}))
 
     with pytest.raises(SchemaError, match=r"part-00001.parquet: column 'value' has type double"):
-        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str, background_write=True)
+        ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", background_write=True))
     # shard 2 may have been computed while shard 1 was written, but the error stops the stage before
     # or at its commit; shard 0 stays committed and shard 1 has no part file
     assert calls[:2] == [0, 1]
@@ -189,7 +194,7 @@ def test_error_rate_threshold_fails_clearly_and_keeps_shards(tmp_path):
     with pytest.raises(StageFailed, match=r"3 of 10 items failed \(30.0% > max_error_rate 10.0%\).*3 finished "
                                           r"shard\(s\) are kept; 3 are final for this input: a rerun does "
                                           r"not retry them"):
-        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str, max_error_rate=0.1)
+        ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.1))
     assert len(list(ctx.out_dir.glob("part-*.parquet"))) == 3
 
 
@@ -215,20 +220,20 @@ def test_rerun_retries_only_retryable_items_and_keeps_the_rest(tmp_path):
     process, calls = _retrying_process(broken)
     with pytest.raises(StageFailed, match=r"3 of 10 items failed.*a rerun retries the 2 retryable failure\(s\).*"
                                           r"the other 1 are final"):
-        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=lambda i: f"id{i}", max_error_rate=0.1)
+        ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=lambda i: f"id{i}", process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.1))
     assert [c[0] for c in calls] == [0, 1, 2]
     before = pq.read_table(ctx.out_dir / "part-00002.parquet")
     broken.discard(1)  # one file is back
     process, calls = _retrying_process(broken)
     with pytest.raises(StageFailed, match="2 of 10 items failed"):
-        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=lambda i: f"id{i}", max_error_rate=0.1)
+        ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=lambda i: f"id{i}", process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.1))
     assert calls == [(0, [1]), (1, [6])]  # only the retryable items; shard 2's final error is not retried
     shard0 = pq.read_table(ctx.out_dir / "part-00000.parquet").column("item_id").to_pylist()
     assert shard0 == ["id0", "id1", "id2", "id3"]  # in work order, the kept rows untouched
     assert pq.read_table(ctx.out_dir / "part-00002.parquet").equals(before)
     broken.clear()
     process, calls = _retrying_process(broken)
-    totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=lambda i: f"id{i}", max_error_rate=0.1)
+    totals = ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=lambda i: f"id{i}", process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.1))
     assert calls == [(1, [6])]
     assert (totals.rows, totals.errors, totals.retryable_errors, totals.items_retried) == (9, 1, 0, 1)
     errors = pq.read_table(ctx.out_dir / "errors.parquet").to_pylist()
@@ -238,13 +243,13 @@ def test_rerun_retries_only_retryable_items_and_keeps_the_rest(tmp_path):
 def test_an_empty_or_cut_committed_shard_is_named_and_recomputed(tmp_path, caplog):
     ctx = _ctx(tmp_path)
     process, _ = _process()
-    ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}"))
     (ctx.out_dir / "part-00001.parquet").write_bytes(b"")
     data = (ctx.out_dir / "part-00002.parquet").read_bytes()
     (ctx.out_dir / "part-00002.parquet").write_bytes(data[: len(data) // 2])
     process, calls = _process()
     with caplog.at_level(logging.WARNING):
-        totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+        totals = ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}"))
     assert calls == [1, 2] and totals.shards_recomputed == 2 and totals.rows == 10
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "part-00001.parquet is unusable (the file is empty (0 bytes))" in warned
@@ -253,8 +258,8 @@ def test_an_empty_or_cut_committed_shard_is_named_and_recomputed(tmp_path, caplo
 
 def test_a_shard_claimed_by_a_live_worker_is_waited_for_and_a_dead_claim_taken_over(tmp_path):
     ctx = _ctx(tmp_path)
-    claims = ShardClaims(ctx.out_dir)
-    assert claims.acquire(0) and not ShardClaims(ctx.out_dir).acquire(0)  # this process holds it
+    claims = Claims(ctx.out_dir)
+    assert claims.acquire(shard_claim(0)) and not Claims(ctx.out_dir).acquire(shard_claim(0))  # this process holds it
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (ctx.out_dir / "_claims" / "part-00001.claim").write_text(json.dumps(
         {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "1"}))
@@ -265,11 +270,11 @@ def test_a_shard_claimed_by_a_live_worker_is_waited_for_and_a_dead_claim_taken_o
         write_table(pa.table({"item_id": ["id0", "id1", "id2", "id3"], "value": pa.array([0, 1, 2, 3], pa.int64())}),
                     ctx.out_dir / "part-00000.parquet", ROWS)
         write_table(_error_table([], "toy", 0), ctx.out_dir / "_errors" / "part-00000.parquet", ERRORS)
-        claims.release(0)
+        claims.release(shard_claim(0))
 
     other = threading.Thread(target=commit_shard0_later)
     other.start()
-    totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str)
+    totals = ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}"))
     other.join()
     assert calls == [1, 2]  # shard 0 was the other worker's; the dead worker's shard 1 was taken over
     assert (totals.shards_done, totals.shards_resumed, totals.rows) == (2, 1, 10)
@@ -284,10 +289,10 @@ def test_translate_style_error_rate_counts_units_of_work(tmp_path):
         return ShardResult(table, [(f"id{i}", "no fr translation") for i in items])
 
     with pytest.raises(StageFailed, match=r"10 of 20 caption translations failed \(50.0%"):
-        ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str, max_error_rate=0.3, unit="captions",
-                       units_per_item=2, error_unit="caption translations")
-    totals = ctx.run_shards(list(range(10)), 4, process, ROWS, item_id=str, max_error_rate=0.5,
-                            units_per_item=2)
+        ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.3, unit="captions",
+                       units_per_item=2, error_unit="caption translations"))
+    totals = ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.5,
+                            units_per_item=2))
     assert (totals.rows, totals.errors) == (10, 10)
 
 

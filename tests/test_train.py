@@ -11,8 +11,8 @@ import torch
 
 from leccr.config import ConfigError, TrainConfig, parse_config
 from leccr.models import create_model
-from leccr.pipeline import run_pipeline
-from leccr.store import StageFailed
+from leccr.core.runner import run_pipeline
+from leccr.core.failures import StageFailed
 from leccr.training import TrainJob, load_trained, train_method
 from leccr.training.checkpoint import INFO_FILE, MODEL_FILE, RESUME_DIR
 from leccr.training.data import epoch_batches
@@ -118,16 +118,17 @@ def test_train_config_validates_methods_overrides_and_presets():
 def test_train_stage_trains_every_method_and_keeps_the_best_epoch(features, tmp_path):
     data, _ = features
     data = {**data, "train": {**data["train"], "epochs": 3}}
-    outcome = run_pipeline(parse_config(data), ["train"])["train"]
-    folder = outcome.artifact.path
-    summary = outcome.artifact.manifest["summary"]
-    assert summary["languages"] == ["de", "fr", "zh"]
-    assert set(summary["methods"]) == {"baseline", "cl2cm", "leccr"}
+    outcomes = run_pipeline(parse_config(data), ["train"])
+    folders = {method: outcomes[f"train[{method}]"].artifact.path for method in ("baseline", "cl2cm", "leccr")}
+    assert len(set(folders.values())) == 3  # one artifact per method
+    for method, folder in folders.items():
+        summary = outcomes[f"train[{method}]"].artifact.manifest.summary
+        assert summary["languages"] == ["de", "fr", "zh"] and set(summary["methods"]) == {method}
     steps_per_epoch = 90 // 16
     validation = ValidationSet.load(features[1].path, "val", ["de", "fr", "zh"], use_states=True)
     for method, terms in {"baseline": {"vs", "vt", "st"}, "cl2cm": {"vs", "vt", "cl", "ot", "rd"},
                           "leccr": {"vs", "vt", "st", "c_s", "c_t", "c", "cv", "reg", "dstl"}}.items():
-        method_dir = folder / method
+        method_dir = folders[method] / method
         assert not (method_dir / RESUME_DIR).exists()  # resume state removed once finished
         info = json.loads((method_dir / INFO_FILE).read_text())
         assert info["steps"] == 3 * steps_per_epoch and info["epochs_run"] == 3
@@ -146,12 +147,16 @@ def test_train_stage_trains_every_method_and_keeps_the_best_epoch(features, tmp_
         assert validation.evaluate(model, 64, torch.device("cpu"))["val_sumr"] == pytest.approx(best["val_sumr"])
         assert (method_dir / "text_encoder" / "config.json").is_file()
     # Loss falls on the demo data (a real learning signal, not just finite numbers).
-    leccr_rows = [r for r in pq.read_table(folder / "leccr" / "history.parquet").to_pylist() if r["kind"] == "train"]
+    leccr_rows = [r for r in pq.read_table(folders["leccr"] / "leccr" / "history.parquet").to_pylist()
+                  if r["kind"] == "train"]
     first = sum(r["loss_total"] for r in leccr_rows if r["epoch"] == 1)
     last = sum(r["loss_total"] for r in leccr_rows if r["epoch"] == 3)
     assert last < first
-    # A second run is a cache hit.
-    assert run_pipeline(parse_config(data), ["train"])["train"].cache_hit
+    # A second run is a cache hit; one method's loss weight retrains that method alone.
+    assert all(o.cache_hit for o in run_pipeline(parse_config(data), ["train"]).values())
+    changed = {**data, "train": {**data["train"], "models": {"leccr": {"num_slots": 2, "losses": {"w_d": 0.5}}}}}
+    again = run_pipeline(parse_config(changed), ["train"])
+    assert {label for label, o in again.items() if not o.cache_hit} == {"train[leccr]"}
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(features, tmp_path):
@@ -217,7 +222,7 @@ def test_two_processes_under_torchrun_with_gloo(features, tmp_path):
     """`train.nproc: 2` on CPU: torchrun, gloo, each rank half of every batch, rank 0 writes the folder."""
     data, _ = features
     data = {**data, "train": {**data["train"], "methods": ["baseline"], "epochs": 1, "nproc": 2}}
-    outcome = run_pipeline(parse_config(data), ["train"])["train"]
+    outcome = run_pipeline(parse_config(data), ["train"])["train[baseline]"]
     info = json.loads((outcome.artifact.path / "baseline" / INFO_FILE).read_text())
     assert info["world_size"] == 2 and info["steps"] == 90 // 16
     history = pq.read_table(outcome.artifact.path / "baseline" / "history.parquet").to_pylist()
@@ -242,7 +247,9 @@ def test_evaluate_reports_every_trained_method_side_by_side(features):
         "SELECT method, count(*) FROM metrics WHERE lang = 'de' AND metric = 'sumr' GROUP BY method ORDER BY method"
     ).fetchall()
     assert [r[0] for r in rows] == ["baseline", "cl2cm", "leccr"]
-    assert outcomes["evaluate"].artifact.manifest["upstream"]["train"] == outcomes["train"].artifact.key
+    upstream = outcomes["evaluate"].artifact.manifest.upstream
+    assert {m: upstream[f"train[{m}]"] for m in ("baseline", "cl2cm", "leccr")} == \
+        {m: outcomes[f"train[{m}]"].artifact.key for m in ("baseline", "cl2cm", "leccr")}
 
 
 def test_video_modality_trains_on_pooled_frame_features(features, tmp_path):
@@ -252,7 +259,7 @@ def test_video_modality_trains_on_pooled_frame_features(features, tmp_path):
     data = {**data, "features": {**data["features"], "visual_output": "pooled"},
             "train": {**data["train"], "methods": ["leccr"], "modality": "video", "epochs": 1}}
     outcomes = run_pipeline(parse_config(data), ["train"])
-    method_dir = outcomes["train"].artifact.path / "leccr"
+    method_dir = outcomes["train[leccr]"].artifact.path / "leccr"
     model = load_trained(method_dir)
     assert model.config.modality == "video" and model.config.score_alpha == 0.9
     history = [r for r in pq.read_table(method_dir / "history.parquet").to_pylist() if r["kind"] == "val"]

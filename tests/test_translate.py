@@ -5,7 +5,8 @@ import logging
 import pytest
 
 from leccr.config import TranslateConfig
-from leccr.store import StageContext, StageFailed
+from leccr.core.context import StageContext
+from leccr.core.failures import StageFailed
 from schemas.core import read_table
 from schemas.errors import ERRORS
 from schemas.translate import TRANSLATIONS

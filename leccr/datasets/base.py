@@ -7,7 +7,7 @@ raise on the first bad line: they collect every `Problem` (file, line, message) 
 A problem that costs one item or caption (a bad line, a missing media file) is not `fatal`: the
 dataset stage writes it to its errors.parquet and goes on with the rest.
 
-Media paths in the items table are relative to the dataset root (`resolve_media_path` resolves them
+Media paths in the items table are relative to the dataset root (`leccr.media_paths.resolve_media_path` resolves them
 against the configured root at use), so a moved dataset folder with the same content keeps working.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from schemas.dataset import CAPTIONS, ITEMS
+from schemas.dataset import CAPTIONS, SOURCE_ITEMS
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -66,7 +66,7 @@ class DatasetOptionsError(ValueError):
 # ------------------------------------------------------------------------------------ tables
 @dataclass
 class DatasetTables:
-    items: pa.Table  # schemas.dataset.ITEMS
+    items: pa.Table  # schemas.dataset.SOURCE_ITEMS
     captions: pa.Table  # schemas.dataset.CAPTIONS
 
     def items_per_split(self) -> dict[str, dict[str, int]]:
@@ -154,7 +154,7 @@ class TableBuilder:
         """The two tables; captions restricted to English + `languages` (None keeps every language)."""
         keep = None if languages is None else {"en", *languages}
         captions = [c for c in self.captions if keep is None or c["lang"] in keep]
-        return DatasetTables(pa.Table.from_pylist(list(self.items.values()), schema=ITEMS),
+        return DatasetTables(pa.Table.from_pylist(list(self.items.values()), schema=SOURCE_ITEMS),
                              pa.Table.from_pylist(captions, schema=CAPTIONS))
 
 
@@ -320,16 +320,6 @@ def resolve_media(builder: TableBuilder, root: Path, item_id: str, media: Path, 
     return None
 
 
-def resolve_media_path(root: str | Path | None, stored: str | None) -> str | None:
-    """An item's `path` / `feature_path` as stored in items.parquet (relative to the dataset root, or
-    absolute where the file lies outside it) resolved against the configured dataset root."""
-    if stored is None:
-        return None
-    if root is None or Path(stored).is_absolute():
-        return stored
-    return str(Path(root).absolute() / stored)
-
-
 def _relative_paths(items: pa.Table, root: Path) -> pa.Table:
     """items with `path` / `feature_path` relative to `root` (kept absolute when outside it)."""
     for name in ("path", "feature_path"):
@@ -425,26 +415,37 @@ def register(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
+# One module per format, imported only when that format is used: a stage's code identity then holds
+# the configured adapter alone (see `adapter_module` and stages/dataset.py), not every layout we read.
+ADAPTER_MODULES = {
+    "mscoco": "leccr.datasets.mscoco",
+    "msrvtt_cn": "leccr.datasets.msrvtt_cn",
+    "multi30k": "leccr.datasets.multi30k",
+    "vatex": "leccr.datasets.vatex",
+}
+
+
 def list_formats() -> list[str]:
-    _import_adapters()
-    return sorted(ADAPTERS)
+    return sorted(ADAPTER_MODULES)
+
+
+def adapter_module(fmt: str) -> str:
+    """The module that reads dataset format `fmt`."""
+    if fmt not in ADAPTER_MODULES:
+        raise DatasetOptionsError(f"unknown dataset format {fmt!r}; known formats: {', '.join(list_formats())}")
+    return ADAPTER_MODULES[fmt]
 
 
 def get_adapter(fmt: str) -> Adapter:
-    _import_adapters()
-    if fmt not in ADAPTERS:
-        raise DatasetOptionsError(f"unknown dataset format {fmt!r}; known formats: {', '.join(sorted(ADAPTERS))}")
+    import importlib
+
+    importlib.import_module(adapter_module(fmt))  # importing registers it
     return ADAPTERS[fmt]()
 
 
 def load_dataset(format: str, root: Path, languages: list[str], options: dict | None = None) -> DatasetTables:
     """Read the dataset folder `root` in layout `format` into items + captions (English + `languages`)."""
     return get_adapter(format).read(Path(root), options or {}, list(languages))
-
-
-def _import_adapters() -> None:
-    # One module per adapter; importing registers it. Kept here so `base` has no import cycle.
-    from leccr.datasets import mscoco, msrvtt_cn, multi30k, vatex  # noqa: F401
 
 
 def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder, id_map: dict[str, str] | None = None) -> int:

@@ -182,11 +182,11 @@ def visible_colours(scene: str) -> list[str]:
     return [name for name, rgb in sorted(COLOURS.items()) if far(rgb, top) and far(rgb, bottom)]
 
 
-def plan_items(seed: int) -> list[DemoItem]:
+def plan_items(seed: int, num_images: int = NUM_IMAGES, num_videos: int = NUM_VIDEOS) -> list[DemoItem]:
     """Which items exist and what they show; every random choice comes from `seed`."""
     rng = random.Random(seed)
     items = []
-    for index in range(NUM_IMAGES):
+    for index in range(num_images):
         scene = rng.choice(sorted(SCENES))
         colours = rng.sample(visible_colours(scene), 2)
         if index % 4 == 3:  # one image in four shows two objects, side by side
@@ -196,7 +196,7 @@ def plan_items(seed: int) -> list[DemoItem]:
         else:
             objects = [(colours[0], rng.choice(SHAPES), rng.choice(sorted(POSITIONS)))]
             items.append(DemoItem(f"img{index:04d}", "one", scene, objects))
-    for index in range(NUM_VIDEOS):
+    for index in range(num_videos):
         scene = rng.choice(sorted(SCENES))
         objects = [(rng.choice(visible_colours(scene)), rng.choice(SHAPES), rng.choice(sorted(MOTIONS)))]
         items.append(DemoItem(f"vid{index:04d}", "video", scene, objects))
@@ -304,8 +304,8 @@ def mt_noise(text: str, lang: str, rng: random.Random) -> str:
 
 
 # ------------------------------------------------------------------ writing
-def _write(folder: Path, seed: int) -> None:
-    items = plan_items(seed)
+def _write(folder: Path, seed: int, num_images: int, num_videos: int) -> None:
+    items = plan_items(seed, num_images, num_videos)
     splits = assign_splits(items, seed)
     (folder / "images").mkdir(parents=True)
     for item in items:
@@ -339,13 +339,14 @@ def _write(folder: Path, seed: int) -> None:
                 (folder / "TextData" / f"Flickr30k{split}_google_enc2{lang}.caption.txt").write_text(
                     "".join(lines), encoding="utf-8")
     (folder / "README.md").write_text(
-        f"Generated demo dataset (leccr.datasets.demo, seed {seed}): {NUM_IMAGES} images and {NUM_VIDEOS} videos "
+        f"Generated demo dataset (leccr.datasets.demo, seed {seed}): {num_images} images and {num_videos} videos "
         f"of coloured shapes, Multi30K layout. Read it with format: multi30k.\n", encoding="utf-8")
     (folder / DONE_MARKER).write_text(f"seed {seed}\n", encoding="utf-8")
 
 
-def generate_demo(out: Path, seed: int = 0) -> Path:
+def generate_demo(out: Path, seed: int = 0, num_images: int = NUM_IMAGES, num_videos: int = NUM_VIDEOS) -> Path:
     """Write the demo dataset to `out` (skipped when a complete one is already there); returns `out`.
+    `num_images`, `num_videos`: a larger collection of the same world (benchmarks).
 
     Atomic at folder level: everything goes into a temporary sibling folder, which is renamed to
     `out` only when complete, so an interrupted run leaves no half dataset behind.
@@ -358,7 +359,7 @@ def generate_demo(out: Path, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(tmp / "data", seed)
+        _write(tmp / "data", seed, num_images, num_videos)
         os.replace(tmp / "data", out)
     except FileExistsError:
         pass  # another process finished first (rename onto a non-empty folder); theirs is complete

@@ -2,7 +2,9 @@
 
 A shard task on a scale-out worker (a Ray worker process) loads its model on the first shard and
 keeps it for the next shards it gets: loading a 7B MLLM per shard would cost more than the shard.
-Keys are the engine settings, so two configs never share an engine by accident.
+Keys are the engine settings, with each model folder named in `paths` by its content identity
+(`leccr.core.fingerprint.stat_identity`), so two configs never share an engine by accident and a
+model rewritten in place under the same path is loaded again.
 """
 from __future__ import annotations
 
@@ -17,9 +19,14 @@ _engines: dict[str, Any] = {}
 _lock = threading.Lock()
 
 
-def cached_engine(kind: str, settings: dict[str, Any], factory: Callable[[], T]) -> T:
-    """The engine of `kind` with these settings, built by `factory()` the first time in this process."""
-    key = kind + ":" + json.dumps(settings, sort_keys=True, default=str)
+def cached_engine(kind: str, settings: dict[str, Any], factory: Callable[[], T], paths: tuple[str, ...] = ("path",)) -> T:
+    """The engine of `kind` with these settings, built by `factory()` the first time in this process.
+
+    `paths`: the settings that name model files or folders; they count by content, not by name."""
+    from leccr.core.fingerprint import stat_identity
+
+    identity = {name: stat_identity(settings[name]) for name in paths if settings.get(name)}
+    key = kind + ":" + json.dumps({**settings, "content": identity}, sort_keys=True, default=str)
     with _lock:  # concurrent shard threads must not load the same model twice
         if key not in _engines:
             _engines[key] = factory()

@@ -11,7 +11,6 @@ position is padding and must be ignored. The models convert from the batch contr
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from leccr.search.query import QueryEncoder, UnknownLanguage
-from leccr.store import Artifact, Store
+from leccr.core.artifact import Artifact, Store
 from schemas.core import read_table
 from schemas.index import INDEX_ITEMS
 
@@ -71,7 +71,7 @@ class MethodIndex:
     @classmethod
     def load(cls, folder: Path, method_dir: Path, device: torch.device | str = "cpu") -> MethodIndex:
         from leccr.config import HnswConfig, IvfConfig
-        from leccr.search.vectors import ExactIndex, FaissIndex, faiss_missing
+        from leccr.vectors import ExactIndex, FaissIndex, faiss_missing
 
         info = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         table = pq.read_table(folder / "embeddings.parquet")
@@ -129,10 +129,11 @@ def find_index(root: str | Path = "artifacts", experiment: str | None = None) ->
 class SearchEngine:
     """An index artifact's methods (each loaded on first use, once), its items, and its media folder."""
 
-    def __init__(self, index_dir: Path, train_dir: Path, data_root: Path | None, device: str = "auto"):
+    def __init__(self, index_dir: Path, method_dirs: dict[str, Path], data_root: Path | None, device: str = "auto"):
+        """`method_dirs`: each indexed method's trained model folder (its train artifact's method folder)."""
         from leccr.device import resolve_device
 
-        self.index_dir, self.train_dir = Path(index_dir), Path(train_dir)
+        self.index_dir, self.method_dirs = Path(index_dir), {m: Path(d) for m, d in method_dirs.items()}
         self.data_root = Path(data_root).resolve() if data_root is not None else None
         self.device = resolve_device(device)
         self.methods = sorted(p.name for p in self.index_dir.iterdir() if (p / "index.json").is_file())
@@ -146,15 +147,19 @@ class SearchEngine:
     @classmethod
     def open(cls, root: str | Path = "artifacts", experiment: str | None = None, data_root: str | Path | None = None,
              device: str = "auto") -> SearchEngine:
-        """From the artifact store: the index, the train artifact it was built from, the dataset folder."""
-        from stages.index import dataset_root
-
+        """From the artifact store: the index, the train artifacts it was built from, the dataset folder
+        (where the dataset artifact was read from, unless `data_root` says where it lies now)."""
         index = find_index(root, experiment)
         store = Store(root)
-        upstream = index.manifest["upstream"]
+        upstream = index.manifest.upstream
         if data_root is None:
-            data_root = dataset_root(store.artifact("dataset", upstream["dataset"]))
-        return cls(index.path, store.artifact("train", upstream["train"]).path, data_root, device)
+            try:
+                data_root = store.artifact("dataset", upstream["dataset"]).manifest.config.get("path")
+            except (OSError, ValueError):
+                data_root = None
+        method_dirs = {label[len("train["):-1]: store.artifact("train", key).path / label[len("train["):-1]
+                       for label, key in upstream.items() if label.startswith("train[")}
+        return cls(index.path, method_dirs, data_root, device)
 
     def check(self, method: str, lang: str) -> None:
         """Raise UnknownMethod / UnknownLanguage with the choices, before any model loads."""
@@ -169,7 +174,7 @@ class SearchEngine:
             if name not in self._loaded:
                 if name not in self.infos:
                     raise UnknownMethod(f"method {name!r} is not in the index {self.index_dir} (methods: {self.methods})")
-                self._loaded[name] = MethodIndex.load(self.index_dir / name, self.train_dir / name, self.device)
+                self._loaded[name] = MethodIndex.load(self.index_dir / name, self.method_dirs[name], self.device)
                 self.loads += 1
             return self._loaded[name]
 

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from leccr.store import give_default_mode
+from leccr.core.io import give_default_mode
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from leccr.store import atomic_write_text, give_default_mode
+from leccr.core.io import atomic_write_text, give_default_mode
 
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model.json"

@@ -29,7 +29,7 @@ from leccr.config import TrainConfig
 from leccr.data import FeatureTables
 from leccr.models import ModelConfig, create_model_from_config
 from leccr.progress import progress as progress_bar
-from leccr.store import atomic_write_text
+from leccr.core.io import atomic_write_text
 from leccr.training.checkpoint import (HISTORY_FILE, INFO_FILE, clear_state, load_state, save_model, save_state,
                                        save_text_encoder)
 from leccr.training.data import MultilingualSamples, batch_loader, epoch_batches
@@ -262,6 +262,9 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
         atomic_write_text(method_dir / INFO_FILE, json.dumps(
             {**result.__dict__, "languages": job.languages, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
              "batch_size": cfg.batch_size, "world_size": world_size,
-             "dropped_samples": {part.lang: part.dropped for part in samples.parts}}, indent=2, sort_keys=True))
+             "dropped_samples": {part.lang: part.dropped for part in samples.parts},
+             # timings record how the run went, not what it learnt: left out of the artifact's content
+             # digest (leccr.core.artifact.stable_digest), so downstream keys never depend on them
+             "volatile": ["seconds", "steps_per_s"]}, indent=2, sort_keys=True))
         clear_state(method_dir)
     return result

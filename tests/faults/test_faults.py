@@ -22,8 +22,8 @@ import pytest
 from leccr.cli import main
 from leccr.config import parse_config
 from leccr.datasets.check import check_command
-from leccr.pipeline import explain, run_pipeline
-from leccr.store import StageFailed
+from leccr.core.runner import explain, run_pipeline
+from leccr.core.failures import StageFailed
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[2]
@@ -178,7 +178,7 @@ def test_broken_media_cost_their_items_a_fixed_file_is_described_and_a_moved_fol
 
 # ------------------------------------------------------------------------------------------ processes
 def _describe_process(config: Path, log: Path) -> subprocess.Popen:
-    code = ("import logging, sys; from leccr.config import load_config; from leccr.pipeline import run_pipeline; "
+    code = ("import logging, sys; from leccr.config import load_config; from leccr.core.runner import run_pipeline; "
             "logging.basicConfig(level=logging.WARNING, format='%(message)s'); "
             "logging.getLogger('leccr.stages.describe').setLevel(logging.DEBUG); "
             "run_pipeline(load_config(sys.argv[1]), ['describe'])")
@@ -270,7 +270,7 @@ def test_unusable_artifacts_root_or_dataset_path_is_one_line_before_prefect_star
 @pytest.fixture
 def inspected(tmp_path):
     """An artifacts root with a dataset artifact whose caption text is longer than any terminal."""
-    from leccr.store import Store
+    from leccr.core.artifact import Store
     from tests.builders import dataset_artifact
 
     root = tmp_path / "artifacts"

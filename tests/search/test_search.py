@@ -13,7 +13,7 @@ import torch
 
 from leccr.config import EvaluateConfig, parse_config
 from leccr.search import DEFAULT_CANDIDATES, SearchEngine, UnknownLanguage, UnknownMethod
-from leccr.store import StageContext
+from leccr.core.context import StageContext
 from schemas.core import read_table
 from schemas.index import INDEX_ITEMS
 from stages import evaluate
@@ -57,8 +57,8 @@ def test_index_files_and_schema(indexed):
 
 
 def test_key_holds_the_ann_setup_not_the_device(indexed):
-    from leccr.fingerprint import Fingerprinter
-    from leccr.pipeline import get_stage
+    from leccr.core.fingerprint import Fingerprinter
+    from leccr.core.dag import get_stage
 
     cfg, _ = indexed
 

@@ -69,6 +69,16 @@ def files_under(folder: Path) -> list[_Entry]:
     return found
 
 
+def stat_identity(path: str | Path) -> str:
+    """What `stat` says of a file or of every file of a folder, as one digest: equal identities mean
+    unchanged content (git's index rule), at the cost of a stat per file. A long-lived worker keys its
+    loaded models by this, so a model rewritten in place under the same path is loaded again."""
+    path = Path(path).absolute()
+    if path.is_file():
+        return _listing([_Entry(path.name, str(path), path.stat())])
+    return _listing(files_under(path))
+
+
 def _listing(entries: list[_Entry]) -> str:
     """Digest of what `stat` says of every file of a folder: equal listings mean unchanged files."""
     return blake3.blake3("".join(

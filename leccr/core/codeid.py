@@ -8,10 +8,10 @@ importing anything). Each module counts by its syntax tree with docstrings remov
 docstrings and formatting do not change a key; any change to what the code does, does.
 
 Modules that decide *where* results go and *whether* to reuse them, not what they hold, are left out
-(`NOT_OUTPUT_CODE`): the store and the pipeline (their file layout is versioned by
-`leccr.store.STORE_FORMAT`, which every key includes), config parsing (a section's values are hashed as
-data, defaults included), progress display and device choice. Library versions (torch,
-transformers) are not in the key.
+(`NOT_OUTPUT_CODE`): the cache core `leccr.core` (its file layout is versioned by
+`leccr.core.keys.STORE_FORMAT`, which every key includes), config parsing (a section's values are
+hashed as data, defaults included), progress display and device choice (hashed as what it resolves to).
+Library versions (torch, transformers) are not in the key; manifests record them.
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import functools
 import hashlib
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("leccr", "stages", "schemas")
 NOT_OUTPUT_CODE = frozenset({
-    "leccr.store", "leccr.pipeline", "leccr.fingerprint", "leccr.codeid", "leccr.config",
-    "leccr.progress", "leccr.device", "leccr.cli", "leccr.sql", "leccr.gc", "leccr.preflight",
+    "leccr.config", "leccr.progress", "leccr.device", "leccr.cli", "leccr.sql", "leccr.gc", "leccr.preflight",
 })
+NOT_OUTPUT_PACKAGES = ("leccr.core",)
 
 
 def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:
@@ -90,12 +90,16 @@ def code_modules(module: str, root: Path = PROJECT_ROOT) -> dict[str, str]:
     pending = [module]
     while pending:
         name = pending.pop()
-        if name in seen or (name in NOT_OUTPUT_CODE and name != module):
+        if name in seen or (name != module and not_output(name)):
             continue
         digest, imports = _module_digest(name, root)
         seen[name] = digest
         pending.extend(sorted(imports))
     return dict(sorted(seen.items()))
+
+
+def not_output(name: str) -> bool:
+    return name in NOT_OUTPUT_CODE or any(name == p or name.startswith(p + ".") for p in NOT_OUTPUT_PACKAGES)
 
 
 def code_digest(module: str, root: Path = PROJECT_ROOT) -> str:

@@ -85,7 +85,7 @@ class FaissIndex:
     def save(self, folder: Path) -> Path:
         import faiss
 
-        from leccr.store import atomic_write_bytes
+        from leccr.core.io import atomic_write_bytes
 
         return atomic_write_bytes(folder / FAISS_FILE, faiss.serialize_index(self.index).tobytes())
 

@@ -1,0 +1,96 @@
+"""What a stage function is given: its section, its upstream artifacts, and where to write."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from leccr.config import Section
+from leccr.core.artifact import Artifact, MethodArtifacts, ReadView, part_name
+from leccr.core.keys import KeyParts
+from leccr.core.memo import RowMemo
+from leccr.core.shards import MemoSplit, ShardJob, ShardRun, ShardTotals, memo_split
+from schemas.core import write_table
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function may use: its section, its inputs, and where to write.
+
+    Stages never see the whole experiment config: what shapes their output must be in their section
+    (and so in their key). Upstream artifacts come as `ReadView`s of the files the stage declared.
+    """
+
+    stage: str
+    key: str
+    section: Section
+    inputs: dict[str, ReadView | MethodArtifacts]
+    out_dir: Path
+    log: logging.Logger | logging.LoggerAdapter
+    key_parts: KeyParts | None = None  # what the key hashes (the runner always gives it; the manifest records it)
+    summary: dict[str, Any] = field(default_factory=dict)  # stage-specific facts for the manifest and log
+    # (slot, slots): this process computes only shards with index % slots == slot and finalises
+    # nothing — the scale-out runner maps a stage's shards onto several tasks this way, then one
+    # ordinary run (every shard already committed) merges errors and writes the manifest.
+    shard_slot: tuple[int, int] | None = None
+    # The configured `dataset.path`: media paths in items.parquet are relative to it (see
+    # `leccr.media_paths.resolve_media_path`), so a moved dataset folder keeps its cache and works.
+    dataset_root: Path | None = None
+    variant: str | None = None  # the method of a per-method stage
+    # Earlier artifacts of this stage with the same code and effective config (newest first): the
+    # row memo takes the rows of unchanged units from them.
+    memo_sources: list[Artifact] = field(default_factory=list)
+    _splits: dict[str, MemoSplit] = field(default_factory=dict, repr=False)
+
+    def write(self, name: str, table: pa.Table, schema: pa.Schema, row_group_size: int | None = None) -> Path:
+        """Write one whole (non-sharded) Parquet file of this artifact atomically."""
+        return write_table(table, self.out_dir / name, schema, row_group_size)
+
+    def fingerprints(self):
+        """The artifact root's fingerprinter (content digests through its stat cache)."""
+        from leccr.core.fingerprint import fingerprinter_for
+
+        return fingerprinter_for(self.out_dir.parents[1])
+
+    def next_shard(self, n_shards: int) -> Callable[[int], int | None]:
+        """`next_shard(n)(index)`: the shard this process computes after `index` (its own slot's,
+        skipping committed ones), or None: the one a prefetcher should decode next."""
+        step = self.shard_slot[1] if self.shard_slot is not None else 1
+
+        def after(index: int) -> int | None:
+            candidate = index + step
+            while candidate < n_shards and (self.out_dir / part_name(candidate)).exists():
+                candidate += step
+            return candidate if candidate < n_shards else None
+
+        return after
+
+    def plan_shards(self, job: ShardJob) -> MemoSplit:
+        """The job's shards and, per shard, the units an earlier artifact gives (computed once per job):
+        a stage that decodes media ahead builds its prefetcher over `to_compute` of each shard."""
+        if job.subdir not in self._splits:
+            memo = RowMemo(self.memo_sources, job.subdir) if job.input_fields is not None and self.memo_sources else None
+            self._splits[job.subdir] = memo_split(job, memo)
+        return self._splits[job.subdir]
+
+    def run_shards(self, job: ShardJob) -> ShardTotals:
+        """Process `job.work` shard by shard, committing each as `part-NNNNN.parquet`; resume-safe.
+
+        A committed shard (its part file exists and is readable) is kept, so a rerun after a crash or
+        kill does only the missing shards; an empty or unreadable one is named in a warning and
+        computed again. A committed shard whose `_errors/part-NNNNN.parquet` holds retryable failures
+        that are due (the media file changed since it failed; no file: an engine error) is computed
+        again for those items only; its good rows are kept. Past `job.max_error_rate` the stage fails,
+        keeping every committed shard. Each shard is claimed first: a shard another live worker is
+        computing is waited for, not computed twice. Units an earlier artifact already holds with the
+        same input (the row memo) are copied, not computed.
+        """
+        totals = ShardRun(self, job, self.plan_shards(job)).run()
+        previous = self.summary.get("reuse", {})
+        previous[job.subdir or "rows"] = {"computed": totals.units_computed, "reused": totals.units_reused}
+        self.summary["reuse"] = previous
+        return totals

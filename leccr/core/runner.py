@@ -1,0 +1,526 @@
+"""Run stages through the store: key, cache check, run, manifest. Plain Python, no Prefect.
+
+One driver (`drive`) serves `leccr run` in this process and the Prefect flow (flows/leccr.py), which
+only says how a job is submitted; both take the same decisions, because both go through `plan`,
+`key_parts` and `run_stage`. A per-method stage (train) is one job, and one artifact, per method.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from leccr.config import ExperimentConfig
+from leccr.core.artifact import (MANIFEST, Artifact, Manifest, MethodArtifacts, ReadView, Store, damaged_files,
+                                 library_versions, part_name, stage_lock, write_manifest)
+from leccr.core.claims import Claims
+from leccr.core.codeid import code_modules
+from leccr.core.context import StageContext
+from leccr.core.dag import Plan, get_stage, plan
+from leccr.core.failures import StageFailed, changed_failures, reopen_for_retry
+from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
+from leccr.core.io import atomic_write_text
+from leccr.core.keys import STORE_FORMAT, KeyParts, resolve_section
+from leccr.core.stage import StageDef
+
+log = logging.getLogger(__name__)
+
+Input = Artifact | MethodArtifacts
+
+
+# ------------------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Job:
+    """One artifact to make: a stage, or one method of a per-method stage."""
+
+    stage: str
+    method: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}[{self.method}]" if self.method else self.stage
+
+
+def as_job(job: Job | str) -> Job:
+    """A stage name stands for its one job (tests and scripts run single stages by name)."""
+    return Job(job) if isinstance(job, str) else job
+
+
+def jobs_of(cfg: ExperimentConfig, name: str) -> list[Job]:
+    if get_stage(name).per_method:
+        return [Job(name, method) for method in cfg.train.methods]
+    return [Job(name)]
+
+
+def config_for(cfg: ExperimentConfig, job: Job) -> ExperimentConfig:
+    """The experiment as one job sees it: a per-method job sees its own method only, so its key holds
+    that method's model and nothing of the others'."""
+    if job.method is None:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"methods": [job.method]})})
+
+
+def stage_code_modules(stage: StageDef, cfg: ExperimentConfig) -> dict[str, str]:
+    """{module: digest} of every project module the configured stage runs (leccr.core.codeid)."""
+    modules = dict(code_modules(stage.module))
+    for extra in stage.code_for(cfg) if stage.code_for is not None else ():
+        modules.update(code_modules(extra))
+    return dict(sorted(modules.items()))
+
+
+def _code_digest(modules: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{name}\0{digest}\n" for name, digest in modules.items()).encode()).hexdigest()
+
+
+def key_parts(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], fingerprints: Fingerprinter) -> KeyParts:
+    """What a job's key hashes, given its finished upstream artifacts."""
+    job = as_job(job)
+    stage = get_stage(job.stage)
+    missing = [up for up in stage.upstream if up not in inputs]
+    if missing:
+        raise ValueError(f"stage {job.stage!r} needs upstream artifact(s) {missing}")
+    job_cfg = config_for(cfg, job)
+    config = resolve_section(stage.section(job_cfg), fingerprints)
+    if stage.key_config is not None:
+        config |= stage.key_config(job_cfg, fingerprints)
+    modules = stage_code_modules(stage, job_cfg)
+    return KeyParts(stage=job.stage, code=_code_digest(modules), config=config,
+                    upstream={up: inputs[up].digest_of(stage.reads[up]) for up in stage.upstream},
+                    code_modules=modules)
+
+
+# ------------------------------------------------------------------------------------- reasons
+def previous_manifest(store: Store, experiment: str, job: Job) -> dict[str, Any] | None:
+    """The manifest of the artifact this experiment last used for a job (else the stage's latest)."""
+    record = store.root / "runs" / f"{experiment}.json"
+    if record.is_file():
+        key = json.loads(record.read_text(encoding="utf-8")).get(job.label)
+        if key is not None and store.is_complete(artifact := store.artifact(job.stage, key)):
+            return _raw_manifest(artifact)
+    latest = store.latest(job.stage) if job.method is None else None
+    return _raw_manifest(latest) if latest is not None else None
+
+
+def _raw_manifest(artifact: Artifact) -> dict[str, Any] | None:
+    try:
+        return json.loads((artifact.path / "_manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _flatten(data: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(data, dict) and data and "content" not in data:  # {"content": ...}: one path, a leaf
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}"))
+        return out
+    return {prefix: data}
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _ABSENT else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: str) -> list[str]:
+    """Why a key differs from the previous artifact's: changed fields, content, code or upstream."""
+    if previous is None:
+        return ["no earlier artifact of this stage"]
+    reasons: list[str] = []
+    if previous.get("store_format") != STORE_FORMAT:
+        return [f"made by an older store format ({previous.get('store_format', '1')} → {STORE_FORMAT})"]
+    if previous.get("code_digest") != parts.code:
+        before, now = previous.get("code_modules", {}), parts.code_modules
+        changed = sorted(m for m in set(before) | set(now) if before.get(m) != now.get(m))
+        reasons.append("code changed" + (f": {', '.join(changed)}" if changed and before else ""))
+    old = _flatten(previous.get("key_config") or {}, config_section)
+    new = _flatten(parts.config, config_section)
+    for dotted in sorted(set(old) | set(new)):
+        before, after = old.get(dotted, _ABSENT), new.get(dotted, _ABSENT)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):  # {"content": digest, ...} on both sides
+            reasons.append(f"{dotted}: content changed")
+        else:
+            reasons.append(f"{dotted}: {_show(before)} → {_show(after)}")
+    before_up = previous.get("upstream_digests", {})
+    for up, digest in sorted(parts.upstream.items()):
+        if before_up.get(up) != digest:
+            reasons.append(f"upstream {up} changed")
+    return reasons or ["key changed"]
+
+
+def version_drift(manifest: Manifest) -> list[str]:
+    """Libraries whose installed version differs from the one that made an artifact (a warning only:
+    the key leaves versions out, or every upgrade would recompute everything)."""
+    now = library_versions()
+    return [f"{name} {manifest.versions.get(name)} → {now.get(name)}" for name in sorted(manifest.versions)
+            if manifest.versions.get(name) != now.get(name)]
+
+
+# ------------------------------------------------------------------------------------- contexts
+def _views(stage: StageDef, inputs: dict[str, Input]) -> dict[str, ReadView | MethodArtifacts]:
+    return {up: inputs[up] if isinstance(inputs[up], MethodArtifacts) else ReadView(inputs[up], tuple(stage.reads[up]), stage.name)
+            for up in stage.upstream}
+
+
+def make_context(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts: KeyParts,
+                 logger: logging.Logger | logging.LoggerAdapter,
+                 shard_slot: tuple[int, int] | None = None) -> StageContext:
+    stage = get_stage(job.stage)
+    store = Store(cfg.artifacts_root)
+    sources = [a for a in store.with_salt(job.stage, parts.memo_salt) if a.key != parts.key] if stage.sharded else []
+    return StageContext(stage=job.stage, key=parts.key, section=stage.section(config_for(cfg, job)),
+                        inputs=_views(stage, inputs), out_dir=store.artifact(job.stage, parts.key).path, log=logger,
+                        key_parts=parts, shard_slot=shard_slot, dataset_root=Path(cfg.dataset.path),
+                        variant=job.method, memo_sources=sources)
+
+
+# ------------------------------------------------------------------------------------- explain
+@dataclass
+class PlannedStage:
+    """One job of `explain`: its key (None while an upstream stage must run first), status, reasons."""
+
+    name: str  # the job's label: "describe", "train[leccr]"
+    status: str  # hit | miss | forced | pending
+    key: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        key = self.key or "-" * 16
+        text = f"{self.name:<15} {key}  {self.status}"
+        text += (": " + "; ".join(self.reasons) if self.reasons else "")
+        return text + "".join(f"\n{'':<15} warning: {w}" for w in self.warnings)
+
+
+def _reuse_line(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts: KeyParts) -> str | None:
+    """"3 of 1,000 items to compute, 997 reused" for a per-item stage that can reuse rows."""
+    stage = get_stage(job.stage)
+    if stage.shard_jobs is None:
+        return None
+    ctx = make_context(cfg, job, inputs, parts, log)
+    if not ctx.memo_sources:
+        return None
+    counts = []
+    for shard_job in stage.shard_jobs(ctx):
+        split = ctx.plan_shards(shard_job)
+        counts.append(f"{split.computed_units:,} of {len(shard_job.work):,} {shard_job.unit} to compute, "
+                      f"{split.reused_units:,} reused")
+    return "; ".join(counts) if counts else None
+
+
+def explain(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
+            fingerprints: Fingerprinter | None = None) -> list[PlannedStage]:
+    """What a run would do, job by job, without running anything (`leccr run --dry-run`)."""
+    with tempfile.TemporaryDirectory(prefix="leccr-plan-") as scratch:
+        return _explain(cfg, plan(stages, force), fingerprints or fingerprinter_for(cfg.artifacts_root), Path(scratch))
+
+
+def _preview(cfg: ExperimentConfig, job: Job, scratch: Path, parts: KeyParts, fingerprints: Fingerprinter) -> Artifact:
+    """Compute a cheap stage into a scratch store (never the real one) so the plan can see its output."""
+    scratch_cfg = cfg.model_copy(update={"artifacts_root": str(scratch)})
+    quiet = logging.getLogger("leccr.plan")
+    return run_stage(scratch_cfg, job, {}, logger=quiet, parts=parts, fingerprints=fingerprints).artifact
+
+
+def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter, scratch: Path) -> list[PlannedStage]:
+    store = Store(cfg.artifacts_root)
+    planned: list[PlannedStage] = []
+    finished: dict[str, Input] = {}
+    for name in the_plan.order:
+        stage = get_stage(name)
+        waiting = [up for up in stage.upstream if up not in finished]
+        done: dict[str, Artifact] = {}
+        for job in jobs_of(cfg, name):
+            previous = previous_manifest(store, cfg.name, job)
+            if waiting:
+                # The key needs what the upstream stages will hold; this stage's own changes show already.
+                job_cfg = config_for(cfg, job)
+                config = resolve_section(stage.section(job_cfg), fingerprints)
+                if stage.key_config is not None:
+                    config |= stage.key_config(job_cfg, fingerprints)
+                modules = stage_code_modules(stage, job_cfg)
+                own = KeyParts(name, _code_digest(modules), config, (previous or {}).get("upstream_digests", {}), modules)
+                reasons = [r for r in why_new(own, previous, stage.config_section) if r != "key changed"]
+                planned.append(PlannedStage(job.label, "pending", reasons=[f"after {', '.join(waiting)}", *reasons]))
+                continue
+            parts = key_parts(cfg, job, finished, fingerprints)
+            artifact = store.artifact(name, parts.key)
+            if name in the_plan.forced:
+                planned.append(PlannedStage(job.label, "forced", parts.key, ["--force"]))
+            elif store.is_complete(artifact) and (changed := changed_failures(artifact.path, Path(cfg.dataset.path))):
+                planned.append(PlannedStage(job.label, "miss", parts.key,
+                                            [f"retries failed items: {changed} have a changed file since they failed"]))
+            elif store.is_complete(artifact) and (damaged := damaged_files(artifact.path, artifact.manifest,
+                                                                            fingerprints)):
+                planned.append(PlannedStage(job.label, "miss", parts.key,
+                                            [*damaged.values(), "recomputes the damaged files"]))
+            elif store.is_complete(artifact):
+                planned.append(PlannedStage(job.label, "hit", parts.key,
+                                            warnings=[f"made with other library versions: {', '.join(drift)}"]
+                                            if (drift := version_drift(artifact.manifest)) else []))
+                done[job.method or ""] = artifact
+            else:
+                reasons = why_new(parts, previous, stage.config_section)
+                shards = len(list(artifact.path.rglob("part-*.parquet"))) if artifact.path.is_dir() else 0
+                if shards:
+                    reasons.append(f"resumes with {shards} finished shard(s)")
+                reuse = _reuse_line(cfg, job, finished, parts)
+                if reuse:
+                    reasons.append(reuse)
+                planned.append(PlannedStage(job.label, "miss", parts.key, reasons))
+                if stage.preview and not stage.upstream:
+                    done[job.method or ""] = _preview(cfg, job, scratch, parts, fingerprints)
+        if len(done) == len(jobs_of(cfg, name)):
+            finished[name] = MethodArtifacts(name, done) if stage.per_method else done[""]
+    return planned
+
+
+# ------------------------------------------------------------------------------------- running
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a stage task returns: a small handle, never the data."""
+
+    artifact: Artifact
+    cache_hit: bool
+    seconds: float
+    rows: dict[str, int]
+    errors: int
+    label: str = ""
+
+    @property
+    def output_rows(self) -> int:
+        """Rows of the artifact's output tables (error rows and bookkeeping files are not output)."""
+        return sum(n for name, n in self.rows.items() if not _is_bookkeeping(name))
+
+    def describe(self) -> str:
+        state = "cache hit, no work" if self.cache_hit else f"computed in {self.seconds:.1f}s"
+        return (f"{self.label or self.artifact.stage:<15} {state:<22} rows={self.output_rows:<7} "
+                f"errors={self.errors:<4} {self.artifact.path}")
+
+
+def _is_bookkeeping(name: str) -> bool:
+    """errors.parquet, the per-shard `_errors/` files it merges and the row memo's `_inputs/` files."""
+    return name.endswith("errors.parquet") or "_errors/" in name or "_inputs/" in name
+
+
+def prepare_stage(cfg: ExperimentConfig, job: Job | str, parts: KeyParts, force: bool,
+                  logger: logging.Logger | logging.LoggerAdapter | None = None) -> bool:
+    """Discard a forced stage's folder before any shard task starts; True when already complete."""
+    job = as_job(job)
+    store = Store(cfg.artifacts_root)
+    artifact = store.artifact(job.stage, parts.key)
+    if force:
+        (logger or log).info("%s: --force: discarding %s", job.label, artifact.path)
+        store.discard(artifact)
+    reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger or log, job.label)
+    return store.is_complete(artifact)
+
+
+def run_stage_slot(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], parts: KeyParts, slot: int,
+                   slots: int, logger: logging.Logger | logging.LoggerAdapter | None = None) -> int:
+    """Compute this slot's share of a sharded stage's shards (index % slots == slot); no manifest.
+
+    Returns the number of shards this call committed. `run_stage` afterwards finds every shard
+    committed, merges the errors and writes the manifest.
+    """
+    job = as_job(job)
+    logger = logger or logging.getLogger(f"leccr.stages.{job.stage}")
+    store = Store(cfg.artifacts_root)
+    artifact = store.artifact(job.stage, parts.key)
+    if store.is_complete(artifact):
+        return 0
+    artifact.path.mkdir(parents=True, exist_ok=True)
+    before = set(artifact.path.rglob("part-*.parquet"))
+    with stage_lock(artifact.path):
+        get_stage(job.stage).run(make_context(cfg, job, inputs, parts, logger, (slot, slots)))
+    return len(set(artifact.path.rglob("part-*.parquet")) - before)
+
+
+def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], force: bool = False,
+              logger: logging.Logger | logging.LoggerAdapter | None = None, parts: KeyParts | None = None,
+              fingerprints: Fingerprinter | None = None) -> StageOutcome:
+    """Run one job through the store: a cache hit does no work; otherwise run, then write the manifest.
+
+    `parts` is the job's key as the caller computed it (the driver computes keys once); None
+    computes it here.
+    """
+    job = as_job(job)
+    logger = logger or logging.getLogger(f"leccr.stages.{job.stage}")
+    store = Store(cfg.artifacts_root)
+    fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
+    parts = parts or key_parts(cfg, job, inputs, fingerprints)
+    artifact = store.artifact(job.stage, parts.key)
+    if force:
+        logger.info("%s: --force: discarding %s", job.label, artifact.path)
+        store.discard(artifact)
+    # One run makes an artifact; a concurrent run of the same key waits, then serves what it made (or
+    # takes over when that run died: its claim is then stale).
+    claims = Claims(store.root / job.stage)
+    waited = False
+    try:
+        while True:
+            reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger, job.label)  # fixed files: not a hit
+            damaged = reopen_damaged(artifact, fingerprints, logger, job.label)
+            if store.is_complete(artifact):
+                return _served(store, artifact, job, logger)
+            if claims.acquire(parts.key):
+                break
+            if not waited:
+                logger.info("%s: another run is computing %s; waiting for it", job.label, parts.key)
+                waited = True
+            time.sleep(1.0)
+        if store.is_complete(artifact):  # finished by the other run just before our claim
+            return _served(store, artifact, job, logger)
+        reasons = (["--force"] if force else damaged if damaged else
+                   why_new(parts, previous_manifest(store, cfg.name, job), get_stage(job.stage).config_section))
+        logger.info("%s: computing %s (%s)", job.label, parts.key, "; ".join(reasons))
+        artifact.path.mkdir(parents=True, exist_ok=True)
+        ctx = make_context(cfg, job, inputs, parts, logger)
+        started = time.time()
+        with stage_lock(artifact.path):
+            try:
+                get_stage(job.stage).run(ctx)
+            except StageFailed:
+                raise
+            except Exception as error:  # add where the partial work is; the original traceback stays chained
+                raise StageFailed(
+                    f"stage {job.label} failed: {type(error).__name__}: {error}. Finished shards are kept in "
+                    f"{artifact.path}; a rerun resumes from them."
+                ) from error
+            write_manifest(ctx, started)
+    finally:
+        claims.release_all()
+    if job.method is None:
+        store.mark_latest(artifact)
+    outcome = _outcome(artifact, job, cache_hit=False, seconds=time.time() - started)
+    logger.info("%s", outcome.describe())
+    return outcome
+
+
+def _served(store: Store, artifact: Artifact, job: Job, logger: logging.Logger | logging.LoggerAdapter) -> StageOutcome:
+    if job.method is None:
+        store.mark_latest(artifact)
+    outcome = _outcome(artifact, job, cache_hit=True, seconds=0.0)
+    logger.info("%s", outcome.describe())
+    return outcome
+
+
+def reopen_damaged(artifact: Artifact, fingerprints: Fingerprinter, logger: logging.Logger | logging.LoggerAdapter,
+                   label: str) -> list[str]:
+    """When files of a finished artifact are missing or damaged, make it unfinished again and say why.
+
+    A sharded stage loses only the damaged shards (and their error and input records), which its
+    rerun computes again; any other stage is recomputed whole."""
+    store = Store(artifact.path.parents[1])
+    if not store.is_complete(artifact):
+        return []
+    problems = damaged_files(artifact.path, artifact.manifest, fingerprints)
+    if not problems:
+        return []
+    sharded = get_stage(artifact.stage).sharded
+    logger.warning("%s: %s; recomputing %s", label, "; ".join(problems.values()),
+                   "the damaged shards" if sharded else "the artifact")
+    if not sharded:
+        store.discard(artifact)
+        return list(problems.values())
+    (artifact.path / MANIFEST).unlink(missing_ok=True)
+    for name in problems:
+        path = artifact.path / name
+        path.unlink(missing_ok=True)
+        if path.name.startswith("part-"):  # the shard's own records go with it
+            index = int(path.stem.split("-")[1])
+            folder = path.parent.parent if path.parent.name in ("_errors", "_inputs") else path.parent
+            for sibling in (folder / part_name(index), folder / "_errors" / part_name(index),
+                            folder / "_inputs" / f"inputs-{index:05d}.parquet"):
+                sibling.unlink(missing_ok=True)
+    return list(problems.values())
+
+
+def _outcome(artifact: Artifact, job: Job, cache_hit: bool, seconds: float) -> StageOutcome:
+    manifest = artifact.manifest
+    errors = sum(n for file, n in manifest.rows.items() if file.endswith("errors.parquet"))
+    return StageOutcome(artifact, cache_hit, seconds, manifest.rows, errors, job.label)
+
+
+def record_run(cfg: ExperimentConfig, outcomes: dict[str, StageOutcome]) -> Path:
+    """Remember which artifact each job of this experiment used last (read by `leccr inspect`, `gc`)."""
+    path = Path(cfg.artifacts_root) / "runs" / f"{cfg.name}.json"
+    previous: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    previous.update({label: outcome.artifact.key for label, outcome in outcomes.items()})
+    atomic_write_text(path, json.dumps(previous, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------- the driver
+class Pending(Protocol):
+    def result(self) -> StageOutcome: ...
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Everything a submitter needs to start one job."""
+
+    job: Job
+    inputs: dict[str, Input]
+    parts: KeyParts
+    forced: bool
+    will_compute: bool  # not complete yet (or forced): the job will load models
+
+
+Submit = Callable[[Submission], Pending]
+
+
+@dataclass
+class _Done:
+    outcome: StageOutcome
+
+    def result(self) -> StageOutcome:
+        return self.outcome
+
+
+def drive(cfg: ExperimentConfig, the_plan: Plan, submit: Submit,
+          fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
+    """Submit every planned job as soon as its upstream stages have finished; {job label: outcome}.
+
+    Keys are computed here, once each job's upstream has finished (a key hashes what they hold);
+    `submit` decides where the job runs (this thread, a Prefect task, a Ray worker)."""
+    fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
+    store = Store(cfg.artifacts_root)
+    pending: dict[str, dict[Job, Pending]] = {}
+    for name in the_plan.order:  # topological: waiting here never blocks a stage that could start
+        inputs: dict[str, Input] = {}
+        for up in get_stage(name).upstream:
+            results = {job: future.result() for job, future in pending[up].items()}
+            inputs[up] = (MethodArtifacts(up, {job.method: o.artifact for job, o in results.items()})
+                          if get_stage(up).per_method else next(iter(results.values())).artifact)
+        pending[name] = {}
+        for job in jobs_of(cfg, name):
+            parts = key_parts(cfg, job, inputs, fingerprints)
+            forced = name in the_plan.forced
+            will_compute = forced or not store.is_complete(store.artifact(name, parts.key))
+            pending[name][job] = submit(Submission(job, inputs, parts, forced, will_compute))
+    return {job.label: future.result() for jobs in pending.values() for job, future in jobs.items()}
+
+
+def run_pipeline(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
+                 fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
+    """Run the DAG in this process, job after job (the Prefect flow drives the same way, as tasks)."""
+    fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
+
+    def here(submission: Submission) -> Pending:
+        return _Done(run_stage(cfg, submission.job, submission.inputs, force=submission.forced,
+                               parts=submission.parts, fingerprints=fingerprints))
+
+    outcomes = drive(cfg, plan(stages, force), here, fingerprints)
+    record_run(cfg, outcomes)
+    return outcomes
