@@ -1,10 +1,26 @@
 """Device choice shared by every engine: "auto" means the GPU when there is one."""
 from __future__ import annotations
 
-import torch
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch on a machine with no NVIDIA driver at all
+    (planning a run there stays fast: every key asks)."""
+    if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -24,9 +40,9 @@ def resolved_numerics(cfg, stage: str, device: str = "auto", precision: str | No
         if wanted is not None:
             kind = "cuda" if (wanted.num_gpus or 0) > 0 else "cpu"
         else:
-            kind = "cuda" if torch.cuda.is_available() else "cpu"
+            kind = "cuda" if cuda_available() else "cpu"
     else:
-        kind = torch.device(device).type
+        kind = device.split(":", 1)[0]  # "cuda:1" -> cuda
     numerics = {"device_kind": kind}
     if precision is not None:
         if precision == "auto":
@@ -34,9 +50,15 @@ def resolved_numerics(cfg, stage: str, device: str = "auto", precision: str | No
             # without the GPU its Ray workers have assumes bf16 support
             if kind != "cuda":
                 precision = "fp32"
-            elif stage == "train" or not torch.cuda.is_available() or torch.cuda.is_bf16_supported():
+            elif stage == "train" or not cuda_available() or _bf16_supported():
                 precision = "bf16"
             else:
                 precision = "fp16"
         numerics["precision"] = precision
     return numerics
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()

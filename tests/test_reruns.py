@@ -258,7 +258,7 @@ def test_a_media_file_edited_in_place_rebuilds_what_read_it(demo_root, tmp_path)
         english.write_text(english.read_text(encoding="utf-8").replace("\n", " again\n"), encoding="utf-8")
     run_pipeline(cfg, ["dataset"])
     planned = {p.name: p for p in explain(cfg, ["translate"])}
-    assert planned["translate"].status == "miss" and planned["translate"].reasons == ["upstream dataset changed"]
+    assert planned["translate"].status == "miss" and planned["translate"].reasons[0] == "upstream dataset changed"
 
 
 # ------------------------------------------------------------------------------ dry run, no-op, CLI
@@ -362,7 +362,10 @@ def test_key_parts_need_finished_upstream(demo_root, tmp_path):
 def test_planning_a_run_imports_neither_torch_nor_prefect():
     """Stage modules import heavy libraries inside `run`: a dry run or a cached rerun stays fast."""
     code = ("import sys; from leccr.config import load_config; from leccr.core.dag import get_stage, stage_names; "
+            "from leccr.core.runner import config_for, jobs_of; "
             "cfg = load_config('configs/demo.yaml'); [get_stage(n).section(cfg) for n in stage_names()]; "
+            "[get_stage(n).key_config(config_for(cfg, j), None) for n in ('train', 'evaluate', 'visual') "
+            "for j in jobs_of(cfg, n)]; "
             "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
