@@ -170,14 +170,14 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
 
     import pyarrow as pa
 
-    import stages.describe as describe
+    import leccr.stages.describe as describe
     from leccr.config import DescribeConfig
     from leccr.engines.mllm import Request, request_seed
     from leccr.media import load_visual, sample_frames
     from leccr.core.artifact import Artifact
     from leccr.core.context import StageContext
-    from schemas.core import write_table
-    from schemas.dataset import CAPTIONS, ITEMS
+    from leccr.schemas.core import write_table
+    from leccr.schemas.dataset import CAPTIONS, ITEMS
 
     data = folder / "stage_data"
     data.mkdir()

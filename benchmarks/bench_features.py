@@ -12,7 +12,7 @@ same run, so the figures compare across machines.
 (d) Parquet write options for the float array column, on the same matrix: pyarrow's defaults
     (dictionary, statistics, snappy) vs dictionary and statistics off with compression none / zstd /
     byte-stream-split + zstd; write and read seconds as ratios to numpy.save / numpy.load, and size.
-(e) the visual stage (stages.visual.run: decode prefetch, extraction, shard commits, manifest) vs bare
+(e) the visual stage (leccr.stages.visual.run: decode prefetch, extraction, shard commits, manifest) vs bare
     extraction on the same images: the encoder loaded, then every image read from its file and encoded,
     in a plain loop, nothing stored. Goal: stage <= 1.1x bare, i.e. storage hidden behind extraction.
     The stage runs once with the background shard writer (as it always runs) and once committing inline.
@@ -37,8 +37,8 @@ import torch
 from leccr.data import FeatureTables, TrainingDataset
 from leccr.data.tables import open_parts
 from leccr.features.storage import ids_column, rows_per_group
-from schemas.core import write_options, write_table
-from schemas.features import TEXT_TOKENS, description_schema, visual_schema
+from leccr.schemas.core import write_options, write_table
+from leccr.schemas.features import TEXT_TOKENS, description_schema, visual_schema
 
 
 def best_of(fn, repeat=3):
@@ -252,14 +252,14 @@ def bench_stage(folder: Path, images: int = 512, shard_size: int = 64, batch_siz
     import logging
 
 
-    import stages.visual as visual
+    import leccr.stages.visual as visual
     from leccr.config import VisualConfig
     from leccr.features.vision import VisionEncoder
     from leccr.media import load_visual
     from leccr.core.artifact import Artifact
     from leccr.core.context import StageContext
     from leccr.tiny_models.vision import build_vision
-    from schemas.dataset import ITEMS
+    from leccr.schemas.dataset import ITEMS
 
     model = build_vision(folder / "vision", seed=0)
     rng = np.random.default_rng(4)

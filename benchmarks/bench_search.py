@@ -124,8 +124,8 @@ def synthetic_index(folder: Path, n: int, dim: int, slots: int) -> tuple[Path, P
     from leccr.models import create_model
     from leccr.tiny_models.text import build_text_encoder
     from leccr.training.checkpoint import save_model, save_text_encoder
-    from schemas.core import write_table
-    from schemas.index import INDEX_ITEMS, embeddings_schema
+    from leccr.schemas.core import write_table
+    from leccr.schemas.index import INDEX_ITEMS, embeddings_schema
 
     words = ["ein", "Hund", "rennt", "durch", "den", "Schnee", "eine", "Katze", "schläft", "auf", "dem", "Sofa",
              "a", "dog", "runs", "through", "the", "snow", "red", "blue", "circle", "square", "rot", "blau"]

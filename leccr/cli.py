@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         # Offline, the temporary server's telemetry logs an error on every run.
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from flows.leccr import leccr, task_runner
+        from leccr.flows.leccr import leccr, task_runner
 
         paths = leccr.with_options(task_runner=task_runner(cfg))(
             config=args.config, stages=stages, force=force, overrides=overrides or None)
@@ -140,8 +140,8 @@ def print_search_commands(config: str) -> None:
     of its first item as the query)."""
     from leccr.config import load_config
     from leccr.search import find_index
-    from schemas.core import read_table
-    from schemas.index import INDEX_ITEMS
+    from leccr.schemas.core import read_table
+    from leccr.schemas.index import INDEX_ITEMS
 
     cfg = load_config(config)
     index = find_index(cfg.artifacts_root, cfg.name)
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Library loggers whose records (even errors) stay out of the console without -v: their failures
 # reach the user as the exception `main` reports in one line.
 _CHATTY = ("prefect", "httpx", "httpcore", "uvicorn", "fastapi", "docket", "asyncio")
-_OWN_CODE = tuple(str(PROJECT / package) + os.sep for package in ("leccr", "stages", "flows"))
+_OWN_CODE = (str(PROJECT / "leccr") + os.sep,)
 
 
 class _OwnMessages(logging.Filter):
@@ -423,8 +423,7 @@ def configure_logging(verbose: bool) -> None:
     root.setLevel(logging.INFO)
     if verbose:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        for package in ("leccr", "stages", "flows"):
-            logging.getLogger(package).setLevel(logging.DEBUG)
+        logging.getLogger("leccr").setLevel(logging.DEBUG)
         return
     handler.setFormatter(_ConsoleFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
     handler.addFilter(_OwnMessages())

@@ -98,7 +98,7 @@ class TranslateConfig(Section):
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
 
     def unused_fields(self) -> frozenset[str]:
-        # import_path is keyed by the content of each language's file (stages.translate.key_config),
+        # import_path is keyed by the content of each language's file (leccr.stages.translate.key_config),
         # never by its spelling.
         if self.engine == "import":
             return frozenset({"models", "lang_code_style", "max_length", "num_beams", "import_path"})
@@ -164,7 +164,7 @@ class DescribeConfig(Section):
             unused.add("batch_size")  # vLLM seeds every request on its own
         return frozenset(unused)
 
-    # `model` / `import_path` are checked when the stage runs (stages.describe.check_config), not
+    # `model` / `import_path` are checked when the stage runs (leccr.stages.describe.check_config), not
     # here: an experiment that never runs describe must still validate with the default section.
     @model_validator(mode="after")
     def _frames_and_views(self) -> DescribeConfig:
@@ -185,7 +185,7 @@ def _default_views(media_type: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- features (owner: features stage)
 class FeaturesConfig(Section):
-    """How visual items, captions and descriptions become cached arrays (see stages/features.py).
+    """How visual items, captions and descriptions become cached arrays (see leccr/stages/features.py).
 
     The visual fields (VISUAL_FIELDS) alone, with the dataset key, name the shared visual cache: a
     change of the text side (tokenizer, max_length, descriptions) reuses the visual features.
@@ -257,7 +257,7 @@ class FeaturesConfig(Section):
 class VisualConfig(Section):
     """The fields of `features` that shape the visual features: the `visual` stage's section.
 
-    Not a section of the experiment file: `stages.visual.section` takes them from `features`, so a
+    Not a section of the experiment file: `leccr.stages.visual.section` takes them from `features`, so a
     change of the text side (tokenizer, max_length, descriptions) keeps the visual artifact.
     """
 
@@ -299,7 +299,7 @@ def method_sort_key(method: str) -> tuple[int, str]:
 
 
 class TrainConfig(Section):
-    """How the train stage fits each method on the features artifact (see stages/train.py).
+    """How the train stage fits each method on the features artifact (see leccr/stages/train.py).
 
     Defaults are the LECCR reference settings (METHOD.md): AdamW lr 1e-5, betas (0.9, 0.98), weight
     decay 0.01 (none on biases and norms), linear schedule with 10 % warm-up, batch 128, seed 42.
@@ -307,7 +307,7 @@ class TrainConfig(Section):
 
     # Runtime knobs: where and how fast, not what is learned. Not `nproc`: each process seeds its own
     # dropout, so the process count changes the weights. `device` is hashed as what it resolves to
-    # (stages.train.key_config: the device kind and the precision `auto` stands for there).
+    # (leccr.stages.train.key_config: the device kind and the precision `auto` stands for there).
     NON_OUTPUT_FIELDS = frozenset({"device", "num_workers", "checkpoint_every", "eval_batch_size"})
 
     methods: list[Literal["baseline", "leccr", "cl2cm"]] = Field(default_factory=lambda: ["baseline", "leccr"])
@@ -355,7 +355,7 @@ class TrainConfig(Section):
 
     def unused_fields(self) -> frozenset[str]:
         # Not hashed as spelled: the train stage's key holds each method's fully resolved model config
-        # (bundled JSON + preset + overrides) and the resolved epochs instead (stages.train.key_config).
+        # (bundled JSON + preset + overrides) and the resolved epochs instead (leccr.stages.train.key_config).
         unused = {"models", "preset", "model_size", "epochs"}
         if self.val_split is None:  # no validation: the last epoch is the model, nothing stops early
             unused |= {"val_caption_kind", "early_stopping_patience"}
@@ -425,7 +425,7 @@ class ZeroShotConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """How the evaluate stage scores the test split (see stages/evaluate.py)."""
+    """How the evaluate stage scores the test split (see leccr/stages/evaluate.py)."""
 
     # chunk_size / batch_size / device shape memory and speed, not the metrics.
     NON_OUTPUT_FIELDS = frozenset({"device", "chunk_size", "batch_size"})
@@ -485,7 +485,7 @@ class HnswConfig(Section):
 
 
 class IndexConfig(Section):
-    """How the index stage embeds the collection for search (see stages/index.py).
+    """How the index stage embeds the collection for search (see leccr/stages/index.py).
 
     Candidates come from the vector index by global cosine; the final order is the method's fused score
     (METHOD.md), whose min/max normalisation is fixed at index time from the captions of

@@ -17,8 +17,9 @@ from leccr.config import EvaluateConfig, ZeroShotConfig
 from leccr.core.context import StageContext
 from leccr.core.failures import StageFailed
 from leccr.hub import model_path
-from schemas.core import read_table
-from schemas.dataset import CAPTIONS, ITEMS
+from leccr.media_paths import resolve_media_path
+from leccr.schemas.core import read_table
+from leccr.schemas.dataset import CAPTIONS, ITEMS
 
 if TYPE_CHECKING:  # torch is imported where it is used: planning a run never loads it
     import torch
@@ -96,7 +97,7 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
         items=items,
         item_ids=list(items.item_ids),
         media_types=[dataset_items.get(i, {}).get("media_type", "image") for i in items.item_ids],
-        paths=[ctx.media_path(dataset_items.get(i, {}).get("path")) for i in items.item_ids],
+        paths=[resolve_media_path(ctx.dataset_root, dataset_items.get(i, {}).get("path")) for i in items.item_ids],
         coverage=_coverage(dataset_items, list(items.item_ids), cfg.split, features.path),
         desc_texts=[described.get(i, "") for i in items.item_ids],
         languages=languages,

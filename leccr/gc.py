@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from leccr.core.artifact import MANIFEST, Artifact, Store, exclusive, is_locked
+from leccr.core.artifact import MANIFEST, Artifact, Store, exclusive, is_locked, stage_of
 
 
 @dataclass
@@ -60,11 +60,12 @@ def referenced(store: Store) -> set[tuple[str, str]]:
     pending: list[tuple[str, str]] = []
     for record in sorted((store.root / "runs").glob("*.json")):
         pending.extend(json.loads(record.read_text(encoding="utf-8")).items())
-    for pointer in store.root.glob("*/LATEST"):
+    for pointer in [*store.root.glob("*/LATEST"), *store.root.glob("*/LATEST.*")]:
         pending.append((pointer.parent.name, pointer.read_text(encoding="utf-8").strip()))
     seen: set[tuple[str, str]] = set()
     while pending:
-        stage, key = pending.pop()
+        label, key = pending.pop()
+        stage = stage_of(label)  # "train[leccr]" in run records and manifests
         if (stage, key) in seen:
             continue
         seen.add((stage, key))

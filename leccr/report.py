@@ -1,6 +1,6 @@
 """The evaluation report: report.md with the papers' per-language tables, and matplotlib PNGs.
 
-Everything here reads plain tables (schemas.evaluate.METRICS / WORST_QUERIES, each method's
+Everything here reads plain tables (leccr.schemas.evaluate.METRICS / WORST_QUERIES, each method's
 history.parquet) and writes files; nothing computes scores. The stage passes in what it measured:
 
     write_report(out_dir, metrics, worst, curves, histories, notes) -> markdown text

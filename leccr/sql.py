@@ -15,7 +15,7 @@ from typing import TextIO
 
 import duckdb
 
-from leccr.core.artifact import Artifact, Store
+from leccr.core.artifact import Artifact, Store, stage_of
 
 # view name -> (stage, glob inside the stage's artifact folder). A view is created only when its
 # files exist, so an experiment that skipped a stage still opens.
@@ -41,7 +41,8 @@ VIEWS: dict[str, tuple[str, str]] = {
 
 
 def selected_artifacts(root: str | Path, experiment: str | None = None) -> dict[str, Artifact]:
-    """Artifacts of one experiment's last run (artifacts/runs/<name>.json), or each stage's latest."""
+    """{job label: artifact} of one experiment's last run (artifacts/runs/<name>.json), or each stage's
+    latest (a per-method stage as one label per method: "train[leccr]")."""
     store = Store(root)
     if experiment is not None:
         record = store.root / "runs" / f"{experiment}.json"
@@ -49,20 +50,26 @@ def selected_artifacts(root: str | Path, experiment: str | None = None) -> dict[
             known = sorted(p.stem for p in (store.root / "runs").glob("*.json"))
             raise FileNotFoundError(f"no run recorded for experiment {experiment!r} in {store.root}; known: {known}")
         keys = json.loads(record.read_text(encoding="utf-8"))
-        return {stage: store.artifact(stage, key) for stage, key in keys.items()}
-    stages = {stage for stage, _ in VIEWS.values()}
-    return {stage: a for stage in sorted(stages) if (a := store.latest(stage)) is not None}
+        return {label: store.artifact(stage_of(label), key) for label, key in keys.items()}
+    selected = {}
+    for stage in sorted({stage for stage, _ in VIEWS.values()}):
+        if (artifact := store.latest(stage)) is not None:
+            selected[stage] = artifact
+        selected.update({f"{stage}[{method}]": a for method, a in store.latest_methods(stage).items()})
+    return selected
 
 
 def view_statements(artifacts: dict[str, Artifact]) -> list[str]:
     statements = []
     for view, (stage, pattern) in VIEWS.items():
-        artifact = artifacts.get(stage)
-        if artifact is None or not list(artifact.path.glob(pattern)):
+        globs = [(artifact.path / pattern).as_posix().replace("'", "''")
+                 for label, artifact in sorted(artifacts.items())
+                 if stage_of(label) == stage and list(artifact.path.glob(pattern))]
+        if not globs:
             continue
-        glob = (artifact.path / pattern).as_posix().replace("'", "''")
+        files = ", ".join(f"'{glob}'" for glob in globs)
         statements.append(
-            f"CREATE OR REPLACE VIEW \"{view}\" AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
+            f"CREATE OR REPLACE VIEW \"{view}\" AS SELECT * FROM read_parquet([{files}], union_by_name=true)"
         )
     return statements
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from leccr.core.artifact import Artifact
-from schemas.core import write_table
-from schemas.dataset import CAPTIONS, ITEMS
+from leccr.schemas.core import write_table
+from leccr.schemas.dataset import CAPTIONS, ITEMS
 
 
 def dataset_artifact(folder: Path, items: list[dict], captions: list[dict], languages: list[str],
@@ -20,10 +20,14 @@ def dataset_artifact(folder: Path, items: list[dict], captions: list[dict], lang
     return finish_handmade("dataset", folder, key, config={"languages": languages})
 
 
-def finish_handmade(stage: str, folder: Path, key: str, **manifest) -> Artifact:
-    """Mark a hand-built folder complete: a manifest with the content digest downstream keys hash."""
-    from leccr.core.artifact import content_digest
+def finish_handmade(stage: str, folder: Path, key: str, **fields) -> Artifact:
+    """Mark a hand-built folder complete: a manifest with the file digests downstream keys hash."""
+    from leccr.core.artifact import Manifest, combined_digest, file_digests
+    from leccr.core.keys import STORE_FORMAT
+    from leccr.schemas.core import SCHEMA_VERSION
 
-    manifest = {"config": {}, "rows": {}, "summary": {}, **manifest, "content_digest": content_digest(folder)}
-    (folder / "_manifest.json").write_text(json.dumps(manifest))
+    digests = file_digests(folder)
+    manifest = Manifest(stage=stage, key=key, store_format=STORE_FORMAT, schema_version=SCHEMA_VERSION,
+                        code_digest="handmade", file_digests=digests, content_digest=combined_digest(digests), **fields)
+    (folder / "_manifest.json").write_text(json.dumps(manifest.model_dump(mode="json")))
     return Artifact(stage, key, folder)

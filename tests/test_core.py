@@ -64,7 +64,7 @@ def test_code_identity_holds_what_the_configured_stage_can_run():
     assert set(stage_code_modules(get_stage("dataset"), _cfg(dataset={"format": "vatex", "path": "."}))) & adapters \
         == {"leccr.datasets.vatex"}
     assert not {m for m in closures["index"] if m.startswith(("leccr.search", "leccr.report", "leccr.cli"))}
-    assert not {m for m in set().union(*closures.values()) if m.startswith(("leccr.core", "flows"))}
+    assert not {m for m in set().union(*closures.values()) if m.startswith(("leccr.core", "leccr.flows"))}
 
 
 def test_one_train_job_per_method_each_keyed_by_its_own_model():

@@ -12,8 +12,8 @@ import pytest
 from leccr.datasets import DatasetFormatError, DatasetOptionsError, list_formats, load_dataset
 from leccr.datasets.base import english_id_of_mt, parse_ccr_line
 from leccr.datasets.check import check_command
-from schemas.core import validate
-from schemas.dataset import CAPTIONS, SOURCE_ITEMS
+from leccr.schemas.core import validate
+from leccr.schemas.dataset import CAPTIONS, SOURCE_ITEMS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -13,7 +13,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-import stages.describe as describe
+import leccr.stages.describe as describe
 from leccr.config import DescribeConfig
 from leccr.engines.mllm import (Request, SamplingConfig, TransformersMLLM, chat_prompt, load_imported_descriptions,
                                 request_seed)
@@ -25,10 +25,10 @@ from leccr.core.failures import StageFailed
 from leccr.core.keys import KeyParts, resolve_section
 from tests.builders import finish_handmade
 from leccr.tiny_models.mllm import build_tiny_llava
-from schemas.core import read_table, write_table
-from schemas.dataset import CAPTIONS, ITEMS
-from schemas.describe import DESCRIPTIONS
-from schemas.errors import ERRORS
+from leccr.schemas.core import read_table, write_table
+from leccr.schemas.dataset import CAPTIONS, ITEMS
+from leccr.schemas.describe import DESCRIPTIONS
+from leccr.schemas.errors import ERRORS
 from tests.test_media import write_corrupt_mp4, write_mp4, write_png
 
 CORPUS = ["a dog runs across the green grass", "two people ride bikes down a busy city street",
@@ -212,7 +212,7 @@ from pathlib import Path
 from leccr.config import DescribeConfig
 from leccr.core.artifact import Artifact
 from leccr.core.context import StageContext
-import stages.describe as describe
+import leccr.stages.describe as describe
 args = json.loads(sys.argv[1])
 ctx = StageContext(stage="describe", key="test", section=DescribeConfig(**args["cfg"]),
                    inputs={"dataset": Artifact("dataset", "test", Path(args["dataset"]))},

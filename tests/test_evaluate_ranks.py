@@ -10,7 +10,7 @@ import torch
 
 from leccr.metrics import chunked_ranks, naive_ranks
 from leccr.models.base import fused_score
-from stages.evaluate import make_score_block
+from leccr.stages.evaluate import make_score_block
 
 
 def stitch(block, n_texts: int, n_items: int, chunk: int) -> torch.Tensor:

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from leccr.config import EvaluateConfig, ZeroShotConfig
-from leccr.core.artifact import Artifact
+from leccr.core.artifact import Artifact, MethodArtifacts
 from leccr.core.context import StageContext
-from schemas.core import read_table, write_table
-from schemas.describe import DESCRIPTIONS
-from schemas.evaluate import METRICS, WORST_QUERIES
-from stages import evaluate
+from leccr.schemas.core import read_table, write_table
+from leccr.schemas.describe import DESCRIPTIONS
+from leccr.schemas.evaluate import METRICS, WORST_QUERIES
+from leccr.stages import evaluate
 from leccr.metrics import naive_ranks
 from tests.builders import dataset_artifact
 from tests.test_reader import caption, write_artifact
@@ -104,11 +104,9 @@ def make_context(tmp_path, section, dataset, features, train) -> StageContext:
 
 def test_zero_shot_metrics_equal_full_matrix(tmp_path, artifacts, zero_shot_pair):
     root, dataset, features = artifacts
-    train_dir = tmp_path / "train"
-    train_dir.mkdir()
     section = EvaluateConfig(zero_shot=zero_shot_pair, trained=False, ks=[1, 2], curve_max_k=4, worst_queries=2,
                              top_retrieved=2, chunk_size=2, device="cpu")
-    ctx = make_context(tmp_path, section, dataset, features, Artifact("train", "none", train_dir))
+    ctx = make_context(tmp_path, section, dataset, features, MethodArtifacts("train", {}))
     evaluate.run(ctx)
 
     metrics = read_table(ctx.out_dir / "metrics.parquet", METRICS).to_pylist()
@@ -166,7 +164,7 @@ def test_zero_shot_metrics_equal_full_matrix(tmp_path, artifacts, zero_shot_pair
 def test_unknown_language_is_a_clear_error(tmp_path, artifacts, zero_shot_pair):
     _, dataset, features = artifacts
     section = EvaluateConfig(zero_shot=zero_shot_pair, trained=False, languages=["cs"], device="cpu")
-    ctx = make_context(tmp_path, section, dataset, features, Artifact("train", "none", tmp_path))
+    ctx = make_context(tmp_path, section, dataset, features, MethodArtifacts("train", {}))
     with pytest.raises(Exception, match="no captions in language 'cs'.*'en', 'de'"):
         evaluate.run(ctx)
 
@@ -175,7 +173,7 @@ def test_caption_kind_mt_takes_translations(tmp_path, artifacts, zero_shot_pair)
     _, dataset, features = artifacts
     section = EvaluateConfig(zero_shot=zero_shot_pair, trained=False, languages=["de"], caption_kind="mt",
                              worst_queries=0, device="cpu")
-    ctx = make_context(tmp_path, section, dataset, features, Artifact("train", "none", tmp_path))
+    ctx = make_context(tmp_path, section, dataset, features, MethodArtifacts("train", {}))
     evaluate.run(ctx)
     metrics = read_table(ctx.out_dir / "metrics.parquet", METRICS).to_pylist()
     assert {r["n_texts"] for r in metrics} == {1}  # the one German translation of the test split
@@ -213,7 +211,7 @@ def test_fused_score_path_equals_full_matrix(tmp_path, artifacts, bert_path):
     _, dataset, features = artifacts
     model = tiny_model("leccr", bert_path)
     section = EvaluateConfig(ks=[1, 2], chunk_size=2, curve_max_k=3, device="cpu")
-    ctx = make_context(tmp_path, section, dataset, features, Artifact("train", "t", tmp_path))
+    ctx = make_context(tmp_path, section, dataset, features, MethodArtifacts("train", {}))
     data = evaluate.load_split(ctx, section)
     texts, visual_global, visual_slots = evaluate.encode_trained(model, data, 3, torch.device("cpu"))
     assert visual_slots.shape == (4, 4, 8)
@@ -259,13 +257,14 @@ def test_stage_with_trained_methods(tmp_path, artifacts, bert_path, monkeypatch)
         models[method] = tiny_model(method, bert_path, **({"score_alpha": 0.9} if method == "leccr" else {}))
     monkeypatch.setattr(evaluate, "load_model", lambda method_dir: models[method_dir.name])
     section = EvaluateConfig(ks=[1, 5, 10], chunk_size=3, device="cpu")
-    ctx = make_context(tmp_path, section, dataset, features, Artifact("train", "trainkey", train_dir))
+    trained = MethodArtifacts("train", {m: Artifact("train", f"{m}key", train_dir) for m in ("leccr", "baseline", "cl2cm")})
+    ctx = make_context(tmp_path, section, dataset, features, trained)
     evaluate.run(ctx)
     metrics = read_table(ctx.out_dir / "metrics.parquet", METRICS).to_pylist()
     assert {(r["method"], r["score"], r["alpha"]) for r in metrics} == {
         ("baseline", "fused", 1.0), ("baseline", "global", 1.0), ("cl2cm", "fused", 1.0), ("cl2cm", "global", 1.0),
         ("leccr", "fused", 0.9), ("leccr", "global", 1.0)}
-    assert {r["checkpoint"] for r in metrics} == {"trainkey"}
+    assert {(r["method"], r["checkpoint"]) for r in metrics} == {(m, f"{m}key") for m in ("leccr", "baseline", "cl2cm")}
     report = (ctx.out_dir / "report.md").read_text()
     assert "reconstruction" in report  # the CL2CM note
     rows = [line for line in report.split("### de (")[1].split("###")[0].splitlines() if line.startswith("| ")]

@@ -20,10 +20,10 @@ from leccr.core.artifact import Artifact
 from leccr.core.failures import StageFailed
 from leccr.core.keys import resolve_section
 from tests.builders import finish_handmade
-from schemas.core import write_table
-from schemas.dataset import CAPTIONS, ITEMS
-from schemas.describe import DESCRIPTIONS
-from schemas.translate import TRANSLATIONS
+from leccr.schemas.core import write_table
+from leccr.schemas.dataset import CAPTIONS, ITEMS
+from leccr.schemas.describe import DESCRIPTIONS
+from leccr.schemas.translate import TRANSLATIONS
 
 COLOURS = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255), "d": (255, 255, 0), "t1": (0, 255, 255)}
 CORPUS = ["a red square", "a green square", "a blue square", "a yellow square", "a cyan square",

@@ -89,8 +89,8 @@ def test_a_failed_unit_is_never_reused(tmp_path):
 
     from leccr.core.artifact import Artifact
     from leccr.core.memo import INPUTS, INPUTS_DIR, inputs_name
-    from schemas.core import write_table
-    from schemas.errors import ERRORS
+    from leccr.schemas.core import write_table
+    from leccr.schemas.errors import ERRORS
 
     folder = tmp_path / "describe" / "0123456789abcdef"
     write_table(pa.table({"item_id": ["a"], "value": pa.array([1], pa.int64())}), folder / "part-00000.parquet",

@@ -11,8 +11,8 @@ import torch
 
 from leccr.data import FeatureCollate, FeatureTables, TrainingDataset, load_eval_captions, load_eval_items
 from leccr.features.storage import fixed_list_column, float_list_column, ids_column
-from schemas.core import write_table
-from schemas.features import TEXT_TOKENS, description_schema, visual_schema
+from leccr.schemas.core import write_table
+from leccr.schemas.features import TEXT_TOKENS, description_schema, visual_schema
 
 PAD = 0
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 from PIL import Image
 
 from leccr.report import CL2CM_NOTE, artifact_markdown, recall_figure, results_tables, training_figure, write_report
-from schemas.core import validate
-from schemas.evaluate import METRICS, WORST_QUERIES
+from leccr.schemas.core import validate
+from leccr.schemas.evaluate import METRICS, WORST_QUERIES
 
 
 def metric_rows(method: str, score: str, lang: str, alpha: float, base: float) -> list[dict]:

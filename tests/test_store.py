@@ -22,8 +22,8 @@ from leccr.core.context import StageContext
 from leccr.core.failures import ItemError, StageFailed
 from leccr.core.keys import KeyParts, resolve_section
 from leccr.core.shards import ShardJob, ShardResult, ShardWriter, shard_plan
-from schemas.core import SchemaError, read_table, validate, write_table
-from schemas.errors import ERRORS
+from leccr.schemas.core import SchemaError, read_table, validate, write_table
+from leccr.schemas.errors import ERRORS
 
 ROWS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("value", pa.int64())])
 

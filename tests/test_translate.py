@@ -7,10 +7,10 @@ import pytest
 from leccr.config import TranslateConfig
 from leccr.core.context import StageContext
 from leccr.core.failures import StageFailed
-from schemas.core import read_table
-from schemas.errors import ERRORS
-from schemas.translate import TRANSLATIONS
-from stages import translate
+from leccr.schemas.core import read_table
+from leccr.schemas.errors import ERRORS
+from leccr.schemas.translate import TRANSLATIONS
+from leccr.stages import translate
 from tests.builders import dataset_artifact
 
 ITEMS = [{"item_id": "a", "split": "train"}, {"item_id": "b", "split": "train"}, {"item_id": "c", "split": "test"}]

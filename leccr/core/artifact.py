@@ -27,7 +27,7 @@ from leccr.core.fingerprint import files_under, hash_file
 from leccr.core.io import atomic_write_text
 from leccr.core.keys import KEY_LENGTH, STORE_FORMAT
 from leccr.core.stage import WHOLE
-from schemas.core import SCHEMA_VERSION, read_table, volatile_columns
+from leccr.schemas.core import SCHEMA_VERSION, read_table, volatile_columns
 
 if TYPE_CHECKING:
     from leccr.core.context import StageContext
@@ -69,7 +69,7 @@ class Manifest(BaseModel):
 # ------------------------------------------------------------------------------------- digests
 def file_digests(folder: Path) -> dict[str, str]:
     """{relative path: digest} of what an artifact holds: every file but the manifest (hidden files
-    skipped). A Parquet file with volatile columns (schemas.core.VOLATILE: timings, file states) counts
+    skipped). A Parquet file with volatile columns (leccr.schemas.core.VOLATILE: timings, file states) counts
     by its other columns only, so recomputing the same output gives the same digests."""
     return {entry.relative: stable_digest(Path(entry.absolute))
             for entry in files_under(folder) if entry.relative != MANIFEST}
@@ -313,6 +313,15 @@ class MethodArtifacts:
 
 
 # ------------------------------------------------------------------------------------- the store
+def stage_of(label: str) -> str:
+    """The stage of a job label: "train[leccr]" -> "train" (run records and manifests use labels)."""
+    return label.split("[", 1)[0]
+
+
+def _pointer(stage: str, method: str | None) -> str:
+    return "LATEST" if method is None else f"LATEST.{method}"
+
+
 class Store:
     """Artifacts under one root folder: `<root>/<stage>/<key>/`."""
 
@@ -325,16 +334,25 @@ class Store:
     def is_complete(self, artifact: Artifact) -> bool:
         return (artifact.path / MANIFEST).is_file()
 
-    def latest(self, stage: str) -> Artifact | None:
-        """The artifact a stage produced (or reused) most recently in this store."""
-        pointer = self.root / stage / "LATEST"
+    def latest(self, stage: str, method: str | None = None) -> Artifact | None:
+        """The artifact a stage (one method of a per-method stage) produced or reused most recently here."""
+        pointer = self.root / stage / _pointer(stage, method)
         if not pointer.is_file():
             return None
         artifact = self.artifact(stage, pointer.read_text(encoding="utf-8").strip())
         return artifact if self.is_complete(artifact) else None
 
-    def mark_latest(self, artifact: Artifact) -> None:
-        atomic_write_text(self.root / artifact.stage / "LATEST", artifact.key + "\n")
+    def latest_methods(self, stage: str) -> dict[str, Artifact]:
+        """{method: its latest artifact} of a per-method stage."""
+        found = {}
+        for pointer in sorted((self.root / stage).glob("LATEST.*")):
+            method = pointer.name.split(".", 1)[1]
+            if (artifact := self.latest(stage, method)) is not None:
+                found[method] = artifact
+        return found
+
+    def mark_latest(self, artifact: Artifact, method: str | None = None) -> None:
+        atomic_write_text(self.root / artifact.stage / _pointer(artifact.stage, method), artifact.key + "\n")
 
     def discard(self, artifact: Artifact) -> None:
         """Remove an artifact folder (for --force): renamed away first so no reader sees it half-deleted."""

@@ -21,7 +21,7 @@ import hashlib
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PROJECT_PACKAGES = ("leccr", "stages", "schemas")
+PROJECT_PACKAGES = ("leccr",)
 NOT_OUTPUT_CODE = frozenset({
     "leccr.config", "leccr.progress", "leccr.device", "leccr.cli", "leccr.sql", "leccr.gc", "leccr.preflight",
 })

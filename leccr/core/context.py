@@ -14,7 +14,7 @@ from leccr.core.artifact import Artifact, MethodArtifacts, ReadView, part_name
 from leccr.core.keys import KeyParts
 from leccr.core.memo import RowMemo
 from leccr.core.shards import MemoSplit, ShardJob, ShardRun, ShardTotals, memo_split
-from schemas.core import write_table
+from leccr.schemas.core import write_table
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from schemas.core import read_table
-from schemas.errors import ERRORS
+from leccr.schemas.core import read_table
+from leccr.schemas.errors import ERRORS
 
 MANIFEST = "_manifest.json"
 

@@ -103,7 +103,7 @@ class RowMemo:
     @staticmethod
     def rows(reused: dict[int, Path], units: Sequence[str], columns: tuple[str, ...], schema: pa.Schema) -> pa.Table:
         """The earlier rows of the reused units, read from their part files."""
-        from schemas.core import read_table
+        from leccr.schemas.core import read_table
 
         by_part: dict[Path, list[str]] = {}
         for position, part in reused.items():

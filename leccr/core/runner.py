@@ -1,6 +1,6 @@
 """Run stages through the store: key, cache check, run, manifest. Plain Python, no Prefect.
 
-One driver (`drive`) serves `leccr run` in this process and the Prefect flow (flows/leccr.py), which
+One driver (`drive`) serves `leccr run` in this process and the Prefect flow (leccr/flows/leccr.py), which
 only says how a job is submitted; both take the same decisions, because both go through `plan`,
 `key_parts` and `run_stage`. A per-method stage (train) is one job, and one artifact, per method.
 """
@@ -103,7 +103,7 @@ def previous_manifest(store: Store, experiment: str, job: Job) -> dict[str, Any]
         key = json.loads(record.read_text(encoding="utf-8")).get(job.label)
         if key is not None and store.is_complete(artifact := store.artifact(job.stage, key)):
             return _raw_manifest(artifact)
-    latest = store.latest(job.stage) if job.method is None else None
+    latest = store.latest(job.stage, job.method)
     return _raw_manifest(latest) if latest is not None else None
 
 
@@ -400,16 +400,14 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
             write_manifest(ctx, started)
     finally:
         claims.release_all()
-    if job.method is None:
-        store.mark_latest(artifact)
+    store.mark_latest(artifact, job.method)
     outcome = _outcome(artifact, job, cache_hit=False, seconds=time.time() - started)
     logger.info("%s", outcome.describe())
     return outcome
 
 
 def _served(store: Store, artifact: Artifact, job: Job, logger: logging.Logger | logging.LoggerAdapter) -> StageOutcome:
-    if job.method is None:
-        store.mark_latest(artifact)
+    store.mark_latest(artifact, job.method)
     outcome = _outcome(artifact, job, cache_hit=True, seconds=0.0)
     logger.info("%s", outcome.describe())
     return outcome

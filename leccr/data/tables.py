@@ -31,8 +31,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from leccr.features.storage import RowViews
-from schemas.core import validate
-from schemas.features import TEXT_TOKENS, description_schema, visual_schema
+from leccr.schemas.core import validate
+from leccr.schemas.features import TEXT_TOKENS, description_schema, visual_schema
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The one interface every dataset adapter implements, the registry, and the shared reading helpers.
 
-An adapter turns a dataset folder in its *published* layout into two tables (schemas/dataset.py):
+An adapter turns a dataset folder in its *published* layout into two tables (leccr/schemas/dataset.py):
 items (one row per image or video) and captions (one row per caption and language). Adapters never
 raise on the first bad line: they collect every `Problem` (file, line, message) while reading, so
 `leccr datasets check` can list them all, and `read` raises one `DatasetFormatError` naming each.
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from schemas.dataset import CAPTIONS, SOURCE_ITEMS
+from leccr.schemas.dataset import CAPTIONS, SOURCE_ITEMS
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -66,8 +66,8 @@ class DatasetOptionsError(ValueError):
 # ------------------------------------------------------------------------------------ tables
 @dataclass
 class DatasetTables:
-    items: pa.Table  # schemas.dataset.SOURCE_ITEMS
-    captions: pa.Table  # schemas.dataset.CAPTIONS
+    items: pa.Table  # leccr.schemas.dataset.SOURCE_ITEMS
+    captions: pa.Table  # leccr.schemas.dataset.CAPTIONS
 
     def items_per_split(self) -> dict[str, dict[str, int]]:
         """{split: {media_type: count}}"""
@@ -416,7 +416,7 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 # One module per format, imported only when that format is used: a stage's code identity then holds
-# the configured adapter alone (see `adapter_module` and stages/dataset.py), not every layout we read.
+# the configured adapter alone (see `adapter_module` and leccr/stages/dataset.py), not every layout we read.
 ADAPTER_MODULES = {
     "mscoco": "leccr.datasets.mscoco",
     "msrvtt_cn": "leccr.datasets.msrvtt_cn",
@@ -452,7 +452,7 @@ def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder, id_ma
     """Add the MT captions of one CCR-release file (`<item>#enc2<lang>#<n> <text>` lines); returns how many.
 
     Each line must translate an English caption the dataset has (`<item>#enc#<n>`): the MT caption
-    takes that caption's id, as schemas/dataset.py asks. `id_map` renames the file's item ids to ours.
+    takes that caption's id, as leccr/schemas/dataset.py asks. `id_map` renames the file's item ids to ours.
     """
     lines = read_lines(path, root, builder.problems, what=f"{lang} MT caption file", item_of=line_caption_id)
     added = 0

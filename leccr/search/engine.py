@@ -25,8 +25,8 @@ import torch
 
 from leccr.search.query import QueryEncoder, UnknownLanguage
 from leccr.core.artifact import Artifact, Store
-from schemas.core import read_table
-from schemas.index import INDEX_ITEMS
+from leccr.schemas.core import read_table
+from leccr.schemas.index import INDEX_ITEMS
 
 DEFAULT_CANDIDATES = 200  # items re-scored by the method's inference score per query
 

@@ -34,8 +34,8 @@ from leccr.training.checkpoint import (HISTORY_FILE, INFO_FILE, clear_state, loa
                                        save_text_encoder)
 from leccr.training.data import MultilingualSamples, batch_loader, epoch_batches
 from leccr.training.validate import ValidationSet
-from schemas.core import write_table
-from schemas.train import history_schema
+from leccr.schemas.core import write_table
+from leccr.schemas.train import history_schema
 
 _log = logging.getLogger("leccr.training")
 

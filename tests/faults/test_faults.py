@@ -314,3 +314,58 @@ def test_inspect_reads_the_artifacts_and_nothing_else(inspected, tmp_path, capsy
     assert main(["inspect", "--root", str(root), "--print-sql"]) == 0
     printed = capsys.readouterr().out
     assert "CREATE OR REPLACE VIEW \"captions\"" in printed and "SET enable_external_access = false" in printed
+
+
+# ------------------------------------------------------------------------------------------ trust
+def test_a_damaged_finished_shard_is_named_and_only_it_is_recomputed(demo_root, tmp_path, caplog):
+    data = _copy(demo_root, tmp_path / "data")
+    cfg = parse_config(_config(demo_root, data, tmp_path / "artifacts", describe=_describe(shard_size=2)))
+    first = run_pipeline(cfg, ["describe"])["describe"]
+    folder = first.artifact.path
+    size = (folder / "part-00001.parquet").stat().st_size
+    kept = {p.name: p.stat().st_ino for p in folder.glob("part-*.parquet") if p.name != "part-00001.parquet"}
+    (folder / "part-00001.parquet").write_bytes(b"")  # a finished artifact's shard truncated to 0 bytes
+
+    planned = {p.name: p for p in explain(cfg, ["describe"])}["describe"]
+    assert planned.status == "miss" and planned.reasons[0] == f"part-00001.parquet is 0 bytes, manifest says {size:,}"
+    with caplog.at_level(logging.WARNING):
+        again = run_pipeline(cfg, ["describe"])["describe"]
+    assert any(f"describe: part-00001.parquet is 0 bytes, manifest says {size:,}" in r.getMessage()
+               for r in caplog.records)
+    assert again.artifact.key == first.artifact.key and not again.cache_hit
+    assert again.artifact.manifest.summary["reuse"]["rows"]["computed"] == 2  # the damaged shard's two items
+    assert {p.name: p.stat().st_ino for p in folder.glob("part-*.parquet") if p.name in kept} == kept
+    assert again.artifact.content_digest == first.artifact.content_digest
+    assert run_pipeline(cfg, ["describe"])["describe"].cache_hit
+
+
+def _run_process(config: Path, stages: list[str], log: Path) -> subprocess.Popen:
+    code = ("import logging, sys; from leccr.config import load_config; from leccr.core.runner import run_pipeline; "
+            "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s'); "
+            "run_pipeline(load_config(sys.argv[1]), sys.argv[2:])")
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-c", code, str(config), *stages], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_two_concurrent_runs_make_every_artifact_once(demo_root, tmp_path):
+    """Whole-artifact stages (train, evaluate, index, dataset) are claimed like shards: the second run
+    waits for the first and serves its result, so each artifact is computed once and both runs agree."""
+    data = _copy(demo_root, tmp_path / "data")
+    config_data = _config(demo_root, data, tmp_path / "artifacts", describe=_describe(splits=None),
+                          dataset={"max_items_per_split": 6},
+                          train={"methods": ["baseline"], "epochs": 1, "early_stopping_patience": None})
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(config_data))
+    runs = [_run_process(config, ["evaluate"], tmp_path / f"run{i}.log") for i in range(2)]
+    logs = []
+    for i, run in enumerate(runs):
+        assert run.wait(timeout=900) == 0, (tmp_path / f"run{i}.log").read_text()[-3000:]
+        logs.append((tmp_path / f"run{i}.log").read_text())
+    for label in ("dataset", "translate", "describe", "visual", "features", "train[baseline]", "evaluate"):
+        computed = sum(log.count(f" {label}: computing ") for log in logs)
+        assert computed == 1, (label, computed)
+    keys = {stage.name: stage.key for stage in explain(parse_config(config_data), ["evaluate"])}
+    assert all(stage.status == "hit" for stage in explain(parse_config(config_data), ["evaluate"]))
+    assert len(list((tmp_path / "artifacts" / "evaluate").glob("*/_manifest.json"))) == 1
+    assert json.loads((tmp_path / "artifacts" / "runs" / "demo.json").read_text()) == keys

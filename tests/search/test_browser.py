@@ -87,8 +87,8 @@ def test_page_in_a_headless_browser(request, indexed, server, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     _, outcomes = indexed
-    from schemas.core import read_table
-    from schemas.index import INDEX_ITEMS
+    from leccr.schemas.core import read_table
+    from leccr.schemas.index import INDEX_ITEMS
 
     item = read_table(outcomes["index"].artifact.path / "items.parquet", INDEX_ITEMS).to_pylist()[1]
     query = next(c["text"] for c in item["captions"] if c["lang"] == "de")

@@ -14,9 +14,9 @@ import torch
 from leccr.config import EvaluateConfig, parse_config
 from leccr.search import DEFAULT_CANDIDATES, SearchEngine, UnknownLanguage, UnknownMethod
 from leccr.core.context import StageContext
-from schemas.core import read_table
-from schemas.index import INDEX_ITEMS
-from stages import evaluate
+from leccr.schemas.core import read_table
+from leccr.schemas.index import INDEX_ITEMS
+from leccr.stages import evaluate
 from tests.search.conftest import ALPHA, ITEMS_PER_SPLIT
 
 

@@ -30,9 +30,9 @@ from leccr.core.context import StageContext
 from leccr.core.failures import ItemError
 from leccr.core.shards import ShardJob, ShardResult
 from leccr.core.stage import StageDef
-from schemas.core import read_table
-from schemas.dataset import ITEMS
-from schemas.describe import DESCRIPTIONS
+from leccr.schemas.core import read_table
+from leccr.schemas.dataset import ITEMS
+from leccr.schemas.describe import DESCRIPTIONS
 
 def section(cfg: ExperimentConfig) -> DescribeConfig:
     return cfg.describe

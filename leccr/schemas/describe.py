@@ -1,7 +1,7 @@
 """The `describe` stage: one MLLM description per visual item per view (prompt)."""
 import pyarrow as pa
 
-from schemas.core import VOLATILE
+from leccr.schemas.core import VOLATILE
 
 DESCRIPTIONS = pa.schema(
     [

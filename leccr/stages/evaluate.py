@@ -14,7 +14,7 @@ every language of the split:
 Ranks follow `leccr.metrics`: 1-based, in the order of a stable descending sort (ties go to the lower
 index, as the reference's argsort). A visual item is found when any of its captions ranks within K.
 
-Outputs: metrics.parquet and worst_queries.parquet (schemas/evaluate.py), report.md and plots/*.png
+Outputs: metrics.parquet and worst_queries.parquet (leccr/schemas/evaluate.py), report.md and plots/*.png
 (leccr/report.py); the report text is also `ctx.summary["report_markdown"]` for the flow to publish.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from leccr.core.context import StageContext
 from leccr.core.stage import StageDef
 from leccr.evaluation import (LanguageTexts, SplitData, encode_trained, encode_zero_shot, load_model, load_split,
                               make_score_block)
-from schemas.evaluate import METRICS, WORST_QUERIES
+from leccr.schemas.evaluate import METRICS, WORST_QUERIES
 
 if TYPE_CHECKING:  # torch is imported where it is used: planning a run never loads it
     import torch
@@ -139,7 +139,7 @@ def _worst(block: ScoreBlock, direction: str, ranks: np.ndarray, language: Langu
 def _load_history(method_dir: Path) -> pa.Table | None:
     import pyarrow.parquet as pq
 
-    from schemas.train import check_history
+    from leccr.schemas.train import check_history
 
     path = method_dir / "history.parquet"
     return check_history(pq.read_table(path), str(path)) if path.is_file() else None

@@ -9,7 +9,7 @@ artifact, which `features` hard-links into its own `visual/` folder.
     <artifacts root>/visual/<key>/part-*.parquet, errors.parquet, _manifest.json
 
 One row per item: [n_tokens, dim] features, fixed-size when every item's shape is known up front
-(images; videos sampled to a fixed `num_frames`), variable otherwise (schemas/features.py).
+(images; videos sampled to a fixed `num_frames`), variable otherwise (leccr/schemas/features.py).
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from leccr.core.failures import ItemError
 from leccr.core.shards import ShardJob, ShardResult
 from leccr.core.stage import StageDef
 from leccr.media_paths import resolve_media_path
-from schemas.core import read_table
-from schemas.dataset import ITEMS
-from schemas.features import visual_schema
+from leccr.schemas.core import read_table
+from leccr.schemas.dataset import ITEMS
+from leccr.schemas.features import visual_schema
 
 def section(cfg: ExperimentConfig) -> VisualConfig:
     return VisualConfig.of(cfg.features)

@@ -7,7 +7,7 @@ error): a rerun retries those items, and only those, once their file has changed
 """
 import pyarrow as pa
 
-from schemas.core import VOLATILE
+from leccr.schemas.core import VOLATILE
 
 ERRORS = pa.schema(
     [

@@ -20,9 +20,9 @@ from leccr.hub import model_path
 from leccr.core.context import StageContext
 from leccr.core.shards import ShardJob, ShardResult
 from leccr.core.stage import StageDef
-from schemas.core import read_table
-from schemas.dataset import CAPTIONS
-from schemas.translate import TRANSLATIONS
+from leccr.schemas.core import read_table
+from leccr.schemas.dataset import CAPTIONS
+from leccr.schemas.translate import TRANSLATIONS
 
 def section(cfg: ExperimentConfig) -> TranslateConfig:
     return cfg.translate

@@ -1,6 +1,6 @@
 """features: visual features, caption tokens and description tokens (+ frozen states), cached as Parquet.
 
-Three sub-tables of one artifact (layouts in schemas/features.py):
+Three sub-tables of one artifact (layouts in leccr/schemas/features.py):
 
     visual/        one row per visual item: [n_tokens, dim] from a vision tower, or imported arrays
     text/          one row per caption (English, human target-language, machine translations): token ids
@@ -8,7 +8,7 @@ Three sub-tables of one artifact (layouts in schemas/features.py):
 
 `visual/` holds the files of the upstream `visual` stage's artifact, hard-linked (copied where the
 filesystem cannot link): the visual features depend on a few fields only and are the expensive part,
-so they are a stage of their own (stages/visual.py) that a change of the text side reuses. Shards are
+so they are a stage of their own (leccr/stages/visual.py) that a change of the text side reuses. Shards are
 immutable once committed, so sharing them is safe; a features artifact stays a complete,
 self-contained folder (DuckDB and the readers see plain files).
 
@@ -39,11 +39,11 @@ from leccr.core.context import StageContext
 from leccr.core.io import atomic_write_text
 from leccr.core.shards import ShardJob, ShardResult
 from leccr.core.stage import StageDef
-from schemas.core import read_table, write_table
-from schemas.dataset import CAPTIONS, ITEMS
-from schemas.describe import DESCRIPTIONS
-from schemas.features import TEXT_TOKENS, description_schema
-from schemas.translate import TRANSLATIONS
+from leccr.schemas.core import read_table, write_table
+from leccr.schemas.dataset import CAPTIONS, ITEMS
+from leccr.schemas.describe import DESCRIPTIONS
+from leccr.schemas.features import TEXT_TOKENS, description_schema
+from leccr.schemas.translate import TRANSLATIONS
 
 INFO_FILE = "features_info.json"
 EMPTY_DESCRIPTION_FILE = "empty.parquet"

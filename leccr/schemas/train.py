@@ -41,6 +41,6 @@ def history_schema(columns: list[str]) -> pa.Schema:
 
 def check_history(table: pa.Table, where: str) -> pa.Table:
     """Validate a history table read back (its value columns vary by method)."""
-    from schemas.core import validate
+    from leccr.schemas.core import validate
 
     return validate(table, history_schema(table.column_names), where)

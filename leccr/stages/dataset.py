@@ -24,8 +24,8 @@ from leccr.media_paths import resolve_media_path
 from leccr.core.context import StageContext
 from leccr.core.failures import StageFailed
 from leccr.core.stage import StageDef
-from schemas.dataset import CAPTIONS, ITEMS
-from schemas.errors import ERRORS
+from leccr.schemas.dataset import CAPTIONS, ITEMS
+from leccr.schemas.errors import ERRORS
 
 MAX_PROBLEMS_IN_MESSAGE = 20  # `leccr datasets check` lists every one
 

@@ -2,7 +2,7 @@
 
 One artifact per method (a per-method stage): each is keyed by its own resolved model config, the
 shared train settings and the features, so adding a method or changing one method's loss weight
-trains that method alone. The artifact holds the method's folder (schemas/train.py): best weights as
+trains that method alone. The artifact holds the method's folder (leccr/schemas/train.py): best weights as
 safetensors, model.json, the text encoder's config and tokenizer, history.parquet, and
 train_info.json written last.
 

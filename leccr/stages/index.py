@@ -1,6 +1,6 @@
 """index: the collection embedded by every trained method, for `leccr search` and `leccr serve`.
 
-For the visual items of the chosen splits (schemas/index.py):
+For the visual items of the chosen splits (leccr/schemas/index.py):
 
 1. items.parquet: each item's media path relative to the dataset root, its captions (every language)
    and its MLLM description, for showing hits;
@@ -10,7 +10,7 @@ For the visual items of the chosen splits (schemas/index.py):
 3. per method, index.json: the inference score's alpha, the query languages (English + the trained
    ones), the tokenizer's max_length, and — for a fused score (alpha < 1) — the min/max of the global
    and slot matrices of the `calibration_split` captions against the indexed items, per language,
-   computed as evaluate computes them (`stages.evaluate.whole_ranges`): with the test split indexed and
+   computed as evaluate computes them (`leccr.stages.evaluate.whole_ranges`): with the test split indexed and
    calibrated on, a search ranks exactly as evaluate's fused score does;
 4. with `index.ann` set, vectors.faiss: a FAISS IVF or HNSW index over the global embeddings.
 """
@@ -30,9 +30,9 @@ from leccr.core.context import StageContext
 from leccr.core.failures import StageFailed
 from leccr.core.io import atomic_write_text
 from leccr.core.stage import StageDef
-from schemas.core import read_table, write_table
-from schemas.dataset import CAPTIONS, ITEMS
-from schemas.index import INDEX_ITEMS, embeddings_schema
+from leccr.schemas.core import read_table, write_table
+from leccr.schemas.dataset import CAPTIONS, ITEMS
+from leccr.schemas.index import INDEX_ITEMS, embeddings_schema
 
 if TYPE_CHECKING:  # torch is imported where it is used: planning a run never loads it
     import torch
