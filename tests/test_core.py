@@ -172,3 +172,15 @@ def test_stage_modules_are_found_by_source(tmp_path):
     (tmp_path / "two.py").write_text("STAGE = StageDef(name='two', upstream=('one',), reads={'one': ('*',)}, "
                                      "section=s, run=r)\n")
     assert declared_upstream(Path(tmp_path)) == {"one": (), "two": ("one",)}
+
+
+def test_shard_tasks_retry_transient_errors_only():
+    from prefect.states import Failed
+
+    from leccr.core.failures import StageFailed
+    from leccr.flows.leccr import shard_slot_task, transient
+
+    assert shard_slot_task.retries == 2 and shard_slot_task.retry_condition_fn is transient
+    assert transient(None, None, Failed(data=OSError("Stale file handle")))
+    assert not transient(None, None, Failed(data=StageFailed("3 of 10 items failed")))
+    assert not transient(None, None, Failed(data=ValueError("a bug")))
