@@ -85,13 +85,18 @@ def key_parts(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
     missing = [up for up in stage.upstream if up not in inputs]
     if missing:
         raise ValueError(f"stage {job.stage!r} needs upstream artifact(s) {missing}")
+    return _parts(cfg, job, fingerprints, {up: inputs[up].digest_of(stage.reads[up]) for up in stage.upstream})
+
+
+def _parts(cfg: ExperimentConfig, job: Job, fingerprints: Fingerprinter, upstream: dict[str, str]) -> KeyParts:
+    """A job's key parts around given upstream digests (a pending job in a dry run: the previous ones)."""
+    stage = get_stage(job.stage)
     job_cfg = config_for(cfg, job)
     config = resolve_section(stage.section(job_cfg), fingerprints)
     if stage.key_config is not None:
         config |= stage.key_config(job_cfg, fingerprints)
     modules = stage_code_modules(stage, job_cfg)
-    return KeyParts(stage=job.stage, code=_code_digest(modules), config=config,
-                    upstream={up: inputs[up].digest_of(stage.reads[up]) for up in stage.upstream},
+    return KeyParts(stage=job.stage, code=_code_digest(modules), config=config, upstream=upstream,
                     code_modules=modules)
 
 
@@ -244,12 +249,7 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
             previous = previous_manifest(store, cfg.name, job)
             if waiting:
                 # The key needs what the upstream stages will hold; this stage's own changes show already.
-                job_cfg = config_for(cfg, job)
-                config = resolve_section(stage.section(job_cfg), fingerprints)
-                if stage.key_config is not None:
-                    config |= stage.key_config(job_cfg, fingerprints)
-                modules = stage_code_modules(stage, job_cfg)
-                own = KeyParts(name, _code_digest(modules), config, (previous or {}).get("upstream_digests", {}), modules)
+                own = _parts(cfg, job, fingerprints, (previous or {}).get("upstream_digests", {}))
                 reasons = [r for r in why_new(own, previous, stage.config_section) if r != "key changed"]
                 planned.append(PlannedStage(job.label, "pending", reasons=[f"after {', '.join(waiting)}", *reasons]))
                 continue
