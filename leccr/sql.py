@@ -34,6 +34,8 @@ VIEWS: dict[str, tuple[str, str]] = {
     "features_errors": ("features", "*/errors.parquet"),
     "history": ("train", "*/history.parquet"),
     "metrics": ("evaluate", "metrics.parquet"),
+    # Every worst-ranked query with what was retrieved (report.md shows the worst 10 per language).
+    "worst_queries": ("evaluate", "worst_queries.parquet"),
     # One row per (method, indexed item): its global (and slot) embeddings; `index_items` holds captions.
     "index": ("index", "*/embeddings.parquet"),
     "index_items": ("index", "items.parquet"),
@@ -99,12 +101,21 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list:
     statements = con.extract_statements(sql)
     for statement in statements:
         if statement.type not in READ_ONLY_STATEMENTS:
-            kind = str(statement.type).rsplit(".", 1)[-1]
             text = " ".join(statement.query.split())
+            kind = _statement_kind(text, statement.type)
             raise ReadOnlyViolation(f"refused {kind} statement {text[:80]!r}: `leccr inspect` only reads the "
                                     "artifacts (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); to save a "
                                     "result, redirect `--format csv` or `--format json` output to a file")
     return statements
+
+
+def _statement_kind(text: str, statement_type: duckdb.StatementType) -> str:
+    """The statement's own first keyword (INSTALL, COPY, ATTACH): DuckDB's statement type can name
+    another (INSTALL is a LOAD statement to it), which is not what the user wrote."""
+    keyword = text.split(None, 1)[0].upper() if text else ""
+    if keyword.isalpha() and keyword != "WITH":
+        return keyword
+    return str(statement_type).rsplit(".", 1)[-1]
 
 
 def list_views(con: duckdb.DuckDBPyConnection) -> list[str]:
