@@ -391,7 +391,7 @@ def run(ctx: StageContext) -> None:
     cfg: EvaluateConfig = ctx.section  # type: ignore[assignment]
     from leccr.device import resolve_device
     from leccr.metrics import chance_sumr
-    from leccr.report import write_report
+    from leccr.report import sumr_console_table, write_report
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -441,4 +441,4 @@ def run(ctx: StageContext) -> None:
     ctx.summary.update(methods=methods + ([cfg.zero_shot.name] if cfg.zero_shot else []),
                        languages=list(data.languages), items=len(data.item_ids), sumr=sumr,
                        report_markdown=report, seconds=round(time.perf_counter() - started, 3))
-    ctx.log.info("evaluate: SumR %s", sumr)
+    ctx.log.info("evaluate: SumR (report: %s)\n%s", ctx.out_dir / "report.md", sumr_console_table(metrics))
