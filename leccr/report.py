@@ -179,8 +179,8 @@ def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: 
     (method, score): solid for the fused score (α in the legend), dashed for global cosine only.
 
     `sizes[(lang, direction)]`: how many items (text→visual) or captions (visual→text) a query ranks;
-    each panel's K axis ends there (recall is 100 % from then on) with ticks at 1, 2, 5, 10, ... and
-    the end. Without it a panel ends at its longest curve."""
+    each panel's K axis ends there (recall is 100 % from then on), or at the longest curve where the
+    curves stop before (`evaluate.curve_max_k`), with ticks at 1, 2, 5, 10, ... and the end."""
     plt = _pyplot()
     alphas, sizes = alphas or {}, sizes or {}
     series = sorted({(key[0], key[1]) for key in curves}, key=lambda ms: (_method_sort_key(ms[0]), ms[1]))
@@ -191,7 +191,9 @@ def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
     for axis, direction in zip(axes, ARROWS):
         drawn = [curves[key] for key in ((m, s, lang, direction) for m, s in series) if key in curves]
-        end = sizes.get((lang, direction)) or max((len(values) for values in drawn), default=1)
+        longest = max((len(values) for values in drawn), default=1)
+        size = sizes.get((lang, direction))
+        end = min(size, longest) if size else longest  # curves stop at evaluate.curve_max_k
         for method, score in series:
             values = curves.get((method, score, lang, direction))
             if values is None:
@@ -205,7 +207,8 @@ def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: 
             axis.set_xlim(1, end)
         axis.set_xticks(_k_ticks(end), labels=[str(k) for k in _k_ticks(end)])
         axis.minorticks_off()
-        axis.set_xlabel(f"K (of {end} {'items' if direction == 'text_to_visual' else 'captions'})")
+        ranked = "items" if direction == "text_to_visual" else "captions"
+        axis.set_xlabel(f"K (of {size} {ranked})" if size else "K")
         axis.set_title(f"{lang}: {ARROWS[direction]}")
         axis.grid(True, alpha=0.3)
     axes[0].set_ylabel("recall@K (%)")
@@ -296,18 +299,18 @@ def training_figure(method: str, history: pa.Table):
 
 
 def _panel_grid(plt, count: int, max_cols: int = 3):
-    """A figure with exactly `count` panels, up to `max_cols` a row: a short last row is centred (each
-    panel spans two cells of a grid twice as wide), so no empty panel or column is left over."""
+    """A figure with exactly `count` panels in balanced rows of up to `max_cols`; the panels of a short
+    last row share its whole width (8 panels: 3 + 3 + 2 wider ones), so no cell is left empty."""
     rows = math.ceil(count / max_cols)
     cols = math.ceil(count / rows)  # balanced rows: 4 panels are 2 x 2, not 3 + 1
+    last = count - (rows - 1) * cols
     figure = plt.figure(figsize=(4.6 * cols, 3.0 * rows), layout="constrained")
-    grid = figure.add_gridspec(rows, 2 * cols)
+    grid = figure.add_gridspec(rows, cols * last)  # a full row's panel spans `last` cells, a last-row one `cols`
     axes = []
     for index in range(count):
         row, col = divmod(index, cols)
-        in_row = min(cols, count - row * cols)
-        start = (cols - in_row) + 2 * col  # centre the row's panels
-        axes.append(figure.add_subplot(grid[row, start:start + 2]))
+        span = cols if row == rows - 1 else last
+        axes.append(figure.add_subplot(grid[row, col * span:(col + 1) * span]))
     return figure, axes
 
 

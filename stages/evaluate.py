@@ -318,8 +318,9 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
                 if duplicate:
                     continue  # the same numbers as the fused score: one curve, one error list
                 valid = direction_ranks[direction_ranks > 0]
+                ranked = n_items if direction == "text_to_visual" else len(language.caption_ids)
                 result.curves[(method, score_name, lang, direction)] = np.array(
-                    [(valid <= k).mean() * 100.0 for k in range(1, cfg.curve_max_k + 1)])
+                    [(valid <= k).mean() * 100.0 for k in range(1, min(cfg.curve_max_k, ranked) + 1)])
                 result.worst += _worst(block, direction, direction_ranks, language, data, cfg, common, device)
             result.metrics.append({**common, "direction": "both", "metric": "sumr", "k": None,
                                    "value": stats["sumr"], "name": f"{lang}/sumr"})

@@ -228,14 +228,20 @@ def test_worst_queries_are_capped_per_language_worst_first():
 
 
 def test_recall_axes_end_at_the_collection_size_with_readable_ticks():
-    curves = {("leccr", "fused", "de", d): np.linspace(10, 100, 50) for d in ("text_to_visual", "visual_to_text")}
+    # as evaluate computes them: to the number ranked (17 items, 85 captions), at most curve_max_k
+    curves = {("leccr", "fused", "de", "text_to_visual"): np.linspace(10, 100, 17),
+              ("leccr", "fused", "de", "visual_to_text"): np.linspace(10, 100, 85)}
     figure = recall_figure(curves, "de", sizes={("de", "text_to_visual"): 17, ("de", "visual_to_text"): 85})
     t2v, v2t = figure.axes[:2]
     assert t2v.get_xlim() == (1, 17) and v2t.get_xlim() == (1, 85)
     assert [int(x) for x in t2v.get_xticks()] == [1, 2, 5, 10, 17]
     assert [int(x) for x in v2t.get_xticks()] == [1, 2, 5, 10, 20, 50, 85]
     assert [t.get_text() for t in v2t.get_xticklabels()] == ["1", "2", "5", "10", "20", "50", "85"]
-    assert len(t2v.get_lines()[0].get_xdata()) == 17  # the curve stops where the collection ends
+    assert t2v.get_xlabel() == "K (of 17 items)" and v2t.get_xlabel() == "K (of 85 captions)"
+    # a collection larger than the curves (curve_max_k): the axis ends where they do, not past them
+    curves = {("leccr", "fused", "de", d): np.linspace(1, 60, 100) for d in ("text_to_visual", "visual_to_text")}
+    figure = recall_figure(curves, "de", sizes={("de", "text_to_visual"): 1000, ("de", "visual_to_text"): 5000})
+    assert figure.axes[0].get_xlim() == (1, 100) and figure.axes[0].get_xlabel() == "K (of 1000 items)"
 
 
 def test_training_figure_has_no_empty_panel():
@@ -246,3 +252,15 @@ def test_training_figure_has_no_empty_panel():
     assert len(figure.axes) == 4 and all(axis.get_lines() for axis in figure.axes)
     left = sorted({round(axis.get_position().x0, 2) for axis in figure.axes})
     assert len(left) == 2  # two columns of two, none left empty
+    # eight panels: 3 + 3 + 2, the last two sharing the whole width; labels of rows kept apart
+    history = pa.table({"step": [1, 2, 3], **{f"loss_{n}": [3.0, 2.0, 1.0] for n in "abcdef"},
+                        "lr": [1e-5, 2e-5, 3e-5]})
+    figure = training_figure("cl2cm", history)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    assert len(figure.axes) == 7
+    boxes = [axis.get_tightbbox(renderer) for axis in figure.axes]
+    for a, b in combinations(boxes, 2):
+        assert not a.overlaps(b)
+    last_row = [axis for axis in figure.axes if axis.get_position().y0 < 0.2]
+    assert len(last_row) == 1 and last_row[0].get_position().width > 0.6  # one panel, the whole width
