@@ -480,8 +480,12 @@ def configure_logging(verbose: bool) -> None:
 
 def _hint(error: BaseException, verbose: bool) -> str | None:
     """A next step that fits this error, or None when the message already says what to change."""
-    from leccr.config import ConfigError, ConfigFileMissing
     from leccr.search.request import BadQuery, UnknownLanguage, UnknownMethod
+
+    if isinstance(error, (UsageError, BadQuery, UnknownMethod, UnknownLanguage)):
+        return None  # the message says what to change: the value's range, the choices (and before the
+        # imports below: the pipeline's loads every stage module, seconds a refused query need not wait)
+    from leccr.config import ConfigError, ConfigFileMissing
     from leccr.store import StageFailed
 
     from leccr.pipeline import UnknownStage
@@ -492,9 +496,8 @@ def _hint(error: BaseException, verbose: bool) -> str | None:
         return "the experiment files shipped with leccr: " + ", ".join(shipped) if shipped else None
     if isinstance(error, ConfigError):
         return "every section and key, with its default, is in leccr/config.py"
-    if isinstance(error, (UsageError, BadQuery, UnknownMethod, UnknownLanguage, UnknownStage, EnvironmentProblem,
-                          OSError)):
-        return None  # the message says what to change: the value's range, the choices, the path and why
+    if isinstance(error, (UnknownStage, EnvironmentProblem, OSError)):
+        return None  # the message says what to change: the stages, the path and why
     if isinstance(error, StageFailed):
         return "rerun the same command to resume" + ("" if verbose else "; add -v for the traceback")
     return None if verbose else "add -v for the traceback"
