@@ -414,9 +414,9 @@ def render_report(
         lines += ["## Training curves", ""]
         lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in training] + [""]
     lines += ["## Worst-ranked queries", "",
-              f"Per language, the {WORST_SHOWN_PER_LANGUAGE} queries whose first hit ranked lowest: what they "
-              "expected and what ranked first instead (visual items by item id; ✓ marks a retrieved entry that "
-              "is a hit).", "",
+              (f"Per language, the {WORST_SHOWN_PER_LANGUAGE} queries whose first hit ranked lowest: what they "
+               "expected and what ranked first instead (visual items by item id; ✓ marks a retrieved entry that "
+               "is a hit)."), "",
               worst_queries_section(worst)]
     return "\n".join(lines).rstrip() + "\n"
 

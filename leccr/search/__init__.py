@@ -14,7 +14,7 @@ _EXPORTS = {
     "find_index": "leccr.search.engine",
     "QueryEncoder": "leccr.search.query", "UnknownLanguage": "leccr.search.query",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):

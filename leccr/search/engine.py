@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.parquet as pq
 
-from leccr.search.request import DEFAULT_CANDIDATES, UnknownLanguage, UnknownMethod  # noqa: F401
+from leccr.search.request import DEFAULT_CANDIDATES, UnknownLanguage, UnknownMethod
 from leccr.store import Artifact, Store
 from schemas.core import read_table
 from schemas.index import INDEX_ITEMS

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from leccr.search.request import UnknownLanguage  # noqa: F401 - where callers of the encoder find it
+from leccr.search.request import UnknownLanguage
 
 
 class QueryEncoder:

@@ -152,8 +152,8 @@ def test_busy_port_is_one_error_line_before_anything_says_serving(indexed, capsy
         assert main(["serve", "--root", str(cfg.artifacts_root), "--port", str(port), "--device", "cpu"]) == 2
     out, err = capsys.readouterr()
     assert "Serving" not in out
-    assert err.strip().splitlines() == [f"leccr: error: cannot serve on 127.0.0.1:{port}: Address already in use; "
-                                        "choose another with --port (or --host)"]
+    assert err.strip().splitlines() == [(f"leccr: error: cannot serve on 127.0.0.1:{port}: Address already in use; "
+                                         "choose another with --port (or --host)")]
 
 
 def test_concurrent_requests_are_answered_correctly_and_each_model_loads_once(served):
