@@ -46,6 +46,8 @@ def _postgres_missing() -> str | None:
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root and there is no postgres user to run PostgreSQL as"
+        if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(REPO)], check=False).returncode:
+            return f"the postgres user cannot reach {REPO} (a parent folder is closed to other users)"
     return None
 
 
