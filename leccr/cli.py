@@ -35,11 +35,15 @@ def stage_names() -> list[str]:
     return stage_order(declared_upstream())
 
 
-def _parse_sets(pairs: list[str]) -> dict:
+class UsageError(ValueError):
+    """A command line that cannot mean anything: `leccr: error: ...`, exit 2, as argparse's own."""
+
+
+def _parse_sets(pairs: list[str], option: str = "--set") -> dict:
     overrides = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"{option} expects KEY=VALUE, got {pair!r} (e.g. {option} train.seed=1)")
         key, value = pair.split("=", 1)
         overrides[key] = yaml.safe_load(value)  # "3" -> 3, "[de, fr]" -> list, "true" -> True
     return overrides
@@ -78,6 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("  " + stage.line())
         todo = [s.name for s in planned if s.status != "hit"]
         print(f"{len(planned) - len(todo)} cached, {len(todo)} to run" + (f": {', '.join(todo)}" if todo else ""))
+        for line in unkeyed_overrides(cfg, args.set):
+            print(line)
         return 0
     if all(stage.status == "hit" for stage in planned):
         # Nothing to compute: no Prefect server, no flow run, just the bookkeeping of a run.
@@ -103,6 +109,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print("Inspect them with: leccr inspect \"SELECT * FROM translate LIMIT 5\"")
     return 0
+
+
+def unkeyed_overrides(cfg, pairs: list[str]) -> list[str]:
+    """A note for each `--set` field that cannot change any output under this config: another engine's
+    setting (`translate.num_beams` under the import engine), or one that only changes speed or placement.
+    Such a field is out of every key, so setting it leaves each stage a cache hit."""
+    notes = []
+    for dotted in _parse_sets(pairs):
+        section_name, _, rest = dotted.partition(".")
+        section = getattr(cfg, section_name, None)
+        field = rest.split(".", 1)[0]
+        if section is None or not field or not hasattr(section, "unused_fields"):
+            continue
+        # Only another engine's fields: a section's other unused fields are keyed in another form (train's
+        # models as resolved model configs, the visual fields of `features` in the visual stage's key).
+        if field in section.unused_fields() and hasattr(section, "engine"):
+            notes.append(f"note: --set {dotted}: not used by engine {section.engine}; it changes no key")
+        elif field in section.NON_OUTPUT_FIELDS and field != "device":  # a device is keyed as its kind
+            notes.append(f"note: --set {dotted}: changes speed or where work runs, not output; it changes no key")
+    return notes
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -210,26 +236,29 @@ def _index_source(args: argparse.Namespace) -> tuple[str, str | None, str | None
 def cmd_search(args: argparse.Namespace) -> int:
     import json
 
-    from leccr.search import SearchEngine, UnknownLanguage, UnknownMethod
+    from leccr.search.request import check_request
+
+    # The same checks and messages as the API's, before the index opens or a model library loads.
+    request = check_request(args.query, args.k, args.candidates)
+    from leccr.search.engine import SearchEngine
 
     engine = SearchEngine.open(*_index_source(args), args.device)
-    try:
-        hits = engine.search([args.query], args.lang, args.method, args.k, args.candidates)[0]
-    except (UnknownMethod, UnknownLanguage) as error:
-        print(f"leccr search: {error}", file=sys.stderr)
-        return 2
+    engine.check(args.method, args.lang)
+    hits = engine.search([request.text], args.lang, args.method, request.k, request.candidates)[0]
     if args.json:
-        print(json.dumps({"query": args.query, "lang": args.lang, "method": args.method, "k": args.k,
-                          "candidates": args.candidates, "index": str(engine.index_dir),
+        print(json.dumps({"query": request.text, "lang": args.lang, "method": args.method, "k": request.k,
+                          "candidates": request.candidates, "index": str(engine.index_dir),
                           "hits": [hit.to_dict(args.lang) for hit in hits]}, ensure_ascii=False, indent=2))
         return 0
-    print(f"{len(hits)} hits for {args.query!r} ({args.lang}, {args.method}; index {engine.index_dir.name}):")
+    print(f"{len(hits)} hits for {request.text!r} ({args.lang}, {args.method}; index {engine.index_dir.name}):")
     for hit in hits:
         print(f"{hit.rank:>3}. {hit.item_id:<16} score {hit.score:.4f} (cosine {hit.global_score:.4f})  {hit.path or '-'}")
         print(f"     caption: {hit.caption(args.lang)}")
         if hit.description:
             snippet = hit.description if len(hit.description) <= 100 else hit.description[:97] + "..."
             print(f"     description: {snippet}")
+            if hit.description_source:
+                print(f"       (from {hit.description_source})")
     return 0
 
 
@@ -242,13 +271,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_datasets_check(args: argparse.Namespace) -> int:
     from leccr.datasets.check import check_command
 
-    return check_command(Path(args.path), args.format, _parse_sets(args.option))
+    return check_command(Path(args.path), args.format, _parse_sets(args.option, "--option"))
 
 
 def cmd_build_tiny_models(args: argparse.Namespace) -> int:
     from leccr.tiny_models import run
 
     return run(args, args.tiny_parser)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors in the form of every other `leccr` error: `leccr: error: ...`, exit 2."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("leccr").strip()
+        self.print_usage(sys.stderr)
+        print(f"leccr: error: {command + ': ' if command else ''}{message}", file=sys.stderr)
+        print(f"leccr: hint: `{self.prog} --help` lists the options", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -283,14 +323,16 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from leccr.search.request import DEFAULT_CANDIDATES, DEFAULT_K, MAX_CANDIDATES, MAX_K
+
     stages = stage_names()
     stage_list = ", ".join(stages)
     # -v works before or after the command (`leccr -v run ...`, `leccr run ... -v`). Stage names are
     # checked by the pipeline (UnknownStage lists them) before Prefect starts.
     verbose_help = "show library logs (Prefect, httpx, transformers) and tracebacks"
-    verbose = argparse.ArgumentParser(add_help=False)  # the commands' -v: absent unless given
+    verbose = _Parser(add_help=False)  # the commands' -v: absent unless given
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
-    parser = argparse.ArgumentParser(prog="leccr", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser = _Parser(prog="leccr", description=DESCRIPTION, formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -341,10 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query", help='the query text, e.g. "ein Hund rennt durch den Schnee"')
     search.add_argument("--lang", default="en", help="the query's language (one the method was trained on; default en)")
     search.add_argument("--method", default="leccr", help="the trained method to search with (default leccr)")
-    search.add_argument("-k", type=int, default=10, help="hits to print (default 10)")
-    search.add_argument("--candidates", type=int, default=200,  # leccr.search.DEFAULT_CANDIDATES (not imported: torch)
+    search.add_argument("-k", type=int, default=DEFAULT_K, help=f"hits to print, 1 to {MAX_K} (default {DEFAULT_K})")
+    search.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                         help="items taken from the vector index by global cosine and re-ranked by the method's "
-                             "inference score (default 200)")
+                             f"inference score, 1 to {MAX_CANDIDATES} (default {DEFAULT_CANDIDATES})")
     search.add_argument("--json", action="store_true", help="print the hits as JSON")
     _index_arguments(search)
     search.set_defaults(handler=cmd_search)
@@ -436,11 +478,20 @@ def configure_logging(verbose: bool) -> None:
 
 
 def _hint(error: BaseException, verbose: bool) -> str | None:
-    from leccr.config import ConfigError
+    """A next step that fits this error, or None when the message already says what to change."""
+    from leccr.search.request import BadQuery, UnknownLanguage, UnknownMethod
+
+    if isinstance(error, (UsageError, BadQuery, UnknownMethod, UnknownLanguage)):
+        return None  # the message says what to change: the value's range, the choices (and before the
+        # imports below: the pipeline's loads every stage module, seconds a refused query need not wait)
+    from leccr.config import ConfigError, ConfigFileMissing
     from leccr.core.dag import UnknownStage
     from leccr.core.failures import StageFailed
     from leccr.preflight import EnvironmentProblem
 
+    if isinstance(error, ConfigFileMissing):
+        shipped = sorted(p.relative_to(PROJECT).as_posix() for p in (PROJECT / "configs").glob("*.yaml"))
+        return "the experiment files shipped with leccr: " + ", ".join(shipped) if shipped else None
     if isinstance(error, ConfigError):
         return "every section and key, with its default, is in leccr/config.py"
     if isinstance(error, (UnknownStage, EnvironmentProblem, OSError)):

@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A config file is missing, malformed, or holds an unknown key or a bad value."""
 
 
+class ConfigFileMissing(ConfigError):
+    """The experiment file named does not exist (its keys are not the problem)."""
+
+
 class _PathMarker:
     """Marks a string field as a path whose *content* (not its spelling) goes into cache keys."""
 
@@ -440,7 +444,8 @@ class EvaluateConfig(Section):
     # (1.0 for images as in the reference image evaluation, 0.9 for video).
     alpha: float | None = Field(None, ge=0.0, le=1.0)
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])  # recall@K of the table; SumR sums these
-    curve_max_k: int = Field(50, ge=1)  # recall@K curves are drawn for K = 1..curve_max_k
+    # recall@K curves are drawn for K = 1..curve_max_k, or to the number ranked when that is smaller
+    curve_max_k: int = Field(100, ge=1)
     worst_queries: int = Field(5, ge=0)  # worst-ranked queries per method x language x direction in the report
     top_retrieved: int = Field(3, ge=1)  # retrieved items shown for each of them
     zero_shot: ZeroShotConfig | None = None  # also evaluate this encoder pair
@@ -594,7 +599,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     """Read a YAML experiment file; `overrides` maps dotted keys ("train.seed") to values."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigFileMissing(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

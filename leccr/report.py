@@ -72,8 +72,9 @@ def languages_of(rows: list[dict]) -> list[str]:
 
 
 def results_tables(metrics: pa.Table) -> str:
-    """One markdown table per language, rows = methods, columns = T→V and V→T R@K and SumR (the
-    LECCR/CL2CM papers' layout), then a SumR overview (rows = methods, columns = languages)."""
+    """Per language, one markdown table per direction (rows = methods, columns = R@K and MedR: the
+    LECCR/CL2CM papers' numbers, narrow enough for the Prefect UI's artifact pane), then a SumR overview
+    (rows = methods, columns = languages)."""
     rows = _rows(metrics)
     if not rows:
         return "_No metrics._\n"
@@ -90,30 +91,45 @@ def results_tables(metrics: pa.Table) -> str:
         n_texts = next(r["n_texts"] for r in rows if r["lang"] == lang)
         n_items = next(r["n_items"] for r in rows if r["lang"] == lang)
         out.append(f"### {lang} ({split}: {n_items} visual items, {n_texts} captions)\n")
-        header = ["Method", "α"] + [f"{ARROWS[d]} R@{k}" for d in ARROWS for k in table_ks] + ["SumR"]
-        header += [f"{ARROWS[d]} MedR" for d in ARROWS]
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-        for method, score in present:
-            cells = [_label(method, score, rows), f"{_alpha(method, score, rows):g}"]
-            cells += [f"{table[(method, score, lang, d, 'recall', k)]:.1f}" for d in ARROWS for k in table_ks]
-            cells.append(f"{table[(method, score, lang, 'both', 'sumr', None)]:.1f}")
-            cells += [f"{table[(method, score, lang, d, 'median_rank', None)]:g}" for d in ARROWS]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
-    langs = [lang for lang in languages_of(rows)]
-    if len(langs) > 1:
-        out.append("### SumR per language\n")
-        out.append("| Method | " + " | ".join(langs) + " |")
-        out.append("|---|" + "|".join(["---:"] * len(langs)) + "|")
-        for method, score in variants:
-            cells = [_label(method, score, rows)]
-            for lang in langs:
-                value = table.get((method, score, lang, "both", "sumr", None))
-                cells.append("–" if value is None else f"{value:.1f}")
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+        for direction, arrow in ARROWS.items():
+            header = [f"{arrow} ({'text → visual' if direction == 'text_to_visual' else 'visual → text'})", "α"]
+            header += [f"R@{k}" for k in table_ks] + ["MedR"]
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+            for method, score in present:
+                cells = [_label(method, score, rows), f"{_alpha(method, score, rows):g}"]
+                cells += [f"{table[(method, score, lang, direction, 'recall', k)]:.1f}" for k in table_ks]
+                cells.append(f"{table[(method, score, lang, direction, 'median_rank', None)]:g}")
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+    langs = languages_of(rows)
+    out.append("### SumR per language\n")
+    out.append("SumR: the sum of the R@K above, both directions.\n")
+    out.append("| Method | " + " | ".join(langs) + " |")
+    out.append("|---|" + "|".join(["---:"] * len(langs)) + "|")
+    for method, score in variants:
+        cells = [_label(method, score, rows)]
+        for lang in langs:
+            value = table.get((method, score, lang, "both", "sumr", None))
+            cells.append("–" if value is None else f"{value:.1f}")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
     return "\n".join(out) + "\n"
+
+
+def sumr_console_table(metrics: pa.Table) -> str:
+    """SumR as a few aligned lines for the console log: one row per method and score, one column per
+    language (the full numbers are in report.md and metrics.parquet)."""
+    rows = _rows(metrics)
+    table = _lookup(rows)
+    langs = languages_of(rows)
+    labels = {variant: _label(*variant, rows) for variant in _variants(rows)}
+    width = max([len("method"), *map(len, labels.values())])
+    lines = [f"{'method':<{width}}  " + "  ".join(f"{lang:>7}" for lang in langs)]
+    for (method, score), label in labels.items():
+        values = [table.get((method, score, lang, "both", "sumr", None)) for lang in langs]
+        lines.append(f"{label:<{width}}  " + "  ".join("      –" if v is None else f"{v:7.1f}" for v in values))
+    return "\n".join(lines)
 
 
 def _table_ks(rows: list[dict]) -> set[int]:
@@ -144,12 +160,25 @@ def _series_label(method: str, score: str, alphas: Mapping[tuple[str, str], floa
     return f"{method} ({score}" + (f", α={alpha:g})" if alpha is not None else ")")
 
 
+def _k_ticks(largest: int) -> list[int]:
+    """K ticks for a log axis that ends at `largest`: 1, 2, 5, 10, 20, 50, ... below it, and it."""
+    ticks = [m * 10 ** e for e in range(0, len(str(largest)) + 1) for m in (1, 2, 5) if m * 10 ** e < largest]
+    # A tick closer than ~15 % to the end would print on top of the end's label.
+    ticks = [t for t in ticks if t == 1 or largest / t > 1.15]
+    return ticks + [largest]
+
+
 def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: str,
-                  alphas: Mapping[tuple[str, str], float] | None = None):
+                  alphas: Mapping[tuple[str, str], float] | None = None,
+                  sizes: Mapping[tuple[str, str], int] | None = None):
     """Recall@K (%) against K for one language, both directions side by side, one line per
-    (method, score): solid for the fused score (α in the legend), dashed for global cosine only."""
+    (method, score): solid for the fused score (α in the legend), dashed for global cosine only.
+
+    `sizes[(lang, direction)]`: how many items (text→visual) or captions (visual→text) a query ranks;
+    each panel's K axis ends there (recall is 100 % from then on), or at the longest curve where the
+    curves stop before (`evaluate.curve_max_k`), with ticks at 1, 2, 5, 10, ... and the end."""
     plt = _pyplot()
-    alphas = alphas or {}
+    alphas, sizes = alphas or {}, sizes or {}
     series = sorted({(key[0], key[1]) for key in curves}, key=lambda ms: (method_sort_key(ms[0]), ms[1]))
     # One colour per method, the same in every panel and file.
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -157,15 +186,25 @@ def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: 
     colour = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
     for axis, direction in zip(axes, ARROWS):
+        drawn = [curves[key] for key in ((m, s, lang, direction) for m, s in series) if key in curves]
+        longest = max((len(values) for values in drawn), default=1)
+        size = sizes.get((lang, direction))
+        end = min(size, longest) if size else longest  # curves stop at evaluate.curve_max_k
         for method, score in series:
             values = curves.get((method, score, lang, direction))
             if values is None:
                 continue
+            values = values[:end]
             ks = np.arange(1, len(values) + 1)
             axis.plot(ks, values, label=_series_label(method, score, alphas), color=colour[method],
                       linestyle="--" if score == "global" else "-")
         axis.set_xscale("log")
-        axis.set_xlabel("K")
+        if end > 1:
+            axis.set_xlim(1, end)
+        axis.set_xticks(_k_ticks(end), labels=[str(k) for k in _k_ticks(end)])
+        axis.minorticks_off()
+        ranked = "items" if direction == "text_to_visual" else "captions"
+        axis.set_xlabel(f"K (of {size} {ranked})" if size else "K")
         axis.set_title(f"{lang}: {ARROWS[direction]}")
         axis.grid(True, alpha=0.3)
     axes[0].set_ylabel("recall@K (%)")
@@ -176,17 +215,28 @@ def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: 
 
 
 def plot_recall_curves(curves: Mapping[tuple[str, str, str, str], np.ndarray], out_dir: Path,
-                       alphas: Mapping[tuple[str, str], float] | None = None) -> list[Path]:
+                       alphas: Mapping[tuple[str, str], float] | None = None,
+                       sizes: Mapping[tuple[str, str], int] | None = None) -> list[Path]:
     """One PNG per language (see recall_figure)."""
     plt = _pyplot()
     paths = []
     for lang in sorted({key[2] for key in curves}):
-        figure = recall_figure(curves, lang, alphas)
+        figure = recall_figure(curves, lang, alphas, sizes)
         path = out_dir / f"recall_at_k_{lang}.png"
         atomic_write_bytes(path, _figure_png(figure))
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def ranked_sizes(metrics: pa.Table) -> dict[tuple[str, str], int]:
+    """(lang, direction) -> how many entries a query of that direction ranks: the visual items for
+    text→visual, the captions for visual→text (metrics.parquet's n_items / n_texts)."""
+    sizes = {}
+    for row in metrics.to_pylist():
+        sizes[(row["lang"], "text_to_visual")] = row["n_items"]
+        sizes[(row["lang"], "visual_to_text")] = row["n_texts"]
+    return sizes
 
 
 def _numeric_columns(history: pa.Table) -> dict[str, np.ndarray]:
@@ -226,10 +276,8 @@ def training_figure(method: str, history: pa.Table):
         best_x = x[best]
         epoch = history.column("epoch")[best].as_py() if "epoch" in history.column_names else None
         best_label = f"best validation SumR {values[best]:.1f}" + (f" (epoch {epoch})" if epoch is not None else "")
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    figure, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False, layout="constrained")
-    for axis, (title, names, ylabel) in zip(axes.flat, panels):
+    figure, axes = _panel_grid(plt, len(panels))
+    for axis, (title, names, ylabel) in zip(axes, panels):
         for name in names:
             values = columns[name]
             keep = ~np.isnan(values)
@@ -242,10 +290,24 @@ def training_figure(method: str, history: pa.Table):
         axis.grid(True, alpha=0.3)
         if len(names) > 1:
             axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
-    for axis in list(axes.flat)[len(panels):]:
-        axis.axis("off")
     figure.suptitle(f"training: {method}" + (f"  (dotted: {best_label})" if best_label else ""))
     return figure
+
+
+def _panel_grid(plt, count: int, max_cols: int = 3):
+    """A figure with exactly `count` panels in balanced rows of up to `max_cols`; the panels of a short
+    last row share its whole width (8 panels: 3 + 3 + 2 wider ones), so no cell is left empty."""
+    rows = math.ceil(count / max_cols)
+    cols = math.ceil(count / rows)  # balanced rows: 4 panels are 2 x 2, not 3 + 1
+    last = count - (rows - 1) * cols
+    figure = plt.figure(figsize=(4.6 * cols, 3.0 * rows), layout="constrained")
+    grid = figure.add_gridspec(rows, cols * last)  # a full row's panel spans `last` cells, a last-row one `cols`
+    axes = []
+    for index in range(count):
+        row, col = divmod(index, cols)
+        span = cols if row == rows - 1 else last
+        axes.append(figure.add_subplot(grid[row, col * span:(col + 1) * span]))
+    return figure, axes
 
 
 def plot_training_curves(histories: Mapping[str, pa.Table], out_dir: Path) -> list[Path]:
@@ -271,37 +333,46 @@ def _clip(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def worst_queries_section(worst: pa.Table) -> str:
-    """Markdown tables of the worst-ranked queries and what came back instead.
+WORST_SHOWN_PER_LANGUAGE = 10  # report.md stays a summary; worst_queries.parquet holds every row
+
+
+def worst_queries_section(worst: pa.Table, per_language: int = WORST_SHOWN_PER_LANGUAGE) -> str:
+    """Per language, one markdown table of the worst-ranked queries (at most `per_language`, worst first,
+    over every method, score and direction) and what came back instead.
 
     Visual items are named by their item id (their only text is an MLLM description, unreadable from
     a small model and not what a reader looks for); captions by id and text. A retrieved entry that
-    is a hit is marked ✓ — rare here, since these queries' first hit ranked below what is shown."""
+    is a hit is marked ✓ — rare here, since these queries' first hit ranked below what is shown. The
+    rest is in worst_queries.parquet (`leccr inspect` view `worst_queries`)."""
     rows = worst.to_pylist()
     if not rows:
         return "_No error analysis (worst_queries is 0)._\n"
     out = []
-    groups: dict[tuple, list[dict]] = {}
+    by_lang: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["score"], row["lang"], row["direction"]), []).append(row)
-    for (method, score, lang, direction), group in sorted(
-        groups.items(), key=lambda item: (item[0][2], method_sort_key(item[0][0]), item[0][1], item[0][3])
-    ):
-        text_to_visual = direction == "text_to_visual"
-        out.append(f"#### {method} ({score}), {lang}, {ARROWS[direction]}\n")
-        shown = "visual items (id, score)" if text_to_visual else "captions (id: text, score)"
-        out.append(f"| rank of first hit | query | expected | top retrieved {shown} |")
-        out.append("|---:|---|---|---|")
-        for row in group:
-            query = f"`{row['query_id']}`" + (f" {_clip(row['query_text'])}" if text_to_visual else "")
+        by_lang.setdefault(row["lang"], []).append(row)
+    for lang in languages_of(rows):
+        group = sorted(by_lang[lang], key=lambda r: (-r["rank"], method_sort_key(r["method"]), r["score"],
+                                                    r["direction"]))
+        shown = group[:per_language]
+        more = f" (the worst {len(shown)} of {len(group)})" if len(group) > len(shown) else ""
+        out.append(f"#### {lang}{more}\n")
+        out.append("| method | query | rank of first hit | expected | top retrieved |")
+        out.append("|---|---|---:|---|---|")
+        for row in shown:
+            text_to_visual = row["direction"] == "text_to_visual"
+            method = f"{row['method']} ({row['score']}), {ARROWS[row['direction']]}"
+            query = f"`{row['query_id']}`" + (f" {_clip(row['query_text'], 80)}" if text_to_visual else "")
             expected = ", ".join(f"`{e}`" for e in row["expected"][:3]) + (" …" if len(row["expected"]) > 3 else "")
             retrieved = "<br>".join(
-                f"{'✓ ' if rid in row['expected'] else ''}`{rid}`" + ("" if text_to_visual else f": {_clip(text, 90)}")
+                f"{'✓ ' if rid in row['expected'] else ''}`{rid}`" + ("" if text_to_visual else f": {_clip(text, 60)}")
                 + f" ({score_value:.3f})"
                 for rid, text, score_value in zip(row["retrieved_ids"], row["retrieved_texts"], row["retrieved_scores"])
             )
-            out.append(f"| {row['rank']} | {query} | {expected} | {retrieved} |")
+            out.append(f"| {method} | {query} | {row['rank']} | {expected} | {retrieved} |")
         out.append("")
+    out.append("Every worst query of every method, score and direction: `worst_queries.parquet` beside this "
+               "report, or `leccr inspect \"SELECT * FROM worst_queries WHERE lang = 'de' ORDER BY rank DESC\"`.")
     return "\n".join(out) + "\n"
 
 
@@ -339,8 +410,9 @@ def render_report(
         lines += ["## Training curves", ""]
         lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in training] + [""]
     lines += ["## Worst-ranked queries", "",
-              "The queries whose first hit ranked lowest: what they expected and what ranked first instead "
-              "(visual items by item id; ✓ marks a retrieved entry that is a hit).", "",
+              (f"Per language, the {WORST_SHOWN_PER_LANGUAGE} queries whose first hit ranked lowest: what they "
+               "expected and what ranked first instead (visual items by item id; ✓ marks a retrieved entry that "
+               "is a hit)."), "",
               worst_queries_section(worst)]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -356,7 +428,8 @@ def write_report(
     """Write plots/*.png and report.md into `out_dir`; return the markdown."""
     plots = Path(out_dir) / "plots"
     alphas = {(r["method"], r["score"]): r["alpha"] for r in metrics.to_pylist()}
-    plot_paths = plot_recall_curves(curves, plots, alphas) + plot_training_curves(histories, plots)
+    plot_paths = (plot_recall_curves(curves, plots, alphas, ranked_sizes(metrics))
+                  + plot_training_curves(histories, plots))
     text = render_report(metrics, worst, plot_paths, Path(out_dir), header)
     atomic_write_text(Path(out_dir) / "report.md", text)
     return text

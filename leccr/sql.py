@@ -13,9 +13,12 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import duckdb
+from typing import TYPE_CHECKING
 
 from leccr.core.artifact import Artifact, Store, stage_of
+
+if TYPE_CHECKING:  # imported where a connection is made: finding an artifact (search) needs no DuckDB
+    import duckdb
 
 # view name -> (stage, glob inside the stage's artifact folder). A view is created only when its
 # files exist, so an experiment that skipped a stage still opens.
@@ -34,6 +37,8 @@ VIEWS: dict[str, tuple[str, str]] = {
     "features_errors": ("features", "*/errors.parquet"),
     "history": ("train", "*/history.parquet"),
     "metrics": ("evaluate", "metrics.parquet"),
+    # Every worst-ranked query with what was retrieved (report.md shows the worst 10 per language).
+    "worst_queries": ("evaluate", "worst_queries.parquet"),
     # One row per (method, indexed item): its global (and slot) embeddings; `index_items` holds captions.
     "index": ("index", "*/embeddings.parquet"),
     "index_items": ("index", "items.parquet"),
@@ -75,7 +80,7 @@ def view_statements(artifacts: dict[str, Artifact]) -> list[str]:
 
 
 # Statements that only read: SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE are all SELECT.
-READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+READ_ONLY_STATEMENTS = frozenset({"SELECT", "EXPLAIN"})  # names of duckdb.StatementType members
 
 
 class ReadOnlyViolation(ValueError):
@@ -92,6 +97,8 @@ def lock_statements(root: str | Path) -> list[str]:
 def connect(root: str | Path, experiment: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per available artifact table, reading nothing
     outside the artifacts root."""
+    import duckdb
+
     con = duckdb.connect()
     for statement in view_statements(selected_artifacts(root, experiment)):
         con.execute(statement)
@@ -105,13 +112,22 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list:
     (a syntax error raises duckdb's own ParserException)."""
     statements = con.extract_statements(sql)
     for statement in statements:
-        if statement.type not in READ_ONLY_STATEMENTS:
-            kind = str(statement.type).rsplit(".", 1)[-1]
+        if statement.type.name not in READ_ONLY_STATEMENTS:
             text = " ".join(statement.query.split())
+            kind = _statement_kind(text, statement.type)
             raise ReadOnlyViolation(f"refused {kind} statement {text[:80]!r}: `leccr inspect` only reads the "
                                     "artifacts (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); to save a "
                                     "result, redirect `--format csv` or `--format json` output to a file")
     return statements
+
+
+def _statement_kind(text: str, statement_type: duckdb.StatementType) -> str:
+    """The statement's own first keyword (INSTALL, COPY, ATTACH): DuckDB's statement type can name
+    another (INSTALL is a LOAD statement to it), which is not what the user wrote."""
+    keyword = text.split(None, 1)[0].upper() if text else ""
+    if keyword.isalpha() and keyword != "WITH":
+        return keyword
+    return statement_type.name
 
 
 def list_views(con: duckdb.DuckDBPyConnection) -> list[str]:

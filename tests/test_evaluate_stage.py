@@ -267,12 +267,15 @@ def test_stage_with_trained_methods(tmp_path, artifacts, bert_path, monkeypatch)
     assert {(r["method"], r["checkpoint"]) for r in metrics} == {(m, f"{m}key") for m in ("leccr", "baseline", "cl2cm")}
     report = (ctx.out_dir / "report.md").read_text()
     assert "reconstruction" in report  # the CL2CM note
-    rows = [line for line in report.split("### de (")[1].split("###")[0].splitlines() if line.startswith("| ")]
-    labels = [row.split("|")[1].strip() for row in rows if not row.startswith("| Method")]
+    text_to_visual = report.split("### de (")[1].split("###")[0].split("\n\n")[1]  # one table per direction
+    rows = [line for line in text_to_visual.splitlines() if line.startswith("| ") and not line.startswith("| T→V")]
+    labels = [row.split("|")[1].strip() for row in rows]
     assert labels == ["baseline", "cl2cm", "leccr (fused, α=0.9)", "leccr (global only)"]
     sumr = {r["method"] + "/" + r["score"]: r["value"] for r in metrics if r["lang"] == "de" and r["metric"] == "sumr"}
-    leccr_row = next(row for row in rows if row.startswith("| leccr (fused, α=0.9) |"))
-    assert leccr_row.split("|")[9].strip() == f"{sumr['leccr/fused']:.1f}"  # after Method, α and six R@K
+    overview = [line for line in report.split("### SumR per language")[1].splitlines() if line.startswith("| ")]
+    column = [cell.strip() for cell in overview[0].split("|")].index("de")
+    leccr_row = next(row for row in overview if row.startswith("| leccr (fused, α=0.9) |"))
+    assert leccr_row.split("|")[column].strip() == f"{sumr['leccr/fused']:.1f}"
     for method in ("leccr", "baseline", "cl2cm"):
         assert (ctx.out_dir / "plots" / f"training_{method}.png").is_file()
     assert ctx.summary["methods"] == ["baseline", "cl2cm", "leccr"]

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from leccr.report import CL2CM_NOTE, artifact_markdown, recall_figure, results_tables, training_figure, write_report
+from leccr.report import (ARROWS, CL2CM_NOTE, artifact_markdown, recall_figure, results_tables, sumr_console_table,
+                          training_figure, worst_queries_section, write_report)
 from leccr.schemas.core import validate
 from leccr.schemas.evaluate import METRICS, WORST_QUERIES
 
@@ -57,42 +58,53 @@ def make_worst() -> pa.Table:
         "retrieved_scores": [0.6, 0.5]}], schema=WORST_QUERIES)
 
 
-def table_rows(markdown: str, lang: str) -> dict[str, list[str]]:
-    """Row label -> cells of the per-language table of `lang`."""
+def table_rows(markdown: str, lang: str, direction: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(header, row label -> cells) of the table of one language and direction."""
     section = markdown.split(f"### {lang} (")[1].split("###")[0]
+    table = next(block for block in section.split("\n\n") if block.startswith(f"| {ARROWS[direction]} ("))
+    lines = table.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
-    for line in section.splitlines():
-        if line.startswith("| ") and not line.startswith("| Method"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
-    return rows
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return header, rows
 
 
 def test_table_numbers_match_metrics_and_layout():
     metrics = make_metrics()
     markdown = results_tables(metrics)
-    header = next(line for line in markdown.splitlines() if line.startswith("| Method"))
-    assert [c.strip() for c in header.strip("|").split("|")] == [
-        "Method", "α", "T→V R@1", "T→V R@5", "T→V R@10", "V→T R@1", "V→T R@5", "V→T R@10", "SumR", "T→V MedR", "V→T MedR"]
     lookup = {(r["method"], r["score"], r["lang"], r["direction"], r["metric"], r["k"]): r["value"]
               for r in metrics.to_pylist()}
     for lang in ("de", "fr"):
-        rows = table_rows(markdown, lang)
-        # paper order: baseline, cl2cm, leccr; leccr's fused (alpha 0.9) and global rows both shown;
-        # the others have one row (their fused score is the global one)
-        assert list(rows) == ["baseline", "cl2cm", "leccr (fused, α=0.9)", "leccr (global only)"]
-        for label, (method, score) in {"baseline": ("baseline", "fused"), "leccr (fused, α=0.9)": ("leccr", "fused"),
-                                       "leccr (global only)": ("leccr", "global")}.items():
-            expected = [lookup[(method, score, lang, d, "recall", k)]
-                        for d in ("text_to_visual", "visual_to_text") for k in (1, 5, 10)]
-            expected.append(lookup[(method, score, lang, "both", "sumr", None)])
-            assert float(rows[label][0]) == (0.9 if label == "leccr (fused, α=0.9)" else 1.0)  # α beside the numbers
-            assert [float(c) for c in rows[label][1:8]] == expected
-        # by hand: R@K values b+1, b+5, b+10 (T→V) and b+11, b+15, b+20 (V→T) sum to 6b + 62
-        assert float(rows["baseline"][7]) == 6 * (30 + (3 if lang == "fr" else 0)) + 62
-    # the SumR overview: one column per language
+        for direction in ("text_to_visual", "visual_to_text"):
+            header, rows = table_rows(markdown, lang, direction)
+            # one table per direction: six columns, narrow enough for the Prefect UI's artifact pane
+            assert header[1:] == ["α", "R@1", "R@5", "R@10", "MedR"]
+            # paper order: baseline, cl2cm, leccr; leccr's fused (alpha 0.9) and global rows both shown;
+            # the others have one row (their fused score is the global one)
+            assert list(rows) == ["baseline", "cl2cm", "leccr (fused, α=0.9)", "leccr (global only)"]
+            for label, (method, score) in {"baseline": ("baseline", "fused"),
+                                           "leccr (fused, α=0.9)": ("leccr", "fused"),
+                                           "leccr (global only)": ("leccr", "global")}.items():
+                expected = [lookup[(method, score, lang, direction, "recall", k)] for k in (1, 5, 10)]
+                expected.append(lookup[(method, score, lang, direction, "median_rank", None)])
+                assert float(rows[label][0]) == (0.9 if label == "leccr (fused, α=0.9)" else 1.0)
+                assert [float(c) for c in rows[label][1:]] == expected
+    # the SumR overview: one column per language; by hand: R@K values b+1, b+5, b+10 (T→V) and b+11,
+    # b+15, b+20 (V→T) sum to 6b + 62
     overview = markdown.split("### SumR per language")[1]
-    assert re.search(r"\| leccr \(fused, α=0.9\) \| 302\.0 \| 320\.0 \|", overview)
+    assert re.search(r"\| leccr \(fused, α=0\.9\) \| 302\.0 \| 320\.0 \|", overview)
+    assert re.search(r"\| baseline \| 242\.0 \| 260\.0 \|", overview)
+    assert max(len(line) for line in markdown.splitlines()) < 80
+
+
+def test_console_summary_is_a_short_table():
+    text = sumr_console_table(make_metrics())
+    lines = text.splitlines()
+    assert lines[0].split() == ["method", "de", "fr"]
+    assert lines[1].split() == ["baseline", "242.0", "260.0"]
+    assert len(lines) == 5 and max(len(line) for line in lines) < 60 and "{" not in text
 
 
 def test_report_files_plots_and_notes(tmp_path):
@@ -116,8 +128,10 @@ def test_report_files_plots_and_notes(tmp_path):
     assert CL2CM_NOTE in text
     assert "`c7` ein roter Kreis \\| links" in text  # pipes escaped so the table stays a table
     # visual items by id, not by their (MLLM description) text; the hit among them marked
-    assert "| 4 | `c7` ein roter Kreis \\| links | `img3` | `img1` (0.900)<br>`img2` (0.800)<br>✓ `img3` (0.700) |" in text
-    assert "| 5 | `img3` | `c7` | `c1`: ein Quadrat (0.600)<br>`c2`: ein Stern (0.500) |" in text
+    assert ("| leccr (fused), T→V | `c7` ein roter Kreis \\| links | 4 | `img3` | "
+            "`img1` (0.900)<br>`img2` (0.800)<br>✓ `img3` (0.700) |") in text
+    assert "| leccr (fused), V→T | `img3` | 5 | `c7` | `c1`: ein Quadrat (0.600)<br>`c2`: ein Stern (0.500) |" in text
+    assert text.index("`img3` | 5 |") < text.index("`c7` ein roter")  # worst first
     assert "a blue square" not in text and "[objects]" not in text
     assert "- **split**: test (5 visual items)" in text
 
@@ -196,3 +210,57 @@ def test_recall_plot_says_which_score_each_line_is():
     figure = recall_figure(curves, "de", {("leccr", "fused"): 0.9, ("leccr", "global"): 1.0})
     labels = [text.get_text() for text in figure.axes[-1].get_legend().get_texts()]
     assert labels == ["leccr (fused, α=0.9)", "leccr (global cosine)"]
+
+
+def test_worst_queries_are_capped_per_language_worst_first():
+    rows = [{"method": method, "score": "fused", "lang": lang, "direction": "text_to_visual", "query_id": f"c{i}",
+             "query_text": f"query {i}", "rank": 2 + (i * 7) % 23, "expected": ["img1"], "retrieved_ids": ["img2"],
+             "retrieved_texts": ["-"], "retrieved_scores": [0.5]}
+            for lang in ("de", "zh") for method in ("baseline", "leccr") for i in range(9)]
+    text = worst_queries_section(pa.Table.from_pylist(rows, schema=WORST_QUERIES))
+    for lang in ("de", "zh"):
+        section = text.split(f"#### {lang}")[1].split("####")[0]
+        assert section.startswith(" (the worst 10 of 18)")
+        ranks = [int(line.split("|")[3]) for line in section.splitlines() if line.startswith("| ") and "`c" in line]
+        assert len(ranks) == 10 and ranks == sorted(ranks, reverse=True)
+        assert ranks[0] == max(r["rank"] for r in rows if r["lang"] == lang)
+    assert "worst_queries.parquet" in text and "FROM worst_queries" in text
+
+
+def test_recall_axes_end_at_the_collection_size_with_readable_ticks():
+    # as evaluate computes them: to the number ranked (17 items, 85 captions), at most curve_max_k
+    curves = {("leccr", "fused", "de", "text_to_visual"): np.linspace(10, 100, 17),
+              ("leccr", "fused", "de", "visual_to_text"): np.linspace(10, 100, 85)}
+    figure = recall_figure(curves, "de", sizes={("de", "text_to_visual"): 17, ("de", "visual_to_text"): 85})
+    t2v, v2t = figure.axes[:2]
+    assert t2v.get_xlim() == (1, 17) and v2t.get_xlim() == (1, 85)
+    assert [int(x) for x in t2v.get_xticks()] == [1, 2, 5, 10, 17]
+    assert [int(x) for x in v2t.get_xticks()] == [1, 2, 5, 10, 20, 50, 85]
+    assert [t.get_text() for t in v2t.get_xticklabels()] == ["1", "2", "5", "10", "20", "50", "85"]
+    assert t2v.get_xlabel() == "K (of 17 items)" and v2t.get_xlabel() == "K (of 85 captions)"
+    # a collection larger than the curves (curve_max_k): the axis ends where they do, not past them
+    curves = {("leccr", "fused", "de", d): np.linspace(1, 60, 100) for d in ("text_to_visual", "visual_to_text")}
+    figure = recall_figure(curves, "de", sizes={("de", "text_to_visual"): 1000, ("de", "visual_to_text"): 5000})
+    assert figure.axes[0].get_xlim() == (1, 100) and figure.axes[0].get_xlabel() == "K (of 1000 items)"
+
+
+def test_training_figure_has_no_empty_panel():
+    """Four panels (e.g. CL2CM's losses, lr and validation) were a 2 x 3 grid with an empty column."""
+    history = pa.table({"step": [1, 2, 3], "loss_total": [3.0, 2.0, 1.0], "loss_cl": [1.0, 0.8, 0.7],
+                        "lr": [1e-5, 2e-5, 3e-5], "val_sumr": [float("nan"), 50.0, 60.0]})
+    figure = training_figure("cl2cm", history)
+    assert len(figure.axes) == 4 and all(axis.get_lines() for axis in figure.axes)
+    left = sorted({round(axis.get_position().x0, 2) for axis in figure.axes})
+    assert len(left) == 2  # two columns of two, none left empty
+    # eight panels: 3 + 3 + 2, the last two sharing the whole width; labels of rows kept apart
+    history = pa.table({"step": [1, 2, 3], **{f"loss_{n}": [3.0, 2.0, 1.0] for n in "abcdef"},
+                        "lr": [1e-5, 2e-5, 3e-5]})
+    figure = training_figure("cl2cm", history)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    assert len(figure.axes) == 7
+    boxes = [axis.get_tightbbox(renderer) for axis in figure.axes]
+    for a, b in combinations(boxes, 2):
+        assert not a.overlaps(b)
+    last_row = [axis for axis in figure.axes if axis.get_position().y0 < 0.2]
+    assert len(last_row) == 1 and last_row[0].get_position().width > 0.6  # one panel, the whole width

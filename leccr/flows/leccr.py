@@ -236,16 +236,22 @@ def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
     record_run(cfg, outcomes)
     table = _summary_table(outcomes)
     slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())  # Prefect keys: a-z, 0-9, dashes
-    create_table_artifact(key=f"leccr-{slug}-stages", table=table, description=f"Stages of experiment {cfg.name}")
+    create_table_artifact(key=f"leccr-{slug}-stages", table=table,
+                          description=f"Stages of experiment {cfg.name}: key, cache hit, seconds, rows, errors, path")
     lines = [f"# leccr run: {cfg.name}", "", "| stage | cache hit | seconds | rows | errors | artifact |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['cache_hit']} | {r['seconds']} | {r['rows']} | {r['errors']} | `{r['path']}` |"
               for r in table]
-    create_markdown_artifact(key=f"leccr-{slug}-summary", markdown="\n".join(lines))
+    create_markdown_artifact(key=f"leccr-{slug}-summary", markdown="\n".join(lines),
+                             description=f"Each stage of experiment {cfg.name}: cache hit or computed, seconds, "
+                                         "rows, errors and its artifact folder")
     evaluate = outcomes.get("evaluate")
     if evaluate is not None and (evaluate.artifact.path / "report.md").is_file():
         create_markdown_artifact(key=f"leccr-{slug}-report",
-                                 markdown=artifact_markdown(evaluate.artifact.path))  # images inlined
+                                 markdown=artifact_markdown(evaluate.artifact.path),  # images inlined
+                                 description=f"Evaluation of experiment {cfg.name}: recall per language and "
+                                             "direction, SumR, recall@K and training curves, worst queries "
+                                             f"(report.md in {evaluate.artifact.path})")
     return {name: str(o.artifact.path) for name, o in outcomes.items()}
 
 

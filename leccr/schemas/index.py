@@ -22,6 +22,12 @@ INDEX_ITEMS = pa.schema(
         pa.field("path", pa.string()),  # relative to the dataset root; null when only features exist
         pa.field("captions", pa.list_(CAPTION), nullable=False),  # the dataset's captions, every language
         pa.field("description", pa.string()),  # the MLLM description(s), "[view] text ..."; null when none
+        # Where the description comes from, as the describe artifact records it: its engine
+        # (transformers | vllm | import) and model (folder or import file name); null without one.
+        pa.field("description_engine", pa.string()),
+        pa.field("description_model", pa.string()),
+        # True when that model is one of leccr's tiny random-weight models (the demo's): its text is noise.
+        pa.field("description_random_weights", pa.bool_()),
     ]
 )
 

@@ -19,20 +19,20 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
-from leccr.search.query import QueryEncoder, UnknownLanguage
+from leccr.search.request import DEFAULT_CANDIDATES, UnknownLanguage, UnknownMethod
 from leccr.core.artifact import Artifact, Store
 from leccr.schemas.core import read_table
 from leccr.schemas.index import INDEX_ITEMS
 
-DEFAULT_CANDIDATES = 200  # items re-scored by the method's inference score per query
+if TYPE_CHECKING:  # torch loads with the first model (MethodIndex.load): opening an index and checking a
+    import torch   # request stay cheap, so `leccr search` refuses a bad one in well under a second
 
-
-class UnknownMethod(ValueError):
-    """A method that the index artifact does not hold."""
+    from leccr.search.query import QueryEncoder
 
 
 @dataclass
@@ -46,6 +46,19 @@ class Hit:
     path: str | None  # relative to the dataset root
     captions: list[dict]  # {"lang", "kind", "text"}: the dataset's captions of the item
     description: str | None  # the MLLM description(s)
+    description_engine: str | None = None  # the describe engine that wrote it (transformers | vllm | import)
+    description_model: str | None = None  # its model (folder name) or import file name
+    description_random_weights: bool | None = None  # made by a tiny random-weight model: noise, not a description
+
+    @property
+    def description_source(self) -> str | None:
+        """Where the description comes from, in words, e.g. "transformers · llava (random weights: ...)"."""
+        if self.description is None or self.description_engine is None:
+            return None
+        text = self.description_engine + (f" · {self.description_model}" if self.description_model else "")
+        if self.description_random_weights:
+            text += " (a tiny random-weight test model: its text is noise, not a description)"
+        return text
 
     def caption(self, lang: str) -> str:
         """One caption to show: in the query's language if the item has one, else English, else any."""
@@ -56,13 +69,15 @@ class Hit:
         return self.captions[0]["text"] if self.captions else ""
 
     def to_dict(self, lang: str) -> dict:
-        return {**asdict(self), "caption": self.caption(lang)}
+        return {**asdict(self), "caption": self.caption(lang), "description_source": self.description_source}
 
 
 class MethodIndex:
     """One method of an index artifact: its query encoder, embeddings, vector index and score setup."""
 
     def __init__(self, info: dict, encoder: QueryEncoder, vectors: np.ndarray, slots: torch.Tensor | None, ann):
+        import torch
+
         self.info, self.encoder, self.ann = info, encoder, ann
         self.vectors = torch.from_numpy(vectors)
         self.slots = slots
@@ -70,7 +85,10 @@ class MethodIndex:
 
     @classmethod
     def load(cls, folder: Path, method_dir: Path, device: torch.device | str = "cpu") -> MethodIndex:
+        import torch
+
         from leccr.config import HnswConfig, IvfConfig
+        from leccr.search.query import QueryEncoder
         from leccr.vectors import ExactIndex, FaissIndex, faiss_missing
 
         info = json.loads((folder / "index.json").read_text(encoding="utf-8"))
@@ -92,6 +110,8 @@ class MethodIndex:
 
     def rank(self, queries: torch.Tensor, lang: str, k: int, candidates: int) -> list[list[tuple[int, float, float]]]:
         """Per query: (row, inference score, global cosine) of the best k items, best first."""
+        import torch
+
         from leccr.models.base import fuse_scores, similarity_parts
 
         _, found = self.ann.search(queries.numpy(), max(k, candidates))
@@ -131,15 +151,14 @@ class SearchEngine:
 
     def __init__(self, index_dir: Path, method_dirs: dict[str, Path], data_root: Path | None, device: str = "auto"):
         """`method_dirs`: each indexed method's trained model folder (its train artifact's method folder)."""
-        from leccr.device import resolve_device
-
         self.index_dir, self.method_dirs = Path(index_dir), {m: Path(d) for m, d in method_dirs.items()}
         self.data_root = Path(data_root).resolve() if data_root is not None else None
-        self.device = resolve_device(device)
+        self.device_name = device  # resolved with the first model load (it needs torch)
         self.methods = sorted(p.name for p in self.index_dir.iterdir() if (p / "index.json").is_file())
         self.infos = {m: json.loads((self.index_dir / m / "index.json").read_text(encoding="utf-8"))
                       for m in self.methods}
         self.items = read_table(self.index_dir / "items.parquet", INDEX_ITEMS).to_pylist()
+        self.media_types = {item["path"]: item["media_type"] for item in self.items if item["path"] is not None}
         self._loaded: dict[str, MethodIndex] = {}
         self._lock = threading.Lock()
         self.loads = 0  # models loaded so far (each method at most once)
@@ -174,7 +193,10 @@ class SearchEngine:
             if name not in self._loaded:
                 if name not in self.infos:
                     raise UnknownMethod(f"method {name!r} is not in the index {self.index_dir} (methods: {self.methods})")
-                self._loaded[name] = MethodIndex.load(self.index_dir / name, self.method_dirs[name], self.device)
+                from leccr.device import resolve_device
+
+                self._loaded[name] = MethodIndex.load(self.index_dir / name, self.method_dirs[name],
+                                                      resolve_device(self.device_name))
                 self.loads += 1
             return self._loaded[name]
 
@@ -189,11 +211,15 @@ class SearchEngine:
     def _hit(self, rank: int, row: int, score: float, global_score: float) -> Hit:
         item = self.items[row]
         return Hit(rank, item["item_id"], score, global_score, item["split"], item["media_type"], item["path"],
-                   item["captions"], item["description"])
+                   item["captions"], item["description"], item.get("description_engine"),
+                   item.get("description_model"), item.get("description_random_weights"))
 
-    def media_file(self, relative: str) -> Path | None:
-        """The file at `relative` inside the dataset folder; None for anything outside it or missing."""
-        if self.data_root is None:
+    def media_file(self, relative: str, media_type: str | None = None) -> Path | None:
+        """The media file of an indexed item (of `media_type` when given) at `relative` inside the dataset
+        folder; None for any other path — another file of the folder, one outside it, or a missing file.
+        Only the item paths of items.parquet are looked up, so no request path reaches the filesystem."""
+        if self.data_root is None or self.media_types.get(relative) not in ((media_type,) if media_type else
+                                                                             ("image", "video")):
             return None
         path = (self.data_root / relative).resolve()
         if self.data_root not in path.parents or not path.is_file():

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-
-class UnknownLanguage(ValueError):
-    """A query language the method was not trained on."""
+from leccr.search.request import UnknownLanguage
 
 
 class QueryEncoder:

@@ -15,15 +15,14 @@ loading once (SearchEngine.method).
 from __future__ import annotations
 
 import io
+import socket
 from functools import lru_cache
 from pathlib import Path
 
-from leccr.search.engine import DEFAULT_CANDIDATES, SearchEngine, UnknownMethod
-from leccr.search.query import UnknownLanguage
+from leccr.search.engine import SearchEngine
+from leccr.search.request import (DEFAULT_CANDIDATES, DEFAULT_K, MAX_K, MAX_QUERY_CHARS, BadQuery, UnknownLanguage,
+                                  UnknownMethod, check_request)
 
-MAX_QUERY_CHARS = 500
-MAX_K = 100
-MAX_CANDIDATES = 10_000
 STRIP_FRAMES = 4
 STRIP_HEIGHT = 96
 
@@ -39,26 +38,22 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS):
         return {"methods": {m: {"languages": engine.infos[m]["languages"], "alpha": engine.infos[m]["alpha"],
                                 "items": engine.infos[m]["items"]} for m in engine.methods},
                 "default_method": "leccr" if "leccr" in engine.methods else engine.methods[0],
-                "default_candidates": DEFAULT_CANDIDATES, "max_query_chars": max_query_chars}
+                "default_candidates": DEFAULT_CANDIDATES, "max_query_chars": max_query_chars,
+                "default_k": DEFAULT_K, "max_k": MAX_K}
 
     @app.get("/api/search")
     def search(q: str = "", lang: str = "en", method: str = "leccr", k: int = Query(10),
                candidates: int = Query(DEFAULT_CANDIDATES)) -> dict:
-        text = q.strip()
-        if not text:
-            raise HTTPException(400, "the query q is empty")
-        if len(text) > max_query_chars:
-            raise HTTPException(413, f"the query is {len(text)} characters long; the limit is {max_query_chars}")
-        if not 1 <= k <= MAX_K:
-            raise HTTPException(400, f"k must be between 1 and {MAX_K}, got {k}")
-        if not 1 <= candidates <= MAX_CANDIDATES:
-            raise HTTPException(400, f"candidates must be between 1 and {MAX_CANDIDATES}, got {candidates}")
         try:
-            hits = engine.search([text], lang, method, k, candidates)[0]
+            text = check_request(q, k, candidates, max_query_chars).text
+            engine.check(method, lang)
+        except BadQuery as error:
+            raise HTTPException(error.status, str(error)) from None
         except UnknownMethod as error:
             raise HTTPException(404, str(error)) from None
         except UnknownLanguage as error:
             raise HTTPException(400, str(error)) from None
+        hits = engine.search([text], lang, method, k, candidates)[0]
         return {"query": text, "lang": lang, "method": method, "k": k, "candidates": candidates,
                 "hits": [_hit_json(hit, lang, engine) for hit in hits]}
 
@@ -70,16 +65,22 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS):
 
     @app.get("/frames/{relative:path}")
     def frames(relative: str) -> Response:
-        return Response(_frame_strip(_inside(engine, relative)), media_type="image/jpeg")
+        from leccr.media import MediaError
+
+        try:
+            strip = _frame_strip(_inside(engine, relative, "video"))
+        except MediaError as error:  # an indexed video that no longer decodes: its fault, not the server's
+            raise HTTPException(422, f"cannot read frames of {relative}: {error.reason}") from None
+        return Response(strip, media_type="image/jpeg")
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE
 
-    def _inside(engine: SearchEngine, relative: str) -> Path:
-        path = engine.media_file(relative)
+    def _inside(engine: SearchEngine, relative: str, media_type: str | None = None) -> Path:
+        path = engine.media_file(relative, media_type)
         if path is None:
-            raise HTTPException(404, "no such media file in the dataset folder")
+            raise HTTPException(404, f"no indexed {media_type or 'item'} has this media path")
         return path
 
     return app
@@ -112,22 +113,49 @@ def _frame_strip(path: Path) -> bytes:
     return out.getvalue()
 
 
+class PortUnavailable(OSError):
+    """The address to serve on cannot be bound (in use, not this machine's, not allowed)."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, bound before anything says "Serving": a busy port is one error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as error:
+        sock.close()
+        raise PortUnavailable(error.errno, f"cannot serve on {host}:{port}: {error.strerror}; "
+                                           "choose another with --port (or --host)") from None
+    return sock
+
+
 def serve(root: str, experiment: str | None, data_root: str | None, device: str, host: str, port: int) -> int:
     import uvicorn
 
+    sock = listen(host, port)
     engine = SearchEngine.open(root, experiment, data_root, device)
     print(f"Serving {engine.index_dir} ({', '.join(engine.methods)}; media from {engine.data_root}) "
           f"on http://{host}:{port}/", flush=True)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning")).run(sockets=[sock])
     return 0
 
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>leccr search</title>
 <style>
- body { font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }
+ /* CJK fonts named after the Latin ones: a query or caption in Chinese or Japanese shows as text, not
+    boxes, wherever one of these common families is installed (Noto/Source Han, WenQuanYi, PingFang,
+    Hiragino, Microsoft YaHei, Meiryo). */
+ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", "Noto Sans CJK SC",
+        "Noto Sans CJK JP", "Source Han Sans SC", "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+        "PingFang SC", "Hiragino Sans", "Hiragino Sans GB", "Microsoft YaHei", "Meiryo", sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }
  form { display: flex; gap: .5rem; margin-bottom: 1rem; }
- #q { flex: 1; font-size: 1.1rem; padding: .4rem; }
+ #q { flex: 1; font-size: 1.1rem; padding: .4rem; font-family: inherit; }
+ #k { width: 4.5rem; }
+ .source { color: #666; font-size: .85rem; } .random { color: #a40; }
  #status { color: #666; margin-bottom: .5rem; min-height: 1.2em; }
  #results { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: .8rem; }
  .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5rem; cursor: pointer; }
@@ -144,6 +172,7 @@ PAGE = """<!doctype html>
  <input id="q" name="q" placeholder="a query in any trained language" autofocus>
  <select id="lang" name="lang"></select>
  <select id="method" name="method"></select>
+ <label for="k">hits</label> <input id="k" name="k" type="number" min="1" value="10">
  <button id="go" type="submit">Search</button>
 </form>
 <div id="status"></div>
@@ -162,9 +191,15 @@ async function start() {
   info = await (await fetch("/api/info")).json();
   $("method").innerHTML = Object.keys(info.methods).map((m) => `<option>${m}</option>`).join("");
   $("method").value = info.default_method;
+  $("k").max = info.max_k;
+  $("k").value = info.default_k;
   fillLanguages();
   $("method").addEventListener("change", fillLanguages);
   document.body.dataset.ready = "1";
+}
+function source(hit) {  // where the description comes from; the random-weight demo models' noise says so
+  if (!hit.description_source) return "";
+  return `<p class="source${hit.description_random_weights ? " random" : ""}">from ${esc(hit.description_source)}</p>`;
 }
 function showDetail(hit, card) {
   document.querySelectorAll(".card.open").forEach((c) => c.classList.remove("open"));
@@ -173,13 +208,14 @@ function showDetail(hit, card) {
   $("detail").innerHTML = `<h3>${esc(hit.item_id)} <small>(${esc(hit.split)}, ${esc(hit.media_type)})</small></h3>
     <p>score ${hit.score.toFixed(4)} · cosine ${hit.global_score.toFixed(4)} · ${esc(hit.path)}</p>
     <h4>Captions</h4><ul class="captions">${captions}</ul>
-    <h4>Description</h4><p class="description">${esc(hit.description || "(none)")}</p>`;
+    <h4>Description</h4>${source(hit)}<p class="description">${esc(hit.description || "(none)")}</p>`;
   $("detail").style.display = "block";
   $("detail").scrollIntoView({block: "nearest"});
 }
 $("search").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const params = new URLSearchParams({q: $("q").value, lang: $("lang").value, method: $("method").value, k: 12});
+  const params = new URLSearchParams({q: $("q").value, lang: $("lang").value, method: $("method").value,
+                                      k: $("k").value});
   $("status").textContent = "searching…";
   const response = await fetch("/api/search?" + params);
   const body = await response.json();

@@ -91,8 +91,9 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
                 if duplicate:
                     continue  # the same numbers as the fused score: one curve, one error list
                 valid = direction_ranks[direction_ranks > 0]
+                ranked = n_items if direction == "text_to_visual" else len(language.caption_ids)
                 result.curves[(method, score_name, lang, direction)] = np.array(
-                    [(valid <= k).mean() * 100.0 for k in range(1, cfg.curve_max_k + 1)])
+                    [(valid <= k).mean() * 100.0 for k in range(1, min(cfg.curve_max_k, ranked) + 1)])
                 result.worst += _worst(block, direction, direction_ranks, language, data, cfg, common, device)
             result.metrics.append({**common, "direction": "both", "metric": "sumr", "k": None,
                                    "value": stats["sumr"], "name": f"{lang}/sumr"})
@@ -149,7 +150,7 @@ def run(ctx: StageContext) -> None:
     cfg: EvaluateConfig = ctx.section  # type: ignore[assignment]
     from leccr.device import resolve_device
     from leccr.metrics import chance_sumr
-    from leccr.report import write_report
+    from leccr.report import sumr_console_table, write_report
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -197,7 +198,7 @@ def run(ctx: StageContext) -> None:
     ctx.summary.update(methods=methods + ([cfg.zero_shot.name] if cfg.zero_shot else []),
                        languages=list(data.languages), items=len(data.item_ids), sumr=sumr,
                        report_markdown=report, seconds=round(time.perf_counter() - started, 3))
-    ctx.log.info("evaluate: SumR %s", sumr)
+    ctx.log.info("evaluate: SumR (report: %s)\n%s", ctx.out_dir / "report.md", sumr_console_table(metrics))
 
 
 def key_config(cfg: ExperimentConfig, fingerprints) -> dict:

@@ -67,11 +67,47 @@ def _item_table(ctx: StageContext, item_ids: list[str], splits: list[str]) -> pa
     for row in read_table(dataset.file("captions.parquet"), CAPTIONS).to_pylist():
         captions.setdefault(row["item_id"], []).append({"lang": row["lang"], "kind": row["kind"], "text": row["text"]})
     described = _description_texts(ctx, item_ids)
+    sources = description_sources(ctx.inputs["describe"], set(item_ids))
+    random_weights = describe_model_is_random(ctx.inputs["describe"])
+    no_source = {"engine": None, "model": None}
     return pa.Table.from_pylist([
         {"item_id": item, "split": split, "media_type": rows.get(item, {}).get("media_type", "image"),
          "path": rows.get(item, {}).get("path"),  # as items.parquet holds it: relative to the dataset root
-         "captions": captions.get(item, []), "description": described.get(item)}
+         "captions": captions.get(item, []), "description": described.get(item),
+         "description_engine": sources.get(item, no_source)["engine"],
+         "description_model": sources.get(item, no_source)["model"],
+         "description_random_weights": random_weights if item in sources else None}
         for item, split in zip(item_ids, splits)], schema=INDEX_ITEMS)
+
+
+def description_sources(describe, wanted: set[str]) -> dict[str, dict]:
+    """Item id -> {"engine", "model"} of its description rows, as the describe artifact records them
+    (every view of an item comes from one engine and model)."""
+    import pyarrow.parquet as pq
+
+    sources: dict[str, dict] = {}
+    for part in describe.parts():
+        for row in pq.read_table(part, columns=["item_id", "engine", "model"]).to_pylist():
+            if row["item_id"] in wanted:
+                sources.setdefault(row["item_id"], {"engine": row["engine"], "model": row["model"]})
+    return sources
+
+
+def describe_model_is_random(describe) -> bool | None:
+    """Whether the describe artifact's model is one of leccr's tiny random-weight models (its folder holds
+    the builder's recipe, leccr/tiny_models): such text is noise, and search shows it marked as such.
+    None when no model made the descriptions (import) or its folder is no longer there to tell."""
+    from leccr.hub import ModelNotFound, model_path
+    from leccr.tiny_models._save import read_recipe
+
+    config = describe.manifest.config
+    model = config.get("model")
+    if not model or config.get("engine") == "import":
+        return None
+    try:
+        return read_recipe(model_path(model)) is not None
+    except (ModelNotFound, OSError):
+        return None
 
 
 def encode_collection(model, tables, chosen: list[tuple[str, int]], batch_size: int, device: torch.device

@@ -293,6 +293,8 @@ def test_inspect_reads_the_artifacts_and_nothing_else(inspected, tmp_path, capsy
         "SELECT 1; CREATE TABLE t AS SELECT 1": "refused CREATE statement",
         "SET enable_external_access = true": "refused SET statement",
         f"ATTACH '{root}/x.duckdb'": "refused ATTACH statement",
+        "INSTALL httpfs": "refused INSTALL statement",  # a LOAD statement to DuckDB: named as written
+        "LOAD httpfs": "refused LOAD statement",
         "SELEC 1": "syntax error",
     }
     for sql, message in refused.items():

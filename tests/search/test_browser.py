@@ -1,8 +1,10 @@
 """`leccr serve` on a free loopback port, driven in a real headless Chromium: a German query typed and
-submitted, result cards in the API's order with their pictures loaded, a click shows the captions.
+submitted, result cards in the API's order with their pictures loaded, a click shows the captions and
+where the description comes from; the k control; a Chinese query whose captions are in the DOM and
+drawn as glyphs in a screenshot (not as the boxes a machine without a CJK font shows).
 
-Needs Chromium and its driver (`apt-get install chromium chromium-driver`) and Selenium (the `test`
-extra); skipped with the reason printed where any of them is missing."""
+Needs Chromium, its driver and a CJK font (`apt-get install chromium chromium-driver fonts-wqy-zenhei`)
+and Selenium (the `test` extra); skipped with the reason printed where any of them is missing."""
 from __future__ import annotations
 
 import json
@@ -33,6 +35,10 @@ def _browser_or_skip(request) -> tuple[str, str]:
     driver = shutil.which("chromedriver")
     if not browser or not driver:
         skip_loudly(request, "no Chromium or chromedriver on PATH (apt-get install chromium chromium-driver)")
+    fonts = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True).stdout \
+        if shutil.which("fc-list") else ""
+    if not fonts.strip():
+        skip_loudly(request, "no font with Chinese glyphs (apt-get install fonts-wqy-zenhei)")
     return browser, driver
 
 
@@ -122,9 +128,42 @@ def test_page_in_a_headless_browser(request, indexed, server, tmp_path):
         target.click()
         detail = wait.until(seen.visibility_of_element_located((By.ID, "detail")))
         assert item["item_id"] in detail.text and query in detail.find_element(By.CLASS_NAME, "captions").text
+        assert "random-weight" in detail.find_element(By.CLASS_NAME, "source").text  # the demo LLaVA's noise
         screenshot = tmp_path / "search.png"
         driver.save_screenshot(str(screenshot))
         assert screenshot.stat().st_size > 10_000
+        print(f"screenshot: {screenshot}")
+
+        # A Chinese query, 3 hits (the k control): its captions in the DOM, and drawn as glyphs.
+        chinese = next(c["text"] for c in item["captions"] if c["lang"] == "zh")
+        expected = _get(f"{server}/api/search?" + urllib.parse.urlencode(
+            {"q": chinese, "lang": "zh", "method": "leccr", "k": 3}))["hits"]
+        Select(driver.find_element(By.ID, "lang")).select_by_visible_text("zh")
+        driver.find_element(By.ID, "k").clear()
+        driver.find_element(By.ID, "k").send_keys("3")
+        box.clear()
+        box.send_keys(chinese)
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: "(zh, leccr)" in d.find_element(By.ID, "status").text)
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .card")
+        assert [card.get_attribute("data-item-id") for card in cards] == [hit["item_id"] for hit in expected]
+        assert [card.find_element(By.CLASS_NAME, "caption").text for card in cards] == [h["caption"] for h in expected]
+        assert chinese in [card.find_element(By.CLASS_NAME, "caption").text for card in cards]
+        # Without a CJK font every Chinese character is the same empty box: two different characters of
+        # the caption, each drawn alone in the page's font, must give two different pictures.
+        characters = list(dict.fromkeys(ch for ch in chinese if "\u4e00" <= ch <= "\u9fff"))[:2]
+        assert len(characters) == 2, chinese
+        pictures = []
+        for character in characters:
+            driver.execute_script(
+                "const s = document.createElement('span'); s.id = 'glyph'; s.className = 'caption';"
+                "s.style.fontSize = '48px'; s.textContent = arguments[0];"
+                "document.getElementById('glyph')?.remove(); document.body.appendChild(s);", character)
+            pictures.append(driver.find_element(By.ID, "glyph").screenshot_as_png)
+        assert pictures[0] != pictures[1], f"{characters} are drawn alike: no CJK font in the page's font stack"
+        driver.execute_script("document.getElementById('glyph').remove();")
+        screenshot = tmp_path / "search-zh.png"
+        driver.save_screenshot(str(screenshot))
         print(f"screenshot: {screenshot}")
     finally:
         driver.quit()

@@ -147,9 +147,17 @@ def test_cli_search_text_and_json(indexed, capsys):
     assert [h["rank"] for h in out["hits"]] == [1, 2, 3]
     assert out["hits"][0]["score"] >= out["hits"][1]["score"] >= out["hits"][2]["score"]
     assert {"item_id", "score", "path", "caption", "description"} <= set(out["hits"][0])
+    # where each description comes from: the describe artifact's engine and model, and the demo's tiny
+    # random-weight LLaVA marked as such
+    hit = out["hits"][0]
+    assert (hit["description_engine"], hit["description_model"], hit["description_random_weights"]) == (
+        "transformers", Path(cfg.describe.model).name, True)
+    assert hit["description_source"].startswith(f"transformers · {Path(cfg.describe.model).name}")
+    assert "random-weight" in hit["description_source"]
     assert main(["search", query, "--lang", "de", "-k", "2", "--root", root]) == 0
     text = capsys.readouterr().out
     assert "2 hits for" in text and out["hits"][0]["item_id"] in text and "caption:" in text
+    assert text.count("(from transformers · ") == 2 and "random-weight test model" in text
     assert main(["search", query, "--lang", "xx", "--root", root]) == 2
     assert "'xx'" in capsys.readouterr().err
 

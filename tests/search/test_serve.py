@@ -1,17 +1,21 @@
 """`leccr serve`'s app through FastAPI's TestClient: JSON answers equal the engine's, bad requests are
-4xx with a message, media only from inside the dataset folder, frame strips, concurrent requests."""
+4xx with a message, media of indexed items only, frame strips, concurrent requests; a busy port."""
 from __future__ import annotations
 
 import io
 import shutil
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from leccr.search import SearchEngine
 from leccr.search.server import MAX_QUERY_CHARS, STRIP_FRAMES, STRIP_HEIGHT, create_app
+from leccr.schemas.core import read_table, write_table
+from leccr.schemas.index import INDEX_ITEMS
 
 
 @pytest.fixture
@@ -53,6 +57,10 @@ def test_info_and_search_answer_what_the_engine_ranks(served):
     ({"q": "ein Hund", "method": "clip"}, 404, "'clip' is not in the index"),
     ({"q": "ein Hund", "lang": "cs"}, 400, "'cs' is not one leccr was trained on"),
     ({"q": "ein Hund", "k": 0}, 400, "k must be between"),
+    ({"q": "ein Hund", "k": -5}, 400, "k must be between 1 and 100, got -5"),
+    ({"q": "ein Hund", "candidates": 0}, 400, "candidates must be between 1 and 10000, got 0"),
+    ({"q": "   "}, 400, "the query is empty"),
+    ({"q": "ein\x00Hund"}, 400, "NUL"),
     ({"q": "ein Hund", "k": "many"}, 422, "integer"),
 ])
 def test_bad_requests_are_4xx_with_a_message(served, params, status, message):
@@ -62,26 +70,50 @@ def test_bad_requests_are_4xx_with_a_message(served, params, status, message):
     assert message in str(response.json()["detail"])
 
 
-def test_media_only_from_inside_the_dataset_folder(served):
+def test_media_of_indexed_items_only(served):
     client, engine = served
     image = next(item for item in engine.items if item["media_type"] == "image")
     response = client.get(f"/media/{image['path']}")
     assert response.status_code == 200
     assert response.content == (engine.data_root / image["path"]).read_bytes()
+    indexed = {item["path"] for item in engine.items}
+    other = next(p.relative_to(engine.data_root).as_posix() for p in sorted(engine.data_root.rglob("*.png"))
+                 if p.relative_to(engine.data_root).as_posix() not in indexed)  # a train image: not indexed
+    text_file = next(p for p in sorted(engine.data_root.rglob("*")) if p.is_file() and p.suffix not in (".png", ".mp4"))
     for attempt in ("/media/..%2Fsecret.txt", "/media/%2e%2e/secret.txt", "/media/images/..%2F..%2Fsecret.txt",
-                    "/media/link-out.txt", "/media/%2Fetc%2Fpasswd", "/media/images/no-such.png", "/frames/..%2Fsecret.txt"):
+                    "/media/link-out.txt", "/media/%2Fetc%2Fpasswd", "/media/images/no-such.png",
+                    "/frames/..%2Fsecret.txt", f"/media/{other}", f"/media/{text_file.relative_to(engine.data_root)}",
+                    f"/frames/{image['path']}",  # an image has no frames
+                    "/media/a%00b.png", f"/media/{image['path']}%00", "/frames/%00", "/media/%ff%fe"):
         response = client.get(attempt)
         assert response.status_code == 404, attempt
-        assert "not for the web" not in response.text
+        assert "not for the web" not in response.text and "Traceback" not in response.text
 
 
-def test_video_frame_strip(served):
-    """A video of the dataset folder as a strip of frames (decord); a video hit links to it."""
+@pytest.fixture
+def served_video(indexed, tmp_path):
+    """(client, engine, video path) over an index whose first item is a video of the dataset folder (the
+    session's small index holds images only): a copy of the index with that row's media changed."""
+    cfg, outcomes = indexed
+    data = tmp_path / "data"
+    shutil.copytree(cfg.dataset.path, data)
+    index = tmp_path / "index"
+    shutil.copytree(outcomes["index"].artifact.path, index)
+    video = sorted(data.rglob("*.mp4"))[0].relative_to(data).as_posix()
+    rows = read_table(index / "items.parquet", INDEX_ITEMS).to_pylist()
+    rows[0].update(media_type="video", path=video)
+    (index / "items.parquet").unlink()
+    write_table(pa.Table.from_pylist(rows, schema=INDEX_ITEMS), index / "items.parquet", INDEX_ITEMS)
+    engine = SearchEngine(index, outcomes["train"].artifact.path, data, "cpu")
+    return TestClient(create_app(engine)), engine, video
+
+
+def test_video_frame_strip(served_video):
+    """An indexed video as a strip of frames (decord); a video hit links to it; a broken one is a 422."""
     from leccr.search.engine import Hit
     from leccr.search.server import _hit_json
 
-    client, engine = served
-    video = sorted(engine.data_root.rglob("*.mp4"))[0].relative_to(engine.data_root).as_posix()
+    client, engine, video = served_video
     response = client.get(f"/frames/{video}")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     strip = Image.open(io.BytesIO(response.content))
@@ -90,6 +122,38 @@ def test_video_frame_strip(served):
     assert _hit_json(hit, "de", engine)["frames_url"] == f"/frames/{video}"
     missing = Hit(1, "v", 0.5, 0.5, "test", "video", "gone.mp4", [], None)
     assert _hit_json(missing, "de", engine)["media_url"] is None
+    (engine.data_root / video).write_bytes(b"not an mp4")
+    from leccr.search.server import _frame_strip
+
+    _frame_strip.cache_clear()
+    response = client.get(f"/frames/{video}")
+    assert response.status_code == 422 and "cannot read frames" in response.json()["detail"]
+
+
+def test_search_json_says_where_each_description_comes_from(served):
+    client, engine = served
+    query = _german_caption(engine, engine.items[0])
+    hit = client.get("/api/search", params={"q": query, "lang": "de", "k": 1}).json()["hits"][0]
+    assert hit["description"] and hit["description_engine"] == "transformers"
+    assert hit["description_random_weights"] is True and "random-weight" in hit["description_source"]
+    page = client.get("/").text
+    assert 'id="k"' in page and "description_source" in page
+    assert '"Noto Sans CJK SC"' in page and '"WenQuanYi Zen Hei"' in page  # CJK text shows as text, not boxes
+
+
+def test_busy_port_is_one_error_line_before_anything_says_serving(indexed, capsys):
+    from leccr.cli import main
+
+    cfg, _ = indexed
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--root", str(cfg.artifacts_root), "--port", str(port), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert "Serving" not in out
+    assert err.strip().splitlines() == [(f"leccr: error: cannot serve on 127.0.0.1:{port}: Address already in use; "
+                                         "choose another with --port (or --host)")]
 
 
 def test_concurrent_requests_are_answered_correctly_and_each_model_loads_once(served):
