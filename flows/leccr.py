@@ -33,6 +33,7 @@ from leccr.fingerprint import fingerprinter_for
 from leccr.pipeline import (StageOutcome, is_sharded, key_parts, plan, prepare_stage, record_run, run_stage,
                             run_stage_slot, upstream_of)
 from leccr.report import artifact_markdown
+from leccr.runs import RunLabel, entries_of, now, write_record
 from leccr.store import KeyParts, Store
 
 
@@ -224,11 +225,17 @@ def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
     if runner is not None:
         overrides["runner.kind"] = runner
     cfg = load_config(config, overrides)
-    if _has_runner_for(cfg):
-        outcomes = run_stages(cfg, stages, force)
-    else:  # started with the default runner (a deployment): the stages run under the configured one
-        outcomes = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
+    started = now()
+    try:
+        if _has_runner_for(cfg):
+            outcomes = run_stages(cfg, stages, force)
+        else:  # started with the default runner (a deployment): the stages run under the configured one
+            outcomes = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
+    except BaseException as error:  # kept in the run records too (leccr.runs)
+        write_record(cfg, RunLabel(cfg.name), started, {}, "failed", error)
+        raise
     record_run(cfg, outcomes)
+    write_record(cfg, RunLabel(cfg.name), started, entries_of(outcomes), "completed")
     table = _summary_table(outcomes)
     slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())  # Prefect keys: a-z, 0-9, dashes
     create_table_artifact(key=f"leccr-{slug}-stages", table=table, description=f"Stages of experiment {cfg.name}")

@@ -18,7 +18,7 @@ Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefec
   leccr search "QUERY" --lang de --method leccr  ranked items from the index (--json for scripts)
   leccr serve [--host H] [--port P]            search API and web page (127.0.0.1 by default)
   leccr datasets check PATH --format F         validate a dataset folder
-  leccr gc [--yes]                             list/delete artifacts no experiment's latest run uses
+  leccr gc [--yes] [--prune-runs DAYS]         list/delete artifacts no recorded run uses
   leccr build-tiny-models --out DIR --corpus-file F
 
 `leccr COMMAND --help` describes each command; -v shows library logs and tracebacks."""
@@ -108,7 +108,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from leccr.gc import collect, delete, human_size
 
-    garbage = collect(args.root)
+    prune = []
+    if args.prune_runs is not None:
+        from datetime import timedelta
+
+        from leccr.runs import prunable
+
+        prune = prunable(args.root, timedelta(days=args.prune_runs))
+        print(f"{len(prune)} run record(s) ended more than {args.prune_runs:g} day(s) ago: "
+              + ("deleted; their artifacts are no longer kept for them" if args.yes
+                 else "their artifacts are listed below unless another run uses them; --yes deletes them"))
+        if args.yes:
+            for record in prune:
+                record.unlink()
+    garbage = collect(args.root, prune)
     if not garbage:
         print(f"Nothing to collect under {Path(args.root).absolute()}: every artifact is referenced.")
         return 0
@@ -117,7 +130,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     deletable = [e for e in garbage if e.deletable]
     total = sum(e.bytes for e in deletable)
     if not args.yes:
-        print(f"{len(deletable)} artifact(s), {human_size(total)}, referenced by no experiment's latest run; "
+        print(f"{len(deletable)} artifact(s), {human_size(total)}, referenced by no recorded run; "
               "delete them with --yes")
         return 0
     removed = delete(args.root, deletable)
@@ -160,7 +173,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                            view_statements)
 
     if args.print_sql:  # for any DuckDB client: the views, then the same read-only lock
-        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment)) + lock_statements(args.root))
+        from leccr.runs import view_statements as run_view_statements
+
+        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment))
+                         + run_view_statements(args.root) + lock_statements(args.root))
               + ";")
         return 0
     con = connect(args.root, args.experiment)
@@ -313,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print every planned stage with its key, cached or not, and why it would run; run nothing")
     run.set_defaults(handler=cmd_run)
 
-    gc = command("gc", "list (and with --yes delete) artifacts no experiment's latest run uses")
+    gc = command("gc", "list (and with --yes delete) artifacts no recorded run uses")
     gc.add_argument("--root", default="artifacts", help="artifact root")
     gc.add_argument("--yes", action="store_true", help="delete them (never a folder a running stage holds)")
+    gc.add_argument("--prune-runs", type=float, metavar="DAYS",
+                    help="also drop the run records (artifacts/runs/records) of runs that ended more than DAYS days "
+                         "ago, so what only they used is collected; by default every recorded run's artifacts are kept")
     gc.set_defaults(handler=cmd_gc)
 
     demo = command("demo", "build demo data and tiny models, then run every stage on them")

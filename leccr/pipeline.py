@@ -409,12 +409,20 @@ def run_pipeline(
     fingerprints: Fingerprinter | None = None,
 ) -> dict[str, StageOutcome]:
     """Run the DAG in this process, stage after stage (the Prefect flow does the same as tasks)."""
+    from leccr.runs import RunLabel, entries_of, now, write_record
+
     the_plan = plan(stages, force)
     fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
     outcomes: dict[str, StageOutcome] = {}
-    for name in the_plan.order:
-        inputs = {up: outcomes[up].artifact for up in upstream_of(name)}
-        parts = key_parts(cfg, name, inputs, fingerprints)
-        outcomes[name] = run_stage(cfg, name, inputs, force=name in the_plan.forced, parts=parts)
+    started = now()
+    try:
+        for name in the_plan.order:
+            inputs = {up: outcomes[up].artifact for up in upstream_of(name)}
+            parts = key_parts(cfg, name, inputs, fingerprints)
+            outcomes[name] = run_stage(cfg, name, inputs, force=name in the_plan.forced, parts=parts)
+    except BaseException as error:  # the failed run is kept too, with the stages it finished
+        write_record(cfg, RunLabel(cfg.name), started, entries_of(outcomes), "failed", error)
+        raise
     record_run(cfg, outcomes)
+    write_record(cfg, RunLabel(cfg.name), started, entries_of(outcomes), "completed")
     return outcomes
