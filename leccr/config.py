@@ -430,6 +430,10 @@ class EvaluateConfig(Section):
     # Weight of minmax(global) in the fused score; None = each trained model's own score_alpha
     # (1.0 for images as in the reference image evaluation, 0.9 for video).
     alpha: float | None = Field(None, ge=0.0, le=1.0)
+    # More weights to score each trained method with slots at, from the same trained model: rows with
+    # score "alpha" and the weight in their alpha column. The paper's α ablation then costs one training
+    # (a different train.models.leccr.score_alpha is a different model: it picks the best epoch).
+    alphas: list[float] = Field(default_factory=list)
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])  # recall@K of the table; SumR sums these
     curve_max_k: int = Field(50, ge=1)  # recall@K curves are drawn for K = 1..curve_max_k
     worst_queries: int = Field(5, ge=0)  # worst-ranked queries per method x language x direction in the report
@@ -446,6 +450,13 @@ class EvaluateConfig(Section):
     def _positive_ks(cls, value: list[int]) -> list[int]:
         if not value or any(k < 1 for k in value) or len(set(value)) != len(value):
             raise ValueError(f"ks must be distinct positive integers, got {value}")
+        return sorted(value)
+
+    @field_validator("alphas")
+    @classmethod
+    def _weights(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 <= a <= 1.0 for a in value) or len(set(value)) != len(value):
+            raise ValueError(f"alphas must be distinct weights in [0, 1], got {value}")
         return sorted(value)
 
     @model_validator(mode="after")

@@ -286,10 +286,11 @@ class Evaluated:
 def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: SplitData, cfg: EvaluateConfig,
                         texts: dict[str, torch.Tensor], visual_global: torch.Tensor,
                         visual_slots: torch.Tensor | None, scores: dict[str, float],
-                        device: torch.device | str = "cpu") -> None:
+                        device: torch.device | str = "cpu", details: bool = True) -> None:
     """Metrics, curves and worst queries of one method for every language and score variant.
 
-    Embeddings are kept on the CPU between methods; the blocks are scored on `device`."""
+    Embeddings are kept on the CPU between methods; the blocks are scored on `device`. `details`
+    False: metrics only (the evaluate.alphas rows: no curves, no worst queries)."""
     from leccr.metrics import chunked_ranks, recall_metrics
 
     n_items = len(data.item_ids)
@@ -315,7 +316,7 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
                     result.metrics.append({**common, "direction": direction, "metric": metric, "k": None,
                                            "value": stats[f"{direction}_{metric}"],
                                            "name": f"{lang}/{direction}_{metric}"})
-                if duplicate:
+                if duplicate or not details:
                     continue  # the same numbers as the fused score: one curve, one error list
                 valid = direction_ranks[direction_ranks > 0]
                 result.curves[(method, score_name, lang, direction)] = np.array(
@@ -413,6 +414,12 @@ def run(ctx: StageContext) -> None:
             alpha = 1.0  # no slots (baseline, cl2cm, leccr with slots ablated): the fused score is global
         evaluate_embeddings(result, method, train.key, data, cfg, texts, visual_global, visual_slots,
                             {"fused": alpha, "global": 1.0}, device)
+        if cfg.alphas and visual_slots is None:
+            ctx.log.info("evaluate: %s has no slots: evaluate.alphas does not apply (its score is global)", method)
+        elif cfg.alphas:
+            for weight in cfg.alphas:  # the same embeddings, one more ranking per weight
+                evaluate_embeddings(result, method, train.key, data, cfg, texts, visual_global, visual_slots,
+                                    {"alpha": weight}, device, details=False)
         history = _load_history(method_dir)
         if history is not None:
             histories[method] = history
@@ -436,8 +443,8 @@ def run(ctx: StageContext) -> None:
                   f"{lang} {chance_sumr(t.item_index, len(data.item_ids), cfg.ks):.1f}"
                   for lang, t in data.languages.items())}
     report = write_report(ctx.out_dir, metrics, worst, result.curves, histories, header)
-    sumr = {f"{r['method']}/{r['score']}/{r['lang']}": round(r["value"], 2) for r in result.metrics
-            if r["metric"] == "sumr"}
+    sumr = {f"{r['method']}/{r['score']}" + (f"={r['alpha']:g}" if r["score"] == "alpha" else "") + f"/{r['lang']}":
+            round(r["value"], 2) for r in result.metrics if r["metric"] == "sumr"}
     ctx.summary.update(methods=methods + ([cfg.zero_shot.name] if cfg.zero_shot else []),
                        languages=list(data.languages), items=len(data.item_ids), sumr=sumr,
                        report_markdown=report, seconds=round(time.perf_counter() - started, 3))
