@@ -125,15 +125,22 @@ def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
         if not preloaded and (forced or not store.is_complete(store.artifact(name, parts.key))):
             preload_transformers()
             preloaded = True
-        with _resources(cfg, name):
-            if is_sharded(name) and cfg.runner.shard_tasks > 1:
-                prepared = prepare_task.submit(cfg, name, parts, forced)
-                slots = [shard_slot_task.submit(cfg, name, inputs, parts, i, cfg.runner.shard_tasks, prepared)
-                         for i in range(cfg.runner.shard_tasks)]
-                futures[name] = stage_task.submit(cfg, name, inputs, parts, False, slots)
-            else:
-                futures[name] = stage_task.submit(cfg, name, inputs, parts, forced)
+        futures[name] = submit_stage(cfg, name, inputs, parts, forced)
     return {name: _result(future) for name, future in futures.items()}
+
+
+def submit_stage(cfg: ExperimentConfig, name: str, inputs: dict, parts: KeyParts, forced: bool,
+                 wait_for: list | None = None):
+    """Submit one stage with this key: its shard-slot tasks and finishing task, or one task; the future
+    of its StageOutcome (also what flows/sweep.py submits once per distinct key). `wait_for`: futures
+    it starts after (finished or failed)."""
+    with _resources(cfg, name):
+        if is_sharded(name) and cfg.runner.shard_tasks > 1:
+            prepared = prepare_task.submit(cfg, name, parts, forced, wait_for=wait_for)
+            slots = [shard_slot_task.submit(cfg, name, inputs, parts, i, cfg.runner.shard_tasks, prepared)
+                     for i in range(cfg.runner.shard_tasks)]
+            return stage_task.submit(cfg, name, inputs, parts, False, slots)
+        return stage_task.submit(cfg, name, inputs, parts, forced, wait_for=wait_for)
 
 
 @flow(name="leccr-stages")

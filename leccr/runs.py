@@ -68,10 +68,16 @@ class StageEntry:
 
 
 def entries_of(outcomes: Mapping[str, Any], shared: Iterable[str] = ()) -> dict[str, StageEntry]:
-    """StageEntry per stage from `leccr.pipeline.StageOutcome`s; `shared`: stages another variant computed."""
+    """StageEntry per stage from `leccr.pipeline.StageOutcome`s; `shared`: stages whose task another
+    variant of the sweep submitted (SHARED when that task computed the artifact)."""
     shared = set(shared)
-    return {name: StageEntry(o.artifact.key, SHARED if name in shared else (CACHE_HIT if o.cache_hit else COMPUTED),
-                             0.0 if name in shared else o.seconds)
+
+    def status(name: str, outcome) -> str:
+        if outcome.cache_hit:
+            return CACHE_HIT
+        return SHARED if name in shared else COMPUTED
+
+    return {name: StageEntry(o.artifact.key, status(name, o), 0.0 if name in shared else o.seconds)
             for name, o in outcomes.items()}
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -222,7 +223,8 @@ def atomic_write_text(path: Path, text: str) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write through a temporary name, fsync, rename, fsync the folder: all or nothing, even on power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # The thread too: stage tasks of one process (a sweep's variants) write the same LATEST pointer at once.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_bytes(data)
     durable_replace(tmp, path)
     return path

@@ -50,6 +50,13 @@ def section(cfg: ExperimentConfig) -> Section:
     return cfg.evaluate
 
 
+def key_config(cfg: ExperimentConfig, fingerprints: Fingerprinter) -> dict:
+    """The published rows the report shows, by value: a corrected transcription rewrites the report."""
+    from leccr.published import rows_named
+
+    return {"published_rows": rows_named(cfg.evaluate.published)} if cfg.evaluate.published else {}
+
+
 # ===================================================================================== ranks
 def _blocks(n: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
@@ -364,6 +371,21 @@ def _worst(block: ScoreBlock, direction: str, ranks: np.ndarray, language: Langu
     return rows
 
 
+def add_published(ctx: StageContext, cfg: EvaluateConfig, metrics: list[dict], languages: list[str],
+                  report: str) -> str:
+    """report.md with the "Published numbers" section (leccr.published): the rows of evaluate.published
+    for the dataset's format and the evaluated languages, beside our fused SumR."""
+    from leccr.published import matching, published_markdown
+    from leccr.store import atomic_write_text
+
+    dataset_format = ctx.inputs["dataset"].manifest["config"].get("format")
+    rows = matching(cfg.published, dataset_format, languages)
+    ours = {(r["method"], r["lang"]): r["value"] for r in metrics if r["metric"] == "sumr" and r["score"] == "fused"}
+    report = report.rstrip() + "\n\n" + "\n".join(published_markdown(rows, bool(cfg.published), ours))
+    atomic_write_text(ctx.out_dir / "report.md", report)
+    return report
+
+
 def trained_methods(train_dir: Path) -> list[str]:
     """Method folders of a train artifact (those holding model.safetensors), in paper order."""
     from leccr.report import _method_sort_key
@@ -443,6 +465,7 @@ def run(ctx: StageContext) -> None:
                   f"{lang} {chance_sumr(t.item_index, len(data.item_ids), cfg.ks):.1f}"
                   for lang, t in data.languages.items())}
     report = write_report(ctx.out_dir, metrics, worst, result.curves, histories, header)
+    report = add_published(ctx, cfg, result.metrics, list(data.languages), report)
     sumr = {f"{r['method']}/{r['score']}" + (f"={r['alpha']:g}" if r["score"] == "alpha" else "") + f"/{r['lang']}":
             round(r["value"], 2) for r in result.metrics if r["metric"] == "sumr"}
     ctx.summary.update(methods=methods + ([cfg.zero_shot.name] if cfg.zero_shot else []),

@@ -97,6 +97,11 @@ def test_prefect_deployment_run_leccr_full(demo_config, tmp_path):
         assert found, "no report artifact published"
         markdown = found[0]["data"]
         assert "](data:image/png;base64," in markdown and "](plots/" not in markdown
+        # leccr/sweep: a grid over an evaluate field reuses every trained model; one run per value
+        result = prefect("deployment", "run", "leccr/sweep", "--param", f"config={config_path}", "--param",
+                         'grid={"evaluate.alpha": [0.5, 1.0]}', "--param", "name=alpha", "--watch", timeout=900)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output + "\n--- worker log ---\n" + (logs / "worker.log").read_text()[-5000:]
     finally:
         for process in reversed(started):
             _stop(process)
@@ -106,3 +111,9 @@ def test_prefect_deployment_run_leccr_full(demo_config, tmp_path):
     assert "| leccr |" in (artifacts / "evaluate" / record["evaluate"] / "report.md").read_text()
     for stage, key in record.items():
         assert (artifacts / stage / key / "_manifest.json").is_file(), stage
+    from leccr.runs import read_records
+
+    swept = [r for r in read_records(artifacts) if r["sweep"] == "alpha"]
+    assert sorted(r["swept"]["evaluate.alpha"] for r in swept) == [0.5, 1.0]
+    assert {r["stages"]["train"]["status"] for r in swept} == {"cache_hit"}  # trained by leccr/full
+    assert {r["stages"]["train"]["key"] for r in swept} == {record["train"]}

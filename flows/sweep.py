@@ -1,0 +1,146 @@
+"""A sweep as ONE Prefect flow run: every variant's stages, each distinct (stage, key) submitted once.
+
+The driver walks the DAG stage by stage across all variants (leccr.sweep expands the grid): once a
+variant's upstream stages have finished it computes the stage's key, as `leccr run` does, and submits
+it unless a task for that key is already in flight for another variant, whose future it then shares.
+So the stages a grid over train fields leaves unchanged (dataset ... features) run once, each
+variant's train runs once, and evaluate runs per variant. Different keys run side by side as the task
+runner allows (threads, or Ray), except `train` on the thread runner: training seeds torch's global
+RNG at every step (leccr.training.loop), so two trainings in one process would draw from each other's
+stream; there they run one after another (Ray runs each in its own worker process).
+
+A failed task fails the variants that use it; the others go on. Each variant gets its run record
+(leccr.runs: sweep, variant, swept values, stage keys with computed / cache_hit / shared), then the
+sweep's comparison (leccr.compare) is written and published as a Prefect artifact. Rerunning the sweep
+reuses every finished artifact: only what is missing is computed.
+
+Deployment `leccr/sweep` (prefect.yaml): `prefect deployment run leccr/sweep --param config=... --param
+grid='{"train.models.leccr.losses.w_d": [0.1, 0.3]}'`, or a config with a `sweep:` block.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from prefect import allow_failure, flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.leccr import _has_runner_for, _result, preload_transformers, submit_stage, task_runner
+from leccr.fingerprint import fingerprinter_for
+from leccr.pipeline import StageOutcome, key_parts, plan, record_run, upstream_of
+from leccr.runs import RunLabel, entries_of, now, write_record
+from leccr.store import Store
+from leccr.sweep import Sweep, load_sweep
+
+SERIAL_ON_THREADS = ("train",)  # stages that must not run side by side in one process (see the docstring)
+
+
+def run_sweep_stages(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None
+                     ) -> dict[str, tuple[dict[str, StageOutcome], set[str], BaseException | None]]:
+    """{variant: (its stage outcomes, the stages another variant computed for it, its error or None)}."""
+    the_plan = plan(stages, force)
+    base = sweep.base
+    fingerprints = fingerprinter_for(base.artifacts_root)
+    store = Store(base.artifacts_root)
+    submitted: dict[tuple[str, str], Any] = {}  # (stage, key) -> the one future computing it
+    owner: dict[tuple[str, str], str] = {}  # (stage, key) -> the variant that submitted it
+    futures: dict[str, dict[str, Any]] = {v.name: {} for v in sweep.variants}
+    keys: dict[str, dict[str, str]] = {v.name: {} for v in sweep.variants}
+    failed: dict[str, BaseException] = {}
+    serial: list[Any] = []
+    preloaded = False
+    on_threads = base.runner.kind != "ray"
+    for name in the_plan.order:  # stage-major: every variant's train is submitted before any is awaited
+        for variant in sweep.variants:
+            if variant.name in failed:
+                continue
+            try:
+                inputs = {up: _result(futures[variant.name][up]).artifact for up in upstream_of(name)}
+            except BaseException as error:  # noqa: BLE001 - an upstream task failed: this variant stops here
+                failed[variant.name] = error
+                continue
+            parts = key_parts(variant.cfg, name, inputs, fingerprints)
+            ident = (name, parts.key)
+            if ident not in submitted:
+                forced = name in the_plan.forced
+                if not preloaded and (forced or not store.is_complete(store.artifact(name, parts.key))):
+                    preload_transformers()
+                    preloaded = True
+                wait_for = [allow_failure(f) for f in serial] if on_threads and name in SERIAL_ON_THREADS else None
+                submitted[ident] = submit_stage(variant.cfg, name, inputs, parts, forced, wait_for)
+                owner[ident] = variant.name
+                if wait_for is not None:
+                    serial.append(submitted[ident])
+            futures[variant.name][name] = submitted[ident]
+            keys[variant.name][name] = parts.key
+    results = {}
+    for variant in sweep.variants:
+        outcomes: dict[str, StageOutcome] = {}
+        error = failed.get(variant.name)
+        for name, future in futures[variant.name].items():
+            try:
+                outcomes[name] = _result(future)
+            except BaseException as stage_error:  # noqa: BLE001 - recorded as this variant's failure
+                error = error or stage_error
+        shared = {name for name in outcomes if owner[(name, keys[variant.name][name])] != variant.name}
+        results[variant.name] = (outcomes, shared, error)
+    return results
+
+
+@flow(name="leccr-sweep-stages")
+def leccr_sweep_stages(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None):
+    """The sweep's stages under the configured task runner (when the running flow has another)."""
+    return run_sweep_stages(sweep, stages, force)
+
+
+def sweep_markdown(sweep: Sweep) -> str | None:
+    """The sweep's comparison (leccr.compare), written beside the artifacts; None when no run evaluated."""
+    from leccr.compare import build, default_out_dir, select_runs, write
+    from leccr.report import embed_images
+
+    try:
+        title, records = select_runs(sweep.base.artifacts_root, sweep=sweep.name)
+    except ValueError:
+        return None
+    comparison = build(sweep.base.artifacts_root, title, records)
+    path = write(comparison, default_out_dir(sweep.base.artifacts_root, title))
+    return embed_images(path.read_text(encoding="utf-8"), path.parent)
+
+
+@flow(name="leccr")
+def leccr_sweep(config: str = "configs/demo.yaml", grid: dict[str, list] | None = None, name: str | None = None,
+                stages: list[str] | None = None, force: list[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """Run every variant of a sweep; returns {variant: "completed" | "failed: ..."}.
+
+    `grid`: {dotted config path: [values]} (default: the config's `sweep.grid`); `name`: the sweep's
+    name in the run records (default: the config's `sweep.name`, else the experiment and the fields)."""
+    sweep = load_sweep(config, grid, name, overrides)
+    started = now()
+    if _has_runner_for(sweep.base):
+        results = run_sweep_stages(sweep, stages, force)
+    else:  # a deployment starts on the default runner: the stages run under the configured one
+        results = leccr_sweep_stages.with_options(task_runner=task_runner(sweep.base))(sweep, stages, force)
+    status = {}
+    for variant in sweep.variants:
+        outcomes, shared, error = results[variant.name]
+        label = RunLabel(sweep.experiment, sweep.name, variant.name, variant.values)
+        if error is None:
+            record_run(variant.cfg, outcomes)
+        write_record(variant.cfg, label, started, entries_of(outcomes, shared),
+                     "failed" if error else "completed", error)
+        status[variant.name] = "completed" if error is None else f"failed: {type(error).__name__}: {error}"
+    markdown = sweep_markdown(sweep)
+    if markdown is not None:
+        slug = "".join(c if c.isalnum() else "-" for c in sweep.name.lower())  # Prefect keys: a-z, 0-9, dashes
+        create_markdown_artifact(key=f"leccr-sweep-{slug}", markdown=markdown,
+                                 description=f"Sweep {sweep.name}: {len(sweep.variants)} runs")
+    failures = {v: s for v, s in status.items() if s != "completed"}
+    if failures:  # after every other run finished and was recorded
+        raise RuntimeError(f"{len(failures)} of {len(status)} runs of sweep {sweep.name} failed: "
+                           + "; ".join(f"{v}: {s}" for v, s in failures.items()))
+    return status
+
+
+if __name__ == "__main__":
+    leccr_sweep(sys.argv[1] if len(sys.argv) > 1 else "configs/demo.yaml")
