@@ -77,11 +77,9 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def _differing(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     flat = [flatten(r["config"]) for r in records]
-    paths = sorted({p for f in flat for p in f} - set(IGNORED_FIELDS))
+    paths = sorted({p for f in flat for p in f if p.split(".")[0] not in IGNORED_FIELDS})
     out = {}
     for path in paths:
-        if path.split(".")[0] in IGNORED_FIELDS:
-            continue
         values = [f.get(path) for f in flat]
         distinct = []
         for value in values:

@@ -116,10 +116,6 @@ def read_records(root: str | Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(records_dir(root).glob("*.json"))]
 
 
-def _started(record: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(record["started_at"])
-
-
 def prunable(root: str | Path, older_than: timedelta) -> list[Path]:
     """Record files of runs that ended longer ago than `older_than` (what `leccr gc --prune-runs` drops)."""
     limit = now() - older_than

@@ -1,6 +1,5 @@
 """`leccr sweep` on the demo, on CPU: a 2×2 grid as one flow, shared stages computed once (read from
 the run records), every variant's metrics in `run_metrics`, a rerun that computes nothing, `compare`."""
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -89,10 +88,24 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, pre
         assert any(f"| leccr | {lang} | {alpha:g} | {w_d:g} |" in line and line.split("|")[-2].strip()
                    == f"{value:.1f}" for line in table), (variant, lang, value)
     assert (out / "sumr_vs_w_d.png").is_file() and (out / "sumr_vs_alpha.png").is_file()
-    assert "No published numbers match" in text  # the demo names none, and says so
+    assert "No published numbers match" in text  # the demo names none, and says so; so does its report
+    report = artifacts / "evaluate" / records[0]["stages"]["evaluate"]["key"] / "report.md"
+    assert "## Published numbers" in report.read_text() and "names none" in report.read_text()
 
     # a rerun computes nothing: every stage of every run is a cache hit
     assert main(["sweep", "--config", str(path)]) == 0
     rerun = [r for r in read_records(artifacts) if r["sweep"] == "demo-2x2"][4:]
     assert len(rerun) == 4
     assert {e["status"] for r in rerun for e in r["stages"].values()} == {CACHE_HIT}
+
+    # a failed run does not stop the others: evaluating a language the split lacks fails that variant
+    # alone (the demo's own w_d is 0.3: its train is the one trained above, a cache hit)
+    assert main(["sweep", "--config", str(path), "--name", "langs", "--grid", "evaluate.languages=[[de],[xx]]"]) == 2
+    assert "1 of 2 runs of sweep langs failed: languages=[\"xx\"]" in capsys.readouterr().err
+    langs = {r["variant"]: r for r in read_records(artifacts) if r["sweep"] == "langs"}
+    assert langs['languages=["de"]']["outcome"] == "completed"
+    failed = langs['languages=["xx"]']
+    assert failed["outcome"] == "failed" and "'xx'" in failed["error"]
+    assert failed["stages"]["train"]["status"] == CACHE_HIT and "evaluate" not in failed["stages"]
+    assert connect(artifacts).execute("SELECT count(*) FROM run_metrics WHERE sweep = 'langs' AND lang = 'de' AND "
+                                      "metric = 'sumr'").fetchone()[0] > 0
