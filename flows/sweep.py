@@ -88,9 +88,12 @@ def run_sweep_stages(sweep: Sweep, stages: list[str] | None = None, force: list[
 
 
 @flow(name="leccr-sweep-stages")
-def leccr_sweep_stages(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None):
-    """The sweep's stages under the configured task runner (when the running flow has another)."""
-    return run_sweep_stages(sweep, stages, force)
+def leccr_sweep_stages(config: str, grid: dict[str, list] | None, name: str | None,
+                       overrides: dict[str, Any] | None, stages: list[str] | None = None,
+                       force: list[str] | None = None):
+    """The sweep's stages under the configured task runner (when the running flow has another); its
+    parameters are the sweep's plain inputs, so the flow run records them as given."""
+    return run_sweep_stages(load_sweep(config, grid, name, overrides), stages, force)
 
 
 def sweep_markdown(sweep: Sweep) -> str | None:
@@ -120,7 +123,8 @@ def leccr_sweep(config: str = "configs/demo.yaml", grid: dict[str, list] | None 
     if _has_runner_for(sweep.base):
         results = run_sweep_stages(sweep, stages, force)
     else:  # a deployment starts on the default runner: the stages run under the configured one
-        results = leccr_sweep_stages.with_options(task_runner=task_runner(sweep.base))(sweep, stages, force)
+        results = leccr_sweep_stages.with_options(task_runner=task_runner(sweep.base))(
+            config, grid, name, overrides, stages, force)
     status = {}
     for variant in sweep.variants:
         outcomes, shared, error = results[variant.name]

@@ -1,5 +1,6 @@
 """`leccr sweep` on the demo, on CPU: a 2×2 grid as one flow, shared stages computed once (read from
 the run records), every variant's metrics in `run_metrics`, a rerun that computes nothing, `compare`."""
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -109,3 +110,17 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, pre
     assert failed["stages"]["train"]["status"] == CACHE_HIT and "evaluate" not in failed["stages"]
     assert connect(artifacts).execute("SELECT count(*) FROM run_metrics WHERE sweep = 'langs' AND lang = 'de' AND "
                                       "metric = 'sumr'").fetchone()[0] > 0
+
+
+def test_both_deployments_are_flow_leccr_and_take_their_parameters():
+    """prefect.yaml: `leccr/full` and `leccr/sweep` load, and their default parameters fit the flows."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    repo = Path(__file__).parents[1]
+    deployments = yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"]
+    assert {d["name"] for d in deployments} == {"full", "sweep"}
+    for deployment in deployments:
+        path, function = deployment["entrypoint"].split(":")
+        flow = load_flow_from_entrypoint(f"{repo / path}:{function}")
+        assert flow.name == "leccr"  # so `prefect deployment run leccr/<name>`
+        flow.validate_parameters(deployment["parameters"])
