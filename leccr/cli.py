@@ -14,11 +14,13 @@ Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefec
 
   leccr demo                                   build demo data + tiny models, run every stage
   leccr run --config C [--stage S] [--force S] [--set KEY=VALUE] [--dry-run]
+  leccr sweep --config C --grid PATH=[V1,V2] [--dry-run]   a grid of runs sharing their common stages
+  leccr compare [RUN_ID...] [--experiment E] [--sweep S]   runs side by side, with the papers' numbers
   leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
   leccr search "QUERY" --lang de --method leccr  ranked items from the index (--json for scripts)
   leccr serve [--host H] [--port P]            search API and web page (127.0.0.1 by default)
   leccr datasets check PATH --format F         validate a dataset folder
-  leccr gc [--yes]                             list/delete artifacts no experiment's latest run uses
+  leccr gc [--yes] [--prune-runs DAYS]         list/delete artifacts no recorded run uses
   leccr build-tiny-models --out DIR --corpus-file F
 
 `leccr COMMAND --help` describes each command; -v shows library logs and tracebacks."""
@@ -131,10 +133,64 @@ def unkeyed_overrides(cfg, pairs: list[str]) -> list[str]:
     return notes
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from leccr.core.fingerprint import fingerprinter_for
+    from leccr.preflight import check_environment
+    from leccr.sweep import dry_run_lines, load_sweep, parse_grid, plan_sweep
+
+    overrides = _parse_sets(args.set)
+    if args.runner:
+        overrides["runner.kind"] = args.runner
+    grid = parse_grid(args.grid) or None
+    sweep = load_sweep(args.config, grid, args.name, overrides)  # every variant validated before Prefect starts
+    check_environment(sweep.base, write=not args.dry_run)
+    stages, force = args.stage or None, args.force or None
+    if args.dry_run:
+        planned = plan_sweep(sweep, stages, force, fingerprinter_for(sweep.base.artifacts_root))
+        print("\n".join(dry_run_lines(sweep, planned)))
+        return 0
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # as cmd_run
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from leccr.flows.leccr import task_runner
+    from leccr.flows.sweep import leccr_sweep
+
+    status = leccr_sweep.with_options(task_runner=task_runner(sweep.base))(
+        config=args.config, grid=grid, name=sweep.name, stages=stages, force=force, overrides=overrides or None)
+    print(f"\nSweep {sweep.name}: {len(status)} runs completed.")
+    print(f"Compare them: leccr compare --sweep {sweep.name}"
+          + ("" if sweep.base.artifacts_root == "artifacts" else f" --root {sweep.base.artifacts_root}"))
+    print(f"Or in SQL: leccr inspect \"SELECT * FROM run_metrics WHERE sweep = '{sweep.name}' AND metric = 'sumr'\"")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from leccr.compare import build, default_out_dir, select_runs, write
+
+    title, records = select_runs(args.root, args.runs, args.experiment, args.sweep)
+    comparison = build(args.root, title, records, args.score)
+    path = write(comparison, args.out or default_out_dir(args.root, title))
+    print(path.read_text(encoding="utf-8"))
+    print(f"Written: {path}")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from leccr.gc import collect, delete, human_size
 
-    garbage = collect(args.root)
+    prune = []
+    if args.prune_runs is not None:
+        from datetime import timedelta
+
+        from leccr.runs import prunable
+
+        prune = prunable(args.root, timedelta(days=args.prune_runs))
+        print(f"{len(prune)} run record(s) ended more than {args.prune_runs:g} day(s) ago: "
+              + ("deleted; their artifacts are no longer kept for them" if args.yes
+                 else "their artifacts are listed below unless another run uses them; --yes deletes them"))
+        if args.yes:
+            for record in prune:
+                record.unlink()
+    garbage = collect(args.root, prune)
     if not garbage:
         print(f"Nothing to collect under {Path(args.root).absolute()}: every artifact is referenced.")
         return 0
@@ -143,7 +199,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     deletable = [e for e in garbage if e.deletable]
     total = sum(e.bytes for e in deletable)
     if not args.yes:
-        print(f"{len(deletable)} artifact(s), {human_size(total)}, referenced by no experiment's latest run; "
+        print(f"{len(deletable)} artifact(s), {human_size(total)}, referenced by no recorded run; "
               "delete them with --yes")
         return 0
     removed = delete(args.root, deletable)
@@ -186,7 +242,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                            view_statements)
 
     if args.print_sql:  # for any DuckDB client: the views, then the same read-only lock
-        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment)) + lock_statements(args.root))
+        from leccr.runs import view_statements as run_view_statements
+
+        print(";\n".join(view_statements(selected_artifacts(args.root, args.experiment))
+                         + run_view_statements(args.root) + lock_statements(args.root))
               + ";")
         return 0
     con = connect(args.root, args.experiment)
@@ -355,9 +414,41 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print every planned stage with its key, cached or not, and why it would run; run nothing")
     run.set_defaults(handler=cmd_run)
 
-    gc = command("gc", "list (and with --yes delete) artifacts no experiment's latest run uses")
+    sweep = command("sweep", "run a grid of variants of one experiment as one Prefect flow, sharing what they share")
+    sweep.add_argument("--config", required=True, help="experiment YAML (its `sweep:` block is the default grid)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="PATH=[V1,V2]",
+                       help="a config field and its values, e.g. train.models.leccr.losses.w_d=[0.1,0.3]; any --set "
+                            "path; repeatable (the grid is every combination)")
+    sweep.add_argument("--name", help="the sweep's name in the run records (default: the file's sweep.name, else "
+                                      "the experiment and the swept fields)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key in every variant; repeatable")
+    sweep.add_argument("--stage", action="append", default=[], metavar="STAGE",
+                       help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}")
+    sweep.add_argument("--force", action="append", default=[], metavar="STAGE",
+                       help="recompute this stage and everything downstream (once per distinct key); repeatable")
+    sweep.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print each run's stages: key, cached or to compute, and which other runs share it")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    compare = command("compare", "recorded runs side by side: one table (methods × languages × swept fields), "
+                                 "SumR plots, published numbers")
+    compare.add_argument("runs", nargs="*", metavar="RUN_ID", help="run ids (or unique prefixes) from the `runs` view")
+    compare.add_argument("--experiment", help="the latest run of each variant of this experiment")
+    compare.add_argument("--sweep", help="the latest run of each variant of this sweep")
+    compare.add_argument("--root", default="artifacts", help="artifact root")
+    compare.add_argument("--score", choices=["fused", "global"], default="fused",
+                         help="which score's rows (default fused: each method's inference score)")
+    compare.add_argument("--out", help="folder for compare.md and its PNGs (default <root>/compare/<name>)")
+    compare.set_defaults(handler=cmd_compare)
+
+    gc = command("gc", "list (and with --yes delete) artifacts no recorded run uses")
     gc.add_argument("--root", default="artifacts", help="artifact root")
     gc.add_argument("--yes", action="store_true", help="delete them (never a folder a running stage holds)")
+    gc.add_argument("--prune-runs", type=float, metavar="DAYS",
+                    help="also drop the run records (artifacts/runs/records) of runs that ended more than DAYS days "
+                         "ago, so what only they used is collected; by default every recorded run's artifacts are kept")
     gc.set_defaults(handler=cmd_gc)
 
     demo = command("demo", "build demo data and tiny models, then run every stage on them")

@@ -443,6 +443,13 @@ class EvaluateConfig(Section):
     # Weight of minmax(global) in the fused score; None = each trained model's own score_alpha
     # (1.0 for images as in the reference image evaluation, 0.9 for video).
     alpha: float | None = Field(None, ge=0.0, le=1.0)
+    # More weights to score each trained method with slots at, from the same trained model: rows with
+    # score "alpha" and the weight in their alpha column. The paper's α ablation then costs one training
+    # (a different train.models.leccr.score_alpha is a different model: it picks the best epoch).
+    alphas: list[float] = Field(default_factory=list)
+    # Published rows (ids in leccr/published_results.yaml) to show beside ours in the report, where this
+    # run evaluates their dataset and language; each dataset preset in configs/ names its benchmark's.
+    published: list[str] = Field(default_factory=list)
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])  # recall@K of the table; SumR sums these
     # recall@K curves are drawn for K = 1..curve_max_k, or to the number ranked when that is smaller
     curve_max_k: int = Field(100, ge=1)
@@ -461,6 +468,21 @@ class EvaluateConfig(Section):
         if not value or any(k < 1 for k in value) or len(set(value)) != len(value):
             raise ValueError(f"ks must be distinct positive integers, got {value}")
         return sorted(value)
+
+    @field_validator("alphas")
+    @classmethod
+    def _weights(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 <= a <= 1.0 for a in value) or len(set(value)) != len(value):
+            raise ValueError(f"alphas must be distinct weights in [0, 1], got {value}")
+        return sorted(value)
+
+    @field_validator("published")
+    @classmethod
+    def _known_rows(cls, value: list[str]) -> list[str]:
+        from leccr.published import rows_named
+
+        rows_named(value)  # raises naming the unknown ids and the known ones
+        return value
 
     @model_validator(mode="after")
     def _something_to_evaluate(self) -> EvaluateConfig:
@@ -512,6 +534,25 @@ class IndexConfig(Section):
     chunk_size: int = Field(4096, ge=1)  # rows/columns of one calibration score block
 
 
+# ---------------------------------------------------------------- sweep (leccr.sweep)
+class SweepConfig(Section):
+    """The grid `leccr sweep` runs when no --grid is given: {dotted config path: [values]}, as `--set`
+    takes them. Not part of any stage's key: each variant's stages are keyed by what it sets."""
+
+    name: str | None = None  # the sweep's name in the run records (default: the experiment and the swept fields)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _values_to_sweep(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for path, values in value.items():
+            if not values:
+                raise ValueError(f"grid {path!r} has no values")
+            if path.split(".")[0] in ("name", "sweep", "artifacts_root"):
+                raise ValueError(f"grid {path!r}: a sweep varies config fields, not the {path.split('.')[0]}")
+        return value
+
+
 # ---------------------------------------------------------------- the experiment
 class ExperimentConfig(Section):
     """A whole experiment: one YAML file, one section per stage."""
@@ -526,6 +567,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    sweep: SweepConfig | None = None  # what `leccr sweep` varies (`leccr run` runs the file as it is)
 
     @field_validator("name")
     @classmethod

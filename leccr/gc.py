@@ -1,8 +1,9 @@
-"""`leccr gc`: find and delete artifacts that no experiment's latest run references.
+"""`leccr gc`: find and delete artifacts that no recorded run references.
 
 Referenced: every artifact named in `<root>/runs/<experiment>.json` (what each experiment used last),
-each stage's `LATEST` pointer (what `leccr inspect` opens), and, through their manifests, every
-upstream artifact those were built from. Everything else is garbage, except a folder a running stage
+in a run record (`<root>/runs/records/`, leccr.runs: every run kept, sweeps' variants included, unless
+`prune` names the records to drop), each stage's `LATEST` pointer (what `leccr inspect` opens), and,
+through their manifests, every upstream artifact those were built from. Everything else is garbage, except a folder a running stage
 holds (its `.lock`, see leccr.core.artifact.stage_lock), which is never touched.
 
 An incomplete folder (no manifest) is listed too: it holds the finished shards of a stopped run, which
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leccr.core.artifact import MANIFEST, Artifact, Store, exclusive, is_locked, stage_of
+from leccr.runs import referenced_keys
 
 
 @dataclass
@@ -55,11 +57,13 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
-def referenced(store: Store) -> set[tuple[str, str]]:
-    """(stage, key) of every artifact an experiment's latest run or a LATEST pointer uses, with upstream."""
+def referenced(store: Store, prune: list[Path] | None = None) -> set[tuple[str, str]]:
+    """(stage, key) of every artifact an experiment's latest run, a run record (but those in `prune`) or
+    a LATEST pointer uses, with upstream."""
     pending: list[tuple[str, str]] = []
     for record in sorted((store.root / "runs").glob("*.json")):
         pending.extend(json.loads(record.read_text(encoding="utf-8")).items())
+    pending.extend(referenced_keys(store.root, skip=prune or []))
     for pointer in [*store.root.glob("*/LATEST"), *store.root.glob("*/LATEST.*")]:
         pending.append((pointer.parent.name, pointer.read_text(encoding="utf-8").strip()))
     seen: set[tuple[str, str]] = set()
@@ -75,10 +79,11 @@ def referenced(store: Store) -> set[tuple[str, str]]:
     return seen
 
 
-def collect(root: str | Path) -> list[Garbage]:
-    """Every unreferenced artifact under `root`, with its size, whether complete, whether in use."""
+def collect(root: str | Path, prune: list[Path] | None = None) -> list[Garbage]:
+    """Every unreferenced artifact under `root`, with its size, whether complete, whether in use
+    (`prune`: run records whose artifacts are no longer kept for them)."""
     store = Store(root)
-    keep = referenced(store)
+    keep = referenced(store, prune)
     return [Garbage(a, folder_size(a.path), store.is_complete(a), is_locked(a.path))
             for a in store.artifacts() if (a.stage, a.key) not in keep]
 

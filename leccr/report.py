@@ -132,6 +132,22 @@ def sumr_console_table(metrics: pa.Table) -> str:
     return "\n".join(lines)
 
 
+def alpha_table(metrics: pa.Table) -> str:
+    """SumR per language at every evaluate.alphas weight (rows with score "alpha"), one row per
+    (method, α): the papers' α ablation, from one trained model. Empty when no such rows."""
+    rows = [r for r in _rows(metrics) if r["score"] == "alpha" and r["metric"] == "sumr"]
+    if not rows:
+        return ""
+    langs = languages_of(rows)
+    sumr = {(r["method"], r["alpha"], r["lang"]): r["value"] for r in rows}
+    out = ["| Method | α | " + " | ".join(f"{lang} SumR" for lang in langs) + " |",
+           "|---|---:|" + "|".join(["---:"] * len(langs)) + "|"]
+    for method, alpha in sorted({(m, a) for m, a, _ in sumr}, key=lambda v: (method_sort_key(v[0]), v[1])):
+        cells = [f"{sumr[(method, alpha, lang)]:.1f}" if (method, alpha, lang) in sumr else "–" for lang in langs]
+        out.append(f"| {method} | {alpha:g} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def _table_ks(rows: list[dict]) -> set[int]:
     """The K of the SumR (those every sumr row was made of): recall rows flagged by the stage."""
     return {r["k"] for r in rows if r["metric"] == "recall" and r["k"] is not None}
@@ -401,6 +417,10 @@ def render_report(
     if "cl2cm" in methods:
         lines += [f"> **Note.** {CL2CM_NOTE}", ""]
     lines += ["## Results", "", results_tables(metrics)]
+    if alphas := alpha_table(metrics):
+        lines += ["## Inference weight α", "",
+                  "The fused score of each method with slots at every weight of `evaluate.alphas` "
+                  "(the same trained model; SumR).", "", alphas]
     curves = [p for p in plot_paths if p.name.startswith("recall_at_k")]
     training = [p for p in plot_paths if p.name.startswith("training_")]
     if curves:

@@ -97,10 +97,11 @@ def lock_statements(root: str | Path) -> list[str]:
 def connect(root: str | Path, experiment: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per available artifact table, reading nothing
     outside the artifacts root."""
+    from leccr import runs
     import duckdb
 
     con = duckdb.connect()
-    for statement in view_statements(selected_artifacts(root, experiment)):
+    for statement in view_statements(selected_artifacts(root, experiment)) + runs.view_statements(root):
         con.execute(statement)
     for statement in lock_statements(Store(root).root):
         con.execute(statement)

@@ -144,6 +144,11 @@ def test_prefect_deployment_run_leccr_full(request, demo_config):
         assert found[0]["description"]  # every artifact says what it holds
         # Its flow runs are in PostgreSQL, not in a SQLite file under PREFECT_HOME.
         assert not list(state.glob("*.db"))
+        # leccr/sweep: a grid over an evaluate field reuses every trained model; one run per value
+        result = run([PREFECT, "deployment", "run", "leccr/sweep", "--param", f"config={config_path}", "--param",
+                      'grid={"evaluate.alpha": [0.5, 1.0]}', "--param", "name=alpha", "--watch"], timeout=900)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output + "\n--- worker log ---\n" + (state / "worker.log").read_text()[-5000:]
     finally:
         before = started()
         stop = run(readme_command("stop").split(), timeout=120)
@@ -163,3 +168,9 @@ def test_prefect_deployment_run_leccr_full(request, demo_config):
     assert "| leccr |" in (artifacts / "evaluate" / record["evaluate"] / "report.md").read_text()
     for stage, key in record.items():
         assert (artifacts / stage / key / "_manifest.json").is_file(), stage
+    from leccr.runs import read_records
+
+    swept = [r for r in read_records(artifacts) if r["sweep"] == "alpha"]
+    assert sorted(r["swept"]["evaluate.alpha"] for r in swept) == [0.5, 1.0]
+    assert {r["stages"]["train"]["status"] for r in swept} == {"cache_hit"}  # trained by leccr/full
+    assert {r["stages"]["train"]["key"] for r in swept} == {record["train"]}

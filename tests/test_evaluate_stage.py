@@ -283,3 +283,46 @@ def test_stage_with_trained_methods(tmp_path, artifacts, bert_path, monkeypatch)
     # one error list per shown row: baseline/cl2cm fused (= global), leccr fused and global
     assert {(w["method"], w["score"]) for w in worst} == {("baseline", "fused"), ("cl2cm", "fused"),
                                                            ("leccr", "fused"), ("leccr", "global")}
+
+
+def test_alphas_score_one_trained_model_at_several_weights(tmp_path, artifacts, bert_path, monkeypatch):
+    """evaluate.alphas: rows with score "alpha" per weight, equal to evaluating with that evaluate.alpha."""
+    _, dataset, features = artifacts
+    train_dir = tmp_path / "train"
+    models = {"leccr": tiny_model("leccr", bert_path, score_alpha=0.9), "baseline": tiny_model("baseline", bert_path)}
+    for method in models:
+        (train_dir / method).mkdir(parents=True)
+        (train_dir / method / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(evaluate, "load_model", lambda method_dir: models[method_dir.name])
+
+    def metrics_of(name: str, **fields) -> list[dict]:
+        (tmp_path / name).mkdir()
+        ctx = make_context(tmp_path / name, EvaluateConfig(ks=[1, 5], chunk_size=3, device="cpu", **fields),
+                           dataset, features, Artifact("train", "trainkey", train_dir))
+        evaluate.run(ctx)
+        return read_table(ctx.out_dir / "metrics.parquet", METRICS).to_pylist(), ctx
+
+    def values(rows: list[dict], score: str, method: str = "leccr", alpha: float | None = None) -> dict:
+        return {(r["lang"], r["direction"], r["metric"], r["k"]): r["value"] for r in rows
+                if r["method"] == method and r["score"] == score and (alpha is None or r["alpha"] == alpha)}
+
+    rows, ctx = metrics_of("sweep", alphas=[1.0, 0.5, 0.9])
+    assert sorted({r["alpha"] for r in rows if r["score"] == "alpha"}) == [0.5, 0.9, 1.0]
+    assert {r["method"] for r in rows if r["score"] == "alpha"} == {"leccr"}  # the baseline has no slots
+    assert values(rows, "alpha", alpha=0.9) == values(rows, "fused")  # the model's own weight
+    assert values(rows, "alpha", alpha=1.0) == values(rows, "global")
+    at_half, _ = metrics_of("half", alpha=0.5)
+    assert values(rows, "alpha", alpha=0.5) == values(at_half, "fused")  # as if evaluated at that weight
+    assert {w["score"] for w in read_table(ctx.out_dir / "worst_queries.parquet", WORST_QUERIES).to_pylist()} \
+        <= {"fused", "global"}
+    report = (ctx.out_dir / "report.md").read_text()
+    table = report.split("## Inference weight α")[1]
+    half = values(rows, "alpha", alpha=0.5)
+    assert "| Method | α | en SumR | de SumR |" in table
+    assert f"| leccr | 0.5 | {half[('en', 'both', 'sumr', None)]:.1f} | {half[('de', 'both', 'sumr', None)]:.1f} |" in table
+    assert "leccr/alpha=0.5/de" in ctx.summary["sumr"]
+
+
+def test_alphas_must_be_weights():
+    with pytest.raises(ValueError, match="alphas must be distinct weights"):
+        EvaluateConfig(alphas=[0.5, 1.5])

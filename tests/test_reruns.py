@@ -324,16 +324,22 @@ def test_gc_lists_and_deletes_unreferenced_artifacts_but_not_running_ones(demo_r
     for folder in kept:
         folder.mkdir(parents=True)
         (folder / "file.txt").write_text("keep")
-    # LATEST and the experiment's record now name the new translate: the old one is garbage
-    garbage = collect(tmp_path / "artifacts")
+    # The first run's record keeps the old translate: every recorded run's artifacts stay
+    assert collect(tmp_path / "artifacts") == []
+    # Pruned, that record keeps nothing; LATEST and the experiment's latest run name the new translate
+    first_run = sorted((tmp_path / "artifacts" / "runs" / "records").glob("*.json"))[0]
+    garbage = collect(tmp_path / "artifacts", prune=[first_run])
     assert [(g.artifact.stage, g.artifact.key) for g in garbage] == [("translate", old.key)]
     assert garbage[0].bytes > 0 and garbage[0].complete
     with stage_lock(old.path):  # a stage writing into it: never deleted
-        assert collect(tmp_path / "artifacts")[0].in_use
+        assert collect(tmp_path / "artifacts", prune=[first_run])[0].in_use
         assert delete(tmp_path / "artifacts", garbage) == []
     assert old.path.is_dir()
     assert main(["gc", "--root", str(tmp_path / "artifacts"), "--yes"]) == 0
+    assert old.path.is_dir()  # still recorded
+    assert main(["gc", "--root", str(tmp_path / "artifacts"), "--prune-runs", "0", "--yes"]) == 0
     assert not old.path.exists() and collect(tmp_path / "artifacts") == []
+    assert not first_run.exists()
     assert Store(tmp_path / "artifacts").latest("translate") is not None  # what is used stays
     assert all((folder / "file.txt").is_file() for folder in kept)
 

@@ -46,6 +46,11 @@ class Job:
     def label(self) -> str:
         return f"{self.stage}[{self.method}]" if self.method else self.stage
 
+    @classmethod
+    def from_label(cls, label: str) -> Job:
+        stage, _, rest = label.partition("[")
+        return cls(stage, rest[:-1] or None)
+
 
 def as_job(job: Job | str) -> Job:
     """A stage name stands for its one job (tests and scripts run single stages by name)."""
@@ -85,10 +90,11 @@ def key_parts(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
     missing = [up for up in stage.upstream if up not in inputs]
     if missing:
         raise ValueError(f"stage {job.stage!r} needs upstream artifact(s) {missing}")
-    return _parts(cfg, job, fingerprints, {up: inputs[up].digest_of(stage.reads[up]) for up in stage.upstream})
+    return parts_with_upstream(cfg, job, fingerprints, {up: inputs[up].digest_of(stage.reads[up]) for up in stage.upstream})
 
 
-def _parts(cfg: ExperimentConfig, job: Job, fingerprints: Fingerprinter, upstream: dict[str, str]) -> KeyParts:
+def parts_with_upstream(cfg: ExperimentConfig, job: Job, fingerprints: Fingerprinter,
+                        upstream: dict[str, str]) -> KeyParts:
     """A job's key parts around given upstream digests (a pending job in a dry run: the previous ones)."""
     stage = get_stage(job.stage)
     job_cfg = config_for(cfg, job)
@@ -249,7 +255,7 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
             previous = previous_manifest(store, cfg.name, job)
             if waiting:
                 # The key needs what the upstream stages will hold; this stage's own changes show already.
-                own = _parts(cfg, job, fingerprints, (previous or {}).get("upstream_digests", {}))
+                own = parts_with_upstream(cfg, job, fingerprints, (previous or {}).get("upstream_digests", {}))
                 reasons = [r for r in why_new(own, previous, stage.config_section) if r != "key changed"]
                 planned.append(PlannedStage(job.label, "pending", reasons=[f"after {', '.join(waiting)}", *reasons]))
                 continue
@@ -468,6 +474,7 @@ class Pending(Protocol):
 class Submission:
     """Everything a submitter needs to start one job."""
 
+    cfg: ExperimentConfig  # the configuration it runs under (a sweep's variant)
     job: Job
     inputs: dict[str, Input]
     parts: KeyParts
@@ -480,45 +487,113 @@ Submit = Callable[[Submission], Pending]
 
 @dataclass
 class _Done:
-    outcome: StageOutcome
+    """A job run in this thread: its outcome, or the error it raised (raised again by `result`)."""
+
+    outcome: StageOutcome | None = None
+    error: BaseException | None = None
 
     def result(self) -> StageOutcome:
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
         return self.outcome
+
+
+@dataclass
+class RunResult:
+    """What one configuration of a drive got: its outcomes by job label, the labels whose job another
+    configuration submitted (a sweep's shared stages), and its first error (None: it completed)."""
+
+    outcomes: dict[str, StageOutcome]
+    shared: set[str]
+    error: BaseException | None
+
+
+def drive_many(cfgs: dict[str, ExperimentConfig], the_plan: Plan, submit: Submit,
+               fingerprints: Fingerprinter | None = None) -> dict[str, RunResult]:
+    """The driver: submit every planned job of every configuration as soon as its upstream stages have
+    finished, stage by stage across the configurations; {name: RunResult}.
+
+    Keys are computed here, once a job's upstream has finished (a key hashes what they hold). A key
+    two configurations share (a sweep's unchanged stages) is submitted once and both wait for it.
+    A configuration whose job fails stops there; the others go on. `submit` decides where a job runs
+    (this thread, a Prefect task, a Ray worker)."""
+    first = next(iter(cfgs.values()))
+    fingerprints = fingerprints or fingerprinter_for(first.artifacts_root)
+    store = Store(first.artifacts_root)
+    submitted: dict[tuple[str, str], Pending] = {}
+    owner: dict[tuple[str, str], str] = {}
+    pending: dict[str, dict[str, dict[Job, Pending]]] = {name: {} for name in cfgs}
+    keys: dict[str, dict[Job, str]] = {name: {} for name in cfgs}
+    failed: dict[str, BaseException] = {}
+    for stage_name in the_plan.order:  # topological: waiting here never blocks a stage that could start
+        stage = get_stage(stage_name)
+        for name, cfg in cfgs.items():
+            if name in failed:
+                continue
+            try:
+                inputs: dict[str, Input] = {}
+                for up in stage.upstream:
+                    results = {job: future.result() for job, future in pending[name][up].items()}
+                    inputs[up] = (MethodArtifacts(up, {job.method: o.artifact for job, o in results.items()})
+                                  if get_stage(up).per_method else next(iter(results.values())).artifact)
+            except BaseException as error:  # noqa: BLE001 - an upstream job failed: this configuration stops
+                failed[name] = error
+                continue
+            pending[name][stage_name] = {}
+            for job in jobs_of(cfg, stage_name):
+                parts = key_parts(cfg, job, inputs, fingerprints)
+                ident = (stage_name, parts.key)
+                if ident not in submitted:
+                    forced = stage_name in the_plan.forced
+                    will_compute = forced or not store.is_complete(store.artifact(stage_name, parts.key))
+                    submitted[ident] = submit(Submission(cfg, job, inputs, parts, forced, will_compute))
+                    owner[ident] = name
+                pending[name][stage_name][job] = submitted[ident]
+                keys[name][job] = parts.key
+    results = {}
+    for name in cfgs:
+        outcomes, error = {}, failed.get(name)
+        for jobs in pending[name].values():
+            for job, future in jobs.items():
+                try:
+                    outcomes[job.label] = future.result()
+                except BaseException as job_error:  # noqa: BLE001 - this configuration's failure
+                    error = error or job_error
+        shared = {job.label for job, key in keys[name].items() if owner[(job.stage, key)] != name}
+        results[name] = RunResult(outcomes, shared, error)
+    return results
 
 
 def drive(cfg: ExperimentConfig, the_plan: Plan, submit: Submit,
           fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
-    """Submit every planned job as soon as its upstream stages have finished; {job label: outcome}.
-
-    Keys are computed here, once each job's upstream has finished (a key hashes what they hold);
-    `submit` decides where the job runs (this thread, a Prefect task, a Ray worker)."""
-    fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
-    store = Store(cfg.artifacts_root)
-    pending: dict[str, dict[Job, Pending]] = {}
-    for name in the_plan.order:  # topological: waiting here never blocks a stage that could start
-        inputs: dict[str, Input] = {}
-        for up in get_stage(name).upstream:
-            results = {job: future.result() for job, future in pending[up].items()}
-            inputs[up] = (MethodArtifacts(up, {job.method: o.artifact for job, o in results.items()})
-                          if get_stage(up).per_method else next(iter(results.values())).artifact)
-        pending[name] = {}
-        for job in jobs_of(cfg, name):
-            parts = key_parts(cfg, job, inputs, fingerprints)
-            forced = name in the_plan.forced
-            will_compute = forced or not store.is_complete(store.artifact(name, parts.key))
-            pending[name][job] = submit(Submission(job, inputs, parts, forced, will_compute))
-    return {job.label: future.result() for jobs in pending.values() for job, future in jobs.items()}
+    """`drive_many` for one configuration: {job label: outcome}; raises its first failure."""
+    result = drive_many({cfg.name: cfg}, the_plan, submit, fingerprints)[cfg.name]
+    if result.error is not None:
+        raise result.error
+    return result.outcomes
 
 
 def run_pipeline(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
                  fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
-    """Run the DAG in this process, job after job (the Prefect flow drives the same way, as tasks)."""
+    """Run the DAG in this process, job after job (the Prefect flow drives the same way, as tasks).
+    Every run, completed or failed, appends its run record (leccr.runs)."""
+    from leccr.runs import RunLabel, entries_of, now, write_record
+
     fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
 
     def here(submission: Submission) -> Pending:
-        return _Done(run_stage(cfg, submission.job, submission.inputs, force=submission.forced,
-                               parts=submission.parts, fingerprints=fingerprints))
+        try:
+            return _Done(run_stage(submission.cfg, submission.job, submission.inputs, force=submission.forced,
+                                   parts=submission.parts, fingerprints=fingerprints))
+        except BaseException as error:  # noqa: BLE001 - raised again where the driver asks for the result
+            return _Done(error=error)
 
-    outcomes = drive(cfg, plan(stages, force), here, fingerprints)
-    record_run(cfg, outcomes)
-    return outcomes
+    started = now()
+    result = drive_many({cfg.name: cfg}, plan(stages, force), here, fingerprints)[cfg.name]
+    if result.error is not None:  # the failed run is kept too, with the jobs it finished
+        write_record(cfg, RunLabel(cfg.name), started, entries_of(result.outcomes), "failed", result.error)
+        raise result.error
+    record_run(cfg, result.outcomes)
+    write_record(cfg, RunLabel(cfg.name), started, entries_of(result.outcomes), "completed")
+    return result.outcomes

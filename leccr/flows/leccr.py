@@ -23,7 +23,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from prefect import flow, get_run_logger, task
+from prefect import allow_failure, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
@@ -33,9 +33,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from leccr.config import ExperimentConfig, load_config
 from leccr.core.dag import get_stage, plan
 from leccr.core.keys import KeyParts
-from leccr.core.runner import (Job, StageOutcome, Submission, drive, prepare_stage, record_run, run_stage,
+from leccr.core.runner import (Job, StageOutcome, Submission, Submit, drive, prepare_stage, record_run, run_stage,
                                run_stage_slot)
 from leccr.report import artifact_markdown
+from leccr.runs import RunLabel, entries_of, now, write_record
 
 
 def transient(task, task_run, state) -> bool:
@@ -115,29 +116,44 @@ def preload_transformers() -> None:
         getattr(transformers, name, None)
 
 
+def task_submitter(cfg: ExperimentConfig, serial_stages: tuple[str, ...] = ()) -> Submit:
+    """How the driver's jobs become Prefect tasks: a sharded stage maps onto `runner.shard_tasks` slot
+    tasks and one finishing task, any other job onto one task. Jobs of `serial_stages` start one after
+    another (finished or failed), whatever the task runner could run side by side."""
+    preloaded = False
+    serial: list[Any] = []
+
+    def submit(submission: Submission):
+        nonlocal preloaded
+        job_cfg, job, label = submission.cfg, submission.job, submission.job.label
+        if not preloaded and submission.will_compute:
+            preload_transformers()
+            preloaded = True
+        wait_for = [allow_failure(f) for f in serial] if job.stage in serial_stages else None
+        with _resources(job_cfg, job.stage):
+            if get_stage(job.stage).sharded and job_cfg.runner.shard_tasks > 1:
+                prepared = prepare_task.submit(job_cfg, label, job, submission.parts, submission.forced,
+                                               wait_for=wait_for)
+                slots = [shard_slot_task.submit(job_cfg, label, job, submission.inputs, submission.parts, i,
+                                                job_cfg.runner.shard_tasks, prepared)
+                         for i in range(job_cfg.runner.shard_tasks)]
+                future = stage_task.submit(job_cfg, label, job, submission.inputs, submission.parts, False, slots)
+            else:
+                future = stage_task.submit(job_cfg, label, job, submission.inputs, submission.parts,
+                                           submission.forced, wait_for=wait_for)
+        if job.stage in serial_stages:
+            serial.append(future)
+        return future
+
+    return submit
+
+
 def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
                force: list[str] | None = None) -> dict[str, StageOutcome]:
     """Submit every planned job as a task as soon as its upstream stages have finished (inside a flow)."""
     if cfg.runner.kind == "ray" and cfg.runner.probe_storage:
         probe_shared_storage(cfg.artifacts_root)
-    preloaded = False
-
-    def submit(submission: Submission):
-        nonlocal preloaded
-        job, label = submission.job, submission.job.label
-        if not preloaded and submission.will_compute:
-            preload_transformers()
-            preloaded = True
-        with _resources(cfg, job.stage):
-            if get_stage(job.stage).sharded and cfg.runner.shard_tasks > 1:
-                prepared = prepare_task.submit(cfg, label, job, submission.parts, submission.forced)
-                slots = [shard_slot_task.submit(cfg, label, job, submission.inputs, submission.parts, i,
-                                                cfg.runner.shard_tasks, prepared)
-                         for i in range(cfg.runner.shard_tasks)]
-                return stage_task.submit(cfg, label, job, submission.inputs, submission.parts, False, slots)
-            return stage_task.submit(cfg, label, job, submission.inputs, submission.parts, submission.forced)
-
-    return drive(cfg, plan(stages, force), submit)
+    return drive(cfg, plan(stages, force), task_submitter(cfg))
 
 
 @flow(name="leccr-stages")
@@ -229,11 +245,17 @@ def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
     if runner is not None:
         overrides["runner.kind"] = runner
     cfg = load_config(config, overrides)
-    if _has_runner_for(cfg):
-        outcomes = run_stages(cfg, stages, force)
-    else:  # started with the default runner (a deployment): the stages run under the configured one
-        outcomes = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
+    started = now()
+    try:
+        if _has_runner_for(cfg):
+            outcomes = run_stages(cfg, stages, force)
+        else:  # started with the default runner (a deployment): the stages run under the configured one
+            outcomes = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
+    except BaseException as error:  # kept in the run records too (leccr.runs)
+        write_record(cfg, RunLabel(cfg.name), started, {}, "failed", error)
+        raise
     record_run(cfg, outcomes)
+    write_record(cfg, RunLabel(cfg.name), started, entries_of(outcomes), "completed")
     table = _summary_table(outcomes)
     slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())  # Prefect keys: a-z, 0-9, dashes
     create_table_artifact(key=f"leccr-{slug}-stages", table=table,

@@ -16,7 +16,8 @@ DIRECTIONS = ("text_to_visual", "visual_to_text")
 METRICS = pa.schema(
     [
         pa.field("method", pa.string(), nullable=False),  # baseline | leccr | cl2cm | zero-shot name
-        pa.field("score", pa.string(), nullable=False),  # fused (the method's inference score) | global
+        # fused (the method's inference score) | global | alpha (the fused score at an evaluate.alphas weight)
+    pa.field("score", pa.string(), nullable=False),
         pa.field("lang", pa.string(), nullable=False),  # language of the text queries / gallery
         pa.field("direction", pa.string(), nullable=False),  # text_to_visual | visual_to_text | both
         pa.field("metric", pa.string(), nullable=False),  # recall | sumr | mean_rank | median_rank

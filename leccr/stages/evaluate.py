@@ -59,10 +59,11 @@ class Evaluated:
 def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: SplitData, cfg: EvaluateConfig,
                         texts: dict[str, torch.Tensor], visual_global: torch.Tensor,
                         visual_slots: torch.Tensor | None, scores: dict[str, float],
-                        device: torch.device | str = "cpu") -> None:
+                        device: torch.device | str = "cpu", details: bool = True) -> None:
     """Metrics, curves and worst queries of one method for every language and score variant.
 
-    Embeddings are kept on the CPU between methods; the blocks are scored on `device`."""
+    Embeddings are kept on the CPU between methods; the blocks are scored on `device`. `details`
+    False: metrics only (the evaluate.alphas rows: no curves, no worst queries)."""
     from leccr.metrics import chunked_ranks, recall_metrics
 
     n_items = len(data.item_ids)
@@ -88,7 +89,7 @@ def evaluate_embeddings(result: Evaluated, method: str, checkpoint: str, data: S
                     result.metrics.append({**common, "direction": direction, "metric": metric, "k": None,
                                            "value": stats[f"{direction}_{metric}"],
                                            "name": f"{lang}/{direction}_{metric}"})
-                if duplicate:
+                if duplicate or not details:
                     continue  # the same numbers as the fused score: one curve, one error list
                 valid = direction_ranks[direction_ranks > 0]
                 ranked = n_items if direction == "text_to_visual" else len(language.caption_ids)
@@ -137,6 +138,21 @@ def _worst(block: ScoreBlock, direction: str, ranks: np.ndarray, language: Langu
     return rows
 
 
+def add_published(ctx: StageContext, cfg: EvaluateConfig, metrics: list[dict], languages: list[str],
+                  report: str) -> str:
+    """report.md with the "Published numbers" section (leccr.published): the rows of evaluate.published
+    for the dataset's format and the evaluated languages, beside our fused SumR."""
+    from leccr.core.io import atomic_write_text
+    from leccr.published import matching, published_markdown
+
+    dataset_format = ctx.inputs["dataset"].manifest.config.get("format")
+    rows = matching(cfg.published, dataset_format, languages)
+    ours = {(r["method"], r["lang"]): r["value"] for r in metrics if r["metric"] == "sumr" and r["score"] == "fused"}
+    report = report.rstrip() + "\n\n" + "\n".join(published_markdown(rows, bool(cfg.published), ours))
+    atomic_write_text(ctx.out_dir / "report.md", report)
+    return report
+
+
 def _load_history(method_dir: Path) -> pa.Table | None:
     import pyarrow.parquet as pq
 
@@ -168,8 +184,15 @@ def run(ctx: StageContext) -> None:
         texts, visual_global, visual_slots = encode_trained(model, data, cfg.batch_size, device)
         if visual_slots is None:
             alpha = 1.0  # no slots (baseline, cl2cm, leccr with slots ablated): the fused score is global
-        evaluate_embeddings(result, method, train.by_method[method].key, data, cfg, texts, visual_global, visual_slots,
+        checkpoint = train.by_method[method].key
+        evaluate_embeddings(result, method, checkpoint, data, cfg, texts, visual_global, visual_slots,
                             {"fused": alpha, "global": 1.0}, device)
+        if cfg.alphas and visual_slots is None:
+            ctx.log.info("evaluate: %s has no slots: evaluate.alphas does not apply (its score is global)", method)
+        elif cfg.alphas:
+            for weight in cfg.alphas:  # the same embeddings, one more ranking per weight
+                evaluate_embeddings(result, method, checkpoint, data, cfg, texts, visual_global, visual_slots,
+                                    {"alpha": weight}, device, details=False)
         history = _load_history(method_dir)
         if history is not None:
             histories[method] = history
@@ -193,8 +216,9 @@ def run(ctx: StageContext) -> None:
                   f"{lang} {chance_sumr(t.item_index, len(data.item_ids), cfg.ks):.1f}"
                   for lang, t in data.languages.items())}
     report = write_report(ctx.out_dir, metrics, worst, result.curves, histories, header)
-    sumr = {f"{r['method']}/{r['score']}/{r['lang']}": round(r["value"], 2) for r in result.metrics
-            if r["metric"] == "sumr"}
+    report = add_published(ctx, cfg, result.metrics, list(data.languages), report)
+    sumr = {f"{r['method']}/{r['score']}" + (f"={r['alpha']:g}" if r["score"] == "alpha" else "") + f"/{r['lang']}":
+            round(r["value"], 2) for r in result.metrics if r["metric"] == "sumr"}
     ctx.summary.update(methods=methods + ([cfg.zero_shot.name] if cfg.zero_shot else []),
                        languages=list(data.languages), items=len(data.item_ids), sumr=sumr,
                        report_markdown=report, seconds=round(time.perf_counter() - started, 3))
@@ -202,9 +226,15 @@ def run(ctx: StageContext) -> None:
 
 
 def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
+    """Where the encoders run (device kind), and the published rows the report shows, by value: a
+    corrected transcription rewrites the report."""
     from leccr.device import resolved_numerics
+    from leccr.published import rows_named
 
-    return {"numerics": resolved_numerics(cfg, "evaluate", cfg.evaluate.device)}
+    extra = {"numerics": resolved_numerics(cfg, "evaluate", cfg.evaluate.device)}
+    if cfg.evaluate.published:
+        extra["published_rows"] = rows_named(cfg.evaluate.published)
+    return extra
 
 
 STAGE = StageDef(name="evaluate", upstream=("dataset", "describe", "features", "train"),

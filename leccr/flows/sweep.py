@@ -1,0 +1,108 @@
+"""A sweep as ONE Prefect flow run: every variant's stages, each distinct (stage, key) submitted once.
+
+The one driver (leccr.core.runner.drive_many) walks the DAG stage by stage across all variants
+(leccr.sweep expands the grid): once a variant's upstream stages have finished it computes the job's
+key, as `leccr run` does, and submits it unless a task for that key is already in flight for another
+variant, whose future it then shares.
+So the stages a grid over train fields leaves unchanged (dataset ... features) run once, each
+variant's train runs once, and evaluate runs per variant. Different keys run side by side as the task
+runner allows (threads, or Ray), except `train` on the thread runner: training seeds torch's global
+RNG at every step (leccr.training.loop), so two trainings in one process would draw from each other's
+stream; there they run one after another (Ray runs each in its own worker process).
+
+A failed task fails the variants that use it; the others go on. Each variant gets its run record
+(leccr.runs: sweep, variant, swept values, stage keys with computed / cache_hit / shared), then the
+sweep's comparison (leccr.compare) is written and published as a Prefect artifact. Rerunning the sweep
+reuses every finished artifact: only what is missing is computed.
+
+Deployment `leccr/sweep` (prefect.yaml): `prefect deployment run leccr/sweep --param config=... --param
+grid='{"train.models.leccr.losses.w_d": [0.1, 0.3]}'`, or a config with a `sweep:` block.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from leccr.core.dag import plan
+from leccr.core.runner import RunResult, drive_many, record_run
+from leccr.flows.leccr import _has_runner_for, task_runner, task_submitter
+from leccr.runs import RunLabel, entries_of, now, write_record
+from leccr.sweep import Sweep, load_sweep
+
+SERIAL_ON_THREADS = ("train",)  # stages that must not run side by side in one process (see the docstring)
+
+
+def run_sweep_stages(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None
+                     ) -> dict[str, RunResult]:
+    """{variant: its outcomes, the jobs another variant submitted for it, its error or None}: every
+    variant through the one driver (leccr.core.runner.drive_many), which submits a shared key once."""
+    serial = SERIAL_ON_THREADS if sweep.base.runner.kind != "ray" else ()
+    return drive_many({variant.name: variant.cfg for variant in sweep.variants}, plan(stages, force),
+                      task_submitter(sweep.base, serial))
+
+
+@flow(name="leccr-sweep-stages")
+def leccr_sweep_stages(config: str, grid: dict[str, list] | None, name: str | None,
+                       overrides: dict[str, Any] | None, stages: list[str] | None = None,
+                       force: list[str] | None = None):
+    """The sweep's stages under the configured task runner (when the running flow has another); its
+    parameters are the sweep's plain inputs, so the flow run records them as given."""
+    return run_sweep_stages(load_sweep(config, grid, name, overrides), stages, force)
+
+
+def sweep_markdown(sweep: Sweep) -> str | None:
+    """The sweep's comparison (leccr.compare), written beside the artifacts; None when no run evaluated."""
+    from leccr.compare import build, default_out_dir, select_runs, write
+    from leccr.report import embed_images
+
+    try:
+        title, records = select_runs(sweep.base.artifacts_root, sweep=sweep.name)
+    except ValueError:
+        return None
+    comparison = build(sweep.base.artifacts_root, title, records)
+    path = write(comparison, default_out_dir(sweep.base.artifacts_root, title))
+    return embed_images(path.read_text(encoding="utf-8"), path.parent)
+
+
+@flow(name="leccr")
+def leccr_sweep(config: str = "configs/demo.yaml", grid: dict[str, list] | None = None, name: str | None = None,
+                stages: list[str] | None = None, force: list[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """Run every variant of a sweep; returns {variant: "completed" | "failed: ..."}.
+
+    `grid`: {dotted config path: [values]} (default: the config's `sweep.grid`); `name`: the sweep's
+    name in the run records (default: the config's `sweep.name`, else the experiment and the fields)."""
+    sweep = load_sweep(config, grid, name, overrides)
+    started = now()
+    if _has_runner_for(sweep.base):
+        results = run_sweep_stages(sweep, stages, force)
+    else:  # a deployment starts on the default runner: the stages run under the configured one
+        results = leccr_sweep_stages.with_options(task_runner=task_runner(sweep.base))(
+            config, grid, name, overrides, stages, force)
+    status = {}
+    for variant in sweep.variants:
+        result = results[variant.name]
+        label = RunLabel(sweep.experiment, sweep.name, variant.name, variant.values)
+        if result.error is None:
+            record_run(variant.cfg, result.outcomes)
+        write_record(variant.cfg, label, started, entries_of(result.outcomes, result.shared),
+                     "failed" if result.error else "completed", result.error)
+        status[variant.name] = ("completed" if result.error is None
+                                else f"failed: {type(result.error).__name__}: {result.error}")
+    markdown = sweep_markdown(sweep)
+    if markdown is not None:
+        slug = "".join(c if c.isalnum() else "-" for c in sweep.name.lower())  # Prefect keys: a-z, 0-9, dashes
+        create_markdown_artifact(key=f"leccr-sweep-{slug}", markdown=markdown,
+                                 description=f"Sweep {sweep.name}: {len(sweep.variants)} runs")
+    failures = {v: s for v, s in status.items() if s != "completed"}
+    if failures:  # after every other run finished and was recorded
+        raise RuntimeError(f"{len(failures)} of {len(status)} runs of sweep {sweep.name} failed: "
+                           + "; ".join(f"{v}: {s}" for v, s in failures.items()))
+    return status
+
+
+if __name__ == "__main__":
+    leccr_sweep(sys.argv[1] if len(sys.argv) > 1 else "configs/demo.yaml")
