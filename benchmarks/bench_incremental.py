@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from leccr.cli import prepare_demo
+    from leccr.core.runner import explain
     from leccr.datasets.demo import generate_demo
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="leccr-bench-incremental-"))
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, change, w_d in changes:
         change()
-        outcomes, wall, head = _run(_config(models, data, artifacts, args.epochs, w_d))
+        cfg = _config(models, data, artifacts, args.epochs, w_d)
+        print(f"\n{name}: leccr run --dry-run says")
+        for planned in explain(cfg, ["train"]):
+            print("  " + planned.line())
+        outcomes, wall, head = _run(cfg)
         recomputed = [label for label, o in outcomes.items() if not o.cache_hit]
         rows.append((name, _computed(outcomes), ", ".join(recomputed), head / first_head, wall / first_wall))
         print(f"\n{name}\n  computed: {rows[-1][1]}\n  recomputed jobs: {rows[-1][2] or 'none'}\n"

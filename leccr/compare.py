@@ -16,7 +16,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from leccr.report import ARROWS, _figure_png, _method_sort_key, _pyplot, languages_of
+from leccr.config import method_sort_key
+from leccr.report import ARROWS, _figure_png, _pyplot, languages_of
 from leccr.runs import read_records
 from leccr.core.io import atomic_write_bytes, atomic_write_text
 
@@ -137,7 +138,7 @@ def build(root: str | Path, title: str, records: list[dict[str, Any]], score: st
         reference = next((p for p in published if p["method"] == row["method"] and p["lang"] == row["lang"]), None)
         row["published_sumr"] = reference["sumr"] if reference else None
     langs = languages_of(rows) if rows else []
-    rows.sort(key=lambda r: (_method_sort_key(r["method"]), langs.index(r["lang"]),
+    rows.sort(key=lambda r: (method_sort_key(r["method"]), langs.index(r["lang"]),
                              [json.dumps(r[c], sort_keys=True, default=str) for c in columns],
                              -1.0 if r["alpha"] is None else r["alpha"]))
     return Comparison(title, records, swept, flagged, rows, sorted(ks), published)

@@ -118,19 +118,31 @@ def stable_digest(file: Path, raw: str | None = None) -> str:
 def damaged_files(folder: Path, manifest: Manifest, fingerprints) -> dict[str, str]:
     """{file: what is wrong} for the files a finished artifact's manifest lists: missing, another size,
     or (where the stat signature changed since it was hashed) other bytes. Checked before a hit is
-    served; a warm rerun stats each file and reads none (the digest cache knows the signatures)."""
+    served. A folder whose whole listing (every file's stat signature) is as it was when last found
+    intact costs one scan and one cache lookup; otherwise each file is stat-ed and, where its signature
+    changed, hashed again."""
+    from leccr.core.fingerprint import listing_digest
+
+    entries = {e.relative: e for e in files_under(folder) if e.relative != MANIFEST}
+    listing = listing_digest(list(entries.values()))
+    if fingerprints.verified(folder, listing) == manifest.content_digest:
+        return {}
     problems = {}
+    to_hash = []
     for name, size in sorted(manifest.file_sizes.items()):
-        path = folder / name
-        try:
-            actual = path.stat().st_size
-        except FileNotFoundError:
+        entry = entries.get(name)
+        if entry is None:
             problems[name] = f"{name} is missing"
-            continue
-        if actual != size:
-            problems[name] = f"{name} is {actual:,} bytes, manifest says {size:,}"
-        elif name in manifest.file_hashes and fingerprints.file(path) != manifest.file_hashes[name]:
-            problems[name] = f"{name} has other content than the manifest records (same size, {size:,} bytes)"
+        elif entry.stat.st_size != size:
+            problems[name] = f"{name} is {entry.stat.st_size:,} bytes, manifest says {size:,}"
+        elif name in manifest.file_hashes:
+            to_hash.append(entry)
+    for entry, digest in zip(to_hash, fingerprints.files(to_hash)):
+        if digest != manifest.file_hashes[entry.relative]:
+            problems[entry.relative] = (f"{entry.relative} has other content than the manifest records "
+                                        f"(same size, {entry.stat.st_size:,} bytes)")
+    if not problems:
+        fingerprints.remember_verified(folder, list(entries.values()), listing, manifest.content_digest)
     return problems
 
 

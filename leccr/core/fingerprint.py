@@ -79,6 +79,11 @@ def stat_identity(path: str | Path) -> str:
     return _listing(files_under(path))
 
 
+def listing_digest(entries: list[_Entry]) -> str:
+    """Digest of what `stat` says of every file of a folder: equal listings mean unchanged files."""
+    return _listing(entries)
+
+
 def _listing(entries: list[_Entry]) -> str:
     """Digest of what `stat` says of every file of a folder: equal listings mean unchanged files."""
     return blake3.blake3("".join(
@@ -197,6 +202,21 @@ class Fingerprinter:
                 self._store_folder(str(path), listing, result)
         self._folders[str(path)] = result
         return result
+
+    def files(self, entries: list[_Entry]) -> list[str]:
+        """Digests of these files (from `files_under`): through the cache, hashing only changed ones."""
+        return self._digests(list(entries))
+
+    def verified(self, folder: Path, listing: str) -> str | None:
+        """What `remember_verified` recorded for this folder while its listing was this one, else None."""
+        return self._known_folder(f"{folder}#verified", listing)
+
+    def remember_verified(self, folder: Path, entries: list[_Entry], listing: str, value: str) -> None:
+        """Record that the folder, as `listing` describes it, matched `value` (a manifest's content
+        digest); not while a file is young enough that a same-second rewrite could hide (racy git)."""
+        racy = time.time_ns() - RACY_SECONDS * 1e9
+        if all(e.stat.st_mtime_ns < racy for e in entries):
+            self._store_folder(f"{folder}#verified", listing, value)
 
     def _known_folder(self, path: str, listing: str) -> str | None:
         con = self._connect()
