@@ -65,7 +65,7 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, pre
 
     for stage in SHARED_STAGES:
         computed_once(stage, 1)
-    computed_once("train", 2)  # one per w_d: evaluate.alpha does not change the model
+    computed_once("train[leccr]", 2)  # one per w_d: evaluate.alpha does not change the model
     computed_once("evaluate", 4)
     computed_once("index", 2)
 
@@ -107,7 +107,7 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, pre
     assert langs['languages=["de"]']["outcome"] == "completed"
     failed = langs['languages=["xx"]']
     assert failed["outcome"] == "failed" and "'xx'" in failed["error"]
-    assert failed["stages"]["train"]["status"] == CACHE_HIT and "evaluate" not in failed["stages"]
+    assert failed["stages"]["train[leccr]"]["status"] == CACHE_HIT and "evaluate" not in failed["stages"]
     assert connect(artifacts).execute("SELECT count(*) FROM run_metrics WHERE sweep = 'langs' AND lang = 'de' AND "
                                       "metric = 'sumr'").fetchone()[0] > 0
 

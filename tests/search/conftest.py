@@ -46,3 +46,20 @@ def faiss_or_skip(request):
 
     if reason := faiss_missing():
         skip_loudly(request, reason)
+
+
+def method_dirs(outcomes) -> dict:
+    """{method: its trained model folder} from a run's outcomes (one train artifact per method)."""
+    return {label[len("train["):-1]: o.artifact.path / label[len("train["):-1]
+            for label, o in outcomes.items() if label.startswith("train[")}
+
+
+def upstream_inputs(outcomes, stages=("dataset", "describe", "features", "train")) -> dict:
+    """The inputs of a downstream stage from a run's outcomes (train: every method's artifact)."""
+    from leccr.core.artifact import MethodArtifacts
+
+    inputs = {s: outcomes[s].artifact for s in stages if s != "train"}
+    if "train" in stages:
+        inputs["train"] = MethodArtifacts("train", {m: outcomes[f"train[{m}]"].artifact
+                                                    for m in method_dirs(outcomes)})
+    return inputs

@@ -17,12 +17,12 @@ from leccr.core.context import StageContext
 from leccr.schemas.core import read_table
 from leccr.schemas.index import INDEX_ITEMS
 from leccr.stages import evaluate
-from tests.search.conftest import ALPHA, ITEMS_PER_SPLIT
+from tests.search.conftest import ALPHA, ITEMS_PER_SPLIT, method_dirs
 
 
 def _engine(indexed) -> SearchEngine:
     cfg, outcomes = indexed
-    return SearchEngine(outcomes["index"].artifact.path, outcomes["train"].artifact.path, cfg.dataset.path, "cpu")
+    return SearchEngine(outcomes["index"].artifact.path, method_dirs(outcomes), cfg.dataset.path, "cpu")
 
 
 def _test_split(indexed):
@@ -56,19 +56,20 @@ def test_index_files_and_schema(indexed):
     assert baseline["alpha"] == 1.0 and baseline["ranges"] is None  # no slots: the global cosine
 
 
-def test_key_holds_the_ann_setup_not_the_device(indexed):
+def test_key_holds_the_ann_setup_and_the_device_kind_only(indexed):
     from leccr.core.fingerprint import Fingerprinter
-    from leccr.core.dag import get_stage
+    from leccr.core.runner import Job, parts_with_upstream
 
     cfg, _ = indexed
 
     def key_config(**index) -> dict:
         data = cfg.model_dump(mode="json")
         data["index"].update(index)
-        return get_stage("index").key_config(parse_config(data), Fingerprinter())
+        return parts_with_upstream(parse_config(data), Job("index"), Fingerprinter(), {}).config
 
     base = key_config()
-    assert key_config(device="cuda", batch_size=3, chunk_size=5) == base
+    assert key_config(device="cpu", batch_size=3, chunk_size=5) == base  # auto is the CPU on this machine
+    assert key_config(device="cuda")["numerics"] == {"device_kind": "cuda"} != base["numerics"]
     hnsw = key_config(ann={"kind": "hnsw"})
     assert hnsw["ann"] == {"kind": "hnsw", "m": 32, "ef_construction": 200, "ef_search": 256}
     assert key_config(ann={"kind": "hnsw", "ef_search": 64}) != hnsw
@@ -94,7 +95,7 @@ def test_full_candidates_rank_exactly_as_evaluate(indexed, lang):
     fused ranking of that caption's row (its block scores, whole-matrix min/max), in the same order."""
     cfg, outcomes = indexed
     data = _test_split(indexed)
-    model = evaluate.load_model(outcomes["train"].artifact.path / "leccr")
+    model = evaluate.load_model(method_dirs(outcomes)["leccr"])
     texts, visual_global, visual_slots = evaluate.encode_trained(model, data, 4, torch.device("cpu"))
     block = evaluate.make_score_block(texts[lang], visual_global, visual_slots, ALPHA, chunk_size=2)
     expected = block(slice(0, len(texts[lang])), slice(0, len(data.item_ids)))

@@ -16,6 +16,7 @@ from leccr.search import SearchEngine
 from leccr.search.server import MAX_QUERY_CHARS, STRIP_FRAMES, STRIP_HEIGHT, create_app
 from leccr.schemas.core import read_table, write_table
 from leccr.schemas.index import INDEX_ITEMS
+from tests.search.conftest import method_dirs
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def served(indexed, tmp_path):
     shutil.copytree(cfg.dataset.path, data)
     (tmp_path / "secret.txt").write_text("not for the web")
     (data / "link-out.txt").symlink_to(tmp_path / "secret.txt")
-    engine = SearchEngine(outcomes["index"].artifact.path, outcomes["train"].artifact.path, data, "cpu")
+    engine = SearchEngine(outcomes["index"].artifact.path, method_dirs(outcomes), data, "cpu")
     return TestClient(create_app(engine)), engine
 
 
@@ -104,7 +105,7 @@ def served_video(indexed, tmp_path):
     rows[0].update(media_type="video", path=video)
     (index / "items.parquet").unlink()
     write_table(pa.Table.from_pylist(rows, schema=INDEX_ITEMS), index / "items.parquet", INDEX_ITEMS)
-    engine = SearchEngine(index, outcomes["train"].artifact.path, data, "cpu")
+    engine = SearchEngine(index, method_dirs(outcomes), data, "cpu")
     return TestClient(create_app(engine)), engine, video
 
 

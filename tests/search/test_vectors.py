@@ -10,6 +10,7 @@ import pytest
 
 from leccr.config import HnswConfig, IvfConfig
 from leccr.vectors import ExactIndex, FaissIndex, build_faiss, ivf_cells
+from tests.search.conftest import method_dirs, upstream_inputs
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 50) -> np.ndarray:
@@ -84,11 +85,11 @@ def test_index_stage_with_faiss_searches_as_exact(faiss_or_skip, indexed, ann):
     cfg, outcomes = indexed
     data = cfg.model_dump(mode="json")
     data["index"]["ann"] = ann
-    outcome = run_stage(parse_config(data), "index", {s: outcomes[s].artifact for s in ("dataset", "describe", "features", "train")})
+    outcome = run_stage(parse_config(data), "index", upstream_inputs(outcomes))
     assert outcome.artifact.key != outcomes["index"].artifact.key
     folder = outcome.artifact.path / "leccr"
     assert (folder / "vectors.faiss").is_file() and json.loads((folder / "index.json").read_text())["ann"]["kind"] == ann["kind"]
-    train = outcomes["train"].artifact.path
+    train = method_dirs(outcomes)
     faiss_engine = SearchEngine(outcome.artifact.path, train, cfg.dataset.path, "cpu")
     exact_engine = SearchEngine(outcomes["index"].artifact.path, train, cfg.dataset.path, "cpu")
     assert faiss_engine.method("leccr").ann.kind == f"faiss-{ann['kind']}"
@@ -109,4 +110,4 @@ def test_index_stage_without_faiss_says_how_to_get_it(indexed, monkeypatch):
     data = cfg.model_dump(mode="json")
     data["index"]["ann"] = {"kind": "ivf"}
     with pytest.raises(StageFailed, match=r"index.ann is ivf, but faiss is not installed.*leccr\[search\]"):
-        run_stage(parse_config(data), "index", {s: outcomes[s].artifact for s in ("dataset", "describe", "features", "train")})
+        run_stage(parse_config(data), "index", upstream_inputs(outcomes))
