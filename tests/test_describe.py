@@ -157,7 +157,8 @@ def test_an_import_file_may_name_what_wrote_it(tmp_path):
     describe.run(ctx)
     rows = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS).to_pylist()
     assert [(r["view_id"], r["engine"], r["model"]) for r in rows] == [
-        ("objects", "import", "scene descriptions from a generator"), ("scene", "import", "scene descriptions from a generator")]
+        ("objects", "import", "scene descriptions from a generator"),
+        ("scene", "import", "scene descriptions from a generator")]
     source.write_text(json.dumps({"model": "", "descriptions": {"img0": "a red circle"}}))
     with pytest.raises(ValueError, match="must name what wrote the descriptions"):
         load_imported_descriptions(source, "detailed")

@@ -82,7 +82,8 @@ def runs(demo_root, tmp_path_factory):
 
     artifacts = tmp_path_factory.mktemp("guard") / "artifacts"
     in_order = run_demo(demo_root, artifacts, SCENE_DESCRIPTIONS_FILE, ["baseline", "leccr"])
-    index = {method: (searched(artifacts, method, in_order), evaluated(in_order, method)) for method in ("baseline", "leccr")}
+    index = {method: (searched(artifacts, method, in_order), evaluated(in_order, method))
+             for method in ("baseline", "leccr")}
     shuffled = run_demo(demo_root, artifacts, SHUFFLED_DESCRIPTIONS_FILE, ["leccr"])
     return {"in_order": sumr(in_order), "shuffled": sumr(shuffled), "index": index, "outcomes": in_order,
             "demo_root": demo_root}
