@@ -24,7 +24,10 @@ Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefec
   leccr build-tiny-models --out DIR --corpus-file F
 
 `leccr COMMAND --help` describes each command; -v shows library logs and tracebacks."""
-DEMO_CONFIG = "configs/demo.yaml"
+# `leccr demo` runs the demo with the generator's scene descriptions (what a capable MLLM would say);
+# the tiny random-weight LLaVA still describes every item first, through the real describe engine.
+DEMO_CONFIG = "configs/demo_scene.yaml"
+LLAVA_DEMO_CONFIG = "configs/demo.yaml"
 DEMO_ROOT = Path("artifacts/demo")  # demo data and tiny models, referenced by configs/demo.yaml
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -52,13 +55,18 @@ def _parse_sets(pairs: list[str], option: str = "--set") -> dict:
 
 
 def prepare_demo(root: Path = DEMO_ROOT, seed: int = 0) -> dict[str, Path]:
-    """Generate the demo dataset and build the tiny models (each skipped when already complete)."""
-    from leccr.datasets.demo import demo_corpus, generate_demo
+    """Generate the demo dataset, its scene descriptions and the tiny models (each skipped when already
+    complete)."""
+    from leccr.datasets.demo import (SCENE_DESCRIPTIONS_FILE, SHUFFLED_DESCRIPTIONS_FILE, demo_corpus, generate_demo,
+                                     write_scene_descriptions)
     from leccr.tiny_models import build_all
 
     data = generate_demo(root / "data", seed=seed)
+    # Beside the data, not in it: the dataset's content (and every key built on it) stays the same.
+    scene = write_scene_descriptions(root / SCENE_DESCRIPTIONS_FILE, seed=seed)
+    shuffled = write_scene_descriptions(root / SHUFFLED_DESCRIPTIONS_FILE, seed=seed, shuffled=True)
     models = build_all(root / "models", demo_corpus(data), seed=seed)
-    return {"data": data, **models}
+    return {"data": data, "scene_descriptions": scene, "shuffled_descriptions": shuffled, **models}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -208,13 +216,38 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from leccr.config import load_config
+
     prepared = prepare_demo(Path(args.root))
     print("Demo inputs ready:", ", ".join(f"{k}={v}" for k, v in prepared.items()))
+    cfg = load_config(args.config)
+    if cfg.describe.engine == "import":
+        # The run imports its descriptions; the MLLM path (engine, prompts, frames) must still run.
+        print(f"\nThe tiny random-weight LLaVA describes every item ({LLAVA_DEMO_CONFIG}, stage describe): "
+              "the real describe engine, whose text is noise; the run after it imports its descriptions.")
+        status = cmd_run(argparse.Namespace(config=LLAVA_DEMO_CONFIG, stage=["describe"],
+                                            force=[s for s in args.force if s in ("dataset", "describe")], set=[],
+                                            runner=None, ray_address=None, dry_run=False))
+        if status != 0:
+            return status
+        print()
     status = cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[], runner=None,
                                         ray_address=None, dry_run=False))
     if status == 0:
+        print(f"\nDescriptions in {cfg.name}: {describe_source(cfg)}")
         print_search_commands(args.config)
     return status
+
+
+def describe_source(cfg) -> str:
+    """What wrote the experiment's descriptions: the import file's own "model" (the demo's says "scene
+    descriptions from the demo generator (standing in for an MLLM)"), else the engine and model."""
+    if cfg.describe.engine == "import":
+        from leccr.engines.mllm import load_imported_descriptions
+
+        return load_imported_descriptions(cfg.describe.import_path, cfg.describe.import_view).model \
+            or f"imported from {Path(cfg.describe.import_path).name}"
+    return f"{cfg.describe.engine} · {Path(cfg.describe.model).name}"
 
 
 def print_search_commands(config: str) -> None:
@@ -451,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "ago, so what only they used is collected; by default every recorded run's artifacts are kept")
     gc.set_defaults(handler=cmd_gc)
 
-    demo = command("demo", "build demo data and tiny models, then run every stage on them")
+    demo = command("demo", "build demo data and tiny models, then run every stage on them (with the demo "
+                           "generator's scene descriptions; the tiny LLaVA describes too)")
     demo.add_argument("--root", default=str(DEMO_ROOT),
                       help="folder for the generated demo data and tiny models (default: %(default)s; "
                            "the default config reads them there)")

@@ -20,11 +20,12 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
-def demo_config_dict(demo_root: Path, artifacts: Path) -> dict:
-    """configs/demo.yaml with its paths pointed at a test session's demo folder and artifact root."""
+def demo_config_dict(demo_root: Path, artifacts: Path, name: str = "demo") -> dict:
+    """configs/<name>.yaml (a demo experiment) with its paths pointed at a test session's demo folder and
+    artifact root."""
     import yaml
 
-    data = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    data = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text())
     text = yaml.safe_dump(data).replace("artifacts/demo/", f"{demo_root.as_posix()}/")
     data = yaml.safe_load(text)
     data["artifacts_root"] = str(artifacts)

@@ -140,3 +140,30 @@ def test_demo_corpus_has_every_language(demo, tables):
     assert any("Kreis" in t or "Quadrat" in t for t in corpus)
     assert any("cercle" in t or "carré" in t for t in corpus)
     assert any("形" in t for t in corpus)
+
+
+def test_scene_descriptions_say_what_was_drawn_in_every_view_without_copying_a_caption():
+    from leccr.datasets.demo import (HEADINGS, PLACES, SCENE_DESCRIPTIONS_LABEL, SETTINGS, scene_descriptions,
+                                     shuffled_across_items)
+    from leccr.prompts import default_views
+
+    written = scene_descriptions(seed=0)
+    assert written["model"] == SCENE_DESCRIPTIONS_LABEL
+    items = plan_items(0)
+    assert set(written["descriptions"]) == {item.item_id for item in items}
+    for item in items:
+        views = written["descriptions"][item.item_id]
+        assert list(views) == list(default_views("video" if item.kind == "video" else "image"))
+        text = " ".join(views.values())
+        for colour, shape, where in item.objects:  # objects, colours, positions or motion, the setting
+            assert f"{colour} {shape}" in text
+            said = {"video": HEADINGS, "two": {"left": "at left", "right": "at right"}}.get(item.kind, PLACES)[where]
+            assert said in text
+        assert SETTINGS[item.scene][0] in views["scene"]
+        captions = [c.lower() for lang in ("en", "de", "fr", "zh") for c in item.captions(lang)]
+        assert not [c for c in captions for view in views.values() if c in view.lower()], item.item_id
+    assert scene_descriptions(seed=0) == written and scene_descriptions(seed=1) != written
+    shuffled = shuffled_across_items(written, seed=0)
+    assert shuffled["model"].startswith(SCENE_DESCRIPTIONS_LABEL)
+    assert sorted(map(str, shuffled["descriptions"].values())) == sorted(map(str, written["descriptions"].values()))
+    assert all(shuffled["descriptions"][i] != written["descriptions"][i] for i in written["descriptions"])

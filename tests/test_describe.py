@@ -151,6 +151,22 @@ def test_import_engine_reads_videochat2_style_json(tmp_path):
     assert [(e["item_id"], e["reason"]) for e in errors] == [("img1", "no description for this item in videochat2.json")]
 
 
+def test_an_import_file_may_name_what_wrote_it(tmp_path):
+    dataset = make_dataset(tmp_path / "dataset", n_images=1, n_videos=0, broken=False)
+    source = tmp_path / "scene.json"
+    source.write_text(json.dumps({"model": "scene descriptions from a generator", "descriptions": {
+        "img0": {"objects": "a red circle", "scene": "a beach"}}}))
+    ctx = make_context(DescribeConfig(engine="import", import_path=str(source)), dataset, tmp_path / "out")
+    describe.run(ctx)
+    rows = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS).to_pylist()
+    assert [(r["view_id"], r["engine"], r["model"]) for r in rows] == [
+        ("objects", "import", "scene descriptions from a generator"),
+        ("scene", "import", "scene descriptions from a generator")]
+    source.write_text(json.dumps({"model": "", "descriptions": {"img0": "a red circle"}}))
+    with pytest.raises(ValueError, match="must name what wrote the descriptions"):
+        load_imported_descriptions(source, "detailed")
+
+
 def test_import_file_errors_name_the_problem(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"x": 3}))

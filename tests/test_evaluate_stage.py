@@ -154,6 +154,7 @@ def test_zero_shot_metrics_equal_full_matrix(tmp_path, artifacts, zero_shot_pair
     report = (ctx.out_dir / "report.md").read_text()
     assert ctx.summary["report_markdown"] == report
     assert "### de (test: 4 visual items, 4 captions)" in report
+    assert "- **descriptions**: import\n" in report  # where they came from (this file names no model)
     assert f"test (4 of 5 test items (1 failed upstream: see {features.path / 'visual' / 'errors.parquet'}))" in report
     assert (ctx.out_dir / "plots" / "recall_at_k_de.png").is_file()
     assert "CL2CM" not in report

@@ -16,6 +16,9 @@ demo exercises the real reading code:
 
 Captions really describe the pixels: colour, shape, position (images), motion direction (videos) and
 the scene, so a model can learn retrieval on it. Deterministic by seed (byte-identical output).
+
+Beside the folder, `write_scene_descriptions` writes what a capable MLLM would say of each item
+(`scene_descriptions.json`, in describe's `import` format), from what the generator drew.
 """
 from __future__ import annotations
 
@@ -288,6 +291,100 @@ def encode_mp4(frames: list[np.ndarray], fps: int = VIDEO_FPS) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ scene descriptions
+# What a capable MLLM would say about each item, written from what the generator drew (it knows the
+# objects, colours, positions, setting and motion), so the demo can show what LECCR does with
+# descriptions that carry content. English, one text per view (prompt) of leccr/prompts, worded apart
+# from the captions: no caption of an item appears in any of its descriptions.
+SCENE_DESCRIPTIONS_FILE = "scene_descriptions.json"  # written beside the data folder (see cli.prepare_demo)
+SHUFFLED_DESCRIPTIONS_FILE = "scene_descriptions_shuffled.json"  # the same, on the wrong items (a control)
+SCENE_DESCRIPTIONS_LABEL = "scene descriptions from the demo generator (standing in for an MLLM)"
+PLACES = {"left": "left side", "right": "right side", "top": "upper part", "bottom": "lower part",
+          "center": "middle"}
+SETTINGS = {  # scene -> (what the background shows, the time of day / atmosphere)
+    "beach": ("sandy beach under a pale blue sky", "sunny daytime"),
+    "field": ("green grass field under a blue sky", "daytime, open country"),
+    "night": ("dark night sky with small stars over dark ground", "night-time, dark"),
+    "room": ("indoor room, beige wall over a brown floor", "indoors, lamp light"),
+    "snow": ("snowy white ground under a grey sky", "winter, cold"),
+}
+HEADINGS = {"left_to_right": "rightward, left edge to right edge", "right_to_left": "leftward, right edge to left edge",
+            "top_to_bottom": "downward, top edge to bottom edge", "bottom_to_top": "upward, bottom edge to top edge"}
+
+
+def scene_description(item: DemoItem, view: str) -> str:
+    """The English description of `item` for one description view (objects, actions, scene, detailed).
+
+    Short on purpose: features joins an item's views into one text of `features.max_length` tokens, so
+    the content words come first in every view."""
+    setting, mood = SETTINGS[item.scene]
+    if item.kind == "video":
+        colour, shape, motion = item.objects[0]
+        thing, heading = f"{colour} {shape}", HEADINGS[motion]
+        texts = {"objects": f"one medium {thing}, the only object",
+                 "actions": f"the {thing} slides {heading}, frame after frame",
+                 "scene": f"{setting}; {mood}",
+                 "detailed": f"{thing} sliding {heading.split(',')[0]} across a {setting}"}
+    elif item.kind == "two":
+        (colour, shape, _), (colour2, shape2, _) = item.objects
+        first, second = f"{colour} {shape}", f"{colour2} {shape2}"
+        texts = {"objects": f"two medium objects: {first} at left, {second} at right",
+                 "actions": f"nothing moves: {first} and {second} stand side by side",
+                 "scene": f"{setting}; {mood}",
+                 "detailed": f"{first} at left beside {second} at right, {setting}"}
+    else:
+        colour, shape, position = item.objects[0]
+        thing, place = f"{colour} {shape}", PLACES[position]
+        texts = {"objects": f"one big {thing}, {place} of the picture",
+                 "actions": f"nothing moves: the {thing} rests, {place}",
+                 "scene": f"{setting}; {mood}",
+                 "detailed": f"{thing}, {place} of the picture, {setting}"}
+    if view not in texts:
+        raise ValueError(f"the demo generator writes no {view!r} description (it knows {sorted(texts)}): "
+                         "a view added to leccr/prompts needs a writer in leccr/datasets/demo.py")
+    return texts[view]
+
+
+def scene_descriptions(seed: int) -> dict:
+    """Every demo item's descriptions in the describe `import` format, one per default view of its media
+    type: {"model": label, "descriptions": {item_id: {view_id: text}}}."""
+    from leccr.prompts import default_views
+
+    views = {media: list(default_views(media)) for media in ("image", "video")}
+    return {"model": SCENE_DESCRIPTIONS_LABEL,
+            "descriptions": {item.item_id: {view: scene_description(item, view)
+                                            for view in views["video" if item.kind == "video" else "image"]}
+                             for item in plan_items(seed)}}
+
+
+def shuffled_across_items(descriptions: dict, seed: int) -> dict:
+    """The same descriptions, each item given another item's (a control: a random cycle through the
+    items, so none keeps its own)."""
+    by_item = descriptions["descriptions"]
+    order = sorted(by_item)
+    random.Random(seed).shuffle(order)
+    return {"model": f"{descriptions['model']}, shuffled across items (a control)",
+            "descriptions": {item: by_item[order[(i + 1) % len(order)]] for i, item in enumerate(order)}}
+
+
+def write_scene_descriptions(path: Path, seed: int = 0, shuffled: bool = False) -> Path:
+    """Write scene_descriptions(seed), or with `shuffled` the same shuffled across items, as JSON to
+    `path` (atomically; skipped when the same is there)."""
+    import json
+
+    from leccr.core.io import atomic_write_text
+
+    descriptions = scene_descriptions(seed)
+    if shuffled:
+        descriptions = shuffled_across_items(descriptions, seed)
+    text = json.dumps(descriptions, ensure_ascii=False, indent=1, sort_keys=True) + "\n"
+    path = Path(path)
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return path
 
 
 # ------------------------------------------------------------------ MT-style noise

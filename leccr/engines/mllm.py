@@ -9,7 +9,8 @@
   padding, for machines without vLLM (and the CPU demo with the tiny LLaVA).
 - `load_imported_descriptions`: descriptions made elsewhere. VideoChat2 (the MLLM of the LECCR paper)
   is not served by vLLM: run it with its own code, write a JSON object `{item_id: description}` or
-  `{item_id: {view_id: description}}`, and set `describe.engine: import`, `describe.import_path: file`.
+  `{item_id: {view_id: description}}` (optionally as `{"model": ..., "descriptions": ...}`, naming what
+  wrote them), and set `describe.engine: import`, `describe.import_path: file`.
 
 Both generating engines build the prompt with the model's own chat template: one user turn holding
 one image part per frame (or one video part) and the view's text, then the generation prompt.
@@ -310,10 +311,18 @@ def _vllm_client_errors() -> tuple[type[BaseException], ...]:
 
 
 # ----------------------------------------------------------------------------------- import
-def load_imported_descriptions(path: str | Path, default_view: str) -> dict[str, dict[str, str]]:
-    """item_id -> {view_id: description} from a JSON file written by another system (e.g. VideoChat2).
+@dataclass(frozen=True)
+class ImportedDescriptions:
+    by_item: dict[str, dict[str, str]]  # item_id -> {view_id: description}
+    model: str | None  # what wrote them, as the file says ("model"); None when it does not say
 
-    Accepts `{item_id: "text"}` (stored under `default_view`) or `{item_id: {view_id: "text"}}`.
+
+def load_imported_descriptions(path: str | Path, default_view: str) -> ImportedDescriptions:
+    """Descriptions from a JSON file written by another system (e.g. VideoChat2).
+
+    Accepts `{item_id: "text"}` (stored under `default_view`) or `{item_id: {view_id: "text"}}`, either
+    bare or with its provenance: `{"model": "what wrote them", "descriptions": {...}}` (exactly those
+    two keys), so every place that shows a description can say where it came from.
     """
     path = Path(path)
     if not path.is_file():
@@ -324,6 +333,11 @@ def load_imported_descriptions(path: str | Path, default_view: str) -> dict[str,
         raise ValueError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of item_id -> description, got {type(data).__name__}")
+    model = None
+    if set(data) == {"model", "descriptions"} and isinstance(data["descriptions"], dict):
+        if not isinstance(data["model"], str) or not data["model"].strip():
+            raise ValueError(f"{path}: \"model\" must name what wrote the descriptions, got {data['model']!r}")
+        model, data = data["model"].strip(), data["descriptions"]
     out: dict[str, dict[str, str]] = {}
     for item_id, value in data.items():
         if isinstance(value, str):
@@ -333,7 +347,7 @@ def load_imported_descriptions(path: str | Path, default_view: str) -> dict[str,
         else:
             raise ValueError(f"{path}: item {item_id!r}: expected a string or an object of view_id -> string, "
                              f"got {type(value).__name__}")
-    return out
+    return ImportedDescriptions(out, model)
 
 
 def max_frames(num_frames: int | None, fps: float | None) -> int:

@@ -9,8 +9,9 @@ vLLM schedules them together; transformers splits them into `batch_size` batches
 
 Engines (`describe.engine`): `vllm`, `transformers` (see leccr.engines.mllm), or `import` for
 descriptions made elsewhere — VideoChat2, the MLLM of the LECCR paper, is not served by vLLM: run
-it with its own code, save `{item_id: description}` or `{item_id: {view_id: description}}` as JSON,
-and point `describe.import_path` at the file.
+it with its own code, save `{item_id: description}` or `{item_id: {view_id: description}}` as JSON
+(or `{"model": "what wrote them", "descriptions": {...}}`: rows then name that as their model), and
+point `describe.import_path` at the file.
 """
 from __future__ import annotations
 
@@ -168,12 +169,13 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
 def _import_processor(ctx: StageContext):
     cfg: DescribeConfig = ctx.section
     source = Path(cfg.import_path)
-    descriptions = load_imported_descriptions(source, cfg.import_view)
+    imported = load_imported_descriptions(source, cfg.import_view)
+    model = imported.model or source.name  # what wrote them, where the file says so
 
     def process(shard: list[dict], index: int) -> ShardResult:
         rows, errors = [], []
         for item in shard:
-            views = descriptions.get(item["item_id"])
+            views = imported.by_item.get(item["item_id"])
             if not views:
                 errors.append((item["item_id"], f"no description for this item in {source.name}"))
                 continue
@@ -185,7 +187,7 @@ def _import_processor(ctx: StageContext):
                     # The prompt VideoChat2 (or whatever wrote the file) was given is not known here.
                     rows.append({"item_id": item["item_id"], "view_id": view_id, "prompt": "",
                                  "description": text.strip(), "n_tokens": None, "engine": "import",
-                                 "model": source.name, "sampling": "{}", "seed": None, "seconds": 0.0})
+                                 "model": model, "sampling": "{}", "seed": None, "seconds": 0.0})
         return ShardResult(_table(rows), errors, {"items": float(len(shard))})
 
     return process

@@ -153,6 +153,19 @@ def add_published(ctx: StageContext, cfg: EvaluateConfig, metrics: list[dict], l
     return report
 
 
+def description_sources(ctx: StageContext) -> str:
+    """Where the descriptions came from, as describe recorded it: "engine model" for each distinct pair
+    (an imported file may name what wrote it, e.g. the demo generator's scene descriptions)."""
+    import pyarrow.parquet as pq
+
+    sources: set[str] = set()
+    for part in ctx.inputs["describe"].parts():
+        table = pq.read_table(part, columns=["engine", "model"])
+        sources |= {" · ".join(filter(None, pair)) for pair in
+                    zip(table.column("engine").to_pylist(), table.column("model").to_pylist())}
+    return "; ".join(sorted(sources)) or "none"
+
+
 def _load_history(method_dir: Path) -> pa.Table | None:
     import pyarrow.parquet as pq
 
@@ -210,6 +223,7 @@ def run(ctx: StageContext) -> None:
     ctx.write("metrics.parquet", metrics, METRICS)
     ctx.write("worst_queries.parquet", worst, WORST_QUERIES)
     header = {"split": f"{cfg.split} ({data.coverage})",
+              "descriptions": description_sources(ctx),
               "train artifact": train.key, "features artifact": ctx.inputs["features"].key,
               "evaluate key": ctx.key,
               "chance SumR (a random ranking)": ", ".join(
