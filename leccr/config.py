@@ -10,6 +10,7 @@ schema of an experiment file can be read in one place.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -496,6 +497,20 @@ class IndexConfig(Section):
     device: str = "auto"
     batch_size: int = Field(256, ge=1)  # items / captions per encoder forward
     chunk_size: int = Field(4096, ge=1)  # rows/columns of one calibration score block
+
+
+class ServeConfig(Section):
+    """How `leccr serve` runs searches (leccr/search/scheduler.py; figures in benchmarks/bench_search.py).
+    None of it changes a hit or a score: only how many searches run at once and how many may wait."""
+
+    workers: int | None = Field(None, ge=1)  # searches run at once; None = the CPU cores this process may use
+    torch_threads: int = Field(1, ge=1)  # torch intra-op threads of each search (workers x this ~ cores)
+    max_batch: int = Field(16, ge=1)  # waiting queries of the same method/lang/k answered by one call; 1 = none
+    queue_depth: int = Field(64, ge=1)  # searches that may wait for a worker; past it: 503 + Retry-After
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After of a 503 (whole seconds, as HTTP has it)
+
+    def resolved_workers(self) -> int:
+        return self.workers if self.workers is not None else len(os.sched_getaffinity(0))
 
 
 # ---------------------------------------------------------------- the experiment
