@@ -24,18 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import tempfile
 import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from leccr.config import HnswConfig, IvfConfig
+from leccr.config import HnswConfig, IvfConfig, ServeConfig
 from leccr.search.vectors import ExactIndex, build_faiss, faiss_missing
 
 K = 10
@@ -164,22 +166,101 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def bench_http(n: int, dim: int, requests: int, clients: int) -> None:
+def serving_setups(cores: int, queue_depth: int) -> list[tuple[str, ServeConfig]]:
+    """The ways to run searches that the HTTP part compares, the default last."""
+    return [
+        # What `leccr serve` did before SearchQueue: FastAPI ran each request in its thread pool (40
+        # threads), each search on torch's default of one intra-op thread per core.
+        ("thread per request, torch x cores", ServeConfig(workers=40, torch_threads=cores, max_batch=1,
+                                                          queue_depth=10_000)),
+        ("1 worker x cores threads, batches", ServeConfig(workers=1, torch_threads=cores, queue_depth=queue_depth)),
+        ("1 worker x 1 thread, batches", ServeConfig(workers=1, queue_depth=queue_depth)),
+        ("pool x 1 thread, no batches", ServeConfig(max_batch=1, queue_depth=queue_depth)),
+        ("pool x 1 thread, batches (default)", ServeConfig(queue_depth=queue_depth)),
+    ]
+
+
+def _serve(index_dir: Path, train_dir: Path, config: ServeConfig, port: int, control) -> None:
+    """The server process: `leccr serve`'s app over the synthetic index; answers `control` with the
+    batch sizes run so far whenever the bench asks between two load tests."""
+    import torch
     import uvicorn
 
     from leccr.search import SearchEngine
     from leccr.search.server import create_app
 
+    torch.set_num_threads(config.torch_threads)  # as `leccr serve` does
+    # MethodIndex.load wraps read-only Arrow buffers (never written to); its warning would split the table.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    engine = SearchEngine(index_dir, train_dir, None, "cpu")
+    engine.method("leccr")
+    app = create_app(engine, serving=config)
+
+    def report() -> None:
+        while control.recv():
+            control.send(list(app.state.search_queue.batch_sizes))
+
+    threading.Thread(target=report, daemon=True).start()
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")).run()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_test(port: int, pid: int, queries: list[str], clients: int) -> dict[str, float]:
+    """`clients` threads each sending its share of `queries` one after another (a refused one waits its
+    Retry-After, then sends the next): q/s of answered searches, their p95, the share refused, and the
+    server's CPU ms per answer."""
+    import urllib.error
+
+    def ask(text: str) -> float | None:
+        url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": text, "lang": "de", "k": K})
+        began = time.perf_counter()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                assert len(json.loads(response.read())["hits"]) == K
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                raise
+            time.sleep(int(error.headers["Retry-After"]))
+            return None
+        return time.perf_counter() - began
+
+    def client(share: list[str]) -> list[float | None]:
+        return [ask(text) for text in share]
+
+    cpu, began = _cpu_seconds(pid), time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = [t for times in pool.map(client, [queries[i::clients] for i in range(clients)]) for t in times]
+    wall, cpu = time.perf_counter() - began, _cpu_seconds(pid) - cpu
+    answered = [t for t in answers if t is not None]
+    return {**summary(answered), "qps": len(answered) / wall, "refused": 1 - len(answered) / len(answers),
+            "cpu_ms": 1e3 * cpu / max(1, len(answered))}
+
+
+def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth: int) -> None:
+    import multiprocessing
+
+    import torch
+
+    from leccr.search import SearchEngine
+
+    cores = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         index_dir, train_dir, corpus = synthetic_index(Path(tmp), n, dim, slots=4)
         engine = SearchEngine(index_dir, train_dir, None, "cpu")
         engine.method("leccr")
-        print(f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K} "
-              f"(set-up {time.perf_counter() - started:.1f}s)")
+        print(f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K}, "
+              f"{requests} requests per cell, queue depth {queue_depth} (set-up {time.perf_counter() - started:.1f}s)")
         queries = [corpus[i % len(corpus)] for i in range(requests)]
+        torch.set_num_threads(1)
         for text in queries[:10]:  # warm-up: first forward passes, allocator, caches
             engine.search([text], "de", "leccr", K)
+
         def in_process() -> list[float]:
             times = []
             for text in queries:
@@ -188,54 +269,68 @@ def bench_http(n: int, dim: int, requests: int, clients: int) -> None:
                 times.append(time.perf_counter() - began)
             return times
 
-        # In a worker thread, as the server's handlers run: on a loaded 2-core machine torch's text
-        # encoder was ~10x slower when called from the main thread (its 2 intra-op threads wait on
-        # each other), which would make HTTP look faster than the call it wraps.
+        # In a worker thread, as the server's workers run it.
         with ThreadPoolExecutor(1) as worker:
-            direct = worker.submit(in_process).result()
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="error"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
+            direct = summary(worker.submit(in_process).result())
+        torch.set_num_threads(cores)
+        print(f"  in-process, 1 torch thread: p50 {direct['p50_ms']:.2f} ms  p95 {direct['p95_ms']:.2f} ms  "
+              f"{direct['qps']:.1f} q/s")
+        print("  server in its own process; clients in this one; per cell: queries/s, p95 ms, share refused, "
+              "the server's CPU ms per answered query, mean batch")
+        print(f"  {'':<36}" + "".join(f"{f'{c} client' + ('s' if c > 1 else ''):<37}" for c in clients))
+        # The server runs in a process of its own, as `leccr serve` does: its CPU time is its own, and
+        # the clients' threads take no share of its GIL. Spawned, not forked: OpenMP does not survive a fork.
+        spawn = multiprocessing.get_context("spawn")
+        for name, config in serving_setups(cores, queue_depth):
+            port = _free_port()
+            control, child_end = spawn.Pipe()
+            process = spawn.Process(target=_serve, args=(index_dir, train_dir, config, port, child_end), daemon=True)
+            process.start()
+            try:
+                _wait_until_up(port, process)
+                load_test(port, process.pid, queries[:10], 1)  # warm-up
+                rows, seen = [], 0
+                for count in clients:
+                    row = load_test(port, process.pid, queries, count)
+                    control.send(True)
+                    batches = control.recv()
+                    row["batch"], seen = float(np.mean(batches[seen:])) if len(batches) > seen else 0.0, len(batches)
+                    rows.append(row)
+            finally:
+                process.terminate()
+                process.join(30)
+            cells = "".join(f"{r['qps']:6.1f} {r['p95_ms']:7.1f} {100 * r['refused']:5.1f}% {r['cpu_ms']:5.1f} "
+                            f"{r['batch']:4.1f}     " for r in rows)
+            ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
+                             for c, r in zip(clients[1:], rows[1:]))
+            print(f"  {name:<36}{cells}{ratios}", flush=True)
 
-        def ask(text: str) -> float:
-            url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": text, "lang": "de", "k": K})
-            began = time.perf_counter()
-            with urllib.request.urlopen(url, timeout=60) as response:
-                assert len(json.loads(response.read())["hits"]) == K
-            return time.perf_counter() - began
 
+def _wait_until_up(port: int, process) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if not process.is_alive():
+            raise RuntimeError(f"the server process ended with code {process.exitcode}")
         try:
-            for text in queries[:10]:
-                ask(text)
-            one = [ask(text) for text in queries]
-            began = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                loaded = list(pool.map(ask, queries))
-            wall = time.perf_counter() - began
-        finally:
-            server.should_exit = True
-            thread.join(30)
-        base = summary(direct)
-        for name, times, qps in (("in-process", direct, base["qps"]), ("HTTP, 1 client", one, summary(one)["qps"]),
-                                 (f"HTTP, {clients} clients", loaded, len(loaded) / wall)):
-            stats = summary(times)
-            print(f"  {name:<17} p50 {stats['p50_ms']:7.2f} ms  p95 {stats['p95_ms']:7.2f} ms  {qps:8.1f} q/s  "
-                  f"p95 x{stats['p95_ms'] / base['p95_ms']:.2f} of in-process")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the server on port {port} did not answer within 300 s")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000], help="none: HTTP part only")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--concepts", type=int, default=1000, help="cluster centres of the synthetic collection")
     parser.add_argument("--hnsw-max", type=int, default=100_000)
     parser.add_argument("--http-items", type=int, default=100_000)
-    parser.add_argument("--http-requests", type=int, default=100)
-    parser.add_argument("--http-clients", type=int, default=4)
+    parser.add_argument("--http-requests", type=int, default=200, help="requests per load-test row")
+    parser.add_argument("--http-clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--http-queue-depth", type=int, default=8,
+                        help="ServeConfig.queue_depth of the pooled setups (small: 16 clients overflow it)")
     args = parser.parse_args(argv)
     import torch
 
@@ -243,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         bench_vectors(n, args.dim, args.queries, args.hnsw_max, args.concepts)
     if args.http_items:
-        bench_http(args.http_items, args.dim, args.http_requests, args.http_clients)
+        bench_http(args.http_items, args.dim, args.http_requests, args.http_clients, args.http_queue_depth)
     return 0
 
 

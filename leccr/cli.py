@@ -234,12 +234,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from leccr.search.server import serve
+    from pydantic import ValidationError
 
     from leccr.config import ServeConfig
+    from leccr.search.server import serve
 
     given = {name: getattr(args, name) for name in ServeConfig.model_fields if getattr(args, name) is not None}
-    return serve(*_index_source(args), args.device, args.host, args.port, ServeConfig(**given))
+    try:
+        serving = ServeConfig(**given)
+    except ValidationError as error:  # name the option as typed, not the model's field
+        raise ValueError("; ".join(f"--{p['loc'][0].replace('_', '-')} {p['input']}: {p['msg']}"
+                                   for p in error.errors())) from None
+    return serve(*_index_source(args), args.device, args.host, args.port, serving)
 
 
 def cmd_datasets_check(args: argparse.Namespace) -> int:

@@ -15,8 +15,9 @@ Batching: a worker that becomes free takes the oldest waiting request and, with 
 `max_batch - 1` more that wait for the same (method, language, k, candidates), and answers them with
 one `SearchEngine.search` call: one encoder forward, one matrix product over the collection. Nothing
 waits for a batch to fill; batches form only when requests queue up, so one client's latency is
-unchanged. Every query's hits and scores are those of the same query alone (the encoder masks the
-padding; tests/search/test_scheduler.py).
+unchanged. Every query gets the hits of the same query alone, in the same order, and the same scores
+to float32 rounding (~1e-6: the encoder masks the padding, but a padded many-row product rounds
+differently from a one-row one; tests/search/test_scheduler.py).
 """
 from __future__ import annotations
 
