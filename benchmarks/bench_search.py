@@ -1,7 +1,9 @@
 """Search speed: exact vs FAISS IVF / HNSW per query, ANN recall@10, and end-to-end HTTP through `leccr serve`.
 
     python benchmarks/bench_search.py [--sizes 100000 1000000] [--dim 256] [--queries 200]
-                                      [--hnsw-max 100000] [--http-items 100000] [--http-requests 100]
+                                      [--hnsw-max 100000] [--http-items 100000] [--http-requests 200]
+                                      [--http-clients 1 4 16] [--http-rounds 3] [--http-queue-depth 8]
+    python benchmarks/bench_search.py --sizes --http-items 20000 --http-requests 120    # HTTP only
 
 1. Vectors (synthetic, the paper models' joint width 256): N unit vectors around --concepts centres
    (default 1000, at every N: a bigger collection holds more of each kind of scene), each item its
@@ -15,10 +17,13 @@
    HNSW is built only up to --hnsw-max items (its build is the slow part on a small CPU).
 2. HTTP: an index of --http-items synthetic items with slots (a fused score, alpha 0.9) and a tiny
    random-weight LECCR model of width 256 whose text side encodes the queries; `leccr serve`'s app under
-   uvicorn on 127.0.0.1 (loopback only): one client's latency, then a bounded load test (--http-clients
-   threads, --http-requests requests in all); the ratio to the same searches called in-process.
-   The tiny text encoder (2 layers) makes query encoding cheap; mBERT (12 layers) adds its own
-   forward time per query on a CPU.
+   uvicorn on 127.0.0.1 (loopback only), one server process per way of running searches
+   (`serving_setups`: a thread per request as before, one worker with torch on every core, a pool of
+   one-thread workers with and without batches). For 1, 4 and 16 clients (threads of this process
+   sending --http-requests requests per cell, in --http-rounds rounds that visit every setup in turn):
+   queries/s, p95, the share refused (503 past --http-queue-depth waiting searches), the server's CPU
+   ms per answered query and its mean batch; the ratios to one client. The tiny text encoder (2
+   layers) makes query encoding cheap; mBERT (12 layers) adds its own forward time per query on a CPU.
 """
 from __future__ import annotations
 
@@ -210,10 +215,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load_test(port: int, pid: int, queries: list[str], clients: int) -> dict[str, float]:
+def load_test(port: int, pid: int, queries: list[str], clients: int) -> dict:
     """`clients` threads each sending its share of `queries` one after another (a refused one waits its
-    Retry-After, then sends the next): q/s of answered searches, their p95, the share refused, and the
-    server's CPU ms per answer."""
+    Retry-After, then sends the next): the answered searches' seconds, how many were sent, the wall
+    seconds, and the server's CPU seconds."""
     import urllib.error
 
     def ask(text: str) -> float | None:
@@ -235,13 +240,20 @@ def load_test(port: int, pid: int, queries: list[str], clients: int) -> dict[str
     cpu, began = _cpu_seconds(pid), time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         answers = [t for times in pool.map(client, [queries[i::clients] for i in range(clients)]) for t in times]
-    wall, cpu = time.perf_counter() - began, _cpu_seconds(pid) - cpu
-    answered = [t for t in answers if t is not None]
-    return {**summary(answered), "qps": len(answered) / wall, "refused": 1 - len(answered) / len(answers),
-            "cpu_ms": 1e3 * cpu / max(1, len(answered))}
+    return {"answered": [t for t in answers if t is not None], "sent": len(answers),
+            "wall": time.perf_counter() - began, "cpu": _cpu_seconds(pid) - cpu}
 
 
-def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth: int) -> None:
+def _cell(parts: list[dict], batches: list[int]) -> dict[str, float]:
+    """One table cell from its rounds: q/s, p95 of the answered, share refused, server CPU ms per answer, mean batch."""
+    answered = [t for part in parts for t in part["answered"]]
+    return {**summary(answered), "qps": len(answered) / sum(p["wall"] for p in parts),
+            "refused": 1 - len(answered) / sum(p["sent"] for p in parts),
+            "cpu_ms": 1e3 * sum(p["cpu"] for p in parts) / max(1, len(answered)),
+            "batch": float(np.mean(batches)) if batches else 0.0}
+
+
+def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth: int, rounds: int) -> None:
     import multiprocessing
 
     import torch
@@ -255,7 +267,7 @@ def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth:
         engine = SearchEngine(index_dir, train_dir, None, "cpu")
         engine.method("leccr")
         print(f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K}, "
-              f"{requests} requests per cell, queue depth {queue_depth} (set-up {time.perf_counter() - started:.1f}s)")
+              f"{requests} requests per cell in {rounds} rounds, queue depth {queue_depth} (set-up {time.perf_counter() - started:.1f}s)")
         queries = [corpus[i % len(corpus)] for i in range(requests)]
         torch.set_num_threads(1)
         for text in queries[:10]:  # warm-up: first forward passes, allocator, caches
@@ -278,31 +290,46 @@ def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth:
         print("  server in its own process; clients in this one; per cell: queries/s, p95 ms, share refused, "
               "the server's CPU ms per answered query, mean batch")
         print(f"  {'':<36}" + "".join(f"{f'{c} client' + ('s' if c > 1 else ''):<37}" for c in clients))
-        # The server runs in a process of its own, as `leccr serve` does: its CPU time is its own, and
-        # the clients' threads take no share of its GIL. Spawned, not forked: OpenMP does not survive a fork.
+        # Each setup's server runs in a process of its own, as `leccr serve` does: its CPU time is its
+        # own, and the clients' threads take no share of its GIL. Spawned, not forked: OpenMP does not
+        # survive a fork. The cells are measured in rounds, every setup in turn, so that a burst of
+        # load from elsewhere on the machine falls on all setups alike.
         spawn = multiprocessing.get_context("spawn")
-        for name, config in serving_setups(cores, queue_depth):
-            port = _free_port()
-            control, child_end = spawn.Pipe()
-            process = spawn.Process(target=_serve, args=(index_dir, train_dir, config, port, child_end), daemon=True)
-            process.start()
-            try:
+        setups = serving_setups(cores, queue_depth)
+        servers = []
+        try:
+            for _, config in setups:
+                port = _free_port()
+                control, child_end = spawn.Pipe()
+                process = spawn.Process(target=_serve, args=(index_dir, train_dir, config, port, child_end),
+                                        daemon=True)
+                process.start()
+                servers.append((port, process, control))
+            for port, process, _ in servers:
                 _wait_until_up(port, process)
                 load_test(port, process.pid, queries[:10], 1)  # warm-up
-                rows, seen = [], 0
+            parts = {(s, c): [] for s in range(len(setups)) for c in clients}
+            batches = {(s, c): [] for s in range(len(setups)) for c in clients}
+            seen = [0] * len(setups)
+            for round_ in range(rounds):
+                share = queries[round_::rounds]
                 for count in clients:
-                    row = load_test(port, process.pid, queries, count)
-                    control.send(True)
-                    batches = control.recv()
-                    row["batch"], seen = float(np.mean(batches[seen:])) if len(batches) > seen else 0.0, len(batches)
-                    rows.append(row)
-            finally:
+                    for s, (port, process, control) in enumerate(servers):
+                        parts[s, count].append(load_test(port, process.pid, share, count))
+                        control.send(True)
+                        sizes = control.recv()
+                        batches[s, count] += sizes[seen[s]:]
+                        seen[s] = len(sizes)
+        finally:
+            for _, process, _ in servers:
                 process.terminate()
                 process.join(30)
+        for s, (name, _) in enumerate(setups):
+            rows = [_cell(parts[s, c], batches[s, c]) for c in clients]
             cells = "".join(f"{r['qps']:6.1f} {r['p95_ms']:7.1f} {100 * r['refused']:5.1f}% {r['cpu_ms']:5.1f} "
                             f"{r['batch']:4.1f}     " for r in rows)
             ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
-                             for c, r in zip(clients[1:], rows[1:]))
+                             for c, r in zip(clients[1:], rows[1:], strict=True))
             print(f"  {name:<36}{cells}{ratios}", flush=True)
 
 
@@ -329,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-items", type=int, default=100_000)
     parser.add_argument("--http-requests", type=int, default=200, help="requests per load-test row")
     parser.add_argument("--http-clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--http-rounds", type=int, default=3, help="rounds over every setup per load-test cell")
     parser.add_argument("--http-queue-depth", type=int, default=8,
                         help="ServeConfig.queue_depth of the pooled setups (small: 16 clients overflow it)")
     args = parser.parse_args(argv)
@@ -338,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         bench_vectors(n, args.dim, args.queries, args.hnsw_max, args.concepts)
     if args.http_items:
-        bench_http(args.http_items, args.dim, args.http_requests, args.http_clients, args.http_queue_depth)
+        bench_http(args.http_items, args.dim, args.http_requests, args.http_clients, args.http_queue_depth,
+                   args.http_rounds)
     return 0
 
 

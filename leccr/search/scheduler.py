@@ -107,5 +107,5 @@ class SearchQueue:
                 for request in live:
                     request.future.set_exception(error)
                 continue
-            for request, hits in zip(live, answers):
+            for request, hits in zip(live, answers, strict=True):
                 request.future.set_result(hits)

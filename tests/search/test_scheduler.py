@@ -60,7 +60,7 @@ def test_concurrent_clients_get_from_batches_what_each_query_gets_alone(engine):
         answers = list(answers)
     assert max(queue.batch_sizes) > 1  # 7 waiting over 3 (method, lang) kinds: some answered together
     assert sum(queue.batch_sizes) == len(queries)
-    for (text, lang, method), hits in zip(queries, answers):
+    for (text, lang, method), hits in zip(queries, answers, strict=True):
         alone = engine.search([text], lang, method, 4)[0]
         assert [h["item_id"] for h in hits] == [h.item_id for h in alone]
         # float32 rounding: a batch's padded, many-row products round differently in the 7th digit
