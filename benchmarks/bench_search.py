@@ -178,10 +178,10 @@ def serving_setups(cores: int, queue_depth: int) -> list[tuple[str, ServeConfig]
         # threads), each search on torch's default of one intra-op thread per core.
         ("thread per request, torch x cores", ServeConfig(workers=40, torch_threads=cores, max_batch=1,
                                                           queue_depth=10_000)),
-        ("1 worker x cores threads, batches", ServeConfig(workers=1, torch_threads=cores, queue_depth=queue_depth)),
-        ("1 worker x 1 thread, batches", ServeConfig(workers=1, queue_depth=queue_depth)),
-        ("pool x 1 thread, no batches", ServeConfig(max_batch=1, queue_depth=queue_depth)),
-        ("pool x 1 thread, batches (default)", ServeConfig(queue_depth=queue_depth)),
+        ("1 worker x cores threads, batches", ServeConfig(torch_threads=cores, queue_depth=queue_depth)),
+        ("cores workers x 1 thread, no batches", ServeConfig(workers=cores, max_batch=1, queue_depth=queue_depth)),
+        ("cores workers x 1 thread, batches", ServeConfig(workers=cores, queue_depth=queue_depth)),
+        ("1 worker x 1 thread, batches (default)", ServeConfig(queue_depth=queue_depth)),
     ]
 
 
@@ -289,7 +289,7 @@ def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth:
               f"{direct['qps']:.1f} q/s")
         print("  server in its own process; clients in this one; per cell: queries/s, p95 ms, share refused, "
               "the server's CPU ms per answered query, mean batch")
-        print(f"  {'':<36}" + "".join(f"{f'{c} client' + ('s' if c > 1 else ''):<37}" for c in clients))
+        print(f"  {'':<40}" + "".join(f"{f'{c} client' + ('s' if c > 1 else ''):<37}" for c in clients))
         # Each setup's server runs in a process of its own, as `leccr serve` does: its CPU time is its
         # own, and the clients' threads take no share of its GIL. Spawned, not forked: OpenMP does not
         # survive a fork. The cells are measured in rounds, every setup in turn, so that a burst of
@@ -330,7 +330,7 @@ def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth:
                             f"{r['batch']:4.1f}     " for r in rows)
             ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
                              for c, r in zip(clients[1:], rows[1:], strict=True))
-            print(f"  {name:<36}{cells}{ratios}", flush=True)
+            print(f"  {name:<40}{cells}{ratios}", flush=True)
 
 
 def _wait_until_up(port: int, process) -> None:

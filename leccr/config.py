@@ -10,7 +10,6 @@ schema of an experiment file can be read in one place.
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -503,14 +502,14 @@ class ServeConfig(Section):
     """How `leccr serve` runs searches (leccr/search/scheduler.py; figures in benchmarks/bench_search.py).
     None of it changes a hit or a score: only how many searches run at once and how many may wait."""
 
-    workers: int | None = Field(None, ge=1)  # searches run at once; None = the CPU cores this process may use
+    # Searches run at once. 1: a search's Python part holds the GIL, and with a small text encoder two
+    # workers answered fewer queries/s than one on 2 cores (README, Search); a big encoder on many
+    # cores may want more (workers x torch_threads <= cores).
+    workers: int = Field(1, ge=1)
     torch_threads: int = Field(1, ge=1)  # torch intra-op threads of each search (workers x this ~ cores)
     max_batch: int = Field(16, ge=1)  # waiting queries of the same method/lang/k answered by one call; 1 = none
     queue_depth: int = Field(64, ge=1)  # searches that may wait for a worker; past it: 503 + Retry-After
     retry_after_s: int = Field(1, ge=1)  # the Retry-After of a 503 (whole seconds, as HTTP has it)
-
-    def resolved_workers(self) -> int:
-        return self.workers if self.workers is not None else len(os.sched_getaffinity(0))
 
 
 # ---------------------------------------------------------------- the experiment

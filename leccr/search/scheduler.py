@@ -1,6 +1,6 @@
 """How `leccr serve` runs searches: a bounded queue, a fixed pool of search threads, batches.
 
-    queue = SearchQueue(engine, ServeConfig(workers=2, max_batch=16, queue_depth=64))
+    queue = SearchQueue(engine, ServeConfig(workers=1, max_batch=16, queue_depth=64))
     hits = queue.submit("ein Hund", "de", "leccr", 10, 200).result()   # raises Overloaded when full
 
 Why not one thread per request (FastAPI's thread pool, as before): each request's torch ran its own
@@ -55,7 +55,7 @@ class SearchQueue:
         self._closed = False
         self.batch_sizes: list[int] = []  # size of every batch run so far (for tests and benchmarks)
         self._threads = [threading.Thread(target=self._work, name=f"search-{i}", daemon=True)
-                         for i in range(config.resolved_workers())]
+                         for i in range(config.workers)]
         for thread in self._threads:
             thread.start()
 

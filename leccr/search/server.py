@@ -56,7 +56,7 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS, ser
 
     @app.get("/api/search")
     async def search(q: str = "", lang: str = "en", method: str = "leccr", k: int = Query(10),
-               candidates: int = Query(DEFAULT_CANDIDATES)) -> dict:
+                     candidates: int = Query(DEFAULT_CANDIDATES)) -> dict:
         text = q.strip()
         if not text:
             raise HTTPException(400, "the query q is empty")
@@ -138,7 +138,7 @@ def serve(root: str, experiment: str | None, data_root: str | None, device: str,
     torch.set_num_threads(serving.torch_threads)
     engine = SearchEngine.open(root, experiment, data_root, device)
     print(f"Serving {engine.index_dir} ({', '.join(engine.methods)}; media from {engine.data_root}) "
-          f"on http://{host}:{port}/ ({serving.resolved_workers()} search workers x {serving.torch_threads} torch "
+          f"on http://{host}:{port}/ ({serving.workers} search workers x {serving.torch_threads} torch "
           f"threads, batches of up to {serving.max_batch}, {serving.queue_depth} may wait)", flush=True)
     uvicorn.run(create_app(engine, serving=serving), host=host, port=port, log_level="warning")
     return 0
