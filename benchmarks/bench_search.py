@@ -267,7 +267,8 @@ def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth:
         engine = SearchEngine(index_dir, train_dir, None, "cpu")
         engine.method("leccr")
         print(f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K}, "
-              f"{requests} requests per cell in {rounds} rounds, queue depth {queue_depth} (set-up {time.perf_counter() - started:.1f}s)")
+              f"{requests} requests per cell in {rounds} rounds, queue depth {queue_depth} "
+              f"(set-up {time.perf_counter() - started:.1f}s)")
         queries = [corpus[i % len(corpus)] for i in range(requests)]
         torch.set_num_threads(1)
         for text in queries[:10]:  # warm-up: first forward passes, allocator, caches
@@ -328,7 +329,8 @@ def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth:
             rows = [_cell(parts[s, c], batches[s, c]) for c in clients]
             cells = "".join(f"{r['qps']:6.1f} {r['p95_ms']:7.1f} {100 * r['refused']:5.1f}% {r['cpu_ms']:5.1f} "
                             f"{r['batch']:4.1f}     " for r in rows)
-            ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
+            ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, "
+                             f"x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
                              for c, r in zip(clients[1:], rows[1:], strict=True))
             print(f"  {name:<40}{cells}{ratios}", flush=True)
 

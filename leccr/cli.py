@@ -363,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--workers", type=int, help="searches run at once (default 1; workers x torch threads <= cores)")
     serve.add_argument("--torch-threads", type=int, help="torch threads of each search (default 1)")
-    serve.add_argument("--max-batch", type=int,
-                       help="waiting queries of the same method, language and k answered together (default 16; 1 = none)")
+    serve.add_argument("--max-batch", type=int, help="waiting queries of the same method, language and k "
+                                                     "answered together (default 16; 1 = none)")
     serve.add_argument("--queue-depth", type=int,
                        help="searches that may wait; past that a search is answered 503 + Retry-After (default 64)")
     serve.add_argument("--retry-after-s", type=int, help="the Retry-After seconds of a 503 (default 1)")

@@ -4,20 +4,21 @@
     hits = queue.submit("ein Hund", "de", "leccr", 10, 200).result()   # raises Overloaded when full
 
 Why not one thread per request (FastAPI's thread pool, as before): each request's torch ran its own
-OpenMP team of `torch.get_num_threads()` threads, so 4 clients on 2 cores meant 8 busy-waiting
-threads fighting over 2 cores, and 4 clients got half of one client's queries/s
-(benchmarks/bench_search.py measures both). Here at most `workers` searches run at once, each on
-`torch_threads` threads (set once per process by `leccr serve`), and the rest wait in a queue of
-`queue_depth`; past that a request is refused at once (Overloaded: the server's 503 + Retry-After)
-instead of waiting without bound.
+OpenMP team of `torch.get_num_threads()` threads, whose per-operator barriers wait for partners that
+are not running when the teams outnumber the cores: at 16 clients on 2 cores the server spent twice the
+CPU per query and p95 reached seconds (README, "Many clients at once"; benchmarks/bench_search.py).
+Here at most `workers` searches run at once, each on `torch_threads` threads (set once per process by
+`leccr serve`), and the rest wait in a queue of `queue_depth`; past that a request is refused at once
+(Overloaded: the server's 503 + Retry-After) instead of waiting without bound.
 
 Batching: a worker that becomes free takes the oldest waiting request and, with it, up to
 `max_batch - 1` more that wait for the same (method, language, k, candidates), and answers them with
 one `SearchEngine.search` call: one encoder forward, one matrix product over the collection. Nothing
 waits for a batch to fill; batches form only when requests queue up, so one client's latency is
-unchanged. Every query gets the hits of the same query alone, in the same order, and the same scores
-to float32 rounding (~1e-6: the encoder masks the padding, but a padded many-row product rounds
-differently from a one-row one; tests/search/test_scheduler.py).
+unchanged. A batch shares the search's Python work (which holds the GIL) among its queries. Every
+query gets the hits of the same query alone, in the same order, and the same scores to float32
+rounding (~1e-6: the encoder masks the padding, but a padded many-row product rounds differently
+from a one-row one; tests/search/test_scheduler.py).
 """
 from __future__ import annotations
 
