@@ -1,7 +1,9 @@
 """Search speed: exact vs FAISS IVF / HNSW per query, ANN recall@10, and end-to-end HTTP through `leccr serve`.
 
     python benchmarks/bench_search.py [--sizes 100000 1000000] [--dim 256] [--queries 200]
-                                      [--hnsw-max 100000] [--http-items 100000] [--http-requests 100]
+                                      [--hnsw-max 100000] [--http-items 100000] [--http-requests 200]
+                                      [--http-clients 1 4 16] [--http-rounds 3] [--http-queue-depth 8]
+    python benchmarks/bench_search.py --sizes --http-items 20000 --http-requests 120    # HTTP only
 
 1. Vectors (synthetic, the paper models' joint width 256): N unit vectors around --concepts centres
    (default 1000, at every N: a bigger collection holds more of each kind of scene), each item its
@@ -15,27 +17,32 @@
    HNSW is built only up to --hnsw-max items (its build is the slow part on a small CPU).
 2. HTTP: an index of --http-items synthetic items with slots (a fused score, alpha 0.9) and a tiny
    random-weight LECCR model of width 256 whose text side encodes the queries; `leccr serve`'s app under
-   uvicorn on 127.0.0.1 (loopback only): one client's latency, then a bounded load test (--http-clients
-   threads, --http-requests requests in all); the ratio to the same searches called in-process.
-   The tiny text encoder (2 layers) makes query encoding cheap; mBERT (12 layers) adds its own
-   forward time per query on a CPU.
+   uvicorn on 127.0.0.1 (loopback only), one server process per way of running searches
+   (`serving_setups`: a thread per request as before, one worker with torch on every core, a pool of
+   one-thread workers with and without batches). For 1, 4 and 16 clients (threads of this process
+   sending --http-requests requests per cell, in --http-rounds rounds that visit every setup in turn):
+   queries/s, p95, the share refused (503 past --http-queue-depth waiting searches), the server's CPU
+   ms per answered query and its mean batch; the ratios to one client. The tiny text encoder (2
+   layers) makes query encoding cheap; mBERT (12 layers) adds its own forward time per query on a CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import tempfile
 import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from leccr.config import HnswConfig, IvfConfig
+from leccr.config import HnswConfig, IvfConfig, ServeConfig
 from leccr.vectors import ExactIndex, build_faiss, faiss_missing
 
 K = 10
@@ -164,22 +171,109 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def bench_http(n: int, dim: int, requests: int, clients: int) -> None:
+def serving_setups(cores: int, queue_depth: int) -> list[tuple[str, ServeConfig]]:
+    """The ways to run searches that the HTTP part compares, the default last."""
+    return [
+        # What `leccr serve` did before SearchQueue: FastAPI ran each request in its thread pool (40
+        # threads), each search on torch's default of one intra-op thread per core.
+        ("thread per request, torch x cores", ServeConfig(workers=40, torch_threads=cores, max_batch=1,
+                                                          queue_depth=10_000)),
+        ("1 worker x cores threads, batches", ServeConfig(torch_threads=cores, queue_depth=queue_depth)),
+        ("cores workers x 1 thread, no batches", ServeConfig(workers=cores, max_batch=1, queue_depth=queue_depth)),
+        ("cores workers x 1 thread, batches", ServeConfig(workers=cores, queue_depth=queue_depth)),
+        ("1 worker x 1 thread, batches (default)", ServeConfig(queue_depth=queue_depth)),
+    ]
+
+
+def _serve(index_dir: Path, train_dir: Path, config: ServeConfig, port: int, control) -> None:
+    """The server process: `leccr serve`'s app over the synthetic index; answers `control` with the
+    batch sizes run so far whenever the bench asks between two load tests."""
+    import torch
     import uvicorn
 
     from leccr.search import SearchEngine
     from leccr.search.server import create_app
 
+    torch.set_num_threads(config.torch_threads)  # as `leccr serve` does
+    # MethodIndex.load wraps read-only Arrow buffers (never written to); its warning would split the table.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    engine = SearchEngine(index_dir, {"leccr": train_dir / "leccr"}, None, "cpu")
+    engine.method("leccr")
+    app = create_app(engine, serving=config)
+
+    def report() -> None:
+        while control.recv():
+            control.send(list(app.state.search_queue.batch_sizes))
+
+    threading.Thread(target=report, daemon=True).start()
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")).run()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_test(port: int, pid: int, queries: list[str], clients: int) -> dict:
+    """`clients` threads each sending its share of `queries` one after another (a refused one waits its
+    Retry-After, then sends the next): the answered searches' seconds, how many were sent, the wall
+    seconds, and the server's CPU seconds."""
+    import urllib.error
+
+    def ask(text: str) -> float | None:
+        url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": text, "lang": "de", "k": K})
+        began = time.perf_counter()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                assert len(json.loads(response.read())["hits"]) == K
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                raise
+            time.sleep(int(error.headers["Retry-After"]))
+            return None
+        return time.perf_counter() - began
+
+    def client(share: list[str]) -> list[float | None]:
+        return [ask(text) for text in share]
+
+    cpu, began = _cpu_seconds(pid), time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = [t for times in pool.map(client, [queries[i::clients] for i in range(clients)]) for t in times]
+    return {"answered": [t for t in answers if t is not None], "sent": len(answers),
+            "wall": time.perf_counter() - began, "cpu": _cpu_seconds(pid) - cpu}
+
+
+def _cell(parts: list[dict], batches: list[int]) -> dict[str, float]:
+    """One table cell from its rounds: q/s, p95 of the answered, share refused, server CPU ms per answer, mean batch."""
+    answered = [t for part in parts for t in part["answered"]]
+    return {**summary(answered), "qps": len(answered) / sum(p["wall"] for p in parts),
+            "refused": 1 - len(answered) / sum(p["sent"] for p in parts),
+            "cpu_ms": 1e3 * sum(p["cpu"] for p in parts) / max(1, len(answered)),
+            "batch": float(np.mean(batches)) if batches else 0.0}
+
+
+def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth: int, rounds: int) -> None:
+    import multiprocessing
+
+    import torch
+
+    from leccr.search import SearchEngine
+
+    cores = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         index_dir, train_dir, corpus = synthetic_index(Path(tmp), n, dim, slots=4)
-        engine = SearchEngine(index_dir, train_dir, None, "cpu")
+        engine = SearchEngine(index_dir, {"leccr": train_dir / "leccr"}, None, "cpu")
         engine.method("leccr")
-        print(f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K} "
+        print(f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K}, "
+              f"{requests} requests per cell in {rounds} rounds, queue depth {queue_depth} "
               f"(set-up {time.perf_counter() - started:.1f}s)")
         queries = [corpus[i % len(corpus)] for i in range(requests)]
+        torch.set_num_threads(1)
         for text in queries[:10]:  # warm-up: first forward passes, allocator, caches
             engine.search([text], "de", "leccr", K)
+
         def in_process() -> list[float]:
             times = []
             for text in queries:
@@ -188,54 +282,85 @@ def bench_http(n: int, dim: int, requests: int, clients: int) -> None:
                 times.append(time.perf_counter() - began)
             return times
 
-        # In a worker thread, as the server's handlers run: on a loaded 2-core machine torch's text
-        # encoder was ~10x slower when called from the main thread (its 2 intra-op threads wait on
-        # each other), which would make HTTP look faster than the call it wraps.
+        # In a worker thread, as the server's workers run it.
         with ThreadPoolExecutor(1) as worker:
-            direct = worker.submit(in_process).result()
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="error"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-
-        def ask(text: str) -> float:
-            url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": text, "lang": "de", "k": K})
-            began = time.perf_counter()
-            with urllib.request.urlopen(url, timeout=60) as response:
-                assert len(json.loads(response.read())["hits"]) == K
-            return time.perf_counter() - began
-
+            direct = summary(worker.submit(in_process).result())
+        torch.set_num_threads(cores)
+        print(f"  in-process, 1 torch thread: p50 {direct['p50_ms']:.2f} ms  p95 {direct['p95_ms']:.2f} ms  "
+              f"{direct['qps']:.1f} q/s")
+        print("  server in its own process; clients in this one; per cell: queries/s, p95 ms, share refused, "
+              "the server's CPU ms per answered query, mean batch")
+        print(f"  {'':<40}" + "".join(f"{f'{c} client' + ('s' if c > 1 else ''):<37}" for c in clients))
+        # Each setup's server runs in a process of its own, as `leccr serve` does: its CPU time is its
+        # own, and the clients' threads take no share of its GIL. Spawned, not forked: OpenMP does not
+        # survive a fork. The cells are measured in rounds, every setup in turn, so that a burst of
+        # load from elsewhere on the machine falls on all setups alike.
+        spawn = multiprocessing.get_context("spawn")
+        setups = serving_setups(cores, queue_depth)
+        servers = []
         try:
-            for text in queries[:10]:
-                ask(text)
-            one = [ask(text) for text in queries]
-            began = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                loaded = list(pool.map(ask, queries))
-            wall = time.perf_counter() - began
+            for _, config in setups:
+                port = _free_port()
+                control, child_end = spawn.Pipe()
+                process = spawn.Process(target=_serve, args=(index_dir, train_dir, config, port, child_end),
+                                        daemon=True)
+                process.start()
+                servers.append((port, process, control))
+            for port, process, _ in servers:
+                _wait_until_up(port, process)
+                load_test(port, process.pid, queries[:10], 1)  # warm-up
+            parts = {(s, c): [] for s in range(len(setups)) for c in clients}
+            batches = {(s, c): [] for s in range(len(setups)) for c in clients}
+            seen = [0] * len(setups)
+            for round_ in range(rounds):
+                share = queries[round_::rounds]
+                for count in clients:
+                    for s, (port, process, control) in enumerate(servers):
+                        parts[s, count].append(load_test(port, process.pid, share, count))
+                        control.send(True)
+                        sizes = control.recv()
+                        batches[s, count] += sizes[seen[s]:]
+                        seen[s] = len(sizes)
         finally:
-            server.should_exit = True
-            thread.join(30)
-        base = summary(direct)
-        for name, times, qps in (("in-process", direct, base["qps"]), ("HTTP, 1 client", one, summary(one)["qps"]),
-                                 (f"HTTP, {clients} clients", loaded, len(loaded) / wall)):
-            stats = summary(times)
-            print(f"  {name:<17} p50 {stats['p50_ms']:7.2f} ms  p95 {stats['p95_ms']:7.2f} ms  {qps:8.1f} q/s  "
-                  f"p95 x{stats['p95_ms'] / base['p95_ms']:.2f} of in-process")
+            for _, process, _ in servers:
+                process.terminate()
+                process.join(30)
+        for s, (name, _) in enumerate(setups):
+            rows = [_cell(parts[s, c], batches[s, c]) for c in clients]
+            cells = "".join(f"{r['qps']:6.1f} {r['p95_ms']:7.1f} {100 * r['refused']:5.1f}% {r['cpu_ms']:5.1f} "
+                            f"{r['batch']:4.1f}     " for r in rows)
+            ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, "
+                             f"x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
+                             for c, r in zip(clients[1:], rows[1:], strict=True))
+            print(f"  {name:<40}{cells}{ratios}", flush=True)
+
+
+def _wait_until_up(port: int, process) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if not process.is_alive():
+            raise RuntimeError(f"the server process ended with code {process.exitcode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the server on port {port} did not answer within 300 s")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000], help="none: HTTP part only")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--concepts", type=int, default=1000, help="cluster centres of the synthetic collection")
     parser.add_argument("--hnsw-max", type=int, default=100_000)
     parser.add_argument("--http-items", type=int, default=100_000)
-    parser.add_argument("--http-requests", type=int, default=100)
-    parser.add_argument("--http-clients", type=int, default=4)
+    parser.add_argument("--http-requests", type=int, default=200, help="requests per load-test row")
+    parser.add_argument("--http-clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--http-rounds", type=int, default=3, help="rounds over every setup per load-test cell")
+    parser.add_argument("--http-queue-depth", type=int, default=8,
+                        help="ServeConfig.queue_depth of the pooled setups (small: 16 clients overflow it)")
     args = parser.parse_args(argv)
     import torch
 
@@ -243,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         bench_vectors(n, args.dim, args.queries, args.hnsw_max, args.concepts)
     if args.http_items:
-        bench_http(args.http_items, args.dim, args.http_requests, args.http_clients)
+        bench_http(args.http_items, args.dim, args.http_requests, args.http_clients, args.http_queue_depth,
+                   args.http_rounds)
     return 0
 
 

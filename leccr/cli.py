@@ -355,9 +355,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from leccr.config import ServeConfig
     from leccr.search.server import serve
 
-    return serve(*_index_source(args), args.device, args.host, args.port)
+    given = {name: getattr(args, name) for name in ServeConfig.model_fields if getattr(args, name) is not None}
+    try:
+        serving = ServeConfig(**given)
+    except ValidationError as error:  # name the option as typed, not the model's field
+        raise ValueError("; ".join(f"--{p['loc'][0].replace('_', '-')} {p['input']}: {p['msg']}"
+                                   for p in error.errors())) from None
+    return serve(*_index_source(args), args.device, args.host, args.port, serving)
 
 
 def cmd_datasets_check(args: argparse.Namespace) -> int:
@@ -519,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "HTTP search API (/api/search) and a web page over the index")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, help="searches run at once (default 1; workers x torch threads <= cores)")
+    serve.add_argument("--torch-threads", type=int, help="torch threads of each search (default 1)")
+    serve.add_argument("--max-batch", type=int, help="waiting queries of the same method, language and k "
+                                                     "answered together (default 16; 1 = none)")
+    serve.add_argument("--queue-depth", type=int,
+                       help="searches that may wait; past that a search is answered 503 + Retry-After (default 64)")
+    serve.add_argument("--retry-after-s", type=int, help="the Retry-After seconds of a 503 (default 1)")
     _index_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 

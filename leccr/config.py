@@ -553,6 +553,20 @@ class SweepConfig(Section):
         return value
 
 
+class ServeConfig(Section):
+    """How `leccr serve` runs searches (leccr/search/scheduler.py; figures in benchmarks/bench_search.py).
+    None of it changes a hit or a score: only how many searches run at once and how many may wait."""
+
+    # Searches run at once. 1: a search's Python part holds the GIL, and with a small text encoder two
+    # workers answered fewer queries/s than one on 2 cores (README, Search); a big encoder on many
+    # cores may want more (workers x torch_threads <= cores).
+    workers: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1)  # torch intra-op threads of each search (workers x this ~ cores)
+    max_batch: int = Field(16, ge=1)  # waiting queries of the same method/lang/k answered by one call; 1 = none
+    queue_depth: int = Field(64, ge=1)  # searches that may wait for a worker; past it: 503 + Retry-After
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After of a 503 (whole seconds, as HTTP has it)
+
+
 # ---------------------------------------------------------------- the experiment
 class ExperimentConfig(Section):
     """A whole experiment: one YAML file, one section per stage."""

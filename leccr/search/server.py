@@ -8,30 +8,43 @@
 
 Media are served only from inside the dataset folder: a path that resolves outside it (`../`, an
 absolute path, a link out) is a 404, as is a missing file. A bad request (empty or over-long query, an
-unknown method or language, k out of range) is a 4xx whose `detail` says what is wrong. The handlers
-are plain functions, which FastAPI runs in its thread pool: searches run side by side, each model
-loading once (SearchEngine.method).
+unknown method or language, k out of range) is a 4xx whose `detail` says what is wrong. Searches run
+on a fixed pool of threads behind a bounded queue (SearchQueue, configured by ServeConfig): when
+`queue_depth` searches already wait, a search is answered 503 with `Retry-After` at once. Each model
+loads once (SearchEngine.method).
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
+from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from leccr.config import ServeConfig
 from leccr.search.engine import SearchEngine
 from leccr.search.request import (DEFAULT_CANDIDATES, DEFAULT_K, MAX_K, MAX_QUERY_CHARS, BadQuery, UnknownLanguage,
                                   UnknownMethod, check_request)
+from leccr.search.scheduler import Overloaded, SearchQueue
 
 STRIP_FRAMES = 4
 STRIP_HEIGHT = 96
 
 
-def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS):
+def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS, serving: ServeConfig | None = None):
     from fastapi import FastAPI, HTTPException, Query
     from fastapi.responses import HTMLResponse, Response
 
-    app = FastAPI(title="leccr search", docs_url=None, redoc_url=None)
+    queue = SearchQueue(engine, serving or ServeConfig())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        queue.close()
+
+    app = FastAPI(title="leccr search", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.search_queue = queue
 
     @app.get("/api/info")
     def info() -> dict:
@@ -42,18 +55,20 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS):
                 "default_k": DEFAULT_K, "max_k": MAX_K}
 
     @app.get("/api/search")
-    def search(q: str = "", lang: str = "en", method: str = "leccr", k: int = Query(10),
-               candidates: int = Query(DEFAULT_CANDIDATES)) -> dict:
+    async def search(q: str = "", lang: str = "en", method: str = "leccr", k: int = Query(10),
+                     candidates: int = Query(DEFAULT_CANDIDATES)) -> dict:
         try:
             text = check_request(q, k, candidates, max_query_chars).text
-            engine.check(method, lang)
+            engine.check(method, lang)  # a bad request takes no place in the queue
+            hits = await asyncio.wrap_future(queue.submit(text, lang, method, k, candidates))
+        except Overloaded as error:
+            raise HTTPException(503, str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
         except BadQuery as error:
             raise HTTPException(error.status, str(error)) from None
         except UnknownMethod as error:
             raise HTTPException(404, str(error)) from None
         except UnknownLanguage as error:
             raise HTTPException(400, str(error)) from None
-        hits = engine.search([text], lang, method, k, candidates)[0]
         return {"query": text, "lang": lang, "method": method, "k": k, "candidates": candidates,
                 "hits": [_hit_json(hit, lang, engine) for hit in hits]}
 
@@ -132,14 +147,20 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(root: str, experiment: str | None, data_root: str | None, device: str, host: str, port: int) -> int:
+def serve(root: str, experiment: str | None, data_root: str | None, device: str, host: str, port: int,
+          serving: ServeConfig | None = None) -> int:
+    import torch
     import uvicorn
 
+    serving = serving or ServeConfig()
     sock = listen(host, port)
+    # Process-wide: every search thread's torch ops use this many threads (workers x threads ~ cores).
+    torch.set_num_threads(serving.torch_threads)
     engine = SearchEngine.open(root, experiment, data_root, device)
     print(f"Serving {engine.index_dir} ({', '.join(engine.methods)}; media from {engine.data_root}) "
-          f"on http://{host}:{port}/", flush=True)
-    uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning")).run(sockets=[sock])
+          f"on http://{host}:{port}/ ({serving.workers} search workers x {serving.torch_threads} torch "
+          f"threads, batches of up to {serving.max_batch}, {serving.queue_depth} may wait)", flush=True)
+    uvicorn.Server(uvicorn.Config(create_app(engine, serving=serving), log_level="warning")).run(sockets=[sock])
     return 0
 
 
