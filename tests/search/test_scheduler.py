@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from leccr.config import ServeConfig
 from leccr.search import SearchEngine
 from leccr.search.server import create_app
+from tests.search.conftest import method_dirs
 
 
 @pytest.fixture

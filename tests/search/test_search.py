@@ -17,7 +17,7 @@ from leccr.core.context import StageContext
 from leccr.schemas.core import read_table
 from leccr.schemas.index import INDEX_ITEMS
 from leccr.stages import evaluate
-from tests.search.conftest import ALPHA, ITEMS_PER_SPLIT, method_dirs
+from tests.search.conftest import ALPHA, ITEMS_PER_SPLIT, method_dirs, upstream_inputs
 
 
 def _engine(indexed) -> SearchEngine:
@@ -29,7 +29,7 @@ def _test_split(indexed):
     """evaluate's own view of the test split (items, captions per language with their token ids)."""
     cfg, outcomes = indexed
     ctx = StageContext(stage="evaluate", key="k", section=EvaluateConfig(split="test"),
-                       inputs={name: outcomes[name].artifact for name in ("dataset", "describe", "features", "train")},
+                       inputs=upstream_inputs(outcomes),
                        out_dir=outcomes["index"].artifact.path, log=logging.getLogger("test"))
     return evaluate.load_split(ctx, ctx.section)
 
