@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
 from leccr.fingerprint import Fingerprinter
 from leccr.hub import model_path
+from leccr.model_text import model_text
 from leccr.store import StageContext, StageFailed
 from schemas.core import read_table
 from schemas.dataset import CAPTIONS, ITEMS
@@ -208,8 +209,8 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
     for lang, language in data.languages.items():
         chunks = []
         for start in range(0, len(language.texts), batch_size):
-            batch = tokenizer(language.texts[start:start + batch_size], padding=True, truncation=True,
-                              max_length=zs.max_length, return_tensors="pt").to(device)
+            batch = tokenizer([model_text(t) for t in language.texts[start:start + batch_size]], padding=True,
+                              truncation=True, max_length=zs.max_length, return_tensors="pt").to(device)
             chunks.append(_embedding(text_model(**batch), ("text_embeds", "pooler_output")).float().cpu())
         texts[lang] = F.normalize(torch.cat(chunks), dim=-1)
     processor = AutoImageProcessor.from_pretrained(model_path(zs.vision_model, "evaluate.zero_shot.vision_model"),
