@@ -94,12 +94,17 @@ def build_jobs(ctx: StageContext) -> list:
     cfg: TrainConfig = ctx.section  # type: ignore[assignment]
     features = ctx.inputs["features"]
     info = json.loads((features.path / "features_info.json").read_text(encoding="utf-8"))
-    visual_dim = int(info["visual"]["visual_dim"])
+    # The width the visual stage recorded for every row (its schema's, or the one all rows share), never
+    # one shard's: a shard whose items all failed has no row to read a width from.
+    visual_dim = info["visual"]["visual_dim"]
+    if visual_dim is None:
+        raise StageFailed(f"train: the visual features in {features.path / 'visual'} have no single token width "
+                          "(no rows, or rows of different widths); see its errors.parquet")
     languages = training_languages(features.path, cfg.languages)
     encoder = text_encoder_path(cfg)
     jobs = []
     for method in cfg.methods:
-        overrides = {"visual_input_dim": visual_dim, **cfg.model_overrides(method)}
+        overrides = {"visual_input_dim": int(visual_dim), **cfg.model_overrides(method)}
         model_config = get_model_config(cfg.model_name(method), **overrides)
         if model_config.reads_cached_description_states and not info["descriptions"].get("states"):
             raise StageFailed(
