@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from leccr.config import EvaluateConfig, ExperimentConfig, Section, ZeroShotConfig
 from leccr.fingerprint import Fingerprinter
 from leccr.hub import model_path
+from leccr.image_processor import load_image_processor
 from leccr.model_text import model_text
 from leccr.store import StageContext, StageFailed
 from schemas.core import read_table
@@ -198,7 +199,7 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     import torch
     import torch.nn.functional as F
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from leccr.media import load_visual
 
@@ -213,8 +214,8 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
                               truncation=True, max_length=zs.max_length, return_tensors="pt").to(device)
             chunks.append(_embedding(text_model(**batch), ("text_embeds", "pooler_output")).float().cpu())
         texts[lang] = F.normalize(torch.cat(chunks), dim=-1)
-    processor = AutoImageProcessor.from_pretrained(model_path(zs.vision_model, "evaluate.zero_shot.vision_model"),
-                                                   local_files_only=True)
+    processor = load_image_processor(model_path(zs.vision_model, "evaluate.zero_shot.vision_model"),
+                                     local_files_only=True)
     vision_model = load_encoder(zs.vision_model).eval().to(device)
     visual = []
     for start in range(0, len(data.item_ids), batch_size):

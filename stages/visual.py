@@ -154,7 +154,12 @@ def _import_processor(ctx: StageContext, cfg: VisualConfig, schema: pa.Schema):
 
 
 def run(ctx: StageContext) -> None:
-    from leccr.features.vision import VisionEncoder  # torch: imported when the stage runs, not when planned
+    import torch  # imported when the stage runs, not when planned
+
+    from leccr.device import resolve_device
+    from leccr.features.vision import VisionEncoder
+    from leccr.image_processor import IMAGE_PROCESSOR_BACKEND
+    from leccr.threads import numerics
 
     cfg: VisualConfig = ctx.section  # type: ignore[assignment]
     check_config(cfg)
@@ -190,4 +195,9 @@ def run(ctx: StageContext) -> None:
         frames_per_s=round(totals.stats["frames"] / encode_seconds, 1) if encode_seconds > 0 else None,
         fixed=bool(pa.types.is_fixed_size_list(features_type)),
         dim=dim, n_tokens=n_tokens,
+        # what the features depend on besides the key: the image processor's backend is fixed (PIL), the
+        # torch build, CPU kernels and threads are this machine's (the demo's tower gave the same bytes on
+        # 1 and 2 threads: its forward pass has no full reduction)
+        numerics={**numerics(resolve_device(cfg.device).type, torch.get_num_threads()),
+                  "image_processor_backend": IMAGE_PROCESSOR_BACKEND} if cfg.visual_source == "model" else None,
     )
