@@ -116,6 +116,7 @@ def build_jobs(ctx: StageContext) -> list:
 
 def run(ctx: StageContext) -> None:
     from leccr.device import resolve_device
+    from leccr.threads import numerics
     from leccr.training import train_method
     from leccr.training.checkpoint import INFO_FILE
     from leccr.training.distributed import launch
@@ -141,6 +142,8 @@ def run(ctx: StageContext) -> None:
                 raise StageFailed(f"train: {error}") from error
         results[job.method] = json.loads(info_path.read_text(encoding="utf-8"))
     ctx.summary.update(
+        # what the weights depend on besides the key (the README's "Same inputs, same bytes")
+        numerics=numerics(resolve_device(cfg.device).type, cfg.threads),
         languages=jobs[0].languages if jobs else [],
         methods={method: {key: info[key] for key in ("best_epoch", "best_val_sumr", "epochs_run", "steps",
                                                       "stopped_early", "steps_per_s", "seconds")}
