@@ -352,6 +352,9 @@ class TrainConfig(Section):
     missing_descriptions: Literal["empty", "drop"] = "empty"
 
     checkpoint_every: int = Field(0, ge=0)  # also save the resume state every N steps (0: at epoch ends)
+    # torch CPU threads per training process. In the key: torch sums a full reduction (a loss's mean)
+    # per thread, so another count gives other weights (leccr/threads.py); fixed, not the machine's.
+    threads: int = Field(2, ge=1)
     nproc: int = Field(1, ge=1)  # >1: data-parallel processes under torchrun (nccl on GPUs, gloo on CPU)
     device: str = "auto"
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes

@@ -174,9 +174,11 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     import torch
     import torch.nn.functional as F
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from leccr.image_processor import load_image_processor
     from leccr.media import load_visual
+    from leccr.model_text import model_text
 
     tokenizer = AutoTokenizer.from_pretrained(model_path(zs.tokenizer or zs.text_model, "evaluate.zero_shot.tokenizer"),
                                               local_files_only=True)
@@ -185,12 +187,12 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
     for lang, language in data.languages.items():
         chunks = []
         for start in range(0, len(language.texts), batch_size):
-            batch = tokenizer(language.texts[start:start + batch_size], padding=True, truncation=True,
-                              max_length=zs.max_length, return_tensors="pt").to(device)
+            batch = tokenizer([model_text(t) for t in language.texts[start:start + batch_size]], padding=True,
+                              truncation=True, max_length=zs.max_length, return_tensors="pt").to(device)
             chunks.append(_embedding(text_model(**batch), ("text_embeds", "pooler_output")).float().cpu())
         texts[lang] = F.normalize(torch.cat(chunks), dim=-1)
-    processor = AutoImageProcessor.from_pretrained(model_path(zs.vision_model, "evaluate.zero_shot.vision_model"),
-                                                   local_files_only=True)
+    processor = load_image_processor(model_path(zs.vision_model, "evaluate.zero_shot.vision_model"),
+                                     local_files_only=True)
     vision_model = load_encoder(zs.vision_model).eval().to(device)
     visual = []
     for start in range(0, len(data.item_ids), batch_size):

@@ -12,7 +12,10 @@ S [N_t, N_v] (rows = texts, columns = items), higher = better.
 
 Ranks are 1-based and follow a *stable* descending sort: rank = 1 + #(strictly higher) +
 #(equal with a lower index). That is exactly the order of `torch.sort(descending=True, stable=True)`,
-so the chunked path below equals the full-matrix path bit for bit, ties included.
+so the chunked path below equals the full-matrix path bit for bit, ties included. Scores are compared
+in the precision they were computed in: float64 scores stay float64 (two scores 1e-9 apart do not
+tie), any other dtype (float32, float16, bfloat16) is compared as float32, which holds its values
+exactly.
 
 Two paths:
 - `naive_ranks`: the whole matrix, a full stable argsort per query (as the papers' reference code
@@ -65,12 +68,18 @@ def _check_text_item(text_item, n_items: int) -> torch.Tensor:
     return text_item
 
 
+def _as_scores(values: torch.Tensor) -> torch.Tensor:
+    """`values` in the dtype ranks compare them in: float64 as it is, any other dtype as float32 (exact
+    for float16 and bfloat16). Casting float64 down would tie scores that differ past float32's 24 bits."""
+    return values if values.dtype == torch.float64 else values.float()
+
+
 def _check_shape(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
     expected = (rows.stop - rows.start, cols.stop - cols.start)
     if tuple(block.shape) != expected:
         raise ValueError(f"score_block(texts {rows.start}:{rows.stop}, items {cols.start}:{cols.stop}) returned "
                          f"shape {tuple(block.shape)}, expected {expected}")
-    return block.float()
+    return _as_scores(block)
 
 
 def _raise_if_nan(values: torch.Tensor, first_text: int, first_item: int) -> None:
@@ -102,7 +111,7 @@ def naive_ranks(scores: torch.Tensor, text_item) -> tuple[np.ndarray, np.ndarray
     text_item = _check_text_item(text_item, n_items)
     if text_item.numel() != n_texts:
         raise ValueError(f"text_item has {text_item.numel()} entries for {n_texts} score rows")
-    scores = scores.float()
+    scores = _as_scores(scores)
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
 
@@ -146,7 +155,7 @@ def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: 
     n_texts = text_item.numel()
     text_blocks, item_blocks = _blocks(n_texts, text_chunk), _blocks(n_items, item_chunk)
     own_item = text_item.to(device)
-    positive = torch.empty(n_texts, dtype=torch.float32, device=device)
+    positive: torch.Tensor | None = None  # each caption's own score, in the dtype of the first block read
     t2v_before = torch.zeros(n_texts, dtype=torch.int64, device=device)
     v2t_before = torch.zeros(n_items, dtype=torch.int64, device=device)
 
@@ -154,7 +163,8 @@ def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="leccr-ranks") as pool:  # threads start on use
 
         def count(block: torch.Tensor, rows: slice, cols: slice, best: tuple[torch.Tensor, torch.Tensor]) -> None:
-            t2v, v2t = _count_block(block, rows, cols, positive[rows], own_item[rows], *best, n_texts, pool, threads)
+            t2v, v2t = _count_block(block, rows, cols, positive[rows], own_item[rows], *best, n_texts, pool,
+                                    threads)
             t2v_before[rows] += t2v
             v2t_before[cols] += v2t
 
@@ -170,6 +180,9 @@ def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: 
             for c in positive_blocks[r]:
                 cols = item_blocks[c]
                 block = _check_shape(score_block(rows, cols).to(device), rows, cols)
+                if positive is None:
+                    positive = torch.empty(n_texts, dtype=block.dtype, device=device)
+                _check_dtype(block, positive, rows, cols)
                 local = torch.nonzero((own >= cols.start) & (own < cols.stop)).squeeze(1)
                 positive[rows.start + local] = block[local, own[local] - cols.start]
                 rows_waiting[r] -= 1
@@ -185,11 +198,20 @@ def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: 
             for c, cols in enumerate(item_blocks):
                 if (r, c) not in counted:
                     block = _check_shape(score_block(rows, cols).to(device), rows, cols)
+                    _check_dtype(block, positive, rows, cols)
                     count(block, rows, cols, (best[0][cols], best[1][cols]))
         has_caption = best[1] < n_texts
         t2v = t2v_before + 1
         v2t = torch.where(has_caption, v2t_before + 1, 0)
         return t2v.cpu().numpy(), v2t.cpu().numpy()
+
+
+def _check_dtype(block: torch.Tensor, positive: torch.Tensor, rows: slice, cols: slice) -> None:
+    """Every block must come in one dtype: a float32 block compared with float64 targets (or the other
+    way round) would rank a cell by a value it was not computed as."""
+    if block.dtype != positive.dtype:
+        raise ValueError(f"score_block(texts {rows.start}:{rows.stop}, items {cols.start}:{cols.stop}) returned "
+                         f"{block.dtype}, earlier blocks {positive.dtype}: every block must have one dtype")
 
 
 def _best_captions(positive: torch.Tensor, own_item: torch.Tensor, items: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +223,7 @@ def _best_captions(positive: torch.Tensor, own_item: torch.Tensor, items: slice)
     n_texts, n = positive.numel(), items.stop - items.start
     texts = torch.nonzero((own_item >= items.start) & (own_item < items.stop)).squeeze(1)
     local_item = own_item[texts] - items.start
-    best_score = torch.full((n,), -torch.inf, device=positive.device).scatter_reduce(
+    best_score = torch.full((n,), -torch.inf, dtype=positive.dtype, device=positive.device).scatter_reduce(
         0, local_item, positive[texts], reduce="amax")
     is_best = positive[texts] == best_score[local_item]
     best_text = torch.full((n,), n_texts, dtype=torch.int64, device=positive.device).scatter_reduce(
@@ -395,7 +417,8 @@ def _topk_rows(score_block: ScoreBlock, n_rows: int, n_cols: int, k: int, row_ch
         best_values = torch.empty(rows.stop - rows.start, 0, device=device)
         best_index = torch.empty(rows.stop - rows.start, 0, dtype=torch.int64, device=device)
         for cols in _blocks(n_cols, col_chunk):
-            block = score_block(rows, cols).to(device).float()
+            block = _as_scores(score_block(rows, cols).to(device))
+            best_values = best_values.to(block.dtype)  # float64 scores stay float64 (empty at the first block)
             # stable sort: among equal scores the lower column index first, as in the full sort;
             # the running best (lower indices) goes first in the merge, so stability carries over
             sorted_block = torch.sort(block, dim=1, descending=True, stable=True)

@@ -8,9 +8,13 @@ tile, and cost 0.3-1 s per 20k x 20k on 2 cores against ~0.2 s for this kernel.
 
 "Comes before" is the stable descending order of `leccr.metrics`: a higher score, or an equal score
 at a lower index. The kernel never tests indices in its inner loop: "equal at a lower index counts"
-is `>=`, which for float32 is `>` against the next float below the target (`np.nextafter`). So each
-row compares against one of two thresholds, switching at its own item's column, and each column
-switches from its lowered to its exact threshold at its own best caption's row.
+is `>=`, which is `>` against the next float below the target (`np.nextafter`, in the scores' own
+dtype). So each row compares against one of two thresholds, switching at its own item's column, and
+each column switches from its lowered to its exact threshold at its own best caption's row.
+
+Generic over float32 and float64: numba compiles (and caches) one version per dtype, so float64 scores
+are compared as float64 (no cast, no ties between scores that differ past float32's precision) and
+float32 ones keep their speed.
 """
 from __future__ import annotations
 
@@ -23,15 +27,16 @@ from numba import njit
 @njit(nogil=True, cache=True)
 def _count_rows(values, start, stop, text_target, text_lowered, text_switch, item_target, item_lowered,
                 item_switch, column_order, text_counts, item_counts):  # pragma: no cover - compiled
-    """Rows [start, stop) of `values` [R, C] (float32). Writes text_counts[start:stop]; adds into
-    item_counts [C] (this call's own array). Returns the first row holding a NaN, or -1.
+    """Rows [start, stop) of `values` [R, C] (float32 or float64, as every target array). Writes
+    text_counts[start:stop]; adds into item_counts [C] (this call's own array). Returns the first row
+    holding a NaN, or -1.
 
     Each row is screened for NaN first (which also brings it into L1), then read twice more from
     there by two simple loops that vectorise: int32 counts, no index tests, no fast-math (it would
     drop the NaN screen and the infinities' comparisons)."""
     n_cols = values.shape[1]
     # per column: its threshold for the current row (lowered while the row comes before its switch)
-    threshold = np.empty(n_cols, dtype=np.float32)
+    threshold = np.empty_like(item_target)
     for j in range(n_cols):
         threshold[j] = item_lowered[j] if item_switch[j] > start else item_target[j]
     position = 0
@@ -60,24 +65,32 @@ def _count_rows(values, start, stop, text_target, text_lowered, text_switch, ite
     return -1
 
 
+def score_dtype(values: np.ndarray) -> type:
+    """The dtype a block is compared in: float64 as it is, anything else as float32."""
+    return np.float64 if values.dtype == np.float64 else np.float32
+
+
 def lowered(target: np.ndarray) -> np.ndarray:
-    """The largest float32 below each target: `v > lowered(t)` is `v >= t` for every float32 v."""
-    return np.nextafter(target.astype(np.float32), np.float32(-np.inf))
+    """The largest float of target's dtype below each target: `v > lowered(t)` is `v >= t` for every v
+    of that dtype."""
+    return np.nextafter(target, target.dtype.type(-np.inf))
 
 
 def count_block(values: np.ndarray, row_start: int, col_start: int, text_target: np.ndarray,
                 text_target_index: np.ndarray, item_target: np.ndarray, item_target_index: np.ndarray,
                 pool: Executor | None, parts: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """values [R, C] float32, rows `row_start`.., columns `col_start`.. of the full matrix.
+    """values [R, C] float32 or float64 (anything else is compared as float32), rows `row_start`..,
+    columns `col_start`.. of the full matrix.
     text_target [R] / text_target_index [R]: each text's own score and item; item_target [C] /
     item_target_index [C]: each item's best caption score and text (N_t: none).
 
     Returns (text counts [R], item counts [C], first row with a NaN or -1). The caller handles a
     target of -inf (no float below it) another way."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    dtype = score_dtype(values)
+    values = np.ascontiguousarray(values, dtype=dtype)
     n_rows, n_cols = values.shape
-    text_target = text_target.astype(np.float32)
-    item_target = item_target.astype(np.float32)
+    text_target = text_target.astype(dtype)
+    item_target = item_target.astype(dtype)
     # a row's candidates at columns before its own item win ties; a column's candidates at rows before
     # its best caption win ties
     text_switch = np.clip(text_target_index - col_start, 0, n_cols).astype(np.int64)

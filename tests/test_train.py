@@ -221,7 +221,8 @@ def test_killed_run_resumes_mid_epoch_to_the_same_weights(features, tmp_path):
 def test_two_processes_under_torchrun_with_gloo(features, tmp_path):
     """`train.nproc: 2` on CPU: torchrun, gloo, each rank half of every batch, rank 0 writes the folder."""
     data, _ = features
-    data = {**data, "train": {**data["train"], "methods": ["baseline"], "epochs": 1, "nproc": 2}}
+    # one torch thread per rank: two ranks of train.threads' default 2 would oversubscribe 2 cores
+    data = {**data, "train": {**data["train"], "methods": ["baseline"], "epochs": 1, "nproc": 2, "threads": 1}}
     outcome = run_pipeline(parse_config(data), ["train"])["train[baseline]"]
     info = json.loads((outcome.artifact.path / "baseline" / INFO_FILE).read_text())
     assert info["world_size"] == 2 and info["steps"] == 90 // 16

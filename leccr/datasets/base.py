@@ -133,8 +133,9 @@ class TableBuilder:
         if (kind == "human" and lang != "en" and self.human_target_splits is not None
                 and item["split"] not in self.human_target_splits):
             return False
-        text = " ".join(text.split())
-        if not text:
+        # Stored as read (byte for byte): whitespace a tokenizer does not want is dropped at feature
+        # time (`leccr.features.text.model_text`), never here. Whitespace alone is no caption.
+        if not text.strip():
             self.problems.append(Problem(file, line, f"empty {lang} caption {caption_id!r}", caption_id))
             return False
         key = (caption_id, lang)
@@ -231,15 +232,17 @@ def read_json(path: Path, root: Path, problems: list[Problem], what: str = "file
 
 
 # `<item-id>#enc#<n> <caption>`: the caption-file format of the CCR releases (NRCCR, CCLM, LECCR). MT
-# files use `#enc2<lang>#<n>` for the translation of English caption `#enc#<n>`.
-_CCR_LINE = re.compile(r"^(\S+#\S+)[ \t]+(.*\S.*)$")
+# files use `#enc2<lang>#<n>` for the translation of English caption `#enc#<n>`. The id ends at the
+# first space or tab; everything after that one separator is the caption, as it is in the file.
+_CCR_LINE = re.compile(r"^(\S+#\S+)[ \t](.*\S.*)$")
 _MT_MARK = re.compile(r"#enc2[a-z]{2}(?:-[a-zA-Z]+)?#")
 
 
 def parse_ccr_line(line: str) -> tuple[str, str] | None:
-    """(caption_id, text) of a `<item-id>#<tag>#<n> <caption>` line, or None if malformed."""
+    """(caption_id, text) of a `<item-id>#<tag>#<n> <caption>` line, or None if malformed. The text
+    keeps every character after the separator (leading, trailing and repeated spaces included)."""
     match = _CCR_LINE.match(line)
-    return (match.group(1), match.group(2).strip()) if match else None
+    return (match.group(1), match.group(2)) if match else None
 
 
 def ccr_item_id(caption_id: str) -> str:

@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 from PIL import Image
 
 from leccr.hub import model_path
+from leccr.image_processor import load_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,9 @@ class TransformersMLLM:
         self.video_input = video_input
         self.device = _resolve_device(device)
         self.processor = AutoProcessor.from_pretrained(self.path)
+        if getattr(self.processor, "image_processor", None) is not None:
+            # the PIL backend whether or not torchvision is installed: the same pixels, the same descriptions
+            self.processor.image_processor = load_image_processor(self.path)
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"  # decoder-only: new tokens must follow every prompt directly
         if tokenizer.pad_token is None:

@@ -12,6 +12,7 @@ import torch
 
 from leccr.device import resolve_device
 from leccr.hub import model_path
+from leccr.model_text import model_text
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Seq2SeqTranslator:
         translated: dict[str, str] = {}
         for start in range(0, len(unique), self.batch_size):
             batch = unique[start : start + self.batch_size]
-            encoded = self.tokenizer([prefix + t for t in batch], return_tensors="pt", padding=True,
+            encoded = self.tokenizer([prefix + model_text(t) for t in batch], return_tensors="pt", padding=True,
                                      truncation=True, max_length=self.max_length).to(self.device)
             generated = self.model.generate(**encoded, max_new_tokens=self.max_length,
                                             num_beams=self.num_beams, do_sample=False, **generate_kwargs)

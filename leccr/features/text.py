@@ -13,6 +13,7 @@ import torch
 from leccr.device import resolve_device
 from leccr.hub import model_path
 from leccr.features.vision import resolve_precision
+from leccr.model_text import model_text
 
 
 def load_tokenizer(path: str | Path):
@@ -26,10 +27,12 @@ def load_tokenizer(path: str | Path):
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Unpadded token ids (special tokens included), truncated to `max_length`."""
+    """Unpadded token ids (special tokens included), truncated to `max_length`, of each text as
+    `model_text` spaces it (stored texts keep the spacing they were read with)."""
     if not texts:
         return []
-    return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    return tokenizer([model_text(text) for text in texts], truncation=True, max_length=max_length,
+                     add_special_tokens=True)["input_ids"]
 
 
 def join_views(tokenizer, views: list[str], join: str) -> str:

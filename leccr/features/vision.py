@@ -15,6 +15,7 @@ import torch
 
 from leccr.device import resolve_device
 from leccr.hub import model_path
+from leccr.image_processor import load_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class VisionEncoder:
 
     def __init__(self, path: str | Path, output: str = "tokens", image_size: int | None = None,
                  device: str = "auto", precision: str = "auto"):
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+        from transformers import AutoConfig, AutoModel
 
         path = model_path(path, "features.vision_model")
         if output not in ("tokens", "pooled"):
@@ -72,7 +73,7 @@ class VisionEncoder:
         if getattr(config, "vision_config", None) is not None and hasattr(model, "vision_model"):
             model = model.vision_model
         self.model = model.to(self.device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.processor = load_image_processor(path)  # PIL in every environment (leccr.image_processor)
         self.processor_kwargs: dict = {}
         if image_size is not None:
             self.processor_kwargs["size"] = _size_override(self.processor.size, image_size)

@@ -34,10 +34,20 @@ def value_type(name: str) -> pa.DataType:
     return VALUE_TYPES[name]
 
 
-def visual_schema(dtype: str = "float32", list_size: int | None = None) -> pa.Schema:
-    """Schema of `visual/`: fixed-size features when `list_size` (= n_tokens * dim) is given, else variable."""
+# Schema metadata of a fixed-size `visual/` shard: every row's `n_tokens,dim`. The width lives in the
+# schema, so any shard tells it — one whose items all failed (no rows) included.
+VISUAL_SHAPE = b"leccr.visual_shape"
+
+
+def visual_schema(dtype: str = "float32", list_size: int | None = None,
+                  shape: tuple[int, int] | None = None) -> pa.Schema:
+    """Schema of `visual/`: fixed-size features when `list_size` (= n_tokens * dim) is given, else variable.
+    `shape` (n_tokens, dim) of every row, for the fixed layout, goes into the schema's metadata."""
     values = value_type(dtype)
     features = pa.list_(values, list_size) if list_size is not None else pa.list_(values)
+    if shape is not None and (list_size is None or shape[0] * shape[1] != list_size):
+        raise ValueError(f"visual shape {shape} does not fill fixed-size rows of {list_size} values")
+    metadata = {VISUAL_SHAPE: f"{shape[0]},{shape[1]}".encode()} if shape is not None else None
     return pa.schema(
         [
             pa.field("item_id", pa.string(), nullable=False),
@@ -46,8 +56,19 @@ def visual_schema(dtype: str = "float32", list_size: int | None = None) -> pa.Sc
             pa.field("n_tokens", pa.int32(), nullable=False),  # visual tokens (patches + [CLS], frames, ...)
             pa.field("dim", pa.int32(), nullable=False),  # width of one token
             pa.field("features", features, nullable=False),  # [n_tokens, dim] row-major
-        ]
+        ],
+        metadata=metadata,
     )
+
+
+def visual_shape(schema: pa.Schema) -> tuple[int, int] | None:
+    """(n_tokens, dim) of every row of a fixed-size visual shard, from its schema; None for the variable
+    layout (or a shard written before the shape was recorded)."""
+    value = (schema.metadata or {}).get(VISUAL_SHAPE)
+    if value is None:
+        return None
+    n_tokens, dim = (int(part) for part in value.decode().split(","))
+    return n_tokens, dim
 
 
 # One row per caption: the dataset's captions (English and human target-language ones, and shipped MT

@@ -97,12 +97,17 @@ def build_jobs(ctx: StageContext) -> list:
     cfg: TrainConfig = ctx.section  # type: ignore[assignment]
     features = ctx.inputs["features"]
     info = json.loads(features.file("features_info.json").read_text(encoding="utf-8"))
-    visual_dim = int(info["visual"]["visual_dim"])
+    # The width the visual stage recorded for every row (its schema's, or the one all rows share), never
+    # one shard's: a shard whose items all failed has no row to read a width from.
+    visual_dim = info["visual"]["visual_dim"]
+    if visual_dim is None:
+        raise StageFailed(f"train: the visual features in {features.path / 'visual'} have no single token width "
+                          "(no rows, or rows of different widths); see its errors.parquet")
     languages = training_languages(features.path, cfg.languages)
     encoder = text_encoder_path(cfg)
     jobs = []
     for method in cfg.methods:
-        overrides = {"visual_input_dim": visual_dim, **cfg.model_overrides(method)}
+        overrides = {"visual_input_dim": int(visual_dim), **cfg.model_overrides(method)}
         model_config = get_model_config(cfg.model_name(method), **overrides)
         if model_config.reads_cached_description_states and not info["descriptions"].get("states"):
             raise StageFailed(
@@ -114,6 +119,7 @@ def build_jobs(ctx: StageContext) -> list:
 
 def run(ctx: StageContext) -> None:
     from leccr.device import resolve_device
+    from leccr.threads import numerics
     from leccr.training import train_method
     from leccr.training.checkpoint import INFO_FILE
     from leccr.training.distributed import launch
@@ -139,6 +145,8 @@ def run(ctx: StageContext) -> None:
                 raise StageFailed(f"train: {error}") from error
         results[job.method] = json.loads(info_path.read_text(encoding="utf-8"))
     ctx.summary.update(
+        # what the weights depend on besides the key (the README's "Same inputs, same bytes")
+        numerics=numerics(resolve_device(cfg.device).type, cfg.threads),
         languages=jobs[0].languages if jobs else [],
         methods={method: {key: info[key] for key in ("best_epoch", "best_val_sumr", "epochs_run", "steps",
                                                       "stopped_early", "steps_per_s", "seconds")}

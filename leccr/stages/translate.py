@@ -131,7 +131,7 @@ def _load_translation_file(path: Path) -> dict[str, str]:
                     except (json.JSONDecodeError, KeyError, TypeError) as error:
                         raise ValueError(f"{path}:{number}: expected {{\"caption_id\", \"text\"}}: {error}") from None
         else:
-            for number, row in enumerate(csv.reader(handle, delimiter="\t"), 1):
+            for number, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
                 if not row:
                     continue
                 if len(row) != 2:
@@ -157,9 +157,10 @@ def _import_processor(ctx: StageContext, languages: list[str], work: list[dict])
     def process(shard: list[dict], index: int) -> ShardResult:
         parts, errors = [], []
         for lang in languages:
-            found = [(c, sources[lang].get(c["caption_id"], "").strip()) for c in shard]
-            errors += [(c["caption_id"], f"no {lang} translation in {names[lang]}") for c, t in found if not t]
-            found = [(c, t) for c, t in found if t]
+            # stored as the file has it; whitespace alone is no translation
+            found = [(c, sources[lang].get(c["caption_id"], "")) for c in shard]
+            errors += [(c["caption_id"], f"no {lang} translation in {names[lang]}") for c, t in found if not t.strip()]
+            found = [(c, t) for c, t in found if t.strip()]
             parts.append(_rows([c for c, _ in found], lang, [t for _, t in found], "import", names[lang]))
         return ShardResult(_concat(parts), errors)
 

@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from leccr.config import ExperimentConfig, VisualConfig
 from leccr.engines.cache import Lazy
 from leccr.features.storage import fixed_list_column, float_list_column, rows_per_group
-from leccr.core.artifact import part_name
 from leccr.core.context import StageContext
 from leccr.core.failures import ItemError
 from leccr.core.shards import ShardJob, ShardResult
@@ -31,7 +30,7 @@ from leccr.core.stage import StageDef
 from leccr.media_paths import resolve_media_path
 from leccr.schemas.core import read_table
 from leccr.schemas.dataset import ITEMS
-from leccr.schemas.features import visual_schema
+from leccr.schemas.features import visual_schema, visual_shape
 
 def section(cfg: ExperimentConfig) -> VisualConfig:
     return VisualConfig.of(cfg.features)
@@ -42,19 +41,20 @@ def check_config(cfg: VisualConfig) -> None:
         raise ValueError("features.vision_model is required for visual_source 'model' (a vision tower folder)")
 
 
-def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy, out_dir) -> tuple[pa.Schema, int | None]:
-    """The visual schema (fixed or variable size) and the tokens per item when fixed.
+def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy,
+            out_dir) -> tuple[pa.Schema, tuple[int, int] | None]:
+    """The visual schema (fixed or variable size) and, when fixed, every item's (n_tokens, dim).
 
     Fixed when every item's shape is known up front: model features of images, and of videos sampled
     to a fixed `num_frames` (no fps). Imported arrays may vary, so they use the variable layout.
     """
     committed = sorted(out_dir.glob("part-*.parquet"))
-    if committed:  # a resumed or finalising run: the shape is in the committed shards, no model needed
-        schema = pq.read_schema(committed[0])
-        features = schema.field("features").type
-        first = pq.read_table(committed[0], columns=["n_tokens"]).column("n_tokens")
-        per_item = int(first[0].as_py()) if pa.types.is_fixed_size_list(features) and len(first) else None
-        return visual_schema(cfg.visual_dtype, features.list_size if per_item else None), per_item
+    if committed:  # a resumed or finalising run: the layout is in any committed shard's schema, no model
+        schema = pq.read_schema(committed[0])  # needed (a shard whose items all failed has it too)
+        if not pa.types.is_fixed_size_list(schema.field("features").type):
+            return visual_schema(cfg.visual_dtype, None), None
+        shape = visual_shape(schema)
+        return visual_schema(cfg.visual_dtype, shape[0] * shape[1], shape), shape
     if cfg.visual_source == "import":
         return visual_schema(cfg.visual_dtype, None), None
     media = {item["media_type"] for item in items}
@@ -64,8 +64,20 @@ def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy, out_dir) -> tup
 
     side = cfg.image_size or 224  # the processor resizes to its own size: any probe size will do
     tokens_per_image, dim = encoder.get().encode([Image.new("RGB", (side, side))]).shape[1:]
-    per_item = tokens_per_image * (cfg.num_frames if media == {"video"} else 1)
-    return visual_schema(cfg.visual_dtype, per_item * dim), per_item
+    shape = (tokens_per_image * (cfg.num_frames if media == {"video"} else 1), dim)
+    return visual_schema(cfg.visual_dtype, shape[0] * shape[1], shape), shape
+
+
+def _row_shape(out_dir, shape: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    """(n_tokens, dim) for the summary, which `features` and `train` take the width from. Fixed layout:
+    the schema's. Variable: the width every row of every shard shares (None when rows differ or there
+    are none) and the token count when all rows have the same one."""
+    if shape is not None:
+        return shape
+    columns = [pq.read_table(path, columns=["n_tokens", "dim"]) for path in sorted(out_dir.glob("part-*.parquet"))]
+    dims = {d for table in columns for d in table.column("dim").to_pylist()}
+    n_tokens = {n for table in columns for n in table.column("n_tokens").to_pylist()}
+    return (n_tokens.pop() if len(n_tokens) == 1 else None), (dims.pop() if len(dims) == 1 else None)
 
 
 def _rows(rows: list[dict], arrays: list[np.ndarray], schema: pa.Schema, dtype: str) -> pa.Table:
@@ -87,7 +99,7 @@ def _rows(rows: list[dict], arrays: list[np.ndarray], schema: pa.Schema, dtype: 
 
 
 def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dict]], encoder: Lazy,
-                     schema: pa.Schema, per_item: int | None):
+                     schema: pa.Schema, shape: tuple[int, int] | None):
     from leccr.media import ItemLoader, MediaError, ShardPrefetcher
 
     load = ItemLoader(ctx.dataset_root, cfg.num_frames, cfg.fps)
@@ -112,8 +124,9 @@ def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dic
             tokens = states[at : at + len(frames)]  # [frames, tokens, dim]: a video's frames in order
             at += len(frames)
             array = tokens.reshape(-1, tokens.shape[-1])
-            if per_item is not None and array.shape[0] != per_item:
-                errors.append((item["item_id"], f"{array.shape[0]} visual tokens, the fixed layout holds {per_item}"))
+            if shape is not None and array.shape != shape:
+                errors.append((item["item_id"],
+                               f"visual tokens of shape {array.shape}, the fixed layout holds {shape}"))
                 continue
             rows.append(item)
             arrays.append(array)
@@ -157,14 +170,19 @@ def shard_jobs(ctx: StageContext) -> list[ShardJob]:
 
 
 def run(ctx: StageContext) -> None:
-    from leccr.features.vision import VisionEncoder  # torch: imported when the stage runs, not when planned
+    import torch  # imported when the stage runs, not when planned
+
+    from leccr.device import resolve_device
+    from leccr.features.vision import VisionEncoder
+    from leccr.image_processor import IMAGE_PROCESSOR_BACKEND
+    from leccr.threads import numerics
 
     cfg: VisualConfig = ctx.section  # type: ignore[assignment]
     check_config(cfg)
     items = work_items(ctx)
     encoder = Lazy(lambda: VisionEncoder(cfg.vision_model, cfg.visual_output, cfg.image_size, cfg.device,
                                          cfg.precision))
-    schema, per_item = _layout(cfg, items, encoder, ctx.out_dir)
+    schema, shape = _layout(cfg, items, encoder, ctx.out_dir)
     features_type = schema.field("features").type
     bytes_per_row = (features_type.list_size * features_type.value_type.byte_width
                      if pa.types.is_fixed_size_list(features_type) else 64 * 2**10)
@@ -177,7 +195,7 @@ def run(ctx: StageContext) -> None:
     else:
         split = ctx.plan_shards(job)  # media is decoded only for the items to compute
         shards = [split.to_compute(i) for i in range(len(split.shards))]
-        process, prefetcher = _model_processor(ctx, cfg, shards, encoder, schema, per_item)
+        process, prefetcher = _model_processor(ctx, cfg, shards, encoder, schema, shape)
     try:
         totals = ctx.run_shards(replace(job, process=process))
     finally:
@@ -186,15 +204,18 @@ def run(ctx: StageContext) -> None:
     if ctx.shard_slot is not None:
         return
     encode_seconds = totals.stats.get("encode_seconds", 0.0)
-    first = pq.read_table(ctx.out_dir / part_name(0), columns=["n_tokens", "dim"]) \
-        if (ctx.out_dir / part_name(0)).exists() else None
+    n_tokens, dim = _row_shape(ctx.out_dir, shape)
     ctx.summary.update(
         items=len(items), rows=totals.rows, errors=totals.errors, shards_done=totals.shards_done,
         shards_resumed=totals.shards_resumed, frames_encoded=int(totals.stats.get("frames", 0)),
         frames_per_s=round(totals.stats["frames"] / encode_seconds, 1) if encode_seconds > 0 else None,
         fixed=bool(pa.types.is_fixed_size_list(features_type)),
-        dim=int(first.column("dim")[0].as_py()) if first is not None and first.num_rows else None,
-        n_tokens=int(first.column("n_tokens")[0].as_py()) if first is not None and first.num_rows else None,
+        dim=dim, n_tokens=n_tokens,
+        # what the features depend on besides the key: the image processor's backend is fixed (PIL), the
+        # torch build, CPU kernels and threads are this machine's (the demo's tower gave the same bytes on
+        # 1 and 2 threads: its forward pass has no full reduction)
+        numerics={**numerics(resolve_device(cfg.device).type, torch.get_num_threads()),
+                  "image_processor_backend": IMAGE_PROCESSOR_BACKEND} if cfg.visual_source == "model" else None,
     )
 
 

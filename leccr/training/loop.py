@@ -30,6 +30,7 @@ from leccr.data import FeatureTables
 from leccr.models import ModelConfig, create_model_from_config
 from leccr.progress import progress as progress_bar
 from leccr.core.io import atomic_write_text
+from leccr.threads import torch_threads
 from leccr.training.checkpoint import (HISTORY_FILE, INFO_FILE, clear_state, load_state, save_model, save_state,
                                        save_text_encoder)
 from leccr.training.data import MultilingualSamples, batch_loader, epoch_batches
@@ -131,7 +132,14 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
                  gather=None, logger: logging.Logger | logging.LoggerAdapter | None = None) -> TrainResult:
     """Train `job.method` to completion (resuming an unfinished run in `job.method_dir`); rank 0 writes
     model.safetensors (best), history.parquet, and train_info.json last. Progress (steps/s, ETA) and one
-    line per epoch go to `logger` (the stage passes its run logger, so they show in Prefect)."""
+    line per epoch go to `logger` (the stage passes its run logger, so they show in Prefect).
+    torch runs on `cfg.threads` CPU threads throughout: the weights depend on the count."""
+    with torch_threads(cfg.threads):
+        return _train_method(job, cfg, device, rank, world_size, gather, logger)
+
+
+def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
+                  gather, logger: logging.Logger | logging.LoggerAdapter | None) -> TrainResult:
     log = logger or _log
     is_writer = rank == 0
     method_dir = job.method_dir
