@@ -299,7 +299,8 @@ def test_alphas_score_one_trained_model_at_several_weights(tmp_path, artifacts, 
     def metrics_of(name: str, **fields) -> list[dict]:
         (tmp_path / name).mkdir()
         ctx = make_context(tmp_path / name, EvaluateConfig(ks=[1, 5], chunk_size=3, device="cpu", **fields),
-                           dataset, features, Artifact("train", "trainkey", train_dir))
+                           dataset, features,
+                           MethodArtifacts("train", {m: Artifact("train", f"{m}key", train_dir) for m in models}))
         evaluate.run(ctx)
         return read_table(ctx.out_dir / "metrics.parquet", METRICS).to_pylist(), ctx
 

@@ -80,7 +80,8 @@ def test_train_key_follows_the_resolved_model_config(demo_root, tmp_path):
     # an override, a preset (and so the model it resolves to) change it
     assert _key_config("train", _data(demo_root, tmp_path, train={"models": {"leccr": {"num_slots": 3}}})) != base
     preset = _key_config("train", _data(demo_root, tmp_path, train={"preset": "multi30k-de", "model_size": "base"}))
-    assert preset["resolved_epochs"] != base["resolved_epochs"] or preset["resolved_models"] != base["resolved_models"]
+    assert preset["train[leccr]"]["resolved_epochs"] != base["train[leccr]"]["resolved_epochs"] or \
+        preset["train[leccr]"]["resolved_models"] != base["train[leccr]"]["resolved_models"]
     # the bundled JSON itself, edited in place (in a copy of the folder; restored before any other test)
     configs = tmp_path / "model_configs"
     shutil.copytree(leccr.models.MODEL_CONFIG_DIR, configs)
@@ -96,8 +97,10 @@ def test_train_key_follows_the_resolved_model_config(demo_root, tmp_path):
     finally:
         leccr.models.MODEL_CONFIG_DIR = original
         leccr.models._configs.cache_clear()
-    assert edited != base
-    assert edited["resolved_models"]["baseline"]["embed_dim"] == 2 * base["resolved_models"]["baseline"]["embed_dim"]
+    assert edited["train[baseline]"] != base["train[baseline]"]
+    assert edited["train[leccr]"] == base["train[leccr]"]  # another method's bundled JSON: not leccr's key
+    assert edited["train[baseline]"]["resolved_models"]["baseline"]["embed_dim"] == \
+        2 * base["train[baseline]"]["resolved_models"]["baseline"]["embed_dim"]
     assert _key_config("train", _data(demo_root, tmp_path)) == base  # the bundled JSON again
 
 

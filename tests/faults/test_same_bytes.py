@@ -111,7 +111,7 @@ def test_an_all_error_first_visual_shard_leaves_the_width_to_the_schema(demo_roo
     visual = outcomes["visual"].artifact
     assert pq.read_table(visual.path / "part-00000.parquet").num_rows == 0
     assert {e["item_id"] for e in _rows(visual.path / "errors.parquet")} == {name.split(".")[0] for name in first}
-    summary = visual.manifest["summary"]
+    summary = visual.manifest.summary
     widths = {row["dim"] for row in _rows(visual.path / "part-00001.parquet")}
     assert summary["dim"] in widths and len(widths) == 1
     info = json.loads((outcomes["features"].artifact.path / "features_info.json").read_text())
