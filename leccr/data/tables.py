@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from leccr.features.storage import RowViews
 from leccr.schemas.core import validate
+from leccr.core.io import temporary_name
 from leccr.schemas.features import TEXT_TOKENS, description_schema, visual_schema
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _arrow_file(part: Path, cache_dir: Path) -> Path:
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{target.name}.tmp-{os.getpid()}"
+    tmp = temporary_name(target)  # per process and thread: two trainings may convert the same part at once
     parquet = pq.ParquetFile(part)
     with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, parquet.schema_arrow) as writer:
         for group in range(parquet.num_row_groups):  # one record batch per row group: bounded memory

@@ -153,7 +153,14 @@ def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
     """Submit every planned job as a task as soon as its upstream stages have finished (inside a flow)."""
     if cfg.runner.kind == "ray" and cfg.runner.probe_storage:
         probe_shared_storage(cfg.artifacts_root)
-    return drive(cfg, plan(stages, force), task_submitter(cfg))
+    return drive(cfg, plan(stages, force), task_submitter(cfg, serial_stages(cfg)))
+
+
+def serial_stages(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Stages whose jobs must not run side by side in one process: training seeds torch's global RNG at
+    every step (leccr.training.loop), so two methods trained by threads of one process would draw from
+    each other's stream. Ray runs each task in a worker process of its own."""
+    return () if cfg.runner.kind == "ray" else ("train",)
 
 
 @flow(name="leccr-stages")

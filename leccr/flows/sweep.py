@@ -28,20 +28,16 @@ from prefect.artifacts import create_markdown_artifact
 
 from leccr.core.dag import plan
 from leccr.core.runner import RunResult, drive_many, record_run
-from leccr.flows.leccr import _has_runner_for, task_runner, task_submitter
+from leccr.flows.leccr import _has_runner_for, serial_stages, task_runner, task_submitter
 from leccr.runs import RunLabel, entries_of, now, write_record
 from leccr.sweep import Sweep, load_sweep
-
-SERIAL_ON_THREADS = ("train",)  # stages that must not run side by side in one process (see the docstring)
-
 
 def run_sweep_stages(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None
                      ) -> dict[str, RunResult]:
     """{variant: its outcomes, the jobs another variant submitted for it, its error or None}: every
     variant through the one driver (leccr.core.runner.drive_many), which submits a shared key once."""
-    serial = SERIAL_ON_THREADS if sweep.base.runner.kind != "ray" else ()
     return drive_many({variant.name: variant.cfg for variant in sweep.variants}, plan(stages, force),
-                      task_submitter(sweep.base, serial))
+                      task_submitter(sweep.base, serial_stages(sweep.base)))
 
 
 @flow(name="leccr-sweep-stages")
