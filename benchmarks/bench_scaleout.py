@@ -138,7 +138,7 @@ def start_ray(num_cpus: int, verbose: bool) -> dict:
     """Start a local Ray in this process; seconds of ray.init and of the first trivial task."""
     import ray
 
-    from leccr.flows.leccr import worker_prefect_env
+    from leccr.flows.pipeline import worker_prefect_env
 
     started = time.perf_counter()
     # As the flow's own runner does when it starts Ray: workers report to this process's Prefect API.
@@ -173,7 +173,7 @@ def worker_imports_s() -> float:
     what every Ray worker process pays before its first Prefect task starts (a subprocess, outside Ray)."""
     import subprocess
 
-    code = ("import time; t = time.perf_counter(); import leccr.flows.leccr, leccr.stages.describe, leccr.stages.features, "
+    code = ("import time; t = time.perf_counter(); import leccr.flows.pipeline, leccr.stages.describe, leccr.stages.features, "
             "leccr.engines.mllm, leccr.features.vision, torch, transformers; print(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     return round(float(out.stdout.strip().splitlines()[-1]), 2)
@@ -223,7 +223,7 @@ def shard_seconds(parts: list[Path]) -> float | None:
 def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool, stages: tuple[str, ...]) -> dict:
     import yaml
 
-    from leccr.flows.leccr import leccr
+    from leccr.flows.pipeline import leccr
 
     folder.mkdir(parents=True)
     config = folder / "bench.yaml"

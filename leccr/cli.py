@@ -105,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         # Offline, the temporary server's telemetry logs an error on every run.
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from leccr.flows.leccr import leccr, task_runner
+        from leccr.flows.pipeline import leccr, task_runner
 
         paths = leccr.with_options(task_runner=task_runner(cfg))(
             config=args.config, stages=stages, force=force, overrides=overrides or None)
@@ -159,7 +159,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # as cmd_run
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from leccr.flows.leccr import task_runner
+    from leccr.flows.pipeline import task_runner
     from leccr.flows.sweep import leccr_sweep
 
     status = leccr_sweep.with_options(task_runner=task_runner(sweep.base))(

@@ -4,7 +4,7 @@ Shard tasks write their shards straight into the store, so a worker on a node wh
 the shared filesystem (NFS, Lustre, ...) would write shards nobody else sees. Before any stage runs,
 the driver writes a probe file, one task pinned to each alive node reads it and writes an answer,
 and the driver reads every answer back. Any failure stops the run with the node and the reason. The
-tasks themselves are submitted by the flow (leccr/flows/leccr.py): this module does not import Prefect.
+tasks themselves are submitted by the flow (leccr/flows/pipeline.py): this module does not import Prefect.
 """
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ def test_shard_tasks_retry_transient_errors_only():
     from prefect.states import Failed
 
     from leccr.core.failures import StageFailed
-    from leccr.flows.leccr import shard_slot_task, transient
+    from leccr.flows.pipeline import shard_slot_task, transient
 
     assert shard_slot_task.retries == 2 and shard_slot_task.retry_condition_fn is transient
     assert transient(None, None, Failed(data=OSError("Stale file handle")))

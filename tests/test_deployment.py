@@ -164,13 +164,15 @@ def test_prefect_deployment_run_leccr_full(request, demo_config):
         assert f"{name}: stopped" in stop.stdout, stop.stdout
     # The run wrote complete artifacts for every stage into the config's artifact root.
     record = json.loads((artifacts / "runs" / "demo.json").read_text())
-    assert set(record) == {"dataset", "translate", "describe", "visual", "features", "train", "evaluate", "index"}
+    methods = yaml.safe_load(config_path.read_text())["train"]["methods"]
+    assert set(record) == {"dataset", "translate", "describe", "visual", "features", "evaluate", "index",
+                           *(f"train[{method}]" for method in methods)}  # one train artifact per method
     assert "| leccr |" in (artifacts / "evaluate" / record["evaluate"] / "report.md").read_text()
-    for stage, key in record.items():
-        assert (artifacts / stage / key / "_manifest.json").is_file(), stage
+    for label, key in record.items():
+        assert (artifacts / label.split("[")[0] / key / "_manifest.json").is_file(), label
     from leccr.runs import read_records
 
     swept = [r for r in read_records(artifacts) if r["sweep"] == "alpha"]
     assert sorted(r["swept"]["evaluate.alpha"] for r in swept) == [0.5, 1.0]
-    assert {r["stages"]["train"]["status"] for r in swept} == {"cache_hit"}  # trained by leccr/full
-    assert {r["stages"]["train"]["key"] for r in swept} == {record["train"]}
+    assert {r["stages"]["train[leccr]"]["status"] for r in swept} == {"cache_hit"}  # trained by leccr/full
+    assert {r["stages"]["train[leccr]"]["key"] for r in swept} == {record["train[leccr]"]}

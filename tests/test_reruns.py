@@ -300,7 +300,7 @@ def test_a_run_is_one_flow_run_and_hits_show_as_cached(demo_root, tmp_path, pref
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from leccr.flows.leccr import leccr
+    from leccr.flows.pipeline import leccr
 
     data = _data(demo_root, tmp_path)
     config = tmp_path / "exp.yaml"

@@ -56,7 +56,7 @@ def _contents(artifacts: Path, keys: dict[str, str]) -> dict[str, str]:
 
 
 def test_ray_runner_gives_the_same_artifacts_as_local(demo_root, tmp_path):
-    from leccr.flows.leccr import leccr
+    from leccr.flows.pipeline import leccr
 
     local = run_pipeline(parse_config(_small_demo(demo_root, tmp_path / "local")), SHARDED)
     ray_data = _ray_data(demo_root, tmp_path / "ray")
@@ -74,7 +74,7 @@ def test_ray_workers_report_to_the_flows_prefect_api(demo_root, tmp_path):
     from prefect import flow, task
     from prefect.client.orchestration import get_client
 
-    from leccr.flows.leccr import task_runner
+    from leccr.flows.pipeline import task_runner
 
     cfg = parse_config({**demo_config_dict(demo_root, tmp_path), "runner": {"kind": "ray", "num_cpus": 1}})
 
@@ -112,7 +112,7 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
     config = tmp_path / "ray.yaml"
     config.write_text(yaml.safe_dump(data))
     shards = tmp_path / "artifacts" / "translate"
-    code = "import sys; from leccr.flows.leccr import leccr; leccr(config=sys.argv[1], stages=['translate'])"
+    code = "import sys; from leccr.flows.pipeline import leccr; leccr(config=sys.argv[1], stages=['translate'])"
     marker = f"leccr-test-{os.getpid()}-{time.time_ns()}"
     process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,7 +151,7 @@ def test_storage_probe_fails_clearly_when_a_node_cannot_see_the_root(demo_root, 
     exactly what a worker machine without the shared filesystem sees."""
     import ray
 
-    from leccr.flows.leccr import leccr
+    from leccr.flows.pipeline import leccr
     from leccr.scaleout import SharedStorageError
 
     ray_bin = str(Path(sys.executable).parent / "ray")

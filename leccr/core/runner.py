@@ -1,6 +1,6 @@
 """Run stages through the store: key, cache check, run, manifest. Plain Python, no Prefect.
 
-One driver (`drive`) serves `leccr run` in this process and the Prefect flow (leccr/flows/leccr.py), which
+One driver (`drive`) serves `leccr run` in this process and the Prefect flow (leccr/flows/pipeline.py), which
 only says how a job is submitted; both take the same decisions, because both go through `plan`,
 `key_parts` and `run_stage`. A per-method stage (train) is one job, and one artifact, per method.
 """

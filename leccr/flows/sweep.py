@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from leccr.core.dag import plan
 from leccr.core.runner import RunResult, drive_many, record_run
-from leccr.flows.leccr import _has_runner_for, serial_stages, task_runner, task_submitter
+from leccr.flows.pipeline import _has_runner_for, serial_stages, task_runner, task_submitter
 from leccr.runs import RunLabel, entries_of, now, write_record
 from leccr.sweep import Sweep, load_sweep
 

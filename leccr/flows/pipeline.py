@@ -2,7 +2,7 @@
 shows; the store (leccr.core) decides what is reused, so the tasks carry no Prefect cache policy. A
 stage whose artifact is already complete finishes at once in a `Cached` state.
 
-Run it with no server (`leccr run --config configs/demo.yaml`, or `python leccr/flows/leccr.py CONFIG`:
+Run it with no server (`leccr run --config configs/demo.yaml`, or `python leccr/flows/pipeline.py CONFIG`:
 Prefect starts a temporary local API) or as the deployment `leccr/full` of prefect.yaml.
 
 One `leccr run` is one flow run: the CLI picks the task runner from the config before it starts the
