@@ -5,7 +5,7 @@ from importlib.metadata import version
 import pytest
 import yaml
 
-from leccr.cli import main
+from leccr.cli import configure_logging, main
 
 
 def test_run_then_rerun_is_all_cache_hits_and_inspect_shows_translate(demo_config, prefect_api, capsys):
@@ -101,6 +101,10 @@ def test_an_error_is_one_line_and_a_hint_traceback_only_with_v(tmp_path, capsys)
     assert main(["-v", *argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "UnicodeDecodeError" in err and "hint" not in err
+    # -v let every library log through: back to the quiet console before reading the next error alone
+    # (a Prefect log shipper of an earlier test logs through httpx from its own thread)
+    configure_logging(False)
+    capsys.readouterr()
     # a missing file: the message names it, no hint needed
     assert main(["build-tiny-models", "--out", str(tmp_path / "m"), "--corpus-file", str(tmp_path / "no.txt")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
