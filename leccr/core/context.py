@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from leccr.config import Section
 from leccr.core.artifact import Artifact, MethodArtifacts, ReadView, part_name
+from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
 from leccr.core.keys import KeyParts
 from leccr.core.memo import RowMemo
 from leccr.core.shards import MemoSplit, ShardJob, ShardRun, ShardTotals, memo_split
@@ -44,17 +45,19 @@ class StageContext:
     # Earlier artifacts of this stage with the same code and effective config (newest first): the
     # row memo takes the rows of unchanged units from them.
     memo_sources: list[Artifact] = field(default_factory=list)
+    # The run's fingerprinter (its digests already in memory); None: one for the artifact root is made
+    fingerprinter: Fingerprinter | None = field(default=None, repr=False)
     _splits: dict[str, MemoSplit] = field(default_factory=dict, repr=False)
 
     def write(self, name: str, table: pa.Table, schema: pa.Schema, row_group_size: int | None = None) -> Path:
         """Write one whole (non-sharded) Parquet file of this artifact atomically."""
         return write_table(table, self.out_dir / name, schema, row_group_size)
 
-    def fingerprints(self):
-        """The artifact root's fingerprinter (content digests through its stat cache)."""
-        from leccr.core.fingerprint import fingerprinter_for
-
-        return fingerprinter_for(self.out_dir.parents[1])
+    def fingerprints(self) -> Fingerprinter:
+        """The run's fingerprinter, else the artifact root's (content digests through its stat cache)."""
+        if self.fingerprinter is None:
+            self.fingerprinter = fingerprinter_for(self.out_dir.parents[1])
+        return self.fingerprinter
 
     def next_shard(self, n_shards: int) -> Callable[[int], int | None]:
         """`next_shard(n)(index)`: the shard this process computes after `index` (its own slot's,

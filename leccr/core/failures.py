@@ -14,10 +14,9 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
+from leccr.core.artifact import MANIFEST
 from leccr.schemas.core import read_table
 from leccr.schemas.errors import ERRORS
-
-MANIFEST = "_manifest.json"
 
 
 class StageFailed(RuntimeError):

@@ -184,15 +184,15 @@ def _views(stage: StageDef, inputs: dict[str, Input]) -> dict[str, ReadView | Me
 
 
 def make_context(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts: KeyParts,
-                 logger: logging.Logger | logging.LoggerAdapter,
-                 shard_slot: tuple[int, int] | None = None) -> StageContext:
+                 logger: logging.Logger | logging.LoggerAdapter, shard_slot: tuple[int, int] | None = None,
+                 fingerprints: Fingerprinter | None = None) -> StageContext:
     stage = get_stage(job.stage)
     store = Store(cfg.artifacts_root)
     sources = [a for a in store.with_salt(job.stage, parts.memo_salt) if a.key != parts.key] if stage.sharded else []
     return StageContext(stage=job.stage, key=parts.key, section=stage.section(config_for(cfg, job)),
                         inputs=_views(stage, inputs), out_dir=store.artifact(job.stage, parts.key).path, log=logger,
                         key_parts=parts, shard_slot=shard_slot, dataset_root=Path(cfg.dataset.path),
-                        variant=job.method, memo_sources=sources)
+                        variant=job.method, memo_sources=sources, fingerprinter=fingerprints)
 
 
 # ------------------------------------------------------------------------------------- explain
@@ -391,7 +391,7 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
                    why_new(parts, previous_manifest(store, cfg.name, job), get_stage(job.stage).config_section))
         logger.info("%s: computing %s (%s)", job.label, parts.key, "; ".join(reasons))
         artifact.path.mkdir(parents=True, exist_ok=True)
-        ctx = make_context(cfg, job, inputs, parts, logger)
+        ctx = make_context(cfg, job, inputs, parts, logger, fingerprints=fingerprints)
         started = time.time()
         with stage_lock(artifact.path):
             try:
