@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefect pipeline.
 
   leccr demo                                   build demo data + tiny models, run every stage
-  leccr run --config C [--stage S] [--force S] [--set KEY=VALUE] [--dry-run]
+  leccr run --config C [--stage S] [--force S] [--set KEY=VALUE] [--dry-run] [--prefect]
   leccr sweep --config C --grid PATH=[V1,V2] [--dry-run]   a grid of runs sharing their common stages
   leccr compare [RUN_ID...] [--experiment E] [--sweep S]   runs side by side, with the papers' numbers
   leccr inspect [--experiment NAME] [SQL]      DuckDB over the artifacts, one view per stage
@@ -80,13 +80,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["runner.kind"] = args.runner
     if args.ray_address:
         overrides["runner.address"] = args.ray_address
-    cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts, on a bad config
+    cfg = load_config(args.config, overrides)  # fail fast, before anything runs, on a bad config
     # ... and on an unusable dataset path or artifacts root (a dry run writes nothing: the root may be absent)
     check_environment(cfg, write=not args.dry_run)
     stages, force = args.stage or None, args.force or None
     fingerprints = fingerprinter_for(cfg.artifacts_root)  # one per run: each path is hashed once
-    planned = explain(cfg, stages, force, fingerprints)
     if args.dry_run:
+        planned = explain(cfg, stages, force, fingerprints, every_field=args.verbose)
         print(f"Plan for experiment {cfg.name} (artifacts under {Path(cfg.artifacts_root).absolute()}):")
         for stage in planned:
             print("  " + stage.line())
@@ -95,12 +95,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in unkeyed_overrides(cfg, args.set):
             print(line)
         return 0
-    if all(stage.status == "hit" for stage in planned):
-        # Nothing to compute: no Prefect server, no flow run, just the bookkeeping of a run.
-        paths = {name: str(o.artifact.path) for name, o in run_pipeline(cfg, stages, force, fingerprints).items()}
-        print(f"All {len(planned)} stages are up to date (cache hits); nothing to run.")
+    why_prefect = prefect_reason(args.prefect, cfg)
+    # No preview: a run computes the dataset once, in the store (a preview would compute it twice).
+    if why_prefect is None or all(s.status == "hit" for s in explain(cfg, stages, force, fingerprints, False)):
+        # In this process (leccr.core.local); with Prefect asked for but nothing to compute, no flow run either.
+        outcomes = run_pipeline(cfg, stages, force, fingerprints)
+        paths = {name: str(o.artifact.path) for name, o in outcomes.items()}
+        if all(o.cache_hit for o in outcomes.values()):
+            print(f"All {len(outcomes)} stages are up to date (cache hits); nothing to run.")
     else:
-        # The embedded default starts a temporary Prefect server; Prefect gives it 20 s, which a busy
+        print(f"Running through Prefect ({why_prefect}).", flush=True)
+        # Without PREFECT_API_URL Prefect starts a temporary server, and gives it 20 s, which a busy
         # 2-core machine (CI, a laptop also extracting features) can miss. A user's own setting wins.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         # Offline, the temporary server's telemetry logs an error on every run.
@@ -112,13 +117,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\nArtifacts:")
     for stage, path in paths.items():
         print(f"  {stage:<15} {path}")
+    root = "" if cfg.artifacts_root == "artifacts" else f" --root {cfg.artifacts_root}"
     if "evaluate" in paths and (Path(paths["evaluate"]) / "report.md").is_file():
         print(f"Report: {Path(paths['evaluate']) / 'report.md'}")
-        print("Compare methods: leccr inspect \"SELECT method, lang, value AS sumr FROM metrics "
+        print(f"Compare methods: leccr inspect{root} \"SELECT method, lang, value AS sumr FROM metrics "
               "WHERE metric = 'sumr' AND score = 'fused' ORDER BY lang, method\"")
-    else:
-        print("Inspect them with: leccr inspect \"SELECT * FROM translate LIMIT 5\"")
+    elif view := inspect_view(paths):
+        print(f"Inspect them with: leccr inspect{root} \"SELECT * FROM {view} LIMIT 5\"")
     return 0
+
+
+def inspect_view(paths: dict[str, str]) -> str | None:
+    """The `leccr inspect` view of the last stage of a run that has one (its files exist): the hint after
+    a run names a table that run made."""
+    from leccr.core.artifact import stage_of
+    from leccr.sql import VIEWS
+
+    for label in reversed(paths):
+        for view, (stage, pattern) in VIEWS.items():
+            # `describe` needs quoting in SQL (`descriptions` is its plain name); error tables are not the output
+            if stage == stage_of(label) and view != "describe" and not view.endswith("_errors") \
+                    and next(Path(paths[label]).glob(pattern), None) is not None:
+                return view
+    return None
+
+
+def prefect_reason(asked: bool, cfg) -> str | None:
+    """Why this run goes through Prefect, or None: it runs in this process (leccr.core.local).
+
+    Prefect when asked (`--prefect`), when a server is named by PREFECT_API_URL (its UI then shows the
+    run), and for Ray (`runner.kind: ray` runs through Prefect's Ray task runner)."""
+    if asked:
+        return "--prefect"
+    if url := prefect_api_url():
+        return f"PREFECT_API_URL={url}"
+    if cfg.runner.kind == "ray":
+        return "runner.kind: ray"
+    return None
+
+
+def prefect_api_url() -> str | None:
+    """PREFECT_API_URL from the environment, else from the active Prefect profile (`prefect config set
+    PREFECT_API_URL=...` writes it there), read without importing Prefect (a second or two)."""
+    import tomllib
+
+    if url := os.environ.get("PREFECT_API_URL"):
+        return url
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        data = tomllib.loads(profiles.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active")
+    return (data.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL") or None
 
 
 def unkeyed_overrides(cfg, pairs: list[str]) -> list[str]:
@@ -150,20 +202,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.runner:
         overrides["runner.kind"] = args.runner
     grid = parse_grid(args.grid) or None
-    sweep = load_sweep(args.config, grid, args.name, overrides)  # every variant validated before Prefect starts
+    sweep = load_sweep(args.config, grid, args.name, overrides)  # every variant validated before anything runs
     check_environment(sweep.base, write=not args.dry_run)
     stages, force = args.stage or None, args.force or None
     if args.dry_run:
         planned = plan_sweep(sweep, stages, force, fingerprinter_for(sweep.base.artifacts_root))
         print("\n".join(dry_run_lines(sweep, planned)))
         return 0
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # as cmd_run
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from leccr.flows.pipeline import task_runner
-    from leccr.flows.sweep import leccr_sweep
+    why_prefect = prefect_reason(args.prefect, sweep.base)
+    if why_prefect is None:
+        from leccr.sweep import run_sweep
 
-    status = leccr_sweep.with_options(task_runner=task_runner(sweep.base))(
-        config=args.config, grid=grid, name=sweep.name, stages=stages, force=force, overrides=overrides or None)
+        status = run_sweep(sweep, stages, force)
+    else:
+        print(f"Running through Prefect ({why_prefect}).", flush=True)
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # as cmd_run
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from leccr.flows.pipeline import task_runner
+        from leccr.flows.sweep import leccr_sweep
+
+        status = leccr_sweep.with_options(task_runner=task_runner(sweep.base))(
+            config=args.config, grid=grid, name=sweep.name, stages=stages, force=force,
+            overrides=overrides or None)
     print(f"\nSweep {sweep.name}: {len(status)} runs completed.")
     print(f"Compare them: leccr compare --sweep {sweep.name}"
           + ("" if sweep.base.artifacts_root == "artifacts" else f" --root {sweep.base.artifacts_root}"))
@@ -227,12 +287,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "the real describe engine, whose text is noise; the run after it imports its descriptions.")
         status = cmd_run(argparse.Namespace(config=LLAVA_DEMO_CONFIG, stage=["describe"],
                                             force=[s for s in args.force if s in ("dataset", "describe")], set=[],
-                                            runner=None, ray_address=None, dry_run=False))
+                                            runner=None, ray_address=None, dry_run=False, prefect=args.prefect,
+                                            verbose=args.verbose))
         if status != 0:
             return status
         print()
     status = cmd_run(argparse.Namespace(config=args.config, stage=[], force=args.force, set=[], runner=None,
-                                        ray_address=None, dry_run=False))
+                                        ray_address=None, dry_run=False, prefect=args.prefect,
+                                        verbose=args.verbose))
     if status == 0:
         print(f"\nDescriptions in {cfg.name}: {describe_source(cfg)}")
         print_search_commands(args.config)
@@ -381,6 +443,10 @@ def cmd_build_tiny_models(args: argparse.Namespace) -> int:
     return run(args, args.tiny_parser)
 
 
+PREFECT_HELP = ("run as a Prefect flow run: on the server PREFECT_API_URL names (which also selects Prefect), "
+                "else on a temporary local one (about 20 s to start); default: in this process, no server")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's usage errors in the form of every other `leccr` error: `leccr: error: ...`, exit 2."""
 
@@ -442,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text, parents=[verbose],
                                    formatter_class=_HelpFormatter, **kwargs)
 
-    run = command("run", "run the pipeline (embedded Prefect, no server needed)")
+    run = command("run", "run the pipeline (in this process; --prefect or PREFECT_API_URL: as a Prefect flow run)")
     run.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
     run.add_argument("--stage", action="append", default=[], metavar="STAGE",
                      help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}")
@@ -453,10 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
     run.add_argument("--ray-address", help="override runner.address: ray://host:10001, auto, ...")
     run.add_argument("--dry-run", action="store_true",
-                     help="print every planned stage with its key, cached or not, and why it would run; run nothing")
+                     help="print every planned stage with its key, cached or not, and why it would run (with -v: "
+                          "every changed field); run nothing")
+    run.add_argument("--prefect", action="store_true", help=PREFECT_HELP)
     run.set_defaults(handler=cmd_run)
 
-    sweep = command("sweep", "run a grid of variants of one experiment as one Prefect flow, sharing what they share")
+    sweep = command("sweep", "run a grid of variants of one experiment, sharing what they share (--prefect: as one "
+                             "Prefect flow run)")
     sweep.add_argument("--config", required=True, help="experiment YAML (its `sweep:` block is the default grid)")
     sweep.add_argument("--grid", action="append", default=[], metavar="PATH=[V1,V2]",
                        help="a config field and its values, e.g. train.models.leccr.losses.w_d=[0.1,0.3]; any --set "
@@ -472,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
     sweep.add_argument("--dry-run", action="store_true",
                        help="print each run's stages: key, cached or to compute, and which other runs share it")
+    sweep.add_argument("--prefect", action="store_true", help=PREFECT_HELP)
     sweep.set_defaults(handler=cmd_sweep)
 
     compare = command("compare", "recorded runs side by side: one table (methods × languages × swept fields), "
@@ -501,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default=DEMO_CONFIG, help="experiment YAML to run (default: %(default)s)")
     demo.add_argument("--force", action="append", default=[], metavar="STAGE",
                       help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}")
+    demo.add_argument("--prefect", action="store_true", help=PREFECT_HELP)
     demo.set_defaults(handler=cmd_demo)
 
     inspect = command("inspect", "query the artifacts with DuckDB (one view per stage)")

@@ -4,8 +4,8 @@ A sweep is the experiment file with a grid of `--set` paths (`--grid train.model
 or the file's `sweep:` block): every combination is a variant, a run of its own with its own effective
 config (named `<experiment>--<variant>`). Nothing here decides reuse: a stage's key is a hash of what its
 output depends on, so two variants that differ only in a train field get the same dataset, translate,
-describe, visual and features keys, and the sweep flow (leccr/flows/sweep.py) submits each distinct
-(stage, key) once. `--dry-run` shows that before anything runs (`plan_sweep`): for a stage whose key
+describe, visual and features keys, and the driver submits each distinct (stage, key) once, in this
+process (`run_sweep`) or as the Prefect flow (leccr/flows/sweep.py). `--dry-run` shows that before anything runs (`plan_sweep`): for a stage whose key
 waits on upstream work, the identity of what it will compute is its code, its config as it uses it, and
 the identities of its upstream stages — equal identities give equal keys.
 
@@ -18,6 +18,7 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import yaml
 from leccr.config import ConfigError, ExperimentConfig, load_config
 from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
 from leccr.core.dag import get_stage
-from leccr.core.runner import Job, explain, parts_with_upstream
+from leccr.core.runner import Job, RunResult, explain, parts_with_upstream
 
 
 @dataclass(frozen=True)
@@ -175,3 +176,58 @@ def dry_run_lines(sweep: Sweep, planned: dict[str, list[PlannedVariantStage]]) -
                  + f"; {len(users) - len(todo)} cached")
     return lines
 
+
+
+# ------------------------------------------------------------------------------------- running
+def run_sweep(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None) -> dict[str, str]:
+    """Every variant in this process (leccr.core.local), through the one driver, which submits a key
+    several variants share once; then their records and the comparison (`finish_sweep`)."""
+    from leccr.core.dag import plan
+    from leccr.core.local import drive_here
+    from leccr.runs import now
+
+    started = now()
+    results = drive_here({variant.name: variant.cfg for variant in sweep.variants}, plan(stages, force),
+                         fingerprinter_for(sweep.base.artifacts_root))
+    status = record_sweep(sweep, results, started)
+    sweep_comparison(sweep)
+    raise_failures(sweep, status)
+    return status
+
+
+def record_sweep(sweep: Sweep, results: dict[str, RunResult], started: datetime) -> dict[str, str]:
+    """Each variant's run record (leccr.runs: sweep, variant, swept values, stage keys with computed /
+    cache_hit / shared); {variant: "completed" | "failed: ..."}."""
+    from leccr.core.runner import record_run
+    from leccr.runs import RunLabel, entries_of, write_record
+
+    status = {}
+    for variant in sweep.variants:
+        result = results[variant.name]
+        label = RunLabel(sweep.experiment, sweep.name, variant.name, variant.values)
+        if result.error is None:
+            record_run(variant.cfg, result.outcomes)
+        write_record(variant.cfg, label, started, entries_of(result.outcomes, result.shared),
+                     "failed" if result.error else "completed", result.error)
+        status[variant.name] = ("completed" if result.error is None
+                                else f"failed: {type(result.error).__name__}: {result.error}")
+    return status
+
+
+def sweep_comparison(sweep: Sweep) -> Path | None:
+    """The sweep's comparison (leccr.compare) written beside the artifacts; None when no run evaluated."""
+    from leccr.compare import build, default_out_dir, select_runs, write
+
+    try:
+        title, records = select_runs(sweep.base.artifacts_root, sweep=sweep.name)
+    except ValueError:
+        return None
+    return write(build(sweep.base.artifacts_root, title, records), default_out_dir(sweep.base.artifacts_root, title))
+
+
+def raise_failures(sweep: Sweep, status: dict[str, str]) -> None:
+    """One error naming every failed run, raised after every other run finished and was recorded."""
+    failures = {v: s for v, s in status.items() if s != "completed"}
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(status)} runs of sweep {sweep.name} failed: "
+                           + "; ".join(f"{v}: {s}" for v, s in failures.items()))

@@ -1,14 +1,16 @@
 """Run stages through the store: key, cache check, run, manifest. Plain Python, no Prefect.
 
-One driver (`drive`) serves `leccr run` in this process and the Prefect flow (leccr/flows/pipeline.py), which
-only says how a job is submitted; both take the same decisions, because both go through `plan`,
-`key_parts` and `run_stage`. A per-method stage (train) is one job, and one artifact, per method.
+One driver (`drive_many`) serves `leccr run` in this process (leccr.core.local) and the Prefect flow
+(leccr/flows/pipeline.py). Each only says how a job is submitted; both take the same decisions, because
+both go through `plan`, `key_parts` and `run_stage`. A per-method stage (train) is one job, and one
+artifact, per method.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -135,14 +137,44 @@ def _flatten(data: Any, prefix: str) -> dict[str, Any]:
 
 
 _ABSENT = object()
+_SHOWN_CHARS = 60  # of a changed value, unless every field is asked for: a miss reads as one line
+_BARE = re.compile(r"[\w.+\-/:@]+")
 
 
-def _show(value: Any) -> str:
-    return "(unset)" if value is _ABSENT else json.dumps(value, ensure_ascii=False, default=str)
+def _show(value: Any, whole: bool = True) -> str:
+    """A key field's value as a reason shows it: a word-like string bare (`transformers`), anything else
+    as JSON (`["train", "val"]`, `null`, `"two words"`), shortened to _SHOWN_CHARS unless `whole`."""
+    if value is _ABSENT:
+        return "(unset)"
+    if isinstance(value, str) and _BARE.fullmatch(value) and value not in ("null", "true", "false"):
+        try:
+            float(value)
+        except ValueError:
+            text = value
+        else:
+            text = json.dumps(value)  # "1" stays a string
+    elif isinstance(value, dict) and set(value) <= {"content", "hub"}:  # a content path's identity
+        text = "(a file's content)"
+    else:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if whole or len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 1] + "…"
 
 
-def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: str) -> list[str]:
-    """Why a key differs from the previous artifact's: changed fields, content, code or upstream."""
+def _engine_fields(old: dict[str, Any], new: dict[str, Any], config_section: str) -> set[str]:
+    """The fields that come and go with a switch of the section's engine (the fields one engine keys and
+    the other does not), or none when the engine did not change."""
+    engine = f"{config_section}.engine"
+    if old.get(engine, _ABSENT) == new.get(engine, _ABSENT):
+        return set()
+    return {dotted for dotted in set(old) ^ set(new) if dotted != engine}
+
+
+def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: str,
+            every_field: bool = False) -> list[str]:
+    """Why a key differs from the previous artifact's: changed fields, content, code or upstream.
+
+    An engine switch names itself (`describe.engine: transformers → import`) and counts the fields only
+    one of the two engines uses instead of listing them; `every_field` lists them, with whole values."""
     if previous is None:
         return ["no earlier artifact of this stage"]
     reasons: list[str] = []
@@ -154,14 +186,17 @@ def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: st
         reasons.append("code changed" + (f": {', '.join(changed)}" if changed and before else ""))
     old = _flatten(previous.get("key_config") or {}, config_section)
     new = _flatten(parts.config, config_section)
+    folded = set() if every_field else _engine_fields(old, new, config_section)
     for dotted in sorted(set(old) | set(new)):
         before, after = old.get(dotted, _ABSENT), new.get(dotted, _ABSENT)
-        if before == after:
+        if before == after or dotted in folded:
             continue
         if isinstance(before, dict) and isinstance(after, dict):  # {"content": digest, ...} on both sides
             reasons.append(f"{dotted}: content changed")
         else:
-            reasons.append(f"{dotted}: {_show(before)} → {_show(after)}")
+            reasons.append(f"{dotted}: {_show(before, every_field)} → {_show(after, every_field)}")
+            if folded and dotted == f"{config_section}.engine":
+                reasons[-1] += f" (+{len(folded)} fields of one engine only; --dry-run -v lists them)"
     before_up = previous.get("upstream_digests", {})
     for up, digest in sorted(parts.upstream.items()):
         if before_up.get(up) != digest:
@@ -230,20 +265,33 @@ def _reuse_line(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts
 
 
 def explain(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
-            fingerprints: Fingerprinter | None = None) -> list[PlannedStage]:
-    """What a run would do, job by job, without running anything (`leccr run --dry-run`)."""
+            fingerprints: Fingerprinter | None = None, preview: bool = True,
+            every_field: bool = False) -> list[PlannedStage]:
+    """What a run would do, job by job, without running anything (`leccr run --dry-run`).
+
+    `preview`: compute a cheap stage that must run (the dataset) into a scratch folder, so the stages
+    after it get keys and reasons too; without it they are pending. `every_field`: list every changed
+    field (why_new)."""
+    fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
+    if not preview:
+        return _explain(cfg, plan(stages, force), fingerprints, None, every_field)
     with tempfile.TemporaryDirectory(prefix="leccr-plan-") as scratch:
-        return _explain(cfg, plan(stages, force), fingerprints or fingerprinter_for(cfg.artifacts_root), Path(scratch))
+        return _explain(cfg, plan(stages, force), fingerprints, Path(scratch), every_field)
+
+
+# A preview's log is not the run's: its "computed ... in /tmp/leccr-plan-..." would read as work done.
+_PREVIEW_LOG = logging.getLogger("leccr.plan")
+_PREVIEW_LOG.setLevel(logging.WARNING)
 
 
 def _preview(cfg: ExperimentConfig, job: Job, scratch: Path, parts: KeyParts, fingerprints: Fingerprinter) -> Artifact:
     """Compute a cheap stage into a scratch store (never the real one) so the plan can see its output."""
     scratch_cfg = cfg.model_copy(update={"artifacts_root": str(scratch)})
-    quiet = logging.getLogger("leccr.plan")
-    return run_stage(scratch_cfg, job, {}, logger=quiet, parts=parts, fingerprints=fingerprints).artifact
+    return run_stage(scratch_cfg, job, {}, logger=_PREVIEW_LOG, parts=parts, fingerprints=fingerprints).artifact
 
 
-def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter, scratch: Path) -> list[PlannedStage]:
+def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter, scratch: Path | None,
+             every_field: bool = False) -> list[PlannedStage]:
     store = Store(cfg.artifacts_root)
     planned: list[PlannedStage] = []
     finished: dict[str, Input] = {}
@@ -256,7 +304,7 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
             if waiting:
                 # The key needs what the upstream stages will hold; this stage's own changes show already.
                 own = parts_with_upstream(cfg, job, fingerprints, (previous or {}).get("upstream_digests", {}))
-                reasons = [r for r in why_new(own, previous, stage.config_section) if r != "key changed"]
+                reasons = [r for r in why_new(own, previous, stage.config_section, every_field) if r != "key changed"]
                 planned.append(PlannedStage(job.label, "pending", reasons=[f"after {', '.join(waiting)}", *reasons]))
                 continue
             parts = key_parts(cfg, job, finished, fingerprints)
@@ -276,7 +324,7 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
                                             if (drift := version_drift(artifact.manifest)) else []))
                 done[job.method or ""] = artifact
             else:
-                reasons = why_new(parts, previous, stage.config_section)
+                reasons = why_new(parts, previous, stage.config_section, every_field)
                 shards = len(list(artifact.path.rglob("part-*.parquet"))) if artifact.path.is_dir() else 0
                 if shards:
                     reasons.append(f"resumes with {shards} finished shard(s)")
@@ -284,7 +332,7 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
                 if reuse:
                     reasons.append(reuse)
                 planned.append(PlannedStage(job.label, "miss", parts.key, reasons))
-                if stage.preview and not stage.upstream:
+                if scratch is not None and stage.preview and not stage.upstream:
                     done[job.method or ""] = _preview(cfg, job, scratch, parts, fingerprints)
         if len(done) == len(jobs_of(cfg, name)):
             finished[name] = MethodArtifacts(name, done) if stage.per_method else done[""]
@@ -486,20 +534,6 @@ Submit = Callable[[Submission], Pending]
 
 
 @dataclass
-class _Done:
-    """A job run in this thread: its outcome, or the error it raised (raised again by `result`)."""
-
-    outcome: StageOutcome | None = None
-    error: BaseException | None = None
-
-    def result(self) -> StageOutcome:
-        if self.error is not None:
-            raise self.error
-        assert self.outcome is not None
-        return self.outcome
-
-
-@dataclass
 class RunResult:
     """What one configuration of a drive got: its outcomes by job label, the labels whose job another
     configuration submitted (a sweep's shared stages), and its first error (None: it completed)."""
@@ -576,21 +610,15 @@ def drive(cfg: ExperimentConfig, the_plan: Plan, submit: Submit,
 
 def run_pipeline(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
                  fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
-    """Run the DAG in this process, job after job (the Prefect flow drives the same way, as tasks).
+    """Run the DAG in this process, its jobs on threads (leccr.core.local), without Prefect: what
+    `leccr run` does unless Prefect is asked for; the Prefect flow drives the same way, as tasks.
     Every run, completed or failed, appends its run record (leccr.runs)."""
+    from leccr.core.local import drive_here
     from leccr.runs import RunLabel, entries_of, now, write_record
 
     fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
-
-    def here(submission: Submission) -> Pending:
-        try:
-            return _Done(run_stage(submission.cfg, submission.job, submission.inputs, force=submission.forced,
-                                   parts=submission.parts, fingerprints=fingerprints))
-        except BaseException as error:  # noqa: BLE001 - raised again where the driver asks for the result
-            return _Done(error=error)
-
     started = now()
-    result = drive_many({cfg.name: cfg}, plan(stages, force), here, fingerprints)[cfg.name]
+    result = drive_here({cfg.name: cfg}, plan(stages, force), fingerprints)[cfg.name]
     if result.error is not None:  # the failed run is kept too, with the jobs it finished
         write_record(cfg, RunLabel(cfg.name), started, entries_of(result.outcomes), "failed", result.error)
         raise result.error

@@ -33,6 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from leccr.config import ExperimentConfig, load_config
 from leccr.core.dag import get_stage, plan
 from leccr.core.keys import KeyParts
+from leccr.core.local import preload_transformers
 from leccr.core.runner import (Job, StageOutcome, Submission, Submit, drive, prepare_stage, record_run, run_stage,
                                run_stage_slot)
 from leccr.report import artifact_markdown
@@ -101,19 +102,6 @@ def _resources(cfg: ExperimentConfig, name: str):
 
     wanted = cfg.runner.resources[name]
     return remote_options(num_cpus=wanted.num_cpus, num_gpus=wanted.num_gpus)
-
-
-def preload_transformers() -> None:
-    """transformers' lazy top-level module is not safe to first touch from several threads: two stage
-    tasks importing it at once (describe and visual run side by side) failed with "cannot import name
-    'AutoConfig' from 'transformers'". The driver touches what the engines use once, before they start."""
-    try:
-        import transformers
-    except ImportError:
-        return
-    for name in ("AutoConfig", "AutoModel", "AutoTokenizer", "AutoProcessor", "AutoImageProcessor",
-                 "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"):
-        getattr(transformers, name, None)
 
 
 def task_submitter(cfg: ExperimentConfig, serial_stages: tuple[str, ...] = ()) -> Submit:

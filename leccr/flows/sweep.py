@@ -27,10 +27,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from leccr.core.dag import plan
-from leccr.core.runner import RunResult, drive_many, record_run
+from leccr.core.runner import RunResult, drive_many
 from leccr.flows.pipeline import _has_runner_for, serial_stages, task_runner, task_submitter
-from leccr.runs import RunLabel, entries_of, now, write_record
-from leccr.sweep import Sweep, load_sweep
+from leccr.runs import now
+from leccr.sweep import Sweep, load_sweep, raise_failures, record_sweep, sweep_comparison
+
 
 def run_sweep_stages(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None
                      ) -> dict[str, RunResult]:
@@ -49,20 +50,6 @@ def leccr_sweep_stages(config: str, grid: dict[str, list] | None, name: str | No
     return run_sweep_stages(load_sweep(config, grid, name, overrides), stages, force)
 
 
-def sweep_markdown(sweep: Sweep) -> str | None:
-    """The sweep's comparison (leccr.compare), written beside the artifacts; None when no run evaluated."""
-    from leccr.compare import build, default_out_dir, select_runs, write
-    from leccr.report import embed_images
-
-    try:
-        title, records = select_runs(sweep.base.artifacts_root, sweep=sweep.name)
-    except ValueError:
-        return None
-    comparison = build(sweep.base.artifacts_root, title, records)
-    path = write(comparison, default_out_dir(sweep.base.artifacts_root, title))
-    return embed_images(path.read_text(encoding="utf-8"), path.parent)
-
-
 @flow(name="leccr")
 def leccr_sweep(config: str = "configs/demo.yaml", grid: dict[str, list] | None = None, name: str | None = None,
                 stages: list[str] | None = None, force: list[str] | None = None,
@@ -78,25 +65,16 @@ def leccr_sweep(config: str = "configs/demo.yaml", grid: dict[str, list] | None 
     else:  # a deployment starts on the default runner: the stages run under the configured one
         results = leccr_sweep_stages.with_options(task_runner=task_runner(sweep.base))(
             config, grid, name, overrides, stages, force)
-    status = {}
-    for variant in sweep.variants:
-        result = results[variant.name]
-        label = RunLabel(sweep.experiment, sweep.name, variant.name, variant.values)
-        if result.error is None:
-            record_run(variant.cfg, result.outcomes)
-        write_record(variant.cfg, label, started, entries_of(result.outcomes, result.shared),
-                     "failed" if result.error else "completed", result.error)
-        status[variant.name] = ("completed" if result.error is None
-                                else f"failed: {type(result.error).__name__}: {result.error}")
-    markdown = sweep_markdown(sweep)
-    if markdown is not None:
+    status = record_sweep(sweep, results, started)
+    comparison = sweep_comparison(sweep)
+    if comparison is not None:
+        from leccr.report import embed_images
+
         slug = "".join(c if c.isalnum() else "-" for c in sweep.name.lower())  # Prefect keys: a-z, 0-9, dashes
-        create_markdown_artifact(key=f"leccr-sweep-{slug}", markdown=markdown,
+        create_markdown_artifact(key=f"leccr-sweep-{slug}",
+                                 markdown=embed_images(comparison.read_text(encoding="utf-8"), comparison.parent),
                                  description=f"Sweep {sweep.name}: {len(sweep.variants)} runs")
-    failures = {v: s for v, s in status.items() if s != "completed"}
-    if failures:  # after every other run finished and was recorded
-        raise RuntimeError(f"{len(failures)} of {len(status)} runs of sweep {sweep.name} failed: "
-                           + "; ".join(f"{v}: {s}" for v, s in failures.items()))
+    raise_failures(sweep, status)  # after every other run finished and was recorded
     return status
 
 

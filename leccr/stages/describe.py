@@ -243,9 +243,12 @@ def run(ctx: StageContext) -> None:
         items_per_s=round(items_done / wall, 2) if wall > 0 and items_done else None,
         decode_wait_seconds=round(prefetcher.wait_seconds, 3) if prefetcher is not None else None,
     )
-    ctx.log.info("describe: %d descriptions of %d items (%d errors); %s tokens/s, %s items/s, engine waited %ss on decoding",
-                 totals.rows, len(work), totals.errors, ctx.summary["tokens_per_s"], ctx.summary["items_per_s"],
-                 ctx.summary["decode_wait_seconds"])
+    rates = [f"{value} {unit}" for value, unit in ((ctx.summary["tokens_per_s"], "tokens/s"),
+                                                   (ctx.summary["items_per_s"], "items/s")) if value is not None]
+    if ctx.summary["decode_wait_seconds"] is not None:  # only a generating engine decodes media
+        rates.append(f"engine waited {ctx.summary['decode_wait_seconds']}s on decoding")
+    ctx.log.info("describe: %d descriptions of %d items (%d errors)%s", totals.rows, len(work), totals.errors,
+                 "; " + ", ".join(rates) if rates else "")
 
 
 def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
