@@ -599,15 +599,6 @@ def drive_many(cfgs: dict[str, ExperimentConfig], the_plan: Plan, submit: Submit
     return results
 
 
-def drive(cfg: ExperimentConfig, the_plan: Plan, submit: Submit,
-          fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
-    """`drive_many` for one configuration: {job label: outcome}; raises its first failure."""
-    result = drive_many({cfg.name: cfg}, the_plan, submit, fingerprints)[cfg.name]
-    if result.error is not None:
-        raise result.error
-    return result.outcomes
-
-
 def run_pipeline(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
                  fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
     """Run the DAG in this process, its jobs on threads (leccr.core.local), without Prefect: what

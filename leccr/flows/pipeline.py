@@ -2,14 +2,14 @@
 shows; the store (leccr.core) decides what is reused, so the tasks carry no Prefect cache policy. A
 stage whose artifact is already complete finishes at once in a `Cached` state.
 
-Run it with no server (`leccr run --config configs/demo.yaml`, or `python leccr/flows/pipeline.py CONFIG`:
-Prefect starts a temporary local API) or as the deployment `leccr/full` of prefect.yaml.
-
-One `leccr run` is one flow run: the CLI picks the task runner from the config before it starts the
-flow (threads, or `prefect_ray.RayTaskRunner` for `runner.kind: ray`). The driver is
-`leccr.core.runner.drive`, the same one `leccr run` uses without Prefect: it computes each job's key
-once its upstream stages have finished (a key hashes what they hold); this module only says how a job
-is submitted. A sharded stage maps onto `runner.shard_tasks` slot tasks (each computes and commits its
+`leccr run` drives the stages in its own process (leccr.core.local) unless Prefect is asked for; then
+(`leccr run --prefect`, a server named by PREFECT_API_URL, `runner.kind: ray`, or `python
+leccr/flows/pipeline.py CONFIG`) one run is one flow run of this module, on that server or on a
+temporary local one, and the deployment `leccr/full` of prefect.yaml runs it too. The CLI picks the
+task runner from the config before it starts the flow (threads, or `prefect_ray.RayTaskRunner` for
+`runner.kind: ray`). The driver is `leccr.core.runner.drive_many`, the same one the in-process run
+uses: it computes each job's key once its upstream stages have finished (a key hashes what they
+hold); this module only says how a job is submitted. A sharded stage maps onto `runner.shard_tasks` slot tasks (each computes and commits its
 share of the shards), then one finishing task merges errors and writes the manifest — identical files
 whichever runner ran them. Shard tasks are retried on transient errors (an OSError: a mount that
 dropped, a worker that lost its file handle); a retried shard task resumes from its committed shards.
@@ -34,8 +34,8 @@ from leccr.config import ExperimentConfig, load_config
 from leccr.core.dag import get_stage, plan
 from leccr.core.keys import KeyParts
 from leccr.core.local import preload_transformers
-from leccr.core.runner import (Job, StageOutcome, Submission, Submit, drive, prepare_stage, record_run, run_stage,
-                               run_stage_slot)
+from leccr.core.runner import (Job, RunResult, StageOutcome, Submission, Submit, drive_many, prepare_stage,
+                               record_run, run_stage, run_stage_slot)
 from leccr.report import artifact_markdown
 from leccr.runs import RunLabel, entries_of, now, write_record
 
@@ -137,11 +137,12 @@ def task_submitter(cfg: ExperimentConfig, serial_stages: tuple[str, ...] = ()) -
 
 
 def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
-               force: list[str] | None = None) -> dict[str, StageOutcome]:
-    """Submit every planned job as a task as soon as its upstream stages have finished (inside a flow)."""
+               force: list[str] | None = None) -> RunResult:
+    """Submit every planned job as a task as soon as its upstream stages have finished (inside a flow);
+    the jobs that finished, and the first error (a failed run's record keeps what it finished)."""
     if cfg.runner.kind == "ray" and cfg.runner.probe_storage:
         probe_shared_storage(cfg.artifacts_root)
-    return drive(cfg, plan(stages, force), task_submitter(cfg, serial_stages(cfg)))
+    return drive_many({cfg.name: cfg}, plan(stages, force), task_submitter(cfg, serial_stages(cfg)))[cfg.name]
 
 
 def serial_stages(cfg: ExperimentConfig) -> tuple[str, ...]:
@@ -153,7 +154,7 @@ def serial_stages(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 @flow(name="leccr-stages")
 def leccr_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
-                 force: list[str] | None = None) -> dict[str, StageOutcome]:
+                 force: list[str] | None = None) -> RunResult:
     """The stages under a task runner the running flow does not have (a deployment of a Ray experiment)."""
     return run_stages(cfg, stages, force)
 
@@ -243,12 +244,16 @@ def leccr(config: str = "configs/demo.yaml", stages: list[str] | None = None,
     started = now()
     try:
         if _has_runner_for(cfg):
-            outcomes = run_stages(cfg, stages, force)
+            result = run_stages(cfg, stages, force)
         else:  # started with the default runner (a deployment): the stages run under the configured one
-            outcomes = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
+            result = leccr_stages.with_options(task_runner=task_runner(cfg))(cfg, stages, force)
     except BaseException as error:  # kept in the run records too (leccr.runs)
         write_record(cfg, RunLabel(cfg.name), started, {}, "failed", error)
         raise
+    outcomes = result.outcomes
+    if result.error is not None:  # the failed run is kept with the jobs it finished, as `leccr run` keeps it
+        write_record(cfg, RunLabel(cfg.name), started, entries_of(outcomes), "failed", result.error)
+        raise result.error
     record_run(cfg, outcomes)
     write_record(cfg, RunLabel(cfg.name), started, entries_of(outcomes), "completed")
     table = _summary_table(outcomes)
