@@ -4,7 +4,8 @@
     GET /api/info                                                       methods and their languages
     GET /media/<path>                                                   a media file of the dataset folder
     GET /frames/<path>                                                  a video's frame strip (JPEG, decord)
-    GET /                                                               the search page
+    GET /[?q=...&lang=de&method=leccr&k=10]                             the search page (the address holds
+                                                                        the search: shared, bookmarked, back)
 
 Media are served only from inside the dataset folder: a path that resolves outside it (`../`, an
 absolute path, a link out) is a 404, as is a missing file. A bad request (empty or over-long query, an
@@ -208,6 +209,31 @@ function fillLanguages() {
   $("lang").innerHTML = langs.map((l) => `<option>${l}</option>`).join("");
   if (langs.includes(keep)) $("lang").value = keep;
 }
+// The address holds the search (?q=...&lang=de&method=leccr&k=5): a result can be shared, bookmarked and
+// returned to with the back button. A search adds a history entry; opening an address or going back or
+// forward shows the search it holds, without adding one.
+function fromAddress() {
+  const params = new URLSearchParams(location.search);
+  return {q: params.get("q") ?? "", lang: params.get("lang") ?? $("lang").value,
+          method: params.get("method") ?? info.default_method, k: params.get("k") ?? String(info.default_k)};
+}
+function show(search) {  // the form as the search says; a method or language the index lacks keeps the default
+  $("q").value = search.q;
+  if (search.method in info.methods) $("method").value = search.method;
+  fillLanguages();
+  if (info.methods[$("method").value].languages.includes(search.lang)) $("lang").value = search.lang;
+  $("k").value = search.k;
+  document.title = search.q ? `${search.q} · leccr search` : "leccr search";
+}
+function followAddress() {
+  const search = fromAddress();
+  show(search);
+  if (search.q) { run(search); return; }
+  latest++;  // an answer still on its way is for another address
+  $("status").textContent = "";
+  $("results").innerHTML = "";
+  $("detail").style.display = "none";
+}
 async function start() {
   info = await (await fetch("/api/info")).json();
   $("method").innerHTML = Object.keys(info.methods).map((m) => `<option>${m}</option>`).join("");
@@ -216,6 +242,8 @@ async function start() {
   $("k").value = info.default_k;
   fillLanguages();
   $("method").addEventListener("change", fillLanguages);
+  window.addEventListener("popstate", followAddress);
+  followAddress();
   document.body.dataset.ready = "1";
 }
 function source(hit) {  // where the description comes from; the random-weight demo models' noise says so
@@ -233,14 +261,28 @@ function showDetail(hit, card) {
   $("detail").style.display = "block";
   $("detail").scrollIntoView({block: "nearest"});
 }
-$("search").addEventListener("submit", async (event) => {
+let latest = 0;  // the newest search: an older one's answer, arriving late, is not shown
+$("search").addEventListener("submit", (event) => {
   event.preventDefault();
-  const params = new URLSearchParams({q: $("q").value, lang: $("lang").value, method: $("method").value,
-                                      k: $("k").value});
+  const search = {q: $("q").value, lang: $("lang").value, method: $("method").value, k: $("k").value};
+  const address = "?" + new URLSearchParams(search);
+  if (address !== location.search) history.pushState(null, "", address);
+  show(search);
+  run(search);
+});
+async function run(search) {
+  const mine = ++latest;
   $("status").textContent = "searching…";
-  const response = await fetch("/api/search?" + params);
+  const response = await fetch("/api/search?" + new URLSearchParams(search));
   const body = await response.json();
-  if (!response.ok) { $("status").textContent = "error: " + body.detail; $("results").innerHTML = ""; return; }
+  if (mine !== latest) return;
+  if (!response.ok) {  // a 4xx names what is wrong: as text, or (a value that is not a number) per parameter
+    const detail = typeof body.detail === "string" ? body.detail
+      : (body.detail || []).map((d) => `${d.loc?.at(-1)}: ${d.msg}`).join("; ") || response.statusText;
+    $("status").textContent = "error: " + detail;
+    $("results").innerHTML = "";
+    return;
+  }
   $("status").textContent = `${body.hits.length} hits for “${body.query}” (${body.lang}, ${body.method})`;
   $("results").innerHTML = "";
   $("detail").style.display = "none";
@@ -255,7 +297,7 @@ $("search").addEventListener("submit", async (event) => {
     card.addEventListener("click", () => showDetail(hit, card));
     $("results").appendChild(card);
   }
-});
+}
 start();
 </script>
 </body></html>

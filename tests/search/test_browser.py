@@ -1,7 +1,8 @@
 """`leccr serve` on a free loopback port, driven in a real headless Chromium: a German query typed and
 submitted, result cards in the API's order with their pictures loaded, a click shows the captions and
 where the description comes from; the k control; a Chinese query whose captions are in the DOM and
-drawn as glyphs in a screenshot (not as the boxes a machine without a CJK font shows).
+drawn as glyphs in a screenshot (not as the boxes a machine without a CJK font shows); the address holds
+each search (back and forward show it again; an address opened anew shows its search).
 
 Needs Chromium, its driver and a CJK font (`apt-get install chromium chromium-driver fonts-wqy-zenhei`)
 and Selenium (the `test` extra); skipped with the reason printed where any of them is missing."""
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -165,5 +167,45 @@ def test_page_in_a_headless_browser(request, indexed, server, tmp_path):
         screenshot = tmp_path / "search-zh.png"
         driver.save_screenshot(str(screenshot))
         print(f"screenshot: {screenshot}")
+
+        # The address holds each search: back and forward show the searches again, and an address opened
+        # anew (shared, bookmarked) shows its search, form and hits.
+        def address() -> dict:
+            return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(driver.current_url).query))
+
+        def shows(search: dict, hits: list[dict]) -> None:
+            wait.until(lambda d: f"({search['lang']}, {search['method']})" in d.find_element(By.ID, "status").text
+                       and [c.get_attribute("data-item-id") for c in d.find_elements(By.CSS_SELECTOR, "#results .card")]
+                       == [hit["item_id"] for hit in hits])
+            assert driver.find_element(By.ID, "q").get_attribute("value") == search["q"]
+            assert Select(driver.find_element(By.ID, "lang")).first_selected_option.text == search["lang"]
+            assert Select(driver.find_element(By.ID, "method")).first_selected_option.text == search["method"]
+            assert driver.find_element(By.ID, "k").get_attribute("value") == search["k"]
+
+        from leccr.search.request import DEFAULT_K
+
+        german = {"q": query, "lang": "de", "method": "leccr", "k": str(DEFAULT_K)}  # the page's k, untouched
+        zh = {"q": chinese, "lang": "zh", "method": "leccr", "k": "3"}
+        german_hits = _get(f"{server}/api/search?" + urllib.parse.urlencode(german))["hits"]
+        assert address() == zh
+        driver.back()
+        assert address() == german
+        shows(german, german_hits)
+        driver.forward()
+        assert address() == zh
+        shows(zh, expected)
+        driver.back()
+        driver.back()  # the page as first opened: no search
+        assert address() == {}
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#results .card"))
+        assert driver.find_element(By.ID, "q").get_attribute("value") == ""
+
+        shared = {"q": chinese, "lang": "zh", "method": "baseline", "k": "5"}
+        driver.get(server + "/?" + urllib.parse.urlencode(shared))
+        shows(shared, _get(f"{server}/api/search?" + urllib.parse.urlencode(shared))["hits"])
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#results .card")) == 5 and chinese in driver.title
+        driver.get(server + "/?" + urllib.parse.urlencode({**shared, "lang": "xx"}))  # a language not trained
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("error: "))
+        assert "xx" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()
