@@ -5,9 +5,10 @@ or the file's `sweep:` block): every combination is a variant, a run of its own 
 config (named `<experiment>--<variant>`). Nothing here decides reuse: a stage's key is a hash of what its
 output depends on, so two variants that differ only in a train field get the same dataset, translate,
 describe, visual and features keys, and the driver submits each distinct (stage, key) once, in this
-process (`run_sweep`) or as the Prefect flow (leccr/flows/sweep.py). `--dry-run` shows that before anything runs (`plan_sweep`): for a stage whose key
-waits on upstream work, the identity of what it will compute is its code, its config as it uses it, and
-the identities of its upstream stages — equal identities give equal keys.
+process (`run_sweep`) or as the Prefect flow (leccr/flows/sweep.py). `--dry-run` shows that before
+anything runs (`plan_sweep`): for a stage whose key waits on upstream work, the identity of what it will
+compute is its code, its config as it uses it, and the identities of its upstream stages — equal
+identities give equal keys.
 
 Plain Python: no Prefect.
 """

@@ -9,14 +9,20 @@
 # Everything lives under the project's .prefect/ (git-ignored): PREFECT_HOME, the PostgreSQL cluster
 # (.prefect/postgres, Debian's postgresql package: initdb and pg_ctl), logs and pid files. Nothing outside
 # it is touched, so `stop` never ends another project's server. Single-user runs need none of this:
-# `leccr run` starts a temporary Prefect server on SQLite by itself.
+# `leccr run` runs in its own process (`--prefect` starts a temporary Prefect server on SQLite).
 #
-# Settings (environment): LECCR_PREFECT_DIR (default <project>/.prefect), LECCR_PREFECT_PORT (4200),
-# LECCR_PG_PORT (5433, beside a system cluster on 5432), LECCR_STOP_TIMEOUT (seconds before SIGKILL, 10),
-# PREFECT (the prefect command; default .venv/bin/prefect, else the one on PATH).
+# Run as root, PostgreSQL runs as the `postgres` user, which must be able to enter the state folder: a
+# clone under a private folder (`mktemp -d` makes them mode 700) needs LECCR_PREFECT_DIR elsewhere.
+# LECCR_PREFECT_DATABASE=sqlite starts the server on Prefect's embedded SQLite instead (no PostgreSQL;
+# one user's load); `start` records the choice, so `status` and `stop` need not be told again.
+#
+# Settings (environment): LECCR_PREFECT_DIR (default <project>/.prefect), LECCR_PREFECT_DATABASE
+# (postgresql or sqlite; default postgresql), LECCR_PREFECT_PORT (4200), LECCR_PG_PORT (5433, beside a
+# system cluster on 5432), LECCR_STOP_TIMEOUT (seconds before SIGKILL, 10), PREFECT (the prefect command;
+# default .venv/bin/prefect, else the one on PATH).
 set -euo pipefail
 project=$(cd "$(dirname "$0")/.." && pwd)
-state=${LECCR_PREFECT_DIR:-$project/.prefect}
+state=$(realpath -m "${LECCR_PREFECT_DIR:-$project/.prefect}")
 port=${LECCR_PREFECT_PORT:-4200}
 pg_port=${LECCR_PG_PORT:-5433}
 stop_timeout=${LECCR_STOP_TIMEOUT:-10}
@@ -39,8 +45,13 @@ pg_bin() {  # Debian keeps initdb and pg_ctl out of PATH, under /usr/lib/postgre
   echo "$found"
 }
 
-as_pg() {  # PostgreSQL refuses to run as root: as root, run it as Debian's postgres user
-  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+as_pg() {  # PostgreSQL refuses to run as root: as root, run it as Debian's postgres user (from /: the
+  # working folder may be closed to that user, and every path here is absolute)
+  if [ "$(id -u)" -eq 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
+}
+
+database() {  # the database `start` chose (recorded in the state folder), else the setting
+  if [ -f "$state/database" ]; then cat "$state/database"; else echo "${LECCR_PREFECT_DATABASE:-postgresql}"; fi
 }
 
 pg_sql() { as_pg env PGPASSWORD="$(cat "$state/postgres/password")" "$(pg_bin psql)" \
@@ -51,8 +62,12 @@ alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 prefect_env() {
   export PREFECT_HOME=$state PREFECT_API_URL=$api PREFECT_UI_API_URL=$api
   export PREFECT_SERVER_ANALYTICS_ENABLED=false  # offline, its telemetry logs an error every run
-  PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://prefect:$(cat "$state/postgres/password")@127.0.0.1:$pg_port/prefect"
-  export PREFECT_API_DATABASE_CONNECTION_URL
+  if [ "$(database)" = postgresql ]; then
+    PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://prefect:$(cat "$state/postgres/password")@127.0.0.1:$pg_port/prefect"
+    export PREFECT_API_DATABASE_CONNECTION_URL
+  else  # Prefect's default: $PREFECT_HOME/prefect.db
+    unset PREFECT_API_DATABASE_CONNECTION_URL
+  fi
 }
 
 start_postgres() {
@@ -66,7 +81,8 @@ start_postgres() {
     umask 022
     if [ "$(id -u)" -eq 0 ]; then
       chown -R postgres "$state/postgres"
-      as_pg test -x "$state/postgres" || die "the postgres user cannot reach $state (a parent folder is closed to other users): set LECCR_PREFECT_DIR to a folder it can reach"
+      as_pg test -x "$state/postgres" || die "the postgres user cannot reach $state (a parent folder is closed" \
+        "to other users): set LECCR_PREFECT_DIR to a folder it can reach, or LECCR_PREFECT_DATABASE=sqlite"
     fi
     as_pg "$initdb" -D "$pg_data" -U prefect --pwfile="$state/postgres/password" --auth-local=scram-sha-256 \
       --auth-host=scram-sha-256 -E UTF8 > "$state/postgres/initdb.log" 2>&1 \
@@ -105,7 +121,16 @@ wait_healthy() {
 start() {
   [ -n "$prefect" ] || die "no prefect command: run scripts/setup.sh, or set PREFECT"
   mkdir -p "$state"
-  start_postgres
+  local chosen=${LECCR_PREFECT_DATABASE:-postgresql}
+  case "$chosen" in
+    postgresql|sqlite) ;;
+    *) die "LECCR_PREFECT_DATABASE must be postgresql or sqlite, not $chosen" ;;
+  esac
+  if [ -f "$state/database" ] && [ "$(cat "$state/database")" != "$chosen" ] && alive "$state/server.pid"; then
+    die "the server in $state runs on $(cat "$state/database"); stop it before starting one on $chosen"
+  fi
+  echo "$chosen" > "$state/database"
+  if [ "$chosen" = postgresql ]; then start_postgres; else say "database: SQLite ($state/prefect.db)"; fi
   prefect_env
   if alive "$state/server.pid"; then
     say "Prefect server already running (pid $(cat "$state/server.pid"))"
@@ -162,6 +187,8 @@ stop() {
     as_pg "$(pg_bin pg_ctl)" -D "$pg_data" -m fast -w -t "$stop_timeout" stop > /dev/null \
       || as_pg "$(pg_bin pg_ctl)" -D "$pg_data" -m immediate -w stop > /dev/null
     say "PostgreSQL: stopped (pid $pid)"
+  elif [ "$(database)" = sqlite ]; then
+    say "database: SQLite, nothing to stop"
   else
     say "PostgreSQL: not running"
   fi
@@ -173,7 +200,9 @@ status() {
     if alive "$state/$name.pid"; then say "$name: running (pid $(cat "$state/$name.pid"))"
     else say "$name: stopped"; code=3; fi
   done
-  if [ -f "$pg_data/PG_VERSION" ] && as_pg "$(pg_bin pg_ctl)" -D "$pg_data" status > /dev/null 2>&1; then
+  if [ "$(database)" = sqlite ]; then
+    say "database: SQLite ($state/prefect.db)"
+  elif [ -f "$pg_data/PG_VERSION" ] && as_pg "$(pg_bin pg_ctl)" -D "$pg_data" status > /dev/null 2>&1; then
     say "PostgreSQL: running (pid $(head -1 "$pg_data/postmaster.pid"), 127.0.0.1:$pg_port)"
   else
     say "PostgreSQL: stopped"; code=3

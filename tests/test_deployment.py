@@ -1,9 +1,11 @@
-"""The README's team set-up, for real: `scripts/prefect-server.sh start` (PostgreSQL, a Prefect server on it,
-a process worker), `prefect deploy`, `prefect deployment run leccr/full --watch` on the demo config, then
-the README's own stop command — after which no process that start began may remain.
+"""The README's team set-up, for real: `scripts/prefect-server.sh start` (a Prefect server, a process worker),
+`prefect deploy`, `prefect deployment run leccr/full --watch` on the demo config, then the README's own stop
+command — after which no process that start began may remain.
 
-Needs PostgreSQL (Debian: `apt-get install postgresql`; CI installs it where it can): skipped with the
-reason printed where it is missing."""
+On every machine the server runs on Prefect's embedded SQLite (`LECCR_PREFECT_DATABASE=sqlite`), and
+`leccr/sweep` runs too; where PostgreSQL is installed (Debian: `apt-get install postgresql`; CI installs it),
+again on PostgreSQL, the team set-up, whose state then lives in a folder of the system's temporary folder
+(the `postgres` user cannot enter a clone under a private folder)."""
 import json
 import os
 import re
@@ -34,8 +36,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _postgres_missing() -> str | None:
-    """Why the script cannot start PostgreSQL here, or None."""
+def _postgres_missing(state: Path) -> str | None:
+    """Why the script cannot start PostgreSQL with its state in `state`, or None."""
     found = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
     if found is None:
         return "PostgreSQL is not installed (no initdb; Debian: apt-get install -y postgresql)"
@@ -46,8 +48,9 @@ def _postgres_missing() -> str | None:
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root and there is no postgres user to run PostgreSQL as"
-        if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(REPO)], check=False).returncode:
-            return f"the postgres user cannot reach {REPO} (a parent folder is closed to other users)"
+        if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(state)], cwd="/",
+                          check=False).returncode:
+            return f"the postgres user cannot reach {state} (a parent folder is closed to other users)"
     return None
 
 
@@ -87,26 +90,34 @@ def _running(pids: set[int]) -> set[int]:
     return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
 
 
-def test_prefect_deployment_run_leccr_full(request, demo_config):
-    if reason := _postgres_missing():
-        skip_loudly(request, reason)
+def test_prefect_deployment_run_leccr_full_and_sweep_on_sqlite(request, demo_config):
+    _deployment_cycle(request, demo_config, "sqlite", with_sweep=True)
+
+
+def test_prefect_deployment_run_leccr_full_on_postgresql(request, demo_config):
+    _deployment_cycle(request, demo_config, "postgresql", with_sweep=False)
+
+
+def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> None:
     config_path, artifacts = demo_config
     # Every stage, on 6 items per split and 2 epochs: the deployment path, not the demo's numbers.
     data = yaml.safe_load(config_path.read_text())
     data["dataset"]["max_items_per_split"] = 6
     data["train"].update(epochs=2, batch_size=16)
     config_path.write_text(yaml.safe_dump(data))
-    # Under the project (as the script's default, .prefect/ is git-ignored): pytest's own temporary
-    # folders are closed to other users, and PostgreSQL runs as the postgres user when we are root.
-    (REPO / ".prefect").mkdir(exist_ok=True)
-    state = Path(tempfile.mkdtemp(prefix="test-", dir=REPO / ".prefect"))
+    # In the system's temporary folder, open to other users (pytest's own folders and a clone under
+    # `mktemp -d` are not): PostgreSQL runs as the postgres user when we are root.
+    state = Path(tempfile.mkdtemp(prefix="leccr-prefect-test-"))
     state.chmod(0o755)
+    if database == "postgresql" and (reason := _postgres_missing(state)):
+        shutil.rmtree(state)
+        skip_loudly(request, reason)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PREFECT": PREFECT, "LECCR_PREFECT_DIR": str(state), "LECCR_PREFECT_PORT": str(port),
-           "LECCR_PG_PORT": str(_free_port()), "PREFECT_HOME": str(state), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO"}
+           "LECCR_PREFECT_DATABASE": database, "LECCR_PG_PORT": str(_free_port()), "PREFECT_HOME": str(state),
+           "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO"}
 
     def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -122,7 +133,8 @@ def test_prefect_deployment_run_leccr_full(request, demo_config):
     try:
         result = run(["bash", SCRIPT, "start"])
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "started PostgreSQL" in result.stdout and "started the Prefect server" in result.stdout
+        assert "started the Prefect server" in result.stdout
+        assert ("started PostgreSQL" in result.stdout) == (database == "postgresql"), result.stdout
         status = run(["bash", SCRIPT, "status"])
         assert status.returncode == 0 and "worker: running" in status.stdout, status.stdout + status.stderr
         result = run([PREFECT, "--no-prompt", "deploy", "--all"])
@@ -142,13 +154,13 @@ def test_prefect_deployment_run_leccr_full(request, demo_config):
         markdown = found[0]["data"]
         assert "](data:image/png;base64," in markdown and "](plots/" not in markdown
         assert found[0]["description"]  # every artifact says what it holds
-        # Its flow runs are in PostgreSQL, not in a SQLite file under PREFECT_HOME.
-        assert not list(state.glob("*.db"))
-        # leccr/sweep: a grid over an evaluate field reuses every trained model; one run per value
-        result = run([PREFECT, "deployment", "run", "leccr/sweep", "--param", f"config={config_path}", "--param",
-                      'grid={"evaluate.alpha": [0.5, 1.0]}', "--param", "name=alpha", "--watch"], timeout=900)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output + "\n--- worker log ---\n" + (state / "worker.log").read_text()[-5000:]
+        # Its flow runs are in the database asked for: PostgreSQL, or the SQLite file under PREFECT_HOME.
+        assert bool(list(state.glob("*.db"))) == (database == "sqlite")
+        if with_sweep:  # leccr/sweep: a grid over an evaluate field reuses every trained model; one run per value
+            result = run([PREFECT, "deployment", "run", "leccr/sweep", "--param", f"config={config_path}", "--param",
+                          'grid={"evaluate.alpha": [0.5, 1.0]}', "--param", "name=alpha", "--watch"], timeout=900)
+            output = result.stdout + result.stderr + "\n--- worker log ---\n" + (state / "worker.log").read_text()[-5000:]
+            assert result.returncode == 0, output
     finally:
         before = started()
         stop = run(readme_command("stop").split(), timeout=120)
@@ -160,7 +172,7 @@ def test_prefect_deployment_run_leccr_full(request, demo_config):
         shutil.rmtree(state, ignore_errors=True)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert before and not left, f"still running after `{readme_command('stop')}`: {sorted(left)}\n{stop.stdout}"
-    for name in ("worker", "server", "PostgreSQL"):
+    for name in ("worker", "server", "PostgreSQL") if database == "postgresql" else ("worker", "server"):
         assert f"{name}: stopped" in stop.stdout, stop.stdout
     # The run wrote complete artifacts for every stage into the config's artifact root.
     record = json.loads((artifacts / "runs" / "demo.json").read_text())
@@ -170,6 +182,8 @@ def test_prefect_deployment_run_leccr_full(request, demo_config):
     assert "| leccr |" in (artifacts / "evaluate" / record["evaluate"] / "report.md").read_text()
     for label, key in record.items():
         assert (artifacts / label.split("[")[0] / key / "_manifest.json").is_file(), label
+    if not with_sweep:
+        return
     from leccr.runs import read_records
 
     swept = [r for r in read_records(artifacts) if r["sweep"] == "alpha"]

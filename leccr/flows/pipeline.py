@@ -9,9 +9,9 @@ temporary local one, and the deployment `leccr/full` of prefect.yaml runs it too
 task runner from the config before it starts the flow (threads, or `prefect_ray.RayTaskRunner` for
 `runner.kind: ray`). The driver is `leccr.core.runner.drive_many`, the same one the in-process run
 uses: it computes each job's key once its upstream stages have finished (a key hashes what they
-hold); this module only says how a job is submitted. A sharded stage maps onto `runner.shard_tasks` slot tasks (each computes and commits its
-share of the shards), then one finishing task merges errors and writes the manifest — identical files
-whichever runner ran them. Shard tasks are retried on transient errors (an OSError: a mount that
+hold); this module only says how a job is submitted. A sharded stage maps onto `runner.shard_tasks`
+slot tasks (each computes and commits its share of the shards), then one finishing task merges errors
+and writes the manifest — identical files whichever runner ran them. Shard tasks are retried on transient errors (an OSError: a mount that
 dropped, a worker that lost its file handle); a retried shard task resumes from its committed shards.
 """
 from __future__ import annotations
