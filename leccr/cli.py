@@ -225,9 +225,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             config=args.config, grid=grid, name=sweep.name, stages=stages, force=force,
             overrides=overrides or None)
     print(f"\nSweep {sweep.name}: {len(status)} runs completed.")
-    print(f"Compare them: leccr compare --sweep {sweep.name}"
-          + ("" if sweep.base.artifacts_root == "artifacts" else f" --root {sweep.base.artifacts_root}"))
-    print(f"Or in SQL: leccr inspect \"SELECT * FROM run_metrics WHERE sweep = '{sweep.name}' AND metric = 'sumr'\"")
+    root = "" if sweep.base.artifacts_root == "artifacts" else f" --root {sweep.base.artifacts_root}"
+    print(f"Compare them: leccr compare --sweep {sweep.name}{root}")
+    print(f"Or in SQL: leccr inspect{root} \"SELECT * FROM run_metrics WHERE sweep = '{sweep.name}' AND metric = 'sumr'\"")
     return 0
 
 

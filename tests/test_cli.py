@@ -1,4 +1,4 @@
-"""The `leccr` command: a run through the embedded Prefect flow, cache hits, inspect, clear errors."""
+"""The `leccr` command: a run (in this process), cache hits, inspect, clear errors."""
 import logging
 from importlib.metadata import version
 
@@ -8,7 +8,7 @@ import yaml
 from leccr.cli import configure_logging, main
 
 
-def test_run_then_rerun_is_all_cache_hits_and_inspect_shows_translate(demo_config, prefect_api, capsys):
+def test_run_then_rerun_is_all_cache_hits_and_inspect_shows_translate(demo_config, capsys):
     config, artifacts = demo_config
     assert main(["run", "--config", str(config), "--stage", "translate"]) == 0
     first = capsys.readouterr().out

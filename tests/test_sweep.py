@@ -1,5 +1,6 @@
-"""`leccr sweep` on the demo, on CPU: a 2×2 grid as one flow, shared stages computed once (read from
+"""`leccr sweep` on the demo, on CPU: a 2×2 grid as one drive, shared stages computed once (read from
 the run records), every variant's metrics in `run_metrics`, a rerun that computes nothing, `compare`."""
+import shlex
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -36,7 +37,7 @@ def test_grid_expands_into_named_variants(sweep_config):
         load_sweep(path, {"train.models.leccr.losses.w_x": [1]})
 
 
-def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, prefect_api, capsys):
+def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, capsys):
     path, artifacts = sweep_config
     assert main(["sweep", "--config", str(path), "--dry-run"]) == 0
     plan = capsys.readouterr().out
@@ -53,6 +54,13 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, pre
     assert len(records) == 4 and {r["outcome"] for r in records} == {"completed"}
     assert {r["variant"] for r in records} == {"alpha=0.5,w_d=0.1", "alpha=1.0,w_d=0.1", "alpha=0.5,w_d=0.3",
                                                "alpha=1.0,w_d=0.3"}
+    # its closing hints work as printed (this root is not the default one: they name it)
+    hints = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith(("Compare them: ", "Or in SQL: "))]
+    assert len(hints) == 2 and all(f"--root {artifacts}" in hint for hint in hints), hints
+    for hint in hints:
+        assert main(shlex.split(hint)[1:]) == 0, hint
+    assert "demo-2x2" in capsys.readouterr().out
 
     def computed_once(stage: str, distinct: int) -> None:
         by_key: dict[str, list[str]] = {}
