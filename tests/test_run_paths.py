@@ -91,6 +91,17 @@ def test_a_run_starts_no_prefect_unless_asked(demo_config, tmp_path, monkeypatch
     assert run.returncode == 0, run.stderr
     assert "NO_PREFECT" in run.stdout and "translate       computed in" in run.stderr
     assert [r["outcome"] for r in read_records(artifacts)] == ["completed"]
+    # As the program (`leccr`, `python -m leccr.cli`) it ends without tearing its modules down: its exit
+    # code and every line it wrote are still there.
+    def program(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "leccr.cli", "run", "--config", str(config), *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    run = program("--stage", "translate", "--force", "translate")
+    assert run.returncode == 0 and run.stdout.splitlines()[-1].endswith('"SELECT * FROM translate LIMIT 5"'), run
+    run = program("--stage", "nosuch")
+    assert run.returncode == 2 and run.stderr.startswith("leccr: error: unknown stage 'nosuch'"), run
+    assert [r["outcome"] for r in read_records(artifacts)] == ["completed", "completed"]
 
     for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
         monkeypatch.delenv(name, raising=False)
