@@ -190,3 +190,30 @@ def test_damaged_bookkeeping_is_a_miss_that_names_itself(demo_root, tmp_path, ca
     assert f"dataset/{dataset.key}" in out and "_manifest.json is not JSON" in out
     assert dataset.path.is_dir()
     assert json.loads((translate.path / "_manifest.json").read_text())["key"] == translate.key
+
+
+def test_a_held_source_is_kept_by_gc_and_a_discard_waits_for_it(tmp_path):
+    import threading
+
+    from leccr.core.artifact import Store, held
+    from leccr.gc import collect
+    from tests.builders import finish_handmade
+
+    folder = tmp_path / "translate" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    from leccr.schemas.errors import ERRORS
+
+    write_table(ERRORS.empty_table(), folder / "errors.parquet", ERRORS)
+    source = finish_handmade("translate", folder, folder.name)
+    store = Store(tmp_path)
+    with held(source.path) as present:
+        assert present
+        assert [g.note for g in collect(tmp_path)] == ["in use by a running stage: kept"]
+        discard = threading.Thread(target=store.discard, args=(source,))
+        discard.start()
+        discard.join(0.5)
+        assert discard.is_alive() and source.path.is_dir()  # --force elsewhere waits for the reader
+    discard.join(10)
+    assert not source.path.exists()
+    with held(source.path) as present:  # gone before it could be held: nothing to read
+        assert not present
