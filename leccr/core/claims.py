@@ -26,10 +26,15 @@ A claim is a lease with a fencing token (Chubby, etcd; Kleppmann's "How to do di
   (`LECCR_HOST_ID` overrides it). A claim of this identity whose process is dead is taken over at
   once; any other claim only once its lease has run out (`LEASE_SECONDS`): containers that share a
   hostname, or a kernel, never judge each other's pids.
+- **No claim outlives its holder for long:** one left by a worker killed between its commit and its
+  release is swept away by the next `release_all` in its folder.
 
 What no file protocol can promise (Kleppmann): a holder that stalls between its last check and its
 commit (a stop, a swap storm) longer than the lease may still commit after a takeover. The check runs
-immediately before the commit's rename, which leaves a window of milliseconds, not of a stage's work.
+immediately before the commit's writes, which leaves a window of milliseconds, not of a stage's work.
+A whole-artifact stage writes its files into the artifact folder as it goes: a stalled holder's late
+writes can land there beside its successor's (it writes no manifest); a file changed after the
+successor's manifest is caught by the next verification as damaged.
 """
 from __future__ import annotations
 
