@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leccr.core.artifact import MANIFEST, Artifact, Store, exclusive, is_locked, read_manifest, stage_of
+from leccr.core.claims import artifact_claims
 from leccr.runs import referenced_keys
 
 
@@ -124,14 +125,19 @@ def collect(root: str | Path, prune: list[Path] | None = None) -> list[Garbage]:
 
 
 def delete(root: str | Path, garbage: list[Garbage]) -> list[Garbage]:
-    """Delete these artifacts (renamed away first); one a stage started holding meanwhile is kept."""
+    """Delete these artifacts (renamed away first) holding each one's claim; one a stage started holding
+    meanwhile, or whose claim a live run holds (on any host), is kept. A dead run's claim is taken over."""
     store = Store(root)
     removed = []
     for entry in garbage:
         if not entry.artifact.path.is_dir():
             continue
+        claims = artifact_claims(store.root, entry.artifact.stage)
         with exclusive(entry.artifact.path) as free:  # held while the folder is renamed away
-            if free:
-                store.discard(entry.artifact, locked=True)
-                removed.append(entry)
+            try:
+                if free and claims.acquire(entry.artifact.key):
+                    store.discard(entry.artifact, locked=True)
+                    removed.append(entry)
+            finally:
+                claims.release_all()
     return removed

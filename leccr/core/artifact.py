@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -507,12 +507,13 @@ def upstream_keys(inputs: Mapping[str, Any]) -> dict[str, str]:
     return keys
 
 
-def write_manifest(ctx: StageContext, started: float) -> Manifest:
+def write_manifest(ctx: StageContext, started: float, fence: Callable[[], object] | None = None) -> Manifest:
     """Write `_manifest.json` last: its presence is what marks the artifact complete.
 
     It records every part of the key (code digest, the config as used, upstream keys and digests),
     each file's size and digest, and the content digest of what the folder now holds, which downstream
-    keys are made from.
+    keys are made from. `fence` runs just before the write, after the hashing (which can take long):
+    it raises when this writer no longer holds the artifact's claim (leccr.core.claims).
     """
     parts = ctx.key_parts
     fingerprints = ctx.fingerprints()
@@ -536,6 +537,8 @@ def write_manifest(ctx: StageContext, started: float) -> Manifest:
         content_digest=combined_digest(digests), rows=rows, versions=library_versions(),
         seconds=round(time.time() - started, 3),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), summary=ctx.summary)
+    if fence is not None:
+        fence()
     atomic_write_text(ctx.out_dir / MANIFEST,
                       json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, default=str) + "\n")
     return manifest

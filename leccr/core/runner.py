@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from leccr.config import ExperimentConfig
 from leccr.core.artifact import (MANIFEST, Artifact, Manifest, MethodArtifacts, ReadView, Store, damaged_files, held,
                                  library_versions, part_name, read_manifest, stage_lock, write_manifest)
-from leccr.core.claims import Claims
+from leccr.core.claims import Claims, artifact_claims
 from leccr.core.codeid import code_modules
 from leccr.core.context import StageContext
 from leccr.core.dag import Plan, get_stage, plan
@@ -362,8 +362,7 @@ def prepare_stage(cfg: ExperimentConfig, job: Job | str, parts: KeyParts, force:
     store = Store(cfg.artifacts_root)
     artifact = store.artifact(job.stage, parts.key)
     if force:
-        (logger or log).info("%s: --force: discarding %s", job.label, artifact.path)
-        store.discard(artifact)
+        _discard_claimed(store, artifact, logger or log, job.label)
     reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger or log, job.label)
     return store.is_complete(artifact)
 
@@ -402,17 +401,18 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
     fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
     parts = parts or key_parts(cfg, job, inputs, fingerprints)
     artifact = store.artifact(job.stage, parts.key)
-    if force:
-        logger.info("%s: --force: discarding %s", job.label, artifact.path)
-        store.discard(artifact)
     # One run makes an artifact; a concurrent run of the same key waits, then serves what it made (or
     # takes over when that run died: its claim is then stale).
-    claims = Claims(store.root / job.stage)
+    claims = artifact_claims(store.root, job.stage)
     waited = False
     try:
+        if force:  # only the claim's holder discards: a run still making the folder is waited for
+            claims.wait_acquire(parts.key, logger, f"{job.label}: --force")
+            logger.info("%s: --force: discarding %s", job.label, artifact.path)
+            store.discard(artifact)
         while True:
             reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger, job.label)  # fixed files: not a hit
-            damaged = reopen_damaged(artifact, fingerprints, logger, job.label)
+            damaged = reopen_damaged(artifact, fingerprints, logger, job.label, claims)
             if store.is_complete(artifact):
                 return _served(store, artifact, job, logger)
             if claims.acquire(parts.key):
@@ -439,13 +439,28 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
                     f"stage {job.label} failed: {type(error).__name__}: {error}. Finished shards are kept in "
                     f"{artifact.path}; a rerun resumes from them."
                 ) from error
-            write_manifest(ctx, started)
+            write_manifest(ctx, started, fence=lambda: claims.check(
+                parts.key, f"{job.label}: the manifest is not written by this run; the run holding the claim now "
+                           f"finishes {artifact.path}, and a rerun serves its result."))
     finally:
         claims.release_all()
     store.mark_latest(artifact, job.method)
     outcome = _outcome(artifact, job, cache_hit=False, seconds=time.time() - started)
     logger.info("%s", outcome.describe())
     return outcome
+
+
+def _discard_claimed(store: Store, artifact: Artifact, logger: logging.Logger | logging.LoggerAdapter,
+                     label: str) -> None:
+    """--force before the shard tasks start: discard the folder holding its claim (a run still making
+    it is waited for, a dead one's claim taken over)."""
+    claims = artifact_claims(store.root, artifact.stage)
+    try:
+        with claims.holding(artifact.key, logger, f"{label}: --force"):
+            logger.info("%s: --force: discarding %s", label, artifact.path)
+            store.discard(artifact)
+    finally:
+        claims.release_all()
 
 
 def _served(store: Store, artifact: Artifact, job: Job, logger: logging.Logger | logging.LoggerAdapter) -> StageOutcome:
@@ -456,14 +471,31 @@ def _served(store: Store, artifact: Artifact, job: Job, logger: logging.Logger |
 
 
 def reopen_damaged(artifact: Artifact, fingerprints: Fingerprinter, logger: logging.Logger | logging.LoggerAdapter,
-                   label: str) -> list[str]:
+                   label: str, claims: Claims | None = None) -> list[str]:
     """When files of a finished artifact are missing or damaged, make it unfinished again and say why.
 
     A sharded stage loses only the damaged shards (and their error and input records), which its
-    rerun computes again; any other stage is recomputed whole."""
+    rerun computes again; any other stage is recomputed whole. Either is done holding the artifact's
+    claim (`claims`, else one taken here), so no other run reads or remakes the folder meanwhile."""
     store = Store(artifact.path.parents[1])
     if not store.is_complete(artifact):
         return []
+    manifest = read_manifest(artifact.path)[0]
+    if manifest is not None and not damaged_files(artifact.path, manifest, fingerprints):
+        return []
+    own = claims is None
+    claims = claims or artifact_claims(store.root, artifact.stage)
+    try:
+        with claims.holding(artifact.key, logger, f"{label}: damaged files"):
+            # Looked at again under the claim: a run that held it may have repaired the artifact meanwhile.
+            return _reopen(store, artifact, fingerprints, logger, label) if store.is_complete(artifact) else []
+    finally:
+        if own:
+            claims.release_all()
+
+
+def _reopen(store: Store, artifact: Artifact, fingerprints: Fingerprinter,
+            logger: logging.Logger | logging.LoggerAdapter, label: str) -> list[str]:
     sharded = get_stage(artifact.stage).sharded
     manifest, problem = read_manifest(artifact.path)
     if manifest is None:  # what it vouched for is unknown: shards are checked as after a crash, the rest redone

@@ -2,9 +2,10 @@
 
 A shard is written through a temporary name, an fsync and a rename, so a crash loses at most the
 shard in progress and a rerun keeps every committed one. A worker claims a shard before computing it
-(leccr.core.claims), so two runs on one root never compute a shard twice. Failed items become rows of
-`_errors/part-NNNNN.parquet` (merged into `errors.parquet` at the end); a rerun retries the retryable
-ones. With a row memo (leccr.core.memo), a shard computes only its units whose input changed.
+(leccr.core.claims), so two runs on one root never compute a shard twice, and commits it only while the
+claim is still its own. Failed items become rows of `_errors/part-NNNNN.parquet` (merged into
+`errors.parquet` at the end); a rerun retries the retryable ones. With a row memo (leccr.core.memo), a
+shard computes only its units whose input changed.
 """
 from __future__ import annotations
 
@@ -217,6 +218,7 @@ class ShardRun:
         units = job.units(shard)
         table = in_unit_order(table, units, job.unit_columns)
         errors_table = error_table(errors, self.ctx.stage, index, self.ctx.dataset_root)
+        self.fence(index)
         if job.input_fields is not None:
             inputs = pa.table({"unit": pa.array(units, pa.string()),
                                "input_digest": pa.array(job.digests(shard), pa.string()),
@@ -224,6 +226,11 @@ class ShardRun:
             write_table(inputs, self.folder / INPUTS_DIR / inputs_name(index), INPUTS)
         write_table(errors_table, self.folder / "_errors" / part_name(index), ERRORS)
         write_table(table, self.folder / part_name(index), job.schema, job.row_group_size)
+
+    def fence(self, index: int) -> None:
+        """Just before a shard's files are written: raise ClaimLost if another worker holds it now."""
+        self.claims.check(shard_claim(index), f"Shard {index} of {self.label} is not committed by this worker; "
+                                              "the worker holding it now commits it, and committed shards are kept.")
 
     def compute(self, index: int) -> Callable[[], None]:
         """Process shard `index` (its units that cannot be reused) and return its commit."""
@@ -258,6 +265,7 @@ class ShardRun:
         old = read_table(part, job.schema)
         kept = old.filter(pc.invert(pc.is_in(pa.array(row_units(old, job.unit_columns), pa.string()), retried_units)))
         merged = in_unit_order(pa.concat_tables([kept, new_rows]), job.units(shard), job.unit_columns)
+        self.fence(index)
         write_table(merged, part, job.schema, job.row_group_size)
         old_errors = read_table(errors_part, ERRORS)
         errors = pa.concat_tables([old_errors.filter(pc.invert(pc.is_in(old_errors.column("item_id"), retried_keys))),
