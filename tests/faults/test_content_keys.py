@@ -4,17 +4,86 @@ cache file. Each case served stale output, reread every file or hashed silently 
 """
 import logging
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 import leccr.core.fingerprint as fingerprint
 from leccr.config import parse_config
 from leccr.core.artifact import damaged_files
-from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
-from leccr.core.runner import run_pipeline
+from leccr.core.fingerprint import Fingerprinter, fingerprinter_for, hash_file
+from leccr.core.runner import explain, run_pipeline
+from tests.faults.test_faults import _copy, _test_items
 from tests.faults.test_same_bytes import _small
+
+
+def _by_item(folder: Path, column: str) -> dict:
+    rows = [r for part in sorted(folder.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
+    return {r["item_id"]: r[column] for r in rows}
+
+
+# ------------------------------------------------------------------------------------------ outside media
+def test_a_replaced_image_outside_the_dataset_folder_is_recomputed_alone(demo_root, tmp_path):
+    """Multi30K as usually set up: the text repository in one folder, the Flickr30k images in another
+    (`options.images: /data/flickr30k-images`)."""
+    data = _copy(demo_root, tmp_path / "multi30k")
+    images = Path(shutil.move(str(data / "images"), tmp_path / "flickr30k-images"))
+    config = _small(demo_root, data, tmp_path / "artifacts")
+    config["dataset"]["options"] = {"images": str(images)}
+    cfg = parse_config(config)
+    first = run_pipeline(cfg, ["describe", "visual"])
+    described = first["describe"].artifact.manifest.summary["items"]
+    encoded = first["visual"].artifact.manifest.summary["items"]
+
+    name = next(n for n in _test_items(data)[:6] if n.endswith(".png"))  # a test item the capped dataset keeps
+    item = name.split(".")[0]
+    image = images / name
+    size = Image.open(image).size
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image)  # another picture under the same name
+
+    planned = {p.name: p for p in explain(cfg, ["describe", "visual"])}
+    assert planned["dataset"].status == "miss"
+    assert "dataset.outside_files.images: content changed" in planned["dataset"].reasons
+    second = run_pipeline(cfg, ["describe", "visual"])
+    assert not second["dataset"].cache_hit
+    items = pq.read_table(second["dataset"].artifact.path / "items.parquet").to_pylist()
+    digests = {r["item_id"]: r["media_digest"] for r in items}
+    assert digests[item] == hash_file(image)  # the item's media digest is that of the new bytes
+    assert second["describe"].artifact.manifest.summary["reuse"]["rows"] == {"computed": 1, "reused": described - 1}
+    assert second["visual"].artifact.manifest.summary["reuse"]["rows"] == {"computed": 1, "reused": encoded - 1}
+    before = _by_item(first["visual"].artifact.path, "features")
+    after = _by_item(second["visual"].artifact.path, "features")
+    assert after[item] != before[item]  # served features are those of the new picture ...
+    assert {k: v for k, v in after.items() if k != item} == {k: v for k, v in before.items() if k != item}  # ... alone
+    # Nothing changed since: every stage is a hit again.
+    assert all(o.cache_hit for o in run_pipeline(cfg, ["describe", "visual"]).values())
+
+
+def test_every_adapter_declares_the_options_that_name_files(tmp_path):
+    """The options that are paths are marked as such; the rest (ids, extensions, flags) are not."""
+    from leccr.datasets.base import get_adapter, list_formats, path_options
+
+    marked = {fmt: set(path_options(get_adapter(fmt).Options)) for fmt in list_formats()}
+    assert marked == {
+        "multi30k": {"features", "images", "mt_pattern"},
+        "mscoco": {"features", "karpathy", "images", "stair_files", "coco_cn_dir", "mt_pattern", "mt_id_map"},
+        "vatex": {"features", "train_json", "validation_json", "split_lists", "videos", "mt_pattern"},
+        "msrvtt_cn": {"features", "text_dir", "english_pattern", "chinese_pattern", "mt_pattern", "videos"},
+    }
+    # A pattern is filled as the adapter fills it: its splits, the configured languages.
+    named = dict(get_adapter("mscoco").named_paths(tmp_path, {"mt_pattern": "/mt/{split}.{lang}",
+                                                              "karpathy": "/k/coco.json"}, ["ja"]))
+    assert named["karpathy"] == Path("/k/coco.json") and named["images"] == tmp_path / "images"
+    assert {k: v for k, v in named.items() if k.startswith("mt_pattern")} == {
+        f"mt_pattern[/mt/{split}.ja]": Path(f"/mt/{split}.ja") for split in ("train", "val", "test")}
+    named = dict(get_adapter("msrvtt_cn").named_paths(tmp_path, {"text_dir": "/t", "splits": ["train"]}, ["zh"]))
+    assert named["english_pattern[msrvtt10kcntrain.caption.txt]"] == Path("/t/msrvtt10kcntrain.caption.txt")
 
 
 # ------------------------------------------------------------------------------------------ digest cache
