@@ -161,3 +161,28 @@ def test_a_garbled_digest_cache_is_named_moved_aside_and_made_afresh(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="leccr.core.fingerprint"):
         assert again.files(fingerprint.files_under(folder)) and again.path(folder) == digest
     assert again.hashed_bytes == 0 and not caplog.records  # ... and remembered by the fresh cache
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_a_sampled_description_is_the_same_alone_or_in_any_batch(demo_root, tmp_path):
+    """At temperature > 0 each (item, view) samples with its own seed: the transformers engine gives a
+    request the same tokens alone and in a left-padded batch of three, as vLLM does (test_vllm_engine)."""
+    from dataclasses import replace
+
+    from leccr.engines.mllm import Request, SamplingConfig, TransformersMLLM, request_seed
+    from leccr.media import load_image
+    from tests.test_media import write_png
+
+    prompts = {"objects": "What objects are there?", "scene": "Where is this photo taken, and what time of day?",
+               "short": "Describe."}  # three lengths: the batch is padded
+    requests = [Request(f"img{i}", view, prompt, [load_image(write_png(tmp_path / f"{i}.png", 40 + 6 * i, 36,
+                                                                       seed=20 + i))],
+                        "image", request_seed(42, f"img{i}", view)) for i, (view, prompt) in enumerate(prompts.items())]
+    engine = TransformersMLLM(demo_root / "models" / "llava", SamplingConfig(temperature=1.0, max_tokens=10),
+                              batch_size=3, dtype="float32")
+    together = engine.generate(requests)
+    alone = [engine.generate([request])[0] for request in requests]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [g.text for g in together] == [g.text for g in alone]
+    # It does sample: other seeds, other tokens.
+    assert len({engine.generate([replace(requests[0], seed=seed)])[0].token_ids for seed in range(3)}) > 1
