@@ -119,7 +119,8 @@ class Fingerprinter:
     def __init__(self, cache_file: str | Path | None = None):
         self.cache_file = Path(cache_file) if cache_file is not None else None
         self._files: dict[str, tuple[tuple[int, int, int, int], str]] = {}
-        # (device, inode, size, mtime_ns, ctime_ns) -> digest: the same file under another name (a hard link)
+        # (device, inode, size, mtime_ns, ctime_ns) -> digest of the files met this run: the same file
+        # under another name (a hard link). Earlier runs' are looked up in the cache file when a path misses.
         self._inodes: dict[tuple[int, int, int, int, int], str] = {}
         self._folders: dict[str, str] = {}
         self._loaded = False
@@ -209,10 +210,22 @@ class Fingerprinter:
         self._loaded = True
         # Read whole before use: rows read from a file that turns out garbled half-way are not trusted.
         rows = self._use(lambda con: con.execute(
-            "SELECT path, device, inode, size, mtime_ns, ctime_ns, digest FROM files").fetchall(), [])
-        for path, device, inode, size, mtime, ctime, digest in rows:
+            "SELECT path, size, mtime_ns, inode, ctime_ns, digest FROM files").fetchall(), [])
+        for path, size, mtime, inode, ctime, digest in rows:
             self._files.setdefault(path, ((size, mtime, inode, ctime), digest))
-            self._inodes.setdefault((device, inode, size, mtime, ctime), digest)
+
+    def _linked(self, identities: list[tuple[int, int, int, int, int]]) -> dict[tuple, str]:
+        """Cached digests of files with these identities under any path (hard links made since)."""
+        def lookup(con: sqlite3.Connection) -> dict[tuple, str]:
+            found = {}
+            for identity in identities:
+                row = con.execute("SELECT digest FROM files WHERE device = ? AND inode = ? AND size = ? AND "
+                                  "mtime_ns = ? AND ctime_ns = ? LIMIT 1", identity).fetchone()
+                if row is not None:
+                    found[identity] = row[0]
+            return found
+
+        return self._use(lookup, {}) if identities else {}
 
     def _store(self, rows: list[tuple]) -> None:
         if rows:
@@ -222,28 +235,33 @@ class Fingerprinter:
     def _digests(self, entries: list[_Entry]) -> list[str]:
         with self._lock:
             self._load()
-            out, fresh = [], []
-            now = time.time_ns()
+            out: list[str | None] = []
+            missed = []
             for entry in entries:
-                signature = _signature(entry.stat)
-                identity = _identity(entry.stat)
                 known = self._files.get(entry.absolute)
-                if known is not None and known[0] == signature:
-                    out.append(known[1])
+                hit = known is not None and known[0] == _signature(entry.stat)
+                out.append(known[1] if hit else None)
+                if not hit and _identity(entry.stat) not in self._inodes:
+                    missed.append(_identity(entry.stat))
+            self._inodes.update(self._linked(missed))
+            fresh = []
+            now = time.time_ns()
+            for index, entry in enumerate(entries):
+                if out[index] is not None:
                     continue
+                identity = _identity(entry.stat)
                 digest = self._inodes.get(identity)
                 if digest is None:
                     digest = hash_file(entry.absolute)
                     self.hashed_bytes += entry.stat.st_size
                     self.hashed_files += 1
-                self._files[entry.absolute] = (signature, digest)
+                self._files[entry.absolute] = (_signature(entry.stat), digest)
                 self._inodes[identity] = digest
                 if now - entry.stat.st_mtime_ns > RACY_SECONDS * 1e9:
-                    fresh.append((entry.absolute, entry.stat.st_dev, entry.stat.st_ino, entry.stat.st_size,
-                                  entry.stat.st_mtime_ns, entry.stat.st_ctime_ns, digest))
-                out.append(digest)
+                    fresh.append((entry.absolute, *identity, digest))
+                out[index] = digest
             self._store(fresh)
-        return out
+        return out  # type: ignore[return-value]
 
     def file(self, path: str | Path) -> str:
         path = Path(path).absolute()
@@ -314,6 +332,7 @@ def _create_schema(con: sqlite3.Connection) -> None:
     with con:
         con.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, device INTEGER, inode INTEGER, "
                     "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT)")
+        con.execute("CREATE INDEX IF NOT EXISTS files_by_inode ON files (device, inode)")
         # A whole folder whose listing (every file's stat signature) is unchanged: no per-file lookups.
         con.execute("CREATE TABLE IF NOT EXISTS folders (path TEXT PRIMARY KEY, listing TEXT, digest TEXT)")
 

@@ -120,10 +120,10 @@ def _files(tmp_path: Path) -> Path:
 
 
 def _corrupt(cache: Path) -> None:
-    """Overwrite pages in the middle of an SQLite file, as a crash of a disk or a bad copy would."""
+    """Overwrite every page but the first (the header and schema) with noise, as a bad copy would."""
     data = bytearray(cache.read_bytes())
     page = 4096
-    data[page * 2: page * 4] = os.urandom(page * 2)
+    data[page:] = os.urandom(len(data) - page)
     cache.write_bytes(bytes(data))
 
 
