@@ -241,7 +241,7 @@ class Fingerprinter:
                 known = self._files.get(entry.absolute)
                 hit = known is not None and known[0] == _signature(entry.stat)
                 out.append(known[1] if hit else None)
-                if not hit and _identity(entry.stat) not in self._inodes:
+                if not hit and entry.stat.st_ino and _identity(entry.stat) not in self._inodes:
                     missed.append(_identity(entry.stat))
             self._inodes.update(self._linked(missed))
             fresh = []
@@ -250,13 +250,15 @@ class Fingerprinter:
                 if out[index] is not None:
                     continue
                 identity = _identity(entry.stat)
-                digest = self._inodes.get(identity)
+                # Inode 0 (some FUSE and network filesystems) names no file: no fallback there.
+                digest = self._inodes.get(identity) if entry.stat.st_ino else None
                 if digest is None:
                     digest = hash_file(entry.absolute)
                     self.hashed_bytes += entry.stat.st_size
                     self.hashed_files += 1
                 self._files[entry.absolute] = (_signature(entry.stat), digest)
-                self._inodes[identity] = digest
+                if entry.stat.st_ino:
+                    self._inodes[identity] = digest
                 if now - entry.stat.st_mtime_ns > RACY_SECONDS * 1e9:
                     fresh.append((entry.absolute, *identity, digest))
                 out[index] = digest
