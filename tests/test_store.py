@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.builders import finish_handmade
+
 from leccr.config import ContentPath, Section
 from leccr.core.fingerprint import Fingerprinter
 from leccr.core.failures import error_table as _error_table
@@ -100,6 +102,9 @@ def test_fingerprint_refuses_missing_paths(tmp_path):
 
 def test_shard_plan():
     assert shard_plan(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    # shards of whole groups: an item's views stay together
+    units = ["a1", "a2", "b1", "c1", "c2", "c3", "d1"]
+    assert shard_plan(units, 2, group_of=lambda u: u[0]) == [["a1", "a2", "b1"], ["c1", "c2", "c3", "d1"]]
     with pytest.raises(ValueError):
         shard_plan([1], 0)
 
@@ -281,19 +286,23 @@ def test_a_shard_claimed_by_a_live_worker_is_waited_for_and_a_dead_claim_taken_o
     assert not (ctx.out_dir / "_claims").exists()
 
 
-def test_translate_style_error_rate_counts_units_of_work(tmp_path):
+def test_the_error_rate_is_a_share_of_its_base(tmp_path):
     ctx = _ctx(tmp_path)
 
-    def process(items, index):  # 2 languages per caption; one language fails for every caption
-        table = pa.table({"item_id": [f"id{i}" for i in items], "value": pa.array(items, pa.int64())})
-        return ShardResult(table, [(f"id{i}", "no fr translation") for i in items])
+    def process(units, index):  # 2 views per item; every item of an odd id fails (one error row per item)
+        table = pa.table({"item_id": [f"id{i // 2}" for i in units if (i // 2) % 2 == 0],
+                          "value": pa.array([i for i in units if (i // 2) % 2 == 0], pa.int64())})
+        return ShardResult(table, sorted({(f"id{i // 2}", "unreadable") for i in units if (i // 2) % 2}))
 
-    with pytest.raises(StageFailed, match=r"10 of 20 caption translations failed \(50.0%"):
-        ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.3, unit="captions",
-                       units_per_item=2, error_unit="caption translations"))
-    totals = ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.5,
-                            units_per_item=2))
-    assert (totals.rows, totals.errors) == (10, 10)
+    def job(rate):
+        return ShardJob(list(range(20)), 2, ROWS, item_id=lambda i: f"id{i // 2}", process=process,
+                        unit_of=lambda i: f"id{i // 2}\x1f{i % 2}", group_of=lambda i: f"id{i // 2}",
+                        max_error_rate=rate, unit="descriptions", error_base=10, error_unit="items")
+
+    with pytest.raises(StageFailed, match=r"5 of 10 items failed \(50.0%"):
+        ctx.run_shards(job(0.3))
+    totals = ctx.run_shards(job(0.5))
+    assert (totals.rows, totals.errors) == (10, 5)
 
 
 def test_schema_rejects_malformed_tables_with_the_file_name(tmp_path):
@@ -336,8 +345,10 @@ def test_store_latest_and_discard(tmp_path):
     artifact = store.artifact("toy", "k1")
     artifact.path.mkdir(parents=True)
     assert store.latest("toy") is None
-    (artifact.path / "_manifest.json").write_text(json.dumps({"rows": {}}))
+    (artifact.path / "_manifest.json").write_text("")  # damaged: no artifact to open
     store.mark_latest(artifact)
+    assert store.latest("toy") is None
+    finish_handmade("toy", artifact.path, "k1")
     assert store.latest("toy") == Artifact("toy", "k1", artifact.path)
     store.discard(artifact)
     assert not artifact.path.exists() and store.latest("toy") is None

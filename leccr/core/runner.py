@@ -6,19 +6,20 @@ only says how a job is submitted; both take the same decisions, because both go 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from leccr.config import ExperimentConfig
-from leccr.core.artifact import (MANIFEST, Artifact, Manifest, MethodArtifacts, ReadView, Store, damaged_files,
-                                 library_versions, part_name, stage_lock, write_manifest)
+from leccr.core.artifact import (MANIFEST, Artifact, Manifest, MethodArtifacts, ReadView, Store, damaged_files, held,
+                                 library_versions, part_name, read_manifest, stage_lock, write_manifest)
 from leccr.core.claims import Claims
 from leccr.core.codeid import code_modules
 from leccr.core.context import StageContext
@@ -103,7 +104,7 @@ def parts_with_upstream(cfg: ExperimentConfig, job: Job, fingerprints: Fingerpri
         config |= stage.key_config(job_cfg, fingerprints)
     modules = stage_code_modules(stage, job_cfg)
     return KeyParts(stage=job.stage, code=_code_digest(modules), config=config, upstream=upstream,
-                    code_modules=modules)
+                    code_modules=modules, salt_excludes=stage.memo_excludes)
 
 
 # ------------------------------------------------------------------------------------- reasons
@@ -159,7 +160,12 @@ def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: st
         if before == after:
             continue
         if isinstance(before, dict) and isinstance(after, dict):  # {"content": digest, ...} on both sides
-            reasons.append(f"{dotted}: content changed")
+            if before.get("content") != after.get("content"):
+                reasons.append(f"{dotted}: content changed")
+            if before.get("name") != after.get("name"):
+                reasons.append(f"{dotted}: renamed {_show(before.get('name', _ABSENT))} → {_show(after.get('name', _ABSENT))}")
+            if before.get("content") == after.get("content") and before.get("name") == after.get("name"):
+                reasons.append(f"{dotted}: {_show(before)} → {_show(after)}")
         else:
             reasons.append(f"{dotted}: {_show(before)} → {_show(after)}")
     before_up = previous.get("upstream_digests", {})
@@ -195,6 +201,16 @@ def make_context(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], part
                         variant=job.method, memo_sources=sources, fingerprinter=fingerprints)
 
 
+@contextlib.contextmanager
+def held_sources(ctx: StageContext) -> Iterator[StageContext]:
+    """Hold the context's memo sources while the stage reads rows from them (a shared lock on each, as
+    a running stage holds its own folder): `leccr gc` leaves them alone and a discard (`--force`, a
+    damaged artifact) waits. A source discarded before it could be held is dropped."""
+    with contextlib.ExitStack() as stack:
+        ctx.memo_sources = [source for source in ctx.memo_sources if stack.enter_context(held(source.path))]
+        yield ctx
+
+
 # ------------------------------------------------------------------------------------- explain
 @dataclass
 class PlannedStage:
@@ -213,6 +229,21 @@ class PlannedStage:
         return text + "".join(f"\n{'':<15} warning: {w}" for w in self.warnings)
 
 
+def unreadable_records(folder: Path) -> list[str]:
+    """The Parquet files of an unfinished artifact that cannot be read back (empty, cut): a resumed run
+    computes their shards again."""
+    from leccr.core.failures import unreadable
+
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.rglob("*.parquet")):
+        relative = path.relative_to(folder)
+        if not any(part.startswith(".") for part in relative.parts) and (problem := unreadable(path)):
+            found.append(f"{relative}: {problem}")
+    return found
+
+
 def _reuse_line(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts: KeyParts) -> str | None:
     """"3 of 1,000 items to compute, 997 reused" for a per-item stage that can reuse rows."""
     stage = get_stage(job.stage)
@@ -226,6 +257,7 @@ def _reuse_line(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts
         split = ctx.plan_shards(shard_job)
         counts.append(f"{split.computed_units:,} of {len(shard_job.work):,} {shard_job.unit} to compute, "
                       f"{split.reused_units:,} reused")
+    counts += [f"row memo: {note}" for note in ctx.memo_notes]
     return "; ".join(counts) if counts else None
 
 
@@ -261,8 +293,11 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
                 continue
             parts = key_parts(cfg, job, finished, fingerprints)
             artifact = store.artifact(name, parts.key)
+            bookkeeping = read_manifest(artifact.path)[1] if store.is_complete(artifact) else None
             if name in the_plan.forced:
                 planned.append(PlannedStage(job.label, "forced", parts.key, ["--force"]))
+            elif bookkeeping is not None:
+                planned.append(PlannedStage(job.label, "miss", parts.key, [bookkeeping, "recomputes it"]))
             elif store.is_complete(artifact) and (changed := changed_failures(artifact.path, Path(cfg.dataset.path))):
                 planned.append(PlannedStage(job.label, "miss", parts.key,
                                             [f"retries failed items: {changed} have a changed file since they failed"]))
@@ -280,6 +315,7 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
                 shards = len(list(artifact.path.rglob("part-*.parquet"))) if artifact.path.is_dir() else 0
                 if shards:
                     reasons.append(f"resumes with {shards} finished shard(s)")
+                reasons += [f"{problem}: recomputes that shard" for problem in unreadable_records(artifact.path)]
                 reuse = _reuse_line(cfg, job, finished, parts)
                 if reuse:
                     reasons.append(reuse)
@@ -347,8 +383,8 @@ def run_stage_slot(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Inpu
         return 0
     artifact.path.mkdir(parents=True, exist_ok=True)
     before = set(artifact.path.rglob("part-*.parquet"))
-    with stage_lock(artifact.path):
-        get_stage(job.stage).run(make_context(cfg, job, inputs, parts, logger, (slot, slots)))
+    with stage_lock(artifact.path), held_sources(make_context(cfg, job, inputs, parts, logger, (slot, slots))) as ctx:
+        get_stage(job.stage).run(ctx)
     return len(set(artifact.path.rglob("part-*.parquet")) - before)
 
 
@@ -393,7 +429,7 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
         artifact.path.mkdir(parents=True, exist_ok=True)
         ctx = make_context(cfg, job, inputs, parts, logger, fingerprints=fingerprints)
         started = time.time()
-        with stage_lock(artifact.path):
+        with stage_lock(artifact.path), held_sources(ctx):
             try:
                 get_stage(job.stage).run(ctx)
             except StageFailed:
@@ -428,10 +464,19 @@ def reopen_damaged(artifact: Artifact, fingerprints: Fingerprinter, logger: logg
     store = Store(artifact.path.parents[1])
     if not store.is_complete(artifact):
         return []
-    problems = damaged_files(artifact.path, artifact.manifest, fingerprints)
+    sharded = get_stage(artifact.stage).sharded
+    manifest, problem = read_manifest(artifact.path)
+    if manifest is None:  # what it vouched for is unknown: shards are checked as after a crash, the rest redone
+        logger.warning("%s: %s in %s; recomputing %s", label, problem, artifact.path,
+                       "the shards that do not read back" if sharded else "the artifact")
+        if sharded:
+            (artifact.path / MANIFEST).unlink(missing_ok=True)
+        else:
+            store.discard(artifact)
+        return [str(problem)]
+    problems = damaged_files(artifact.path, manifest, fingerprints)
     if not problems:
         return []
-    sharded = get_stage(artifact.stage).sharded
     logger.warning("%s: %s; recomputing %s", label, "; ".join(problems.values()),
                    "the damaged shards" if sharded else "the artifact")
     if not sharded:
@@ -441,7 +486,7 @@ def reopen_damaged(artifact: Artifact, fingerprints: Fingerprinter, logger: logg
     for name in problems:
         path = artifact.path / name
         path.unlink(missing_ok=True)
-        if path.name.startswith("part-"):  # the shard's own records go with it
+        if path.name.startswith(("part-", "inputs-")):  # a shard and its own records go together
             index = int(path.stem.split("-")[1])
             folder = path.parent.parent if path.parent.name in ("_errors", "_inputs") else path.parent
             for sibling in (folder / part_name(index), folder / "_errors" / part_name(index),

@@ -50,6 +50,9 @@ class SamplingConfig:
     max_tokens: int = 256  # new tokens per description
     seed: int = 42  # base seed; see request_seed
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
