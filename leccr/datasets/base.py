@@ -359,19 +359,21 @@ DatasetPath = Annotated[str, PathOption()]
 
 
 def path_options(options: type[BaseModel]) -> dict[str, PathOption]:
-    """{option: its PathOption} of the options that name files (`DatasetPath | None` included)."""
-    def marker(annotation: Any) -> PathOption | None:
-        found = next((m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, PathOption)), None)
-        for argument in () if found is not None else get_args(annotation):
-            found = found or marker(argument)
-        return found
-
+    """{option: its PathOption} of the options that name files."""
     marked = {}
     for name, info in options.model_fields.items():
-        found = next((m for m in info.metadata if isinstance(m, PathOption)), None) or marker(info.annotation)
+        found = next((m for m in info.metadata if isinstance(m, PathOption)), None) or _marker(info.annotation)
         if found is not None:
             marked[name] = found
     return marked
+
+
+def _marker(annotation: Any) -> PathOption | None:
+    """The PathOption a type carries, also inside a union (`DatasetPath | None`)."""
+    for meta in getattr(annotation, "__metadata__", ()):
+        if isinstance(meta, PathOption):
+            return meta
+    return next((m for m in map(_marker, get_args(annotation)) if m is not None), None)
 
 
 class AdapterOptions(BaseModel):
