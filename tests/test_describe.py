@@ -138,6 +138,21 @@ def test_stage_rows_match_a_direct_engine_call_on_decoded_frames(tiny_llava, tmp
         "USER: <image>\n<image>\n<image>\nHi? ASSISTANT:"
 
 
+def test_sampled_descriptions_do_not_depend_on_the_batch_size(tiny_llava, tmp_path):
+    """At temperature > 0 the batch size is out of the key (test_cache_key_follows_prompts_and_sampling_not_batching):
+    each (item, view) samples with its own seed, so the stage writes the same descriptions with any."""
+    dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
+    written = {}
+    for batch_size in (1, 5):
+        ctx = make_context(small_config(tiny_llava, temperature=1.0, top_p=0.9, batch_size=batch_size), dataset,
+                           tmp_path / f"batch-{batch_size}")
+        describe.run(ctx)
+        table = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS)
+        written[batch_size] = sorted((r["item_id"], r["view_id"], r["seed"], r["n_tokens"], r["description"])
+                                     for r in table.to_pylist())
+    assert len(written[1]) == 5 and written[1] == written[5]
+
+
 def test_import_engine_reads_videochat2_style_json(tmp_path):
     dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
     source = tmp_path / "videochat2.json"
@@ -210,9 +225,9 @@ def test_cache_key_follows_prompts_and_sampling_not_batching(tiny_llava):
     assert key(base) == key(small_config(tiny_llava, batch_size=1, decode_workers=4, gpu_memory_utilization=0.3))
     # greedy decoding: seed and top_p draw nothing; vLLM-only settings do not touch the transformers engine
     assert key(base) == key(small_config(tiny_llava, seed=7, top_p=0.5, max_model_len=64))
-    # sampling with transformers: one random stream per batch, so the batch size is in the key
+    # sampling: each (item, view) with its own seed whatever its batch, so the batch size is not in the key
     sampled = small_config(tiny_llava, temperature=0.7)
-    assert key(sampled) != key(small_config(tiny_llava, temperature=0.7, batch_size=1))
+    assert key(sampled) == key(small_config(tiny_llava, temperature=0.7, batch_size=1))
     assert key(sampled) != key(small_config(tiny_llava, temperature=0.7, seed=7))
     # import: only the file (by content) and its view matter
     imported = DescribeConfig(engine="import", import_path=str(tiny_llava / "config.json"))
