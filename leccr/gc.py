@@ -7,7 +7,10 @@ through their manifests, every upstream artifact those were built from. Everythi
 holds (its `.lock`, see leccr.core.artifact.stage_lock), which is never touched.
 
 An incomplete folder (no manifest) is listed too: it holds the finished shards of a stopped run, which
-a rerun of the same config would resume from, so deleting it costs that work.
+a rerun of the same config would resume from, so deleting it costs that work. A folder whose manifest
+is damaged (empty, not JSON) is listed with what is wrong and never deleted: a run of its config names
+it and recomputes it. Nothing upstream of a damaged referenced artifact is deleted either, since its
+manifest no longer says which artifacts it was built from.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from leccr.core.artifact import MANIFEST, Artifact, Store, exclusive, is_locked, stage_of
+from leccr.core.artifact import MANIFEST, Artifact, Store, exclusive, is_locked, read_manifest, stage_of
+from leccr.core.claims import artifact_claims
 from leccr.runs import referenced_keys
 
 
@@ -26,15 +30,21 @@ class Garbage:
     bytes: int
     complete: bool
     in_use: bool
+    damaged: str | None = None  # what is wrong with its manifest
+    kept_for: str | None = None  # a damaged referenced artifact downstream of it
 
     @property
     def deletable(self) -> bool:
-        return not self.in_use
+        return not (self.in_use or self.damaged or self.kept_for)
 
     @property
     def note(self) -> str:
         if self.in_use:
             return "in use by a running stage: kept"
+        if self.damaged:
+            return f"damaged ({self.damaged}): skipped; a run of its config recomputes it"
+        if self.kept_for:
+            return f"kept: upstream of {self.kept_for}, whose manifest is damaged"
         return "" if self.complete else "incomplete (finished shards of a stopped run)"
 
 
@@ -57,9 +67,11 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
-def referenced(store: Store, prune: list[Path] | None = None) -> set[tuple[str, str]]:
+def referenced(store: Store, prune: list[Path] | None = None,
+               damaged: dict[tuple[str, str], str] | None = None) -> set[tuple[str, str]]:
     """(stage, key) of every artifact an experiment's latest run, a run record (but those in `prune`) or
-    a LATEST pointer uses, with upstream."""
+    a LATEST pointer uses, with upstream. `damaged` collects the referenced ones whose manifest cannot
+    be read (their upstream cannot be followed)."""
     pending: list[tuple[str, str]] = []
     for record in sorted((store.root / "runs").glob("*.json")):
         pending.extend(json.loads(record.read_text(encoding="utf-8")).items())
@@ -73,30 +85,59 @@ def referenced(store: Store, prune: list[Path] | None = None) -> set[tuple[str, 
         if (stage, key) in seen:
             continue
         seen.add((stage, key))
-        manifest = store.root / stage / key / MANIFEST
-        if manifest.is_file():
-            pending.extend(json.loads(manifest.read_text(encoding="utf-8")).get("upstream", {}).items())
+        folder = store.root / stage / key
+        if (folder / MANIFEST).is_file():
+            manifest, problem = read_manifest(folder)
+            if manifest is None:
+                if damaged is not None:
+                    damaged[(stage, key)] = str(problem)
+                continue
+            pending.extend(manifest.upstream.items())
     return seen
 
 
 def collect(root: str | Path, prune: list[Path] | None = None) -> list[Garbage]:
     """Every unreferenced artifact under `root`, with its size, whether complete, whether in use
     (`prune`: run records whose artifacts are no longer kept for them)."""
+    from leccr.core.dag import declared_upstream
+
     store = Store(root)
-    keep = referenced(store, prune)
-    return [Garbage(a, folder_size(a.path), store.is_complete(a), is_locked(a.path))
-            for a in store.artifacts() if (a.stage, a.key) not in keep]
+    damaged_refs: dict[tuple[str, str], str] = {}
+    keep = referenced(store, prune, damaged_refs)
+    protected: dict[str, str] = {}  # stage -> the damaged referenced artifact it may be upstream of
+    graph = declared_upstream()
+    for stage, key in sorted(damaged_refs):
+        pending = list(graph.get(stage, ()))
+        while pending:
+            up = pending.pop()
+            if up not in protected:
+                protected[up] = f"{stage}/{key}"
+                pending.extend(graph.get(up, ()))
+    found = []
+    for artifact in store.artifacts():
+        if (artifact.stage, artifact.key) in keep and (artifact.stage, artifact.key) not in damaged_refs:
+            continue
+        complete = store.is_complete(artifact)
+        problem = read_manifest(artifact.path)[1] if complete else None
+        found.append(Garbage(artifact, folder_size(artifact.path), complete, is_locked(artifact.path), problem,
+                             protected.get(artifact.stage)))
+    return found
 
 
 def delete(root: str | Path, garbage: list[Garbage]) -> list[Garbage]:
-    """Delete these artifacts (renamed away first); one a stage started holding meanwhile is kept."""
+    """Delete these artifacts (renamed away first) holding each one's claim; one a stage started holding
+    meanwhile, or whose claim a live run holds (on any host), is kept. A dead run's claim is taken over."""
     store = Store(root)
     removed = []
     for entry in garbage:
         if not entry.artifact.path.is_dir():
             continue
+        claims = artifact_claims(store.root, entry.artifact.stage)
         with exclusive(entry.artifact.path) as free:  # held while the folder is renamed away
-            if free:
-                store.discard(entry.artifact)
-                removed.append(entry)
+            try:
+                if free and claims.acquire(entry.artifact.key):
+                    store.discard(entry.artifact, locked=True)
+                    removed.append(entry)
+            finally:
+                claims.release_all()
     return removed

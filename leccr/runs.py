@@ -129,8 +129,13 @@ def referenced_keys(root: str | Path, skip: Iterable[Path] = ()) -> list[tuple[s
     keys = []
     for path in sorted(records_dir(root).glob("*.json")):
         if path.name not in skip:
-            stages = json.loads(path.read_text(encoding="utf-8"))["stages"]
-            keys.extend((stage, entry["key"]) for stage, entry in stages.items())
+            try:
+                stages = json.loads(path.read_text(encoding="utf-8"))["stages"]
+                keys.extend((stage, entry["key"]) for stage, entry in stages.items())
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                # What it references is unknown: stop rather than delete what it may keep.
+                raise ValueError(f"run record {path} cannot be read ({type(error).__name__}: {error}); fix or "
+                                 "delete it, then collect again") from None
     return keys
 
 

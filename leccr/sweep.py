@@ -124,7 +124,7 @@ def _identity(cfg: ExperimentConfig, label: str, upstream: dict[str, str], finge
     own = parts_with_upstream(cfg, job, fingerprints, {})
     ups = [identity for up_label, identity in sorted(upstream.items())
            if Job.from_label(up_label).stage in get_stage(job.stage).upstream]
-    text = json.dumps([label, own.memo_salt, ups], sort_keys=True, default=str)
+    text = json.dumps([label, own.own_digest, ups], sort_keys=True, default=str)
     return "pending:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

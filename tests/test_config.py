@@ -43,3 +43,17 @@ def test_load_config_from_yaml_with_overrides(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_an_override_of_one_mapping_key_keeps_its_siblings_defaults_included(tmp_path):
+    from leccr.prompts import default_views
+
+    path = tmp_path / "x.yaml"
+    path.write_text("name: x\ndataset: {format: multi30k, path: /d}\ndescribe: {video_views: {gist: Sum it up.}}\n")
+    cfg = load_config(path, {"describe.image_views.colours": "Which colours?", "describe.video_views.when": "When?"})
+    assert cfg.describe.image_views == {**default_views("image"), "colours": "Which colours?"}  # defaults kept
+    assert cfg.describe.video_views == {"gist": "Sum it up.", "when": "When?"}  # the file's view kept
+    # a whole mapping still replaces it, and a key of a section that is not a mapping is refused
+    assert load_config(path, {"describe.image_views": {"only": "This."}}).describe.image_views == {"only": "This."}
+    with pytest.raises(ConfigError, match="cannot override 'dataset.path.x'"):
+        load_config(path, {"dataset.path.x": 1})

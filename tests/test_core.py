@@ -93,21 +93,22 @@ def test_nproc_and_what_auto_means_are_in_trains_key():
 
 
 def test_a_claim_is_renewed_while_held_and_taken_over_once_its_lease_ran_out(tmp_path):
-    holder = Claims(tmp_path, lease_seconds=2.0, renew_seconds=0.2)
+    holder = Claims(tmp_path, lease_seconds=2.0, renew_seconds=0.2, host_id="host-a")
     assert holder.acquire("part-00000")
     claim = tmp_path / "_claims" / "part-00000.claim"
-    # Pretend the holder is on another host: only its lease says whether it lives.
-    claim.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "1"}))
+    # Seen from another host only its lease says whether the holder lives: an old mtime, then renewed.
     os.utime(claim, (time.time() - 10, time.time() - 10))
     time.sleep(0.6)  # the renewer touches it
     assert time.time() - claim.stat().st_mtime < 1.0
-    assert not Claims(tmp_path, lease_seconds=2.0).acquire("part-00000")  # renewed: still held
+    assert not Claims(tmp_path, lease_seconds=2.0, host_id="host-b").acquire("part-00000")  # renewed: still held
+    assert holder.check("part-00000") == 1
     holder.release_all()  # its renewer stops; now a holder elsewhere that died, leaving its claim behind
-    claim.parent.mkdir(exist_ok=True)
-    claim.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "1"}))
+    claim.write_text(json.dumps({"host": "elsewhere", "host_id": "elsewhere", "pid": 1, "nonce": "n", "token": 3}))
     os.utime(claim, (time.time() - 10, time.time() - 10))
-    assert Claims(tmp_path, lease_seconds=2.0).acquire("part-00000")  # lease ran out: taken over
-    assert json.loads(claim.read_text())["host"] == socket.gethostname()
+    taker = Claims(tmp_path, lease_seconds=2.0, host_id="host-b")
+    assert taker.acquire("part-00000")  # lease ran out: taken over, with the next token
+    assert json.loads(claim.read_text())["host_id"] == "host-b" and taker.check("part-00000") == 4
+    taker.release_all()
 
 
 def test_the_engine_cache_reloads_a_model_rewritten_under_the_same_path(tmp_path):

@@ -1,6 +1,8 @@
 """The describe stage end to end on real media and the real tiny LLaVA through transformers: views,
 errors.parquet, import engine, cache keys, and resume after the stage is killed mid-run."""
 import json
+
+from leccr.core.fingerprint import Fingerprinter
 import logging
 import os
 import signal
@@ -94,8 +96,10 @@ def test_transformers_stage_describes_every_view_and_records_bad_media(tiny_llav
         assert row["prompt"] == views[row["view_id"]]
         assert row["description"] and 1 <= row["n_tokens"] <= 6
         assert row["engine"] == "transformers" and row["model"] == tiny_llava.name
-        assert json.loads(row["sampling"]) == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 6, "seed": 42}
-        assert row["seed"] == request_seed(42, row["item_id"], row["view_id"])
+        assert row["model_digest"] == Fingerprinter().path(tiny_llava)  # the model as the key counts it
+        # greedy: what the key counts, and nothing it leaves out (top_p, seeds draw no random numbers)
+        assert json.loads(row["sampling"]) == {"temperature": 0.0, "max_tokens": 6}
+        assert row["seed"] is None
         assert row["seconds"] > 0
 
     errors = {r["item_id"]: r["reason"] for r in read_table(ctx.out_dir / "errors.parquet", ERRORS).to_pylist()}
@@ -132,6 +136,21 @@ def test_stage_rows_match_a_direct_engine_call_on_decoded_frames(tiny_llava, tmp
     # the prompt carries one <image> per frame, through the model's own chat template
     assert chat_prompt(engine.processor, Request("v", "a", "Hi?", frames, "video", 0), "images") == \
         "USER: <image>\n<image>\n<image>\nHi? ASSISTANT:"
+
+
+def test_sampled_descriptions_do_not_depend_on_the_batch_size(tiny_llava, tmp_path):
+    """At temperature > 0 the batch size is out of the key (test_cache_key_follows_prompts_and_sampling_not_batching):
+    each (item, view) samples with its own seed, so the stage writes the same descriptions with any."""
+    dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
+    written = {}
+    for batch_size in (1, 5):
+        ctx = make_context(small_config(tiny_llava, temperature=1.0, top_p=0.9, batch_size=batch_size), dataset,
+                           tmp_path / f"batch-{batch_size}")
+        describe.run(ctx)
+        table = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS)
+        written[batch_size] = sorted((r["item_id"], r["view_id"], r["seed"], r["n_tokens"], r["description"])
+                                     for r in table.to_pylist())
+    assert len(written[1]) == 5 and written[1] == written[5]
 
 
 def test_import_engine_reads_videochat2_style_json(tmp_path):
@@ -206,9 +225,9 @@ def test_cache_key_follows_prompts_and_sampling_not_batching(tiny_llava):
     assert key(base) == key(small_config(tiny_llava, batch_size=1, decode_workers=4, gpu_memory_utilization=0.3))
     # greedy decoding: seed and top_p draw nothing; vLLM-only settings do not touch the transformers engine
     assert key(base) == key(small_config(tiny_llava, seed=7, top_p=0.5, max_model_len=64))
-    # sampling with transformers: one random stream per batch, so the batch size is in the key
+    # sampling: each (item, view) with its own seed whatever its batch, so the batch size is not in the key
     sampled = small_config(tiny_llava, temperature=0.7)
-    assert key(sampled) != key(small_config(tiny_llava, temperature=0.7, batch_size=1))
+    assert key(sampled) == key(small_config(tiny_llava, temperature=0.7, batch_size=1))
     assert key(sampled) != key(small_config(tiny_llava, temperature=0.7, seed=7))
     # import: only the file (by content) and its view matter
     imported = DescribeConfig(engine="import", import_path=str(tiny_llava / "config.json"))
@@ -308,7 +327,9 @@ def test_run_stage_through_the_store_then_hits_the_cache(tiny_llava, tmp_path):
     manifest = first.artifact.manifest
     assert manifest.summary["descriptions"] == 8 and manifest.summary["engine"] == "transformers"
     # the model folder enters the key by content, not by where it lies
-    assert set(manifest.key_config["model"]) == {"content"} and len(manifest.key_config["model"]["content"]) == 64
+    # (and by its name, which its rows record)
+    assert manifest.key_config["model"] == {"content": manifest.key_config["model"]["content"], "name": tiny_llava.name}
+    assert len(manifest.key_config["model"]["content"]) == 64
     again = run_stage(cfg, "describe", {"dataset": dataset})
     assert again.cache_hit and again.artifact.key == first.artifact.key
 

@@ -10,6 +10,7 @@ from PIL import Image, ImageOps
 from leccr.config import parse_config
 from leccr.core.memo import RowMemo, in_unit_order
 from leccr.core.runner import explain, run_pipeline
+from tests.builders import finish_handmade
 from tests.conftest import demo_config_dict
 
 STAGES = ["features"]  # with everything upstream: dataset, translate, describe, visual
@@ -52,19 +53,22 @@ def test_a_caption_edit_and_a_replaced_image_compute_only_those_items(demo_root,
     shutil.copytree(demo_root / "data", data)
     first = run_pipeline(_config(demo_root, data, tmp_path / "a"), STAGES)
     items = first["describe"].artifact.manifest.summary["items"]
+    units = _reuse(first["describe"])["rows"]["computed"]  # one description per item and view
 
     _edit_one_caption(data)
     _replace_one_image(data)
     cfg = _config(demo_root, data, tmp_path / "a")
     planned = {p.name: p for p in explain(cfg, STAGES)}
     assert planned["describe"].status == "miss"
-    assert f"1 of {items} items to compute, {items - 1} reused" in "; ".join(planned["describe"].reasons)
+    views = len(cfg.describe.image_views)  # the replaced image's descriptions
+    assert f"{views} of {units} descriptions to compute, {units - views} reused" in "; ".join(planned["describe"].reasons)
     assert f"1 of {items} items to compute" in "; ".join(planned["visual"].reasons)
 
     again = run_pipeline(cfg, STAGES)
-    assert _reuse(again["describe"])["rows"] == {"computed": 1, "reused": items - 1}
+    assert _reuse(again["describe"])["rows"] == {"computed": views, "reused": units - views}
     assert _reuse(again["visual"])["rows"] == {"computed": 1, "reused": items - 1}
-    assert _reuse(again["translate"])["rows"]["computed"] == 1  # the edited English caption
+    # the edited English caption, in each target language
+    assert _reuse(again["translate"])["rows"]["computed"] == len(cfg.dataset.languages)
     text = _reuse(again["features"])["text"]
     assert text["computed"] == 1 and text["reused"] > 50  # that caption's row; its translations are unchanged
     assert _reuse(again["features"])["descriptions"]["computed"] <= 1  # the replaced image's description
@@ -100,6 +104,7 @@ def test_a_failed_unit_is_never_reused(tmp_path):
     write_table(pa.Table.from_pylist([{"item_id": "b", "stage": "describe", "shard": 0, "reason": "unreadable",
                                        "file": None, "line": None, "retryable": False, "file_state": None}],
                                      schema=ERRORS), folder / "errors.parquet", ERRORS)
+    finish_handmade("describe", folder, folder.name)
     memo = RowMemo([Artifact("describe", folder.name, folder)])
     assert memo.split(["a", "b"], ["da", "db"]) == {0: folder / "part-00000.parquet"}
     assert memo.split(["a"], ["changed"]) == {}

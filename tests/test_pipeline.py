@@ -41,7 +41,9 @@ def test_changing_translate_config_reruns_it_and_downstream_only(demo_root, tmp_
     run_pipeline(_cfg(demo_root, tmp_path), stages)
     planned = {p.name: p for p in explain(_cfg(demo_root, tmp_path, translate={"splits": ["train"]}), stages)}
     assert {name for name, p in planned.items() if p.status != "hit"} == {"translate", "features"}
-    assert planned["translate"].reasons == ['translate.splits: ["train", "val"] → ["train"]']
+    # fewer splits: nothing to translate, every unit reused (splits only choose the units)
+    assert planned["translate"].reasons[0] == 'translate.splits: ["train", "val"] → ["train"]'
+    assert planned["translate"].reasons[1].startswith("0 of ") and planned["translate"].reasons[1].endswith(" reused")
     assert planned["features"].status == "pending" and planned["features"].reasons == ["after translate"]
     # A field that does not change output keeps every key.
     assert all(p.status == "hit" for p in explain(_cfg(demo_root, tmp_path, translate={"batch_size": 3}), stages))

@@ -217,8 +217,8 @@ def test_downstream_keys_follow_what_upstream_holds(demo_root, tmp_path, monkeyp
 
     original = translate._rows
 
-    def shouted(shard, lang, texts, engine, model):
-        return original(shard, lang, [t.upper() for t in texts], engine, model)
+    def shouted(units, texts, engine, models):
+        return original(units, [t.upper() for t in texts], engine, models)
 
     monkeypatch.setattr(translate, "_rows", shouted)
     again = run_pipeline(cfg, ["translate"], force=["translate"])

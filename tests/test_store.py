@@ -13,11 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.builders import finish_handmade
+
 from leccr.config import ContentPath, Section
 from leccr.core.fingerprint import Fingerprinter
 from leccr.core.failures import error_table as _error_table
 from leccr.core.artifact import Artifact, Store
-from leccr.core.claims import Claims, shard_claim
+from leccr.core.claims import Claims, host_identity, shard_claim
 from leccr.core.context import StageContext
 from leccr.core.failures import ItemError, StageFailed
 from leccr.core.keys import KeyParts, resolve_section
@@ -100,6 +102,9 @@ def test_fingerprint_refuses_missing_paths(tmp_path):
 
 def test_shard_plan():
     assert shard_plan(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    # shards of whole groups: an item's views stay together
+    units = ["a1", "a2", "b1", "c1", "c2", "c3", "d1"]
+    assert shard_plan(units, 2, group_of=lambda u: u[0]) == [["a1", "a2", "b1"], ["c1", "c2", "c3", "d1"]]
     with pytest.raises(ValueError):
         shard_plan([1], 0)
 
@@ -148,7 +153,7 @@ def test_background_write_commits_the_same_shards_and_resumes(tmp_path):
     process, calls = _process(fail_ids={3})
     totals = background.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", background_write=True))
     assert calls == [0, 1, 2] and (totals.rows, totals.errors, totals.shards_done) == (9, 1, 3)
-    assert not (background.out_dir / "_claims").exists()  # each claim released once its shard was committed
+    assert not list((background.out_dir / "_claims").glob("*.claim"))  # each released once its shard was committed
     for name in ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "errors.parquet"]:
         assert pq.read_table(background.out_dir / name).equals(pq.read_table(plain.out_dir / name)), name
     (background.out_dir / "part-00002.parquet").unlink()
@@ -262,7 +267,7 @@ def test_a_shard_claimed_by_a_live_worker_is_waited_for_and_a_dead_claim_taken_o
     assert claims.acquire(shard_claim(0)) and not Claims(ctx.out_dir).acquire(shard_claim(0))  # this process holds it
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (ctx.out_dir / "_claims" / "part-00001.claim").write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "1"}))
+        {"host": socket.gethostname(), "host_id": host_identity(), "pid": int(dead.stdout), "started": "1"}))
     process, calls = _process()
 
     def commit_shard0_later():
@@ -278,22 +283,26 @@ def test_a_shard_claimed_by_a_live_worker_is_waited_for_and_a_dead_claim_taken_o
     other.join()
     assert calls == [1, 2]  # shard 0 was the other worker's; the dead worker's shard 1 was taken over
     assert (totals.shards_done, totals.shards_resumed, totals.rows) == (2, 1, 10)
-    assert not (ctx.out_dir / "_claims").exists()
+    assert not list((ctx.out_dir / "_claims").glob("*.claim"))
 
 
-def test_translate_style_error_rate_counts_units_of_work(tmp_path):
+def test_the_error_rate_is_a_share_of_its_base(tmp_path):
     ctx = _ctx(tmp_path)
 
-    def process(items, index):  # 2 languages per caption; one language fails for every caption
-        table = pa.table({"item_id": [f"id{i}" for i in items], "value": pa.array(items, pa.int64())})
-        return ShardResult(table, [(f"id{i}", "no fr translation") for i in items])
+    def process(units, index):  # 2 views per item; every item of an odd id fails (one error row per item)
+        table = pa.table({"item_id": [f"id{i // 2}" for i in units if (i // 2) % 2 == 0],
+                          "value": pa.array([i for i in units if (i // 2) % 2 == 0], pa.int64())})
+        return ShardResult(table, sorted({(f"id{i // 2}", "unreadable") for i in units if (i // 2) % 2}))
 
-    with pytest.raises(StageFailed, match=r"10 of 20 caption translations failed \(50.0%"):
-        ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.3, unit="captions",
-                       units_per_item=2, error_unit="caption translations"))
-    totals = ctx.run_shards(ShardJob(list(range(10)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", max_error_rate=0.5,
-                            units_per_item=2))
-    assert (totals.rows, totals.errors) == (10, 10)
+    def job(rate):
+        return ShardJob(list(range(20)), 2, ROWS, item_id=lambda i: f"id{i // 2}", process=process,
+                        unit_of=lambda i: f"id{i // 2}\x1f{i % 2}", group_of=lambda i: f"id{i // 2}",
+                        max_error_rate=rate, unit="descriptions", error_base=10, error_unit="items")
+
+    with pytest.raises(StageFailed, match=r"5 of 10 items failed \(50.0%"):
+        ctx.run_shards(job(0.3))
+    totals = ctx.run_shards(job(0.5))
+    assert (totals.rows, totals.errors) == (10, 5)
 
 
 def test_schema_rejects_malformed_tables_with_the_file_name(tmp_path):
@@ -336,8 +345,10 @@ def test_store_latest_and_discard(tmp_path):
     artifact = store.artifact("toy", "k1")
     artifact.path.mkdir(parents=True)
     assert store.latest("toy") is None
-    (artifact.path / "_manifest.json").write_text(json.dumps({"rows": {}}))
+    (artifact.path / "_manifest.json").write_text("")  # damaged: no artifact to open
     store.mark_latest(artifact)
+    assert store.latest("toy") is None
+    finish_handmade("toy", artifact.path, "k1")
     assert store.latest("toy") == Artifact("toy", "k1", artifact.path)
     store.discard(artifact)
     assert not artifact.path.exists() and store.latest("toy") is None

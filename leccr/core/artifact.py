@@ -14,14 +14,14 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from leccr.core.fingerprint import files_under, hash_file
 from leccr.core.io import atomic_write_text
@@ -115,6 +115,29 @@ def stable_digest(file: Path, raw: str | None = None) -> str:
     return raw if raw is not None else hash_file(file)
 
 
+def read_manifest(folder: Path) -> tuple[Manifest | None, str | None]:
+    """(the finished artifact's manifest, None), or (None, what is wrong with it): missing, empty, not
+    JSON, or not a manifest. Damaged bookkeeping is a miss that names itself, never a crash."""
+    path = folder / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, f"{MANIFEST} is missing"
+    except (OSError, UnicodeDecodeError) as error:
+        return None, f"{MANIFEST} cannot be read ({type(error).__name__}: {error})"
+    if not text.strip():
+        return None, f"{MANIFEST} is empty ({path.stat().st_size} bytes)"
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        return None, f"{MANIFEST} is not JSON ({error})"
+    try:
+        return Manifest.model_validate(data), None
+    except ValidationError as error:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) or "<root>" for e in error.errors()[:3])
+        return None, f"{MANIFEST} is not a manifest (bad or missing: {fields})"
+
+
 def damaged_files(folder: Path, manifest: Manifest, fingerprints) -> dict[str, str]:
     """{file: what is wrong} for the files a finished artifact's manifest lists: missing, another size,
     or (where the stat signature changed since it was hashed) other bytes. Checked before a hit is
@@ -180,6 +203,23 @@ def exclusive(folder: Path) -> Iterator[bool]:
             return
         try:
             yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def held(folder: Path) -> Iterator[bool]:
+    """Hold an existing artifact folder as a running stage holds its own (a shared lock on its
+    `.lock`, without creating anything): yields False when the folder is gone or unfinished once held."""
+    try:
+        handle = open(folder / LOCK_FILE, "a+")
+    except FileNotFoundError:
+        yield False
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        try:
+            yield (folder / MANIFEST).is_file()  # discarded while we waited: renamed away, nothing to read
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -347,12 +387,13 @@ class Store:
         return (artifact.path / MANIFEST).is_file()
 
     def latest(self, stage: str, method: str | None = None) -> Artifact | None:
-        """The artifact a stage (one method of a per-method stage) produced or reused most recently here."""
+        """The artifact a stage (one method of a per-method stage) produced or reused most recently here
+        (None when it is gone or its manifest is damaged)."""
         pointer = self.root / stage / _pointer(stage, method)
         if not pointer.is_file():
             return None
         artifact = self.artifact(stage, pointer.read_text(encoding="utf-8").strip())
-        return artifact if self.is_complete(artifact) else None
+        return artifact if read_manifest(artifact.path)[0] is not None else None
 
     def latest_methods(self, stage: str) -> dict[str, Artifact]:
         """{method: its latest artifact} of a per-method stage."""
@@ -366,12 +407,26 @@ class Store:
     def mark_latest(self, artifact: Artifact, method: str | None = None) -> None:
         atomic_write_text(self.root / artifact.stage / _pointer(artifact.stage, method), artifact.key + "\n")
 
-    def discard(self, artifact: Artifact) -> None:
-        """Remove an artifact folder (for --force): renamed away first so no reader sees it half-deleted."""
-        if artifact.path.exists():
+    def discard(self, artifact: Artifact, locked: bool = False) -> None:
+        """Remove an artifact folder (for --force): renamed away first so no reader sees it half-deleted.
+
+        Waits while a stage holds the folder (its own run, or another's row memo reading from it);
+        `locked`: the caller already holds it exclusively (`leccr gc`)."""
+        if not artifact.path.exists():
+            return
+        with contextlib.ExitStack() as stack:
+            if not locked:
+                try:
+                    handle = stack.enter_context(open(artifact.path / LOCK_FILE, "a+"))
+                except FileNotFoundError:
+                    return  # discarded meanwhile
+                fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
             trash = artifact.path.with_name(f".trash-{artifact.key}-{os.getpid()}-{time.time_ns()}")
-            os.replace(artifact.path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(artifact.path, trash)
+            except FileNotFoundError:
+                return
+        shutil.rmtree(trash, ignore_errors=True)
 
     def artifacts(self) -> list[Artifact]:
         """Every artifact folder of every stage under this root, complete or not: `<stage>/<key>` for
@@ -452,12 +507,13 @@ def upstream_keys(inputs: Mapping[str, Any]) -> dict[str, str]:
     return keys
 
 
-def write_manifest(ctx: StageContext, started: float) -> Manifest:
+def write_manifest(ctx: StageContext, started: float, fence: Callable[[], object] | None = None) -> Manifest:
     """Write `_manifest.json` last: its presence is what marks the artifact complete.
 
     It records every part of the key (code digest, the config as used, upstream keys and digests),
     each file's size and digest, and the content digest of what the folder now holds, which downstream
-    keys are made from.
+    keys are made from. `fence` runs just before the write, after the hashing (which can take long):
+    it raises when this writer no longer holds the artifact's claim (leccr.core.claims).
     """
     parts = ctx.key_parts
     fingerprints = ctx.fingerprints()
@@ -481,6 +537,8 @@ def write_manifest(ctx: StageContext, started: float) -> Manifest:
         content_digest=combined_digest(digests), rows=rows, versions=library_versions(),
         seconds=round(time.time() - started, 3),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), summary=ctx.summary)
+    if fence is not None:
+        fence()
     atomic_write_text(ctx.out_dir / MANIFEST,
                       json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, default=str) + "\n")
     return manifest

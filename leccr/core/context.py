@@ -47,11 +47,30 @@ class StageContext:
     memo_sources: list[Artifact] = field(default_factory=list)
     # The run's fingerprinter (its digests already in memory); None: one for the artifact root is made
     fingerprinter: Fingerprinter | None = field(default=None, repr=False)
+    memo_notes: list[str] = field(default_factory=list)  # memo sources skipped (damaged, other layout), for the log
     _splits: dict[str, MemoSplit] = field(default_factory=dict, repr=False)
 
     def write(self, name: str, table: pa.Table, schema: pa.Schema, row_group_size: int | None = None) -> Path:
         """Write one whole (non-sharded) Parquet file of this artifact atomically."""
         return write_table(table, self.out_dir / name, schema, row_group_size)
+
+    def keyed(self, *path: str, otherwise: Callable[[], Any] | None = None) -> Any:
+        """What the key counted for a config value, e.g. `keyed("model")` -> {"content": ..., "name": ...}:
+        the identity rows record, so a row never names what the key did not count.
+
+        The runner always gives the key's parts; a context made by hand (a test calling a stage
+        function) has the section's own values resolved instead, or `otherwise()` for a stage extra."""
+        if self.key_parts is not None:
+            value: Any = self.key_parts.config
+        elif otherwise is not None:
+            return otherwise()
+        else:
+            from leccr.core.keys import resolve_section
+
+            value = resolve_section(self.section, self.fingerprints())
+        for part in path:
+            value = value[part]
+        return value
 
     def fingerprints(self) -> Fingerprinter:
         """The run's fingerprinter, else the artifact root's (content digests through its stat cache)."""
@@ -76,7 +95,15 @@ class StageContext:
         """The job's shards and, per shard, the units an earlier artifact gives (computed once per job):
         a stage that decodes media ahead builds its prefetcher over `to_compute` of each shard."""
         if job.subdir not in self._splits:
-            memo = RowMemo(self.memo_sources, job.subdir) if job.input_fields is not None and self.memo_sources else None
+            memo = None
+            if job.input_fields is not None and self.memo_sources:
+                # A job built only to be counted (a dry run) may not know its final layout (visual's
+                # fixed-size arrays need the model): its units' input digests say the layout instead.
+                schema = job.schema if job.schema_final else None
+                memo = RowMemo(self.memo_sources, job.subdir, schema, self.fingerprints())
+                for skipped in memo.skipped:
+                    self.log.warning("%s: row memo: %s", self.stage, skipped)
+                self.memo_notes += memo.skipped
             self._splits[job.subdir] = memo_split(job, memo)
         return self._splits[job.subdir]
 

@@ -7,9 +7,12 @@ Bazel's action cache or ccache do one level down. A unit's rows can be reused wh
 unchanged: its input digest (the fields of its work item that its output depends on: an item's media
 digest, a caption's text), the stage's effective config and its code identity. The last two are the
 artifact key without its upstream part, the memo salt (`KeyParts.memo_salt`): earlier artifacts with
-the same salt are the sources (`Store.with_salt`). Each committed shard records its units and their
-input digests in `_inputs/inputs-NNNNN.parquet`; a unit that failed there (a row of errors.parquet)
-is computed again, never reused.
+the same salt are the sources (`Store.with_salt`). Fields that only some units depend on (a view's
+prompt, a language's model) are not in the salt but in those units' input digests (`StageDef.memo_excludes`),
+so adding a view or a language computes only its units. Each committed shard records its units and
+their input digests in `_inputs/inputs-NNNNN.parquet`; a unit that failed there (a row of
+errors.parquet) is computed again, never reused. Sources are checked as hits are and held while a
+stage reads them (see `RowMemo` and `leccr.core.runner.held_sources`).
 
 A reused unit's rows are the rows a full recompute writes, in the same place (shards keep rows in
 the order of their work units), so the new artifact is byte-identical to a full recompute apart from
@@ -27,8 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from leccr.core.artifact import Artifact, part_name
+from leccr.core.artifact import Artifact, damaged_files, part_name, read_manifest
 from leccr.core.failures import unreadable
+from leccr.core.fingerprint import Fingerprinter
 
 INPUTS_DIR = "_inputs"
 INPUTS = pa.schema([
@@ -72,21 +76,55 @@ def in_unit_order(table: pa.Table, units: Sequence[str], columns: tuple[str, ...
 
 
 class RowMemo:
-    """Where earlier rows of a unit with a given input lie: {(unit, input digest): part file}."""
+    """Where earlier rows of a unit with a given input lie: {(unit, input digest): part file}.
 
-    def __init__(self, sources: Sequence[Artifact], subdir: str = ""):
+    A source is trusted as far as a cache hit is, never further: its manifest must read, and each
+    part file and its inputs file must pass the check a hit passes (`damaged_files`: the size always,
+    the content wherever the stat changed). A source whose errors file cannot be read, or whose rows
+    are stored in another schema or layout than this artifact's, gives nothing. Every source skipped,
+    whole or in part, is named in `skipped` (the stage logs them)."""
+
+    def __init__(self, sources: Sequence[Artifact], subdir: str = "", schema: pa.Schema | None = None,
+                 fingerprints: Fingerprinter | None = None):
         self.where: dict[tuple[str, str], Path] = {}
+        self.skipped: list[str] = []
         for artifact in sources:  # newest first: the first source that has a unit wins
-            folder = artifact.path / subdir
-            failed = _failed_keys(folder / "errors.parquet")
-            for inputs_file in sorted((folder / INPUTS_DIR).glob("inputs-*.parquet")):
-                part = folder / part_name(int(inputs_file.stem.split("-")[1]))
-                if not part.is_file() or unreadable(part) or unreadable(inputs_file):
-                    continue
-                table = pq.read_table(inputs_file)
-                for unit, digest, error_key in zip(*(table.column(n).to_pylist() for n in INPUTS.names)):
-                    if error_key not in failed:
-                        self.where.setdefault((unit, digest), part)
+            reason = self._add(artifact, subdir, schema, fingerprints)
+            if reason:
+                self.skipped.append(f"{artifact.stage}/{artifact.key}{'/' + subdir if subdir else ''}: {reason}")
+
+    def _add(self, artifact: Artifact, subdir: str, schema: pa.Schema | None,
+             fingerprints: Fingerprinter | None) -> str | None:
+        """Take the reusable units of one source; why (some of) it was skipped, or None."""
+        manifest, problem = read_manifest(artifact.path)
+        if manifest is None:
+            return f"not used: {problem}"
+        damaged = damaged_files(artifact.path, manifest, fingerprints or Fingerprinter()) if manifest.file_sizes else {}
+        prefix = f"{subdir}/" if subdir else ""
+        folder = artifact.path / subdir
+        errors_name = f"{prefix}errors.parquet"
+        if errors_name not in manifest.file_sizes or errors_name in damaged or unreadable(folder / "errors.parquet"):
+            why = damaged.get(errors_name) or f"{errors_name} is missing or unreadable"
+            return f"not used: its failed units cannot be told ({why})"
+        parts = sorted((folder / INPUTS_DIR).glob("inputs-*.parquet"))
+        if schema is not None and parts:
+            stored = _stored_schema(folder, parts)
+            if stored is not None and not same_layout(stored, schema):
+                return f"not used: its rows are stored as {_layout(stored)}, this artifact stores {_layout(schema)}"
+        failed = _failed_keys(folder / "errors.parquet")
+        bad = []
+        for inputs_file in parts:
+            index = int(inputs_file.stem.split("-")[1])
+            part = folder / part_name(index)
+            names = (f"{prefix}{part_name(index)}", f"{prefix}{INPUTS_DIR}/{inputs_file.name}")
+            if any(name not in manifest.file_sizes or name in damaged for name in names):
+                bad.append(next((damaged[n] for n in names if n in damaged), f"shard {index} is not in its manifest"))
+                continue
+            table = pq.read_table(inputs_file)
+            for unit, digest, error_key in zip(*(table.column(n).to_pylist() for n in INPUTS.names)):
+                if error_key not in failed:
+                    self.where.setdefault((unit, digest), part)
+        return f"{len(bad)} shard(s) not used: {'; '.join(bad)}" if bad else None
 
     def __len__(self) -> int:
         return len(self.where)
@@ -114,6 +152,23 @@ class RowMemo:
             keep = pc.is_in(pa.array(row_units(table, columns), pa.string()), pa.array(wanted, pa.string()))
             tables.append(table.filter(keep))
         return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def same_layout(stored: pa.Schema, wanted: pa.Schema) -> bool:
+    """Whether rows stored as `stored` can be written as `wanted`: the same columns of the same types."""
+    return [(f.name, f.type) for f in stored] == [(f.name, f.type) for f in wanted]
+
+
+def _layout(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+def _stored_schema(folder: Path, inputs_files: list[Path]) -> pa.Schema | None:
+    for inputs_file in inputs_files:
+        part = folder / part_name(int(inputs_file.stem.split("-")[1]))
+        if part.is_file() and unreadable(part) is None:
+            return pq.read_schema(part)
+    return None
 
 
 def _failed_keys(errors_file: Path) -> set[str]:

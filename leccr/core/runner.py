@@ -7,21 +7,22 @@ artifact, per method.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from leccr.config import ExperimentConfig
-from leccr.core.artifact import (MANIFEST, Artifact, Manifest, MethodArtifacts, ReadView, Store, damaged_files,
-                                 library_versions, part_name, stage_lock, write_manifest)
-from leccr.core.claims import Claims
+from leccr.core.artifact import (MANIFEST, Artifact, Manifest, MethodArtifacts, ReadView, Store, damaged_files, held,
+                                 library_versions, part_name, read_manifest, stage_lock, write_manifest)
+from leccr.core.claims import Claims, artifact_claims
 from leccr.core.codeid import code_modules
 from leccr.core.context import StageContext
 from leccr.core.dag import Plan, get_stage, plan
@@ -105,7 +106,7 @@ def parts_with_upstream(cfg: ExperimentConfig, job: Job, fingerprints: Fingerpri
         config |= stage.key_config(job_cfg, fingerprints)
     modules = stage_code_modules(stage, job_cfg)
     return KeyParts(stage=job.stage, code=_code_digest(modules), config=config, upstream=upstream,
-                    code_modules=modules)
+                    code_modules=modules, salt_excludes=stage.memo_excludes)
 
 
 # ------------------------------------------------------------------------------------- reasons
@@ -153,8 +154,8 @@ def _show(value: Any, whole: bool = True) -> str:
             text = value
         else:
             text = json.dumps(value)  # "1" stays a string
-    elif isinstance(value, dict) and set(value) <= {"content", "hub"}:  # a content path's identity
-        text = "(a file's content)"
+    elif isinstance(value, dict) and "content" in value and not whole:  # a content path's identity
+        text = "(a path's content)"
     else:
         text = json.dumps(value, ensure_ascii=False, default=str)
     return text if whole or len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 1] + "…"
@@ -192,7 +193,12 @@ def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: st
         if before == after or dotted in folded:
             continue
         if isinstance(before, dict) and isinstance(after, dict):  # {"content": digest, ...} on both sides
-            reasons.append(f"{dotted}: content changed")
+            if before.get("content") != after.get("content"):
+                reasons.append(f"{dotted}: content changed")
+            if before.get("name") != after.get("name"):
+                reasons.append(f"{dotted}: renamed {_show(before.get('name', _ABSENT))} → {_show(after.get('name', _ABSENT))}")
+            if before.get("content") == after.get("content") and before.get("name") == after.get("name"):
+                reasons.append(f"{dotted}: {_show(before)} → {_show(after)}")
         else:
             reasons.append(f"{dotted}: {_show(before, every_field)} → {_show(after, every_field)}")
             if folded and dotted == f"{config_section}.engine":
@@ -230,6 +236,16 @@ def make_context(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], part
                         variant=job.method, memo_sources=sources, fingerprinter=fingerprints)
 
 
+@contextlib.contextmanager
+def held_sources(ctx: StageContext) -> Iterator[StageContext]:
+    """Hold the context's memo sources while the stage reads rows from them (a shared lock on each, as
+    a running stage holds its own folder): `leccr gc` leaves them alone and a discard (`--force`, a
+    damaged artifact) waits. A source discarded before it could be held is dropped."""
+    with contextlib.ExitStack() as stack:
+        ctx.memo_sources = [source for source in ctx.memo_sources if stack.enter_context(held(source.path))]
+        yield ctx
+
+
 # ------------------------------------------------------------------------------------- explain
 @dataclass
 class PlannedStage:
@@ -248,6 +264,21 @@ class PlannedStage:
         return text + "".join(f"\n{'':<15} warning: {w}" for w in self.warnings)
 
 
+def unreadable_records(folder: Path) -> list[str]:
+    """The Parquet files of an unfinished artifact that cannot be read back (empty, cut): a resumed run
+    computes their shards again."""
+    from leccr.core.failures import unreadable
+
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.rglob("*.parquet")):
+        relative = path.relative_to(folder)
+        if not any(part.startswith(".") for part in relative.parts) and (problem := unreadable(path)):
+            found.append(f"{relative}: {problem}")
+    return found
+
+
 def _reuse_line(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts: KeyParts) -> str | None:
     """"3 of 1,000 items to compute, 997 reused" for a per-item stage that can reuse rows."""
     stage = get_stage(job.stage)
@@ -261,6 +292,7 @@ def _reuse_line(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts
         split = ctx.plan_shards(shard_job)
         counts.append(f"{split.computed_units:,} of {len(shard_job.work):,} {shard_job.unit} to compute, "
                       f"{split.reused_units:,} reused")
+    counts += [f"row memo: {note}" for note in ctx.memo_notes]
     return "; ".join(counts) if counts else None
 
 
@@ -309,8 +341,11 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
                 continue
             parts = key_parts(cfg, job, finished, fingerprints)
             artifact = store.artifact(name, parts.key)
+            bookkeeping = read_manifest(artifact.path)[1] if store.is_complete(artifact) else None
             if name in the_plan.forced:
                 planned.append(PlannedStage(job.label, "forced", parts.key, ["--force"]))
+            elif bookkeeping is not None:
+                planned.append(PlannedStage(job.label, "miss", parts.key, [bookkeeping, "recomputes it"]))
             elif store.is_complete(artifact) and (changed := changed_failures(artifact.path, Path(cfg.dataset.path))):
                 planned.append(PlannedStage(job.label, "miss", parts.key,
                                             [f"retries failed items: {changed} have a changed file since they failed"]))
@@ -328,6 +363,7 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
                 shards = len(list(artifact.path.rglob("part-*.parquet"))) if artifact.path.is_dir() else 0
                 if shards:
                     reasons.append(f"resumes with {shards} finished shard(s)")
+                reasons += [f"{problem}: recomputes that shard" for problem in unreadable_records(artifact.path)]
                 reuse = _reuse_line(cfg, job, finished, parts)
                 if reuse:
                     reasons.append(reuse)
@@ -374,8 +410,7 @@ def prepare_stage(cfg: ExperimentConfig, job: Job | str, parts: KeyParts, force:
     store = Store(cfg.artifacts_root)
     artifact = store.artifact(job.stage, parts.key)
     if force:
-        (logger or log).info("%s: --force: discarding %s", job.label, artifact.path)
-        store.discard(artifact)
+        _discard_claimed(store, artifact, logger or log, job.label)
     reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger or log, job.label)
     return store.is_complete(artifact)
 
@@ -395,8 +430,8 @@ def run_stage_slot(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Inpu
         return 0
     artifact.path.mkdir(parents=True, exist_ok=True)
     before = set(artifact.path.rglob("part-*.parquet"))
-    with stage_lock(artifact.path):
-        get_stage(job.stage).run(make_context(cfg, job, inputs, parts, logger, (slot, slots)))
+    with stage_lock(artifact.path), held_sources(make_context(cfg, job, inputs, parts, logger, (slot, slots))) as ctx:
+        get_stage(job.stage).run(ctx)
     return len(set(artifact.path.rglob("part-*.parquet")) - before)
 
 
@@ -414,17 +449,18 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
     fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
     parts = parts or key_parts(cfg, job, inputs, fingerprints)
     artifact = store.artifact(job.stage, parts.key)
-    if force:
-        logger.info("%s: --force: discarding %s", job.label, artifact.path)
-        store.discard(artifact)
     # One run makes an artifact; a concurrent run of the same key waits, then serves what it made (or
     # takes over when that run died: its claim is then stale).
-    claims = Claims(store.root / job.stage)
+    claims = artifact_claims(store.root, job.stage)
     waited = False
     try:
+        if force:  # only the claim's holder discards: a run still making the folder is waited for
+            claims.wait_acquire(parts.key, logger, f"{job.label}: --force")
+            logger.info("%s: --force: discarding %s", job.label, artifact.path)
+            store.discard(artifact)
         while True:
             reopen_for_retry(artifact.path, Path(cfg.dataset.path), logger, job.label)  # fixed files: not a hit
-            damaged = reopen_damaged(artifact, fingerprints, logger, job.label)
+            damaged = reopen_damaged(artifact, fingerprints, logger, job.label, claims)
             if store.is_complete(artifact):
                 return _served(store, artifact, job, logger)
             if claims.acquire(parts.key):
@@ -441,7 +477,7 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
         artifact.path.mkdir(parents=True, exist_ok=True)
         ctx = make_context(cfg, job, inputs, parts, logger, fingerprints=fingerprints)
         started = time.time()
-        with stage_lock(artifact.path):
+        with stage_lock(artifact.path), held_sources(ctx):
             try:
                 get_stage(job.stage).run(ctx)
             except StageFailed:
@@ -451,13 +487,28 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
                     f"stage {job.label} failed: {type(error).__name__}: {error}. Finished shards are kept in "
                     f"{artifact.path}; a rerun resumes from them."
                 ) from error
-            write_manifest(ctx, started)
+            write_manifest(ctx, started, fence=lambda: claims.check(
+                parts.key, f"{job.label}: the manifest is not written by this run; the run holding the claim now "
+                           f"finishes {artifact.path}, and a rerun serves its result."))
     finally:
         claims.release_all()
     store.mark_latest(artifact, job.method)
     outcome = _outcome(artifact, job, cache_hit=False, seconds=time.time() - started)
     logger.info("%s", outcome.describe())
     return outcome
+
+
+def _discard_claimed(store: Store, artifact: Artifact, logger: logging.Logger | logging.LoggerAdapter,
+                     label: str) -> None:
+    """--force before the shard tasks start: discard the folder holding its claim (a run still making
+    it is waited for, a dead one's claim taken over)."""
+    claims = artifact_claims(store.root, artifact.stage)
+    try:
+        with claims.holding(artifact.key, logger, f"{label}: --force"):
+            logger.info("%s: --force: discarding %s", label, artifact.path)
+            store.discard(artifact)
+    finally:
+        claims.release_all()
 
 
 def _served(store: Store, artifact: Artifact, job: Job, logger: logging.Logger | logging.LoggerAdapter) -> StageOutcome:
@@ -468,18 +519,44 @@ def _served(store: Store, artifact: Artifact, job: Job, logger: logging.Logger |
 
 
 def reopen_damaged(artifact: Artifact, fingerprints: Fingerprinter, logger: logging.Logger | logging.LoggerAdapter,
-                   label: str) -> list[str]:
+                   label: str, claims: Claims | None = None) -> list[str]:
     """When files of a finished artifact are missing or damaged, make it unfinished again and say why.
 
     A sharded stage loses only the damaged shards (and their error and input records), which its
-    rerun computes again; any other stage is recomputed whole."""
+    rerun computes again; any other stage is recomputed whole. Either is done holding the artifact's
+    claim (`claims`, else one taken here), so no other run reads or remakes the folder meanwhile."""
     store = Store(artifact.path.parents[1])
     if not store.is_complete(artifact):
         return []
-    problems = damaged_files(artifact.path, artifact.manifest, fingerprints)
+    manifest = read_manifest(artifact.path)[0]
+    if manifest is not None and not damaged_files(artifact.path, manifest, fingerprints):
+        return []
+    own = claims is None
+    claims = claims or artifact_claims(store.root, artifact.stage)
+    try:
+        with claims.holding(artifact.key, logger, f"{label}: damaged files"):
+            # Looked at again under the claim: a run that held it may have repaired the artifact meanwhile.
+            return _reopen(store, artifact, fingerprints, logger, label) if store.is_complete(artifact) else []
+    finally:
+        if own:
+            claims.release_all()
+
+
+def _reopen(store: Store, artifact: Artifact, fingerprints: Fingerprinter,
+            logger: logging.Logger | logging.LoggerAdapter, label: str) -> list[str]:
+    sharded = get_stage(artifact.stage).sharded
+    manifest, problem = read_manifest(artifact.path)
+    if manifest is None:  # what it vouched for is unknown: shards are checked as after a crash, the rest redone
+        logger.warning("%s: %s in %s; recomputing %s", label, problem, artifact.path,
+                       "the shards that do not read back" if sharded else "the artifact")
+        if sharded:
+            (artifact.path / MANIFEST).unlink(missing_ok=True)
+        else:
+            store.discard(artifact)
+        return [str(problem)]
+    problems = damaged_files(artifact.path, manifest, fingerprints)
     if not problems:
         return []
-    sharded = get_stage(artifact.stage).sharded
     logger.warning("%s: %s; recomputing %s", label, "; ".join(problems.values()),
                    "the damaged shards" if sharded else "the artifact")
     if not sharded:
@@ -489,7 +566,7 @@ def reopen_damaged(artifact: Artifact, fingerprints: Fingerprinter, logger: logg
     for name in problems:
         path = artifact.path / name
         path.unlink(missing_ok=True)
-        if path.name.startswith("part-"):  # the shard's own records go with it
+        if path.name.startswith(("part-", "inputs-")):  # a shard and its own records go together
             index = int(path.stem.split("-")[1])
             folder = path.parent.parent if path.parent.name in ("_errors", "_inputs") else path.parent
             for sibling in (folder / part_name(index), folder / "_errors" / part_name(index),

@@ -2,9 +2,10 @@
 
 A shard is written through a temporary name, an fsync and a rename, so a crash loses at most the
 shard in progress and a rerun keeps every committed one. A worker claims a shard before computing it
-(leccr.core.claims), so two runs on one root never compute a shard twice. Failed items become rows of
-`_errors/part-NNNNN.parquet` (merged into `errors.parquet` at the end); a rerun retries the retryable
-ones. With a row memo (leccr.core.memo), a shard computes only its units whose input changed.
+(leccr.core.claims), so two runs on one root never compute a shard twice, and commits it only while the
+claim is still its own. Failed items become rows of `_errors/part-NNNNN.parquet` (merged into
+`errors.parquet` at the end); a rerun retries the retryable ones. With a row memo (leccr.core.memo), a
+shard computes only its units whose input changed.
 """
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ class ShardJob(Generic[T]):
     """
 
     work: Sequence[T]
-    shard_size: int
-    schema: pa.Schema
+    shard_size: int  # work items per shard, or groups of them with `group_of`
+    schema: pa.Schema  # what its shards hold; the row memo reuses only rows stored the same way
     item_id: Callable[[T], str]  # the id an error row of this work item carries
     # (work items of one shard, its index) -> its rows; None in a job built only to be counted (dry run)
     process: Callable[[list[T], int], ShardResult] | None = None
@@ -81,13 +82,17 @@ class ShardJob(Generic[T]):
     # A work item's unit name when work items are not dicts (default: its `unit_columns`, joined)
     unit_of: Callable[[T], str] | None = None
     input_fields: tuple[str, ...] | None = None
+    group_of: Callable[[T], str] | None = None
     subdir: str = ""
     max_error_rate: float | None = None
     unit: str = "items"
     error_unit: str | None = None
-    units_per_item: int = 1  # units of work per item for the error rate (caption x language for translate)
+    # What the error rate is a share of, when not the work items: describe's error rows are per item,
+    # its work units per item and view.
+    error_base: int | None = None
     row_group_size: int | None = None
     background_write: bool = False
+    schema_final: bool = True  # False: `schema` is a guess (a dry run's job before a model fixes the layout)
 
     def units(self, shard: Sequence[T]) -> list[str]:
         if self.unit_of is not None:
@@ -99,11 +104,24 @@ class ShardJob(Generic[T]):
         return [input_digest(w, self.input_fields) for w in shard]  # type: ignore[arg-type]
 
 
-def shard_plan(work: Sequence[T], shard_size: int) -> list[list[T]]:
-    """Split `work` (already in a stable order) into consecutive shards of `shard_size` items."""
+def shard_plan(work: Sequence[T], shard_size: int, group_of: Callable[[T], str] | None = None) -> list[list[T]]:
+    """Split `work` (already in a stable order) into consecutive shards of `shard_size` items, or of
+    `shard_size` groups of consecutive items with the same `group_of`."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    return [list(work[i : i + shard_size]) for i in range(0, len(work), shard_size)]
+    if group_of is None:
+        return [list(work[i : i + shard_size]) for i in range(0, len(work), shard_size)]
+    shards: list[list[T]] = []
+    groups, previous = 0, object()
+    for unit in work:
+        group = group_of(unit)
+        if group != previous:
+            if groups % shard_size == 0:
+                shards.append([])
+            groups += 1
+            previous = group
+        shards[-1].append(unit)
+    return shards
 
 
 @dataclass
@@ -126,7 +144,7 @@ class MemoSplit:
 
 
 def memo_split(job: ShardJob, memo: RowMemo | None) -> MemoSplit:
-    shards = shard_plan(job.work, job.shard_size)
+    shards = shard_plan(job.work, job.shard_size, job.group_of)
     if memo is None or job.input_fields is None or not len(memo):
         return MemoSplit([{} for _ in shards], shards)
     return MemoSplit([memo.split(job.units(shard), job.digests(shard)) for shard in shards], shards)
@@ -200,6 +218,7 @@ class ShardRun:
         units = job.units(shard)
         table = in_unit_order(table, units, job.unit_columns)
         errors_table = error_table(errors, self.ctx.stage, index, self.ctx.dataset_root)
+        self.fence(index)
         if job.input_fields is not None:
             inputs = pa.table({"unit": pa.array(units, pa.string()),
                                "input_digest": pa.array(job.digests(shard), pa.string()),
@@ -207,6 +226,11 @@ class ShardRun:
             write_table(inputs, self.folder / INPUTS_DIR / inputs_name(index), INPUTS)
         write_table(errors_table, self.folder / "_errors" / part_name(index), ERRORS)
         write_table(table, self.folder / part_name(index), job.schema, job.row_group_size)
+
+    def fence(self, index: int) -> None:
+        """Just before a shard's files are written: raise ClaimLost if another worker holds it now."""
+        self.claims.check(shard_claim(index), f"Shard {index} of {self.label} is not committed by this worker; "
+                                              "the worker holding it now commits it, and committed shards are kept.")
 
     def compute(self, index: int) -> Callable[[], None]:
         """Process shard `index` (its units that cannot be reused) and return its commit."""
@@ -241,6 +265,7 @@ class ShardRun:
         old = read_table(part, job.schema)
         kept = old.filter(pc.invert(pc.is_in(pa.array(row_units(old, job.unit_columns), pa.string()), retried_units)))
         merged = in_unit_order(pa.concat_tables([kept, new_rows]), job.units(shard), job.unit_columns)
+        self.fence(index)
         write_table(merged, part, job.schema, job.row_group_size)
         old_errors = read_table(errors_part, ERRORS)
         errors = pa.concat_tables([old_errors.filter(pc.invert(pc.is_in(old_errors.column("item_id"), retried_keys))),
@@ -252,10 +277,23 @@ class ShardRun:
                       len(subset) - len(set(new_errors.column("item_id").to_pylist())))
 
     # ----------------------------------------------------------------------------- passes
+    def unusable(self, index: int) -> str | None:
+        """Why a committed shard cannot be kept (its part, errors or inputs file is empty or cut), or None."""
+        part = self.folder / part_name(index)
+        records = [self.folder / "_errors" / part_name(index)]
+        if self.job.input_fields is not None:
+            records.append(self.folder / INPUTS_DIR / inputs_name(index))
+        for path in (part, *records):
+            if path is not part and not path.exists():
+                if path.parent.name == INPUTS_DIR:
+                    return f"{path.relative_to(self.folder)} is missing"
+                continue  # a shard committed before its errors file existed has none
+            if (problem := unreadable(path)) is not None:
+                return problem if path is part else f"{path.relative_to(self.folder)}: {problem}"
+        return None
+
     def committed_ok(self, index: int) -> bool:
-        part, errors_part = self.folder / part_name(index), self.folder / "_errors" / part_name(index)
-        return part.exists() and unreadable(part) is None and \
-            (not errors_part.exists() or unreadable(errors_part) is None)
+        return (self.folder / part_name(index)).exists() and self.unusable(index) is None
 
     def due_retries(self, index: int) -> set[str]:
         shard = self.split.shards[index]
@@ -290,7 +328,7 @@ class ShardRun:
                     continue
                 if part.exists():
                     self.log.warning("%s: committed shard %s is unusable (%s): computing it again", self.label, part,
-                                     unreadable(part) or unreadable(self.folder / "_errors" / part_name(index)))
+                                     self.unusable(index))
                     part.unlink()
                     self.totals.shards_recomputed += 1
                 commit = self.compute(index)
@@ -351,7 +389,7 @@ class ShardRun:
         totals.errors = all_errors.num_rows
         totals.retryable_errors = sum(all_errors.column("retryable").to_pylist())
         write_table(all_errors, folder / "errors.parquet", ERRORS)
-        units = len(job.work) * job.units_per_item
+        units = job.error_base if job.error_base is not None else len(job.work)
         what = job.error_unit or job.unit
         if job.max_error_rate is not None and units and totals.errors / units > job.max_error_rate:
             reasons = all_errors.column("reason").to_pylist()[:3]

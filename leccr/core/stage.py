@@ -39,6 +39,11 @@ class StageDef:
     shard_jobs: the stage's sharded tables (work and units, no processing): what `--dry-run` counts
                 as "N of M items to compute, K reused" before anything runs.
     config_section: the experiment-file section its fields come from, when not its name.
+    memo_excludes: key-config fields left out of the memo salt (`KeyParts.memo_salt`): each work
+                unit's input digest holds its own share of them (describe: its view's prompt;
+                translate: its language's model or file), or they only choose which units exist and
+                how they are sharded (splits, shard sizes). Changing one then computes only the units
+                it touches.
     """
 
     name: str
@@ -53,6 +58,7 @@ class StageDef:
     preview: bool = False
     shard_jobs: Callable[[StageContext], list[ShardJob]] | None = None
     config_section: str = ""
+    memo_excludes: tuple[str, ...] = ()
     module: str = field(default="", compare=False)  # set from `run`
 
     def __post_init__(self) -> None:

@@ -13,13 +13,14 @@ against the configured root at use), so a moved dataset folder with the same con
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, get_args
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -339,6 +340,42 @@ def _relative_to(path: str, root: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ adapters
+@dataclass(frozen=True)
+class PathOption:
+    """Marks an adapter option that names a file or folder the adapter reads: relative to the dataset
+    root (or to the folder another option names, `relative_to`), or absolute. The value may be one
+    path, a list of them or a dict whose values are paths. The dataset stage's key holds the content
+    of each one that lies outside the dataset root (leccr.stages.dataset.key_config): inside it, the
+    root's own fingerprint has it. `placeholders`: the option is a pattern, filled with each of the
+    adapter's values of those names (`Adapter.placeholder_values`: its splits, the configured languages).
+    """
+
+    placeholders: tuple[str, ...] = ()
+    relative_to: str | None = None
+
+
+# An option naming a file or folder (see PathOption).
+DatasetPath = Annotated[str, PathOption()]
+
+
+def path_options(options: type[BaseModel]) -> dict[str, PathOption]:
+    """{option: its PathOption} of the options that name files."""
+    marked = {}
+    for name, info in options.model_fields.items():
+        found = next((m for m in info.metadata if isinstance(m, PathOption)), None) or _marker(info.annotation)
+        if found is not None:
+            marked[name] = found
+    return marked
+
+
+def _marker(annotation: Any) -> PathOption | None:
+    """The PathOption a type carries, also inside a union (`DatasetPath | None`)."""
+    for meta in getattr(annotation, "__metadata__", ()):
+        if isinstance(meta, PathOption):
+            return meta
+    return next((m for m in map(_marker, get_args(annotation)) if m is not None), None)
+
+
 class AdapterOptions(BaseModel):
     """Base of every adapter's options: unknown keys are errors, values are validated."""
 
@@ -346,7 +383,7 @@ class AdapterOptions(BaseModel):
 
     # Folder (relative to the dataset root, or absolute) of pre-extracted visual features: per-item
     # `<item_id>.npy` files or a BigFile folder. None: raw images/videos only.
-    features: str | None = None
+    features: DatasetPath | None = None
     # Splits whose human target-language (non-English) captions are read. CCR trains on MT captions
     # only, so by default human ja/zh/de... captions of the training split are left out.
     human_target_splits: list[str] = ["val", "test"]
@@ -377,6 +414,43 @@ class Adapter:
                 problems: list[Problem]) -> DatasetTables:
         """Read the folder, appending every problem found; return what could be read."""
         raise NotImplementedError
+
+    def placeholder_values(self, options: AdapterOptions, languages: list[str]) -> dict[str, list[str]]:
+        """The values `collect` fills each placeholder of its pattern options with (`PathOption`)."""
+        return {"lang": list(languages)}
+
+    def named_paths(self, root: Path, options: dict | None, languages: list[str]) -> list[tuple[str, Path]]:
+        """(label, absolute path) of every file or folder the options name (`PathOption`), patterns
+        filled as `collect` fills them; whether each exists is the caller's question. The label is the
+        option's name, followed by `[value]` where the option names several paths."""
+        opts = self.parse_options(options)
+        root = Path(root).absolute()
+        values = self.placeholder_values(opts, list(languages))
+        found: list[tuple[str, Path]] = []
+        for name, marker in path_options(type(opts)).items():
+            value = getattr(opts, name)
+            if value is None:
+                continue
+            base = root if marker.relative_to is None else under(root, getattr(opts, marker.relative_to))
+            written = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            several = not isinstance(value, str) or bool(marker.placeholders)
+            for pattern in written:
+                for filled in self._filled(name, pattern, marker.placeholders, values):
+                    found.append((f"{name}[{filled}]" if several else name, under(base, filled)))
+        return found
+
+    def _filled(self, option: str, pattern: str, placeholders: tuple[str, ...],
+                values: dict[str, list[str]]) -> list[str]:
+        if not placeholders:
+            return [pattern]
+        filled = []
+        for combination in itertools.product(*(values.get(name, []) for name in placeholders)):
+            try:
+                filled.append(pattern.format(**dict(zip(placeholders, combination))))
+            except (KeyError, IndexError, ValueError) as error:
+                raise DatasetOptionsError(f"{self.format} dataset: option {option!r}: {pattern!r} is not a pattern "
+                                          f"of {', '.join('{' + p + '}' for p in placeholders)} ({error})") from None
+        return sorted(set(filled))
 
     def check(self, root: Path, options: dict | None = None,
               languages: list[str] | None = None) -> tuple[DatasetTables, list[Problem]]:

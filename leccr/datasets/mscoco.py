@@ -27,31 +27,33 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from leccr.datasets.base import (Adapter, AdapterOptions, DatasetTables, FeatureIndex, Problem, TableBuilder,
-                                 parse_ccr_line, read_json, read_lines, read_mt_file, register, rel, resolve_media,
-                                 under)
+from leccr.datasets.base import (Adapter, AdapterOptions, DatasetPath, DatasetTables, FeatureIndex, PathOption,
+                                 Problem, TableBuilder, parse_ccr_line, read_json, read_lines, read_mt_file, register,
+                                 rel, resolve_media, under)
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+MT_SPLITS = ("train", "val", "test")  # the {split} values of mt_pattern
 _COCO_CN_ID = re.compile(r"^COCO_(?:train|val)2014_0*(\d+)$")
 
 
 class MscocoOptions(AdapterOptions):
-    karpathy: str = "dataset_coco.json"
-    images: str = "images"  # joined with each entry's `filepath` (train2014 / val2014) and `filename`
-    stair_files: list[str] = ["STAIR-captions/stair_captions_v1.2_train.json",
-                              "STAIR-captions/stair_captions_v1.2_val.json"]
-    coco_cn_dir: str = "coco-cn"
+    karpathy: DatasetPath = "dataset_coco.json"
+    images: DatasetPath = "images"  # joined with each entry's `filepath` (train2014 / val2014) and `filename`
+    stair_files: Annotated[list[str], PathOption()] = ["STAIR-captions/stair_captions_v1.2_train.json",
+                                                       "STAIR-captions/stair_captions_v1.2_val.json"]
+    coco_cn_dir: DatasetPath = "coco-cn"
     split_source: Literal["karpathy", "coco-cn"] = "karpathy"
     test_protocol: Literal["5k", "1k"] = "5k"
     test_fold: int = Field(0, ge=0, le=4)  # 1k protocol: which 1,000-image fold of the 5K test set
-    mt_pattern: str | None = "TextData/mscoco{split}_google_enc2{lang}.caption.txt"
+    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = \
+        "TextData/mscoco{split}_google_enc2{lang}.caption.txt"
     # When the MT files name images by another id: a file of `<id> <image file name>` lines (as
     # LECCR's img_id/image_ids.txt); the COCO id is read from the file name (COCO_val2014_<cocoid>.jpg).
-    mt_id_map: str | None = None
+    mt_id_map: DatasetPath | None = None
 
 
 @register
@@ -59,6 +61,9 @@ class Mscoco(Adapter):
     format = "mscoco"
     Options = MscocoOptions
     description = "MSCOCO Karpathy split with STAIR (ja) and COCO-CN (zh) captions"
+
+    def placeholder_values(self, options: MscocoOptions, languages: list[str]) -> dict[str, list[str]]:
+        return {"split": list(MT_SPLITS), "lang": list(languages)}
 
     def collect(self, root: Path, options: MscocoOptions, languages: list[str] | None,
                 problems: list[Problem]) -> DatasetTables:
@@ -96,7 +101,7 @@ class Mscoco(Adapter):
             self._coco_cn_captions(builder, root, under(root, options.coco_cn_dir))
         if options.mt_pattern:
             id_map = self._id_map(root, under(root, options.mt_id_map), problems) if options.mt_id_map else None
-            for split in ("train", "val", "test"):
+            for split in MT_SPLITS:
                 for lang in (languages if languages is not None else ["ja", "zh"]):
                     path = under(root, options.mt_pattern.format(split=split, lang=lang))
                     if path.is_file():

@@ -19,20 +19,25 @@ references for that caption.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from leccr.datasets.base import (Adapter, AdapterOptions, DatasetTables, FeatureIndex, Problem, TableBuilder,
-                                 ccr_item_id, find_text_file, line_caption_id, parse_ccr_line, read_lines,
-                                 read_mt_file, register, rel, resolve_media, under)
+from leccr.datasets.base import (Adapter, AdapterOptions, DatasetPath, DatasetTables, FeatureIndex, PathOption,
+                                 Problem, TableBuilder, ccr_item_id, find_text_file, line_caption_id, parse_ccr_line,
+                                 read_lines, read_mt_file, register, rel, resolve_media, under)
+
+# Caption file patterns: relative to `text_dir`, filled with the collection and each split.
+_CAPTIONS = PathOption(("collection", "split"), relative_to="text_dir")
 
 
 class MsrvttCnOptions(AdapterOptions):
     collection: str = "msrvtt10kcn"  # file name prefix of the caption files
-    text_dir: str = "TextData"
+    text_dir: DatasetPath = "TextData"
     splits: list[str] = ["train", "val", "test"]
-    english_pattern: str = "{collection}{split}.caption.txt"
-    chinese_pattern: str = "{collection}{split}_zh.caption.txt"
-    mt_pattern: str | None = "{collection}{split}_google_enc2{lang}.caption.txt"
-    videos: str = "videos"
+    english_pattern: Annotated[str, _CAPTIONS] = "{collection}{split}.caption.txt"
+    chinese_pattern: Annotated[str, _CAPTIONS] = "{collection}{split}_zh.caption.txt"
+    mt_pattern: Annotated[str | None, PathOption(("collection", "split", "lang"), relative_to="text_dir")] = \
+        "{collection}{split}_google_enc2{lang}.caption.txt"
+    videos: DatasetPath = "videos"
     video_extension: str = ".mp4"
 
 
@@ -41,6 +46,9 @@ class MsrvttCn(Adapter):
     format = "msrvtt_cn"
     Options = MsrvttCnOptions
     description = "MSR-VTT-CN (CCR TextData caption files) with English, Chinese and MT captions"
+
+    def placeholder_values(self, options: MsrvttCnOptions, languages: list[str]) -> dict[str, list[str]]:
+        return {"collection": [options.collection], "split": list(options.splits), "lang": list(languages)}
 
     def collect(self, root: Path, options: MsrvttCnOptions, languages: list[str] | None,
                 problems: list[Problem]) -> DatasetTables:

@@ -22,21 +22,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated
 
-from leccr.datasets.base import (Adapter, AdapterOptions, DatasetTables, FeatureIndex, Problem, TableBuilder,
-                                 find_text_file, media_type_of, read_lines, read_mt_file, register, rel,
-                                 resolve_media, strip_media_extension, under)
+from leccr.datasets.base import (Adapter, AdapterOptions, DatasetPath, DatasetTables, FeatureIndex, PathOption,
+                                 Problem, TableBuilder, find_text_file, media_type_of, read_lines, read_mt_file,
+                                 register, rel, resolve_media, strip_media_extension, under)
 
 
 class Multi30kOptions(AdapterOptions):
-    images: str = "images"  # folder of the image (or video) files named in the split lists
+    images: DatasetPath = "images"  # folder of the image (or video) files named in the split lists
     # our split name -> the official file stem of task 1 (Test2016 = test_2016_flickr, as in the paper)
     splits: dict[str, str] = {"train": "train", "val": "val", "test": "test_2016_flickr"}
     # our split name -> file stem of task 2 (five English captions per image); missing files are skipped
     task2_splits: dict[str, str] = {"train": "train", "val": "val", "test": "test_2016"}
     task2_languages: list[str] = ["en"]  # task 2 also ships five independent German captions: add "de"
     # CCR-release MT caption files; {split} is our split name, {lang} the target language. None: none.
-    mt_pattern: str | None = "TextData/Flickr30k{split}_google_enc2{lang}.caption.txt"
+    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = \
+        "TextData/Flickr30k{split}_google_enc2{lang}.caption.txt"
 
 
 def _normal(text: str) -> str:
@@ -49,6 +51,9 @@ class Multi30k(Adapter):
     format = "multi30k"
     Options = Multi30kOptions
     description = "Multi30K (multi30k-dataset repo layout) with CCR-release MT captions"
+
+    def placeholder_values(self, options: Multi30kOptions, languages: list[str]) -> dict[str, list[str]]:
+        return {"split": list(options.splits), "lang": [lang for lang in languages if lang != "en"]}
 
     def collect(self, root: Path, options: Multi30kOptions, languages: list[str] | None,
                 problems: list[Problem]) -> DatasetTables:

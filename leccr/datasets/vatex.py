@@ -19,20 +19,23 @@ Videos of the validation file named in no split list are left out (the check rep
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from leccr.datasets.base import (Adapter, AdapterOptions, DatasetTables, FeatureIndex, Problem, TableBuilder,
-                                 read_json, read_lines, read_mt_file, register, rel, resolve_media, under)
+from leccr.datasets.base import (Adapter, AdapterOptions, DatasetPath, DatasetTables, FeatureIndex, PathOption,
+                                 Problem, TableBuilder, read_json, read_lines, read_mt_file, register, rel,
+                                 resolve_media, under)
 
 
 class VatexOptions(AdapterOptions):
-    train_json: str = "vatex_training_v1.0.json"
-    validation_json: str = "vatex_validation_v1.0.json"
+    train_json: DatasetPath = "vatex_training_v1.0.json"
+    validation_json: DatasetPath = "vatex_validation_v1.0.json"
     # split name -> list of videoIDs taken from the validation file (the CCR 1,500/1,500 split)
-    split_lists: dict[str, str] = {"val": "vatex_val1k5.txt", "test": "vatex_test1k5.txt"}
-    videos: str = "videos"
+    split_lists: Annotated[dict[str, str], PathOption()] = {"val": "vatex_val1k5.txt", "test": "vatex_test1k5.txt"}
+    videos: DatasetPath = "videos"
     video_extension: str = ".mp4"
     parallel_pairs: bool = False
-    mt_pattern: str | None = "TextData/vatex_{split}_google_enc2{lang}.caption.txt"
+    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = \
+        "TextData/vatex_{split}_google_enc2{lang}.caption.txt"
 
 
 @register
@@ -40,6 +43,9 @@ class Vatex(Adapter):
     format = "vatex"
     Options = VatexOptions
     description = "VATEX json (videoID, enCap, chCap) with the CCR val/test split lists"
+
+    def placeholder_values(self, options: VatexOptions, languages: list[str]) -> dict[str, list[str]]:
+        return {"split": ["train", *options.split_lists], "lang": list(languages)}
 
     def collect(self, root: Path, options: VatexOptions, languages: list[str] | None,
                 problems: list[Problem]) -> DatasetTables:

@@ -15,10 +15,11 @@
 Both generating engines build the prompt with the model's own chat template: one user turn holding
 one image part per frame (or one video part) and the view's text, then the generation prompt.
 
-Sampling: `temperature == 0` is greedy. vLLM samples each (item, view) with its own seed derived from
-the base seed and the ids (`request_seed`), so a description does not depend on which shard or batch
-it ran in. transformers' `generate` has one random stream per call, so there a batch is seeded with
-its first request's seed: reproducible for the same shard layout and batch size.
+Sampling: `temperature == 0` is greedy. Otherwise each (item, view) samples with its own seed derived
+from the base seed and the ids (`request_seed`), so a description does not depend on which shard or
+batch it ran in (up to the last bits of padded batch arithmetic). vLLM takes a seed per request;
+transformers' `generate` has one random stream per call, so there `RowSampler` draws each row's next
+token (temperature, then top-p) from that row's own generator and `generate` itself decodes greedily.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ class SamplingConfig:
     top_p: float = 1.0
     max_tokens: int = 256  # new tokens per description
     seed: int = 42  # base seed; see request_seed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -129,6 +133,47 @@ def _resolve_device(device: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- transformers
+class RowSampler:
+    """A `generate` logits processor that samples each row of a batch with its own `torch.Generator`
+    (seeded with its request's seed), after temperature and top-p as vLLM applies them, and forces the
+    drawn token (every other score -inf) so that `generate`'s own greedy step takes it. A row's tokens
+    then depend on its seed alone, not on the batch it runs in or on the rows before it.
+
+    Last in the processor list: `generate` appends custom processors after its own (repetition
+    penalty and the like), and with `do_sample=False` it adds no sampling warpers of its own.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        if temperature <= 0:
+            raise ValueError("RowSampler samples: temperature must be > 0 (0 is greedy decoding)")
+        self.seeds = list(seeds)
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators: list[Any] | None = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if scores.shape[0] != len(self.seeds):
+            raise ValueError(f"RowSampler has {len(self.seeds)} seeds for a batch of {scores.shape[0]} rows")
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(seed) for seed in self.seeds]
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            # vLLM's and transformers' top-p: the smallest set of most likely tokens whose probability
+            # reaches top_p (the most likely token always stays).
+            ordered, order = torch.sort(logits, dim=-1, descending=False)
+            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative <= 1 - self.top_p
+            drop[:, -1] = False
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        chosen = torch.cat([torch.multinomial(probs[row], 1, generator=generator)
+                            for row, generator in enumerate(self.generators)])
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, chosen.unsqueeze(1), 0.0)
+
+
 class TransformersMLLM:
     """AutoProcessor + `generate`, `batch_size` prompts per call (left-padded)."""
 
@@ -190,19 +235,22 @@ class TransformersMLLM:
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].frames))
         results: list[Generation | None] = [None] * len(requests)
         sampling = self.sampling
-        options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "do_sample": sampling.temperature > 0}
-        if options["do_sample"]:
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p)
-        else:  # greedy: unset the model's own sampling defaults so generate does not warn or use them
-            options.update(temperature=None, top_p=None, top_k=None)
+        # generate decodes greedily; a RowSampler draws the tokens when sampling. The model's own sampling
+        # defaults (a generation_config's top_k, temperature) are unset so that they neither warn nor apply.
+        options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "do_sample": False,
+                                   "temperature": None, "top_p": None, "top_k": None}
+        from transformers import LogitsProcessorList
+
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
             batch = [requests[i] for i in indices]
             inputs = self._inputs(batch)
-            if options["do_sample"]:
-                self._torch.manual_seed(batch[0].seed)
+            processors = LogitsProcessorList()
+            if sampling.temperature > 0:
+                processors.append(RowSampler([r.seed for r in batch], sampling.temperature, sampling.top_p))
             with self._torch.inference_mode():
-                output = self.model.generate(**inputs, **options, pad_token_id=self.processor.tokenizer.pad_token_id)
+                output = self.model.generate(**inputs, **options, logits_processor=processors,
+                                             pad_token_id=self.processor.tokenizer.pad_token_id)
             new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
             for index, ids in zip(indices, new_tokens):
                 results[index] = self._finish(ids)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from leccr.core.io import durable_replace, temporary_name
 
 # Bumped when any artifact schema changes incompatibly; recorded in every manifest.
-SCHEMA_VERSION = 2  # 2: errors gained file, line, retryable
+SCHEMA_VERSION = 3  # 2: errors gained file, line, retryable; 3: model_digest in describe and translate rows
 
 
 # Field metadata of a column that records how a row was made, not what it holds (a timing, a file's

@@ -9,6 +9,7 @@ TRANSLATIONS = pa.schema(
         pa.field("text", pa.string(), nullable=False),  # the translation
         pa.field("source_text", pa.string(), nullable=False),  # the English caption
         pa.field("engine", pa.string(), nullable=False),  # transformers | import
-        pa.field("model", pa.string()),  # model folder name (transformers) or source file (import)
+        pa.field("model", pa.string()),  # model name (transformers), the file's name (import), or "dataset"
+        pa.field("model_digest", pa.string()),  # content digest of that model or file (null for "dataset")
     ]
 )

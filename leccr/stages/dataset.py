@@ -1,7 +1,10 @@
 """dataset: read a dataset folder through its format adapter into `items.parquet` and `captions.parquet`.
 
 Every later stage reads the dataset through this artifact, so its key (which fingerprints the
-folder's content) is upstream of everything: editing an annotation file reruns the whole DAG.
+folder's content) is upstream of everything: editing an annotation file reruns the whole DAG. A file or
+folder an adapter option names outside the folder (Flickr30k images kept apart from the Multi30K text,
+`options.images: /data/flickr30k-images`) is fingerprinted too (`key_config`), so replacing an image
+there reads the dataset again and gives that item a new media digest.
 
 A bad line or a missing media file costs only its item or caption: it becomes a row of
 `errors.parquet` (file, line, item, reason) and the rest is read, unless more than
@@ -107,6 +110,30 @@ def run(ctx: StageContext) -> None:
     )
 
 
+def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
+    """The content of each file or folder the adapter's options name (`PathOption`) outside
+    dataset.path; inside it the folder's own fingerprint has them. A pattern counts each of its files
+    that exists for the configured splits and languages, so a file appearing there changes the key too."""
+    from leccr.datasets.base import get_adapter
+
+    root = Path(cfg.dataset.path)
+    outside = {}
+    for label, path in get_adapter(cfg.dataset.format).named_paths(root, cfg.dataset.options, cfg.dataset.languages):
+        if path.exists() and not _within(path, root):
+            outside[label] = {"content": fingerprints.path(path)}  # through the run's stat cache
+    return {"outside_files": outside} if outside else {}
+
+
+def _within(path: Path, root: Path) -> bool:
+    """Whether the root's fingerprint holds `path`: inside it, and not under a hidden name (the
+    fingerprint skips those)."""
+    try:
+        relative = path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return not any(part.startswith(".") for part in relative.parts)
+
+
 def adapter_code(cfg: ExperimentConfig) -> tuple[str, ...]:
     """The configured format's adapter (imported by name when the stage runs, so no import names it)."""
     from leccr.datasets.base import adapter_module
@@ -115,4 +142,5 @@ def adapter_code(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 # preview: reading captions and stat-ing media is cheap, so a dry run computes it to plan downstream exactly
-STAGE = StageDef(name="dataset", upstream=(), reads={}, section=section, run=run, code_for=adapter_code, preview=True)
+STAGE = StageDef(name="dataset", upstream=(), reads={}, section=section, run=run, key_config=key_config,
+                 code_for=adapter_code, preview=True)

@@ -15,6 +15,7 @@ point `describe.import_path` at the file.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -68,8 +69,25 @@ def views_for(cfg: DescribeConfig, media_type: str) -> dict[str, str]:
     return cfg.video_views if media_type == "video" else cfg.image_views
 
 
+def description_work(ctx: StageContext) -> list[dict]:
+    """One unit per item and view (its prompt), grouped by item: a description depends on the item's
+    media, its id (the sampling seed) and the view's prompt alone, so adding or editing one view, or
+    adding a split, computes only the units it touches."""
+    cfg: DescribeConfig = ctx.section
+    return [{**item, "view_id": view_id, "prompt": prompt}
+            for item in work_items(ctx) for view_id, prompt in views_for(cfg, item["media_type"]).items()]
+
+
 def sampling_of(cfg: DescribeConfig) -> SamplingConfig:
     return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
+
+
+def keyed_sampling(cfg: DescribeConfig) -> str:
+    """The sampling settings rows record: only what the key counts (greedy decoding has no top_p or seed)."""
+    settings = sampling_of(cfg).to_dict()
+    if cfg.temperature == 0:
+        settings = {"temperature": settings["temperature"], "max_tokens": settings["max_tokens"]}
+    return json.dumps(settings, sort_keys=True)
 
 
 def make_engine(cfg: DescribeConfig):
@@ -119,21 +137,32 @@ def generate_isolating_rejects(engine, requests: list[Request]) -> list[Generati
     return results
 
 
+def items_of(units: list[dict]) -> list[dict]:
+    """The distinct items of some units, in order (an item's media is decoded once for all its views)."""
+    seen: dict[str, dict] = {}
+    for unit in units:
+        seen.setdefault(unit["item_id"], unit)
+    return list(seen.values())
+
+
 def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
     cfg: DescribeConfig = ctx.section
-    sampling_json = sampling_of(cfg).to_json()
+    sampling_json = keyed_sampling(cfg)
+    model = ctx.keyed("model")
+    sampled = cfg.temperature > 0
 
     def process(shard: list[dict], index: int) -> ShardResult:
         errors: list[tuple[str, str]] = []
-        requests: list[Request] = []
-        for item, frames in prefetcher.take(index, shard):
+        frames_of = {}
+        for item, frames in prefetcher.take(index, items_of(shard)):
             if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
                 errors.append(ItemError(item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}",
                                         retryable=True, file=item["path"]))
-                continue
-            for view_id, prompt in views_for(cfg, item["media_type"]).items():
-                requests.append(Request(item["item_id"], view_id, prompt, frames, item["media_type"],
-                                        request_seed(cfg.seed, item["item_id"], view_id)))
+            else:
+                frames_of[item["item_id"]] = frames
+        requests = [Request(unit["item_id"], unit["view_id"], unit["prompt"], frames_of[unit["item_id"]],
+                            unit["media_type"], request_seed(cfg.seed, unit["item_id"], unit["view_id"]))
+                    for unit in shard if unit["item_id"] in frames_of]
         generations: list[Generation | str] = []
         seconds = 0.0
         if requests:
@@ -152,15 +181,17 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
                 continue
             rows.append({"item_id": request.item_id, "view_id": request.view_id, "prompt": request.prompt,
                          "description": generation.text, "n_tokens": len(generation.token_ids),
-                         "engine": cfg.engine, "model": Path(cfg.model).name, "sampling": sampling_json,
-                         "seed": request.seed, "seconds": seconds / len(requests)})
+                         "engine": cfg.engine, "model": model["name"], "model_digest": model["content"],
+                         "sampling": sampling_json, "seed": request.seed if sampled else None,
+                         "seconds": seconds / len(requests)})
         errors += [(item_id, f"the engine rejected view(s) {views}: {message}")
                    for item_id, (views, message) in rejected.items()]
         errors += [(item_id, f"model produced an empty description for view(s) {views}")
                    for item_id, views in empty_views.items()]
         tokens = sum(len(g.token_ids) for g in generations if isinstance(g, Generation))
         return ShardResult(_table(rows), errors, {"tokens": float(tokens), "generation_seconds": seconds,
-                                                  "requests": float(len(requests)), "items": float(len(shard))})
+                                                  "requests": float(len(requests)),
+                                                  "items": float(len(items_of(shard)))})
 
     return process
 
@@ -170,7 +201,8 @@ def _import_processor(ctx: StageContext):
     cfg: DescribeConfig = ctx.section
     source = Path(cfg.import_path)
     imported = load_imported_descriptions(source, cfg.import_view)
-    model = imported.model or source.name  # what wrote them, where the file says so
+    keyed_file = ctx.keyed("import_path")
+    model = imported.model or keyed_file["name"]  # what wrote them, where the file says so
 
     def process(shard: list[dict], index: int) -> ShardResult:
         rows, errors = [], []
@@ -187,19 +219,28 @@ def _import_processor(ctx: StageContext):
                     # The prompt VideoChat2 (or whatever wrote the file) was given is not known here.
                     rows.append({"item_id": item["item_id"], "view_id": view_id, "prompt": "",
                                  "description": text.strip(), "n_tokens": None, "engine": "import",
-                                 "model": model, "sampling": "{}", "seed": None, "seconds": 0.0})
+                                 "model": model, "model_digest": keyed_file["content"], "sampling": "{}",
+                                 "seed": None, "seconds": 0.0})
         return ShardResult(_table(rows), errors, {"items": float(len(shard))})
 
     return process
 
 
 def shard_jobs(ctx: StageContext) -> list[ShardJob]:
-    """One job over the items. An item's descriptions depend on its media bytes, its media type (the
-    views) and its id (the sampling seed): an item with all three unchanged keeps its descriptions."""
+    """One job over (item, view) units, sharded by item. A description depends on its item's media
+    bytes, media type and id (the sampling seed) and on its view's prompt: a unit with all of them
+    unchanged keeps its description. Imported descriptions come per item, with the views the file has."""
     cfg: DescribeConfig = ctx.section
-    return [ShardJob(work_items(ctx), cfg.shard_size, DESCRIPTIONS, item_id=lambda item: item["item_id"],
-                     input_fields=("item_id", "media_type", "media_digest"), max_error_rate=cfg.max_error_rate,
-                     unit="items")]
+    items = work_items(ctx)
+    if cfg.engine == "import":
+        return [ShardJob(items, cfg.shard_size, DESCRIPTIONS, item_id=lambda item: item["item_id"],
+                         input_fields=("item_id", "media_type", "media_digest"), max_error_rate=cfg.max_error_rate,
+                         unit="items")]
+    return [ShardJob(description_work(ctx), cfg.shard_size, DESCRIPTIONS, item_id=lambda unit: unit["item_id"],
+                     unit_columns=("item_id", "view_id"),
+                     input_fields=("item_id", "media_type", "media_digest", "view_id", "prompt"),
+                     group_of=lambda unit: unit["item_id"], max_error_rate=cfg.max_error_rate, unit="descriptions",
+                     error_base=len(items), error_unit="items")]
 
 
 def run(ctx: StageContext) -> None:
@@ -212,8 +253,8 @@ def run(ctx: StageContext) -> None:
     if cfg.engine == "import":
         process = _import_processor(ctx)
     else:
-        split = ctx.plan_shards(job)  # media is decoded only for the items to compute
-        shards = [split.to_compute(i) for i in range(len(split.shards))]
+        split = ctx.plan_shards(job)  # media is decoded only for the items with a view to compute
+        shards = [items_of(split.to_compute(i)) for i in range(len(split.shards))]
         load = ItemLoader(ctx.dataset_root, cfg.num_frames, cfg.fps, cfg.max_image_side)
         prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=ctx.next_shard(len(shards)))
         process = _generating_processor(ctx, prefetcher)
@@ -225,13 +266,14 @@ def run(ctx: StageContext) -> None:
     wall = time.perf_counter() - started
     stats = totals.stats
     items_done = stats.get("items", 0.0)  # items of the shards computed by this call (not resumed ones)
+    items = len(items_of(work))
     generation_seconds = stats.get("generation_seconds", 0.0)
     ctx.summary.update(
         engine=cfg.engine,
         model=Path(cfg.model).name if cfg.model else None,
         import_path=str(cfg.import_path) if cfg.engine == "import" else None,
         views={"image": list(cfg.image_views), "video": list(cfg.video_views)},
-        items=len(work),
+        items=items,
         descriptions=totals.rows,
         errors=totals.errors,
         shards_done=totals.shards_done,
@@ -247,7 +289,7 @@ def run(ctx: StageContext) -> None:
                                                    (ctx.summary["items_per_s"], "items/s")) if value is not None]
     if ctx.summary["decode_wait_seconds"] is not None:  # only a generating engine decodes media
         rates.append(f"engine waited {ctx.summary['decode_wait_seconds']}s on decoding")
-    ctx.log.info("describe: %d descriptions of %d items (%d errors)%s", totals.rows, len(work), totals.errors,
+    ctx.log.info("describe: %d descriptions of %d items (%d errors)%s", totals.rows, items, totals.errors,
                  "; " + ", ".join(rates) if rates else "")
 
 
@@ -260,5 +302,8 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
     return {"numerics": resolved_numerics(cfg, "describe", cfg.describe.device)}
 
 
+# A view's prompt goes into each unit's input instead of the memo salt; splits and the shard size only
+# choose and group the units.
 STAGE = StageDef(name="describe", upstream=("dataset",), reads={"dataset": ("items.parquet",)}, section=section,
-                 run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs)
+                 run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs,
+                 memo_excludes=("image_views", "video_views", "splits", "shard_size"))

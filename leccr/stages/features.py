@@ -249,9 +249,16 @@ def run(ctx: StageContext) -> None:
     visual = ctx.inputs["visual"].manifest
     visual_facts = {"visual_key": ctx.inputs["visual"].key, "visual_rows": visual.summary.get("rows"),
                     "visual_errors": visual.summary.get("errors")}
+    # The vision tower is the visual artifact's (`visual_key`, whose manifest names it): not this stage's key.
+    models = {"tokenizer": ctx.keyed("tokenizer" if cfg.tokenizer is not None else "text_model")}
     info = {
         "layout_version": 1,
-        "tokenizer": Path(tokenizer_path).name,
+        # What made the features: each model's content digest, and its name (in this stage's key, so
+        # the file agrees with it, but volatile: a renamed model folder rewrites this file and changes
+        # nothing downstream, whose inputs are the same bytes).
+        "model_digests": {role: identity["content"] for role, identity in models.items()},
+        "model_names": {role: identity["name"] for role, identity in models.items()},
+        "volatile": ["model_names"],
         "pad_token_id": loaded.pad_token_id,
         "cls_token_id": loaded.cls_token_id,
         "sep_token_id": loaded.sep_token_id,
@@ -259,8 +266,7 @@ def run(ctx: StageContext) -> None:
         "visual": {"visual_key": ctx.inputs["visual"].key, "visual_fixed": visual.summary.get("fixed"),
                    "visual_dim": visual.summary.get("dim"), "visual_n_tokens": visual.summary.get("n_tokens"),
                    "source": visual.config["visual_source"], "output": visual.config["visual_output"],
-                   "dtype": visual.config["visual_dtype"],
-                   "model": Path(visual.config["vision_model"]).name if visual.config["vision_model"] else None},
+                   "dtype": visual.config["visual_dtype"]},
         "descriptions": {"join": cfg.description_join, "views": cfg.description_views,
                          "states": cfg.description_states,
                          "states_dtype": cfg.states_dtype if cfg.description_states else None},
@@ -294,4 +300,6 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
 STAGE = StageDef(name="features", upstream=("dataset", "translate", "describe", "visual"),
                  reads={"dataset": ("items.parquet", "captions.parquet"), "translate": ("*",), "describe": ("*",),
                         "visual": ("*",)},
-                 section=section, run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs)
+                 section=section, run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs,
+                 # no row names a model (features_info.json does), and shard sizes only group the rows
+                 memo_excludes=("tokenizer.name", "text_model.name", "shard_size", "text_shard_size"))

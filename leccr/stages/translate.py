@@ -29,8 +29,11 @@ def section(cfg: ExperimentConfig) -> TranslateConfig:
 
 
 def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
-    """The target languages, and under `import` each language's translation file by content (the
-    path template itself is not hashed: moving the files keeps the key, editing one changes it)."""
+    """The target languages, and under `import` each language's translation file by content and name
+    (the path template itself is not hashed: moving the files keeps the key, editing one changes it;
+    rows name the file they came from)."""
+    from leccr.core.keys import path_identity
+
     extra: dict = {"languages": list(cfg.dataset.languages)}
     if cfg.translate.engine == "import" and cfg.translate.import_path is not None:
         files = {}
@@ -38,7 +41,7 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
             path = Path(cfg.translate.import_path.format(lang=lang))
             if not path.is_file():
                 raise FileNotFoundError(f"translate.import_path: no {lang} translation file {path}")
-            files[lang] = {"content": fingerprints.path(path)}
+            files[lang] = path_identity(str(path), fingerprints, f"translate.import_path[{lang}]", named=True)
         extra["import_files"] = files
     if cfg.translate.engine == "transformers":
         from leccr.device import resolved_numerics
@@ -67,21 +70,65 @@ def english_captions(ctx: StageContext, splits: list[str]) -> list[dict]:
                   key=lambda r: r["caption_id"])
 
 
-def _rows(shard: list[dict], lang: str, texts: list[str], engine: str, model: str) -> dict[str, list]:
-    return {"item_id": [c["item_id"] for c in shard], "caption_id": [c["caption_id"] for c in shard],
-            "lang": [lang] * len(shard), "text": texts, "source_text": [c["text"] for c in shard],
-            "engine": [engine] * len(shard), "model": [model] * len(shard)}
+def language_sources(ctx: StageContext, languages: list[str]) -> dict[str, dict | None]:
+    """{lang: what that language's translations come from, as the key counted it}: its model
+    (transformers) or its file (import), by name and content; None for the dataset's shipped MT,
+    whose text each unit carries itself."""
+    cfg: TranslateConfig = ctx.section
+    if cfg.engine == "transformers":
+        return {lang: ctx.keyed("models", lang) for lang in languages}
+    if cfg.import_path is not None:
+        from leccr.core.keys import path_identity
+
+        def file_identity(lang: str) -> dict:
+            return path_identity(cfg.import_path.format(lang=lang), ctx.fingerprints(), named=True)
+
+        return {lang: ctx.keyed("import_files", lang, otherwise=lambda lang=lang: file_identity(lang))
+                for lang in languages}
+    return {lang: None for lang in languages}
 
 
-def _concat(parts: list[dict[str, list]]) -> pa.Table:
-    if not parts:
-        return TRANSLATIONS.empty_table()
-    return pa.Table.from_pylist([dict(zip(p, values)) for p in parts for values in zip(*p.values())],
-                                schema=TRANSLATIONS)
+def translation_work(ctx: StageContext) -> list[dict]:
+    """One unit per English caption and target language, grouped by caption: a unit's translation depends
+    on the caption's text, its language and that language's model or file (or shipped text), so adding
+    a language or replacing one language's model translates that language only."""
+    cfg: TranslateConfig = ctx.section
+    languages = target_languages(ctx)
+    sources = language_sources(ctx, languages)
+    work = []
+    for caption in english_captions(ctx, cfg.splits):
+        for lang in languages:
+            source = sources[lang] if sources[lang] is not None else {"shipped": caption["shipped"].get(lang, "")}
+            work.append({"item_id": caption["item_id"], "caption_id": caption["caption_id"], "lang": lang,
+                         "text": caption["text"], "source": source, "shipped": caption["shipped"].get(lang, "")})
+    return work
+
+
+def _rows(units: list[dict], texts: list[str], engine: str, models: dict[str, dict | None]) -> list[dict]:
+    def name(lang: str) -> str:
+        return models[lang]["name"] if models[lang] is not None else "dataset"
+
+    def digest(lang: str) -> str | None:
+        return models[lang]["content"] if models[lang] is not None else None
+
+    return [{"item_id": u["item_id"], "caption_id": u["caption_id"], "lang": u["lang"], "text": text,
+             "source_text": u["text"], "engine": engine, "model": name(u["lang"]), "model_digest": digest(u["lang"])}
+            for u, text in zip(units, texts)]
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=TRANSLATIONS) if rows else TRANSLATIONS.empty_table()
 
 
 # ------------------------------------------------------------------------------- engines
-def _transformers_processor(ctx: StageContext, languages: list[str]):
+def _by_language(units: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for unit in units:
+        grouped.setdefault(unit["lang"], []).append(unit)
+    return grouped
+
+
+def _transformers_processor(ctx: StageContext, sources: dict[str, dict | None]):
     from leccr.engines.cache import cached_engine
     from leccr.engines.mt import Seq2SeqTranslator
 
@@ -97,16 +144,15 @@ def _transformers_processor(ctx: StageContext, languages: list[str]):
             cfg.models[lang], cfg.lang_code_style, cfg.device, cfg.batch_size, cfg.max_length, cfg.num_beams))
 
     def process(shard: list[dict], index: int) -> ShardResult:
-        errors = [(c["caption_id"], "empty English caption") for c in shard if not c["text"].strip()]
-        good = [c for c in shard if c["text"].strip()]
-        parts = []
-        for lang in languages:
-            texts = translator(lang).translate([c["text"] for c in good], lang)
-            keep = [(c, t) for c, t in zip(good, texts) if t]
-            errors += [(c["caption_id"], f"model produced an empty {lang} translation") for c, t in zip(good, texts) if not t]
-            parts.append(_rows([c for c, _ in keep], lang, [t for _, t in keep], "transformers",
-                               Path(cfg.models[lang]).name))
-        return ShardResult(_concat(parts), errors)
+        errors = sorted({(u["caption_id"], "empty English caption") for u in shard if not u["text"].strip()})
+        rows = []
+        for lang, units in _by_language([u for u in shard if u["text"].strip()]).items():
+            texts = translator(lang).translate([u["text"] for u in units], lang)
+            errors += [(u["caption_id"], f"model produced an empty {lang} translation")
+                       for u, t in zip(units, texts) if not t]
+            kept = [(u, t) for u, t in zip(units, texts) if t]
+            rows += _rows([u for u, _ in kept], [t for _, t in kept], "transformers", sources)
+        return ShardResult(_table(rows), errors)
 
     return process
 
@@ -140,29 +186,22 @@ def _load_translation_file(path: Path) -> dict[str, str]:
     return out
 
 
-def _import_processor(ctx: StageContext, languages: list[str], work: list[dict]):
+def _import_processor(ctx: StageContext, sources: dict[str, dict | None]):
     cfg: TranslateConfig = ctx.section
-    sources: dict[str, dict[str, str]] = {}
-    names: dict[str, str] = {}
-    if cfg.import_path is None:
-        for lang in languages:
-            sources[lang] = {c["caption_id"]: c["shipped"].get(lang, "") for c in work}
-            names[lang] = "dataset"
-    else:
-        for lang in languages:
-            path = Path(cfg.import_path.format(lang=lang))
-            sources[lang] = _load_translation_file(path)
-            names[lang] = path.name
+    files: dict[str, dict[str, str]] = {}
+    if cfg.import_path is not None:
+        files = {lang: _load_translation_file(Path(cfg.import_path.format(lang=lang))) for lang in sources}
 
     def process(shard: list[dict], index: int) -> ShardResult:
-        parts, errors = [], []
-        for lang in languages:
+        rows, errors = [], []
+        for lang, units in _by_language(shard).items():
+            found = [(u, files[lang].get(u["caption_id"], "") if files else u["shipped"]) for u in units]
+            where = sources[lang]["name"] if sources[lang] is not None else "dataset"
             # stored as the file has it; whitespace alone is no translation
-            found = [(c, sources[lang].get(c["caption_id"], "")) for c in shard]
-            errors += [(c["caption_id"], f"no {lang} translation in {names[lang]}") for c, t in found if not t.strip()]
-            found = [(c, t) for c, t in found if t.strip()]
-            parts.append(_rows([c for c, _ in found], lang, [t for _, t in found], "import", names[lang]))
-        return ShardResult(_concat(parts), errors)
+            errors += [(u["caption_id"], f"no {lang} translation in {where}") for u, t in found if not t.strip()]
+            kept = [(u, t) for u, t in found if t.strip()]
+            rows += _rows([u for u, _ in kept], [t for _, t in kept], "import", sources)
+        return ShardResult(_table(rows), errors)
 
     return process
 
@@ -192,42 +231,40 @@ def translation_quality(translations: pa.Table, captions: pa.Table) -> dict[str,
 
 
 def shard_jobs(ctx: StageContext) -> list[ShardJob]:
-    """One job over the English captions: a caption whose text is unchanged keeps its translations (under
-    the import engine without a file, its shipped translations must be unchanged too; a file's content
-    is in the key)."""
+    """One job over (English caption, language) units, sharded by caption: a unit whose caption text,
+    language and source (that language's model or file, or its shipped text) are unchanged keeps its
+    translation. An error row is one caption in one language: the rate is over those units."""
     cfg: TranslateConfig = ctx.section
-    imports_shipped = cfg.engine == "import" and cfg.import_path is None
-    # An error row is one caption in one language: the rate is over captions x languages.
-    return [ShardJob(english_captions(ctx, cfg.splits), cfg.shard_size, TRANSLATIONS, item_id=lambda c: c["caption_id"],
-                     unit_columns=("caption_id",),
-                     input_fields=("item_id", "caption_id", "text") + (("shipped",) if imports_shipped else ()),
-                     max_error_rate=cfg.max_error_rate, unit="captions",
-                     units_per_item=len(target_languages(ctx)), error_unit="caption translations")]
+    return [ShardJob(translation_work(ctx), cfg.shard_size, TRANSLATIONS, item_id=lambda u: u["caption_id"],
+                     unit_columns=("caption_id", "lang"), input_fields=("item_id", "caption_id", "text", "lang", "source"),
+                     group_of=lambda u: u["caption_id"], max_error_rate=cfg.max_error_rate, unit="caption translations")]
 
 
 def run(ctx: StageContext) -> None:
     cfg: TranslateConfig = ctx.section
     languages = target_languages(ctx)
+    sources = language_sources(ctx, languages)
     job = shard_jobs(ctx)[0]
-    work = job.work
-    process = (_transformers_processor(ctx, languages) if cfg.engine == "transformers"
-               else _import_processor(ctx, languages, work))
-    job = replace(job, process=process)
-    totals = ctx.run_shards(job)
+    process = (_transformers_processor(ctx, sources) if cfg.engine == "transformers"
+               else _import_processor(ctx, sources))
+    totals = ctx.run_shards(replace(job, process=process))
     translations = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), TRANSLATIONS)
     captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
     ctx.summary.update(
         engine=cfg.engine,
         languages=languages,
-        english_captions=len(work),
+        english_captions=len(job.work) // max(len(languages), 1),
         translations=totals.rows,
         errors=totals.errors,
         shards_resumed=totals.shards_resumed,
         quality=translation_quality(translations, captions),
-        models={lang: str(cfg.models[lang]) for lang in languages} if cfg.engine == "transformers" else {},
+        models={lang: sources[lang]["name"] for lang in languages} if cfg.engine == "transformers" else {},
     )
 
 
 # Reads the dataset's captions alone, not its items: a replaced image keeps every translation.
+# Languages, their models and files go into each unit's input instead of the memo salt; splits and the
+# shard size only choose and group the units.
 STAGE = StageDef(name="translate", upstream=("dataset",), reads={"dataset": ("captions.parquet",)}, section=section,
-                 run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs)
+                 run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs,
+                 memo_excludes=("languages", "models", "import_files", "splits", "shard_size"))

@@ -41,6 +41,15 @@ def check_config(cfg: VisualConfig) -> None:
         raise ValueError("features.vision_model is required for visual_source 'model' (a vision tower folder)")
 
 
+def layout_kind(cfg: VisualConfig, items: list[dict]) -> str:
+    """"fixed" when every item's shape is known up front (model features of images only, or of videos
+    sampled to a fixed `num_frames`), else "variable": how an item's row is stored, known without a model."""
+    media = {item["media_type"] for item in items}
+    if cfg.visual_source == "import" or not media or len(media) > 1 or ("video" in media and cfg.fps is not None):
+        return "variable"
+    return "fixed"
+
+
 def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy,
             out_dir) -> tuple[pa.Schema, tuple[int, int] | None]:
     """The visual schema (fixed or variable size) and, when fixed, every item's (n_tokens, dim).
@@ -55,11 +64,9 @@ def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy,
             return visual_schema(cfg.visual_dtype, None), None
         shape = visual_shape(schema)
         return visual_schema(cfg.visual_dtype, shape[0] * shape[1], shape), shape
-    if cfg.visual_source == "import":
+    if layout_kind(cfg, items) == "variable":
         return visual_schema(cfg.visual_dtype, None), None
     media = {item["media_type"] for item in items}
-    if not media or (("video" in media) and cfg.fps is not None) or len(media) > 1:
-        return visual_schema(cfg.visual_dtype, None), None
     from PIL import Image
 
     side = cfg.image_size or 224  # the processor resizes to its own size: any probe size will do
@@ -155,18 +162,25 @@ def _import_processor(ctx: StageContext, cfg: VisualConfig, schema: pa.Schema):
 
 
 def work_items(ctx: StageContext) -> list[dict]:
-    return sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
-                  key=lambda item: item["item_id"])
+    """Every item, sorted by id, with the layout its row is stored in (fixed-size or variable arrays)."""
+    cfg: VisualConfig = ctx.section  # type: ignore[assignment]
+    items = sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
+                   key=lambda item: item["item_id"])
+    layout = layout_kind(cfg, items)
+    return [{**item, "layout": layout} for item in items]
 
 
-# An item's features depend on its media (or imported feature file) bytes, and its row names its split.
-INPUT_FIELDS = ("item_id", "split", "media_type", "media_digest", "feature_digest")
+# An item's features depend on its media (or imported feature file) bytes, and its row names its split;
+# its layout is how the row is stored (a quick run over images alone stores fixed-size arrays, a run
+# that adds videos variable ones: their rows cannot be shared).
+INPUT_FIELDS = ("item_id", "split", "media_type", "media_digest", "feature_digest", "layout")
 
 
 def shard_jobs(ctx: StageContext) -> list[ShardJob]:
     cfg: VisualConfig = ctx.section  # type: ignore[assignment]
     return [ShardJob(work_items(ctx), cfg.shard_size, visual_schema(cfg.visual_dtype, None),
-                     item_id=lambda item: item["item_id"], input_fields=INPUT_FIELDS, unit="items")]
+                     item_id=lambda item: item["item_id"], input_fields=INPUT_FIELDS, unit="items",
+                     schema_final=False)]  # a fixed layout's shape needs the model: the dry run does not load it
 
 
 def run(ctx: StageContext) -> None:
@@ -229,4 +243,5 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
 
 
 STAGE = StageDef(name="visual", upstream=("dataset",), reads={"dataset": ("items.parquet",)}, section=section, run=run,
-                 sharded=True, key_config=key_config, shard_jobs=shard_jobs, config_section="features")
+                 sharded=True, key_config=key_config, shard_jobs=shard_jobs, config_section="features",
+                 memo_excludes=("shard_size",))
