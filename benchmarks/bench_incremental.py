@@ -97,7 +97,7 @@ def _replace_image(data: Path) -> None:
 
 
 def _run(cfg) -> tuple[dict, float, float]:
-    from leccr.core.runner import run_pipeline
+    from leccr.core.driver import run_pipeline
 
     started = time.perf_counter()
     outcomes = run_pipeline(cfg, ["train"])
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from leccr.cli import prepare_demo
-    from leccr.core.runner import explain
+    from leccr.core.explain import explain
     from leccr.datasets.demo import generate_demo
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="leccr-bench-incremental-"))

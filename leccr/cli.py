@@ -73,7 +73,8 @@ def prepare_demo(root: Path = DEMO_ROOT, seed: int = 0) -> dict[str, Path]:
 def cmd_run(args: argparse.Namespace) -> int:
     from leccr.config import load_config
     from leccr.core.fingerprint import fingerprinter_for
-    from leccr.core.runner import explain, run_pipeline
+    from leccr.core.driver import run_pipeline
+    from leccr.core.explain import explain
     from leccr.preflight import check_environment
 
     overrides = _parse_sets(args.set)

@@ -28,7 +28,9 @@ import yaml
 from leccr.config import ConfigError, ExperimentConfig, load_config
 from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
 from leccr.core.dag import get_stage
-from leccr.core.runner import Job, RunResult, explain, parts_with_upstream
+from leccr.core.driver import RunResult
+from leccr.core.explain import explain
+from leccr.core.jobs import Job, parts_with_upstream
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def load_sweep(config: str | Path, grid: dict[str, list[Any]] | None = None, nam
 @dataclass
 class PlannedVariantStage:
     name: str
-    status: str  # hit | miss | forced | pending (as leccr.core.runner.explain)
+    status: str  # hit | miss | forced | pending (as leccr.core.explain.explain)
     key: str | None
     identity: str  # the key, or for a pending stage what its key will be made of
     reasons: list[str] = field(default_factory=list)
@@ -199,7 +201,7 @@ def run_sweep(sweep: Sweep, stages: list[str] | None = None, force: list[str] | 
 def record_sweep(sweep: Sweep, results: dict[str, RunResult], started: datetime) -> dict[str, str]:
     """Each variant's run record (leccr.runs: sweep, variant, swept values, stage keys with computed /
     cache_hit / shared); {variant: "completed" | "failed: ..."}."""
-    from leccr.core.runner import record_run
+    from leccr.core.execute import record_run
     from leccr.runs import RunLabel, entries_of, write_record
 
     status = {}

@@ -13,7 +13,7 @@ from leccr.core.artifact import Artifact, Manifest, ReadView, UndeclaredRead, da
 from leccr.core.claims import Claims
 from leccr.core.dag import get_stage, stage_defs
 from leccr.core.keys import resolve_section
-from leccr.core.runner import config_for, jobs_of, stage_code_modules
+from leccr.core.jobs import config_for, jobs_of, stage_code_modules
 from leccr.core.stage import StageDef
 
 DATASET = {"format": "multi30k", "path": "."}
@@ -146,7 +146,7 @@ def test_damaged_files_are_named_with_their_sizes(tmp_path):
 
 def test_a_hit_made_with_other_library_versions_warns_and_stays_a_hit(tmp_path):
     from leccr.core.artifact import library_versions
-    from leccr.core.runner import version_drift
+    from leccr.core.jobs import version_drift
 
     now = library_versions()
     manifest = Manifest(stage="s", key="k", store_format="4", schema_version=2, code_digest="c", content_digest="d",

@@ -18,7 +18,9 @@ from leccr.core.codeid import _module_digest, code_digest
 from leccr.config import parse_config
 from leccr.core.fingerprint import Fingerprinter
 from leccr.core.dag import get_stage, stage_names
-from leccr.core.runner import explain, jobs_of, key_parts, parts_with_upstream, run_pipeline
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
+from leccr.core.jobs import jobs_of, key_parts, parts_with_upstream
 from leccr.core.artifact import Store, stage_lock
 from tests.conftest import demo_config_dict
 
@@ -374,7 +376,7 @@ def test_key_parts_need_finished_upstream(demo_root, tmp_path):
 def test_planning_a_run_imports_neither_torch_nor_prefect():
     """Stage modules import heavy libraries inside `run`: a dry run or a cached rerun stays fast."""
     code = ("import sys; from leccr.config import load_config; from leccr.core.dag import get_stage, stage_names; "
-            "from leccr.core.runner import config_for, jobs_of; "
+            "from leccr.core.jobs import config_for, jobs_of; "
             "cfg = load_config('configs/demo.yaml'); [get_stage(n).section(cfg) for n in stage_names()]; "
             "[get_stage(n).key_config(config_for(cfg, j), None) for n in ('train', 'evaluate', 'visual') "
             "for j in jobs_of(cfg, n)]; "

@@ -15,7 +15,7 @@ import yaml
 
 from leccr.config import parse_config
 from leccr.core.dag import plan
-from leccr.core.runner import run_pipeline
+from leccr.core.driver import run_pipeline
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]

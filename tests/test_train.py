@@ -11,7 +11,7 @@ import torch
 
 from leccr.config import ConfigError, TrainConfig, parse_config
 from leccr.models import create_model
-from leccr.core.runner import run_pipeline
+from leccr.core.driver import run_pipeline
 from leccr.core.failures import StageFailed
 from leccr.training import TrainJob, load_trained, train_method
 from leccr.training.checkpoint import INFO_FILE, MODEL_FILE, RESUME_DIR

@@ -7,7 +7,7 @@ stage whose artifact is already complete finishes at once in a `Cached` state.
 leccr/flows/pipeline.py CONFIG`) one run is one flow run of this module, on that server or on a
 temporary local one, and the deployment `leccr/full` of prefect.yaml runs it too. The CLI picks the
 task runner from the config before it starts the flow (threads, or `prefect_ray.RayTaskRunner` for
-`runner.kind: ray`). The driver is `leccr.core.runner.drive_many`, the same one the in-process run
+`runner.kind: ray`). The driver is `leccr.core.driver.drive_many`, the same one the in-process run
 uses: it computes each job's key once its upstream stages have finished (a key hashes what they
 hold); this module only says how a job is submitted. A sharded stage maps onto `runner.shard_tasks`
 slot tasks (each computes and commits its share of the shards), then one finishing task merges errors
@@ -34,8 +34,9 @@ from leccr.config import ExperimentConfig, load_config
 from leccr.core.dag import get_stage, plan
 from leccr.core.keys import KeyParts
 from leccr.core.local import preload_transformers
-from leccr.core.runner import (Job, RunResult, StageOutcome, Submission, Submit, drive_many, prepare_stage,
-                               record_run, run_stage, run_stage_slot)
+from leccr.core.driver import RunResult, Submission, Submit, drive_many
+from leccr.core.execute import StageOutcome, prepare_stage, record_run, run_stage, run_stage_slot
+from leccr.core.jobs import Job
 from leccr.report import artifact_markdown
 from leccr.runs import RunLabel, entries_of, now, write_record
 

@@ -1,6 +1,6 @@
 """A sweep as ONE Prefect flow run: every variant's stages, each distinct (stage, key) submitted once.
 
-The one driver (leccr.core.runner.drive_many) walks the DAG stage by stage across all variants
+The one driver (leccr.core.driver.drive_many) walks the DAG stage by stage across all variants
 (leccr.sweep expands the grid): once a variant's upstream stages have finished it computes the job's
 key, as `leccr run` does, and submits it unless a task for that key is already in flight for another
 variant, whose future it then shares.
@@ -27,7 +27,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from leccr.core.dag import plan
-from leccr.core.runner import RunResult, drive_many
+from leccr.core.driver import RunResult, drive_many
 from leccr.flows.pipeline import _has_runner_for, serial_stages, task_runner, task_submitter
 from leccr.runs import now
 from leccr.sweep import Sweep, load_sweep, raise_failures, record_sweep, sweep_comparison
@@ -36,7 +36,7 @@ from leccr.sweep import Sweep, load_sweep, raise_failures, record_sweep, sweep_c
 def run_sweep_stages(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None
                      ) -> dict[str, RunResult]:
     """{variant: its outcomes, the jobs another variant submitted for it, its error or None}: every
-    variant through the one driver (leccr.core.runner.drive_many), which submits a shared key once."""
+    variant through the one driver (leccr.core.driver.drive_many), which submits a shared key once."""
     return drive_many({variant.name: variant.cfg for variant in sweep.variants}, plan(stages, force),
                       task_submitter(sweep.base, serial_stages(sweep.base)))
 

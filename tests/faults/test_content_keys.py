@@ -17,7 +17,8 @@ import leccr.core.fingerprint as fingerprint
 from leccr.config import parse_config
 from leccr.core.artifact import damaged_files
 from leccr.core.fingerprint import Fingerprinter, fingerprinter_for, hash_file
-from leccr.core.runner import explain, run_pipeline
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
 from tests.faults.test_faults import _copy, _test_items
 from tests.faults.test_same_bytes import _small
 

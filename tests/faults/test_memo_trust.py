@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 
 from leccr.cli import main
 from leccr.config import load_config, parse_config
-from leccr.core.runner import explain, run_pipeline
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
 from leccr.schemas.core import write_table
 from leccr.schemas.translate import TRANSLATIONS
 from tests.faults.test_faults import ONE_VIEW, _config, _copy, _test_items

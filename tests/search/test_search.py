@@ -58,7 +58,7 @@ def test_index_files_and_schema(indexed):
 
 def test_key_holds_the_ann_setup_and_the_device_kind_only(indexed):
     from leccr.core.fingerprint import Fingerprinter
-    from leccr.core.runner import Job, parts_with_upstream
+    from leccr.core.jobs import Job, parts_with_upstream
 
     cfg, _ = indexed
 
