@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp folder)")
     args = parser.parse_args(argv)
 
-    from leccr.cli import prepare_demo
+    from leccr.cli.demo import prepare_demo
     from leccr.core.explain import explain
     from leccr.datasets.demo import generate_demo
 

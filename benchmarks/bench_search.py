@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from leccr.config import HnswConfig, IvfConfig, ServeConfig
-from leccr.vectors import ExactIndex, build_faiss, faiss_missing
+from leccr.engines.vectors import ExactIndex, build_faiss, faiss_missing
 
 K = 10
 

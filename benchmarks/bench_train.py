@@ -52,7 +52,7 @@ VARIANTS = {
 
 def prepare(root: Path) -> tuple[Path, str]:
     """The demo's features artifact (computed once under root) and the text encoder folder."""
-    from leccr.cli import prepare_demo
+    from leccr.cli.demo import prepare_demo
     from leccr.config import load_config
     from leccr.core.driver import run_pipeline
 

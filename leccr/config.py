@@ -194,7 +194,7 @@ def _default_views(media_type: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- features (owner: features stage)
 class FeaturesConfig(Section):
-    """How visual items, captions and descriptions become cached arrays (see leccr/stages/features.py).
+    """How visual items, captions and descriptions become cached arrays (see stages/features.py).
 
     The visual fields (VISUAL_FIELDS) alone, with the dataset key, name the shared visual cache: a
     change of the text side (tokenizer, max_length, descriptions) reuses the visual features.
@@ -216,7 +216,7 @@ class FeaturesConfig(Section):
     # Square input size in px, overriding the processor's (the paper runs CLIP ViT-B/32 at 384 -> 145 tokens;
     # position embeddings are interpolated). None keeps the processor's size.
     image_size: int | None = Field(None, ge=8)
-    num_frames: int | None = Field(8, ge=1)  # video: frames sampled uniformly (leccr.media.sample_frames)
+    num_frames: int | None = Field(8, ge=1)  # video: frames sampled uniformly (leccr.media.decode.sample_frames)
     fps: float | None = Field(None, gt=0)  # video: sample at this rate instead (then frame counts vary)
     # Compute precision of the vision tower and the description encoder: auto = bf16 (else fp16) on a
     # GPU, fp32 on CPU.
@@ -308,7 +308,7 @@ def method_sort_key(method: str) -> tuple[int, str]:
 
 
 class TrainConfig(Section):
-    """How the train stage fits each method on the features artifact (see leccr/stages/train.py).
+    """How the train stage fits each method on the features artifact (see stages/train.py).
 
     Defaults are the LECCR reference settings (METHOD.md): AdamW lr 1e-5, betas (0.9, 0.98), weight
     decay 0.01 (none on biases and norms), linear schedule with 10 % warm-up, batch 128, seed 42.
@@ -358,7 +358,7 @@ class TrainConfig(Section):
 
     checkpoint_every: int = Field(0, ge=0)  # also save the resume state every N steps (0: at epoch ends)
     # torch CPU threads per training process. In the key: torch sums a full reduction (a loss's mean)
-    # per thread, so another count gives other weights (leccr/threads.py); fixed, not the machine's.
+    # per thread, so another count gives other weights (leccr/runtime/threads.py); fixed, not the machine's.
     threads: int = Field(2, ge=1)
     nproc: int = Field(1, ge=1)  # >1: data-parallel processes under torchrun (nccl on GPUs, gloo on CPU)
     device: str = "auto"
@@ -437,7 +437,7 @@ class ZeroShotConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """How the evaluate stage scores the test split (see leccr/stages/evaluate.py)."""
+    """How the evaluate stage scores the test split (see stages/evaluate.py)."""
 
     # chunk_size / batch_size / device shape memory and speed, not the metrics.
     NON_OUTPUT_FIELDS = frozenset({"device", "chunk_size", "batch_size"})
@@ -455,7 +455,7 @@ class EvaluateConfig(Section):
     # score "alpha" and the weight in their alpha column. The paper's α ablation then costs one training
     # (a different train.models.leccr.score_alpha is a different model: it picks the best epoch).
     alphas: list[float] = Field(default_factory=list)
-    # Published rows (ids in leccr/published_results.yaml) to show beside ours in the report, where this
+    # Published rows (ids in leccr/evaluation/published_results.yaml) to show beside ours in the report, where this
     # run evaluates their dataset and language; each dataset preset in configs/ names its benchmark's.
     published: list[str] = Field(default_factory=list)
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])  # recall@K of the table; SumR sums these
@@ -487,7 +487,7 @@ class EvaluateConfig(Section):
     @field_validator("published")
     @classmethod
     def _known_rows(cls, value: list[str]) -> list[str]:
-        from leccr.published import rows_named
+        from leccr.evaluation.published import rows_named
 
         rows_named(value)  # raises naming the unknown ids and the known ones
         return value
@@ -520,7 +520,7 @@ class HnswConfig(Section):
 
 
 class IndexConfig(Section):
-    """How the index stage embeds the collection for search (see leccr/stages/index.py).
+    """How the index stage embeds the collection for search (see stages/index.py).
 
     Candidates come from the vector index by global cosine; the final order is the method's fused score
     (METHOD.md), whose min/max normalisation is fixed at index time from the captions of
@@ -542,7 +542,7 @@ class IndexConfig(Section):
     chunk_size: int = Field(4096, ge=1)  # rows/columns of one calibration score block
 
 
-# ---------------------------------------------------------------- sweep (leccr.sweep)
+# ---------------------------------------------------------------- sweep (leccr.records.sweep)
 class SweepConfig(Section):
     """The grid `leccr sweep` runs when no --grid is given: {dotted config path: [values]}, as `--set`
     takes them. Not part of any stage's key: each variant's stages are keyed by what it sets."""

@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from leccr.compare import build, select_runs, write
+from leccr.evaluation.compare import build, select_runs, write
 from leccr.config import parse_config
-from leccr.published import matching_rows, published_markdown, rows_named
-from leccr.runs import COMPUTED, RunLabel, StageEntry, now, write_record
+from leccr.evaluation.published import matching_rows, published_markdown, rows_named
+from leccr.records.runs import COMPUTED, RunLabel, StageEntry, now, write_record
 from leccr.schemas.evaluate import METRICS
 
 REPO = Path(__file__).parents[1]

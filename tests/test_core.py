@@ -63,7 +63,7 @@ def test_code_identity_holds_what_the_configured_stage_can_run():
     assert closures["dataset"] & adapters == {"leccr.datasets.multi30k"}  # the configured format only
     assert set(stage_code_modules(get_stage("dataset"), _cfg(dataset={"format": "vatex", "path": "."}))) & adapters \
         == {"leccr.datasets.vatex"}
-    assert not {m for m in closures["index"] if m.startswith(("leccr.search", "leccr.report", "leccr.cli"))}
+    assert not {m for m in closures["index"] if m.startswith(("leccr.search", "leccr.evaluation.report", "leccr.cli"))}
     assert not {m for m in set().union(*closures.values()) if m.startswith(("leccr.core", "leccr.flows"))}
 
 

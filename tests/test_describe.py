@@ -19,7 +19,7 @@ import leccr.stages.describe as describe
 from leccr.config import DescribeConfig
 from leccr.engines.mllm import (Request, SamplingConfig, TransformersMLLM, chat_prompt, load_imported_descriptions,
                                 request_seed)
-from leccr.media import load_image, sample_frames
+from leccr.media.decode import load_image, sample_frames
 from leccr.core.fingerprint import Fingerprinter
 from leccr.core.artifact import Artifact
 from leccr.core.context import StageContext

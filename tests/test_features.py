@@ -279,7 +279,7 @@ def write_video(path, colours, size=32):
 
 @pytest.mark.parametrize("output,tokens_per_frame", [("tokens", 17), ("pooled", 1)])
 def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, output, tokens_per_frame):
-    from leccr.media import sample_frames
+    from leccr.media.decode import sample_frames
 
     video = tmp_path / "v.mp4"
     write_video(video, [(255, 0, 0)] * 4 + [(0, 0, 255)] * 4 + [(0, 255, 0)] * 4)

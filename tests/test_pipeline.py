@@ -13,7 +13,7 @@ from leccr.config import parse_config
 from leccr.core.dag import plan
 from leccr.core.driver import run_pipeline
 from leccr.core.explain import explain
-from leccr.sql import connect
+from leccr.records.sql import connect
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]

@@ -302,13 +302,13 @@ def test_a_run_is_one_flow_run_and_hits_show_as_cached(demo_root, tmp_path, pref
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from leccr.flows.pipeline import leccr
+    from leccr.flows.pipeline import experiment_flow
 
     data = _data(demo_root, tmp_path)
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(data))
     run_pipeline(parse_config(data), ["translate"])
-    state = leccr(config=str(config), stages=["translate"], return_state=True)
+    state = experiment_flow(config=str(config), stages=["translate"], return_state=True)
     assert state.is_completed()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
@@ -322,7 +322,7 @@ def test_a_run_is_one_flow_run_and_hits_show_as_cached(demo_root, tmp_path, pref
 # ------------------------------------------------------------------------------ gc
 def test_gc_lists_and_deletes_unreferenced_artifacts_but_not_running_ones(demo_root, tmp_path):
     from leccr.cli import main
-    from leccr.gc import collect, delete
+    from leccr.records.gc import collect, delete
 
     old = run_pipeline(parse_config(_data(demo_root, tmp_path)), ["translate"])["translate"].artifact
     run_pipeline(parse_config(_data(demo_root, tmp_path, translate={"splits": ["train"]})), ["translate"])

@@ -233,7 +233,7 @@ def test_two_processes_under_torchrun_with_gloo(features, tmp_path):
 
 def test_evaluate_reports_every_trained_method_side_by_side(features):
     """The demo's evaluate stage on trained baseline, cl2cm and leccr: metrics, report and plots."""
-    from leccr.sql import connect
+    from leccr.records.sql import connect
 
     data, _ = features
     outcomes = run_pipeline(parse_config(data), ["evaluate"])

@@ -1,7 +1,7 @@
 """The one driver: every job of a plan, submitted as soon as its upstream has finished.
 
 `drive_many` serves `leccr run` in this process (leccr.core.local), the Prefect flow
-(leccr/flows/pipeline.py) and sweeps. Each only says how a job is submitted; all take the same
+(flows/pipeline.py) and sweeps. Each only says how a job is submitted; all take the same
 decisions, because all go through `plan`, `key_parts` and `run_stage`.
 """
 from __future__ import annotations
@@ -108,9 +108,9 @@ def run_pipeline(cfg: ExperimentConfig, stages: list[str] | None = None, force: 
                  fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
     """Run the DAG in this process, its jobs on threads (leccr.core.local), without Prefect: what
     `leccr run` does unless Prefect is asked for; the Prefect flow drives the same way, as tasks.
-    Every run, completed or failed, appends its run record (leccr.runs)."""
+    Every run, completed or failed, appends its run record (leccr.records.runs)."""
     from leccr.core.local import drive_here
-    from leccr.runs import RunLabel, entries_of, now, write_record
+    from leccr.records.runs import RunLabel, entries_of, now, write_record
 
     fingerprints = fingerprints or fingerprinter_for(cfg.artifacts_root)
     started = now()

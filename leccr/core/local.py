@@ -5,7 +5,7 @@ Starting a temporary Prefect server costs 20-25 s on a 2-core machine, more than
 take, so a run drives its jobs here and Prefect is used where its server is wanted (`--prefect`, a
 server named by PREFECT_API_URL, the deployments). The decisions are the same on both paths: the
 driver (`leccr.core.driver.drive_many`) computes the keys and `run_stage` runs each job; this module
-only says where a job runs, as the flow's `task_submitter` (leccr/flows/pipeline.py) does for Prefect:
+only says where a job runs, as the flow's `task_submitter` (flows/pipeline.py) does for Prefect:
 
 - on `max(2, runner.shard_tasks)` threads, as the flow's thread task runner, so stages that do not
   depend on each other (translate, describe, visual) run side by side;

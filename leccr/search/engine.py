@@ -89,7 +89,7 @@ class MethodIndex:
 
         from leccr.config import HnswConfig, IvfConfig
         from leccr.search.query import QueryEncoder
-        from leccr.vectors import ExactIndex, FaissIndex, faiss_missing
+        from leccr.engines.vectors import ExactIndex, FaissIndex, faiss_missing
 
         info = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         table = pq.read_table(folder / "embeddings.parquet")
@@ -137,7 +137,7 @@ def _matrix(table, column: str, width: int) -> np.ndarray:
 
 def find_index(root: str | Path = "artifacts", experiment: str | None = None) -> Artifact:
     """The index artifact of an experiment's last run, or the latest one built in this store."""
-    from leccr.sql import selected_artifacts
+    from leccr.records.sql import selected_artifacts
 
     artifact = selected_artifacts(root, experiment).get("index")
     if artifact is None:
@@ -193,7 +193,7 @@ class SearchEngine:
             if name not in self._loaded:
                 if name not in self.infos:
                     raise UnknownMethod(f"method {name!r} is not in the index {self.index_dir} (methods: {self.methods})")
-                from leccr.device import resolve_device
+                from leccr.runtime.device import resolve_device
 
                 self._loaded[name] = MethodIndex.load(self.index_dir / name, self.method_dirs[name],
                                                       resolve_device(self.device_name))

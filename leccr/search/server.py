@@ -81,7 +81,7 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS, ser
 
     @app.get("/frames/{relative:path}")
     def frames(relative: str) -> Response:
-        from leccr.media import MediaError
+        from leccr.media.decode import MediaError
 
         try:
             strip = _frame_strip(_inside(engine, relative, "video"))
@@ -115,7 +115,7 @@ def _frame_strip(path: Path) -> bytes:
     """STRIP_FRAMES frames of a video side by side, STRIP_HEIGHT px high, as JPEG."""
     from PIL import Image
 
-    from leccr.media import sample_frames
+    from leccr.media.decode import sample_frames
 
     frames = sample_frames(path, num_frames=STRIP_FRAMES)
     frames = [f.resize((max(1, round(f.width * STRIP_HEIGHT / f.height)), STRIP_HEIGHT)) for f in frames]

@@ -30,7 +30,7 @@ from leccr.core.claims import ClaimLost, Claims, host_identity
 from leccr.core.fingerprint import fingerprinter_for
 from leccr.core.jobs import key_parts
 from leccr.core.shards import ShardJob, ShardResult
-from leccr.gc import Garbage, delete
+from leccr.records.gc import Garbage, delete
 from tests.conftest import demo_config_dict
 from tests.test_store import ROWS, _ctx
 

@@ -171,7 +171,7 @@ def test_a_sampled_description_is_the_same_alone_or_in_any_batch(demo_root, tmp_
     from dataclasses import replace
 
     from leccr.engines.mllm import Request, SamplingConfig, TransformersMLLM, request_seed
-    from leccr.media import load_image
+    from leccr.media.decode import load_image
     from tests.test_media import write_png
 
     prompts = {"objects": "What objects are there?", "scene": "Where is this photo taken, and what time of day?",

@@ -258,12 +258,12 @@ def test_unusable_artifacts_root_or_dataset_path_is_one_line_before_prefect_star
 
     import errno
 
-    import leccr.preflight
+    import leccr.runtime.preflight
 
     def full_disk(path):  # what os.write raises on a full disk (no full filesystem to be had in a test)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(leccr.preflight, "_write_probe", full_disk)
+    monkeypatch.setattr(leccr.runtime.preflight, "_write_probe", full_disk)
     assert f"the disk of the artifacts root {tmp_path / 'artifacts'} is full" in run()
 
 

@@ -197,7 +197,7 @@ def test_a_held_source_is_kept_by_gc_and_a_discard_waits_for_it(tmp_path):
     import threading
 
     from leccr.core.artifact import Store, held
-    from leccr.gc import collect
+    from leccr.records.gc import collect
     from tests.builders import finish_handmade
 
     folder = tmp_path / "translate" / "0123456789abcdef"

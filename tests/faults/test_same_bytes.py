@@ -18,7 +18,7 @@ import torch
 
 from leccr.config import parse_config
 from leccr.features.text import load_tokenizer, tokenize
-from leccr.metrics import _best_captions, _count_block_torch, chunked_ranks, matrix_score_block, naive_ranks, recall_metrics
+from leccr.evaluation.metrics import _best_captions, _count_block_torch, chunked_ranks, matrix_score_block, naive_ranks, recall_metrics
 from leccr.core.driver import run_pipeline
 from tests.faults.test_faults import ONE_VIEW, _config, _copy, _rows
 

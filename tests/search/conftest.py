@@ -42,7 +42,7 @@ def skip_loudly(request, reason: str) -> None:
 
 @pytest.fixture
 def faiss_or_skip(request):
-    from leccr.vectors import faiss_missing
+    from leccr.engines.vectors import faiss_missing
 
     if reason := faiss_missing():
         skip_loudly(request, reason)

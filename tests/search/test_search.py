@@ -164,7 +164,7 @@ def test_cli_search_text_and_json(indexed, capsys):
 
 
 def test_duckdb_index_view(indexed):
-    from leccr.sql import connect
+    from leccr.records.sql import connect
 
     cfg, _ = indexed
     con = connect(cfg.artifacts_root)
@@ -178,7 +178,8 @@ def test_demo_ends_with_ready_search_and_serve_commands(indexed, tmp_path, capsy
 
     import yaml
 
-    from leccr.cli import main, print_search_commands
+    from leccr.cli import main
+    from leccr.cli.demo import print_search_commands
 
     cfg, _ = indexed
     config = tmp_path / "demo.yaml"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from leccr.config import HnswConfig, IvfConfig
-from leccr.vectors import ExactIndex, FaissIndex, build_faiss, ivf_cells
+from leccr.engines.vectors import ExactIndex, FaissIndex, build_faiss, ivf_cells
 from tests.search.conftest import method_dirs, upstream_inputs
 
 
