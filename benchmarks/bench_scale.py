@@ -14,7 +14,7 @@ its own (its upstream stages are cache hits there), so the peak RSS printed is t
     seconds         the stage's wall time as the runner timed it (model loading included; the process
                     start and the upstream hit checks are in `process s`)
     per unit        throughput in the stage's unit: items (N), training pairs seen (samples x epochs) for
-                    train, test pairs (query x item, every language and both directions) for evaluate
+                    train, test pairs (each language's test captions x test items) for evaluate
     peak RSS        max RSS of the stage's process; `workers` the largest of its child processes
     written         bytes of new files in the stage's artifact (hard links to an upstream's files and
                     the training reader's Arrow cache, which train writes once, are counted apart)
@@ -42,8 +42,10 @@ STAGES = ("dataset", "translate", "describe", "visual", "features", "train", "ev
 GIB = 2**30
 
 
-def scale_config(models: Path, data: Path, descriptions: Path, artifacts: Path, epochs: int) -> dict:
-    """configs/demo_scene.yaml pointed at this N's data, `epochs` epochs and no early stopping."""
+def scale_config(models: Path, data: Path, descriptions: Path, artifacts: Path, epochs: int,
+                 threads: int | None) -> dict:
+    """configs/demo_scene.yaml pointed at this N's data, `epochs` epochs and no early stopping (and
+    `threads` torch threads for training, where given)."""
     import yaml
 
     text = (REPO / "configs" / "demo_scene.yaml").read_text().replace("artifacts/demo/models", str(models))
@@ -53,6 +55,8 @@ def scale_config(models: Path, data: Path, descriptions: Path, artifacts: Path, 
     config["dataset"]["path"] = str(data)
     config["describe"]["import_path"] = str(descriptions)
     config["train"].update(epochs=epochs, early_stopping_patience=None)
+    if threads is not None:
+        config["train"]["threads"] = threads
     return config
 
 
@@ -123,10 +127,12 @@ def child(config_file: Path, job_label: str) -> int:
     return 0
 
 
-def run_child(config_file: Path, job_label: str, log: Path) -> dict:
+def run_child(config_file: Path, job_label: str, log: Path, threads: int | None = None) -> dict:
     """The child's figures, its wall time, and its peak RSS as the kernel counted it (wait4)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(config_file), job_label]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if threads is not None:  # torch's intra-op threads in every stage (train: train.threads, set in the config)
+        env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     with open(log, "ab") as out:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=out, env=env, cwd=REPO)
@@ -166,13 +172,12 @@ def new_bytes(folder: Path, seen: set[tuple[int, int]]) -> tuple[int, int, int]:
 
 # ------------------------------------------------------------------------------- units
 def test_pairs(evaluate_dir: Path) -> int:
-    """Query x item pairs the evaluation scored (each language's test captions x test items, both ways)."""
+    """(caption, item) pairs of the test split that evaluate scores: each language's test captions x the
+    test items (one score matrix per language; both directions rank it)."""
     import pyarrow.parquet as pq
 
-    metrics = pq.read_table(evaluate_dir / "metrics.parquet", columns=["method", "lang", "direction", "n_texts",
-                                                                       "n_items"]).to_pylist()
-    per_lang = {(row["lang"], row["direction"]): row["n_texts"] * row["n_items"] for row in metrics}
-    return sum(per_lang.values())
+    metrics = pq.read_table(evaluate_dir / "metrics.parquet", columns=["lang", "n_texts", "n_items"]).to_pylist()
+    return sum({row["lang"]: row["n_texts"] * row["n_items"] for row in metrics}.values())
 
 
 def units_of(label: str, figures: dict, n_items: int, artifacts: Path) -> tuple[int, str]:
@@ -197,11 +202,11 @@ def prepare(work: Path, n_items: int) -> tuple[Path, Path]:
     return data, descriptions
 
 
-def run_n(work: Path, models: Path, n_items: int, epochs: int, methods: list[str]) -> list[dict]:
+def run_n(work: Path, models: Path, n_items: int, epochs: int, methods: list[str], threads: int | None) -> list[dict]:
     data, descriptions = prepare(work, n_items)
     artifacts = work / f"artifacts-{n_items}"
     shutil.rmtree(artifacts, ignore_errors=True)
-    config = scale_config(models, data, descriptions, artifacts, epochs)
+    config = scale_config(models, data, descriptions, artifacts, epochs, threads)
     config["train"]["methods"] = methods
     config_file = work / f"config-{n_items}.json"
     config_file.write_text(json.dumps(config))
@@ -211,7 +216,7 @@ def run_n(work: Path, models: Path, n_items: int, epochs: int, methods: list[str
     labels = [s for s in STAGES if s != "train"]
     labels[labels.index("evaluate"):labels.index("evaluate")] = [f"train[{m}]" for m in methods]
     for label in labels:
-        figures = run_child(config_file, label, log)
+        figures = run_child(config_file, label, log, threads)
         fresh, linked, cache = new_bytes(Path(figures["path"]), seen)
         if label.startswith("train["):  # the Arrow cache train writes lives in the features artifact
             _, _, cache = new_bytes(Path(figures["path"]).parents[1] / "features", seen)
@@ -268,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="training epochs per method (default 1)")
     parser.add_argument("--methods", nargs="+", default=["baseline", "cl2cm", "leccr"])
     parser.add_argument("--work", type=Path, default=None, help="work here and keep it (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every stage (default: torch's, one per core; training: the "
+                             "preset's train.threads). On a machine others load, 1 avoids OpenMP teams waiting "
+                             "for descheduled partners (2 threads ran a training 2.7x slower than 1 there)")
     parser.add_argument("--ratio-of", choices=["wall", "cpu"], default="wall",
                         help="what the last line's worst ratio compares: wall seconds (default) or CPU seconds per "
                              "unit (steadier on a machine others load)")
@@ -287,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = prepare_demo(work / "demo")  # the tiny models (their tokenizers learn the demo's words)
     models = Path(demo["data"]).parent / "models"
     print(f"bench_scale: N = {', '.join(f'{n:,}' for n in args.items)}; {args.epochs} epoch(s) per method; "
-          f"work folder {work}", flush=True)
+          f"torch threads {args.threads or 'default'}; work folder {work}", flush=True)
     rows = []
     for n_items in sorted(args.items):
         print(f"N = {n_items:,}", flush=True)
-        rows += run_n(work, models, n_items, args.epochs, args.methods)
+        rows += run_n(work, models, n_items, args.epochs, args.methods, args.threads)
         (work / "bench_scale.json").write_text(json.dumps(rows, indent=1))  # after each N: a long run keeps it
     print(f"\nwhole benchmark: {time.perf_counter() - started:.0f} s\n")
     print(report(rows, cost))
