@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "mantissa, about 3 significant digits)"))
     print("  test SumR (fused) per method and language, gpu vs cpu:")
     for (method, lang), value in sorted(ours.items()):
-        print(f"    {method:<9} {lang}: {value:7.2f} vs {theirs[method, lang]:7.2f}  ({value - theirs[method, lang]:+.2f})")
+        other = theirs[method, lang]
+        print(f"    {method:<9} {lang}: {value:7.2f} vs {other:7.2f}  ({value - other:+.2f})")
     if not rehearsal:
         print("  Why they differ: the GPU side computes the vision tower and the description encoder in bf16 and "
               "trains under bf16 autocast, with other kernels (cuBLAS/cuDNN sum in another order than the CPU's); "

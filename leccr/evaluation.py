@@ -70,7 +70,8 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
     # Multi30K's size (620k rows), the test split's 1/31 of them.
     dataset_items = {row["item_id"]: row for row in _split_rows(dataset.file("items.parquet"), ITEMS, cfg.split,
                                                                   ["item_id", "split", "media_type", "path"])}
-    captions = _split_rows(dataset.file("captions.parquet"), CAPTIONS, cfg.split, ["caption_id", "lang", "kind", "text"])
+    captions = _split_rows(dataset.file("captions.parquet"), CAPTIONS, cfg.split,
+                           ["caption_id", "lang", "kind", "text"])
     caption_text = {(c["caption_id"], c["lang"], c["kind"]): c["text"] for c in captions}
     # Languages and kinds present in the split's caption tokens (shipped MT and translations included).
     text = tables.text
