@@ -85,7 +85,7 @@ def long_descriptions(seed_file: Path, out: Path) -> Path:
 
 # ------------------------------------------------------------------------------- config
 def real_config(data: Path, descriptions: Path, vision: Path, text: Path, artifacts: Path, dtype: str,
-                threads: int | None) -> dict:
+                threads: int | None, device: str = "cpu") -> dict:
     """configs/multi30k_de.yaml on the demo folder: its features and train sections, the LECCR preset."""
     import yaml
 
@@ -96,8 +96,8 @@ def real_config(data: Path, descriptions: Path, vision: Path, text: Path, artifa
     config["translate"] = {"engine": "import", "splits": ["train", "val"]}
     config["describe"] = {"engine": "import", "import_path": str(descriptions)}
     config["features"].update(vision_model=str(vision), text_model=str(text), visual_dtype=dtype, states_dtype=dtype,
-                              shard_size=64)
-    config["train"].update(epochs=1, early_stopping_patience=None, preset="multi30k-de")
+                              shard_size=64, device=device)
+    config["train"].update(epochs=1, early_stopping_patience=None, preset="multi30k-de", device=device)
     if threads is not None:
         config["train"]["threads"] = threads
     config.pop("evaluate", None)  # NRCCR's published row is for Multi30K, not the demo's data
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=240, help="demo images (60/20/20 train/val/test)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of every stage (see bench_scale)")
     parser.add_argument("--work", type=Path, default=None, help="work here and keep it (default: a temp folder)")
+    parser.add_argument("--device", default="cpu",
+                        help="where visual, features and train run (cuda on a GPU machine: bf16 there, precision auto)")
     args = parser.parse_args(argv)
 
     from leccr.cli import prepare_demo
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(artifacts, ignore_errors=True)
         config_file = work / f"config-{dtype}.json"
         config_file.write_text(json.dumps(real_config(data, descriptions, vision, text, artifacts, dtype,
-                                                      args.threads)))
+                                                      args.threads, args.device)))
         seen: set = set()
         for label in ("dataset", "translate", "describe", "visual", "features", "train[baseline]", "train[leccr]"):
             figures = run_child(config_file, label, work / f"log-{dtype}.txt", args.threads)
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             if label.startswith("train["):
                 _, _, cache = new_bytes(Path(figures["path"]).parents[1] / "features", seen)
                 info = json.loads((Path(figures["path"]) / label[6:-1] / "train_info.json").read_text())
-                units, unit = info["samples"] * info["epochs_run"], "pairs"
+                units, unit = info["steps"] * info["batch_size"], "pairs"  # the last, incomplete batch is dropped
             else:
                 units, unit = args.items, "items"
             paths[(dtype, label)] = Path(figures["path"])

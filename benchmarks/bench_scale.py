@@ -11,15 +11,21 @@ run uses configs/demo_scene.yaml: tiny models, imported translations, the genera
 its own (its upstream stages are cache hits there), so the peak RSS printed is that stage's alone:
 
     stage           the job (train: one per method, `train.epochs` epochs at the preset's batch size)
-    seconds         the stage's wall time as the runner timed it (model loading included; the process
-                    start and the upstream hit checks are in `process s`)
-    per unit        throughput in the stage's unit: items (N), training pairs seen (samples x epochs) for
-                    train, test pairs (each language's test captions x test items) for evaluate
-    peak RSS        max RSS of the stage's process; `workers` the largest of its child processes
-    written         bytes of new files in the stage's artifact (hard links to an upstream's files and
-                    the training reader's Arrow cache, which train writes once, are counted apart)
-    ratio           the stage's cost per unit at this N over its cost per unit at the run's smallest N
-                    (ratios within one run of this benchmark)
+    wall s          the stage's wall time as the runner timed it (model loading and the manifest
+                    included; not the process start or the upstream stages' hit checks)
+    CPU s           the CPU time (user + system, every thread) the process spent in that stage
+    load            the machine's 1-minute load average during the stage (others' work included)
+    throughput      units per wall second: items (N); for train the pairs trained on (steps x batch: an
+                    epoch's incomplete last batch is dropped); for evaluate the test pairs (each
+                    language's test captions x test items: one score matrix per language)
+    ratio, CPU r    the stage's wall (CPU) seconds per unit at this N over the same at the run's
+                    smallest N: ratios within one run of this benchmark
+    peak RSS        max RSS of the stage's process (the kernel's count, wait4); it includes mapped
+                    files: torch's libraries (~0.4 GiB) and the pages of memory-mapped features read
+    anon            peak anonymous RSS (sampled every 50 ms): the memory the process itself holds
+    written, B/unit bytes of new files in the stage's artifact, and per unit (hard links to an upstream's
+                    files are not new; the Arrow copy of the features that train makes once, for its
+                    memory-mapped reads, is counted apart as `cache`)
 
 The last line reads `worst per-item ratio: X (stage S); peak RSS: Y GiB (stage T)`.
 """
@@ -181,10 +187,9 @@ def test_pairs(evaluate_dir: Path) -> int:
 
 
 def units_of(label: str, figures: dict, n_items: int, artifacts: Path) -> tuple[int, str]:
-    if label.startswith("train["):
-        summary = figures["summary"]["methods"][label[6:-1]]
+    if label.startswith("train["):  # pairs trained on: steps x batch (an epoch's incomplete last batch is dropped)
         info = json.loads((Path(figures["path"]) / label[6:-1] / "train_info.json").read_text())
-        return info["samples"] * summary["epochs_run"], "pairs"
+        return info["steps"] * info["batch_size"], "pairs"
     if label == "evaluate":
         return test_pairs(Path(figures["path"])), "test pairs"
     return n_items, "items"
