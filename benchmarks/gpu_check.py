@@ -72,13 +72,13 @@ def describe_configs(demo: Path, work: Path, device: str) -> dict[str, dict]:
     return {"gpu": gpu, "cpu": cpu}
 
 
-def pipeline_configs(demo: Path, work: Path, device: str, nproc: int) -> dict[str, dict]:
+def pipeline_configs(demo: Path, work: Path, device: str, nproc: int, epochs: int = EPOCHS) -> dict[str, dict]:
     """B: demo_scene on `device` (precision auto: bf16 on a GPU), and on the CPU in fp32."""
     out = {}
     for side, where, workers in (("gpu", device, nproc), ("cpu", "cpu", 1)):
         config = demo_config("demo_scene", demo, work / f"pipeline-{side}")
         config["features"].update(device=where)
-        config["train"].update(device=where, epochs=EPOCHS, early_stopping_patience=None, nproc=workers)
+        config["train"].update(device=where, epochs=epochs, early_stopping_patience=None, nproc=workers)
         config["evaluate"].update(device=where)
         out[side] = config
     return out
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=None, help="work here and keep it (default: a temp folder)")
     parser.add_argument("--nproc", type=int, default=None, help="training processes (default: the GPU count)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs per method (default {EPOCHS})")
     parser.add_argument("--rehearse-on-cpu", action="store_true",
                         help="no GPU: run every step with the CPU as the 'GPU' side (checks the script only)")
     args = parser.parse_args(argv)
@@ -199,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     # ---- B. visual, features, train, evaluate
-    print(f"\nB. visual, features, train ({EPOCHS} epochs per method), evaluate: the generator's descriptions",
+    print(f"\nB. visual, features, train ({args.epochs} epochs per method), evaluate: the generator's descriptions",
           flush=True)
-    configs = pipeline_configs(demo, work, device, nproc)
+    configs = pipeline_configs(demo, work, device, nproc, args.epochs)
     sides = {side: run_jobs(config, PIPELINE, work, f"pipeline-{side}") for side, config in configs.items()}
     gap = visual_difference(Path(sides["gpu"]["features"]["path"]), Path(sides["cpu"]["features"]["path"]))
     ours, theirs = sumr(Path(sides["gpu"]["evaluate"]["path"])), sumr(Path(sides["cpu"]["evaluate"]["path"]))
