@@ -565,14 +565,34 @@ class ServeConfig(Section):
     """How `leccr serve` runs searches (leccr/search/scheduler.py; figures in benchmarks/bench_search.py).
     None of it changes a hit or a score: only how many searches run at once and how many may wait."""
 
-    # Searches run at once. 1: a search's Python part holds the GIL, and with a small text encoder two
-    # workers answered fewer queries/s than one on 2 cores (README, Search); a big encoder on many
-    # cores may want more (workers x torch_threads <= cores).
+    # Server processes sharing one listening socket, each with its own models (loaded once) and its own
+    # queue of `queue_depth`: a search's Python part holds its process's GIL, so the second core needs
+    # a second process (docs/performance.md). "auto": one per core this process may run on, at most 4
+    # (each holds every indexed method's model: the start-up line prints each process's memory).
+    processes: int | Literal["auto"] = "auto"
+    # Searches run at once in each process. 1: with a small text encoder two worker threads answered
+    # fewer queries/s than one on 2 cores (README, Search); a big encoder on many cores may want more
+    # (processes x workers x torch_threads <= cores).
     workers: int = Field(1, ge=1)
     torch_threads: int = Field(1, ge=1)  # torch intra-op threads of each search (workers x this ~ cores)
     max_batch: int = Field(16, ge=1)  # waiting queries of the same method/lang/k answered by one call; 1 = none
-    queue_depth: int = Field(64, ge=1)  # searches that may wait for a worker; past it: 503 + Retry-After
+    queue_depth: int = Field(64, ge=1)  # searches that may wait for a worker, per process; past it: 503 + Retry-After
     retry_after_s: int = Field(1, ge=1)  # the Retry-After of a 503 (whole seconds, as HTTP has it)
+
+    @field_validator("processes")
+    @classmethod
+    def _some_processes(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"processes must be 'auto' or at least 1, got {value}")
+        return value
+
+    def process_count(self) -> int:
+        """How many server processes `processes` means on this machine."""
+        if self.processes != "auto":
+            return self.processes
+        import os
+
+        return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 # ---------------------------------------------------------------- the experiment

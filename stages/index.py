@@ -32,7 +32,7 @@ from leccr.core.io import atomic_write_text
 from leccr.core.stage import StageDef
 from leccr.schemas.core import read_table, write_table
 from leccr.schemas.dataset import CAPTIONS, ITEMS
-from leccr.schemas.index import INDEX_ITEMS, embeddings_schema
+from leccr.schemas.index import CAPTION, INDEX_ITEMS, embeddings_schema
 
 if TYPE_CHECKING:  # torch is imported where it is used: planning a run never loads it
     import torch
@@ -62,22 +62,41 @@ def _item_table(ctx: StageContext, item_ids: list[str], splits: list[str]) -> pa
     from leccr.evaluation.scoring import _description_texts
 
     dataset = ctx.inputs["dataset"]
-    rows = {row["item_id"]: row for row in read_table(dataset.file("items.parquet"), ITEMS).to_pylist()}
-    captions: dict[str, list[dict]] = {}
-    for row in read_table(dataset.file("captions.parquet"), CAPTIONS).to_pylist():
-        captions.setdefault(row["item_id"], []).append({"lang": row["lang"], "kind": row["kind"], "text": row["text"]})
+    items = read_table(dataset.file("items.parquet"), ITEMS, columns=["item_id", "media_type", "path"])
+    rows = {row["item_id"]: row for row in items.to_pylist()}
     described = _description_texts(ctx, item_ids)
     sources = description_sources(ctx.inputs["describe"], set(item_ids))
     random_weights = describe_model_is_random(ctx.inputs["describe"])
     no_source = {"engine": None, "model": None}
-    return pa.Table.from_pylist([
-        {"item_id": item, "split": split, "media_type": rows.get(item, {}).get("media_type", "image"),
-         "path": rows.get(item, {}).get("path"),  # as items.parquet holds it: relative to the dataset root
-         "captions": captions.get(item, []), "description": described.get(item),
-         "description_engine": sources.get(item, no_source)["engine"],
-         "description_model": sources.get(item, no_source)["model"],
-         "description_random_weights": random_weights if item in sources else None}
-        for item, split in zip(item_ids, splits)], schema=INDEX_ITEMS)
+    return pa.table({
+        "item_id": pa.array(item_ids, pa.string()),
+        "split": pa.array(splits, pa.string()),
+        "media_type": pa.array([rows.get(item, {}).get("media_type", "image") for item in item_ids], pa.string()),
+        # as items.parquet holds it: relative to the dataset root
+        "path": pa.array([rows.get(item, {}).get("path") for item in item_ids], pa.string()),
+        "captions": captions_by_item(read_table(dataset.file("captions.parquet"), CAPTIONS), item_ids),
+        "description": pa.array([described.get(item) for item in item_ids], pa.string()),
+        "description_engine": pa.array([sources.get(item, no_source)["engine"] for item in item_ids], pa.string()),
+        "description_model": pa.array([sources.get(item, no_source)["model"] for item in item_ids], pa.string()),
+        "description_random_weights": pa.array([random_weights if item in sources else None for item in item_ids],
+                                               pa.bool_()),
+    }, schema=INDEX_ITEMS)
+
+
+def captions_by_item(captions: pa.Table, item_ids: list[str]) -> pa.ListArray:
+    """Each of `item_ids`' captions (lang, kind, text), in captions.parquet's order, as one list column
+    in `item_ids`' order: built in Arrow, since a collection's captions are many (20 per item at
+    Multi30K's size) and as Python rows they would cost ~0.5 KB each."""
+    position = pc.index_in(captions.column("item_id"), value_set=pa.array(item_ids, pa.string()))
+    keep = pc.is_valid(position)
+    position = position.filter(keep).to_numpy(zero_copy_only=False)
+    kept = captions.filter(keep)
+    order = np.argsort(position, kind="stable")  # by item, each item's captions in table order
+    values = pa.StructArray.from_arrays([kept.column(name).combine_chunks().take(pa.array(order))
+                                         for name in ("lang", "kind", "text")], fields=list(CAPTION))
+    offsets = np.zeros(len(item_ids) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(position, minlength=len(item_ids)), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), values, type=INDEX_ITEMS.field("captions").type)
 
 
 def description_sources(describe, wanted: set[str]) -> dict[str, dict]:
@@ -86,10 +105,11 @@ def description_sources(describe, wanted: set[str]) -> dict[str, dict]:
     import pyarrow.parquet as pq
 
     sources: dict[str, dict] = {}
+    wanted_ids = pa.array(sorted(wanted), pa.string())
     for part in describe.parts():
-        for row in pq.read_table(part, columns=["item_id", "engine", "model"]).to_pylist():
-            if row["item_id"] in wanted:
-                sources.setdefault(row["item_id"], {"engine": row["engine"], "model": row["model"]})
+        table = pq.read_table(part, columns=["item_id", "engine", "model"])
+        for row in table.filter(pc.is_in(table.column("item_id"), wanted_ids)).to_pylist():
+            sources.setdefault(row["item_id"], {"engine": row["engine"], "model": row["model"]})
     return sources
 
 

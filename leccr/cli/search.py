@@ -69,6 +69,15 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="where the query encoder runs (default auto)")
 
 
+def _count_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+
 def add_commands(commands: Commands) -> None:
     from leccr.search.request import DEFAULT_CANDIDATES, DEFAULT_K, MAX_CANDIDATES, MAX_K
 
@@ -87,12 +96,17 @@ def add_commands(commands: Commands) -> None:
     serve = commands.add("serve", "HTTP search API (/api/search) and a web page over the index")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--workers", type=int, help="searches run at once (default 1; workers x torch threads <= cores)")
+    serve.add_argument("--processes", type=_count_or_auto,
+                       help="server processes sharing the port, each with its own models (default auto: one per "
+                            "core, at most 4)")
+    serve.add_argument("--workers", type=int, help="searches run at once per process (default 1; processes x "
+                                                   "workers x torch threads <= cores)")
     serve.add_argument("--torch-threads", type=int, help="torch threads of each search (default 1)")
     serve.add_argument("--max-batch", type=int, help="waiting queries of the same method, language and k "
                                                      "answered together (default 16; 1 = none)")
     serve.add_argument("--queue-depth", type=int,
-                       help="searches that may wait; past that a search is answered 503 + Retry-After (default 64)")
+                       help="searches that may wait per process; past that a search is answered 503 + Retry-After "
+                            "(default 64)")
     serve.add_argument("--retry-after-s", type=int, help="the Retry-After seconds of a 503 (default 1)")
     _index_arguments(serve)
     serve.set_defaults(handler=cmd_serve)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import EvaluateConfig, ZeroShotConfig
@@ -65,9 +66,12 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
         items = load_eval_items(tables, cfg.split)
     except ValueError as error:
         raise StageFailed(f"evaluate: {error}") from None
-    dataset_items = {row["item_id"]: row for row in read_table(dataset.file("items.parquet"), ITEMS).to_pylist()}
-    captions = [c for c in read_table(dataset.file("captions.parquet"), CAPTIONS).to_pylist()
-                if c["split"] == cfg.split]
+    # Only the split's rows become Python objects: the whole dataset's captions are 20 per item at
+    # Multi30K's size (620k rows), the test split's 1/31 of them.
+    dataset_items = {row["item_id"]: row for row in _split_rows(dataset.file("items.parquet"), ITEMS, cfg.split,
+                                                                  ["item_id", "split", "media_type", "path"])}
+    captions = _split_rows(dataset.file("captions.parquet"), CAPTIONS, cfg.split,
+                           ["caption_id", "lang", "kind", "text"])
     caption_text = {(c["caption_id"], c["lang"], c["kind"]): c["text"] for c in captions}
     # Languages and kinds present in the split's caption tokens (shipped MT and translations included).
     text = tables.text
@@ -104,6 +108,12 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
     )
 
 
+def _split_rows(path: Path, schema, split: str, columns: list[str]) -> list[dict]:
+    """`columns` of the rows of one split of a dataset table, as dicts."""
+    table = read_table(path, schema, columns=sorted({*columns, "split"}))
+    return table.filter(pc.equal(table.column("split"), split)).select(columns).to_pylist()
+
+
 def _coverage(dataset_items: dict[str, dict], evaluated: list[str], split: str, features_dir: Path) -> str:
     """How many of the split's dataset items are evaluated, and where the others' failures are recorded."""
     total = sum(1 for row in dataset_items.values() if row["split"] == split)
@@ -118,12 +128,12 @@ def _description_texts(ctx: StageContext, item_ids: list[str]) -> dict[str, str]
     """Item id -> its description text (views joined), for the error analysis."""
     import pyarrow.parquet as pq
 
-    wanted = set(item_ids)
+    wanted = pa.array(sorted(set(item_ids)), pa.string())
     texts: dict[str, list[str]] = {}
     for part in ctx.inputs["describe"].parts():
-        for row in pq.read_table(part, columns=["item_id", "view_id", "description"]).to_pylist():
-            if row["item_id"] in wanted:
-                texts.setdefault(row["item_id"], []).append(f"[{row['view_id']}] {row['description']}")
+        table = pq.read_table(part, columns=["item_id", "view_id", "description"])
+        for row in table.filter(pc.is_in(table.column("item_id"), wanted)).to_pylist():
+            texts.setdefault(row["item_id"], []).append(f"[{row['view_id']}] {row['description']}")
     return {item: " ".join(views) for item, views in texts.items()}
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leccr.search.request import DEFAULT_CANDIDATES, UnknownLanguage, UnknownMethod
@@ -70,6 +72,27 @@ class Hit:
 
     def to_dict(self, lang: str) -> dict:
         return {**asdict(self), "caption": self.caption(lang), "description_source": self.description_source}
+
+
+class IndexItems(Sequence):
+    """The index's items.parquet rows as dicts, made when asked for: the table stays in Arrow memory, so a
+    server process holds its 20 captions per item (620k rows at Multi30K's size) as a few buffers, not as
+    Python objects, and a search builds only its k hits' rows."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table.combine_chunks()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, row: int) -> dict:  # type: ignore[override]
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"item row {row} out of range ({len(self)} items)")
+        return self.table.slice(row % len(self), 1).to_pylist()[0]
+
+    def __iter__(self):
+        for batch in self.table.to_batches(max_chunksize=4096):
+            yield from batch.to_pylist()
 
 
 class MethodIndex:
@@ -157,8 +180,9 @@ class SearchEngine:
         self.methods = sorted(p.name for p in self.index_dir.iterdir() if (p / "index.json").is_file())
         self.infos = {m: json.loads((self.index_dir / m / "index.json").read_text(encoding="utf-8"))
                       for m in self.methods}
-        self.items = read_table(self.index_dir / "items.parquet", INDEX_ITEMS).to_pylist()
-        self.media_types = {item["path"]: item["media_type"] for item in self.items if item["path"] is not None}
+        self.items = IndexItems(read_table(self.index_dir / "items.parquet", INDEX_ITEMS))
+        paths, media = self.items.table.column("path").to_pylist(), self.items.table.column("media_type").to_pylist()
+        self.media_types = {path: kind for path, kind in zip(paths, media) if path is not None}
         self._loaded: dict[str, MethodIndex] = {}
         self._lock = threading.Lock()
         self.loads = 0  # models loaded so far (each method at most once)
