@@ -15,6 +15,7 @@
 5. `--demo`: the demo pipeline in a fresh artifact root, first run vs a second, fully cached run of
    the same command (both as subprocesses, wall time): the no-op ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,11 @@ def bench_warm(root: Path, count: int) -> None:
     assert warm.path(folder) == digest
     warm_s, warm_cpu = time.perf_counter() - started, time.process_time() - cpu
     again_s = _time(lambda: warm.path(folder))
-    print(f"fingerprint of {count} files: cold {cold_s:.2f}s ({cold.hashed_files} files hashed), "
-          f"warm {warm_s:.2f}s wall, {warm_cpu:.2f}s CPU ({warm.hashed_bytes} bytes reread; goal <= 1 s), "
-          f"same run again {again_s * 1000:.1f} ms (memoised); warm/cold {warm_s / cold_s:.2f}x")
+    print(
+        f"fingerprint of {count} files: cold {cold_s:.2f}s ({cold.hashed_files} files hashed), "
+        f"warm {warm_s:.2f}s wall, {warm_cpu:.2f}s CPU ({warm.hashed_bytes} bytes reread; goal <= 1 s), "
+        f"same run again {again_s * 1000:.1f} ms (memoised); warm/cold {warm_s / cold_s:.2f}x"
+    )
 
 
 def bench_verify(root: Path, count: int) -> None:
@@ -71,14 +74,23 @@ def bench_verify(root: Path, count: int) -> None:
     cache = root / "digests.sqlite"
     fingerprints = Fingerprinter(cache)
     entries = files_under(folder)
-    manifest = Manifest(stage="s", key="k", store_format="4", schema_version=2, code_digest="c", content_digest="d",
-                        file_sizes={e.relative: e.stat.st_size for e in entries},
-                        file_hashes={e.relative: fingerprints.file(e.absolute) for e in entries})
+    manifest = Manifest(
+        stage="s",
+        key="k",
+        store_format="4",
+        schema_version=2,
+        code_digest="c",
+        content_digest="d",
+        file_sizes={e.relative: e.stat.st_size for e in entries},
+        file_hashes={e.relative: fingerprints.file(e.absolute) for e in entries},
+    )
     first_s = _time(lambda: damaged_files(folder, manifest, Fingerprinter(cache)))  # file by file, then remembered
     verify_s = _time(lambda: damaged_files(folder, manifest, Fingerprinter(cache)))  # every later rerun
     key_s = _time(lambda: Fingerprinter(cache).path(folder))
-    print(f"verifying a hit of {count} files: first time {first_s:.2f}s (file by file), every rerun after "
-          f"{verify_s:.2f}s, beside the warm fingerprint of the same folder {key_s:.2f}s: {verify_s / key_s:.2f}x")
+    print(
+        f"verifying a hit of {count} files: first time {first_s:.2f}s (file by file), every rerun after "
+        f"{verify_s:.2f}s, beside the warm fingerprint of the same folder {key_s:.2f}s: {verify_s / key_s:.2f}x"
+    )
 
 
 def bench_linked(root: Path, count: int) -> None:
@@ -89,9 +101,16 @@ def bench_linked(root: Path, count: int) -> None:
     cache = root / "digests.sqlite"
     entries = files_under(folder)
     fingerprints = Fingerprinter(cache)
-    manifest = Manifest(stage="s", key="k", store_format="4", schema_version=2, code_digest="c", content_digest="d",
-                        file_sizes={e.relative: e.stat.st_size for e in entries},
-                        file_hashes={e.relative: fingerprints.file(e.absolute) for e in entries})
+    manifest = Manifest(
+        stage="s",
+        key="k",
+        store_format="4",
+        schema_version=2,
+        code_digest="c",
+        content_digest="d",
+        file_sizes={e.relative: e.stat.st_size for e in entries},
+        file_hashes={e.relative: fingerprints.file(e.absolute) for e in entries},
+    )
     time.sleep(max(0.0, RACY_SECONDS - (time.time() - max(e.stat.st_mtime for e in entries)) + 0.1))
     damaged_files(folder, manifest, Fingerprinter(cache))  # remembered intact, as after any hit
     linked.mkdir()
@@ -100,8 +119,10 @@ def bench_linked(root: Path, count: int) -> None:
     Fingerprinter(cache).path(linked)  # the linking stage's manifest hashes its links
     after = Fingerprinter(cache)
     seconds = _time(lambda: damaged_files(folder, manifest, after))
-    print(f"verifying that hit after its {count} files were hard-linked elsewhere: {after.hashed_bytes:,} bytes "
-          f"reread ({after.hashed_files} files), {seconds:.2f}s")
+    print(
+        f"verifying that hit after its {count} files were hard-linked elsewhere: {after.hashed_bytes:,} bytes "
+        f"reread ({after.hashed_files} files), {seconds:.2f}s"
+    )
 
 
 def _time(call) -> float:
@@ -126,8 +147,10 @@ def bench_cold(root: Path, total_mb: int) -> None:
         hash_file(path)
     blake = _time(lambda: [hash_file(p) for p in files])
     sha = _time(lambda: subprocess.run(["sha256sum", *map(str, files)], check=True, capture_output=True))
-    print(f"cold hashing of {size_mb:.0f} MB (page cache): blake3 {size_mb / blake:.0f} MB/s, "
-          f"sha256sum {size_mb / sha:.0f} MB/s: {sha / blake:.2f}x sha256sum's speed")
+    print(
+        f"cold hashing of {size_mb:.0f} MB (page cache): blake3 {size_mb / blake:.0f} MB/s, "
+        f"sha256sum {size_mb / sha:.0f} MB/s: {sha / blake:.2f}x sha256sum's speed"
+    )
 
 
 def bench_demo(root: Path) -> None:
@@ -141,11 +164,16 @@ def bench_demo(root: Path) -> None:
     command = [sys.executable, "-m", "leccr.cli", "run", "--config", str(config)]
     first = _time(lambda: subprocess.run(command, cwd=REPO, check=True, capture_output=True))
     second_run = {}
-    second = _time(lambda: second_run.setdefault("p", subprocess.run(command, cwd=REPO, check=True,
-                                                                      capture_output=True, text=True)))
+    second = _time(
+        lambda: second_run.setdefault(
+            "p", subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+        )
+    )
     assert "up to date" in second_run["p"].stdout, second_run["p"].stdout
-    print(f"demo `leccr run`: first {first:.1f}s, cached rerun {second:.1f}s: "
-          f"{second / first:.3f}x of the first run (goal < 0.10)")
+    print(
+        f"demo `leccr run`: first {first:.1f}s, cached rerun {second:.1f}s: "
+        f"{second / first:.3f}x of the first run (goal < 0.10)"
+    )
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ vLLM / transformers, and whether the two produced the same tokens. At toy sizes 
 per-step overhead dominates; its advantage is a GPU, real-size-model property — run this with a real
 LLaVA folder on a GPU machine for the figure that matters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,9 @@ def _requests(folder: Path, items: int, frames_per_video: int):
         for view_id in ("objects", "detailed"):
             requests.append(Request(f"img{index}", view_id, views[view_id], [image], "image", 0))
     for index in range(max(1, items // 8)):
-        frames = sample_frames(write_mp4(folder / f"v{index}.mp4", num_frames=24, noise_seed=index),
-                               num_frames=frames_per_video)
+        frames = sample_frames(
+            write_mp4(folder / f"v{index}.mp4", num_frames=24, noise_seed=index), num_frames=frames_per_video
+        )
         requests.append(Request(f"vid{index}", "actions", default_views("video")["actions"], frames, "video", 0))
     return requests
 
@@ -62,8 +64,9 @@ def _timed(generate, requests, repeats: int):
     return outputs, statistics.median(times), [round(t, 3) for t in times]
 
 
-def bench_engines(model: Path, requests, max_tokens: int, batch_size: int, frames_per_video: int,
-                  repeats: int = 3) -> dict:
+def bench_engines(
+    model: Path, requests, max_tokens: int, batch_size: int, frames_per_video: int, repeats: int = 3
+) -> dict:
     from leccr.engines.mllm import SamplingConfig, TransformersMLLM, VllmMLLM
 
     sampling = SamplingConfig(max_tokens=max_tokens)
@@ -75,8 +78,13 @@ def bench_engines(model: Path, requests, max_tokens: int, batch_size: int, frame
     hf.generate(requests[:2])  # warm-up
     hf_out, hf_s, hf_runs = _timed(hf.generate, requests, repeats)
     hf_tokens = sum(len(g.token_ids) for g in hf_out)
-    results["transformers"] = {"tokens": hf_tokens, "seconds_median": round(hf_s, 3), "runs_s": hf_runs,
-                               "tokens_per_s": round(hf_tokens / hf_s, 1), "batch_size": batch_size}
+    results["transformers"] = {
+        "tokens": hf_tokens,
+        "seconds_median": round(hf_s, 3),
+        "runs_s": hf_runs,
+        "tokens_per_s": round(hf_tokens / hf_s, 1),
+        "batch_size": batch_size,
+    }
     del hf
 
     try:
@@ -85,16 +93,26 @@ def bench_engines(model: Path, requests, max_tokens: int, batch_size: int, frame
         results["vllm"] = f"not installed: {error}"
         return results
     started = time.perf_counter()
-    engine = VllmMLLM(model, sampling, max_images_per_prompt=frames_per_video, dtype="float32",
-                      gpu_memory_utilization=0.3,
-                      options={"enforce_eager": True, "kv_cache_memory_bytes": 256 * 2**20})
+    engine = VllmMLLM(
+        model,
+        sampling,
+        max_images_per_prompt=frames_per_video,
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        options={"enforce_eager": True, "kv_cache_memory_bytes": 256 * 2**20},
+    )
     results["vllm_start_s"] = round(time.perf_counter() - started, 2)
     engine.generate(requests[:2])  # warm-up
     vllm_out, vllm_s, vllm_runs = _timed(engine.generate, requests, repeats)
     vllm_tokens = sum(len(g.token_ids) for g in vllm_out)
-    results["vllm"] = {"version": vllm.__version__, "tokens": vllm_tokens, "seconds_median": round(vllm_s, 3),
-                       "runs_s": vllm_runs, "tokens_per_s": round(vllm_tokens / vllm_s, 1),
-                       "all_requests_in_one_generate_call": True}
+    results["vllm"] = {
+        "version": vllm.__version__,
+        "tokens": vllm_tokens,
+        "seconds_median": round(vllm_s, 3),
+        "runs_s": vllm_runs,
+        "tokens_per_s": round(vllm_tokens / vllm_s, 1),
+        "all_requests_in_one_generate_call": True,
+    }
     results["ratio_vllm_over_transformers"] = round((vllm_tokens / vllm_s) / (hf_tokens / hf_s), 3)
     same = sum(a.token_ids == b.token_ids for a, b in zip(vllm_out, hf_out))
     results["same_greedy_tokens"] = f"{same}/{len(requests)}"
@@ -149,7 +167,11 @@ def bench_decoding(folder: Path, videos: int, frames: int, size: int, sample: in
     _, decord_s, decord_runs = _timed(with_decord, paths, repeats)
     decoded, pyav_s, pyav_runs = _timed(with_pyav, paths, repeats)
     return {
-        "videos": videos, "frames_per_video": frames, "size": size, "gop": 30, "sampled_per_video": sample,
+        "videos": videos,
+        "frames_per_video": frames,
+        "size": size,
+        "gop": 30,
+        "sampled_per_video": sample,
         "decord_sampled_frames_per_s": round(videos * sample / decord_s, 1),
         "decord_videos_per_s": round(videos / decord_s, 2),
         "pyav_all_frames_per_s": round(decoded / pyav_s, 1),
@@ -159,8 +181,9 @@ def bench_decoding(folder: Path, videos: int, frames: int, size: int, sample: in
     }
 
 
-def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, size: int, sample: int,
-                         max_tokens: int) -> dict:
+def bench_stage_prefetch(
+    folder: Path, model: Path, videos: int, frames: int, size: int, sample: int, max_tokens: int
+) -> dict:
     """The describe stage over videos: how long the engine waited on decoding, against the decode time.
 
     Shards of 4 videos; while shard k is generated, shard k+1 is decoded in background threads, so the
@@ -172,10 +195,10 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
 
     import leccr.stages.describe as describe
     from leccr.config import DescribeConfig
-    from leccr.engines.mllm import Request, request_seed
-    from leccr.media.decode import load_visual, sample_frames
     from leccr.core.artifact import Artifact
     from leccr.core.context import StageContext
+    from leccr.engines.mllm import Request, request_seed
+    from leccr.media.decode import load_visual, sample_frames
     from leccr.schemas.core import write_table
     from leccr.schemas.dataset import CAPTIONS, ITEMS
 
@@ -186,22 +209,37 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
     for path in paths:
         sample_frames(path, num_frames=sample)
     serial_decode_s = time.perf_counter() - started
-    items = [{"item_id": f"v{i:03d}", "split": "test", "media_type": "video", "path": str(p), "feature_path": None}
-             for i, p in enumerate(paths)]
+    items = [
+        {"item_id": f"v{i:03d}", "split": "test", "media_type": "video", "path": str(p), "feature_path": None}
+        for i, p in enumerate(paths)
+    ]
     write_table(pa.Table.from_pylist(items, schema=ITEMS), data / "items.parquet", ITEMS)
     write_table(CAPTIONS.empty_table(), data / "captions.parquet", CAPTIONS)
-    cfg = DescribeConfig(model=str(model), num_frames=sample, max_tokens=max_tokens, shard_size=4, batch_size=16,
-                         dtype="float32", video_views={"actions": "What happens?", "scene": "Where is this?"})
+    cfg = DescribeConfig(
+        model=str(model),
+        num_frames=sample,
+        max_tokens=max_tokens,
+        shard_size=4,
+        batch_size=16,
+        dtype="float32",
+        video_views={"actions": "What happens?", "scene": "Where is this?"},
+    )
     out = folder / "stage_out"
     out.mkdir()
     engine = describe.make_engine(cfg)  # load the model first: this measures decoding against generation
 
     # The engine alone: the same requests, shard by shard, every video decoded in memory beforehand.
-    decoded = [(item, load_visual(item["path"], "video", cfg.num_frames, cfg.fps, cfg.max_image_side))
-               for item in items]
-    shards = [[Request(item["item_id"], view_id, prompt, frames, "video", request_seed(cfg.seed, item["item_id"], view_id))
-               for item, frames in decoded[i:i + cfg.shard_size] for view_id, prompt in cfg.video_views.items()]
-              for i in range(0, len(decoded), cfg.shard_size)]
+    decoded = [
+        (item, load_visual(item["path"], "video", cfg.num_frames, cfg.fps, cfg.max_image_side)) for item in items
+    ]
+    shards = [
+        [
+            Request(item["item_id"], view_id, prompt, frames, "video", request_seed(cfg.seed, item["item_id"], view_id))
+            for item, frames in decoded[i : i + cfg.shard_size]
+            for view_id, prompt in cfg.video_views.items()
+        ]
+        for i in range(0, len(decoded), cfg.shard_size)
+    ]
 
     def engine_alone() -> float:
         started = time.perf_counter()
@@ -212,8 +250,14 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
     def stage(run: int) -> tuple[float, dict]:
         out = folder / f"stage_out{run}"
         out.mkdir()
-        ctx = StageContext("describe", "bench", cfg, {"dataset": Artifact("dataset", "bench", data)}, out,
-                           logging.getLogger("bench.describe"))
+        ctx = StageContext(
+            "describe",
+            "bench",
+            cfg,
+            {"dataset": Artifact("dataset", "bench", data)},
+            out,
+            logging.getLogger("bench.describe"),
+        )
         started = time.perf_counter()
         describe.run(ctx)
         return time.perf_counter() - started, ctx.summary
@@ -223,12 +267,20 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
         engine_s.append(engine_alone())
         stage_s.append(stage(run))
     wall, summary = min(stage_s, key=lambda run: run[0])
-    return {"videos": videos, "shard_size": 4, "decode_workers": cfg.decode_workers, "max_tokens": max_tokens,
-            "serial_decode_s": round(serial_decode_s, 3), "generation_s": summary["generation_seconds"],
-            "engine_waited_on_decoding_s": summary["decode_wait_seconds"], "stage_wall_s": round(wall, 3),
-            "items_per_s": summary["items_per_s"], "tokens_per_s": summary["tokens_per_s"],
-            "engine_predecoded_s": round(min(engine_s), 3),
-            "stage_vs_engine_items_per_s": round(min(engine_s) / wall, 3)}
+    return {
+        "videos": videos,
+        "shard_size": 4,
+        "decode_workers": cfg.decode_workers,
+        "max_tokens": max_tokens,
+        "serial_decode_s": round(serial_decode_s, 3),
+        "generation_s": summary["generation_seconds"],
+        "engine_waited_on_decoding_s": summary["decode_wait_seconds"],
+        "stage_wall_s": round(wall, 3),
+        "items_per_s": summary["items_per_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "engine_predecoded_s": round(min(engine_s), 3),
+        "stage_vs_engine_items_per_s": round(min(engine_s) / wall, 3),
+    }
 
 
 def main(argv: list[str]) -> dict:
@@ -243,40 +295,61 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--decode-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
     parser.add_argument("--skip-engines", action="store_true")
-    parser.add_argument("--stage-only", action="store_true", help="only the describe stage vs the engine on pre-decoded inputs")
+    parser.add_argument(
+        "--stage-only", action="store_true", help="only the describe stage vs the engine on pre-decoded inputs"
+    )
     from leccr.config import DescribeConfig
 
-    parser.add_argument("--stage-max-tokens", type=int, default=DescribeConfig.model_fields["max_tokens"].default,
-                        help="description length in the stage comparison (default: describe.max_tokens' default)")
+    parser.add_argument(
+        "--stage-max-tokens",
+        type=int,
+        default=DescribeConfig.model_fields["max_tokens"].default,
+        help="description length in the stage comparison (default: describe.max_tokens' default)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parents[1]))
 
     import torch
 
-    report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                "torch_threads": torch.get_num_threads(),
-                                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    report: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        }
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if not args.stage_only:
-            report["decoding"] = bench_decoding(folder, args.decode_videos, args.decode_frames, args.decode_size,
-                                                args.frames, args.repeats)
+            report["decoding"] = bench_decoding(
+                folder, args.decode_videos, args.decode_frames, args.decode_size, args.frames, args.repeats
+            )
             print(json.dumps({"decoding": report["decoding"]}, indent=2), flush=True)
         if not args.skip_engines:
             model = args.model
             if model is None:
                 from leccr.tiny_models.mllm import build_tiny_llava
 
-                model = build_tiny_llava(folder / "tiny_llava", ["a dog runs on the grass", "a man rides a bike"], seed=0)
+                model = build_tiny_llava(
+                    folder / "tiny_llava", ["a dog runs on the grass", "a man rides a bike"], seed=0
+                )
             report["model"] = str(model)
-            report["stage_prefetch"] = bench_stage_prefetch(folder, model, 16, args.decode_frames, args.decode_size,
-                                                            args.frames, args.stage_max_tokens)
+            report["stage_prefetch"] = bench_stage_prefetch(
+                folder, model, 16, args.decode_frames, args.decode_size, args.frames, args.stage_max_tokens
+            )
             print(json.dumps({"stage_prefetch": report["stage_prefetch"]}, indent=2), flush=True)
             if args.stage_only:
                 return report
-            report["engines"] = bench_engines(model, _requests(folder, args.items, args.frames), args.max_tokens,
-                                              args.batch_size, args.frames, args.repeats)
+            report["engines"] = bench_engines(
+                model,
+                _requests(folder, args.items, args.frames),
+                args.max_tokens,
+                args.batch_size,
+                args.frames,
+                args.repeats,
+            )
             print(json.dumps({"engines": report["engines"]}, indent=2), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

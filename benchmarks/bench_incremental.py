@@ -22,6 +22,7 @@ something to add. For each rerun it prints the units each per-item stage compute
 recomputed, and the wall time of the stages up to features, and of the whole rerun, as ratios of
 the first run's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,12 @@ def _remove_train_items(data: Path, names: list[str]) -> None:
     listing_file = data / "data" / "task1" / "image_splits" / "train.txt"
     listing = listing_file.read_text(encoding="utf-8").split("\n")[:-1]
     keep = [i for i, name in enumerate(listing) if name not in names]
-    by_line = [data / "data" / "task1" / "image_splits" / "train.txt",
-               data / "data" / "task2" / "image_splits" / "train_images.txt",
-               data / "data" / "task1" / "raw" / "train.en",
-               *sorted((data / "data" / "task2" / "raw").glob("train.*.en"))]
+    by_line = [
+        data / "data" / "task1" / "image_splits" / "train.txt",
+        data / "data" / "task2" / "image_splits" / "train_images.txt",
+        data / "data" / "task1" / "raw" / "train.en",
+        *sorted((data / "data" / "task2" / "raw").glob("train.*.en")),
+    ]
     for path in by_line:
         lines = path.read_text(encoding="utf-8").split("\n")[:-1]
         path.write_text("".join(f"{lines[i]}\n" for i in keep), encoding="utf-8")
@@ -114,8 +117,10 @@ def _computed(outcomes: dict) -> str:
             parts.append(f"{stage} hit")
             continue
         reuse = outcome.artifact.manifest.summary.get("reuse", {})
-        parts.append(f"{stage} " + ", ".join(f"{table}: {c['computed']} computed/{c['reused']} reused"
-                                             for table, c in reuse.items()))
+        parts.append(
+            f"{stage} "
+            + ", ".join(f"{table}: {c['computed']} computed/{c['reused']} reused" for table, c in reuse.items())
+        )
     return "; ".join(parts)
 
 
@@ -144,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = work / "artifacts"
     shutil.rmtree(artifacts, ignore_errors=True)
 
-    print(f"dataset: {args.images} images ({len(_train_images(data))} train), tiny models, {args.epochs} epochs; "
-          f"work folder {work}")
+    print(
+        f"dataset: {args.images} images ({len(_train_images(data))} train), tiny models, {args.epochs} epochs; "
+        f"work folder {work}"
+    )
     outcomes, first_wall, first_head = _run(_config(models, data, artifacts, args.epochs, {}))
     print(f"first run: {first_wall:.1f} s (stages up to features {first_head:.1f} s)")
     rows = []
@@ -176,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         outcomes, wall, head = _run(cfg)
         recomputed = [label for label, o in outcomes.items() if not o.cache_hit]
         rows.append((name, _computed(outcomes), ", ".join(recomputed), head / first_head, wall / first_wall))
-        print(f"\n{name}\n  computed: {rows[-1][1]}\n  recomputed jobs: {rows[-1][2] or 'none'}\n"
-              f"  stages up to features: {rows[-1][3]:.3f}x the first run; whole rerun {rows[-1][4]:.3f}x")
+        print(
+            f"\n{name}\n  computed: {rows[-1][1]}\n  recomputed jobs: {rows[-1][2] or 'none'}\n"
+            f"  stages up to features: {rows[-1][3]:.3f}x the first run; whole rerun {rows[-1][4]:.3f}x"
+        )
     print("\n| change | stages up to features / first run | whole rerun / first run | recomputed jobs |")
     print("|---|---|---|---|")
     for name, _, recomputed, head_ratio, wall_ratio in rows:
@@ -191,10 +200,13 @@ def _restore_train_items(full: Path, data: Path) -> None:
     """The added images' lines, back in every list and caption file (the full dataset's files as they are,
     apart from the caption that (a) edited)."""
     edited = (data / "data" / "task1" / "raw" / "train.en").read_text(encoding="utf-8").split("\n")[0]
-    for relative in ["data/task1/image_splits/train.txt", "data/task2/image_splits/train_images.txt",
-                     "data/task1/raw/train.en", *[p.relative_to(full).as_posix()
-                                                  for p in sorted((full / "data" / "task2" / "raw").glob("train.*.en"))],
-                     *[p.relative_to(full).as_posix() for p in sorted((full / "TextData").glob("Flickr30ktrain_*"))]]:
+    for relative in [
+        "data/task1/image_splits/train.txt",
+        "data/task2/image_splits/train_images.txt",
+        "data/task1/raw/train.en",
+        *[p.relative_to(full).as_posix() for p in sorted((full / "data" / "task2" / "raw").glob("train.*.en"))],
+        *[p.relative_to(full).as_posix() for p in sorted((full / "TextData").glob("Flickr30ktrain_*"))],
+    ]:
         shutil.copy2(full / relative, data / relative)
     _edit_first_line(data / "data" / "task1" / "raw" / "train.en", edited)
 

@@ -20,6 +20,7 @@ bytes written). The run is repeated with `features.visual_dtype` and `features.s
 Then float16 storage is compared with float32 on the same trained model: the largest difference of a
 stored value, and of the test split's fused scores, and the test R@K of both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,16 @@ def build_vision(out: Path) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              image_size=224, patch_size=32, projection_dim=512, hidden_act="quick_gelu")
+    config = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+        projection_dim=512,
+        hidden_act="quick_gelu",
+    )
     torch.manual_seed(0)
     CLIPVisionModel(config).save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out)
@@ -62,8 +71,16 @@ def build_text(out: Path, tokenizer_from: Path) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    config = BertConfig(vocab_size=119_547, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=119_547,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -84,8 +101,16 @@ def long_descriptions(seed_file: Path, out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------- config
-def real_config(data: Path, descriptions: Path, vision: Path, text: Path, artifacts: Path, dtype: str,
-                threads: int | None, device: str = "cpu") -> dict:
+def real_config(
+    data: Path,
+    descriptions: Path,
+    vision: Path,
+    text: Path,
+    artifacts: Path,
+    dtype: str,
+    threads: int | None,
+    device: str = "cpu",
+) -> dict:
     """configs/multi30k_de.yaml on the demo folder: its features and train sections, the LECCR preset."""
     import yaml
 
@@ -95,8 +120,14 @@ def real_config(data: Path, descriptions: Path, vision: Path, text: Path, artifa
     config["dataset"] = {"format": "multi30k", "path": str(data), "languages": ["de"], "options": {}}
     config["translate"] = {"engine": "import", "splits": ["train", "val"]}
     config["describe"] = {"engine": "import", "import_path": str(descriptions)}
-    config["features"].update(vision_model=str(vision), text_model=str(text), visual_dtype=dtype, states_dtype=dtype,
-                              shard_size=64, device=device)
+    config["features"].update(
+        vision_model=str(vision),
+        text_model=str(text),
+        visual_dtype=dtype,
+        states_dtype=dtype,
+        shard_size=64,
+        device=device,
+    )
     config["train"].update(epochs=1, early_stopping_patience=None, preset="multi30k-de", device=device)
     if threads is not None:
         config["train"]["threads"] = threads
@@ -131,8 +162,8 @@ def scores_on(features: Path, method_dir: Path) -> tuple:
     import torch
 
     from leccr.data import FeatureTables, load_eval_captions, load_eval_items, query_caption_kind
-    from leccr.evaluation.scoring import load_model
     from leccr.evaluation.metrics import chunked_retrieval_metrics, matrix_score_block
+    from leccr.evaluation.scoring import load_model
     from leccr.models.encode import encode_items, encode_texts
 
     tables = FeatureTables.open(features)
@@ -156,9 +187,13 @@ def compare_scores(features32: Path, features16: Path, method_dir: Path) -> dict
     out = {}
     for lang in left:
         (m32, r32), (m16, r16) = left[lang], right[lang]
-        out[lang] = {"max_abs_score_diff": float((m32 - m16).abs().max()), "score_range": float(m32.max() - m32.min()),
-                     "same_ranking": bool((m32.argsort(dim=1, stable=True) == m16.argsort(dim=1, stable=True)).all()),
-                     "sumr_float32": r32["sumr"], "sumr_float16": r16["sumr"]}
+        out[lang] = {
+            "max_abs_score_diff": float((m32 - m16).abs().max()),
+            "score_range": float(m32.max() - m32.min()),
+            "same_ranking": bool((m32.argsort(dim=1, stable=True) == m16.argsort(dim=1, stable=True)).all()),
+            "sumr_float32": r32["sumr"],
+            "sumr_float16": r16["sumr"],
+        }
     return out
 
 
@@ -168,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=240, help="demo images (60/20/20 train/val/test)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of every stage (see bench_scale)")
     parser.add_argument("--work", type=Path, default=None, help="work here and keep it (default: a temp folder)")
-    parser.add_argument("--device", default="cpu",
-                        help="where visual, features and train run (cuda on a GPU machine: bf16 there, precision auto)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where visual, features and train run (cuda on a GPU machine: bf16 there, precision auto)",
+    )
     args = parser.parse_args(argv)
 
     from leccr.cli.demo import prepare_demo
@@ -184,17 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     data = generate_demo(work / f"data-{args.items}", num_images=args.items, num_videos=0)
     descriptions = long_descriptions(
         write_scene_descriptions(work / f"scene-{args.items}.json", num_images=args.items, num_videos=0),
-        work / f"long-{args.items}.json")
-    print(f"bench_real_dims: {args.items} images, models built in {work / 'models'} "
-          f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+        work / f"long-{args.items}.json",
+    )
+    print(
+        f"bench_real_dims: {args.items} images, models built in {work / 'models'} "
+        f"({time.perf_counter() - started:.0f} s so far)",
+        flush=True,
+    )
 
     rows, paths = [], {}
     for dtype in ("float32", "float16"):
         artifacts = work / f"artifacts-{dtype}"
         shutil.rmtree(artifacts, ignore_errors=True)
         config_file = work / f"config-{dtype}.json"
-        config_file.write_text(json.dumps(real_config(data, descriptions, vision, text, artifacts, dtype,
-                                                      args.threads, args.device)))
+        config_file.write_text(
+            json.dumps(real_config(data, descriptions, vision, text, artifacts, dtype, args.threads, args.device))
+        )
         seen: set = set()
         for label in ("dataset", "translate", "describe", "visual", "features", "train[baseline]", "train[leccr]"):
             figures = run_child(config_file, label, work / f"log-{dtype}.txt", args.threads)
@@ -206,44 +249,67 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 units, unit = args.items, "items"
             paths[(dtype, label)] = Path(figures["path"])
-            row = {"dtype": dtype, "stage": label, "seconds": figures["seconds"], "cpu": figures["cpu"],
-                   "load": figures["load"], "units": units, "unit": unit, "rss": figures["tree_rss"],
-                   "anon": figures["anon"], "written": fresh, "cache": cache, "summary": figures["summary"]}
+            row = {
+                "dtype": dtype,
+                "stage": label,
+                "seconds": figures["seconds"],
+                "cpu": figures["cpu"],
+                "load": figures["load"],
+                "units": units,
+                "unit": unit,
+                "rss": figures["tree_rss"],
+                "anon": figures["anon"],
+                "written": fresh,
+                "cache": cache,
+                "summary": figures["summary"],
+            }
             rows.append(row)
-            print(f"  {dtype} {label:<16} {row['seconds']:8.1f} s  CPU {row['cpu']:8.1f} s  "
-                  f"{row['seconds'] / units:8.3f} s/{unit[:-1]}  RSS {row['rss'] / GIB:5.2f} GiB "
-                  f"(anon {row['anon'] / GIB:5.2f})  written {fresh / 2**20:8.1f} MiB  load {row['load']:.1f}",
-                  flush=True)
+            print(
+                f"  {dtype} {label:<16} {row['seconds']:8.1f} s  CPU {row['cpu']:8.1f} s  "
+                f"{row['seconds'] / units:8.3f} s/{unit[:-1]}  RSS {row['rss'] / GIB:5.2f} GiB "
+                f"(anon {row['anon'] / GIB:5.2f})  written {fresh / 2**20:8.1f} MiB  load {row['load']:.1f}",
+                flush=True,
+            )
 
     features32, features16 = paths[("float32", "features")], paths[("float16", "features")]
     sub_tables = {}
     for dtype, features in (("float32", features32), ("float16", features16)):
-        sub_tables[dtype] = {sub: sum(p.stat().st_size for p in (features / sub).glob("part-*.parquet"))
-                             for sub in ("visual", "text", "descriptions")}
+        sub_tables[dtype] = {
+            sub: sum(p.stat().st_size for p in (features / sub).glob("part-*.parquet"))
+            for sub in ("visual", "text", "descriptions")
+        }
     error = storage_error(features32, features16)
     scores = compare_scores(features32, features16, paths[("float32", "train[leccr]")] / "leccr")
     result = {"items": args.items, "rows": rows, "bytes": sub_tables, "storage_error": error, "scores": scores}
     (work / "bench_real_dims.json").write_text(json.dumps(result, indent=1))
 
     print(f"\nwhole benchmark: {time.perf_counter() - started:.0f} s")
-    print(f"\n{'dtype':<8} {'stage':<16} {'wall s':>8} {'CPU s':>8} {'load':>5} {'s/unit':>8} {'unit':<6} "
-          f"{'peak RSS':>9} {'anon':>7} {'written':>10} {'B/unit':>10} {'cache':>9}")
+    print(
+        f"\n{'dtype':<8} {'stage':<16} {'wall s':>8} {'CPU s':>8} {'load':>5} {'s/unit':>8} {'unit':<6} "
+        f"{'peak RSS':>9} {'anon':>7} {'written':>10} {'B/unit':>10} {'cache':>9}"
+    )
     for r in rows:
-        print(f"{r['dtype']:<8} {r['stage']:<16} {r['seconds']:8.1f} {r['cpu']:8.1f} {r['load']:5.1f} "
-              f"{r['seconds'] / r['units']:8.3f} {r['unit']:<6} {r['rss'] / GIB:7.2f} G {r['anon'] / GIB:5.2f} G "
-              f"{r['written'] / 2**20:8.1f} M {r['written'] / r['units']:10.0f} {r['cache'] / 2**20:7.1f} M")
+        print(
+            f"{r['dtype']:<8} {r['stage']:<16} {r['seconds']:8.1f} {r['cpu']:8.1f} {r['load']:5.1f} "
+            f"{r['seconds'] / r['units']:8.3f} {r['unit']:<6} {r['rss'] / GIB:7.2f} G {r['anon'] / GIB:5.2f} G "
+            f"{r['written'] / 2**20:8.1f} M {r['written'] / r['units']:10.0f} {r['cache'] / 2**20:7.1f} M"
+        )
     print("\nbytes per item on disk (Parquet parts):")
     for sub in ("visual", "text", "descriptions"):
         b32, b16 = sub_tables["float32"][sub] / args.items, sub_tables["float16"][sub] / args.items
         print(f"  {sub:<13} float32 {b32:10.0f}  float16 {b16:10.0f}  (x{b16 / b32:.2f})")
     print("\nfloat16 storage against float32:")
     for name, e in error.items():
-        print(f"  {name:<7} max |diff| {e['max_abs']:.2e}, max relative diff {e['max_rel']:.2e} "
-              f"(largest |value| {e['largest_value']:.1f})")
+        print(
+            f"  {name:<7} max |diff| {e['max_abs']:.2e}, max relative diff {e['max_rel']:.2e} "
+            f"(largest |value| {e['largest_value']:.1f})"
+        )
     for lang, s in scores.items():
-        print(f"  test {lang}: fused scores max |diff| {s['max_abs_score_diff']:.2e} (of a range of "
-              f"{s['score_range']:.3f}); same ranking of every query: {s['same_ranking']}; SumR "
-              f"{s['sumr_float32']:.2f} (float32 features) vs {s['sumr_float16']:.2f} (float16)")
+        print(
+            f"  test {lang}: fused scores max |diff| {s['max_abs_score_diff']:.2e} (of a range of "
+            f"{s['score_range']:.3f}); same ranking of every query: {s['same_ranking']}; SumR "
+            f"{s['sumr_float32']:.2f} (float32 features) vs {s['sumr_float16']:.2f} (float16)"
+        )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

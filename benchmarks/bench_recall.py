@@ -2,7 +2,8 @@
 
     python benchmarks/bench_recall.py [--n 20000] [--big 100000] [--chunk 4096] [--dim 64]
 
-1. naive: the whole N x N score matrix, a full stable argsort per query both ways (leccr.evaluation.metrics.naive_ranks);
+1. naive: the whole N x N score matrix, a full stable argsort per query both ways
+   (leccr.evaluation.metrics.naive_ranks);
 2. chunked: the same scores block by block (leccr.evaluation.metrics.chunked_ranks), never materialised;
    asserts identical metrics, prints the time ratio and the peak-memory ratio;
 3. score blocks alone: the same grid of score_block calls as the chunked path, no ranking (timed in
@@ -16,6 +17,7 @@ RSS after imports and data set-up is printed too, so the ratio of the increments
 The N x N scores are dot products of small-integer embeddings, exact in float32 whatever the block
 shape or summation order, so both paths see bit-identical scores (with plenty of ties).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +31,7 @@ import torch
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
 def exact_embeddings(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,8 +60,9 @@ def child(argv: list[str]) -> None:
         generator = torch.Generator().manual_seed(1)
         visual = torch.nn.functional.normalize(torch.randn(args.n, args.dim, generator=generator), dim=1)
         text_item = torch.sort(torch.randint(0, args.n, (args.n,), generator=generator)).values
-        text = torch.nn.functional.normalize(visual[text_item] + 0.7 * torch.randn(args.n, args.dim,
-                                                                                   generator=generator), dim=1)
+        text = torch.nn.functional.normalize(
+            visual[text_item] + 0.7 * torch.randn(args.n, args.dim, generator=generator), dim=1
+        )
     else:
         text, visual, text_item = exact_embeddings(args.n, args.dim)
     setup_rss = _rss_mib()
@@ -69,8 +72,12 @@ def child(argv: list[str]) -> None:
     else:
         ranks = chunked_ranks(embedding_score_block(text, visual), text_item, args.n, args.chunk, args.chunk)
     seconds = time.perf_counter() - start
-    result = {"metrics": recall_metrics(*ranks), "seconds": seconds, "peak_rss_mib": _rss_mib(),
-              "setup_rss_mib": setup_rss}
+    result = {
+        "metrics": recall_metrics(*ranks),
+        "seconds": seconds,
+        "peak_rss_mib": _rss_mib(),
+        "setup_rss_mib": setup_rss,
+    }
     if args.path == "chunked":
         # the score blocks alone (same grid, no ranking) vs the ranks again, alternated in this process so
         # that a change of machine load hits both; best of two each
@@ -90,8 +97,19 @@ def child(argv: list[str]) -> None:
 
 
 def run_child(path: str, n: int, dim: int, chunk: int) -> dict:
-    command = [sys.executable, __file__, "--child", "--path", path, "--n", str(n), "--dim", str(dim),
-               "--chunk", str(chunk)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--path",
+        path,
+        "--n",
+        str(n),
+        "--dim",
+        str(dim),
+        "--chunk",
+        str(chunk),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{path} child failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -103,14 +121,18 @@ def compare_naive(naive: dict, chunked: dict) -> None:
         raise AssertionError(f"metrics differ:\nnaive   {naive['metrics']}\nchunked {chunked['metrics']}")
     print("identical metrics:", json.dumps({k: round(v, 4) for k, v in naive["metrics"].items()}))
     for name, result in (("naive (full argsort)", naive), ("chunked", chunked)):
-        print(f"  {name:22s} {result['seconds']:8.2f} s   peak RSS {result['peak_rss_mib']:8.0f} MiB "
-              f"(after set-up {result['setup_rss_mib']:.0f} MiB)")
+        print(
+            f"  {name:22s} {result['seconds']:8.2f} s   peak RSS {result['peak_rss_mib']:8.0f} MiB "
+            f"(after set-up {result['setup_rss_mib']:.0f} MiB)"
+        )
     naive_extra = naive["peak_rss_mib"] - naive["setup_rss_mib"]
     chunked_extra = chunked["peak_rss_mib"] - chunked["setup_rss_mib"]
     print(f"time ratio naive/chunked: {naive['seconds'] / chunked['seconds']:.2f}x")
-    print(f"peak RSS ratio naive/chunked: {naive['peak_rss_mib'] / chunked['peak_rss_mib']:.2f}x "
-          f"(increment over set-up: {naive_extra:.0f} vs {chunked_extra:.0f} MiB, "
-          f"{naive_extra / max(chunked_extra, 1.0):.1f}x)")
+    print(
+        f"peak RSS ratio naive/chunked: {naive['peak_rss_mib'] / chunked['peak_rss_mib']:.2f}x "
+        f"(increment over set-up: {naive_extra:.0f} vs {chunked_extra:.0f} MiB, "
+        f"{naive_extra / max(chunked_extra, 1.0):.1f}x)"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -125,19 +147,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-naive", action="store_true", help="skip the full-argsort path (minutes at 20k)")
     args = parser.parse_args(argv)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; N={args.n}, dim={args.dim}, "
-          f"chunk={args.chunk}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; N={args.n}, dim={args.dim}, chunk={args.chunk}"
+    )
     chunked = run_child("chunked", args.n, args.dim, args.chunk)
-    print(f"score blocks alone (same {args.chunk} x {args.chunk} grid, no ranking): {chunked['blocks_alone_seconds']:.2f} s, "
-          f"chunked ranks {chunked['ranked_seconds']:.2f} s (best of each, alternated in one process): "
-          f"chunked / blocks alone {chunked['ranked_seconds'] / chunked['blocks_alone_seconds']:.2f}x")
+    print(
+        f"score blocks alone (same {args.chunk} x {args.chunk} grid, no ranking): "
+        f"{chunked['blocks_alone_seconds']:.2f} s, "
+        f"chunked ranks {chunked['ranked_seconds']:.2f} s (best of each, alternated in one process): "
+        f"chunked / blocks alone {chunked['ranked_seconds'] / chunked['blocks_alone_seconds']:.2f}x"
+    )
     if not args.no_naive:
         compare_naive(run_child("naive", args.n, args.dim, args.chunk), chunked)
     if args.big:
         big = run_child("big", args.big, args.dim, args.chunk)
-        print(f"chunked {args.big} x {args.big}: {big['seconds']:.1f} s, peak RSS {big['peak_rss_mib']:.0f} MiB; "
-              f"SumR {big['metrics']['sumr']:.2f}, text_to_visual_R@1 {big['metrics']['text_to_visual_R@1']:.2f}, "
-              f"visual_to_text queries {int(big['metrics']['visual_to_text_queries'])}")
+        print(
+            f"chunked {args.big} x {args.big}: {big['seconds']:.1f} s, peak RSS {big['peak_rss_mib']:.0f} MiB; "
+            f"SumR {big['metrics']['sumr']:.2f}, text_to_visual_R@1 {big['metrics']['text_to_visual_R@1']:.2f}, "
+            f"visual_to_text queries {int(big['metrics']['visual_to_text_queries'])}"
+        )
     return 0
 
 

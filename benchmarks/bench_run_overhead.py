@@ -12,6 +12,7 @@ config, keys, the cache checks, the run record. Measured for dataset, translate 
 translate through Prefect (`--prefect`, a temporary server in a fresh PREFECT_HOME), the baseline the
 in-process driver replaced. The goal: a fixed cost of at most 3 s on a 2-core machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ def _newest_record(artifacts: Path) -> dict:
 def leccr_run(config: Path, artifacts: Path, args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """(wall seconds, seconds of the stages it computed, the run's outcome) of one `leccr run` command."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "leccr.cli", "run", "--config", str(config), *args], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "leccr.cli", "run", "--config", str(config), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"leccr run {' '.join(args)} failed:\n{result.stderr[-3000:]}")
@@ -77,34 +84,50 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = work / "artifacts"
     config = _config(models, data, artifacts, work / "config.yaml")
     env = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_")}
-    env |= {"PYTHONPATH": str(REPO), "PREFECT_HOME": str(work / "prefect-home"),
-            "PREFECT_PROFILES_PATH": str(work / "prefect-home" / "profiles.toml")}  # no user profile's server
+    env |= {
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": str(work / "prefect-home"),
+        "PREFECT_PROFILES_PATH": str(work / "prefect-home" / "profiles.toml"),
+    }  # no user profile's server
 
     wall, _, _ = leccr_run(config, artifacts, ["--stage", "visual", "--stage", "translate"], env)
     print(f"demo world: {args.images} images; first run (dataset, translate, visual) {wall:.1f} s; work folder {work}")
-    print(f"\n| command | wall s | stages' own s | fixed cost s |\n|---|---|---|---|")
+    print("\n| command | wall s | stages' own s | fixed cost s |\n|---|---|---|---|")
     rows = []
     for stage in ("dataset", "translate", "visual"):
         runs = [leccr_run(config, artifacts, ["--stage", stage, "--force", stage], env) for _ in range(args.repeat)]
         wall = statistics.median(r[0] for r in runs)
         overhead = statistics.median(r[0] - r[1] for r in runs)
         rows.append((f"leccr run --stage {stage} --force {stage}", wall, wall - overhead, overhead))
-    runs = [leccr_run(config, artifacts, ["--stage", "visual", "--stage", "translate"], env)
-            for _ in range(args.repeat)]
-    rows.append(("leccr run --stage visual --stage translate (all hits)", statistics.median(r[0] for r in runs), 0.0,
-                 statistics.median(r[0] - r[1] for r in runs)))
+    runs = [
+        leccr_run(config, artifacts, ["--stage", "visual", "--stage", "translate"], env) for _ in range(args.repeat)
+    ]
+    rows.append(
+        (
+            "leccr run --stage visual --stage translate (all hits)",
+            statistics.median(r[0] for r in runs),
+            0.0,
+            statistics.median(r[0] - r[1] for r in runs),
+        )
+    )
     for name, wall, own, overhead in rows:
         print(f"| {name} | {wall:.2f} | {own:.2f} | {overhead:.2f} |")
     worst = max(row[3] for row in rows)
     translate_overhead = rows[1][3]
     if not args.no_prefect:
         wall, own, _ = leccr_run(config, artifacts, ["--stage", "translate", "--force", "translate", "--prefect"], env)
-        print(f"| leccr run --stage translate --force translate --prefect (temporary server) | {wall:.2f} | "
-              f"{own:.2f} | {wall - own:.2f} |")
-        print(f"\nPrefect path / in-process path, fixed cost of the translate rerun: "
-              f"{(wall - own) / translate_overhead:.1f}x ({wall - own:.1f} s / {translate_overhead:.2f} s)")
-    print(f"largest in-process fixed cost: {worst:.2f} s; goal at most {GOAL_SECONDS:.0f} s: "
-          + ("met" if worst <= GOAL_SECONDS else "NOT met"))
+        print(
+            f"| leccr run --stage translate --force translate --prefect (temporary server) | {wall:.2f} | "
+            f"{own:.2f} | {wall - own:.2f} |"
+        )
+        print(
+            f"\nPrefect path / in-process path, fixed cost of the translate rerun: "
+            f"{(wall - own) / translate_overhead:.1f}x ({wall - own:.1f} s / {translate_overhead:.2f} s)"
+        )
+    print(
+        f"largest in-process fixed cost: {worst:.2f} s; goal at most {GOAL_SECONDS:.0f} s: "
+        + ("met" if worst <= GOAL_SECONDS else "NOT met")
+    )
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

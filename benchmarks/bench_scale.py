@@ -29,6 +29,7 @@ its own (its upstream stages are cache hits there), so the peak RSS printed is t
 
 The last line reads `worst per-item ratio: X (stage S); peak RSS: Y GiB (stage T)`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ STAGES = ("dataset", "translate", "describe", "visual", "features", "train", "ev
 GIB = 2**30
 
 
-def scale_config(models: Path, data: Path, descriptions: Path, artifacts: Path, epochs: int,
-                 threads: int | None) -> dict:
+def scale_config(
+    models: Path, data: Path, descriptions: Path, artifacts: Path, epochs: int, threads: int | None
+) -> dict:
     """configs/demo_scene.yaml pointed at this N's data, `epochs` epochs and no early stopping (and
     `threads` torch threads for training, where given)."""
     import yaml
@@ -103,8 +105,8 @@ def child(config_file: Path, job_label: str) -> int:
     from leccr.config import parse_config
     from leccr.core.artifact import MethodArtifacts
     from leccr.core.dag import get_stage
-    from leccr.core.fingerprint import fingerprinter_for
     from leccr.core.driver import Job, run_pipeline, run_stage
+    from leccr.core.fingerprint import fingerprinter_for
 
     memory = MemorySampler()
     cfg = parse_config(json.loads(config_file.read_text()))
@@ -115,8 +117,9 @@ def child(config_file: Path, job_label: str) -> int:
     inputs = {}
     for up in stage.upstream:
         if get_stage(up).per_method:
-            inputs[up] = MethodArtifacts(up, {label[len(up) + 1:-1]: o.artifact for label, o in done.items()
-                                              if label.startswith(f"{up}[")})
+            inputs[up] = MethodArtifacts(
+                up, {label[len(up) + 1 : -1]: o.artifact for label, o in done.items() if label.startswith(f"{up}[")}
+            )
         else:
             inputs[up] = done[up].artifact
     before, load_before = resource.getrusage(resource.RUSAGE_SELF), os.getloadavg()[0]
@@ -124,12 +127,23 @@ def child(config_file: Path, job_label: str) -> int:
     after, load_after = resource.getrusage(resource.RUSAGE_SELF), os.getloadavg()[0]
     memory.stop()
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print("BENCH " + json.dumps({
-        "job": job_label, "seconds": outcome.seconds, "cache_hit": outcome.cache_hit,
-        "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-        "load": (load_before + load_after) / 2, "path": str(outcome.artifact.path),
-        "anon": memory.peak_anon, "total": memory.peak_total, "workers_rss": workers,
-        "summary": outcome.artifact.manifest.summary}))
+    print(
+        "BENCH "
+        + json.dumps(
+            {
+                "job": job_label,
+                "seconds": outcome.seconds,
+                "cache_hit": outcome.cache_hit,
+                "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+                "load": (load_before + load_after) / 2,
+                "path": str(outcome.artifact.path),
+                "anon": memory.peak_anon,
+                "total": memory.peak_total,
+                "workers_rss": workers,
+                "summary": outcome.artifact.manifest.summary,
+            }
+        )
+    )
     return 0
 
 
@@ -151,7 +165,7 @@ def run_child(config_file: Path, job_label: str, log: Path, threads: int | None 
     if process.returncode != 0:
         raise SystemExit(f"{job_label} failed (exit {process.returncode}); see {log}")
     line = next(line for line in stdout.splitlines() if line.startswith("BENCH "))
-    figures = json.loads(line[len("BENCH "):])
+    figures = json.loads(line[len("BENCH ") :])
     figures["wall"] = wall
     figures["tree_rss"] = usage.ru_maxrss * 1024  # the child and its waited-for descendants
     return figures
@@ -200,8 +214,9 @@ def prepare(work: Path, n_items: int) -> tuple[Path, Path]:
     from leccr.datasets.demo import MULTI30K_SPLITS, generate_demo, split_fractions, write_scene_descriptions
 
     started = time.perf_counter()
-    data = generate_demo(work / f"data-{n_items}", num_images=n_items, num_videos=0,
-                         fractions=split_fractions(MULTI30K_SPLITS))
+    data = generate_demo(
+        work / f"data-{n_items}", num_images=n_items, num_videos=0, fractions=split_fractions(MULTI30K_SPLITS)
+    )
     descriptions = write_scene_descriptions(work / f"scene-{n_items}.json", num_images=n_items, num_videos=0)
     print(f"  data for N={n_items:,}: {time.perf_counter() - started:.1f} s ({data})", flush=True)
     return data, descriptions
@@ -219,21 +234,36 @@ def run_n(work: Path, models: Path, n_items: int, epochs: int, methods: list[str
     seen: set[tuple[int, int]] = set()
     rows = []
     labels = [s for s in STAGES if s != "train"]
-    labels[labels.index("evaluate"):labels.index("evaluate")] = [f"train[{m}]" for m in methods]
+    labels[labels.index("evaluate") : labels.index("evaluate")] = [f"train[{m}]" for m in methods]
     for label in labels:
         figures = run_child(config_file, label, log, threads)
         fresh, linked, cache = new_bytes(Path(figures["path"]), seen)
         if label.startswith("train["):  # the Arrow cache train writes lives in the features artifact
             _, _, cache = new_bytes(Path(figures["path"]).parents[1] / "features", seen)
         units, unit = units_of(label, figures, n_items, artifacts)
-        row = {"n": n_items, "stage": label, "seconds": figures["seconds"], "cpu": figures["cpu"],
-               "load": figures["load"], "process": figures["wall"], "units": units, "unit": unit,
-               "rss": figures["tree_rss"], "anon": figures["anon"], "workers_rss": figures["workers_rss"],
-               "written": fresh, "linked": linked, "cache": cache}
+        row = {
+            "n": n_items,
+            "stage": label,
+            "seconds": figures["seconds"],
+            "cpu": figures["cpu"],
+            "load": figures["load"],
+            "process": figures["wall"],
+            "units": units,
+            "unit": unit,
+            "rss": figures["tree_rss"],
+            "anon": figures["anon"],
+            "workers_rss": figures["workers_rss"],
+            "written": fresh,
+            "linked": linked,
+            "cache": cache,
+        }
         rows.append(row)
-        print(f"  {label:<16} {row['seconds']:8.1f} s  CPU {row['cpu']:8.1f} s  "
-              f"{units / max(row['seconds'], 1e-9):10.1f} {unit}/s  RSS {row['rss'] / GIB:5.2f} GiB "
-              f"(anon {row['anon'] / GIB:5.2f})  written {fresh / 2**20:8.1f} MiB  load {row['load']:.1f}", flush=True)
+        print(
+            f"  {label:<16} {row['seconds']:8.1f} s  CPU {row['cpu']:8.1f} s  "
+            f"{units / max(row['seconds'], 1e-9):10.1f} {unit}/s  RSS {row['rss'] / GIB:5.2f} GiB "
+            f"(anon {row['anon'] / GIB:5.2f})  written {fresh / 2**20:8.1f} MiB  load {row['load']:.1f}",
+            flush=True,
+        )
     return rows
 
 
@@ -247,24 +277,29 @@ def report(rows: list[dict], cost: str = "seconds") -> str:
         first = base[row["stage"]]
         return (row[field] / row["units"]) / max(first[field] / first["units"], 1e-12)
 
-    lines = [f"{'N':>7} {'stage':<16} {'wall s':>8} {'CPU s':>8} {'load':>5} {'throughput':>13} {'units':>9} "
-             f"{'unit':<10} {'ratio':>6} {'CPU r':>6} {'peak RSS':>9} {'anon':>7} {'written':>10} "
-             f"{'B/unit':>8} {'cache':>9}"]
+    lines = [
+        f"{'N':>7} {'stage':<16} {'wall s':>8} {'CPU s':>8} {'load':>5} {'throughput':>13} {'units':>9} "
+        f"{'unit':<10} {'ratio':>6} {'CPU r':>6} {'peak RSS':>9} {'anon':>7} {'written':>10} "
+        f"{'B/unit':>8} {'cache':>9}"
+    ]
     worst = (0.0, "")
     for r in rows:
         wall_ratio, cpu_ratio = ratio(r, "seconds"), ratio(r, "cpu")
         chosen = wall_ratio if cost == "seconds" else cpu_ratio
         if r["n"] != smallest and chosen > worst[0]:
             worst = (chosen, f"{r['stage']} at N={r['n']:,}")
-        lines.append(f"{r['n']:>7,} {r['stage']:<16} {r['seconds']:8.1f} {r['cpu']:8.1f} {r['load']:5.1f} "
-                     f"{r['units'] / max(r['seconds'], 1e-9):11.1f}/s {r['units']:>9,} {r['unit']:<10} "
-                     f"{wall_ratio:6.2f} {cpu_ratio:6.2f} {r['rss'] / GIB:7.2f} G {r['anon'] / GIB:5.2f} G "
-                     f"{r['written'] / 2**20:8.1f} M {r['written'] / r['units']:8.0f} {r['cache'] / 2**20:7.1f} M")
+        lines.append(
+            f"{r['n']:>7,} {r['stage']:<16} {r['seconds']:8.1f} {r['cpu']:8.1f} {r['load']:5.1f} "
+            f"{r['units'] / max(r['seconds'], 1e-9):11.1f}/s {r['units']:>9,} {r['unit']:<10} "
+            f"{wall_ratio:6.2f} {cpu_ratio:6.2f} {r['rss'] / GIB:7.2f} G {r['anon'] / GIB:5.2f} G "
+            f"{r['written'] / 2**20:8.1f} M {r['written'] / r['units']:8.0f} {r['cache'] / 2**20:7.1f} M"
+        )
     largest = max(r["n"] for r in rows)
     top = max((r for r in rows if r["n"] == largest), key=lambda r: r["rss"])
     worst_text = f"{worst[0]:.2f} ({worst[1]})" if worst[1] else "n/a (one N)"
-    lines.append(f"worst per-item ratio: {worst_text}; peak RSS: {top['rss'] / GIB:.2f} GiB "
-                 f"({top['stage']} at N={largest:,})")
+    lines.append(
+        f"worst per-item ratio: {worst_text}; peak RSS: {top['rss'] / GIB:.2f} GiB ({top['stage']} at N={largest:,})"
+    )
     return "\n".join(lines)
 
 
@@ -273,20 +308,34 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return child(Path(argv[1]), argv[2])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, nargs="+", default=[1000, 5000, 31014],
-                        help="dataset sizes N, in images (default: 1,000 5,000 31,014)")
+    parser.add_argument(
+        "--items",
+        type=int,
+        nargs="+",
+        default=[1000, 5000, 31014],
+        help="dataset sizes N, in images (default: 1,000 5,000 31,014)",
+    )
     parser.add_argument("--epochs", type=int, default=1, help="training epochs per method (default 1)")
     parser.add_argument("--methods", nargs="+", default=["baseline", "cl2cm", "leccr"])
     parser.add_argument("--work", type=Path, default=None, help="work here and keep it (default: a temp folder)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of every stage (default: torch's, one per core; training: the "
-                             "preset's train.threads). On a machine others load, 1 avoids OpenMP teams waiting "
-                             "for descheduled partners (2 threads ran a training 2.7x slower than 1 there)")
-    parser.add_argument("--ratio-of", choices=["wall", "cpu"], default="wall",
-                        help="what the last line's worst ratio compares: wall seconds (default) or CPU seconds per "
-                             "unit (steadier on a machine others load)")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="print the table of an earlier run's bench_scale.json and stop")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of every stage (default: torch's, one per core; training: the "
+        "preset's train.threads). On a machine others load, 1 avoids OpenMP teams waiting "
+        "for descheduled partners (2 threads ran a training 2.7x slower than 1 there)",
+    )
+    parser.add_argument(
+        "--ratio-of",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="what the last line's worst ratio compares: wall seconds (default) or CPU seconds per "
+        "unit (steadier on a machine others load)",
+    )
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print the table of an earlier run's bench_scale.json and stop"
+    )
     args = parser.parse_args(argv)
     cost = "seconds" if args.ratio_of == "wall" else "cpu"
     if args.report is not None:
@@ -300,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     demo = prepare_demo(work / "demo")  # the tiny models (their tokenizers learn the demo's words)
     models = Path(demo["data"]).parent / "models"
-    print(f"bench_scale: N = {', '.join(f'{n:,}' for n in args.items)}; {args.epochs} epoch(s) per method; "
-          f"torch threads {args.threads or 'default'}; work folder {work}", flush=True)
+    print(
+        f"bench_scale: N = {', '.join(f'{n:,}' for n in args.items)}; {args.epochs} epoch(s) per method; "
+        f"torch threads {args.threads or 'default'}; work folder {work}",
+        flush=True,
+    )
     rows = []
     for n_items in sorted(args.items):
         print(f"N = {n_items:,}", flush=True)

@@ -59,6 +59,7 @@ ray 2.60.0, prefect 3.7.7, prefect-ray 0.6.0):
   shards 2 workers ran at 0.88x of 1. The tiny LLaVA runs faster with one torch thread per process
   (Ray) than with two threads in one process (local).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,16 @@ def cpu_busy_percent(before, after) -> float | None:
     return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
 
 
-def bench_config(demo_root: Path, artifacts: Path, items: int | None, describe_shard: int, features_shard: int,
-                 runner: dict, max_tokens: int | None = None, views: int | None = None) -> dict:
+def bench_config(
+    demo_root: Path,
+    artifacts: Path,
+    items: int | None,
+    describe_shard: int,
+    features_shard: int,
+    runner: dict,
+    max_tokens: int | None = None,
+    views: int | None = None,
+) -> dict:
     from leccr.prompts import default_views
     from tests.conftest import demo_config_dict
 
@@ -118,7 +127,8 @@ def bench_config(demo_root: Path, artifacts: Path, items: int | None, describe_s
         for media in ("image", "video"):
             shipped = list(default_views(media).items())
             data["describe"][f"{media}_views"] = {
-                f"{shipped[k % len(shipped)][0]}{k}": f"{shipped[k % len(shipped)][1]} (view {k})" for k in range(views)}
+                f"{shipped[k % len(shipped)][0]}{k}": f"{shipped[k % len(shipped)][1]} (view {k})" for k in range(views)
+            }
     data["features"]["shard_size"] = features_shard
     data["runner"] = runner
     return data
@@ -142,8 +152,12 @@ def start_ray(num_cpus: int, verbose: bool) -> dict:
 
     started = time.perf_counter()
     # As the flow's own runner does when it starts Ray: workers report to this process's Prefect API.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose,
-             runtime_env={"env_vars": worker_prefect_env()})
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=verbose,
+        runtime_env={"env_vars": worker_prefect_env()},
+    )
     init_s = time.perf_counter() - started
 
     @ray.remote(num_cpus=1)
@@ -173,14 +187,18 @@ def worker_imports_s() -> float:
     what every Ray worker process pays before its first Prefect task starts (a subprocess, outside Ray)."""
     import subprocess
 
-    code = ("import time; t = time.perf_counter(); import leccr.flows.pipeline, leccr.stages.describe, leccr.stages.features, "
-            "leccr.engines.mllm, leccr.features.vision, torch, transformers; print(time.perf_counter() - t)")
+    code = (
+        "import time; t = time.perf_counter(); "
+        "import leccr.flows.pipeline, leccr.stages.describe, leccr.stages.features, "
+        "leccr.engines.mllm, leccr.features.vision, torch, transformers; print(time.perf_counter() - t)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     return round(float(out.stdout.strip().splitlines()[-1]), 2)
 
 
-def stage_spans(flow_run_id, flow_started: float, stages: tuple[str, ...]
-                ) -> tuple[dict[str, dict[str, float]], list[list]]:
+def stage_spans(
+    flow_run_id, flow_started: float, stages: tuple[str, ...]
+) -> tuple[dict[str, dict[str, float]], list[list]]:
     """Per stage: `seconds` from the end of its last upstream task to the end of its finishing task, and
     `in_tasks` from the start of its first task to that end; every task run as [name, start, end] in
     seconds after the flow call (the timeline)."""
@@ -191,19 +209,29 @@ def stage_spans(flow_run_id, flow_started: float, stages: tuple[str, ...]
 
     with get_client(sync_client=True) as client:
         inner = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
         ids = [flow_run_id] + [run.id for run in inner]  # Ray runs nest a flow; local runs do not
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200)
-    timeline = [[run.name, round(run.start_time.timestamp() - flow_started, 2) if run.start_time else None,
-                 round(run.end_time.timestamp() - flow_started, 2) if run.end_time else None] for run in task_runs]
+    timeline = [
+        [
+            run.name,
+            round(run.start_time.timestamp() - flow_started, 2) if run.start_time else None,
+            round(run.end_time.timestamp() - flow_started, 2) if run.end_time else None,
+        ]
+        for run in task_runs
+    ]
     timeline.sort(key=lambda row: (row[1] is None, row[1]))
     # A stage's tasks: "{stage}" (the finishing task), "{stage}-prepare", "{stage}-shards-{i}-of-{n}".
     ends = {run.name: run.end_time.timestamp() for run in task_runs if run.end_time is not None}
     spans = {}
     for stage in stages:
         ready = max(ends[up] for up in get_stage(stage).upstream)
-        first = min(run.start_time.timestamp() for run in task_runs
-                    if run.start_time is not None and (run.name == stage or run.name.startswith(f"{stage}-")))
+        first = min(
+            run.start_time.timestamp()
+            for run in task_runs
+            if run.start_time is not None and (run.name == stage or run.name.startswith(f"{stage}-"))
+        )
         spans[stage] = {"seconds": ends[stage] - ready, "in_tasks": ends[stage] - first}
     return spans, timeline
 
@@ -247,13 +275,17 @@ def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool, 
     result["stages"] = {}
     for stage in stages:
         parts = shard_parts(Path(paths[stage]))
-        result["stages"][stage] = {"seconds": round(spans[stage]["seconds"], 2),
-                                   "in_tasks": round(spans[stage]["in_tasks"], 2), "shards": len(parts)}
+        result["stages"][stage] = {
+            "seconds": round(spans[stage]["seconds"], 2),
+            "in_tasks": round(spans[stage]["in_tasks"], 2),
+            "shards": len(parts),
+        }
         per_shard = shard_seconds(parts)
         if label != "ray x2" and per_shard is not None:
             # one worker commits its shards one after another: what is left is the stage's fixed cost
-            result["stages"][stage].update(shard_s=round(per_shard, 2),
-                                           fixed_s=round(spans[stage]["seconds"] - len(parts) * per_shard, 2))
+            result["stages"][stage].update(
+                shard_s=round(per_shard, 2), fixed_s=round(spans[stage]["seconds"] - len(parts) * per_shard, 2)
+            )
     result["tasks"] = timeline
     return result
 
@@ -288,8 +320,10 @@ def table(results: list[dict], stages: tuple[str, ...]) -> str:
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.2f}"
 
-    lines = [f"{'stage':<9} {'runner':<6} {'workers':>7} {'shards':>6} {'seconds':>8} {'shards/s':>8} {'x2/x1':>6}"
-             f" {'in tasks':>8} {'x2/x1':>6} {'shard s':>7} {'fixed s':>7} {'flow s':>7}"]
+    lines = [
+        f"{'stage':<9} {'runner':<6} {'workers':>7} {'shards':>6} {'seconds':>8} {'shards/s':>8} {'x2/x1':>6}"
+        f" {'in tasks':>8} {'x2/x1':>6} {'shard s':>7} {'fixed s':>7} {'flow s':>7}"
+    ]
     for stage in stages:
         for label, runs in by_runner.items():
             seconds = median(label, stage)
@@ -297,11 +331,13 @@ def table(results: list[dict], stages: tuple[str, ...]) -> str:
             workers = "threads" if label == "local" else label.split("x")[1]
             flow_s = statistics.median(r["flow_s"] for r in runs)
             in_tasks = median(label, stage, "in_tasks")
-            lines.append(f"{stage:<9} {label.split()[0]:<6} {workers:>7} {shards:>6} {seconds:>8.2f} "
-                         f"{shards / seconds:>8.2f} {ratio(label, stage, 'seconds'):>6} "
-                         f"{in_tasks:>8.2f} {ratio(label, stage, 'in_tasks'):>6} "
-                         f"{cell(median(label, stage, 'shard_s')):>7} {cell(median(label, stage, 'fixed_s')):>7} "
-                         f"{flow_s:>7.1f}")
+            lines.append(
+                f"{stage:<9} {label.split()[0]:<6} {workers:>7} {shards:>6} {seconds:>8.2f} "
+                f"{shards / seconds:>8.2f} {ratio(label, stage, 'seconds'):>6} "
+                f"{in_tasks:>8.2f} {ratio(label, stage, 'in_tasks'):>6} "
+                f"{cell(median(label, stage, 'shard_s')):>7} {cell(median(label, stage, 'fixed_s')):>7} "
+                f"{flow_s:>7.1f}"
+            )
         lines.append(break_even(stage, median))
     return "\n".join(line for line in lines if line)
 
@@ -309,34 +345,48 @@ def table(results: list[dict], stages: tuple[str, ...]) -> str:
 def break_even(stage: str, median) -> str:
     """From the measured fixed cost F and per-shard seconds: with N shards, 1 Ray worker takes F + N*S1,
     2 take F + N*S1/2, the local runner N*S_local (no fixed cost past its model load)."""
-    fixed, s1, s_local = median("ray x1", stage, "fixed_s"), median("ray x1", stage, "shard_s"), median("local", stage, "shard_s")
+    fixed, s1, s_local = (
+        median("ray x1", stage, "fixed_s"),
+        median("ray x1", stage, "shard_s"),
+        median("local", stage, "shard_s"),
+    )
     if fixed is None or s1 is None:
         return ""
-    parts = [f"  {stage}: fixed cost on Ray {fixed:.1f} s per stage, {s1:.2f} s per shard on 1 worker; "
-             f"2 workers reach x2/x1 >= 1.7 from {max(0.0, fixed / (0.15 * s1) * 0.7):.0f} shards "
-             f"({max(0.0, 4.67 * fixed):.0f} s of shard work)"]
+    parts = [
+        f"  {stage}: fixed cost on Ray {fixed:.1f} s per stage, {s1:.2f} s per shard on 1 worker; "
+        f"2 workers reach x2/x1 >= 1.7 from {max(0.0, fixed / (0.15 * s1) * 0.7):.0f} shards "
+        f"({max(0.0, 4.67 * fixed):.0f} s of shard work)"
+    ]
     if s_local is not None and s_local > s1 / 2:
-        parts.append(f"; beat the local runner ({s_local:.2f} s per shard) from "
-                     f"{fixed / (s_local - s1 / 2):.0f} shards")
+        parts.append(
+            f"; beat the local runner ({s_local:.2f} s per shard) from {fixed / (s_local - s1 / 2):.0f} shards"
+        )
     return "".join(parts)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items-per-split", type=int, default=None,
-                        help="dataset.max_items_per_split (default: every demo item, 50/17/17)")
+    parser.add_argument(
+        "--items-per-split",
+        type=int,
+        default=None,
+        help="dataset.max_items_per_split (default: every demo item, 50/17/17)",
+    )
     parser.add_argument("--describe-shard-size", type=int, default=4, help="items per describe shard")
     parser.add_argument("--features-shard-size", type=int, default=4, help="items per visual/description shard")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
-    parser.add_argument("--stages", default=",".join(STAGES), help="stages to time (comma-separated; upstream ones run untimed)")
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help="stages to time (comma-separated; upstream ones run untimed)"
+    )
     parser.add_argument("--max-tokens", type=int, help="describe.max_tokens (default: the demo's 24)")
     parser.add_argument("--views", type=int, help="describe views (prompts) per item (default: the 4 shipped ones)")
     parser.add_argument("--repeats", type=int, default=1, help="flow runs per runner (median reported)")
     parser.add_argument("--runners", default="local,ray x1,ray x2", help="comma-separated subset")
     parser.add_argument("--demo-root", type=Path, help="a built demo folder (data/, models/) to reuse")
     parser.add_argument("--out", type=Path, help="write the raw results as JSON")
-    parser.add_argument("--timeline", action="store_true",
-                        help="print every task run's start and end (seconds after the flow call)")
+    parser.add_argument(
+        "--timeline", action="store_true", help="print every task run's start and end (seconds after the flow call)"
+    )
     parser.add_argument("--verbose", action="store_true", help="keep Prefect/Ray/transformers logs")
     args = parser.parse_args(argv)
     _quiet_env(args.verbose)
@@ -346,10 +396,15 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     cpu_before = _cpu_times()
-    report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                "load_avg_before": [round(x, 2) for x in os.getloadavg()],
-                                "driver_torch_threads": torch.get_num_threads()},
-                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    report: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_avg_before": [round(x, 2) for x in os.getloadavg()],
+            "driver_torch_threads": torch.get_num_threads(),
+        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
     wanted = [name.strip() for name in args.runners.split(",")]
     stages = tuple(name.strip() for name in args.stages.split(","))
     configs = {name: runner for name, runner in runners(args.num_cpus, stages).items() if name in wanted}
@@ -368,11 +423,19 @@ def main(argv: list[str] | None = None) -> dict:
         results = []
         for repeat in range(args.repeats):
             for label, runner in configs.items():
-                data = bench_config(demo_root.absolute(), tmp / f"{label.replace(' ', '')}-{repeat}" / "artifacts",
-                                    args.items_per_split, args.describe_shard_size, args.features_shard_size, runner,
-                                    args.max_tokens, args.views)
-                result = run_one(label, data, tmp / f"{label.replace(' ', '')}-{repeat}", args.num_cpus, args.verbose,
-                                 stages)
+                data = bench_config(
+                    demo_root.absolute(),
+                    tmp / f"{label.replace(' ', '')}-{repeat}" / "artifacts",
+                    args.items_per_split,
+                    args.describe_shard_size,
+                    args.features_shard_size,
+                    runner,
+                    args.max_tokens,
+                    args.views,
+                )
+                result = run_one(
+                    label, data, tmp / f"{label.replace(' ', '')}-{repeat}", args.num_cpus, args.verbose, stages
+                )
                 results.append(result)
                 print(json.dumps({k: v for k, v in result.items() if k != "tasks"}), flush=True)
                 if args.timeline:
@@ -386,16 +449,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(results, stages))
     if ray_starts:
         init_s = statistics.median(r["ray_init_s"] for r in ray_starts)
-        print(f"\nRay start (separate, not in any row): ray.init {init_s:.2f} s, "
-              f"first trivial task {statistics.median(r['first_task_s'] for r in ray_starts):.2f} s "
-              f"(median of {len(ray_starts)}); a 1-CPU Ray task sees {ray_starts[0]['worker']}; "
-              f"driver torch threads {report['machine']['driver_torch_threads']}")
-    print(f"A fresh interpreter imports the flow, the stages, torch and transformers in {report['worker_imports_s']} s "
-          "(every Ray worker pays it before its first task: inside the Ray rows)")
+        print(
+            f"\nRay start (separate, not in any row): ray.init {init_s:.2f} s, "
+            f"first trivial task {statistics.median(r['first_task_s'] for r in ray_starts):.2f} s "
+            f"(median of {len(ray_starts)}); a 1-CPU Ray task sees {ray_starts[0]['worker']}; "
+            f"driver torch threads {report['machine']['driver_torch_threads']}"
+        )
+    print(
+        f"A fresh interpreter imports the flow, the stages, torch and transformers in {report['worker_imports_s']} s "
+        "(every Ray worker pays it before its first task: inside the Ray rows)"
+    )
     machine = report["machine"]
-    print(f"Prefect temporary server start (once): {report['prefect_server_start_s']} s; load average before/after: "
-          f"{machine['load_avg_before']} / {machine['load_avg_after']}; machine CPU busy over the run (this benchmark "
-          f"and anything else): {machine['cpu_busy_percent']} %")
+    print(
+        f"Prefect temporary server start (once): {report['prefect_server_start_s']} s; load average before/after: "
+        f"{machine['load_avg_before']} / {machine['load_avg_after']}; machine CPU busy over the run (this benchmark "
+        f"and anything else): {machine['cpu_busy_percent']} %"
+    )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return report

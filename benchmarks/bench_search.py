@@ -30,6 +30,7 @@
 3. --http-root: the same load test over a real index artifact (benchmarks/bench_scale.py's 31,014
    items, say), its items' captions as queries: one process against one per core.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ from leccr.engines.vectors import ExactIndex, build_faiss, faiss_missing
 K = 10
 
 
-def clustered(n: int, dim: int, seed: int, centres: np.ndarray | None = None, concepts: int = 1000
-              ) -> tuple[np.ndarray, np.ndarray]:
+def clustered(
+    n: int, dim: int, seed: int, centres: np.ndarray | None = None, concepts: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """(unit vectors [n, dim] float32, the centres), built in blocks so 1M x 256 stays at ~1 GiB."""
     rng = np.random.default_rng(seed)
     if centres is None:
@@ -65,8 +67,9 @@ def clustered(n: int, dim: int, seed: int, centres: np.ndarray | None = None, co
     for start in range(0, n, 100_000):
         rows = min(100_000, n - start)
         block = centres[rng.integers(0, len(centres), rows)] + rng.standard_normal((rows, dim)).astype(
-            np.float32) * np.float32(1.2 / np.sqrt(dim))
-        out[start:start + rows] = block / np.linalg.norm(block, axis=1, keepdims=True)
+            np.float32
+        ) * np.float32(1.2 / np.sqrt(dim))
+        out[start : start + rows] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out, centres
 
 
@@ -91,8 +94,11 @@ def per_query(index, queries: np.ndarray) -> tuple[list[float], np.ndarray]:
 
 def summary(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
-    return {"p50_ms": 1e3 * ordered[len(ordered) // 2], "p95_ms": 1e3 * ordered[int(0.95 * (len(ordered) - 1))],
-            "qps": len(times) / sum(times)}
+    return {
+        "p50_ms": 1e3 * ordered[len(ordered) // 2],
+        "p95_ms": 1e3 * ordered[int(0.95 * (len(ordered) - 1))],
+        "qps": len(times) / sum(times),
+    }
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -103,8 +109,10 @@ def bench_vectors(n: int, dim: int, n_queries: int, hnsw_max: int, concepts: int
     started = time.perf_counter()
     items, _ = clustered(n, dim, seed=0, concepts=concepts)
     queries = near(items, n_queries, seed=1)
-    print(f"\n== {n:,} items x {dim} around {concepts} centres (data {time.perf_counter() - started:.1f}s), "
-          f"{n_queries} queries, top {K}")
+    print(
+        f"\n== {n:,} items x {dim} around {concepts} centres (data {time.perf_counter() - started:.1f}s), "
+        f"{n_queries} queries, top {K}"
+    )
     exact = ExactIndex(items)
     exact_times, truth = per_query(exact, queries)
     base = summary(exact_times)
@@ -119,9 +127,11 @@ def bench_vectors(n: int, dim: int, n_queries: int, hnsw_max: int, concepts: int
         rows.append((index.kind, summary(times), recall(found, truth), build_s))
         del index
     for name, stats, hit_rate, build_s in rows:
-        print(f"  {name:<11} p50 {stats['p50_ms']:7.2f} ms  p95 {stats['p95_ms']:7.2f} ms  {stats['qps']:8.1f} q/s  "
-              f"recall@{K} {hit_rate:.3f}  build {build_s:6.1f}s  "
-              f"p95 x{stats['p95_ms'] / base['p95_ms']:.3f} of exact, q/s x{stats['qps'] / base['qps']:.1f}")
+        print(
+            f"  {name:<11} p50 {stats['p50_ms']:7.2f} ms  p95 {stats['p95_ms']:7.2f} ms  {stats['qps']:8.1f} q/s  "
+            f"recall@{K} {hit_rate:.3f}  build {build_s:6.1f}s  "
+            f"p95 x{stats['p95_ms'] / base['p95_ms']:.3f} of exact, q/s x{stats['qps'] / base['qps']:.1f}"
+        )
     if missing:
         print(f"  (FAISS rows left out: {missing})")
     elif n > hnsw_max:
@@ -135,13 +145,37 @@ def synthetic_index(folder: Path, n: int, dim: int, slots: int) -> tuple[Path, P
     import torch
 
     from leccr.models import create_model
-    from leccr.tiny_models.text import build_text_encoder
-    from leccr.training.checkpoint import save_model, save_text_encoder
     from leccr.schemas.core import write_table
     from leccr.schemas.index import INDEX_ITEMS, embeddings_schema
+    from leccr.tiny_models.text import build_text_encoder
+    from leccr.training.checkpoint import save_model, save_text_encoder
 
-    words = ["ein", "Hund", "rennt", "durch", "den", "Schnee", "eine", "Katze", "schläft", "auf", "dem", "Sofa",
-             "a", "dog", "runs", "through", "the", "snow", "red", "blue", "circle", "square", "rot", "blau"]
+    words = [
+        "ein",
+        "Hund",
+        "rennt",
+        "durch",
+        "den",
+        "Schnee",
+        "eine",
+        "Katze",
+        "schläft",
+        "auf",
+        "dem",
+        "Sofa",
+        "a",
+        "dog",
+        "runs",
+        "through",
+        "the",
+        "snow",
+        "red",
+        "blue",
+        "circle",
+        "square",
+        "rot",
+        "blau",
+    ]
     rng = np.random.default_rng(3)
     corpus = [" ".join(rng.choice(words, 6)) for _ in range(300)]
     encoder = build_text_encoder(folder / "text_encoder", corpus, seed=0)
@@ -155,18 +189,51 @@ def synthetic_index(folder: Path, n: int, dim: int, slots: int) -> tuple[Path, P
     slot_values = clustered(n * slots, dim, seed=2, centres=centres)[0].reshape(n, slots * dim)
     index_dir = folder / "index"
     ids = [f"item{i:07d}" for i in range(n)]
-    write_table(pa.Table.from_pylist([{"item_id": i, "split": "test", "media_type": "image", "path": None,
-                                       "captions": [{"lang": "en", "kind": "human", "text": "synthetic"}],
-                                       "description": None} for i in ids], schema=INDEX_ITEMS),
-                index_dir / "items.parquet", INDEX_ITEMS)
+    write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "item_id": i,
+                    "split": "test",
+                    "media_type": "image",
+                    "path": None,
+                    "captions": [{"lang": "en", "kind": "human", "text": "synthetic"}],
+                    "description": None,
+                }
+                for i in ids
+            ],
+            schema=INDEX_ITEMS,
+        ),
+        index_dir / "items.parquet",
+        INDEX_ITEMS,
+    )
     (index_dir / "leccr").mkdir(parents=True)
-    write_table(pa.table({"method": ["leccr"] * n, "item_id": ids, "split": ["test"] * n, "path": pa.array([None] * n, pa.string()),
-                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-                          "slots": pa.FixedSizeListArray.from_arrays(pa.array(slot_values.reshape(-1)), slots * dim)}),
-                index_dir / "leccr" / "embeddings.parquet", embeddings_schema(dim, slots * dim))
-    info = {"method": "leccr", "alpha": 0.9, "embed_dim": dim, "num_slots": slots, "items": n,
-            "languages": ["en", "de"], "max_length": 48, "calibration_split": "test",
-            "ranges": {"*": {"global": [-1.0, 1.0], "slot": [-1.0, 1.0]}}, "ann": None}
+    write_table(
+        pa.table(
+            {
+                "method": ["leccr"] * n,
+                "item_id": ids,
+                "split": ["test"] * n,
+                "path": pa.array([None] * n, pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+                "slots": pa.FixedSizeListArray.from_arrays(pa.array(slot_values.reshape(-1)), slots * dim),
+            }
+        ),
+        index_dir / "leccr" / "embeddings.parquet",
+        embeddings_schema(dim, slots * dim),
+    )
+    info = {
+        "method": "leccr",
+        "alpha": 0.9,
+        "embed_dim": dim,
+        "num_slots": slots,
+        "items": n,
+        "languages": ["en", "de"],
+        "max_length": 48,
+        "calibration_split": "test",
+        "ranges": {"*": {"global": [-1.0, 1.0], "slot": [-1.0, 1.0]}},
+        "ann": None,
+    }
     (index_dir / "leccr" / "index.json").write_text(json.dumps(info))
     return index_dir, folder / "train", corpus
 
@@ -182,11 +249,15 @@ def serving_setups(cores: int, queue_depth: int) -> list[tuple[str, ServeConfig]
     return [
         # What `leccr serve` did before SearchQueue: FastAPI ran each request in its thread pool (40
         # threads), each search on torch's default of one intra-op thread per core.
-        ("thread per request, torch x cores", ServeConfig(processes=1, workers=40, torch_threads=cores, max_batch=1,
-                                                          queue_depth=10_000)),
+        (
+            "thread per request, torch x cores",
+            ServeConfig(processes=1, workers=40, torch_threads=cores, max_batch=1, queue_depth=10_000),
+        ),
         ("1 worker x cores threads, batches", ServeConfig(processes=1, torch_threads=cores, queue_depth=queue_depth)),
-        ("cores workers x 1 thread, no batches", ServeConfig(processes=1, workers=cores, max_batch=1,
-                                                             queue_depth=queue_depth)),
+        (
+            "cores workers x 1 thread, no batches",
+            ServeConfig(processes=1, workers=cores, max_batch=1, queue_depth=queue_depth),
+        ),
         ("cores workers x 1 thread, batches", ServeConfig(processes=1, workers=cores, queue_depth=queue_depth)),
         ("1 process x 1 worker, batches", ServeConfig(processes=1, queue_depth=queue_depth)),
         *process_setups(cores, queue_depth),
@@ -272,17 +343,25 @@ def load_test(port: int, pid: int, queries: list[str], clients: int, lang: str =
     with ThreadPoolExecutor(clients) as pool:
         answers = [a for results in pool.map(client, [queries[i::clients] for i in range(clients)]) for a in results]
     answered = [a for a in answers if a is not None]
-    return {"answered": [a[0] for a in answered], "hits": [(a[1], a[2]) for a in answered], "sent": len(answers),
-            "wall": time.perf_counter() - began, "cpu": _cpu_seconds(pid) - cpu}
+    return {
+        "answered": [a[0] for a in answered],
+        "hits": [(a[1], a[2]) for a in answered],
+        "sent": len(answers),
+        "wall": time.perf_counter() - began,
+        "cpu": _cpu_seconds(pid) - cpu,
+    }
 
 
 def _cell(parts: list[dict], batches: list[int]) -> dict[str, float]:
     """One table cell from its rounds: q/s, p95 of the answered, share refused, server CPU ms per answer, mean batch."""
     answered = [t for part in parts for t in part["answered"]]
-    return {**summary(answered), "qps": len(answered) / sum(p["wall"] for p in parts),
-            "refused": 1 - len(answered) / sum(p["sent"] for p in parts),
-            "cpu_ms": 1e3 * sum(p["cpu"] for p in parts) / max(1, len(answered)),
-            "batch": float(np.mean(batches)) if batches else float("nan")}
+    return {
+        **summary(answered),
+        "qps": len(answered) / sum(p["wall"] for p in parts),
+        "refused": 1 - len(answered) / sum(p["sent"] for p in parts),
+        "cpu_ms": 1e3 * sum(p["cpu"] for p in parts) / max(1, len(answered)),
+        "batch": float(np.mean(batches)) if batches else float("nan"),
+    }
 
 
 def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth: int, rounds: int) -> None:
@@ -295,15 +374,18 @@ def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth:
         started = time.perf_counter()
         index_dir, train_dir, corpus = synthetic_index(Path(tmp), n, dim, slots=4)
         open_engine = partial(SearchEngine, index_dir, {"leccr": train_dir / "leccr"}, None, "cpu")
-        print(f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K}, "
-              f"{requests} requests per cell in {rounds} rounds, queue depth {queue_depth} "
-              f"(set-up {time.perf_counter() - started:.1f}s)")
+        print(
+            f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K}, "
+            f"{requests} requests per cell in {rounds} rounds, queue depth {queue_depth} "
+            f"(set-up {time.perf_counter() - started:.1f}s)"
+        )
         queries = [corpus[i % len(corpus)] for i in range(requests)]
         serve_and_load(open_engine, queries, "de", serving_setups(cores, queue_depth), clients, rounds)
 
 
-def bench_index(root: Path, experiment: str | None, requests: int, clients: list[int], queue_depth: int,
-                rounds: int, lang: str) -> None:
+def bench_index(
+    root: Path, experiment: str | None, requests: int, clients: list[int], queue_depth: int, rounds: int, lang: str
+) -> None:
     """The HTTP load test over a real index artifact (e.g. bench_scale's 31,014 items): queries are the
     indexed items' `lang` captions; one process as before against one per core."""
     import torch
@@ -316,13 +398,16 @@ def bench_index(root: Path, experiment: str | None, requests: int, clients: list
     captions = [c["text"] for item in engine.items for c in item["captions"] if c["lang"] == lang]
     step = max(1, len(captions) // requests)
     queries = captions[::step][:requests]
-    print(f"\n== HTTP over the index {engine.index_dir}: {len(engine.items):,} items, methods {engine.methods}, "
-          f"{requests} {lang} captions as queries per cell in {rounds} rounds, k {K}, candidates 200")
+    print(
+        f"\n== HTTP over the index {engine.index_dir}: {len(engine.items):,} items, methods {engine.methods}, "
+        f"{requests} {lang} captions as queries per cell in {rounds} rounds, k {K}, candidates 200"
+    )
     serve_and_load(open_engine, queries, lang, process_setups(cores, queue_depth), clients, rounds)
 
 
-def serve_and_load(open_engine, queries: list[str], lang: str, setups: list[tuple[str, ServeConfig]],
-                   clients: list[int], rounds: int) -> None:
+def serve_and_load(
+    open_engine, queries: list[str], lang: str, setups: list[tuple[str, ServeConfig]], clients: list[int], rounds: int
+) -> None:
     """Each setup's server in a process of its own; the same queries at each client count, in rounds;
     per cell queries/s, p95, share refused, server CPU per answer, mean batch; every answer checked
     against the same query searched in this process (the same hits, in the same order)."""
@@ -333,8 +418,9 @@ def serve_and_load(open_engine, queries: list[str], lang: str, setups: list[tupl
     engine = open_engine()
     cores = torch.get_num_threads()
     torch.set_num_threads(1)
-    expected = {text: [hit.item_id for hit in engine.search([text], lang, "leccr", K)[0]]
-                for text in dict.fromkeys(queries)}
+    expected = {
+        text: [hit.item_id for hit in engine.search([text], lang, "leccr", K)[0]] for text in dict.fromkeys(queries)
+    }
 
     def in_process() -> list[float]:
         times = []
@@ -347,11 +433,15 @@ def serve_and_load(open_engine, queries: list[str], lang: str, setups: list[tupl
     with ThreadPoolExecutor(1) as worker:  # in a worker thread, as the server's workers run it
         direct = summary(worker.submit(in_process).result())
     torch.set_num_threads(cores)
-    del engine
-    print(f"  in-process, 1 torch thread: p50 {direct['p50_ms']:.2f} ms  p95 {direct['p95_ms']:.2f} ms  "
-          f"{direct['qps']:.1f} q/s")
-    print("  server in its own process(es); clients in this one; per cell: queries/s, p95 ms, share refused, "
-          "the server's CPU ms per answered query, mean batch (n/a: several processes)")
+    engine = None  # its memory back before the servers start
+    print(
+        f"  in-process, 1 torch thread: p50 {direct['p50_ms']:.2f} ms  p95 {direct['p95_ms']:.2f} ms  "
+        f"{direct['qps']:.1f} q/s"
+    )
+    print(
+        "  server in its own process(es); clients in this one; per cell: queries/s, p95 ms, share refused, "
+        "the server's CPU ms per answered query, mean batch (n/a: several processes)"
+    )
     print(f"  {'':<40}" + "".join(f"{f'{c} client' + ('s' if c > 1 else ''):<37}" for c in clients))
     # Each setup's server runs in a process of its own, as `leccr serve` does: its CPU time is its
     # own, and the clients' threads take no share of its GIL. Spawned, not forked: OpenMP does not
@@ -381,7 +471,7 @@ def serve_and_load(open_engine, queries: list[str], lang: str, setups: list[tupl
                     control.send(True)
                     sizes = control.recv()
                     if sizes is not None:
-                        batches[s, count] += sizes[seen[s]:]
+                        batches[s, count] += sizes[seen[s] :]
                         seen[s] = len(sizes)
     finally:
         for _, process, control in servers:
@@ -391,11 +481,14 @@ def serve_and_load(open_engine, queries: list[str], lang: str, setups: list[tupl
     for s, (name, _) in enumerate(setups):
         rows = [_cell(parts[s, c], batches[s, c]) for c in clients]
         wrong = sum(hits != expected[text] for c in clients for part in parts[s, c] for text, hits in part["hits"])
-        cells = "".join(f"{r['qps']:6.1f} {r['p95_ms']:7.1f} {100 * r['refused']:5.1f}% {r['cpu_ms']:5.1f} "
-                        f"{r['batch']:4.1f}     " for r in rows)
-        ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, "
-                         f"x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
-                         for c, r in zip(clients[1:], rows[1:], strict=True))
+        cells = "".join(
+            f"{r['qps']:6.1f} {r['p95_ms']:7.1f} {100 * r['refused']:5.1f}% {r['cpu_ms']:5.1f} {r['batch']:4.1f}     "
+            for r in rows
+        )
+        ratios = "".join(
+            f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
+            for c, r in zip(clients[1:], rows[1:], strict=True)
+        )
         same = "same hits" if not wrong else f"{wrong} answers with other hits"
         print(f"  {name:<40}{cells}{ratios}  ({same})", flush=True)
 
@@ -428,11 +521,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-requests", type=int, default=200, help="requests per load-test row")
     parser.add_argument("--http-clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--http-rounds", type=int, default=3, help="rounds over every setup per load-test cell")
-    parser.add_argument("--http-queue-depth", type=int, default=8,
-                        help="ServeConfig.queue_depth of the pooled setups (small: 16 clients overflow it)")
-    parser.add_argument("--http-root", type=Path, default=None,
-                        help="an artifacts root: load-test its index (one process against one per core) instead "
-                             "of the synthetic one, with its items' captions as queries")
+    parser.add_argument(
+        "--http-queue-depth",
+        type=int,
+        default=8,
+        help="ServeConfig.queue_depth of the pooled setups (small: 16 clients overflow it)",
+    )
+    parser.add_argument(
+        "--http-root",
+        type=Path,
+        default=None,
+        help="an artifacts root: load-test its index (one process against one per core) instead "
+        "of the synthetic one, with its items' captions as queries",
+    )
     parser.add_argument("--http-experiment", default=None, help="with --http-root: that experiment's index")
     parser.add_argument("--http-lang", default="de", help="with --http-root: the queries' language (default de)")
     args = parser.parse_args(argv)
@@ -442,11 +543,19 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         bench_vectors(n, args.dim, args.queries, args.hnsw_max, args.concepts)
     if args.http_root is not None:
-        bench_index(args.http_root, args.http_experiment, args.http_requests, args.http_clients,
-                    args.http_queue_depth, args.http_rounds, args.http_lang)
+        bench_index(
+            args.http_root,
+            args.http_experiment,
+            args.http_requests,
+            args.http_clients,
+            args.http_queue_depth,
+            args.http_rounds,
+            args.http_lang,
+        )
     elif args.http_items:
-        bench_http(args.http_items, args.dim, args.http_requests, args.http_clients, args.http_queue_depth,
-                   args.http_rounds)
+        bench_http(
+            args.http_items, args.dim, args.http_requests, args.http_clients, args.http_queue_depth, args.http_rounds
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ And in one process (after the imports): opening the index, the first model load,
 ranked query. The goal (issue: <= 3 s wall on the demo) is read against these: the imports of (3) are
 the floor of a one-shot command; `leccr serve` (or the engine in a script) pays them once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         "python -c pass": [python, "-c", "pass"],
         "import torch": [python, "-c", "import torch"],
         "import torch, transformers (+ Auto classes)": [
-            python, "-c", "import torch, transformers; from transformers import AutoTokenizer, AutoModel"],
+            python,
+            "-c",
+            "import torch, transformers; from transformers import AutoTokenizer, AutoModel",
+        ],
         "leccr search '' (refused)": [*leccr, "", "--lang", args.lang, "--root", args.root],
         "leccr search QUERY (whole)": [*leccr, args.query, "--lang", args.lang, "--root", args.root, "--json"],
     }

@@ -30,6 +30,7 @@ time over the bare step time (goal < 1.10) and the reader's share: collating a b
 The tiny text encoder (2 layers, 64-d) makes re-encoding cheap here; with mBERT (12 layers, 768-d,
 200-token descriptions) the description pass is a full encoder forward per step and the gap widens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,12 @@ def run_variant(spec: dict) -> dict:
     info = json.loads((features / "features_info.json").read_text())
     cfg = TrainConfig(methods=[spec["method"]], model_size="tiny", lr=1e-3, batch_size=spec["batch_size"])
     torch.manual_seed(0)
-    model = create_model(f"{spec['method']}-image-tiny", text_encoder_path=spec["text_encoder"],
-                         visual_input_dim=info["visual"]["visual_dim"], **spec["overrides"])
+    model = create_model(
+        f"{spec['method']}-image-tiny",
+        text_encoder_path=spec["text_encoder"],
+        visual_input_dim=info["visual"]["visual_dim"],
+        **spec["overrides"],
+    )
     use_states = model.config.reads_cached_description_states
     samples = MultilingualSamples(features, ["de", "fr", "zh"], "train", "empty", use_states)
     batches = [samples.collate(b) for b in epoch_batches(len(samples), cfg.batch_size, 0, 0)]
@@ -104,8 +109,11 @@ def run_variant(spec: dict) -> dict:
         one(batches[i % len(batches)])
         peak = max(peak, _rss_mib())
     seconds = time.perf_counter() - started
-    return {"steps_per_s": spec["steps"] / seconds, "step_mib": peak - before,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "steps_per_s": spec["steps"] / seconds,
+        "step_mib": peak - before,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def run_overhead(spec: dict) -> dict:
@@ -123,9 +131,17 @@ def run_overhead(spec: dict) -> dict:
     from leccr.training.loop import LossStep, build_optimizer, linear_warmup_schedule
 
     features, languages = Path(spec["features"]), ["de", "fr", "zh"]
-    cfg = TrainConfig(methods=["leccr"], model_size="tiny", lr=1e-3, batch_size=spec["batch_size"],
-                      epochs=spec["epochs"], val_split=None, max_grad_norm=5.0,
-                      checkpoint_every=spec["checkpoint_every"], models={"leccr": {"num_slots": 2}})
+    cfg = TrainConfig(
+        methods=["leccr"],
+        model_size="tiny",
+        lr=1e-3,
+        batch_size=spec["batch_size"],
+        epochs=spec["epochs"],
+        val_split=None,
+        max_grad_norm=5.0,
+        checkpoint_every=spec["checkpoint_every"],
+        models={"leccr": {"num_slots": 2}},
+    )
     model_config = get_model_config(cfg.model_name("leccr"), **cfg.models["leccr"])
     use_states = model_config.reads_cached_description_states
     samples = MultilingualSamples(features, languages, "train", cfg.missing_descriptions, use_states)
@@ -183,8 +199,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=REPO / "artifacts" / "bench_train")
     parser.add_argument("--overhead", action="store_true", help="only the loop-overhead comparison")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the loop-overhead comparison")
-    parser.add_argument("--checkpoint-every", type=int, default=0,
-                        help="loop-overhead comparison: resume state every N steps (0: at epoch ends)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="loop-overhead comparison: resume state every N steps (0: at epoch ends)",
+    )
     parser.add_argument("--variant-json", help=argparse.SUPPRESS)
     parser.add_argument("--overhead-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,36 +216,63 @@ def main() -> None:
         return
     features, text_encoder = prepare(args.root)
     if args.overhead:
-        spec = {"features": str(features), "text_encoder": text_encoder, "batch_size": args.batch_size,
-                "epochs": args.epochs, "checkpoint_every": args.checkpoint_every, "threads": args.threads}
-        out = subprocess.run([sys.executable, __file__, "--overhead-json", json.dumps(spec)], cwd=REPO,
-                             capture_output=True, text=True)
+        spec = {
+            "features": str(features),
+            "text_encoder": text_encoder,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "checkpoint_every": args.checkpoint_every,
+            "threads": args.threads,
+        }
+        out = subprocess.run(
+            [sys.executable, __file__, "--overhead-json", json.dumps(spec)], cwd=REPO, capture_output=True, text=True
+        )
         if out.returncode != 0:
             raise SystemExit(out.stderr[-3000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"\nleccr (cached states), {r['steps']} steps ({args.epochs} epochs), batch {args.batch_size}, "
-              f"{args.threads} thread(s), checkpoint_every {args.checkpoint_every}")
+        print(
+            f"\nleccr (cached states), {r['steps']} steps ({args.epochs} epochs), batch {args.batch_size}, "
+            f"{args.threads} thread(s), checkpoint_every {args.checkpoint_every}"
+        )
         print(f"  bare step (in-memory batches) {r['bare_step_s'] * 1000:8.2f} ms")
         print(f"  real loop step                {r['loop_step_s'] * 1000:8.2f} ms")
         print(f"  loop / bare: {r['loop_step_s'] / r['bare_step_s']:.3f}x (goal < 1.10)")
-        print(f"  reader: collating one batch {r['collate_s'] * 1000:.2f} ms = "
-              f"{r['collate_s'] / r['bare_step_s']:.3f} of a bare step")
+        print(
+            f"  reader: collating one batch {r['collate_s'] * 1000:.2f} ms = "
+            f"{r['collate_s'] / r['bare_step_s']:.3f} of a bare step"
+        )
         return
     results = {}
     for name, (method, overrides) in VARIANTS.items():
-        spec = {"method": method, "overrides": overrides, "features": str(features), "text_encoder": text_encoder,
-                "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads}
-        out = subprocess.run([sys.executable, __file__, "--variant-json", json.dumps(spec)], cwd=REPO,
-                             capture_output=True, text=True, check=True)
+        spec = {
+            "method": method,
+            "overrides": overrides,
+            "features": str(features),
+            "text_encoder": text_encoder,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+        }
+        out = subprocess.run(
+            [sys.executable, __file__, "--variant-json", json.dumps(spec)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["baseline"]
     print(f"\n{args.steps} steps, batch {args.batch_size}, {args.threads} thread(s), demo shapes, CPU\n")
     print(f"{'variant':<32} {'steps/s':>8} {'step time x':>12} {'train MiB':>10} {'memory x':>9} {'peak RSS MiB':>13}")
     for name, r in results.items():
-        print(f"{name:<32} {r['steps_per_s']:>8.2f} {base['steps_per_s'] / r['steps_per_s']:>12.2f} "
-              f"{r['step_mib']:>10.1f} {r['step_mib'] / max(base['step_mib'], 1e-9):>9.2f} {r['peak_rss_mib']:>13.0f}")
-    print("(train MiB: resident memory the training steps add over the loaded model and data; peak RSS: the\n"
-          " whole process, imports included)")
+        print(
+            f"{name:<32} {r['steps_per_s']:>8.2f} {base['steps_per_s'] / r['steps_per_s']:>12.2f} "
+            f"{r['step_mib']:>10.1f} {r['step_mib'] / max(base['step_mib'], 1e-9):>9.2f} {r['peak_rss_mib']:>13.0f}"
+        )
+    print(
+        "(train MiB: resident memory the training steps add over the loaded model and data; peak RSS: the\n"
+        " whole process, imports included)"
+    )
     cached, shared = results["leccr (cached states)"], results["leccr (re-encode descriptions)"]
     print(f"\ncached description states vs re-encoding: {cached['steps_per_s'] / shared['steps_per_s']:.2f}x steps/s")
 

@@ -20,6 +20,7 @@ Two comparisons, each against the same config on the CPU:
      and train.nproc = the GPU count, against CPU in fp32 with one process: throughput of each stage,
      the largest difference of a visual feature, and SumR per method and language.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
-PIPELINE = ("dataset", "translate", "describe", "visual", "features", "train[baseline]", "train[cl2cm]",
-            "train[leccr]", "evaluate")
-VLLM_INSTALL = ("vLLM is not installed in this environment: install the CUDA extra, `pip install -e \".[vllm]\"` "
-                "(vllm 0.32.0; it needs torch 2.13.0, transformers <5.20 and fastapi <0.137, the project's own pins)")
+PIPELINE = (
+    "dataset",
+    "translate",
+    "describe",
+    "visual",
+    "features",
+    "train[baseline]",
+    "train[cl2cm]",
+    "train[leccr]",
+    "evaluate",
+)
+VLLM_INSTALL = (
+    'vLLM is not installed in this environment: install the CUDA extra, `pip install -e ".[vllm]"` '
+    "(vllm 0.32.0; it needs torch 2.13.0, transformers <5.20 and fastapi <0.137, the project's own pins)"
+)
 
 
 def no_cuda_reason() -> str | None:
@@ -65,8 +77,14 @@ def demo_config(name: str, demo: Path, artifacts: Path) -> dict:
 def describe_configs(demo: Path, work: Path, device: str) -> dict[str, dict]:
     """A: the demo's describe through vLLM on `device` (bf16), and through transformers on the CPU (fp32)."""
     gpu = demo_config("demo", demo, work / "describe-gpu")
-    gpu["describe"].update(engine="vllm", device=device, dtype="bfloat16", gpu_memory_utilization=0.3,
-                           max_model_len=1024, vllm_options={"enforce_eager": True})
+    gpu["describe"].update(
+        engine="vllm",
+        device=device,
+        dtype="bfloat16",
+        gpu_memory_utilization=0.3,
+        max_model_len=1024,
+        vllm_options={"enforce_eager": True},
+    )
     cpu = demo_config("demo", demo, work / "describe-cpu")
     cpu["describe"].update(device="cpu")
     return {"gpu": gpu, "cpu": cpu}
@@ -106,8 +124,10 @@ def run_jobs(config: dict, labels: tuple[str, ...], work: Path, side: str) -> di
     figures = {}
     for label in labels:
         figures[label] = run_child(config_file, label, work / f"log-{side}.txt")
-        print(f"  {side:<4} {label:<16} {figures[label]['seconds']:7.1f} s  {throughput(label, figures[label])}",
-              flush=True)
+        print(
+            f"  {side:<4} {label:<16} {figures[label]['seconds']:7.1f} s  {throughput(label, figures[label])}",
+            flush=True,
+        )
     return figures
 
 
@@ -116,8 +136,9 @@ def same_descriptions(left: Path, right: Path) -> tuple[int, int]:
     import pyarrow.parquet as pq
 
     def texts(path: Path) -> dict:
-        rows = pq.read_table(sorted(path.glob("part-*.parquet")),
-                             columns=["item_id", "view_id", "description"]).to_pylist()
+        rows = pq.read_table(
+            sorted(path.glob("part-*.parquet")), columns=["item_id", "view_id", "description"]
+        ).to_pylist()
         return {(r["item_id"], r["view_id"]): r["description"] for r in rows}
 
     a, b = texts(left), texts(right)
@@ -131,8 +152,10 @@ def visual_difference(left: Path, right: Path) -> float:
     from leccr.data import FeatureTables
 
     a, b = FeatureTables.open(left), FeatureTables.open(right)
-    return max(float(np.abs(np.asarray(a.visual_values[i]) - np.asarray(b.visual_values[i])).max())
-               for i in range(len(a.visual_values)))
+    return max(
+        float(np.abs(np.asarray(a.visual_values[i]) - np.asarray(b.visual_values[i])).max())
+        for i in range(len(a.visual_values))
+    )
 
 
 def sumr(evaluate_dir: Path) -> dict[tuple[str, str], float]:
@@ -147,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="work here and keep it (default: a temp folder)")
     parser.add_argument("--nproc", type=int, default=None, help="training processes (default: the GPU count)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs per method (default {EPOCHS})")
-    parser.add_argument("--rehearse-on-cpu", action="store_true",
-                        help="no GPU: run every step with the CPU as the 'GPU' side (checks the script only)")
+    parser.add_argument(
+        "--rehearse-on-cpu",
+        action="store_true",
+        help="no GPU: run every step with the CPU as the 'GPU' side (checks the script only)",
+    )
     args = parser.parse_args(argv)
 
     reason = no_cuda_reason()
@@ -167,13 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="leccr-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     if rehearsal:
-        print(f"REHEARSAL on the CPU ({reason}): the 'gpu' side runs on the CPU and describes through "
-              "transformers; no figure below is a GPU's.", flush=True)
+        print(
+            f"REHEARSAL on the CPU ({reason}): the 'gpu' side runs on the CPU and describes through "
+            "transformers; no figure below is a GPU's.",
+            flush=True,
+        )
     else:
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
-        print(f"gpu-check: {gpus} GPU(s): {names}; torch {torch.__version__}; train.nproc {nproc} "
-              f"({'DDP over ' + str(nproc) + ' processes' if nproc > 1 else 'one GPU visible: one process, no DDP'})",
-              flush=True)
+        print(
+            f"gpu-check: {gpus} GPU(s): {names}; torch {torch.__version__}; train.nproc {nproc} "
+            f"({'DDP over ' + str(nproc) + ' processes' if nproc > 1 else 'one GPU visible: one process, no DDP'})",
+            flush=True,
+        )
 
     from leccr.cli.demo import prepare_demo
 
@@ -193,44 +224,65 @@ def main(argv: list[str] | None = None) -> int:
         cpu = run_jobs(described["cpu"], ("dataset", "describe"), work, "describe-cpu")["describe"]
         same, total = same_descriptions(Path(gpu["path"]), Path(cpu["path"]))
         report["describe"] = {"gpu": gpu["summary"], "cpu": cpu["summary"], "same_text": same, "compared": total}
-        print(f"  {same} of {total} descriptions are the same text on both sides. Greedy decoding picks the "
-              "most likely token at each step; vLLM on the GPU computes in bfloat16 (8-bit mantissa), "
-              "transformers on the CPU in float32, and the random-weight model's top tokens are close, so a "
-              "rounding difference flips some choices and the rest of that description follows another path.",
-              flush=True)
+        print(
+            f"  {same} of {total} descriptions are the same text on both sides. Greedy decoding picks the "
+            "most likely token at each step; vLLM on the GPU computes in bfloat16 (8-bit mantissa), "
+            "transformers on the CPU in float32, and the random-weight model's top tokens are close, so a "
+            "rounding difference flips some choices and the rest of that description follows another path.",
+            flush=True,
+        )
 
     # ---- B. visual, features, train, evaluate
-    print(f"\nB. visual, features, train ({args.epochs} epochs per method), evaluate: the generator's descriptions",
-          flush=True)
+    print(
+        f"\nB. visual, features, train ({args.epochs} epochs per method), evaluate: the generator's descriptions",
+        flush=True,
+    )
     configs = pipeline_configs(demo, work, device, nproc, args.epochs)
     sides = {side: run_jobs(config, PIPELINE, work, f"pipeline-{side}") for side, config in configs.items()}
     gap = visual_difference(Path(sides["gpu"]["features"]["path"]), Path(sides["cpu"]["features"]["path"]))
     ours, theirs = sumr(Path(sides["gpu"]["evaluate"]["path"])), sumr(Path(sides["cpu"]["evaluate"]["path"]))
-    report["pipeline"] = {side: {label: {k: f[k] for k in ("seconds", "cpu", "summary")} for label, f in jobs.items()}
-                          for side, jobs in sides.items()}
+    report["pipeline"] = {
+        side: {label: {k: f[k] for k in ("seconds", "cpu", "summary")} for label, f in jobs.items()}
+        for side, jobs in sides.items()
+    }
     report["visual_max_abs_diff"] = gap
     report["sumr"] = {f"{m}/{lang}": {"gpu": ours[m, lang], "cpu": theirs[m, lang]} for m, lang in sorted(ours)}
     print(f"\n  throughput, {'gpu' if not rehearsal else 'gpu side (CPU)'} vs cpu:")
     for label in PIPELINE[3:]:
         print(f"    {label:<16} {throughput(label, sides['gpu'][label]):<36} {throughput(label, sides['cpu'][label])}")
-    print(f"\n  visual features: largest difference of a value {gap:.3g}"
-          + ("" if rehearsal else " (the tower in bf16 on the GPU, fp32 on the CPU: a bf16 value keeps 8 bits of "
-                                  "mantissa, about 3 significant digits)"))
+    print(
+        f"\n  visual features: largest difference of a value {gap:.3g}"
+        + (
+            ""
+            if rehearsal
+            else " (the tower in bf16 on the GPU, fp32 on the CPU: a bf16 value keeps 8 bits of "
+            "mantissa, about 3 significant digits)"
+        )
+    )
     print("  test SumR (fused) per method and language, gpu vs cpu:")
     for (method, lang), value in sorted(ours.items()):
         other = theirs[method, lang]
         print(f"    {method:<9} {lang}: {value:7.2f} vs {other:7.2f}  ({value - other:+.2f})")
     if not rehearsal:
-        print("  Why they differ: the GPU side computes the vision tower and the description encoder in bf16 and "
-              "trains under bf16 autocast, with other kernels (cuBLAS/cuDNN sum in another order than the CPU's); "
-              + (f"with {nproc} processes each rank seeds its own dropout and sees its slice of each batch, so the "
-                 "weights follow another path; " if nproc > 1 else "")
-              + "over the steps these differences grow, so the trained models, and their SumR, differ by noise of "
-                "the order of the differences between training seeds (README, 'What the descriptions buy').")
+        print(
+            "  Why they differ: the GPU side computes the vision tower and the description encoder in bf16 and "
+            "trains under bf16 autocast, with other kernels (cuBLAS/cuDNN sum in another order than the CPU's); "
+            + (
+                f"with {nproc} processes each rank seeds its own dropout and sees its slice of each batch, so the "
+                "weights follow another path; "
+                if nproc > 1
+                else ""
+            )
+            + "over the steps these differences grow, so the trained models, and their SumR, differ by noise of "
+            "the order of the differences between training seeds (README, 'What the descriptions buy')."
+        )
     (work / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     total = time.perf_counter() - started
-    print(f"\ngpu-check finished in {total:.0f} s ({'rehearsal on the CPU' if rehearsal else 'GPU'}); "
-          f"details in {work / 'gpu_check.json'}", flush=True)
+    print(
+        f"\ngpu-check finished in {total:.0f} s ({'rehearsal on the CPU' if rehearsal else 'GPU'}); "
+        f"details in {work / 'gpu_check.json'}",
+        flush=True,
+    )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

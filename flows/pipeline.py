@@ -11,9 +11,11 @@ task runner from the config before it starts the flow (threads, or `prefect_ray.
 uses: it computes each job's key once its upstream stages have finished (a key hashes what they
 hold); this module only says how a job is submitted. A sharded stage maps onto `runner.shard_tasks`
 slot tasks (each computes and commits its share of the shards), then one finishing task merges errors
-and writes the manifest — identical files whichever runner ran them. Shard tasks are retried on transient errors (an OSError: a mount that
-dropped, a worker that lost its file handle); a retried shard task resumes from its committed shards.
+and writes the manifest — identical files whichever runner ran them. Shard tasks are retried on
+transient errors (an OSError: a mount that dropped, a worker that lost its file handle); a retried shard
+task resumes from its committed shards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,11 +34,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from leccr.config import ExperimentConfig, load_config
 from leccr.core.dag import get_stage, plan
-from leccr.core.keys import KeyParts
-from leccr.core.local import preload_transformers
 from leccr.core.driver import RunResult, Submission, Submit, drive_many
 from leccr.core.execute import StageOutcome, prepare_stage, record_run, run_stage, run_stage_slot
 from leccr.core.jobs import Job
+from leccr.core.keys import KeyParts
+from leccr.core.local import preload_transformers
 from leccr.evaluation.report import artifact_markdown
 from leccr.records.runs import RunLabel, entries_of, now, write_record
 
@@ -51,8 +53,15 @@ def transient(task, task_run, state) -> bool:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{label}")
-def stage_task(cfg: ExperimentConfig, label: str, job: Job, inputs: dict, parts: KeyParts, force: bool,
-               after: list[int] | None = None):
+def stage_task(
+    cfg: ExperimentConfig,
+    label: str,
+    job: Job,
+    inputs: dict,
+    parts: KeyParts,
+    force: bool,
+    after: list[int] | None = None,
+):
     # `after` carries the shard-slot results: a data dependency, which every task runner (Ray's
     # included) resolves before the task starts.
     outcome = run_stage(cfg, job, inputs, force=force, logger=get_run_logger(), parts=parts)
@@ -65,10 +74,16 @@ def prepare_task(cfg: ExperimentConfig, label: str, job: Job, parts: KeyParts, f
     return prepare_stage(cfg, job, parts, force, logger=get_run_logger())
 
 
-@task(cache_policy=NO_CACHE, task_run_name="{label}-shards-{slot}-of-{slots}", retries=2, retry_delay_seconds=5,
-      retry_condition_fn=transient)
-def shard_slot_task(cfg: ExperimentConfig, label: str, job: Job, inputs: dict, parts: KeyParts, slot: int,
-                    slots: int, prepared: bool) -> int:
+@task(
+    cache_policy=NO_CACHE,
+    task_run_name="{label}-shards-{slot}-of-{slots}",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+)
+def shard_slot_task(
+    cfg: ExperimentConfig, label: str, job: Job, inputs: dict, parts: KeyParts, slot: int, slots: int, prepared: bool
+) -> int:
     return run_stage_slot(cfg, job, inputs, parts, slot, slots, logger=get_run_logger())
 
 
@@ -121,15 +136,27 @@ def task_submitter(cfg: ExperimentConfig, serial_stages: tuple[str, ...] = ()) -
         wait_for = [allow_failure(f) for f in serial] if job.stage in serial_stages else None
         with _resources(job_cfg, job.stage):
             if get_stage(job.stage).sharded and job_cfg.runner.shard_tasks > 1:
-                prepared = prepare_task.submit(job_cfg, label, job, submission.parts, submission.forced,
-                                               wait_for=wait_for)
-                slots = [shard_slot_task.submit(job_cfg, label, job, submission.inputs, submission.parts, i,
-                                                job_cfg.runner.shard_tasks, prepared)
-                         for i in range(job_cfg.runner.shard_tasks)]
+                prepared = prepare_task.submit(
+                    job_cfg, label, job, submission.parts, submission.forced, wait_for=wait_for
+                )
+                slots = [
+                    shard_slot_task.submit(
+                        job_cfg,
+                        label,
+                        job,
+                        submission.inputs,
+                        submission.parts,
+                        i,
+                        job_cfg.runner.shard_tasks,
+                        prepared,
+                    )
+                    for i in range(job_cfg.runner.shard_tasks)
+                ]
                 future = stage_task.submit(job_cfg, label, job, submission.inputs, submission.parts, False, slots)
             else:
-                future = stage_task.submit(job_cfg, label, job, submission.inputs, submission.parts,
-                                           submission.forced, wait_for=wait_for)
+                future = stage_task.submit(
+                    job_cfg, label, job, submission.inputs, submission.parts, submission.forced, wait_for=wait_for
+                )
         if job.stage in serial_stages:
             serial.append(future)
         return future
@@ -137,8 +164,7 @@ def task_submitter(cfg: ExperimentConfig, serial_stages: tuple[str, ...] = ()) -
     return submit
 
 
-def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None,
-               force: list[str] | None = None) -> RunResult:
+def run_stages(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None) -> RunResult:
     """Submit every planned job as a task as soon as its upstream stages have finished (inside a flow);
     the jobs that finished, and the first error (a failed run's record keeps what it finished)."""
     if cfg.runner.kind == "ray" and cfg.runner.probe_storage:
@@ -154,8 +180,7 @@ def serial_stages(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 @flow(name="leccr-stages")
-def stages_flow(cfg: ExperimentConfig, stages: list[str] | None = None,
-                 force: list[str] | None = None) -> RunResult:
+def stages_flow(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None) -> RunResult:
     """The stages under a task runner the running flow does not have (a deployment of a Ray experiment)."""
     return run_stages(cfg, stages, force)
 
@@ -221,17 +246,27 @@ def _has_runner_for(cfg: ExperimentConfig) -> bool:
 
 def _summary_table(outcomes: dict[str, StageOutcome]) -> list[dict[str, Any]]:
     return [
-        {"stage": label, "key": o.artifact.key, "cache_hit": o.cache_hit, "seconds": round(o.seconds, 2),
-         "rows": o.output_rows, "errors": o.errors,
-         "path": str(o.artifact.path)}
+        {
+            "stage": label,
+            "key": o.artifact.key,
+            "cache_hit": o.cache_hit,
+            "seconds": round(o.seconds, 2),
+            "rows": o.output_rows,
+            "errors": o.errors,
+            "path": str(o.artifact.path),
+        }
         for label, o in outcomes.items()
     ]
 
 
 @flow(name="leccr")
-def experiment_flow(config: str = "configs/demo.yaml", stages: list[str] | None = None,
-                    force: list[str] | None = None, overrides: dict[str, Any] | None = None,
-          runner: str | None = None) -> dict[str, str]:
+def experiment_flow(
+    config: str = "configs/demo.yaml",
+    stages: list[str] | None = None,
+    force: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    runner: str | None = None,
+) -> dict[str, str]:
     """Run the pipeline for one experiment file; returns {stage: artifact path}.
 
     `stages` limits the run to those stages (and whatever they need upstream); `force` recomputes
@@ -259,22 +294,36 @@ def experiment_flow(config: str = "configs/demo.yaml", stages: list[str] | None 
     write_record(cfg, RunLabel(cfg.name), started, entries_of(outcomes), "completed")
     table = _summary_table(outcomes)
     slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())  # Prefect keys: a-z, 0-9, dashes
-    create_table_artifact(key=f"leccr-{slug}-stages", table=table,
-                          description=f"Stages of experiment {cfg.name}: key, cache hit, seconds, rows, errors, path")
-    lines = [f"# leccr run: {cfg.name}", "", "| stage | cache hit | seconds | rows | errors | artifact |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['cache_hit']} | {r['seconds']} | {r['rows']} | {r['errors']} | `{r['path']}` |"
-              for r in table]
-    create_markdown_artifact(key=f"leccr-{slug}-summary", markdown="\n".join(lines),
-                             description=f"Each stage of experiment {cfg.name}: cache hit or computed, seconds, "
-                                         "rows, errors and its artifact folder")
+    create_table_artifact(
+        key=f"leccr-{slug}-stages",
+        table=table,
+        description=f"Stages of experiment {cfg.name}: key, cache hit, seconds, rows, errors, path",
+    )
+    lines = [
+        f"# leccr run: {cfg.name}",
+        "",
+        "| stage | cache hit | seconds | rows | errors | artifact |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['stage']} | {r['cache_hit']} | {r['seconds']} | {r['rows']} | {r['errors']} | `{r['path']}` |"
+        for r in table
+    ]
+    create_markdown_artifact(
+        key=f"leccr-{slug}-summary",
+        markdown="\n".join(lines),
+        description=f"Each stage of experiment {cfg.name}: cache hit or computed, seconds, "
+        "rows, errors and its artifact folder",
+    )
     evaluate = outcomes.get("evaluate")
     if evaluate is not None and (evaluate.artifact.path / "report.md").is_file():
-        create_markdown_artifact(key=f"leccr-{slug}-report",
-                                 markdown=artifact_markdown(evaluate.artifact.path),  # images inlined
-                                 description=f"Evaluation of experiment {cfg.name}: recall per language and "
-                                             "direction, SumR, recall@K and training curves, worst queries "
-                                             f"(report.md in {evaluate.artifact.path})")
+        create_markdown_artifact(
+            key=f"leccr-{slug}-report",
+            markdown=artifact_markdown(evaluate.artifact.path),  # images inlined
+            description=f"Evaluation of experiment {cfg.name}: recall per language and "
+            "direction, SumR, recall@K and training curves, worst queries "
+            f"(report.md in {evaluate.artifact.path})",
+        )
     return {name: str(o.artifact.path) for name, o in outcomes.items()}
 
 

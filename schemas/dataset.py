@@ -1,4 +1,5 @@
 """The `dataset` stage: a dataset folder read through its adapter into two tables."""
+
 import pyarrow as pa
 
 # One row per visual item (image or video), as a dataset adapter reads it.
@@ -17,10 +18,13 @@ SOURCE_ITEMS = pa.schema(
 # file it names. A per-item stage reuses an earlier row of an item whose digest is unchanged, so one
 # replaced image costs one image (leccr.core.memo); the digests are also why editing a file in
 # place changes downstream keys, although the paths stay the same.
-ITEMS = pa.schema(list(SOURCE_ITEMS) + [
-    pa.field("media_digest", pa.string()),  # digest of `path`'s bytes; null when there is no file
-    pa.field("feature_digest", pa.string()),  # digest of `feature_path`'s bytes (a file or a folder)
-])
+ITEMS = pa.schema(
+    list(SOURCE_ITEMS)
+    + [
+        pa.field("media_digest", pa.string()),  # digest of `path`'s bytes; null when there is no file
+        pa.field("feature_digest", pa.string()),  # digest of `feature_path`'s bytes (a file or a folder)
+    ]
+)
 
 # One row per caption. (caption_id, lang) is unique. A machine translation shipped with a dataset has
 # kind "mt" and the caption_id of the English caption it translates.

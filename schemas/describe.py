@@ -1,4 +1,5 @@
 """The `describe` stage: one MLLM description per visual item per view (prompt)."""
+
 import pyarrow as pa
 
 from leccr.schemas.core import VOLATILE
@@ -9,7 +10,9 @@ DESCRIPTIONS = pa.schema(
         pa.field("view_id", pa.string(), nullable=False),  # e.g. objects | actions | scene | detailed
         pa.field("prompt", pa.string(), nullable=False),  # the user prompt sent with the image/frames ("" on import)
         pa.field("description", pa.string(), nullable=False),
-        pa.field("n_tokens", pa.int32()),  # generated tokens (incl. the end-of-sequence token when emitted); null on import
+        pa.field(
+            "n_tokens", pa.int32()
+        ),  # generated tokens (incl. the end-of-sequence token when emitted); null on import
         pa.field("engine", pa.string(), nullable=False),  # vllm | transformers | import
         pa.field("model", pa.string()),  # model folder's name or hub id; import: the file's "model", else its name
         pa.field("model_digest", pa.string()),  # content digest of the model folder (import: of the file)

@@ -5,6 +5,7 @@ One schema for every stage. `file` and `line` say where a dataset problem is (a 
 marks failures that may go away without a new input (a missing or unreadable media file, an engine
 error): a rerun retries those items, and only those, once their file has changed (see leccr/core/failures.py).
 """
+
 import pyarrow as pa
 
 from leccr.schemas.core import VOLATILE

@@ -6,6 +6,7 @@
 
 DuckDB: `SELECT * FROM metrics WHERE lang = 'de' AND metric = 'recall'`.
 """
+
 import pyarrow as pa
 
 DIRECTIONS = ("text_to_visual", "visual_to_text")
@@ -17,7 +18,7 @@ METRICS = pa.schema(
     [
         pa.field("method", pa.string(), nullable=False),  # baseline | leccr | cl2cm | zero-shot name
         # fused (the method's inference score) | global | alpha (the fused score at an evaluate.alphas weight)
-    pa.field("score", pa.string(), nullable=False),
+        pa.field("score", pa.string(), nullable=False),
         pa.field("lang", pa.string(), nullable=False),  # language of the text queries / gallery
         pa.field("direction", pa.string(), nullable=False),  # text_to_visual | visual_to_text | both
         pa.field("metric", pa.string(), nullable=False),  # recall | sumr | mean_rank | median_rank

@@ -21,6 +21,7 @@ Layouts of the array columns (all row-major, C order):
 - `descriptions.states` (only when description states are cached) holds the frozen text encoder's
   last hidden states `[n_tokens, dim]` flattened (`list<float32|float16>`), one per stored token.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -39,8 +40,9 @@ def value_type(name: str) -> pa.DataType:
 VISUAL_SHAPE = b"leccr.visual_shape"
 
 
-def visual_schema(dtype: str = "float32", list_size: int | None = None,
-                  shape: tuple[int, int] | None = None) -> pa.Schema:
+def visual_schema(
+    dtype: str = "float32", list_size: int | None = None, shape: tuple[int, int] | None = None
+) -> pa.Schema:
     """Schema of `visual/`: fixed-size features when `list_size` (= n_tokens * dim) is given, else variable.
     `shape` (n_tokens, dim) of every row, for the fixed layout, goes into the schema's metadata."""
     values = value_type(dtype)

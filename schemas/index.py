@@ -10,6 +10,7 @@ Row i of every method's embeddings.parquet is row i of items.parquet (the same i
 
 DuckDB: `SELECT method, item_id, embedding[1] FROM "index" LIMIT 5`; `index_items` holds the captions.
 """
+
 import pyarrow as pa
 
 CAPTION = pa.struct([pa.field("lang", pa.string()), pa.field("kind", pa.string()), pa.field("text", pa.string())])

@@ -17,6 +17,7 @@ depend on the method (LECCR logs more terms than the baseline):
 
 DuckDB: `SELECT method, epoch, avg(loss_total) FROM history WHERE kind = 'train' GROUP BY ALL ORDER BY ALL`.
 """
+
 import pyarrow as pa
 
 FIXED = [

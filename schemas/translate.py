@@ -1,4 +1,5 @@
 """The `translate` stage: English captions and their target-language (pseudo-parallel) versions."""
+
 import pyarrow as pa
 
 TRANSLATIONS = pa.schema(

@@ -8,6 +8,7 @@ run calls the kernels. So, the first time torchvision is imported in any process
 schemas. Installed by scripts/setup.sh as a .pth hook (vLLM inspects models in subprocesses, so an
 in-test patch would not reach them); it costs nothing until torchvision is imported.
 """
+
 import importlib.abc
 import sys
 
@@ -22,7 +23,7 @@ class _DefineTorchvisionOps(importlib.abc.MetaPathFinder):
         import torch
 
         try:
-            torch.ops.torchvision.nms  # already defined: a working (e.g. CUDA) build
+            _ = torch.ops.torchvision.nms  # already defined: a working (e.g. CUDA) build
         except (AttributeError, RuntimeError):
             library = torch.library.Library("torchvision", "DEF")
             library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")

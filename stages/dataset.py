@@ -15,6 +15,7 @@ and each item row carries the content digest of its media (and feature) file: th
 in the keys of the stages that read items.parquet, and a per-item stage recomputes only the items whose
 digest changed (one replaced image costs one image).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import DatasetConfig, ExperimentConfig
-from leccr.media.paths import resolve_media_path
 from leccr.core.context import StageContext
 from leccr.core.failures import StageFailed
 from leccr.core.stage import StageDef
+from leccr.media.paths import resolve_media_path
 from leccr.schemas.dataset import CAPTIONS, ITEMS
 from leccr.schemas.errors import ERRORS
 
@@ -44,13 +45,16 @@ def cap_items(items: pa.Table, captions: pa.Table, per_split: int) -> tuple[pa.T
         ids = sorted(pc.filter(items.column("item_id"), pc.equal(items.column("split"), split)).to_pylist())
         kept.extend(ids[:per_split])
     keep = pa.array(kept, pa.string())
-    return (items.filter(pc.is_in(items.column("item_id"), keep)),
-            captions.filter(pc.is_in(captions.column("item_id"), keep)))
+    return (
+        items.filter(pc.is_in(items.column("item_id"), keep)),
+        captions.filter(pc.is_in(captions.column("item_id"), keep)),
+    )
 
 
 def with_digests(items: pa.Table, root: Path, fingerprints) -> pa.Table:
     """items plus the content digest of each item's media and feature file (null where there is none:
     a missing file is the describing stages' error to report, with the item's name)."""
+
     def digest(stored: str | None) -> str | None:
         path = resolve_media_path(root, stored)
         if path is None or not Path(path).exists():
@@ -70,30 +74,57 @@ def _listed(problems: list, root: Path, what: str) -> str:
     return f"{what}:\n{shown}{tail}\n`leccr datasets check {root} --format <format>` lists every problem"
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[DatasetConfig]) -> None:
     from leccr.datasets import get_adapter
 
-    cfg: DatasetConfig = ctx.section
+    cfg = ctx.section
     root = Path(cfg.path)
     tables, problems = get_adapter(cfg.format).check(root, cfg.options, cfg.languages)
     fatal = [p for p in problems if p.fatal]
     if fatal:
-        raise StageFailed(_listed(fatal, root, f"dataset: {cfg.format} dataset at {root.absolute()} cannot be read "
-                                               f"({len(fatal)} problem(s) no dataset can be built around)"))
+        raise StageFailed(
+            _listed(
+                fatal,
+                root,
+                f"dataset: {cfg.format} dataset at {root.absolute()} cannot be read "
+                f"({len(fatal)} problem(s) no dataset can be built around)",
+            )
+        )
     errors = pa.Table.from_pylist(
-        [{"item_id": p.item, "stage": "dataset", "shard": -1, "reason": p.message, "file": p.file, "line": p.line,
-          "retryable": False} for p in problems],  # a fixed folder has a new key: nothing to retry under this one
-        schema=ERRORS)
+        [
+            {
+                "item_id": p.item,
+                "stage": "dataset",
+                "shard": -1,
+                "reason": p.message,
+                "file": p.file,
+                "line": p.line,
+                "retryable": False,
+            }
+            for p in problems
+        ],  # a fixed folder has a new key: nothing to retry under this one
+        schema=ERRORS,
+    )
     items, captions = tables.items, tables.captions
     rows = items.num_rows + captions.num_rows + errors.num_rows
     if rows and errors.num_rows / rows > cfg.max_error_rate:
-        raise StageFailed(_listed(problems, root, f"dataset: {errors.num_rows} of {rows} dataset rows (items and "
-                                                  f"captions) are bad ({errors.num_rows / rows:.1%} > "
-                                                  f"dataset.max_error_rate {cfg.max_error_rate:.1%}); fix the folder "
-                                                  "(a fixed folder has a new key) or raise dataset.max_error_rate"))
+        raise StageFailed(
+            _listed(
+                problems,
+                root,
+                f"dataset: {errors.num_rows} of {rows} dataset rows (items and "
+                f"captions) are bad ({errors.num_rows / rows:.1%} > "
+                f"dataset.max_error_rate {cfg.max_error_rate:.1%}); fix the folder "
+                "(a fixed folder has a new key) or raise dataset.max_error_rate",
+            )
+        )
     if problems:
-        ctx.log.warning("%s", _listed(problems, root, f"dataset: {len(problems)} bad row(s) skipped, in "
-                                                    f"{ctx.out_dir / 'errors.parquet'}"))
+        ctx.log.warning(
+            "%s",
+            _listed(
+                problems, root, f"dataset: {len(problems)} bad row(s) skipped, in {ctx.out_dir / 'errors.parquet'}"
+            ),
+        )
     if cfg.max_items_per_split is not None:
         items, captions = cap_items(items, captions, cfg.max_items_per_split)
     items = with_digests(items.sort_by("item_id"), root, ctx.fingerprints())
@@ -103,9 +134,13 @@ def run(ctx: StageContext) -> None:
     ctx.write("errors.parquet", errors, ERRORS)
     ctx.summary.update(
         format=cfg.format,
-        items_per_split={s: items.column("split").to_pylist().count(s) for s in sorted(set(items.column("split").to_pylist()))},
-        captions_per_lang={lang: captions.column("lang").to_pylist().count(lang)
-                           for lang in sorted(set(captions.column("lang").to_pylist()))},
+        items_per_split={
+            s: items.column("split").to_pylist().count(s) for s in sorted(set(items.column("split").to_pylist()))
+        },
+        captions_per_lang={
+            lang: captions.column("lang").to_pylist().count(lang)
+            for lang in sorted(set(captions.column("lang").to_pylist()))
+        },
         errors=errors.num_rows,
     )
 
@@ -142,5 +177,13 @@ def adapter_code(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 # preview: reading captions and stat-ing media is cheap, so a dry run computes it to plan downstream exactly
-STAGE = StageDef(name="dataset", upstream=(), reads={}, section=section, run=run, key_config=key_config,
-                 code_for=adapter_code, preview=True)
+STAGE = StageDef(
+    name="dataset",
+    upstream=(),
+    reads={},
+    section=section,
+    run=run,
+    key_config=key_config,
+    code_for=adapter_code,
+    preview=True,
+)

@@ -13,10 +13,12 @@ it with its own code, save `{item_id: description}` or `{item_id: {view_id: desc
 (or `{"model": "what wrote them", "descriptions": {...}}`: rows then name that as their model), and
 point `describe.import_path` at the file.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,17 +26,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leccr.config import DescribeConfig, ExperimentConfig
-from leccr.engines.mllm import (Generation, Request, RequestRejected, SamplingConfig, load_imported_descriptions,
-                                max_frames, request_seed)
-from leccr.runtime.hub import ModelNotFound, model_path
-from leccr.media.decode import ItemLoader, MediaError, ShardPrefetcher
 from leccr.core.context import StageContext
 from leccr.core.failures import ItemError
 from leccr.core.shards import ShardJob, ShardResult
 from leccr.core.stage import StageDef
+from leccr.engines.mllm import (
+    Generation,
+    Request,
+    RequestRejected,
+    SamplingConfig,
+    load_imported_descriptions,
+    max_frames,
+    request_seed,
+)
+from leccr.media.decode import ItemLoader, MediaError, ShardPrefetcher
+from leccr.runtime.hub import ModelNotFound, model_path
 from leccr.schemas.core import read_table
 from leccr.schemas.dataset import ITEMS
 from leccr.schemas.describe import DESCRIPTIONS
+
 
 def section(cfg: ExperimentConfig) -> DescribeConfig:
     return cfg.describe
@@ -55,10 +65,10 @@ def check_config(cfg: DescribeConfig) -> None:
         raise ValueError("describe.import_path is required for engine 'import': a JSON file of item_id -> description")
 
 
-def work_items(ctx: StageContext) -> list[dict]:
+def work_items(ctx: StageContext[DescribeConfig]) -> list[dict]:
     """The items to describe, sorted by item_id (stable shards), restricted to `splits` if set."""
-    cfg: DescribeConfig = ctx.section
-    items = read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS)
+    cfg = ctx.section
+    items = read_table(ctx.upstream("dataset").file("items.parquet"), ITEMS)
     if cfg.splits is not None:
         items = items.filter(pc.is_in(items.column("split"), pa.array(cfg.splits)))
     rows = items.select(["item_id", "media_type", "path", "media_digest"]).to_pylist()
@@ -69,13 +79,16 @@ def views_for(cfg: DescribeConfig, media_type: str) -> dict[str, str]:
     return cfg.video_views if media_type == "video" else cfg.image_views
 
 
-def description_work(ctx: StageContext) -> list[dict]:
+def description_work(ctx: StageContext[DescribeConfig]) -> list[dict]:
     """One unit per item and view (its prompt), grouped by item: a description depends on the item's
     media, its id (the sampling seed) and the view's prompt alone, so adding or editing one view, or
     adding a split, computes only the units it touches."""
-    cfg: DescribeConfig = ctx.section
-    return [{**item, "view_id": view_id, "prompt": prompt}
-            for item in work_items(ctx) for view_id, prompt in views_for(cfg, item["media_type"]).items()]
+    cfg = ctx.section
+    return [
+        {**item, "view_id": view_id, "prompt": prompt}
+        for item in work_items(ctx)
+        for view_id, prompt in views_for(cfg, item["media_type"]).items()
+    ]
 
 
 def sampling_of(cfg: DescribeConfig) -> SamplingConfig:
@@ -95,24 +108,55 @@ def make_engine(cfg: DescribeConfig):
     from leccr.engines.cache import cached_engine
 
     sampling = sampling_of(cfg)
-    path = str(model_path(cfg.model, "describe.model"))
+    path = str(model_path(str(cfg.model), "describe.model"))  # set for a generating engine (check_config)
     if cfg.engine == "vllm":
         from leccr.engines.mllm import VllmMLLM
 
-        settings = {"path": path, "sampling": sampling.to_json(), "frames": cfg.num_frames, "video_input": cfg.video_input,
-                    "tp": cfg.tensor_parallel_size, "mem": cfg.gpu_memory_utilization, "len": cfg.max_model_len,
-                    "dtype": cfg.dtype, "seqs": cfg.vllm_max_num_seqs, "options": cfg.vllm_options}
-        return cached_engine("mllm-vllm", settings, lambda: VllmMLLM(
-            path, sampling, max_images_per_prompt=max_frames(cfg.num_frames, cfg.fps), video_input=cfg.video_input,
-            tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_model_len, dtype=cfg.dtype, max_num_seqs=cfg.vllm_max_num_seqs,
-            options=cfg.vllm_options))
+        settings = {
+            "path": path,
+            "sampling": sampling.to_json(),
+            "frames": cfg.num_frames,
+            "video_input": cfg.video_input,
+            "tp": cfg.tensor_parallel_size,
+            "mem": cfg.gpu_memory_utilization,
+            "len": cfg.max_model_len,
+            "dtype": cfg.dtype,
+            "seqs": cfg.vllm_max_num_seqs,
+            "options": cfg.vllm_options,
+        }
+        return cached_engine(
+            "mllm-vllm",
+            settings,
+            lambda: VllmMLLM(
+                path,
+                sampling,
+                max_images_per_prompt=max_frames(cfg.num_frames, cfg.fps),
+                video_input=cfg.video_input,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                max_model_len=cfg.max_model_len,
+                dtype=cfg.dtype,
+                max_num_seqs=cfg.vllm_max_num_seqs,
+                options=cfg.vllm_options,
+            ),
+        )
     from leccr.engines.mllm import TransformersMLLM
 
-    settings = {"path": path, "sampling": sampling.to_json(), "device": cfg.device, "batch_size": cfg.batch_size,
-                "dtype": cfg.dtype, "video_input": cfg.video_input}
-    return cached_engine("mllm-transformers", settings, lambda: TransformersMLLM(
-        path, sampling, device=cfg.device, batch_size=cfg.batch_size, dtype=cfg.dtype, video_input=cfg.video_input))
+    settings = {
+        "path": path,
+        "sampling": sampling.to_json(),
+        "device": cfg.device,
+        "batch_size": cfg.batch_size,
+        "dtype": cfg.dtype,
+        "video_input": cfg.video_input,
+    }
+    return cached_engine(
+        "mllm-transformers",
+        settings,
+        lambda: TransformersMLLM(
+            path, sampling, device=cfg.device, batch_size=cfg.batch_size, dtype=cfg.dtype, video_input=cfg.video_input
+        ),
+    )
 
 
 def _table(rows: list[dict]) -> pa.Table:
@@ -137,7 +181,7 @@ def generate_isolating_rejects(engine, requests: list[Request]) -> list[Generati
     return results
 
 
-def items_of(units: list[dict]) -> list[dict]:
+def items_of(units: Sequence[dict]) -> list[dict]:
     """The distinct items of some units, in order (an item's media is decoded once for all its views)."""
     seen: dict[str, dict] = {}
     for unit in units:
@@ -145,24 +189,39 @@ def items_of(units: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
-def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
-    cfg: DescribeConfig = ctx.section
+def _generating_processor(ctx: StageContext[DescribeConfig], prefetcher: ShardPrefetcher):
+    cfg = ctx.section
     sampling_json = keyed_sampling(cfg)
     model = ctx.keyed("model")
     sampled = cfg.temperature > 0
 
     def process(shard: list[dict], index: int) -> ShardResult:
-        errors: list[tuple[str, str]] = []
-        frames_of = {}
+        errors: list[ItemError | tuple[str, str]] = []
+        frames_of: dict[str, list] = {}
         for item, frames in prefetcher.take(index, items_of(shard)):
             if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
-                errors.append(ItemError(item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}",
-                                        retryable=True, file=item["path"]))
+                errors.append(
+                    ItemError(
+                        item["item_id"],
+                        f"{item['media_type']} {frames.path}: {frames.reason}",
+                        retryable=True,
+                        file=item["path"],
+                    )
+                )
             else:
                 frames_of[item["item_id"]] = frames
-        requests = [Request(unit["item_id"], unit["view_id"], unit["prompt"], frames_of[unit["item_id"]],
-                            unit["media_type"], request_seed(cfg.seed, unit["item_id"], unit["view_id"]))
-                    for unit in shard if unit["item_id"] in frames_of]
+        requests = [
+            Request(
+                unit["item_id"],
+                unit["view_id"],
+                unit["prompt"],
+                frames_of[unit["item_id"]],
+                unit["media_type"],
+                request_seed(cfg.seed, unit["item_id"], unit["view_id"]),
+            )
+            for unit in shard
+            if unit["item_id"] in frames_of
+        ]
         generations: list[Generation | str] = []
         seconds = 0.0
         if requests:
@@ -171,7 +230,9 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
             generations = generate_isolating_rejects(engine, requests)
             seconds = time.perf_counter() - started
         # One error row per failed item (not per view), so max_error_rate stays a share of items.
-        rows, empty_views, rejected = [], {}, {}
+        rows: list[dict] = []
+        empty_views: dict[str, list[str]] = {}
+        rejected: dict[str, tuple[list[str], str]] = {}
         for request, generation in zip(requests, generations):
             if isinstance(generation, str):
                 rejected.setdefault(request.item_id, ([], generation))[0].append(request.view_id)
@@ -179,27 +240,48 @@ def _generating_processor(ctx: StageContext, prefetcher: ShardPrefetcher):
             if not generation.text:
                 empty_views.setdefault(request.item_id, []).append(request.view_id)
                 continue
-            rows.append({"item_id": request.item_id, "view_id": request.view_id, "prompt": request.prompt,
-                         "description": generation.text, "n_tokens": len(generation.token_ids),
-                         "engine": cfg.engine, "model": model["name"], "model_digest": model["content"],
-                         "sampling": sampling_json, "seed": request.seed if sampled else None,
-                         "seconds": seconds / len(requests)})
-        errors += [(item_id, f"the engine rejected view(s) {views}: {message}")
-                   for item_id, (views, message) in rejected.items()]
-        errors += [(item_id, f"model produced an empty description for view(s) {views}")
-                   for item_id, views in empty_views.items()]
+            rows.append(
+                {
+                    "item_id": request.item_id,
+                    "view_id": request.view_id,
+                    "prompt": request.prompt,
+                    "description": generation.text,
+                    "n_tokens": len(generation.token_ids),
+                    "engine": cfg.engine,
+                    "model": model["name"],
+                    "model_digest": model["content"],
+                    "sampling": sampling_json,
+                    "seed": request.seed if sampled else None,
+                    "seconds": seconds / len(requests),
+                }
+            )
+        errors += [
+            (item_id, f"the engine rejected view(s) {views}: {message}")
+            for item_id, (views, message) in rejected.items()
+        ]
+        errors += [
+            (item_id, f"model produced an empty description for view(s) {views}")
+            for item_id, views in empty_views.items()
+        ]
         tokens = sum(len(g.token_ids) for g in generations if isinstance(g, Generation))
-        return ShardResult(_table(rows), errors, {"tokens": float(tokens), "generation_seconds": seconds,
-                                                  "requests": float(len(requests)),
-                                                  "items": float(len(items_of(shard)))})
+        return ShardResult(
+            _table(rows),
+            errors,
+            {
+                "tokens": float(tokens),
+                "generation_seconds": seconds,
+                "requests": float(len(requests)),
+                "items": float(len(items_of(shard))),
+            },
+        )
 
     return process
 
 
 # ------------------------------------------------------------------------------- import
-def _import_processor(ctx: StageContext):
-    cfg: DescribeConfig = ctx.section
-    source = Path(cfg.import_path)
+def _import_processor(ctx: StageContext[DescribeConfig]):
+    cfg = ctx.section
+    source = Path(str(cfg.import_path))  # set for the import engine (check_config)
     imported = load_imported_descriptions(source, cfg.import_view)
     keyed_file = ctx.keyed("import_path")
     model = imported.model or keyed_file["name"]  # what wrote them, where the file says so
@@ -217,34 +299,63 @@ def _import_processor(ctx: StageContext):
             for view_id, text in views.items():
                 if text.strip():
                     # The prompt VideoChat2 (or whatever wrote the file) was given is not known here.
-                    rows.append({"item_id": item["item_id"], "view_id": view_id, "prompt": "",
-                                 "description": text.strip(), "n_tokens": None, "engine": "import",
-                                 "model": model, "model_digest": keyed_file["content"], "sampling": "{}",
-                                 "seed": None, "seconds": 0.0})
+                    rows.append(
+                        {
+                            "item_id": item["item_id"],
+                            "view_id": view_id,
+                            "prompt": "",
+                            "description": text.strip(),
+                            "n_tokens": None,
+                            "engine": "import",
+                            "model": model,
+                            "model_digest": keyed_file["content"],
+                            "sampling": "{}",
+                            "seed": None,
+                            "seconds": 0.0,
+                        }
+                    )
         return ShardResult(_table(rows), errors, {"items": float(len(shard))})
 
     return process
 
 
-def shard_jobs(ctx: StageContext) -> list[ShardJob]:
+def shard_jobs(ctx: StageContext[DescribeConfig]) -> list[ShardJob]:
     """One job over (item, view) units, sharded by item. A description depends on its item's media
     bytes, media type and id (the sampling seed) and on its view's prompt: a unit with all of them
     unchanged keeps its description. Imported descriptions come per item, with the views the file has."""
-    cfg: DescribeConfig = ctx.section
+    cfg = ctx.section
     items = work_items(ctx)
     if cfg.engine == "import":
-        return [ShardJob(items, cfg.shard_size, DESCRIPTIONS, item_id=lambda item: item["item_id"],
-                         input_fields=("item_id", "media_type", "media_digest"), max_error_rate=cfg.max_error_rate,
-                         unit="items")]
-    return [ShardJob(description_work(ctx), cfg.shard_size, DESCRIPTIONS, item_id=lambda unit: unit["item_id"],
-                     unit_columns=("item_id", "view_id"),
-                     input_fields=("item_id", "media_type", "media_digest", "view_id", "prompt"),
-                     group_of=lambda unit: unit["item_id"], max_error_rate=cfg.max_error_rate, unit="descriptions",
-                     error_base=len(items), error_unit="items")]
+        return [
+            ShardJob(
+                items,
+                cfg.shard_size,
+                DESCRIPTIONS,
+                item_id=lambda item: item["item_id"],
+                input_fields=("item_id", "media_type", "media_digest"),
+                max_error_rate=cfg.max_error_rate,
+                unit="items",
+            )
+        ]
+    return [
+        ShardJob(
+            description_work(ctx),
+            cfg.shard_size,
+            DESCRIPTIONS,
+            item_id=lambda unit: unit["item_id"],
+            unit_columns=("item_id", "view_id"),
+            input_fields=("item_id", "media_type", "media_digest", "view_id", "prompt"),
+            group_of=lambda unit: unit["item_id"],
+            max_error_rate=cfg.max_error_rate,
+            unit="descriptions",
+            error_base=len(items),
+            error_unit="items",
+        )
+    ]
 
 
-def run(ctx: StageContext) -> None:
-    cfg: DescribeConfig = ctx.section
+def run(ctx: StageContext[DescribeConfig]) -> None:
+    cfg = ctx.section
     check_config(cfg)
     job = shard_jobs(ctx)[0]
     work = job.work
@@ -285,12 +396,20 @@ def run(ctx: StageContext) -> None:
         items_per_s=round(items_done / wall, 2) if wall > 0 and items_done else None,
         decode_wait_seconds=round(prefetcher.wait_seconds, 3) if prefetcher is not None else None,
     )
-    rates = [f"{value} {unit}" for value, unit in ((ctx.summary["tokens_per_s"], "tokens/s"),
-                                                   (ctx.summary["items_per_s"], "items/s")) if value is not None]
+    rates = [
+        f"{value} {unit}"
+        for value, unit in ((ctx.summary["tokens_per_s"], "tokens/s"), (ctx.summary["items_per_s"], "items/s"))
+        if value is not None
+    ]
     if ctx.summary["decode_wait_seconds"] is not None:  # only a generating engine decodes media
         rates.append(f"engine waited {ctx.summary['decode_wait_seconds']}s on decoding")
-    ctx.log.info("describe: %d descriptions of %d items (%d errors)%s", totals.rows, items, totals.errors,
-                 "; " + ", ".join(rates) if rates else "")
+    ctx.log.info(
+        "describe: %d descriptions of %d items (%d errors)%s",
+        totals.rows,
+        items,
+        totals.errors,
+        "; " + ", ".join(rates) if rates else "",
+    )
 
 
 def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
@@ -304,6 +423,14 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
 
 # A view's prompt goes into each unit's input instead of the memo salt; splits and the shard size only
 # choose and group the units.
-STAGE = StageDef(name="describe", upstream=("dataset",), reads={"dataset": ("items.parquet",)}, section=section,
-                 run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs,
-                 memo_excludes=("image_views", "video_views", "splits", "shard_size"))
+STAGE = StageDef(
+    name="describe",
+    upstream=("dataset",),
+    reads={"dataset": ("items.parquet",)},
+    section=section,
+    run=run,
+    sharded=True,
+    key_config=key_config,
+    shard_jobs=shard_jobs,
+    memo_excludes=("image_views", "video_views", "splits", "shard_size"),
+)

@@ -18,6 +18,7 @@ language (the translate artifact wins). Descriptions: the configured views (defa
 joined with [SEP] ("concat") or the first one ("first"); an item with no description gets no row, and
 `descriptions/empty.parquet` holds the encoding of an empty description for readers that fill in.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,13 @@ import numpy as np
 import pyarrow as pa
 
 from leccr.config import ExperimentConfig, FeaturesConfig
-from leccr.features.storage import float_list_column, ids_column
-from leccr.engines.cache import Lazy
 from leccr.core.artifact import ReadView
 from leccr.core.context import StageContext
 from leccr.core.io import atomic_write_text
 from leccr.core.shards import ShardJob, ShardResult
 from leccr.core.stage import StageDef
+from leccr.engines.cache import Lazy
+from leccr.features.storage import float_list_column, ids_column
 from leccr.schemas.core import read_table, write_table
 from leccr.schemas.dataset import CAPTIONS, ITEMS
 from leccr.schemas.describe import DESCRIPTIONS
@@ -100,17 +101,25 @@ def caption_work(captions: pa.Table, translations: pa.Table, items: list[dict]) 
 
 def _text_processor(cfg: FeaturesConfig, tokenizer: Lazy):
     from leccr.features.text import tokenize
+
     def process(shard: list[dict], index: int) -> ShardResult:
-        errors = [(r["item_id"], f"caption {r['caption_id']} ({r['lang']}, {r['kind']}): empty text")
-                  for r in shard if not r["text"].strip()]
+        errors = [
+            (r["item_id"], f"caption {r['caption_id']} ({r['lang']}, {r['kind']}): empty text")
+            for r in shard
+            if not r["text"].strip()
+        ]
         rows = [r for r in shard if r["text"].strip()]
         ids = tokenize(tokenizer.get(), [r["text"] for r in rows], cfg.max_length)
-        table = pa.table({
-            **{name: pa.array([r[name] for r in rows], pa.string())
-               for name in ("item_id", "caption_id", "split", "lang", "kind", "source")},
-            "n_tokens": pa.array([len(x) for x in ids], pa.int32()),
-            "input_ids": ids_column(ids),
-        })
+        table = pa.table(
+            {
+                **{
+                    name: pa.array([r[name] for r in rows], pa.string())
+                    for name in ("item_id", "caption_id", "split", "lang", "kind", "source")
+                },
+                "n_tokens": pa.array([len(x) for x in ids], pa.int32()),
+                "input_ids": ids_column(ids),
+            }
+        )
         return ShardResult(table, errors, {"tokens": float(sum(len(x) for x in ids))})
 
     return process
@@ -133,13 +142,15 @@ def description_work(descriptions: pa.Table, items: list[dict], views: list[str]
             continue
         if join == "first":
             order = order[:1]
-        work.append({"item_id": item["item_id"], "split": item["split"], "views": order,
-                     "texts": [available[v] for v in order]})
+        work.append(
+            {"item_id": item["item_id"], "split": item["split"], "views": order, "texts": [available[v] for v in order]}
+        )
     return work
 
 
-def _description_table(rows: list[dict], ids: list[list[int]], states: list[np.ndarray] | None,
-                       cfg: FeaturesConfig) -> pa.Table:
+def _description_table(
+    rows: list[dict], ids: list[list[int]], states: list[np.ndarray] | None, cfg: FeaturesConfig
+) -> pa.Table:
     columns = {
         "item_id": pa.array([r["item_id"] for r in rows], pa.string()),
         "split": pa.array([r["split"] for r in rows], pa.string()),
@@ -161,17 +172,17 @@ def _encode_states(encoder: Lazy, ids: list[list[int]], batch_size: int) -> list
         batch = order[start : start + batch_size]
         for index, state in zip(batch, encoder.get().encode([ids[i] for i in batch])):
             out[index] = state
-    return out
+    return [state for state in out if state is not None]  # every position was filled
 
 
 def _description_processor(cfg: FeaturesConfig, tokenizer: Lazy, encoder: Lazy | None):
     from leccr.features.text import join_views, tokenize
+
     def process(shard: list[dict], index: int) -> ShardResult:
         texts = [join_views(tokenizer.get(), r["texts"], cfg.description_join) for r in shard]
         ids = tokenize(tokenizer.get(), texts, cfg.max_length)
         states = _encode_states(encoder, ids, cfg.batch_size) if encoder is not None else None
-        return ShardResult(_description_table(shard, ids, states, cfg), [],
-                           {"tokens": float(sum(len(x) for x in ids))})
+        return ShardResult(_description_table(shard, ids, states, cfg), [], {"tokens": float(sum(len(x) for x in ids))})
 
     return process
 
@@ -183,56 +194,83 @@ TEXT_UNIT = ("item_id", "caption_id", "lang", "kind", "source")
 DESCRIPTION_INPUT = ("item_id", "split", "views", "texts")
 
 
-def _inputs(ctx: StageContext) -> tuple[list[dict], pa.Table, pa.Table, pa.Table]:
-    items = sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
-                   key=lambda item: item["item_id"])
-    captions = read_table(ctx.inputs["dataset"].file("captions.parquet"), CAPTIONS)
-    translations = ctx.inputs["translate"].read(TRANSLATIONS, columns=["item_id", "caption_id", "lang", "text"]) \
-        if ctx.inputs["translate"].parts() else TRANSLATIONS.empty_table()
-    descriptions = ctx.inputs["describe"].read(DESCRIPTIONS, columns=["item_id", "view_id", "description"]) \
-        if ctx.inputs["describe"].parts() else DESCRIPTIONS.empty_table()
+def _inputs(ctx: StageContext[FeaturesConfig]) -> tuple[list[dict], pa.Table, pa.Table, pa.Table]:
+    items = sorted(
+        read_table(ctx.upstream("dataset").file("items.parquet"), ITEMS).to_pylist(), key=lambda item: item["item_id"]
+    )
+    captions = read_table(ctx.upstream("dataset").file("captions.parquet"), CAPTIONS)
+    translations = (
+        ctx.upstream("translate").read(TRANSLATIONS, columns=["item_id", "caption_id", "lang", "text"])
+        if ctx.upstream("translate").parts()
+        else TRANSLATIONS.empty_table()
+    )
+    descriptions = (
+        ctx.upstream("describe").read(DESCRIPTIONS, columns=["item_id", "view_id", "description"])
+        if ctx.upstream("describe").parts()
+        else DESCRIPTIONS.empty_table()
+    )
     return items, captions, translations, descriptions
 
 
-def shard_jobs(ctx: StageContext) -> list[ShardJob]:
+def shard_jobs(ctx: StageContext[FeaturesConfig]) -> list[ShardJob]:
     """The text side's two tables: one row per caption, one per described item."""
     return _jobs(ctx.section, *_inputs(ctx))
 
 
-def _jobs(cfg: FeaturesConfig, items: list[dict], captions: pa.Table, translations: pa.Table,
-          descriptions: pa.Table) -> list[ShardJob]:
+def _jobs(
+    cfg: FeaturesConfig, items: list[dict], captions: pa.Table, translations: pa.Table, descriptions: pa.Table
+) -> list[ShardJob]:
     desc_schema = description_schema(cfg.states_dtype if cfg.description_states else None)
     return [
-        ShardJob(caption_work(captions, translations, items), cfg.text_shard_size, TEXT_TOKENS,
-                 item_id=lambda r: r["item_id"], unit_columns=TEXT_UNIT, input_fields=TEXT_INPUT, subdir="text",
-                 max_error_rate=cfg.max_error_rate, unit="captions", row_group_size=65536),
-        ShardJob(description_work(descriptions, items, cfg.description_views, cfg.description_join), cfg.shard_size,
-                 desc_schema, item_id=lambda r: r["item_id"], input_fields=DESCRIPTION_INPUT, subdir="descriptions",
-                 max_error_rate=cfg.max_error_rate, unit="descriptions",
-                 background_write=cfg.description_states),  # states: float arrays, slow to encode
+        ShardJob(
+            caption_work(captions, translations, items),
+            cfg.text_shard_size,
+            TEXT_TOKENS,
+            item_id=lambda r: r["item_id"],
+            unit_columns=TEXT_UNIT,
+            input_fields=TEXT_INPUT,
+            subdir="text",
+            max_error_rate=cfg.max_error_rate,
+            unit="captions",
+            row_group_size=65536,
+        ),
+        ShardJob(
+            description_work(descriptions, items, cfg.description_views, cfg.description_join),
+            cfg.shard_size,
+            desc_schema,
+            item_id=lambda r: r["item_id"],
+            input_fields=DESCRIPTION_INPUT,
+            subdir="descriptions",
+            max_error_rate=cfg.max_error_rate,
+            unit="descriptions",
+            background_write=cfg.description_states,
+        ),  # states: float arrays, slow to encode
     ]
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[FeaturesConfig]) -> None:
     # torch and transformers: imported when the stage runs, not when a run is planned
     from leccr.features.text import TextStateEncoder, load_tokenizer, tokenize
 
-    cfg: FeaturesConfig = ctx.section
+    cfg = ctx.section
     check_config(cfg)
     started = time.perf_counter()
     items, captions, translations, descriptions = _inputs(ctx)
 
     if ctx.shard_slot is None:
-        link_visual(ctx.inputs["visual"], ctx.out_dir / "visual")
+        link_visual(ctx.upstream("visual"), ctx.out_dir / "visual")
 
-    tokenizer_path = cfg.tokenizer or cfg.text_model
+    tokenizer_path = str(cfg.tokenizer or cfg.text_model)  # one of them is set (check_config)
     tokenizer = Lazy(lambda: load_tokenizer(tokenizer_path))
     text_job, desc_job = _jobs(cfg, items, captions, translations, descriptions)
     text_totals = ctx.run_shards(replace(text_job, process=_text_processor(cfg, tokenizer)))
 
     device, precision = cfg.device, cfg.precision
-    encoder = (Lazy(lambda: TextStateEncoder(cfg.text_model, tokenizer.get().pad_token_id, device, precision))
-               if cfg.description_states else None)
+    encoder = (
+        Lazy(lambda: TextStateEncoder(str(cfg.text_model), tokenizer.get().pad_token_id, device, precision))
+        if cfg.description_states
+        else None
+    )
     desc_schema = desc_job.schema
     desc_work = desc_job.work
     desc_totals = ctx.run_shards(replace(desc_job, process=_description_processor(cfg, tokenizer, encoder)))
@@ -242,13 +280,19 @@ def run(ctx: StageContext) -> None:
     # The encoding of an empty description, for readers that fill in items without one.
     empty_ids = tokenize(tokenizer.get(), [""], cfg.max_length)
     empty_states = _encode_states(encoder, empty_ids, 1) if encoder is not None else None
-    write_table(_description_table([{"item_id": "", "split": "", "views": []}], empty_ids, empty_states, cfg),
-                ctx.out_dir / "descriptions" / EMPTY_DESCRIPTION_FILE, desc_schema)
+    write_table(
+        _description_table([{"item_id": "", "split": "", "views": []}], empty_ids, empty_states, cfg),
+        ctx.out_dir / "descriptions" / EMPTY_DESCRIPTION_FILE,
+        desc_schema,
+    )
 
     loaded = tokenizer.get()
-    visual = ctx.inputs["visual"].manifest
-    visual_facts = {"visual_key": ctx.inputs["visual"].key, "visual_rows": visual.summary.get("rows"),
-                    "visual_errors": visual.summary.get("errors")}
+    visual = ctx.upstream("visual").manifest
+    visual_facts = {
+        "visual_key": ctx.upstream("visual").key,
+        "visual_rows": visual.summary.get("rows"),
+        "visual_errors": visual.summary.get("errors"),
+    }
     # The vision tower is the visual artifact's (`visual_key`, whose manifest names it): not this stage's key.
     models = {"tokenizer": ctx.keyed("tokenizer" if cfg.tokenizer is not None else "text_model")}
     info = {
@@ -263,13 +307,21 @@ def run(ctx: StageContext) -> None:
         "cls_token_id": loaded.cls_token_id,
         "sep_token_id": loaded.sep_token_id,
         "max_length": cfg.max_length,
-        "visual": {"visual_key": ctx.inputs["visual"].key, "visual_fixed": visual.summary.get("fixed"),
-                   "visual_dim": visual.summary.get("dim"), "visual_n_tokens": visual.summary.get("n_tokens"),
-                   "source": visual.config["visual_source"], "output": visual.config["visual_output"],
-                   "dtype": visual.config["visual_dtype"]},
-        "descriptions": {"join": cfg.description_join, "views": cfg.description_views,
-                         "states": cfg.description_states,
-                         "states_dtype": cfg.states_dtype if cfg.description_states else None},
+        "visual": {
+            "visual_key": ctx.upstream("visual").key,
+            "visual_fixed": visual.summary.get("fixed"),
+            "visual_dim": visual.summary.get("dim"),
+            "visual_n_tokens": visual.summary.get("n_tokens"),
+            "source": visual.config["visual_source"],
+            "output": visual.config["visual_output"],
+            "dtype": visual.config["visual_dtype"],
+        },
+        "descriptions": {
+            "join": cfg.description_join,
+            "views": cfg.description_views,
+            "states": cfg.description_states,
+            "states_dtype": cfg.states_dtype if cfg.description_states else None,
+        },
     }
     atomic_write_text(ctx.out_dir / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
     described = {r["item_id"] for r in desc_work}
@@ -283,9 +335,14 @@ def run(ctx: StageContext) -> None:
         items_without_description=sum(1 for item in items if item["item_id"] not in described),
         seconds=round(time.perf_counter() - started, 3),
     )
-    ctx.log.info("features: %s visual rows (visual %s), %d captions, %d descriptions (%d items without)",
-                 visual_facts["visual_rows"], visual_facts["visual_key"], text_totals.rows, desc_totals.rows,
-                 ctx.summary["items_without_description"])
+    ctx.log.info(
+        "features: %s visual rows (visual %s), %d captions, %d descriptions (%d items without)",
+        visual_facts["visual_rows"],
+        visual_facts["visual_key"],
+        text_totals.rows,
+        desc_totals.rows,
+        ctx.summary["items_without_description"],
+    )
 
 
 def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
@@ -297,9 +354,15 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
     return {"numerics": resolved_numerics(cfg, "features", cfg.features.device, cfg.features.precision)}
 
 
-STAGE = StageDef(name="features", upstream=("dataset", "translate", "describe", "visual"),
-                 reads={"dataset": ("items.parquet", "captions.parquet"), "translate": ("*",), "describe": ("*",),
-                        "visual": ("*",)},
-                 section=section, run=run, sharded=True, key_config=key_config, shard_jobs=shard_jobs,
-                 # no row names a model (features_info.json does), and shard sizes only group the rows
-                 memo_excludes=("tokenizer.name", "text_model.name", "shard_size", "text_shard_size"))
+STAGE = StageDef(
+    name="features",
+    upstream=("dataset", "translate", "describe", "visual"),
+    reads={"dataset": ("items.parquet", "captions.parquet"), "translate": ("*",), "describe": ("*",), "visual": ("*",)},
+    section=section,
+    run=run,
+    sharded=True,
+    key_config=key_config,
+    shard_jobs=shard_jobs,
+    # no row names a model (features_info.json does), and shard sizes only group the rows
+    memo_excludes=("tokenizer.name", "text_model.name", "shard_size", "text_shard_size"),
+)

@@ -14,6 +14,7 @@ For the visual items of the chosen splits (schemas/index.py):
    calibrated on, a search ranks exactly as evaluate's fused score does;
 4. with `index.ann` set, vectors.faiss: a FAISS IVF or HNSW index over the global embeddings.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,29 +59,33 @@ def _chosen_items(tables, splits: list[str] | None) -> list[tuple[str, int]]:
     return [(split, int(pc.sum(pc.equal(split_column, split)).as_py() or 0)) for split in wanted]
 
 
-def _item_table(ctx: StageContext, item_ids: list[str], splits: list[str]) -> pa.Table:
+def _item_table(ctx: StageContext[IndexConfig], item_ids: list[str], splits: list[str]) -> pa.Table:
     from leccr.evaluation.scoring import _description_texts
 
-    dataset = ctx.inputs["dataset"]
+    dataset = ctx.upstream("dataset")
     items = read_table(dataset.file("items.parquet"), ITEMS, columns=["item_id", "media_type", "path"])
     rows = {row["item_id"]: row for row in items.to_pylist()}
     described = _description_texts(ctx, item_ids)
-    sources = description_sources(ctx.inputs["describe"], set(item_ids))
-    random_weights = describe_model_is_random(ctx.inputs["describe"])
+    sources = description_sources(ctx.upstream("describe"), set(item_ids))
+    random_weights = describe_model_is_random(ctx.upstream("describe"))
     no_source = {"engine": None, "model": None}
-    return pa.table({
-        "item_id": pa.array(item_ids, pa.string()),
-        "split": pa.array(splits, pa.string()),
-        "media_type": pa.array([rows.get(item, {}).get("media_type", "image") for item in item_ids], pa.string()),
-        # as items.parquet holds it: relative to the dataset root
-        "path": pa.array([rows.get(item, {}).get("path") for item in item_ids], pa.string()),
-        "captions": captions_by_item(read_table(dataset.file("captions.parquet"), CAPTIONS), item_ids),
-        "description": pa.array([described.get(item) for item in item_ids], pa.string()),
-        "description_engine": pa.array([sources.get(item, no_source)["engine"] for item in item_ids], pa.string()),
-        "description_model": pa.array([sources.get(item, no_source)["model"] for item in item_ids], pa.string()),
-        "description_random_weights": pa.array([random_weights if item in sources else None for item in item_ids],
-                                               pa.bool_()),
-    }, schema=INDEX_ITEMS)
+    return pa.table(
+        {
+            "item_id": pa.array(item_ids, pa.string()),
+            "split": pa.array(splits, pa.string()),
+            "media_type": pa.array([rows.get(item, {}).get("media_type", "image") for item in item_ids], pa.string()),
+            # as items.parquet holds it: relative to the dataset root
+            "path": pa.array([rows.get(item, {}).get("path") for item in item_ids], pa.string()),
+            "captions": captions_by_item(read_table(dataset.file("captions.parquet"), CAPTIONS), item_ids),
+            "description": pa.array([described.get(item) for item in item_ids], pa.string()),
+            "description_engine": pa.array([sources.get(item, no_source)["engine"] for item in item_ids], pa.string()),
+            "description_model": pa.array([sources.get(item, no_source)["model"] for item in item_ids], pa.string()),
+            "description_random_weights": pa.array(
+                [random_weights if item in sources else None for item in item_ids], pa.bool_()
+            ),
+        },
+        schema=INDEX_ITEMS,
+    )
 
 
 def captions_by_item(captions: pa.Table, item_ids: list[str]) -> pa.ListArray:
@@ -92,8 +97,10 @@ def captions_by_item(captions: pa.Table, item_ids: list[str]) -> pa.ListArray:
     position = position.filter(keep).to_numpy(zero_copy_only=False)
     kept = captions.filter(keep)
     order = np.argsort(position, kind="stable")  # by item, each item's captions in table order
-    values = pa.StructArray.from_arrays([kept.column(name).combine_chunks().take(pa.array(order))
-                                         for name in ("lang", "kind", "text")], fields=list(CAPTION))
+    values = pa.StructArray.from_arrays(
+        [kept.column(name).combine_chunks().take(pa.array(order)) for name in ("lang", "kind", "text")],
+        fields=list(CAPTION),
+    )
     offsets = np.zeros(len(item_ids) + 1, dtype=np.int32)
     np.cumsum(np.bincount(position, minlength=len(item_ids)), out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), values, type=INDEX_ITEMS.field("captions").type)
@@ -130,8 +137,9 @@ def describe_model_is_random(describe) -> bool | None:
         return None
 
 
-def encode_collection(model, tables, chosen: list[tuple[str, int]], batch_size: int, device: torch.device
-                      ) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor | None]:
+def encode_collection(
+    model, tables, chosen: list[tuple[str, int]], batch_size: int, device: torch.device
+) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor | None]:
     """(item ids, their splits, global [N, E], slots [N, N_q, E] or None) of every chosen item, in order."""
     import torch
 
@@ -152,7 +160,7 @@ def encode_collection(model, tables, chosen: list[tuple[str, int]], batch_size: 
     return ids, splits, torch.cat(globals_), (torch.cat(slots) if slots else None)
 
 
-def calibration_split(ctx: StageContext, cfg: IndexConfig):
+def calibration_split(ctx: StageContext[IndexConfig], cfg: IndexConfig):
     """The calibration split's captions (human where the split has them, else machine translations, as
     evaluate), loaded once for every method."""
     from leccr.evaluation.scoring import load_split
@@ -160,18 +168,23 @@ def calibration_split(ctx: StageContext, cfg: IndexConfig):
     try:
         return load_split(ctx, EvaluateConfig(split=cfg.calibration_split))
     except StageFailed as error:
-        raise StageFailed(f"index: the fused score (alpha < 1) needs calibration captions from split "
-                          f"{cfg.calibration_split!r} (index.calibration_split): {error}") from None
+        raise StageFailed(
+            f"index: the fused score (alpha < 1) needs calibration captions from split "
+            f"{cfg.calibration_split!r} (index.calibration_split): {error}"
+        ) from None
 
 
-def calibration_ranges(data, cfg: IndexConfig, model, visual_global: torch.Tensor,
-                       visual_slots: torch.Tensor, device: torch.device) -> dict[str, dict[str, list[float]]]:
+def calibration_ranges(
+    data, cfg: IndexConfig, model, visual_global: torch.Tensor, visual_slots: torch.Tensor | None, device: torch.device
+) -> dict[str, dict[str, list[float]]]:
     """Per language (and ANY_LANGUAGE): min/max of the global and slot scores of the calibration split's
     captions (`calibration_split`) vs the indexed items."""
+    from leccr.evaluation.scoring import whole_ranges
     from leccr.models.base import merge_ranges
     from leccr.models.encode import encode_texts
-    from leccr.evaluation.scoring import whole_ranges
 
+    if visual_slots is None:
+        raise StageFailed("index: a fused score (alpha < 1) needs the method's slot features; this method has none")
     ranges: dict[str, dict[str, tuple[float, float]]] = {}
     for lang, language in data.languages.items():
         texts = encode_texts(model, language.ids, language.mask, cfg.batch_size, device)
@@ -188,27 +201,29 @@ def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[IndexConfig]) -> None:
+    from leccr.config import method_sort_key
     from leccr.data import FeatureTables
-    from leccr.runtime.device import resolve_device
     from leccr.engines.cache import Lazy
     from leccr.engines.vectors import build_faiss, faiss_missing
-    from leccr.config import method_sort_key
     from leccr.evaluation.scoring import load_model
+    from leccr.runtime.device import resolve_device
 
-    cfg: IndexConfig = ctx.section  # type: ignore[assignment]
+    cfg = ctx.section
     started = time.perf_counter()
     if cfg.ann is not None and (reason := faiss_missing()):
         raise StageFailed(f"index: index.ann is {cfg.ann.kind}, but {reason}")
     device = resolve_device(cfg.device)
-    train = ctx.inputs["train"]
+    train = ctx.methods("train")
     available = sorted(train.methods, key=method_sort_key)
     methods = cfg.methods if cfg.methods is not None else available
     unknown = [m for m in methods if m not in available]
     if unknown or not methods:
-        raise StageFailed(f"index: method(s) {unknown or methods} not trained in this run "
-                          f"(trained methods: {available}); add them to train.methods")
-    tables = FeatureTables.open(ctx.inputs["features"].path)
+        raise StageFailed(
+            f"index: method(s) {unknown or methods} not trained in this run "
+            f"(trained methods: {available}); add them to train.methods"
+        )
+    tables = FeatureTables.open(ctx.upstream("features").path)
     chosen = _chosen_items(tables, cfg.splits)
     summary: dict[str, dict] = {}
     item_ids: list[str] | None = None
@@ -226,8 +241,13 @@ def run(ctx: StageContext) -> None:
         out = ctx.out_dir / method
         embed_dim = visual_global.shape[1]
         slot_values = None if visual_slots is None else visual_slots.shape[1] * visual_slots.shape[2]
-        columns = {"method": [method] * len(ids), "item_id": ids, "split": splits,
-                   "path": _item_paths(ctx.out_dir / ITEMS_FILE), "embedding": _fixed_list(visual_global.numpy())}
+        columns = {
+            "method": [method] * len(ids),
+            "item_id": ids,
+            "split": splits,
+            "path": _item_paths(ctx.out_dir / ITEMS_FILE),
+            "embedding": _fixed_list(visual_global.numpy()),
+        }
         if visual_slots is not None:
             columns["slots"] = _fixed_list(visual_slots.reshape(len(ids), -1).numpy())
         schema = embeddings_schema(embed_dim, slot_values)
@@ -242,20 +262,31 @@ def run(ctx: StageContext) -> None:
             "languages": ["en"] + [lang for lang in train_info.get("languages", []) if lang != "en"],
             "max_length": int(tables.info["max_length"]),
             "calibration_split": cfg.calibration_split if alpha < 1.0 else None,
-            "ranges": (calibration_ranges(calibration.get(), cfg, model, visual_global, visual_slots, device)
-                       if alpha < 1.0 else None),
+            "ranges": (
+                calibration_ranges(calibration.get(), cfg, model, visual_global, visual_slots, device)
+                if alpha < 1.0
+                else None
+            ),
             "ann": cfg.ann.model_dump(mode="json") if cfg.ann is not None else None,
         }
         if cfg.ann is not None:
             build_faiss(visual_global.numpy(), cfg.ann).save(out)
         atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
         summary[method] = {"items": len(ids), "alpha": alpha, "slots": info["num_slots"]}
-        ctx.log.info("index: %s: %d items, alpha %.2f, %s", method, len(ids), alpha,
-                     f"FAISS {cfg.ann.kind}" if cfg.ann is not None else "exact search")
+        ctx.log.info(
+            "index: %s: %d items, alpha %.2f, %s",
+            method,
+            len(ids),
+            alpha,
+            f"FAISS {cfg.ann.kind}" if cfg.ann is not None else "exact search",
+        )
         del model
-    ctx.summary.update(methods=summary, splits=[split for split, _ in chosen],
-                       backend=cfg.ann.kind if cfg.ann is not None else "exact",
-                       seconds=round(time.perf_counter() - started, 3))
+    ctx.summary.update(
+        methods=summary,
+        splits=[split for split, _ in chosen],
+        backend=cfg.ann.kind if cfg.ann is not None else "exact",
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 def _item_paths(items_file: Path) -> list[str | None]:
@@ -269,7 +300,11 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
 
 
 # describe: the description texts shown with hits
-STAGE = StageDef(name="index", upstream=("dataset", "describe", "features", "train"),
-                 reads={"dataset": ("items.parquet", "captions.parquet"), "describe": ("*",), "features": ("*",),
-                        "train": ("*",)},
-                 section=section, run=run, key_config=key_config)
+STAGE = StageDef(
+    name="index",
+    upstream=("dataset", "describe", "features", "train"),
+    reads={"dataset": ("items.parquet", "captions.parquet"), "describe": ("*",), "features": ("*",), "train": ("*",)},
+    section=section,
+    run=run,
+    key_config=key_config,
+)

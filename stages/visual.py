@@ -11,6 +11,7 @@ artifact, which `features` hard-links into its own `visual/` folder.
 One row per item: [n_tokens, dim] features, fixed-size when every item's shape is known up front
 (images; videos sampled to a fixed `num_frames`), variable otherwise (schemas/features.py).
 """
+
 from __future__ import annotations
 
 import time
@@ -21,16 +22,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leccr.config import ExperimentConfig, VisualConfig
-from leccr.engines.cache import Lazy
-from leccr.features.storage import fixed_list_column, float_list_column, rows_per_group
 from leccr.core.context import StageContext
 from leccr.core.failures import ItemError
 from leccr.core.shards import ShardJob, ShardResult
 from leccr.core.stage import StageDef
+from leccr.engines.cache import Lazy
+from leccr.features.storage import fixed_list_column, float_list_column, rows_per_group
 from leccr.media.paths import resolve_media_path
 from leccr.schemas.core import read_table
 from leccr.schemas.dataset import ITEMS
 from leccr.schemas.features import visual_schema, visual_shape
+
 
 def section(cfg: ExperimentConfig) -> VisualConfig:
     return VisualConfig.of(cfg.features)
@@ -42,7 +44,7 @@ def check_config(cfg: VisualConfig) -> None:
 
 
 def layout_kind(cfg: VisualConfig, items: list[dict]) -> str:
-    """"fixed" when every item's shape is known up front (model features of images only, or of videos
+    """ "fixed" when every item's shape is known up front (model features of images only, or of videos
     sampled to a fixed `num_frames`), else "variable": how an item's row is stored, known without a model."""
     media = {item["media_type"] for item in items}
     if cfg.visual_source == "import" or not media or len(media) > 1 or ("video" in media and cfg.fps is not None):
@@ -50,8 +52,7 @@ def layout_kind(cfg: VisualConfig, items: list[dict]) -> str:
     return "fixed"
 
 
-def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy,
-            out_dir) -> tuple[pa.Schema, tuple[int, int] | None]:
+def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy, out_dir) -> tuple[pa.Schema, tuple[int, int] | None]:
     """The visual schema (fixed or variable size) and, when fixed, every item's (n_tokens, dim).
 
     Fixed when every item's shape is known up front: model features of images, and of videos sampled
@@ -62,8 +63,9 @@ def _layout(cfg: VisualConfig, items: list[dict], encoder: Lazy,
         schema = pq.read_schema(committed[0])  # needed (a shard whose items all failed has it too)
         if not pa.types.is_fixed_size_list(schema.field("features").type):
             return visual_schema(cfg.visual_dtype, None), None
-        shape = visual_shape(schema)
-        return visual_schema(cfg.visual_dtype, shape[0] * shape[1], shape), shape
+        fixed_shape = visual_shape(schema)
+        assert fixed_shape is not None  # a fixed-size list column has one
+        return visual_schema(cfg.visual_dtype, fixed_shape[0] * fixed_shape[1], fixed_shape), fixed_shape
     if layout_kind(cfg, items) == "variable":
         return visual_schema(cfg.visual_dtype, None), None
     media = {item["media_type"] for item in items}
@@ -95,55 +97,76 @@ def _rows(rows: list[dict], arrays: list[np.ndarray], schema: pa.Schema, dtype: 
         features = fixed_list_column(arrays, dtype)
     else:
         features = float_list_column(arrays, dtype)
-    return pa.table({
-        "item_id": pa.array([r["item_id"] for r in rows], pa.string()),
-        "split": pa.array([r["split"] for r in rows], pa.string()),
-        "media_type": pa.array([r["media_type"] for r in rows], pa.string()),
-        "n_tokens": pa.array([a.shape[0] for a in arrays], pa.int32()),
-        "dim": pa.array([a.shape[1] for a in arrays], pa.int32()),
-        "features": features,
-    })
+    return pa.table(
+        {
+            "item_id": pa.array([r["item_id"] for r in rows], pa.string()),
+            "split": pa.array([r["split"] for r in rows], pa.string()),
+            "media_type": pa.array([r["media_type"] for r in rows], pa.string()),
+            "n_tokens": pa.array([a.shape[0] for a in arrays], pa.int32()),
+            "dim": pa.array([a.shape[1] for a in arrays], pa.int32()),
+            "features": features,
+        }
+    )
 
 
-def _model_processor(ctx: StageContext, cfg: VisualConfig, shards: list[list[dict]], encoder: Lazy,
-                     schema: pa.Schema, shape: tuple[int, int] | None):
+def _model_processor(
+    ctx: StageContext[VisualConfig],
+    cfg: VisualConfig,
+    shards: list[list[dict]],
+    encoder: Lazy,
+    schema: pa.Schema,
+    shape: tuple[int, int] | None,
+):
     from leccr.media.decode import ItemLoader, MediaError, ShardPrefetcher
 
     load = ItemLoader(ctx.dataset_root, cfg.num_frames, cfg.fps)
     prefetcher = ShardPrefetcher(shards, load, workers=cfg.decode_workers, next_index=ctx.next_shard(len(shards)))
 
     def process(shard: list[dict], index: int) -> ShardResult:
-        errors, loaded = [], []
+        errors: list[ItemError | tuple[str, str]] = []
+        loaded: list[tuple[dict, list]] = []
         for item, frames in prefetcher.take(index, shard):
             if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
-                errors.append(ItemError(item["item_id"], f"{item['media_type']} {frames.path}: {frames.reason}",
-                                        retryable=True, file=item["path"]))
+                errors.append(
+                    ItemError(
+                        item["item_id"],
+                        f"{item['media_type']} {frames.path}: {frames.reason}",
+                        retryable=True,
+                        file=item["path"],
+                    )
+                )
             else:
                 loaded.append((item, frames))
-        frames_flat = [frame for _, frames in loaded for frame in frames]
+        frames_flat = [frame for _, item_frames in loaded for frame in item_frames]
         started = time.perf_counter()
-        outputs = [encoder.get().encode(frames_flat[i : i + cfg.batch_size])
-                   for i in range(0, len(frames_flat), cfg.batch_size)]
+        outputs = [
+            encoder.get().encode(frames_flat[i : i + cfg.batch_size])
+            for i in range(0, len(frames_flat), cfg.batch_size)
+        ]
         seconds = time.perf_counter() - started
         states = np.concatenate(outputs) if outputs else np.zeros((0, 1, 1), np.float32)
         rows, arrays, at = [], [], 0
-        for item, frames in loaded:
-            tokens = states[at : at + len(frames)]  # [frames, tokens, dim]: a video's frames in order
-            at += len(frames)
+        for item, item_frames in loaded:
+            tokens = states[at : at + len(item_frames)]  # [frames, tokens, dim]: a video's frames in order
+            at += len(item_frames)
             array = tokens.reshape(-1, tokens.shape[-1])
             if shape is not None and array.shape != shape:
-                errors.append((item["item_id"],
-                               f"visual tokens of shape {array.shape}, the fixed layout holds {shape}"))
+                errors.append(
+                    (item["item_id"], f"visual tokens of shape {array.shape}, the fixed layout holds {shape}")
+                )
                 continue
             rows.append(item)
             arrays.append(array)
-        return ShardResult(_rows(rows, arrays, schema, cfg.visual_dtype), errors,
-                           {"frames": float(len(frames_flat)), "encode_seconds": seconds})
+        return ShardResult(
+            _rows(rows, arrays, schema, cfg.visual_dtype),
+            errors,
+            {"frames": float(len(frames_flat)), "encode_seconds": seconds},
+        )
 
     return process, prefetcher
 
 
-def _import_processor(ctx: StageContext, cfg: VisualConfig, schema: pa.Schema):
+def _import_processor(ctx: StageContext[VisualConfig], cfg: VisualConfig, schema: pa.Schema):
     from leccr.features.vision import FeatureError, ImportedFeatures
 
     imported = Lazy(lambda: ImportedFeatures(cfg.import_path))
@@ -152,7 +175,9 @@ def _import_processor(ctx: StageContext, cfg: VisualConfig, schema: pa.Schema):
         rows, arrays, errors = [], [], []
         for item in shard:
             try:
-                arrays.append(imported.get().get(item["item_id"], resolve_media_path(ctx.dataset_root, item["feature_path"])))
+                arrays.append(
+                    imported.get().get(item["item_id"], resolve_media_path(ctx.dataset_root, item["feature_path"]))
+                )
                 rows.append(item)
             except FeatureError as error:
                 errors.append((item["item_id"], str(error)))
@@ -161,11 +186,12 @@ def _import_processor(ctx: StageContext, cfg: VisualConfig, schema: pa.Schema):
     return process
 
 
-def work_items(ctx: StageContext) -> list[dict]:
+def work_items(ctx: StageContext[VisualConfig]) -> list[dict]:
     """Every item, sorted by id, with the layout its row is stored in (fixed-size or variable arrays)."""
-    cfg: VisualConfig = ctx.section  # type: ignore[assignment]
-    items = sorted(read_table(ctx.inputs["dataset"].file("items.parquet"), ITEMS).to_pylist(),
-                   key=lambda item: item["item_id"])
+    cfg = ctx.section
+    items = sorted(
+        read_table(ctx.upstream("dataset").file("items.parquet"), ITEMS).to_pylist(), key=lambda item: item["item_id"]
+    )
     layout = layout_kind(cfg, items)
     return [{**item, "layout": layout} for item in items]
 
@@ -176,33 +202,52 @@ def work_items(ctx: StageContext) -> list[dict]:
 INPUT_FIELDS = ("item_id", "split", "media_type", "media_digest", "feature_digest", "layout")
 
 
-def shard_jobs(ctx: StageContext) -> list[ShardJob]:
-    cfg: VisualConfig = ctx.section  # type: ignore[assignment]
-    return [ShardJob(work_items(ctx), cfg.shard_size, visual_schema(cfg.visual_dtype, None),
-                     item_id=lambda item: item["item_id"], input_fields=INPUT_FIELDS, unit="items",
-                     schema_final=False)]  # a fixed layout's shape needs the model: the dry run does not load it
+def shard_jobs(ctx: StageContext[VisualConfig]) -> list[ShardJob]:
+    cfg = ctx.section
+    return [
+        ShardJob(
+            work_items(ctx),
+            cfg.shard_size,
+            visual_schema(cfg.visual_dtype, None),
+            item_id=lambda item: item["item_id"],
+            input_fields=INPUT_FIELDS,
+            unit="items",
+            schema_final=False,
+        )
+    ]  # a fixed layout's shape needs the model: the dry run does not load it
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext[VisualConfig]) -> None:
     import torch  # imported when the stage runs, not when planned
 
-    from leccr.runtime.device import resolve_device
     from leccr.features.vision import VisionEncoder
     from leccr.media.image_processor import IMAGE_PROCESSOR_BACKEND
+    from leccr.runtime.device import resolve_device
     from leccr.runtime.threads import numerics
 
-    cfg: VisualConfig = ctx.section  # type: ignore[assignment]
+    cfg = ctx.section
     check_config(cfg)
     items = work_items(ctx)
-    encoder = Lazy(lambda: VisionEncoder(cfg.vision_model, cfg.visual_output, cfg.image_size, cfg.device,
-                                         cfg.precision))
+    vision_model = str(cfg.vision_model)  # unused when importing arrays; check_config required it otherwise
+    encoder = Lazy(lambda: VisionEncoder(vision_model, cfg.visual_output, cfg.image_size, cfg.device, cfg.precision))
     schema, shape = _layout(cfg, items, encoder, ctx.out_dir)
     features_type = schema.field("features").type
-    bytes_per_row = (features_type.list_size * features_type.value_type.byte_width
-                     if pa.types.is_fixed_size_list(features_type) else 64 * 2**10)
-    job = ShardJob(items, cfg.shard_size, schema, item_id=lambda item: item["item_id"], input_fields=INPUT_FIELDS,
-                   max_error_rate=cfg.max_error_rate, unit="items", row_group_size=rows_per_group(bytes_per_row),
-                   background_write=True)  # Parquet writes of float arrays hidden behind extraction
+    bytes_per_row = (
+        features_type.list_size * features_type.value_type.byte_width
+        if pa.types.is_fixed_size_list(features_type)
+        else 64 * 2**10
+    )
+    job = ShardJob(
+        items,
+        cfg.shard_size,
+        schema,
+        item_id=lambda item: item["item_id"],
+        input_fields=INPUT_FIELDS,
+        max_error_rate=cfg.max_error_rate,
+        unit="items",
+        row_group_size=rows_per_group(bytes_per_row),
+        background_write=True,
+    )  # Parquet writes of float arrays hidden behind extraction
     prefetcher = None
     if cfg.visual_source == "import":
         process = _import_processor(ctx, cfg, schema)
@@ -220,16 +265,25 @@ def run(ctx: StageContext) -> None:
     encode_seconds = totals.stats.get("encode_seconds", 0.0)
     n_tokens, dim = _row_shape(ctx.out_dir, shape)
     ctx.summary.update(
-        items=len(items), rows=totals.rows, errors=totals.errors, shards_done=totals.shards_done,
-        shards_resumed=totals.shards_resumed, frames_encoded=int(totals.stats.get("frames", 0)),
+        items=len(items),
+        rows=totals.rows,
+        errors=totals.errors,
+        shards_done=totals.shards_done,
+        shards_resumed=totals.shards_resumed,
+        frames_encoded=int(totals.stats.get("frames", 0)),
         frames_per_s=round(totals.stats["frames"] / encode_seconds, 1) if encode_seconds > 0 else None,
         fixed=bool(pa.types.is_fixed_size_list(features_type)),
-        dim=dim, n_tokens=n_tokens,
+        dim=dim,
+        n_tokens=n_tokens,
         # what the features depend on besides the key: the image processor's backend is fixed (PIL), the
         # torch build, CPU kernels and threads are this machine's (the demo's tower gave the same bytes on
         # 1 and 2 threads: its forward pass has no full reduction)
-        numerics={**numerics(resolve_device(cfg.device).type, torch.get_num_threads()),
-                  "image_processor_backend": IMAGE_PROCESSOR_BACKEND} if cfg.visual_source == "model" else None,
+        numerics={
+            **numerics(resolve_device(cfg.device).type, torch.get_num_threads()),
+            "image_processor_backend": IMAGE_PROCESSOR_BACKEND,
+        }
+        if cfg.visual_source == "model"
+        else None,
     )
 
 
@@ -242,6 +296,15 @@ def key_config(cfg: ExperimentConfig, fingerprints) -> dict:
     return {"numerics": resolved_numerics(cfg, "visual", cfg.features.device, cfg.features.precision)}
 
 
-STAGE = StageDef(name="visual", upstream=("dataset",), reads={"dataset": ("items.parquet",)}, section=section, run=run,
-                 sharded=True, key_config=key_config, shard_jobs=shard_jobs, config_section="features",
-                 memo_excludes=("shard_size",))
+STAGE = StageDef(
+    name="visual",
+    upstream=("dataset",),
+    reads={"dataset": ("items.parquet",)},
+    section=section,
+    run=run,
+    sharded=True,
+    key_config=key_config,
+    shard_jobs=shard_jobs,
+    config_section="features",
+    memo_excludes=("shard_size",),
+)

@@ -1,4 +1,5 @@
 """Shared fixtures: the demo data and tiny models are built once per test session."""
+
 import os
 from pathlib import Path
 
@@ -50,3 +51,12 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    """A tiny LLaVA folder (random weights), built once per session (test_describe, test_vllm_engine)."""
+    from leccr.tiny_models.mllm import build_tiny_llava
+    from tests.test_describe import CORPUS
+
+    return build_tiny_llava(tmp_path_factory.getbasetemp() / "tiny_llava", CORPUS, seed=0)

@@ -1,4 +1,5 @@
 """The `leccr` command: a run (in this process), cache hits, inspect, clear errors."""
+
 import logging
 from importlib.metadata import version
 
@@ -22,7 +23,7 @@ def test_run_then_rerun_is_all_cache_hits_and_inspect_shows_translate(demo_confi
     assert main(["inspect", "--root", str(artifacts), "SELECT count(*) AS n FROM translate"]) == 0
     assert str(n) in capsys.readouterr().out
     assert main(["inspect", "--root", str(artifacts), "--experiment", "demo", "--print-sql"]) == 0
-    assert "CREATE OR REPLACE VIEW \"translate\" AS" in capsys.readouterr().out
+    assert 'CREATE OR REPLACE VIEW "translate" AS' in capsys.readouterr().out
 
 
 def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, capsys):
@@ -35,8 +36,8 @@ def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, capsys):
 
 def test_help_lists_stages_and_formats_and_every_command_has_help(capsys):
     from leccr.cli import build_parser, stage_names
-    from leccr.datasets import list_formats
     from leccr.core import dag
+    from leccr.datasets import list_formats
 
     assert stage_names() == list(dag.stage_names())  # the cheap source scan: the same stages, same order
     for argv in (["run", "--help"], ["demo", "--help"]):
@@ -48,7 +49,9 @@ def test_help_lists_stages_and_formats_and_every_command_has_help(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     demo_help = " ".join(capsys.readouterr().out.split())
-    assert "--root ROOT folder for the generated demo data" in demo_help and "--config CONFIG experiment YAML" in demo_help
+    assert (
+        "--root ROOT folder for the generated demo data" in demo_help and "--config CONFIG experiment YAML" in demo_help
+    )
     with pytest.raises(SystemExit):
         main(["datasets", "check", "--help"])
     check_help = " ".join(capsys.readouterr().out.split())
@@ -109,7 +112,8 @@ def test_an_error_is_one_line_and_a_hint_traceback_only_with_v(tmp_path, capsys)
     # a missing file: the message names it, no hint needed
     assert main(["build-tiny-models", "--out", str(tmp_path / "m"), "--corpus-file", str(tmp_path / "no.txt")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"leccr: error: [Errno 2] No such file or directory: '{tmp_path / 'no.txt'}'"]
+        f"leccr: error: [Errno 2] No such file or directory: '{tmp_path / 'no.txt'}'"
+    ]
 
 
 def test_search_takes_root_experiment_and_media_folder_from_an_experiment_file(tmp_path):
@@ -143,19 +147,23 @@ def test_usage_errors_are_leccr_error_lines_with_exit_2_and_fitting_hints(tmp_pa
     assert "config keys" not in lines[1] and "leccr/config.py" not in lines[1]
     assert main(["run", "--config", "configs/demo.yaml", "--set", "train.seed"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "leccr: error: --set expects KEY=VALUE, got 'train.seed' (e.g. --set train.seed=1)"]
+        "leccr: error: --set expects KEY=VALUE, got 'train.seed' (e.g. --set train.seed=1)"
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["", "--lang", "de"], "the query is empty"),
-    (["   ", "--lang", "de"], "the query is empty"),
-    (["ein Hund", "-k", "-1"], "k must be between 1 and 100, got -1"),
-    (["ein Hund", "-k", "0"], "k must be between 1 and 100, got 0"),
-    (["ein Hund", "-k", "101"], "k must be between 1 and 100, got 101"),
-    (["ein Hund", "--candidates", "0"], "candidates must be between 1 and 10000, got 0"),
-    (["ein Hund", "--candidates", "-5"], "candidates must be between 1 and 10000, got -5"),
-    (["x" * 501], "the query is 501 characters long; the limit is 500"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["", "--lang", "de"], "the query is empty"),
+        (["   ", "--lang", "de"], "the query is empty"),
+        (["ein Hund", "-k", "-1"], "k must be between 1 and 100, got -1"),
+        (["ein Hund", "-k", "0"], "k must be between 1 and 100, got 0"),
+        (["ein Hund", "-k", "101"], "k must be between 1 and 100, got 101"),
+        (["ein Hund", "--candidates", "0"], "candidates must be between 1 and 10000, got 0"),
+        (["ein Hund", "--candidates", "-5"], "candidates must be between 1 and 10000, got -5"),
+        (["x" * 501], "the query is 501 characters long; the limit is 500"),
+    ],
+)
 def test_search_refuses_what_the_api_refuses_with_its_message_and_exit_2(tmp_path, capsys, argv, message):
     """Checked before any index or model is opened: no artifacts are needed to be refused."""
     assert main(["search", *argv, "--root", str(tmp_path / "no-artifacts")]) == 2
@@ -166,8 +174,18 @@ def test_dry_run_names_set_fields_the_engine_does_not_use(demo_config, capsys):
     config, _ = demo_config
     data = yaml.safe_load(config.read_text())
     assert data["translate"]["engine"] == "import"
-    argv = ["run", "--config", str(config), "--dry-run", "--set", "translate.num_beams=4",
-            "--set", "describe.decode_workers=1", "--set", "train.seed=3"]
+    argv = [
+        "run",
+        "--config",
+        str(config),
+        "--dry-run",
+        "--set",
+        "translate.num_beams=4",
+        "--set",
+        "describe.decode_workers=1",
+        "--set",
+        "train.seed=3",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "note: --set translate.num_beams: not used by engine import; it changes no key" in out

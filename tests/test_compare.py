@@ -1,5 +1,6 @@
 """`leccr compare` on hand-made run records: the table against the per-run metrics, runs that differ in
 more than the swept fields flagged, α rows, and published numbers rendered beside ours for a preset."""
+
 from pathlib import Path
 
 import pyarrow as pa
@@ -7,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from leccr.evaluation.compare import build, select_runs, write
 from leccr.config import parse_config
+from leccr.evaluation.compare import build, select_runs, write
 from leccr.evaluation.published import matching_rows, published_markdown, rows_named
 from leccr.records.runs import COMPUTED, RunLabel, StageEntry, now, write_record
 from leccr.schemas.evaluate import METRICS
@@ -17,13 +18,31 @@ REPO = Path(__file__).parents[1]
 
 
 def metric_rows(method, lang, score, alpha, recall_t2v, recall_v2t):
-    common = {"method": method, "score": score, "lang": lang, "split": "test", "n_texts": 5, "n_items": 5,
-              "alpha": alpha, "checkpoint": "t"}
-    rows = [{**common, "direction": d, "metric": "recall", "k": k, "value": v, "name": f"{lang}/{d}_R@{k}"}
-            for d, values in (("text_to_visual", recall_t2v), ("visual_to_text", recall_v2t))
-            for k, v in zip((1, 5, 10), values)]
-    rows.append({**common, "direction": "both", "metric": "sumr", "k": None, "value": sum(recall_t2v) + sum(recall_v2t),
-                 "name": f"{lang}/sumr"})
+    common = {
+        "method": method,
+        "score": score,
+        "lang": lang,
+        "split": "test",
+        "n_texts": 5,
+        "n_items": 5,
+        "alpha": alpha,
+        "checkpoint": "t",
+    }
+    rows = [
+        {**common, "direction": d, "metric": "recall", "k": k, "value": v, "name": f"{lang}/{d}_R@{k}"}
+        for d, values in (("text_to_visual", recall_t2v), ("visual_to_text", recall_v2t))
+        for k, v in zip((1, 5, 10), values)
+    ]
+    rows.append(
+        {
+            **common,
+            "direction": "both",
+            "metric": "sumr",
+            "k": None,
+            "value": sum(recall_t2v) + sum(recall_v2t),
+            "name": f"{lang}/sumr",
+        }
+    )
     return rows
 
 
@@ -31,21 +50,39 @@ def record(root: Path, key: str, rows: list[dict], variant: str, swept: dict, **
     folder = root / "evaluate" / key
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=METRICS), folder / "metrics.parquet")
-    cfg = parse_config({"name": f"exp--{variant}", "artifacts_root": str(root),
-                        "dataset": {"format": "multi30k", "path": str(root / "data"), "languages": ["de"]}, **sections})
-    write_record(cfg, RunLabel("exp", "s", variant, swept), now(), {"evaluate": StageEntry(key, COMPUTED, 1.0)},
-                 "completed")
+    cfg = parse_config(
+        {
+            "name": f"exp--{variant}",
+            "artifacts_root": str(root),
+            "dataset": {"format": "multi30k", "path": str(root / "data"), "languages": ["de"]},
+            **sections,
+        }
+    )
+    write_record(
+        cfg, RunLabel("exp", "s", variant, swept), now(), {"evaluate": StageEntry(key, COMPUTED, 1.0)}, "completed"
+    )
 
 
 def test_table_holds_each_runs_metrics_and_flags_unswept_differences(tmp_path):
-    record(tmp_path, "a" * 16, metric_rows("leccr", "de", "fused", 1.0, [10, 20, 30], [11, 21, 31])
-           + metric_rows("leccr", "de", "alpha", 0.5, [1, 2, 3], [4, 5, 6])
-           + metric_rows("leccr", "de", "global", 1.0, [0, 0, 0], [0, 0, 0]),
-           "w_d=0.1", {"train.models.leccr.losses.w_d": 0.1},
-           train={"models": {"leccr": {"losses": {"w_d": 0.1}}}, "seed": 1}, evaluate={"alphas": [0.5]})
-    record(tmp_path, "b" * 16, metric_rows("leccr", "de", "fused", 1.0, [12, 22, 32], [13, 23, 33]),
-           "w_d=0.3", {"train.models.leccr.losses.w_d": 0.3},
-           train={"models": {"leccr": {"losses": {"w_d": 0.3}}}, "seed": 2})
+    record(
+        tmp_path,
+        "a" * 16,
+        metric_rows("leccr", "de", "fused", 1.0, [10, 20, 30], [11, 21, 31])
+        + metric_rows("leccr", "de", "alpha", 0.5, [1, 2, 3], [4, 5, 6])
+        + metric_rows("leccr", "de", "global", 1.0, [0, 0, 0], [0, 0, 0]),
+        "w_d=0.1",
+        {"train.models.leccr.losses.w_d": 0.1},
+        train={"models": {"leccr": {"losses": {"w_d": 0.1}}}, "seed": 1},
+        evaluate={"alphas": [0.5]},
+    )
+    record(
+        tmp_path,
+        "b" * 16,
+        metric_rows("leccr", "de", "fused", 1.0, [12, 22, 32], [13, 23, 33]),
+        "w_d=0.3",
+        {"train.models.leccr.losses.w_d": 0.3},
+        train={"models": {"leccr": {"losses": {"w_d": 0.3}}}, "seed": 2},
+    )
     title, records = select_runs(tmp_path, sweep="s")
     comparison = build(tmp_path, title, records)
     assert comparison.swept == ["train.models.leccr.losses.w_d"]
@@ -69,12 +106,29 @@ def published_fixture(tmp_path) -> Path:
     """A published-numbers file in the repository's format with one made-up row (a rendering fixture,
     not a paper's number)."""
     path = tmp_path / "published.yaml"
-    path.write_text(yaml.safe_dump({
-        "papers": {"paper-x": {"title": "A Fixture Paper", "venue": "Fixture 2024", "url": "https://example.org"}},
-        "rows": [{"id": "paper-x/t1/multi30k-de/leccr", "paper": "paper-x", "table": "Table 1", "row": "Ours",
-                  "method": "leccr", "dataset": "multi30k", "lang": "de", "split": "test",
-                  "recall": {"text_to_visual": [10.0, 20.0, 30.0], "visual_to_text": [11.0, 21.0, 31.0]},
-                  "sumr": 123.0}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "papers": {
+                    "paper-x": {"title": "A Fixture Paper", "venue": "Fixture 2024", "url": "https://example.org"}
+                },
+                "rows": [
+                    {
+                        "id": "paper-x/t1/multi30k-de/leccr",
+                        "paper": "paper-x",
+                        "table": "Table 1",
+                        "row": "Ours",
+                        "method": "leccr",
+                        "dataset": "multi30k",
+                        "lang": "de",
+                        "split": "test",
+                        "recall": {"text_to_visual": [10.0, 20.0, 30.0], "visual_to_text": [11.0, 21.0, 31.0]},
+                        "sumr": 123.0,
+                    }
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -84,8 +138,10 @@ def test_published_row_renders_beside_ours_for_a_preset(tmp_path, published_fixt
     rows = matching_rows(preset, published_fixture)
     assert [r["row"] for r in rows] == ["Ours"]
     text = "\n".join(published_markdown(rows, True, {("leccr", "de"): 130.5}))
-    assert ("| leccr | de | 10.0 | 20.0 | 30.0 | 11.0 | 21.0 | 31.0 | 123.0 | 130.5 | +7.5 | "
-            "A Fixture Paper (Fixture 2024), Table 1, row \"Ours\" |") in text
+    assert (
+        "| leccr | de | 10.0 | 20.0 | 30.0 | 11.0 | 21.0 | 31.0 | 123.0 | 130.5 | +7.5 | "
+        'A Fixture Paper (Fixture 2024), Table 1, row "Ours" |'
+    ) in text
     # the demo's data is another dataset's format only in name: a row for another language matches nothing
     demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     assert matching_rows(demo, published_fixture) == []
@@ -109,8 +165,13 @@ def test_unknown_published_row_is_a_config_error():
         rows_named(["no-such-row"])
 
 
-PRESET_ROWS = {"multi30k_de": ("de", 450.7), "multi30k_fr": ("fr", 452.9), "multi30k_cs": ("cs", 438.7),
-               "vatex_zh": ("zh", 366.5), "msrvtt_cn": ("zh", 307.3)}
+PRESET_ROWS = {
+    "multi30k_de": ("de", 450.7),
+    "multi30k_fr": ("fr", 452.9),
+    "multi30k_cs": ("cs", 438.7),
+    "vatex_zh": ("zh", 366.5),
+    "msrvtt_cn": ("zh", 307.3),
+}
 
 
 @pytest.mark.parametrize("preset_name", sorted(PRESET_ROWS))
@@ -137,10 +198,26 @@ def test_vatex_row_sums_within_rounding():
 def _one_row_file(tmp_path, sumr, source_extra=None):
     source = {"title": "T", "venue": "V", "url": "https://example.org", **(source_extra or {})}
     path = tmp_path / f"published-{sumr}.yaml"
-    path.write_text(yaml.safe_dump({"papers": {"p": source}, "rows": [{
-        "id": "p/t/multi30k-de/x", "paper": "p", "table": "t", "row": "r", "method": "x", "dataset": "multi30k",
-        "lang": "de", "recall": {"text_to_visual": [10.0, 20.0, 30.0], "visual_to_text": [10.0, 20.0, 30.0]},
-        "sumr": sumr}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "papers": {"p": source},
+                "rows": [
+                    {
+                        "id": "p/t/multi30k-de/x",
+                        "paper": "p",
+                        "table": "t",
+                        "row": "r",
+                        "method": "x",
+                        "dataset": "multi30k",
+                        "lang": "de",
+                        "recall": {"text_to_visual": [10.0, 20.0, 30.0], "visual_to_text": [10.0, 20.0, 30.0]},
+                        "sumr": sumr,
+                    }
+                ],
+            }
+        )
+    )
     return path
 
 

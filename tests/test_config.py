@@ -1,4 +1,5 @@
 """Config: YAML in, validated pydantic out; every error names the key."""
+
 import pytest
 
 from leccr.config import ConfigError, load_config, parse_config

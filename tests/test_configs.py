@@ -1,4 +1,5 @@
 """Every shipped experiment file validates (a typo in a preset would only show on a GPU run)."""
+
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,15 @@ def test_config_validates(path):
 # Each benchmark preset trains with METHOD.md's row for its dataset and language (VATEX has none of its
 # own: the video row), the video datasets with the video models, and stores its features in float16
 # (half the bytes; no ranking changed at the real dimensions: benchmarks/bench_real_dims.py).
-PRESET_ROWS = {"multi30k_de": ("multi30k-de", "image"), "multi30k_fr": ("multi30k-fr", "image"),
-               "multi30k_cs": ("multi30k-cs", "image"), "mscoco_zh": ("mscoco-zh", "image"),
-               "mscoco_ja": ("mscoco-ja", "image"), "msrvtt_cn": ("msrvtt-cn", "video"),
-               "vatex_zh": ("msrvtt-cn", "video")}
+PRESET_ROWS = {
+    "multi30k_de": ("multi30k-de", "image"),
+    "multi30k_fr": ("multi30k-fr", "image"),
+    "multi30k_cs": ("multi30k-cs", "image"),
+    "mscoco_zh": ("mscoco-zh", "image"),
+    "mscoco_ja": ("mscoco-ja", "image"),
+    "msrvtt_cn": ("msrvtt-cn", "video"),
+    "vatex_zh": ("msrvtt-cn", "video"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_ROWS))

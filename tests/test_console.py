@@ -1,5 +1,6 @@
 """The demo's first run as a new user meets it, read off the console: each stage computed once, a miss
 said in one line, no `None`, and closing hints whose commands work."""
+
 import logging
 import re
 import shlex
@@ -35,8 +36,20 @@ def test_the_demos_first_run_reads_cleanly(demo_root, tmp_path, monkeypatch, cap
     # once per engine (the tiny LLaVA, then the imported scene descriptions), every other stage once.
     computed = [m.groups() for line in err.splitlines() if (m := COMPUTED.match(line))]
     labels = [label for label, _ in computed]
-    assert sorted(labels) == sorted(["dataset", "describe", "describe", "translate", "visual", "features",
-                                     "train[baseline]", "train[leccr]", "evaluate", "index"]), err
+    assert sorted(labels) == sorted(
+        [
+            "dataset",
+            "describe",
+            "describe",
+            "translate",
+            "visual",
+            "features",
+            "train[baseline]",
+            "train[leccr]",
+            "evaluate",
+            "index",
+        ]
+    ), err
     assert all(path.startswith(str(artifacts)) for _, path in computed), computed
     assert "leccr-plan-" not in console
 
@@ -48,9 +61,11 @@ def test_the_demos_first_run_reads_cleanly(demo_root, tmp_path, monkeypatch, cap
     assert not re.search(r"\bNone", console), [line for line in console.splitlines() if "None" in line]
 
     # Every closing hint is a command that works as printed: an inspect view that exists, a search.
-    hints = [line.split(": ", 1)[1] if line.startswith(("Inspect", "Compare")) else line.strip()
-             for line in out.splitlines() if re.match(r"^(Inspect them with|Compare methods): leccr |^  leccr search ",
-                                                      line)]
+    hints = [
+        line.split(": ", 1)[1] if line.startswith(("Inspect", "Compare")) else line.strip()
+        for line in out.splitlines()
+        if re.match(r"^(Inspect them with|Compare methods): leccr |^  leccr search ", line)
+    ]
     assert len(hints) == 3, out  # after the LLaVA's describe-only run, after the whole run, the search
     assert "FROM descriptions" in hints[0]  # the describe-only run made no translate table
     for hint in hints:
@@ -60,8 +75,18 @@ def test_the_demos_first_run_reads_cleanly(demo_root, tmp_path, monkeypatch, cap
         assert answer.out.strip() and not answer.err, (hint, answer)
 
     # --dry-run -v lists every field an engine switch changes; without -v the line stays short.
-    switch_back = ["run", "--config", "configs/demo_scene.yaml", "--stage", "describe", "--dry-run",
-                   "--set", "describe.engine=transformers", "--set", f"describe.model={demo_root}/models/llava"]
+    switch_back = [
+        "run",
+        "--config",
+        "configs/demo_scene.yaml",
+        "--stage",
+        "describe",
+        "--dry-run",
+        "--set",
+        "describe.engine=transformers",
+        "--set",
+        f"describe.model={demo_root}/models/llava",
+    ]
     assert main(switch_back) == 0
     plan = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("describe"))
     assert "describe.engine: import → transformers (+" in plan and "describe.max_tokens" not in plan, plan

@@ -1,8 +1,8 @@
 """The cache core's contracts: stage definitions, declared reads, code identity at the right grain,
 claims with leases, the engine cache, and the key holes closed (numerics, nproc, library versions)."""
+
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -12,8 +12,8 @@ from leccr.config import parse_config
 from leccr.core.artifact import Artifact, Manifest, ReadView, UndeclaredRead, damaged_files
 from leccr.core.claims import Claims
 from leccr.core.dag import get_stage, stage_defs
-from leccr.core.keys import resolve_section
 from leccr.core.jobs import config_for, jobs_of, stage_code_modules
+from leccr.core.keys import resolve_section
 from leccr.core.stage import StageDef
 
 DATASET = {"format": "multi30k", "path": "."}
@@ -47,7 +47,7 @@ def test_a_stage_opening_an_undeclared_upstream_file_fails(tmp_path):
     with pytest.raises(UndeclaredRead, match=r"stage translate reads dataset/k/items.parquet.*does not declare"):
         view.file("items.parquet")
     with pytest.raises(UndeclaredRead):
-        view.path  # the whole folder is not declared either
+        _ = view.path  # the whole folder is not declared either
     folder_view = ReadView(Artifact("features", "k", tmp_path), ("text/",), "x")
     assert folder_view.parts("text") == []
     with pytest.raises(UndeclaredRead):
@@ -61,8 +61,9 @@ def test_code_identity_holds_what_the_configured_stage_can_run():
     for name in ("describe", "visual", "index"):
         assert not closures[name] & adapters, name
     assert closures["dataset"] & adapters == {"leccr.datasets.multi30k"}  # the configured format only
-    assert set(stage_code_modules(get_stage("dataset"), _cfg(dataset={"format": "vatex", "path": "."}))) & adapters \
-        == {"leccr.datasets.vatex"}
+    assert set(stage_code_modules(get_stage("dataset"), _cfg(dataset={"format": "vatex", "path": "."}))) & adapters == {
+        "leccr.datasets.vatex"
+    }
     assert not {m for m in closures["index"] if m.startswith(("leccr.search", "leccr.evaluation.report", "leccr.cli"))}
     assert not {m for m in set().union(*closures.values()) if m.startswith(("leccr.core", "leccr.flows"))}
 
@@ -83,7 +84,10 @@ def test_nproc_and_what_auto_means_are_in_trains_key():
     from leccr.core.fingerprint import Fingerprinter
 
     stage = get_stage("train")
-    one, two = _cfg(train={"methods": ["baseline"]}), _cfg(train={"methods": ["baseline"], "nproc": 2, "batch_size": 128})
+    one, two = (
+        _cfg(train={"methods": ["baseline"]}),
+        _cfg(train={"methods": ["baseline"], "nproc": 2, "batch_size": 128}),
+    )
     assert resolve_section(stage.section(one), Fingerprinter())["nproc"] == 1
     assert resolve_section(stage.section(two), Fingerprinter())["nproc"] == 2
     numerics = stage.key_config(one, None)["numerics"]
@@ -132,10 +136,19 @@ def test_damaged_files_are_named_with_their_sizes(tmp_path):
     (tmp_path / "part-00000.parquet").write_bytes(b"x" * 10)
     (tmp_path / "b.json").write_bytes(b"{}")
     fingerprints = Fingerprinter()
-    manifest = Manifest(stage="s", key="k", store_format="4", schema_version=2, code_digest="c", content_digest="d",
-                        file_sizes={"part-00000.parquet": 10, "b.json": 2, "gone.parquet": 5},
-                        file_hashes={"part-00000.parquet": fingerprints.file(tmp_path / "part-00000.parquet"),
-                                     "b.json": fingerprints.file(tmp_path / "b.json")})
+    manifest = Manifest(
+        stage="s",
+        key="k",
+        store_format="4",
+        schema_version=2,
+        code_digest="c",
+        content_digest="d",
+        file_sizes={"part-00000.parquet": 10, "b.json": 2, "gone.parquet": 5},
+        file_hashes={
+            "part-00000.parquet": fingerprints.file(tmp_path / "part-00000.parquet"),
+            "b.json": fingerprints.file(tmp_path / "b.json"),
+        },
+    )
     assert damaged_files(tmp_path, manifest, fingerprints) == {"gone.parquet": "gone.parquet is missing"}
     (tmp_path / "part-00000.parquet").write_bytes(b"")
     (tmp_path / "b.json").write_bytes(b"[]")  # same size, other bytes
@@ -149,8 +162,15 @@ def test_a_hit_made_with_other_library_versions_warns_and_stays_a_hit(tmp_path):
     from leccr.core.jobs import version_drift
 
     now = library_versions()
-    manifest = Manifest(stage="s", key="k", store_format="4", schema_version=2, code_digest="c", content_digest="d",
-                        versions={**now, "torch": "1.0.0"})
+    manifest = Manifest(
+        stage="s",
+        key="k",
+        store_format="4",
+        schema_version=2,
+        code_digest="c",
+        content_digest="d",
+        versions={**now, "torch": "1.0.0"},
+    )
     assert version_drift(manifest) == [f"torch 1.0.0 → {now['torch']}"]
     assert version_drift(manifest.model_copy(update={"versions": now})) == []
 
@@ -170,8 +190,9 @@ def test_stage_modules_are_found_by_source(tmp_path):
     from leccr.core.dag import declared_upstream
 
     (tmp_path / "one.py").write_text("STAGE = StageDef(name='one', upstream=(), reads={}, section=s, run=r)\n")
-    (tmp_path / "two.py").write_text("STAGE = StageDef(name='two', upstream=('one',), reads={'one': ('*',)}, "
-                                     "section=s, run=r)\n")
+    (tmp_path / "two.py").write_text(
+        "STAGE = StageDef(name='two', upstream=('one',), reads={'one': ('*',)}, section=s, run=r)\n"
+    )
     assert declared_upstream(Path(tmp_path)) == {"one": (), "two": ("one",)}
 
 

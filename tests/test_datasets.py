@@ -1,4 +1,5 @@
 """Dataset adapters on hand-written fixtures in each published layout (tests/fixtures/<format>/)."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,8 +22,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture
 def copy_of(tmp_path):
     """A writable copy of a fixture folder, to break on purpose."""
+
     def make(name: str) -> Path:
         return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
+
     return make
 
 
@@ -36,7 +39,9 @@ def caption_counts(tables) -> dict:
 
 
 def captions_of(tables, item_id: str, lang: str) -> dict[str, str]:
-    return {r["caption_id"]: r["text"] for r in tables.captions.to_pylist() if r["item_id"] == item_id and r["lang"] == lang}
+    return {
+        r["caption_id"]: r["text"] for r in tables.captions.to_pylist() if r["item_id"] == item_id and r["lang"] == lang
+    }
 
 
 def problem_lines(tmp_root: Path, fmt: str, options: dict | None = None, languages=("de",)) -> list[str]:
@@ -51,8 +56,9 @@ def test_registry_lists_every_format():
 
 
 def test_unknown_format_lists_the_known_ones():
-    with pytest.raises(DatasetOptionsError, match="unknown dataset format 'flickr'; known formats: "
-                                                  "mscoco, msrvtt_cn, multi30k, vatex"):
+    with pytest.raises(
+        DatasetOptionsError, match="unknown dataset format 'flickr'; known formats: mscoco, msrvtt_cn, multi30k, vatex"
+    ):
         load_dataset("flickr", FIXTURES / "multi30k", ["de"], {})
 
 
@@ -84,15 +90,26 @@ def test_multi30k_fixture():
     assert item["path"] == "images/1000092795.jpg"  # relative to the dataset root: a moved folder keeps working
     assert item["feature_path"] is None
     assert caption_counts(tables) == {
-        ("train", "en", "human"): 15, ("train", "de", "mt"): 15,  # task 2 (gz) + CCR MT; task-1 train.de left out
-        ("val", "en", "human"): 2, ("val", "de", "human"): 2,  # no task 2 for val: task-1 English `X#t1`
-        ("test", "en", "human"): 10, ("test", "de", "human"): 2, ("test", "fr", "human"): 2, ("test", "cs", "human"): 2,
+        ("train", "en", "human"): 15,
+        ("train", "de", "mt"): 15,  # task 2 (gz) + CCR MT; task-1 train.de left out
+        ("val", "en", "human"): 2,
+        ("val", "de", "human"): 2,  # no task 2 for val: task-1 English `X#t1`
+        ("test", "en", "human"): 10,
+        ("test", "de", "human"): 2,
+        ("test", "fr", "human"): 2,
+        ("test", "cs", "human"): 2,
     }
     # Task-1 English is one of the five task-2 captions: its translations share that caption's id.
-    assert captions_of(tables, "1007129816", "de") == {"1007129816#enc#3": "Ein Mann mit einem orangefarbenen Hut, der etwas anstarrt."}
-    assert captions_of(tables, "1007129816", "en")["1007129816#enc#3"] == "A man in an orange hat starring at something."
+    assert captions_of(tables, "1007129816", "de") == {
+        "1007129816#enc#3": "Ein Mann mit einem orangefarbenen Hut, der etwas anstarrt."
+    }
+    assert (
+        captions_of(tables, "1007129816", "en")["1007129816#enc#3"] == "A man in an orange hat starring at something."
+    )
     assert captions_of(tables, "1029450589", "en") == {"1029450589#t1": "A man sleeping in a green room on a couch."}
-    assert captions_of(tables, "1029450589", "de") == {"1029450589#t1": "Ein Mann schläft in einem grünen Raum auf einem Sofa."}
+    assert captions_of(tables, "1029450589", "de") == {
+        "1029450589#t1": "Ein Mann schläft in einem grünen Raum auf einem Sofa."
+    }
     # MT line `10002456#enc2de#4` translates English caption 4 of that image
     assert captions_of(tables, "10002456", "de")["10002456#enc#4"] == "Drei Männer auf einer großen Anlage."
     assert captions_of(tables, "10002456", "en")["10002456#enc#4"] == "Three men on a large rig."
@@ -103,8 +120,10 @@ def test_multi30k_languages_filter_and_task1_train_translations():
     assert set(tables.captions.column("lang").to_pylist()) == {"en", "fr"}
     # Asking for the human train translations too: they collide with the MT captions of the same English caption.
     lines = problem_lines(FIXTURES / "multi30k", "multi30k", {"human_target_splits": ["train", "val", "test"]})
-    assert "TextData/Flickr30ktrain_google_enc2de.caption.txt:2: de caption '1000092795#enc#1' given twice " \
-           "(first at data/task1/raw/train.de.gz:1)" in lines
+    assert (
+        "TextData/Flickr30ktrain_google_enc2de.caption.txt:2: de caption '1000092795#enc#1' given twice "
+        "(first at data/task1/raw/train.de.gz:1)" in lines
+    )
     assert len(lines) == 3
 
 
@@ -129,7 +148,9 @@ def test_multi30k_malformed_line_and_missing_files(copy_of):
         "'99999#enc#0', which the dataset does not have",
         f"{root}: no fr captions found (languages present: de, en)",
     ]
-    with pytest.raises(DatasetFormatError, match=r"multi30k dataset at .* has 5 problem\(s\):\n  data/task1/image_splits"):
+    with pytest.raises(
+        DatasetFormatError, match=r"multi30k dataset at .* has 5 problem\(s\):\n  data/task1/image_splits"
+    ):
         load_dataset("multi30k", root, ["de", "fr"], {})
 
 
@@ -137,7 +158,9 @@ def test_multi30k_missing_split_list(copy_of):
     root = copy_of("multi30k")
     (root / "data" / "task1" / "image_splits" / "test_2016_flickr.txt").unlink()
     assert problem_lines(root, "multi30k") == [
-        "data/task1/image_splits/test_2016_flickr.txt: missing test image list (also looked for test_2016_flickr.txt.gz)"]
+        "data/task1/image_splits/test_2016_flickr.txt: missing test image list "
+        "(also looked for test_2016_flickr.txt.gz)"
+    ]
 
 
 # ------------------------------------------------------------------------------ mscoco
@@ -148,19 +171,32 @@ def test_mscoco_fixture_karpathy_5k():
     assert by_id["318219"]["split"] == "train"
     assert by_id["391895"]["path"].endswith("images/val2014/COCO_val2014_000000391895.jpg")
     assert caption_counts(tables) == {
-        ("test", "en", "human"): 10, ("val", "en", "human"): 5, ("train", "en", "human"): 10,
-        ("test", "ja", "human"): 3, ("val", "ja", "human"): 1,  # STAIR train-image caption left out (human_target_splits)
-        ("test", "zh", "human"): 3, ("val", "zh", "human"): 1,
+        ("test", "en", "human"): 10,
+        ("val", "en", "human"): 5,
+        ("train", "en", "human"): 10,
+        ("test", "ja", "human"): 3,
+        ("val", "ja", "human"): 1,  # STAIR train-image caption left out (human_target_splits)
+        ("test", "zh", "human"): 3,
+        ("val", "zh", "human"): 1,
         ("train", "ja", "mt"): 10,
     }
-    assert captions_of(tables, "391895", "ja") == {"391895#stair#1": "山の中を赤い帽子をかぶった人がバイクに乗っている",
-                                                  "391895#stair#2": "舗装されていない道をバイクで走っている男性"}
-    assert captions_of(tables, "391895", "zh") == {"391895#cn#0": "一个戴红色头盔的男人在土路上骑摩托车",
-                                                  "391895#cn#1": "山路上骑摩托车的人"}
+    assert captions_of(tables, "391895", "ja") == {
+        "391895#stair#1": "山の中を赤い帽子をかぶった人がバイクに乗っている",
+        "391895#stair#2": "舗装されていない道をバイクで走っている男性",
+    }
+    assert captions_of(tables, "391895", "zh") == {
+        "391895#cn#0": "一个戴红色头盔的男人在土路上骑摩托车",
+        "391895#cn#1": "山路上骑摩托车的人",
+    }
     assert captions_of(tables, "57870", "ja")["57870#enc#1"] == "籐の丸い背もたれの椅子がある長いレストランのテーブル。"
-    assert captions_of(tables, "57870", "en")["57870#enc#1"] == "A long restaurant table with rattan rounded back chairs."
+    assert (
+        captions_of(tables, "57870", "en")["57870#enc#1"] == "A long restaurant table with rattan rounded back chairs."
+    )
     # stored as the release has it: Karpathy's `raw` keeps COCO's trailing space
-    assert captions_of(tables, "391895", "en")["391895#enc#0"] == "A man with a red helmet on a small moped on a dirt road. "
+    assert (
+        captions_of(tables, "391895", "en")["391895#enc#0"]
+        == "A man with a red helmet on a small moped on a dirt road. "
+    )
 
 
 def test_mscoco_protocols_and_coco_cn_split():
@@ -170,18 +206,24 @@ def test_mscoco_protocols_and_coco_cn_split():
     assert counts(fold1) == {"val": 1, "train": 2}
     cn = load_dataset("mscoco", FIXTURES / "mscoco", ["zh"], {"split_source": "coco-cn"})
     assert {r["item_id"]: r["split"] for r in cn.items.to_pylist()} == {
-        "391895": "test", "522418": "test", "184613": "val", "57870": "train"}
+        "391895": "test",
+        "522418": "test",
+        "184613": "val",
+        "57870": "train",
+    }
     assert set(cn.captions.column("lang").to_pylist()) == {"en", "zh"}
 
 
 def test_mscoco_malformed_files(copy_of):
     root = copy_of("mscoco")
     stair = root / "STAIR-captions" / "stair_captions_v1.2_val.json"
-    stair.write_text('{"annotations": [\n  {"id": 1, "image_id": 391895, "caption": "x"},\n  {"id": 2,, }\n]}\n',
-                     encoding="utf-8")
+    stair.write_text(
+        '{"annotations": [\n  {"id": 1, "image_id": 391895, "caption": "x"},\n  {"id": 2,, }\n]}\n', encoding="utf-8"
+    )
     captions = root / "coco-cn" / "imageid.human-written-caption.txt"
-    captions.write_text(captions.read_text(encoding="utf-8").replace("COCO_val2014_000000522418#0\t", "522418 "),
-                        encoding="utf-8")
+    captions.write_text(
+        captions.read_text(encoding="utf-8").replace("COCO_val2014_000000522418#0\t", "522418 "), encoding="utf-8"
+    )
     (root / "images" / "val2014" / "COCO_val2014_000000184613.jpg").unlink()
     assert problem_lines(root, "mscoco", languages=["ja", "zh"]) == [
         "dataset_coco.json: images[2]: item '184613': missing media file images/val2014/COCO_val2014_000000184613.jpg",
@@ -203,21 +245,40 @@ def test_vatex_fixture_with_features():
     assert val["split"] == "val" and val["path"] is None  # only features for the validation videos
     assert val["feature_path"] == "features/G9zN5TTuGO4_000179_000189.npy"
     assert by_id["Ptf_2VRj-V0_000122_000132"]["path"].endswith("videos/Ptf_2VRj-V0_000122_000132.mp4")
-    assert caption_counts(tables) == {("train", "en", "human"): 12, ("train", "zh", "mt"): 12,
-                                      ("val", "en", "human"): 2, ("val", "zh", "human"): 2,
-                                      ("test", "en", "human"): 2, ("test", "zh", "human"): 2}
+    assert caption_counts(tables) == {
+        ("train", "en", "human"): 12,
+        ("train", "zh", "mt"): 12,
+        ("val", "en", "human"): 2,
+        ("val", "zh", "human"): 2,
+        ("test", "en", "human"): 2,
+        ("test", "zh", "human"): 2,
+    }
     assert captions_of(tables, "Ek9fJ-aInG0_000033_000043", "zh") == {
-        "Ek9fJ-aInG0_000033_000043#zh#0": "两只狗在院子里玩球。", "Ek9fJ-aInG0_000033_000043#zh#1": "几只狗在草地上互相追逐。"}
-    assert captions_of(tables, "Ptf_2VRj-V0_000122_000132", "zh")["Ptf_2VRj-V0_000122_000132#enc#9"] == "一个男人坐在鼓组后面演奏它。"
+        "Ek9fJ-aInG0_000033_000043#zh#0": "两只狗在院子里玩球。",
+        "Ek9fJ-aInG0_000033_000043#zh#1": "几只狗在草地上互相追逐。",
+    }
+    assert (
+        captions_of(tables, "Ptf_2VRj-V0_000122_000132", "zh")["Ptf_2VRj-V0_000122_000132#enc#9"]
+        == "一个男人坐在鼓组后面演奏它。"
+    )
 
 
 def test_vatex_parallel_pairs_share_english_ids(copy_of):
-    tables = load_dataset("vatex", FIXTURES / "vatex", ["zh"],
-                          {"features": "features", "human_target_splits": ["train", "val", "test"],
-                           "parallel_pairs": True, "mt_pattern": None})
+    tables = load_dataset(
+        "vatex",
+        FIXTURES / "vatex",
+        ["zh"],
+        {
+            "features": "features",
+            "human_target_splits": ["train", "val", "test"],
+            "parallel_pairs": True,
+            "mt_pattern": None,
+        },
+    )
     zh = captions_of(tables, "Ptf_2VRj-V0_000122_000132", "zh")
-    assert set(zh) == {f"Ptf_2VRj-V0_000122_000132#zh#{n}" for n in range(5)} | \
-                      {f"Ptf_2VRj-V0_000122_000132#enc#{n}" for n in range(5, 10)}
+    assert set(zh) == {f"Ptf_2VRj-V0_000122_000132#zh#{n}" for n in range(5)} | {
+        f"Ptf_2VRj-V0_000122_000132#enc#{n}" for n in range(5, 10)
+    }
     assert zh["Ptf_2VRj-V0_000122_000132#enc#5"] == "一个男人在一个小房间里打鼓。"
 
 
@@ -227,7 +288,9 @@ def test_vatex_missing_video_and_bad_entries(copy_of):
     data = json.loads((root / "vatex_training_v1.0.json").read_text(encoding="utf-8"))
     data.append({"videoID": "no_captions_000000_000010"})
     (root / "vatex_training_v1.0.json").write_text(json.dumps(data), encoding="utf-8")
-    (root / "vatex_test1k5.txt").write_text("Ek9fJ-aInG0_000033_000043\nNotInValidation_000001_000011\n", encoding="utf-8")
+    (root / "vatex_test1k5.txt").write_text(
+        "Ek9fJ-aInG0_000033_000043\nNotInValidation_000001_000011\n", encoding="utf-8"
+    )
     assert problem_lines(root, "vatex", {"features": "features"}, languages=["zh"]) == [
         "vatex_training_v1.0.json: [1]: item '8uqmiHgTaC4_000010_000020': neither media file "
         "videos/8uqmiHgTaC4_000010_000020.mp4 nor features in features",
@@ -245,10 +308,18 @@ def test_msrvtt_cn_fixture_with_bigfile_features():
     assert by_id["video0"]["path"] == "videos/video0.mp4"
     assert by_id["video7010"]["path"] is None
     assert by_id["video7010"]["feature_path"] == feature_dir
-    assert caption_counts(tables) == {("train", "en", "human"): 5, ("train", "zh", "mt"): 5,
-                                      ("val", "zh", "human"): 2, ("test", "en", "human"): 3, ("test", "zh", "human"): 3}
+    assert caption_counts(tables) == {
+        ("train", "en", "human"): 5,
+        ("train", "zh", "mt"): 5,
+        ("val", "zh", "human"): 2,
+        ("test", "en", "human"): 3,
+        ("test", "zh", "human"): 3,
+    }
     # Test Chinese captions translate the English ones: same caption ids
-    assert captions_of(tables, "video7010", "zh") == {"video7010#enc#0": "一家人在交谈", "video7010#enc#1": "一位母亲和女儿在说话"}
+    assert captions_of(tables, "video7010", "zh") == {
+        "video7010#enc#0": "一家人在交谈",
+        "video7010#enc#1": "一位母亲和女儿在说话",
+    }
     assert captions_of(tables, "video0", "zh")["video0#enc#2"] == "一个男人驾驶着一辆车穿过乡村"
 
 
@@ -256,8 +327,10 @@ def test_msrvtt_cn_malformed_and_missing(copy_of):
     root = copy_of("msrvtt_cn")
     (root / "TextData" / "msrvtt10kcnval_zh.caption.txt").unlink()
     train = root / "TextData" / "msrvtt10kcntrain.caption.txt"
-    train.write_text(train.read_text(encoding="utf-8") + "video7010#enc#5 a video in two splits\nvideo9 no-id-tag\n",
-                     encoding="utf-8")
+    train.write_text(
+        train.read_text(encoding="utf-8") + "video7010#enc#5 a video in two splits\nvideo9 no-id-tag\n",
+        encoding="utf-8",
+    )
     assert problem_lines(root, "msrvtt_cn", {"features": "FeatureData/resnext101-resnet152"}, ["zh"]) == [
         "TextData/msrvtt10kcntrain.caption.txt:7: expected '<video-id>#<tag>#<n> <caption>', got 'video9 no-id-tag'",
         "TextData/msrvtt10kcnval_zh.caption.txt: missing val zh caption file (also looked for "
@@ -281,16 +354,21 @@ def test_check_command_bad_folder(copy_of, capsys):
     root = copy_of("multi30k")
     (root / "images" / "1000268201.jpg").unlink()
     raw = root / "data" / "task1" / "raw" / "train.de.gz"
-    raw.write_bytes(gzip.compress("Zeile eins.\n\nZeile drei.\n".encode()))
+    raw.write_bytes(gzip.compress(b"Zeile eins.\n\nZeile drei.\n"))
     (root / "TextData" / "Flickr30ktrain_google_enc2de.caption.txt").write_text("garbage\n", encoding="utf-8")
     code = check_command(root, "multi30k", {"human_target_splits": ["train", "val", "test"]})
     out = capsys.readouterr().out
     assert code == 1
     assert "Traceback" not in out
-    assert ("missing files (1):\n"
-            "  data/task1/image_splits/train.txt:3: item '1000268201': missing media file images/1000268201.jpg\n") in out
+    assert (
+        "missing files (1):\n"
+        "  data/task1/image_splits/train.txt:3: item '1000268201': missing media file images/1000268201.jpg\n"
+    ) in out
     assert "  data/task1/raw/train.de.gz:2: empty caption for image '10002456'\n" in out
-    assert "  TextData/Flickr30ktrain_google_enc2de.caption.txt:1: expected '<item-id>#enc2de#<n> <caption>', got 'garbage'\n" in out
+    assert (
+        "  TextData/Flickr30ktrain_google_enc2de.caption.txt:1: "
+        "expected '<item-id>#enc2de#<n> <caption>', got 'garbage'\n" in out
+    )
     assert out.rstrip().endswith("3 problem(s) found")
 
 
@@ -321,7 +399,8 @@ def test_features_stand_in_for_missing_media(copy_of):
     (root / "images" / "1007129816.jpg").unlink()
     assert problem_lines(root, "multi30k", {"features": "feats"}) == [
         "data/task1/image_splits/test_2016_flickr.txt:1: item '1007129816': neither media file "
-        "images/1007129816.jpg nor features in feats"]
+        "images/1007129816.jpg nor features in feats"
+    ]
     assert problem_lines(root, "multi30k", {"features": "no_such_dir"})[0] == "no_such_dir: missing features folder"
 
 
@@ -342,10 +421,13 @@ def test_mscoco_mt_files_with_an_id_map(copy_of):
     mt = root / "TextData" / "mscocotrain_google_enc2ja.caption.txt"
     mt.write_text(mt.read_text(encoding="utf-8").replace("57870#", "0#").replace("318219#", "1#"), encoding="utf-8")
     (root / "img_id").mkdir()
-    (root / "img_id" / "image_ids.txt").write_text("0 COCO_train2014_000000057870.jpg\n1 COCO_val2014_000000318219.jpg\n",
-                                                   encoding="utf-8")
+    (root / "img_id" / "image_ids.txt").write_text(
+        "0 COCO_train2014_000000057870.jpg\n1 COCO_val2014_000000318219.jpg\n", encoding="utf-8"
+    )
     tables = load_dataset("mscoco", root, ["ja"], {"mt_id_map": "img_id/image_ids.txt"})
     assert captions_of(tables, "57870", "ja")["57870#enc#1"] == "籐の丸い背もたれの椅子がある長いレストランのテーブル。"
     (root / "img_id" / "image_ids.txt").write_text("0 COCO_train2014_000000057870.jpg\n", encoding="utf-8")
-    assert problem_lines(root, "mscoco", {"mt_id_map": "img_id/image_ids.txt"}, ["ja"])[0] == \
-        "TextData/mscocotrain_google_enc2ja.caption.txt:6: item id '1' is not in the id map"
+    assert (
+        problem_lines(root, "mscoco", {"mt_id_map": "img_id/image_ids.txt"}, ["ja"])[0]
+        == "TextData/mscocotrain_google_enc2ja.caption.txt:6: item id '1' is not in the id map"
+    )

@@ -1,4 +1,5 @@
 """The generated demo dataset: read back through the multi30k adapter, pixels match captions, deterministic."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,20 @@ import pytest
 from PIL import Image
 
 from leccr.datasets import load_dataset
-from leccr.datasets.demo import (COLOURS, NUM_IMAGES, NUM_VIDEOS, POSITIONS, SIZE, VIDEO_FRAMES, DemoItem,
-                                 demo_corpus, generate_demo, mt_noise, noun_phrase, plan_items)
+from leccr.datasets.demo import (
+    COLOURS,
+    NUM_IMAGES,
+    NUM_VIDEOS,
+    POSITIONS,
+    SIZE,
+    VIDEO_FRAMES,
+    DemoItem,
+    demo_corpus,
+    generate_demo,
+    mt_noise,
+    noun_phrase,
+    plan_items,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +49,13 @@ def test_demo_reads_through_the_multi30k_adapter(demo, tables):
     items = tables.items.to_pylist()
     assert len(items) == NUM_IMAGES + NUM_VIDEOS == 84
     assert Counter((i["split"], i["media_type"]) for i in items) == {
-        ("train", "image"): 36, ("val", "image"): 12, ("test", "image"): 12,
-        ("train", "video"): 14, ("val", "video"): 5, ("test", "video"): 5}
+        ("train", "image"): 36,
+        ("val", "image"): 12,
+        ("test", "image"): 12,
+        ("train", "video"): 14,
+        ("val", "video"): 5,
+        ("test", "video"): 5,
+    }
     assert all(i["path"].startswith("images/") and (demo / i["path"]).is_file() for i in items)
     assert all(i["path"].endswith(".mp4") == (i["media_type"] == "video") for i in items)
     caption_rows = tables.captions.to_pylist()
@@ -86,7 +104,9 @@ def test_videos_move_as_captioned(demo):
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(frames) == VIDEO_FRAMES and frames[0].shape == (SIZE, SIZE, 3)
         (x0, y0), (x1, y1) = _centroid(frames[0], COLOURS[colour]), _centroid(frames[-1], COLOURS[colour])
-        dx, dy = {"left_to_right": (1, 0), "right_to_left": (-1, 0), "top_to_bottom": (0, 1), "bottom_to_top": (0, -1)}[motion]
+        dx, dy = {"left_to_right": (1, 0), "right_to_left": (-1, 0), "top_to_bottom": (0, 1), "bottom_to_top": (0, -1)}[
+            motion
+        ]
         # the shape travels 70% of the frame (from 0.15 to 0.85) in the captioned direction
         assert (x1 - x0) * dx + (y1 - y0) * dy > 0.5 * SIZE, (item, x0, y0, x1, y1)
 
@@ -97,8 +117,10 @@ def test_translations_follow_the_templates():
     assert item.captions("de")[0] == "ein roter Kreis links"
     assert item.captions("fr")[0] == "un cercle rouge à gauche"
     assert item.captions("zh")[0] == "一个红色的圆形在左边"
-    assert DemoItem("v", "video", "snow", [("orange", "star", "top_to_bottom")]).captions("fr")[0] == \
-        "une étoile orange se déplace de haut en bas"
+    assert (
+        DemoItem("v", "video", "snow", [("orange", "star", "top_to_bottom")]).captions("fr")[0]
+        == "une étoile orange se déplace de haut en bas"
+    )
     assert noun_phrase("en", "orange", "square") == "an orange square"
     assert noun_phrase("de", "white", "square") == "ein weißes Quadrat"
 
@@ -143,8 +165,14 @@ def test_demo_corpus_has_every_language(demo, tables):
 
 
 def test_scene_descriptions_say_what_was_drawn_in_every_view_without_copying_a_caption():
-    from leccr.datasets.demo import (HEADINGS, PLACES, SCENE_DESCRIPTIONS_LABEL, SETTINGS, scene_descriptions,
-                                     shuffled_across_items)
+    from leccr.datasets.demo import (
+        HEADINGS,
+        PLACES,
+        SCENE_DESCRIPTIONS_LABEL,
+        SETTINGS,
+        scene_descriptions,
+        shuffled_across_items,
+    )
     from leccr.prompts import default_views
 
     written = scene_descriptions(seed=0)

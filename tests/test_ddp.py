@@ -22,9 +22,11 @@ compares them with single-process runs of the same model:
    - DistributedDataParallel (averages): (A + Σ_r B_r) / R, resp. A + (Σ_r B_r) / R, the same on
      every rank.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -52,14 +54,29 @@ def _weights_leccr(w):
 CASES = {
     "baseline": ("baseline-image-tiny", {}, {"vs", "vt", "st"}, set(), _weights_baseline),
     "cl2cm": ("cl2cm-image-tiny", {}, {"vs", "vt", "cl", "rd"}, {"ot"}, _weights_cl2cm),
-    "leccr-image": ("leccr-image-tiny", {}, {"vs", "vt", "st", "cv", "dstl"}, {"c_s", "c_t", "c", "reg"},
-                    _weights_leccr),
+    "leccr-image": (
+        "leccr-image-tiny",
+        {},
+        {"vs", "vt", "st", "cv", "dstl"},
+        {"c_s", "c_t", "c", "reg"},
+        _weights_leccr,
+    ),
     # The reference keeps L_cv per GPU on video ...
-    "leccr-video": ("leccr-video-tiny", {}, {"vs", "vt", "st", "dstl"}, {"c_s", "c_t", "c", "reg", "cv"},
-                    _weights_leccr),
+    "leccr-video": (
+        "leccr-video-tiny",
+        {},
+        {"vs", "vt", "st", "dstl"},
+        {"c_s", "c_t", "c", "reg", "cv"},
+        _weights_leccr,
+    ),
     # ... the corrected form gathers it (and gathers the bool frame mask with it).
-    "leccr-video-fixed": ("leccr-video-tiny", {"reference_quirks": False}, {"vs", "vt", "st", "cv", "dstl"},
-                          {"c_s", "c_t", "c", "reg"}, _weights_leccr),
+    "leccr-video-fixed": (
+        "leccr-video-tiny",
+        {"reference_quirks": False},
+        {"vs", "vt", "st", "cv", "dstl"},
+        {"c_s", "c_t", "c", "reg"},
+        _weights_leccr,
+    ),
 }
 TERM_TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -146,8 +163,9 @@ def _worker(rank: int, init_file: str, folder: str) -> None:
 
     torch.set_num_threads(1)
     folder = Path(folder)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))  # a stuck collective fails instead of hanging
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )  # a stuck collective fails instead of hanging
     try:
         results = {}
         for name, (config, *_rest) in CASES.items():
@@ -196,8 +214,14 @@ def ddp_results(tmp_path_factory):
         pytest.skip("torch.distributed with the gloo backend is not available")
     folder = tmp_path_factory.mktemp("ddp")
     torch.manual_seed(0)
-    bert = BertConfig(vocab_size=VOCAB, hidden_size=TEXT_WIDTH, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=128, max_position_embeddings=64)
+    bert = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     BertModel(bert).save_pretrained(folder / "bert")
     models = {}
     for name in CASES:
@@ -244,9 +268,9 @@ def test_gathered_and_per_rank_terms(ddp_results, single_process, name):
         terms = result[name]["terms"]
         assert set(terms) == set(full)
         for term in gathered:
-            torch.testing.assert_close(terms[term], full[term], **TERM_TOL, msg=lambda m: f"{term}: {m}")
+            torch.testing.assert_close(terms[term], full[term], **TERM_TOL, msg=partial("{}: {}".format, term))
         for term in per_rank:
-            torch.testing.assert_close(terms[term], local[term], **TERM_TOL, msg=lambda m: f"{term}: {m}")
+            torch.testing.assert_close(terms[term], local[term], **TERM_TOL, msg=partial("{}: {}".format, term))
             # The half-batch value is not the global one, so a term that became gathered fails above.
             assert not torch.allclose(local[term], full[term], rtol=1e-3, atol=1e-4), term
         expected_total = sum(w * (full[t] if t in gathered else local[t]) for t, w in weights.items())
@@ -269,7 +293,7 @@ def test_gradients_follow_the_gather_contract(ddp_results, single_process, name)
         b = [g[param] for g in grad_local]
         raw = [result[name]["raw"][param] for result in ranks]
         ddp = [result[name]["ddp"][param] for result in ranks]
-        message = lambda m: f"{name} {param}: {m}"  # noqa: E731
+        message = partial("{} {}: {}".format, name, param)
         if param in AFTER_GATHER:
             for r in range(WORLD):  # the whole gathered gradient on every rank, plus its own per-rank part
                 assert_grad_close(raw[r], a + b[r], message)

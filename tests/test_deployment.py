@@ -6,6 +6,7 @@ On every machine the server runs on Prefect's embedded SQLite (`LECCR_PREFECT_DA
 `leccr/sweep` runs too; where PostgreSQL is installed (Debian: `apt-get install postgresql`; CI installs it),
 again on PostgreSQL, the team set-up, whose state then lives in a folder of the system's temporary folder
 (the `postgres` user cannot enter a clone under a private folder)."""
+
 import json
 import os
 import re
@@ -48,8 +49,9 @@ def _postgres_missing(state: Path) -> str | None:
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root and there is no postgres user to run PostgreSQL as"
-        if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(state)], cwd="/",
-                          check=False).returncode:
+        if subprocess.run(
+            ["runuser", "-u", "postgres", "--", "test", "-x", str(state)], cwd="/", check=False
+        ).returncode:
             return f"the postgres user cannot reach {state} (a parent folder is closed to other users)"
     return None
 
@@ -114,17 +116,29 @@ def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> 
         skip_loudly(request, reason)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT": PREFECT, "LECCR_PREFECT_DIR": str(state), "LECCR_PREFECT_PORT": str(port),
-           "LECCR_PREFECT_DATABASE": database, "LECCR_PG_PORT": str(_free_port()), "PREFECT_HOME": str(state),
-           "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT": PREFECT,
+        "LECCR_PREFECT_DIR": str(state),
+        "LECCR_PREFECT_PORT": str(port),
+        "LECCR_PREFECT_DATABASE": database,
+        "LECCR_PG_PORT": str(_free_port()),
+        "PREFECT_HOME": str(state),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
 
     def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
     def started() -> set[int]:
-        pids = {int((state / f"{name}.pid").read_text()) for name in ("server", "worker")
-                if (state / f"{name}.pid").is_file()}
+        pids = {
+            int((state / f"{name}.pid").read_text())
+            for name in ("server", "worker")
+            if (state / f"{name}.pid").is_file()
+        }
         postmaster = state / "postgres" / "data" / "postmaster.pid"
         if postmaster.is_file():
             pids.add(int(postmaster.read_text().split()[0]))
@@ -139,15 +153,17 @@ def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> 
         assert status.returncode == 0 and "worker: running" in status.stdout, status.stdout + status.stderr
         result = run([PREFECT, "--no-prompt", "deploy", "--all"])
         assert result.returncode == 0, result.stdout + result.stderr
-        result = run([PREFECT, "deployment", "run", "leccr/full", "--param", f"config={config_path}", "--watch"],
-                     timeout=900)
+        result = run(
+            [PREFECT, "deployment", "run", "leccr/full", "--param", f"config={config_path}", "--watch"], timeout=900
+        )
         output = result.stdout + result.stderr
         assert result.returncode == 0, output + "\n--- worker log ---\n" + (state / "worker.log").read_text()[-5000:]
         assert "Completed" in output
         # The report artifact as the UI shows it: its plots inlined, no link relative to report.md.
         query = json.dumps({"artifacts": {"key": {"any_": ["leccr-demo-report"]}}}).encode()
-        request_ = urllib.request.Request(f"{api}/artifacts/filter", data=query,
-                                          headers={"Content-Type": "application/json"})
+        request_ = urllib.request.Request(
+            f"{api}/artifacts/filter", data=query, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request_, timeout=30) as response:
             found = json.loads(response.read())
         assert found, "no report artifact published"
@@ -157,9 +173,25 @@ def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> 
         # Its flow runs are in the database asked for: PostgreSQL, or the SQLite file under PREFECT_HOME.
         assert bool(list(state.glob("*.db"))) == (database == "sqlite")
         if with_sweep:  # leccr/sweep: a grid over an evaluate field reuses every trained model; one run per value
-            result = run([PREFECT, "deployment", "run", "leccr/sweep", "--param", f"config={config_path}", "--param",
-                          'grid={"evaluate.alpha": [0.5, 1.0]}', "--param", "name=alpha", "--watch"], timeout=900)
-            output = result.stdout + result.stderr + "\n--- worker log ---\n" + (state / "worker.log").read_text()[-5000:]
+            result = run(
+                [
+                    PREFECT,
+                    "deployment",
+                    "run",
+                    "leccr/sweep",
+                    "--param",
+                    f"config={config_path}",
+                    "--param",
+                    'grid={"evaluate.alpha": [0.5, 1.0]}',
+                    "--param",
+                    "name=alpha",
+                    "--watch",
+                ],
+                timeout=900,
+            )
+            output = (
+                result.stdout + result.stderr + "\n--- worker log ---\n" + (state / "worker.log").read_text()[-5000:]
+            )
             assert result.returncode == 0, output
     finally:
         before = started()
@@ -177,8 +209,16 @@ def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> 
     # The run wrote complete artifacts for every stage into the config's artifact root.
     record = json.loads((artifacts / "runs" / "demo.json").read_text())
     methods = yaml.safe_load(config_path.read_text())["train"]["methods"]
-    assert set(record) == {"dataset", "translate", "describe", "visual", "features", "evaluate", "index",
-                           *(f"train[{method}]" for method in methods)}  # one train artifact per method
+    assert set(record) == {
+        "dataset",
+        "translate",
+        "describe",
+        "visual",
+        "features",
+        "evaluate",
+        "index",
+        *(f"train[{method}]" for method in methods),
+    }  # one train artifact per method
     assert "| leccr |" in (artifacts / "evaluate" / record["evaluate"] / "report.md").read_text()
     for label, key in record.items():
         assert (artifacts / label.split("[")[0] / key / "_manifest.json").is_file(), label

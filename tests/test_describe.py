@@ -1,8 +1,7 @@
 """The describe stage end to end on real media and the real tiny LLaVA through transformers: views,
 errors.parquet, import engine, cache keys, and resume after the stage is killed mid-run."""
-import json
 
-from leccr.core.fingerprint import Fingerprinter
+import json
 import logging
 import os
 import signal
@@ -17,48 +16,77 @@ import pytest
 
 import leccr.stages.describe as describe
 from leccr.config import DescribeConfig
-from leccr.engines.mllm import (Request, SamplingConfig, TransformersMLLM, chat_prompt, load_imported_descriptions,
-                                request_seed)
-from leccr.media.decode import load_image, sample_frames
-from leccr.core.fingerprint import Fingerprinter
 from leccr.core.artifact import Artifact
 from leccr.core.context import StageContext
 from leccr.core.failures import StageFailed
+from leccr.core.fingerprint import Fingerprinter
 from leccr.core.keys import KeyParts, resolve_section
-from tests.builders import finish_handmade
-from leccr.tiny_models.mllm import build_tiny_llava
+from leccr.engines.mllm import (
+    Request,
+    SamplingConfig,
+    TransformersMLLM,
+    chat_prompt,
+    load_imported_descriptions,
+)
+from leccr.media.decode import load_image, sample_frames
 from leccr.schemas.core import read_table, write_table
 from leccr.schemas.dataset import CAPTIONS, ITEMS
 from leccr.schemas.describe import DESCRIPTIONS
 from leccr.schemas.errors import ERRORS
+from leccr.tiny_models.mllm import build_tiny_llava
+from tests.builders import finish_handmade
 from tests.test_media import write_corrupt_mp4, write_mp4, write_png
 
-CORPUS = ["a dog runs across the green grass", "two people ride bikes down a busy city street",
-          "a red car is parked next to a tall tree", "a child plays with a ball on the beach",
-          "a man is cooking food in a small kitchen"]
-
-
-@pytest.fixture(scope="session")
-def tiny_llava(tmp_path_factory) -> Path:
-    # One build per test session (build_tiny_llava skips a complete folder), shared with test_vllm_engine.
-    return build_tiny_llava(tmp_path_factory.getbasetemp() / "tiny_llava", CORPUS, seed=0)
+CORPUS = [
+    "a dog runs across the green grass",
+    "two people ride bikes down a busy city street",
+    "a red car is parked next to a tall tree",
+    "a child plays with a ball on the beach",
+    "a man is cooking food in a small kitchen",
+]
 
 
 def make_dataset(folder: Path, n_images: int = 3, n_videos: int = 2, broken: bool = True) -> Artifact:
     """A dataset artifact over real PNGs and mp4s (plus a corrupt mp4 and a missing image if `broken`)."""
     media = folder / "media"
     media.mkdir(parents=True, exist_ok=True)
-    items = [{"item_id": f"img{i}", "split": "test", "media_type": "image",
-              "path": str(write_png(media / f"img{i}.png", 40 + 8 * i, 32, seed=i)), "feature_path": None}
-             for i in range(n_images)]
-    items += [{"item_id": f"vid{i}", "split": "train", "media_type": "video",
-               "path": str(write_mp4(media / f"vid{i}.mp4", num_frames=12 + i, noise_seed=i)), "feature_path": None}
-              for i in range(n_videos)]
+    items = [
+        {
+            "item_id": f"img{i}",
+            "split": "test",
+            "media_type": "image",
+            "path": str(write_png(media / f"img{i}.png", 40 + 8 * i, 32, seed=i)),
+            "feature_path": None,
+        }
+        for i in range(n_images)
+    ]
+    items += [
+        {
+            "item_id": f"vid{i}",
+            "split": "train",
+            "media_type": "video",
+            "path": str(write_mp4(media / f"vid{i}.mp4", num_frames=12 + i, noise_seed=i)),
+            "feature_path": None,
+        }
+        for i in range(n_videos)
+    ]
     if broken:
-        items += [{"item_id": "vid_corrupt", "split": "train", "media_type": "video",
-                   "path": str(write_corrupt_mp4(media / "corrupt.mp4")), "feature_path": None},
-                  {"item_id": "img_missing", "split": "test", "media_type": "image",
-                   "path": str(media / "missing.png"), "feature_path": None}]
+        items += [
+            {
+                "item_id": "vid_corrupt",
+                "split": "train",
+                "media_type": "video",
+                "path": str(write_corrupt_mp4(media / "corrupt.mp4")),
+                "feature_path": None,
+            },
+            {
+                "item_id": "img_missing",
+                "split": "test",
+                "media_type": "image",
+                "path": str(media / "missing.png"),
+                "feature_path": None,
+            },
+        ]
     write_table(pa.Table.from_pylist(items, schema=ITEMS), folder / "items.parquet", ITEMS)
     write_table(CAPTIONS.empty_table(), folder / "captions.parquet", CAPTIONS)
     return finish_handmade("dataset", folder, "test")
@@ -66,17 +94,32 @@ def make_dataset(folder: Path, n_images: int = 3, n_videos: int = 2, broken: boo
 
 def make_context(cfg: DescribeConfig, dataset: Artifact, out: Path) -> StageContext:
     out.mkdir(parents=True, exist_ok=True)
-    return StageContext(stage="describe", key="test", section=cfg, inputs={"dataset": dataset}, out_dir=out,
-                        log=logging.getLogger("test.describe"))
+    return StageContext(
+        stage="describe",
+        key="test",
+        section=cfg,
+        inputs={"dataset": dataset},
+        out_dir=out,
+        log=logging.getLogger("test.describe"),
+    )
 
 
 TWO_VIEWS = {"objects": "What objects are there?", "scene": "Where is this?"}
 
 
 def small_config(model: Path, **overrides) -> DescribeConfig:
-    settings = dict(engine="transformers", model=str(model), image_views=TWO_VIEWS,
-                    video_views={"actions": "What happens?"}, num_frames=3, max_tokens=6, shard_size=3,
-                    batch_size=4, dtype="float32", max_error_rate=0.5)
+    settings = dict(
+        engine="transformers",
+        model=str(model),
+        image_views=TWO_VIEWS,
+        video_views={"actions": "What happens?"},
+        num_frames=3,
+        max_tokens=6,
+        shard_size=3,
+        batch_size=4,
+        dtype="float32",
+        max_error_rate=0.5,
+    )
     return DescribeConfig(**{**settings, **overrides})
 
 
@@ -89,7 +132,9 @@ def test_transformers_stage_describes_every_view_and_records_bad_media(tiny_llav
     table = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS)
     got = sorted(zip(table.column("item_id").to_pylist(), table.column("view_id").to_pylist()))
     # 3 images x 2 image views + 2 videos x 1 video view; the corrupt mp4 and the missing png have none
-    assert got == sorted([(f"img{i}", v) for i in range(3) for v in TWO_VIEWS] + [("vid0", "actions"), ("vid1", "actions")])
+    assert got == sorted(
+        [(f"img{i}", v) for i in range(3) for v in TWO_VIEWS] + [("vid0", "actions"), ("vid1", "actions")]
+    )
     rows = table.to_pylist()
     for row in rows:
         views = TWO_VIEWS if row["item_id"].startswith("img") else {"actions": "What happens?"}
@@ -112,8 +157,9 @@ def test_transformers_stage_describes_every_view_and_records_bad_media(tiny_llav
     assert summary["tokens"] == sum(r["n_tokens"] for r in rows)
     assert summary["tokens_per_s"] > 0 and summary["items_per_s"] > 0
     # what a DuckDB user sees
-    count, = duckdb.sql(f"SELECT count(*) FROM read_parquet('{ctx.out_dir}/part-*.parquet') "
-                        "WHERE view_id = 'actions'").fetchall()[0]
+    (count,) = duckdb.sql(
+        f"SELECT count(*) FROM read_parquet('{ctx.out_dir}/part-*.parquet') WHERE view_id = 'actions'"
+    ).fetchall()[0]
     assert count == 2
 
 
@@ -129,13 +175,19 @@ def test_stage_rows_match_a_direct_engine_call_on_decoded_frames(tiny_llava, tmp
     engine = TransformersMLLM(tiny_llava, SamplingConfig(max_tokens=6), batch_size=1, dtype="float32")
     frames = sample_frames(dataset.path / "media" / "vid0.mp4", num_frames=3)
     image = load_image(dataset.path / "media" / "img0.png")
-    alone = engine.generate([Request("vid0", "actions", "What happens?", frames, "video", 0),
-                             Request("img0", "scene", "Where is this?", [image], "image", 0)])
+    alone = engine.generate(
+        [
+            Request("vid0", "actions", "What happens?", frames, "video", 0),
+            Request("img0", "scene", "Where is this?", [image], "image", 0),
+        ]
+    )
     assert stage_text[("vid0", "actions")] == alone[0].text
     assert stage_text[("img0", "scene")] == alone[1].text
     # the prompt carries one <image> per frame, through the model's own chat template
-    assert chat_prompt(engine.processor, Request("v", "a", "Hi?", frames, "video", 0), "images") == \
-        "USER: <image>\n<image>\n<image>\nHi? ASSISTANT:"
+    assert (
+        chat_prompt(engine.processor, Request("v", "a", "Hi?", frames, "video", 0), "images")
+        == "USER: <image>\n<image>\n<image>\nHi? ASSISTANT:"
+    )
 
 
 def test_sampled_descriptions_do_not_depend_on_the_batch_size(tiny_llava, tmp_path):
@@ -144,43 +196,60 @@ def test_sampled_descriptions_do_not_depend_on_the_batch_size(tiny_llava, tmp_pa
     dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
     written = {}
     for batch_size in (1, 5):
-        ctx = make_context(small_config(tiny_llava, temperature=1.0, top_p=0.9, batch_size=batch_size), dataset,
-                           tmp_path / f"batch-{batch_size}")
+        ctx = make_context(
+            small_config(tiny_llava, temperature=1.0, top_p=0.9, batch_size=batch_size),
+            dataset,
+            tmp_path / f"batch-{batch_size}",
+        )
         describe.run(ctx)
         table = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS)
-        written[batch_size] = sorted((r["item_id"], r["view_id"], r["seed"], r["n_tokens"], r["description"])
-                                     for r in table.to_pylist())
+        written[batch_size] = sorted(
+            (r["item_id"], r["view_id"], r["seed"], r["n_tokens"], r["description"]) for r in table.to_pylist()
+        )
     assert len(written[1]) == 5 and written[1] == written[5]
 
 
 def test_import_engine_reads_videochat2_style_json(tmp_path):
     dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
     source = tmp_path / "videochat2.json"
-    source.write_text(json.dumps({"img0": "A dog on grass.",
-                                  "vid0": {"actions": "A man cooks.", "scene": "A kitchen."}}))
+    source.write_text(
+        json.dumps({"img0": "A dog on grass.", "vid0": {"actions": "A man cooks.", "scene": "A kitchen."}})
+    )
     cfg = DescribeConfig(engine="import", import_path=str(source), import_view="detailed", max_error_rate=0.5)
     ctx = make_context(cfg, dataset, tmp_path / "out")
     describe.run(ctx)
     rows = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS).to_pylist()
     got = {(r["item_id"], r["view_id"]): r["description"] for r in rows}
-    assert got == {("img0", "detailed"): "A dog on grass.", ("vid0", "actions"): "A man cooks.",
-                   ("vid0", "scene"): "A kitchen."}
+    assert got == {
+        ("img0", "detailed"): "A dog on grass.",
+        ("vid0", "actions"): "A man cooks.",
+        ("vid0", "scene"): "A kitchen.",
+    }
     assert all(r["engine"] == "import" and r["model"] == "videochat2.json" and r["n_tokens"] is None for r in rows)
     errors = read_table(ctx.out_dir / "errors.parquet", ERRORS).to_pylist()
-    assert [(e["item_id"], e["reason"]) for e in errors] == [("img1", "no description for this item in videochat2.json")]
+    assert [(e["item_id"], e["reason"]) for e in errors] == [
+        ("img1", "no description for this item in videochat2.json")
+    ]
 
 
 def test_an_import_file_may_name_what_wrote_it(tmp_path):
     dataset = make_dataset(tmp_path / "dataset", n_images=1, n_videos=0, broken=False)
     source = tmp_path / "scene.json"
-    source.write_text(json.dumps({"model": "scene descriptions from a generator", "descriptions": {
-        "img0": {"objects": "a red circle", "scene": "a beach"}}}))
+    source.write_text(
+        json.dumps(
+            {
+                "model": "scene descriptions from a generator",
+                "descriptions": {"img0": {"objects": "a red circle", "scene": "a beach"}},
+            }
+        )
+    )
     ctx = make_context(DescribeConfig(engine="import", import_path=str(source)), dataset, tmp_path / "out")
     describe.run(ctx)
     rows = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS).to_pylist()
     assert [(r["view_id"], r["engine"], r["model"]) for r in rows] == [
         ("objects", "import", "scene descriptions from a generator"),
-        ("scene", "import", "scene descriptions from a generator")]
+        ("scene", "import", "scene descriptions from a generator"),
+    ]
     source.write_text(json.dumps({"model": "", "descriptions": {"img0": "a red circle"}}))
     with pytest.raises(ValueError, match="must name what wrote the descriptions"):
         load_imported_descriptions(source, "detailed")
@@ -258,13 +327,28 @@ describe.run(ctx)
 
 def test_killed_run_resumes_with_only_the_missing_shards(tiny_llava, tmp_path):
     dataset = make_dataset(tmp_path / "dataset", n_images=12, n_videos=0, broken=False)
-    settings = dict(engine="transformers", model=str(tiny_llava), image_views=TWO_VIEWS, max_tokens=24,
-                    shard_size=1, batch_size=2, dtype="float32")
+    settings = dict(
+        engine="transformers",
+        model=str(tiny_llava),
+        image_views=TWO_VIEWS,
+        max_tokens=24,
+        shard_size=1,
+        batch_size=2,
+        dtype="float32",
+    )
     out = tmp_path / "out"
     out.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", _KILLABLE_RUN,
-                              json.dumps({"cfg": settings, "dataset": str(dataset.path), "out": str(out)})],
-                             cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _KILLABLE_RUN,
+            json.dumps({"cfg": settings, "dataset": str(dataset.path), "out": str(out)}),
+        ],
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while len(list(out.glob("part-*.parquet"))) < 2:
@@ -316,12 +400,20 @@ def test_run_stage_through_the_store_then_hits_the_cache(tiny_llava, tmp_path):
     from leccr.core.execute import run_stage
 
     dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
-    cfg = parse_config({
-        "name": "t", "artifacts_root": str(tmp_path / "artifacts"),
-        "dataset": {"format": "multi30k", "path": str(dataset.path)},
-        "describe": {"model": str(tiny_llava), "image_views": TWO_VIEWS, "num_frames": 2, "max_tokens": 4,
-                     "dtype": "float32"},
-    })
+    cfg = parse_config(
+        {
+            "name": "t",
+            "artifacts_root": str(tmp_path / "artifacts"),
+            "dataset": {"format": "multi30k", "path": str(dataset.path)},
+            "describe": {
+                "model": str(tiny_llava),
+                "image_views": TWO_VIEWS,
+                "num_frames": 2,
+                "max_tokens": 4,
+                "dtype": "float32",
+            },
+        }
+    )
     first = run_stage(cfg, "describe", {"dataset": dataset})
     assert not first.cache_hit and first.rows["part-00000.parquet"] == 2 * 2 + 4
     manifest = first.artifact.manifest

@@ -13,6 +13,7 @@ Breaking the join in features (each item given the next item's descriptions), in
 (slot inputs) or in load_eval_items (evaluate's and index's lookups) put LECCR 12-106 points below
 the baseline here, and these tests failed.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,12 @@ def sumr(outcomes) -> dict[tuple[str, str], float]:
 def evaluated(outcomes, method: str) -> dict[str, float]:
     """Evaluate's German text→visual R@1/5/10 and mean rank of `method` (fused score)."""
     rows = pq.read_table(outcomes["evaluate"].artifact.path / "metrics.parquet").to_pylist()
-    return {f"{r['metric']}{r['k'] or ''}": r["value"] for r in rows
-            if (r["method"], r["score"], r["lang"], r["direction"]) == (method, "fused", "de", "text_to_visual")
-            and r["metric"] in ("recall", "mean_rank")}
+    return {
+        f"{r['metric']}{r['k'] or ''}": r["value"]
+        for r in rows
+        if (r["method"], r["score"], r["lang"], r["direction"]) == (method, "fused", "de", "text_to_visual")
+        and r["metric"] in ("recall", "mean_rank")
+    }
 
 
 def searched(artifacts: Path, method: str, outcomes) -> dict[str, float]:
@@ -67,13 +71,18 @@ def searched(artifacts: Path, method: str, outcomes) -> dict[str, float]:
 
     dataset = outcomes["dataset"].artifact.path
     test_items = {r["item_id"] for r in pq.read_table(dataset / "items.parquet").to_pylist() if r["split"] == "test"}
-    queries = [(c["text"], c["item_id"]) for c in pq.read_table(dataset / "captions.parquet").to_pylist()
-               if c["lang"] == "de" and c["item_id"] in test_items]
+    queries = [
+        (c["text"], c["item_id"])
+        for c in pq.read_table(dataset / "captions.parquet").to_pylist()
+        if c["lang"] == "de" and c["item_id"] in test_items
+    ]
     engine = SearchEngine.open(artifacts, "demo_scene", None, "cpu")
     hits = engine.search([text for text, _ in queries], "de", method, k=len(test_items), candidates=len(test_items))
     ranks = [next(h.rank for h in found if h.item_id == item) for (_, item), found in zip(queries, hits)]
-    return {**{f"recall{k}": 100.0 * sum(rank <= k for rank in ranks) / len(ranks) for k in (1, 5, 10)},
-            "mean_rank": sum(ranks) / len(ranks)}
+    return {
+        **{f"recall{k}": 100.0 * sum(rank <= k for rank in ranks) / len(ranks) for k in (1, 5, 10)},
+        "mean_rank": sum(ranks) / len(ranks),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +91,17 @@ def runs(demo_root, tmp_path_factory):
 
     artifacts = tmp_path_factory.mktemp("guard") / "artifacts"
     in_order = run_demo(demo_root, artifacts, SCENE_DESCRIPTIONS_FILE, ["baseline", "leccr"])
-    index = {method: (searched(artifacts, method, in_order), evaluated(in_order, method))
-             for method in ("baseline", "leccr")}
+    index = {
+        method: (searched(artifacts, method, in_order), evaluated(in_order, method)) for method in ("baseline", "leccr")
+    }
     shuffled = run_demo(demo_root, artifacts, SHUFFLED_DESCRIPTIONS_FILE, ["leccr"])
-    return {"in_order": sumr(in_order), "shuffled": sumr(shuffled), "index": index, "outcomes": in_order,
-            "demo_root": demo_root}
+    return {
+        "in_order": sumr(in_order),
+        "shuffled": sumr(shuffled),
+        "index": index,
+        "outcomes": in_order,
+        "demo_root": demo_root,
+    }
 
 
 @pytest.mark.parametrize("lang", LANGS)

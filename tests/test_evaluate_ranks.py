@@ -3,6 +3,7 @@
 Ranks, recall and top-k themselves are `leccr.evaluation.metrics` (tested in tests/test_metrics.py); here: the
 blocks the stage hands to them equal the model helper's whole-matrix fused score, so the chunked
 metrics equal the naive ones on that matrix."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,18 @@ from leccr.stages.evaluate import make_score_block
 
 
 def stitch(block, n_texts: int, n_items: int, chunk: int) -> torch.Tensor:
-    return torch.cat([torch.cat([block(slice(r, min(r + chunk, n_texts)), slice(c, min(c + chunk, n_items)))
-                                 for c in range(0, n_items, chunk)], dim=1) for r in range(0, n_texts, chunk)])
+    return torch.cat(
+        [
+            torch.cat(
+                [
+                    block(slice(r, min(r + chunk, n_texts)), slice(c, min(c + chunk, n_items)))
+                    for c in range(0, n_items, chunk)
+                ],
+                dim=1,
+            )
+            for r in range(0, n_texts, chunk)
+        ]
+    )
 
 
 def test_fused_block_equals_full_matrix_score():
@@ -27,8 +38,9 @@ def test_fused_block_equals_full_matrix_score():
     # by hand: minmax over the whole matrices, slot part = max over slots
     global_sim = text @ visual.t()
     slot_sim = torch.stack([(slots[j] @ text.t()).max(0).values for j in range(n_items)], dim=1)
-    by_hand = 0.7 * (global_sim - global_sim.min()) / (global_sim.max() - global_sim.min()) + \
-        0.3 * (slot_sim - slot_sim.min()) / (slot_sim.max() - slot_sim.min())
+    by_hand = 0.7 * (global_sim - global_sim.min()) / (global_sim.max() - global_sim.min()) + 0.3 * (
+        slot_sim - slot_sim.min()
+    ) / (slot_sim.max() - slot_sim.min())
     torch.testing.assert_close(fused_score(text, visual, slots, 0.7), by_hand)
     # a 4x4 block only sees its own rows and columns; the ranges come from the first pass
     block = make_score_block(text, visual, slots, 0.7, chunk_size=4)

@@ -1,6 +1,7 @@
 """The features stage on a tiny hand-built dataset with real tiny models (leccr.tiny_models), run
 through leccr.core.execute.run_stage: values, joins of translations, description views and states, the
 shared visual cache, resume after a failed shard, imported features."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,23 +13,33 @@ from PIL import Image
 
 import leccr.features.vision as vision_module
 from leccr.config import ExperimentConfig, FeaturesConfig, VisualConfig
+from leccr.core.artifact import Artifact
+from leccr.core.execute import run_stage
+from leccr.core.failures import StageFailed
+from leccr.core.fingerprint import Fingerprinter
+from leccr.core.keys import resolve_section
 from leccr.data import TrainingDataset, load_eval_items
 from leccr.features.vision import VisionEncoder
-from leccr.core.execute import run_stage
-from leccr.core.fingerprint import Fingerprinter
-from leccr.core.artifact import Artifact
-from leccr.core.failures import StageFailed
-from leccr.core.keys import resolve_section
-from tests.builders import finish_handmade
 from leccr.schemas.core import write_table
 from leccr.schemas.dataset import CAPTIONS, ITEMS
 from leccr.schemas.describe import DESCRIPTIONS
 from leccr.schemas.translate import TRANSLATIONS
+from tests.builders import finish_handmade
 
 COLOURS = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255), "d": (255, 255, 0), "t1": (0, 255, 255)}
-CORPUS = ["a red square", "a green square", "a blue square", "a yellow square", "a cyan square",
-          "ein rotes Quadrat", "ein grünes Quadrat", "ein blaues Quadrat", "ein cyan Quadrat",
-          "the shape is red", "the shape is green"]
+CORPUS = [
+    "a red square",
+    "a green square",
+    "a blue square",
+    "a yellow square",
+    "a cyan square",
+    "ein rotes Quadrat",
+    "ein grünes Quadrat",
+    "ein blaues Quadrat",
+    "ein cyan Quadrat",
+    "the shape is red",
+    "the shape is green",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,42 +60,112 @@ def inputs(tmp_path):
     rows = []
     for item, colour in COLOURS.items():
         Image.new("RGB", (40, 36), colour).save(media / f"{item}.png")
-        rows.append({"item_id": item, "split": "test" if item == "t1" else "train", "media_type": "image",
-                     "path": str(media / f"{item}.png"), "feature_path": None})
+        rows.append(
+            {
+                "item_id": item,
+                "split": "test" if item == "t1" else "train",
+                "media_type": "image",
+                "path": str(media / f"{item}.png"),
+                "feature_path": None,
+            }
+        )
     (media / "bad.png").write_bytes(b"")
-    rows.append({"item_id": "bad", "split": "train", "media_type": "image", "path": str(media / "bad.png"),
-                 "feature_path": None})
+    rows.append(
+        {
+            "item_id": "bad",
+            "split": "train",
+            "media_type": "image",
+            "path": str(media / "bad.png"),
+            "feature_path": None,
+        }
+    )
     dataset_dir = tmp_path / "dataset"
     write_table(pa.Table.from_pylist(rows, ITEMS), dataset_dir / "items.parquet", ITEMS)
     names = {"a": "red", "b": "green", "c": "blue", "d": "yellow", "t1": "cyan", "bad": "red"}
-    captions = [{"item_id": i, "caption_id": f"{i}0", "split": r["split"], "lang": "en",
-                 "text": f"a {names[i]} square", "kind": "human"} for i, r in zip(names, rows)]
-    captions += [{"item_id": "b", "caption_id": "b0", "split": "train", "lang": "de", "text": "ein Quadrat", "kind": "mt"},
-                 {"item_id": "t1", "caption_id": "t1de", "split": "test", "lang": "de", "text": "ein cyan Quadrat",
-                  "kind": "human"}]
+    captions = [
+        {
+            "item_id": i,
+            "caption_id": f"{i}0",
+            "split": r["split"],
+            "lang": "en",
+            "text": f"a {names[i]} square",
+            "kind": "human",
+        }
+        for i, r in zip(names, rows)
+    ]
+    captions += [
+        {"item_id": "b", "caption_id": "b0", "split": "train", "lang": "de", "text": "ein Quadrat", "kind": "mt"},
+        {
+            "item_id": "t1",
+            "caption_id": "t1de",
+            "split": "test",
+            "lang": "de",
+            "text": "ein cyan Quadrat",
+            "kind": "human",
+        },
+    ]
     write_table(pa.Table.from_pylist(captions, CAPTIONS), dataset_dir / "captions.parquet", CAPTIONS)
-    translations = [{"item_id": i, "caption_id": f"{i}0", "lang": "de", "text": text, "source_text": f"a {names[i]} square",
-                     "engine": "import", "model": None}
-                    for i, text in [("a", "ein rotes Quadrat"), ("b", "ein grünes Quadrat"), ("c", "ein blaues Quadrat")]]
+    translations = [
+        {
+            "item_id": i,
+            "caption_id": f"{i}0",
+            "lang": "de",
+            "text": text,
+            "source_text": f"a {names[i]} square",
+            "engine": "import",
+            "model": None,
+        }
+        for i, text in [("a", "ein rotes Quadrat"), ("b", "ein grünes Quadrat"), ("c", "ein blaues Quadrat")]
+    ]
     translate_dir = tmp_path / "translate"
     write_table(pa.Table.from_pylist(translations, TRANSLATIONS), translate_dir / "part-00000.parquet", TRANSLATIONS)
-    descriptions = [{"item_id": i, "view_id": v, "prompt": "", "description": text, "n_tokens": None, "engine": "import",
-                     "model": None, "sampling": "{}", "seed": None, "seconds": 0.0}
-                    for i, v, text in [("a", "scene", "the shape is red"), ("a", "objects", "a red square"),
-                                       ("b", "scene", "the shape is green"), ("c", "scene", "   "),
-                                       ("t1", "scene", "a cyan square")]]
+    descriptions = [
+        {
+            "item_id": i,
+            "view_id": v,
+            "prompt": "",
+            "description": text,
+            "n_tokens": None,
+            "engine": "import",
+            "model": None,
+            "sampling": "{}",
+            "seed": None,
+            "seconds": 0.0,
+        }
+        for i, v, text in [
+            ("a", "scene", "the shape is red"),
+            ("a", "objects", "a red square"),
+            ("b", "scene", "the shape is green"),
+            ("c", "scene", "   "),
+            ("t1", "scene", "a cyan square"),
+        ]
+    ]
     describe_dir = tmp_path / "describe"
     write_table(pa.Table.from_pylist(descriptions, DESCRIPTIONS), describe_dir / "part-00000.parquet", DESCRIPTIONS)
-    return {"dataset": finish_handmade("dataset", dataset_dir, "dskey", config={"languages": ["de"]}),
-            "translate": finish_handmade("translate", translate_dir, "trkey"),
-            "describe": finish_handmade("describe", describe_dir, "dekey"), "media": media}
+    return {
+        "dataset": finish_handmade("dataset", dataset_dir, "dskey", config={"languages": ["de"]}),
+        "translate": finish_handmade("translate", translate_dir, "trkey"),
+        "describe": finish_handmade("describe", describe_dir, "dekey"),
+        "media": media,
+    }
 
 
 def experiment(tmp_path, models, **features) -> ExperimentConfig:
-    settings = {"vision_model": str(models["vision"]), "text_model": str(models["text"]), "shard_size": 2,
-                "max_error_rate": 0.5, "device": "cpu", "batch_size": 3, **features}
-    return ExperimentConfig(name="t", artifacts_root=str(tmp_path / "artifacts"),
-                            dataset={"format": "multi30k", "path": str(tmp_path)}, features=settings)
+    settings = {
+        "vision_model": str(models["vision"]),
+        "text_model": str(models["text"]),
+        "shard_size": 2,
+        "max_error_rate": 0.5,
+        "device": "cpu",
+        "batch_size": 3,
+        **features,
+    }
+    return ExperimentConfig(
+        name="t",
+        artifacts_root=str(tmp_path / "artifacts"),
+        dataset={"format": "multi30k", "path": str(tmp_path)},
+        features=settings,
+    )
 
 
 def run_visual(cfg, inputs, **kwargs):
@@ -116,6 +197,7 @@ def test_stage_writes_visual_text_and_descriptions(tmp_path, models, inputs):
 
     # text: dataset captions + translations; b's translate-artifact MT replaced the shipped one
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(models["text"])
     text = pq.read_table(root / "text" / "part-00000.parquet").to_pylist()
     de = {(r["caption_id"], r["kind"]): r for r in text if r["lang"] == "de"}
@@ -133,6 +215,7 @@ def test_stage_writes_visual_text_and_descriptions(tmp_path, models, inputs):
     assert by_item["a"]["input_ids"].count(tokenizer.sep_token_id) == 2
     # states: the frozen encoder's last hidden states of exactly those ids
     from transformers import AutoModel
+
     model = AutoModel.from_pretrained(models["text"]).eval()
     with torch.no_grad():
         states = model(input_ids=torch.tensor([by_item["a"]["input_ids"]])).last_hidden_state[0].numpy()
@@ -140,11 +223,19 @@ def test_stage_writes_visual_text_and_descriptions(tmp_path, models, inputs):
     assert outcome.artifact.manifest.summary["items_without_description"] == 3  # c, d, bad
     # DuckDB sees the three sub-tables through the lead's view globs
     import duckdb
+
     con = duckdb.connect()
     assert con.execute(f"SELECT count(*) FROM read_parquet('{root}/visual/part-*.parquet')").fetchone()[0] == 5
-    assert con.execute(f"SELECT count(*) FROM read_parquet('{root}/text/part-*.parquet') WHERE lang='de'").fetchone()[0] == 4
-    assert con.execute(f"SELECT len(states) FROM read_parquet('{root}/descriptions/part-*.parquet') "
-                       "WHERE item_id='b'").fetchone()[0] == 64 * by_item["b"]["n_tokens"]
+    assert (
+        con.execute(f"SELECT count(*) FROM read_parquet('{root}/text/part-*.parquet') WHERE lang='de'").fetchone()[0]
+        == 4
+    )
+    assert (
+        con.execute(
+            f"SELECT len(states) FROM read_parquet('{root}/descriptions/part-*.parquet') WHERE item_id='b'"
+        ).fetchone()[0]
+        == 64 * by_item["b"]["n_tokens"]
+    )
 
     # and the reader joins it all into batches
     dataset = TrainingDataset(root, "de")
@@ -188,8 +279,14 @@ def test_visual_section_holds_only_visual_fields():
     def key_data(features):
         return resolve_section(VisualConfig.of(features), Fingerprinter())
 
-    for change in ({"max_length": 10}, {"description_states": True}, {"text_shard_size": 5}, {"batch_size": 1},
-                   {"visual_output": "pooled"}, {"num_frames": 3}):  # import: no tower, no frame sampling
+    for change in (
+        {"max_length": 10},
+        {"description_states": True},
+        {"text_shard_size": 5},
+        {"batch_size": 1},
+        {"visual_output": "pooled"},
+        {"num_frames": 3},
+    ):  # import: no tower, no frame sampling
         assert key_data(base.model_copy(update=change)) == key_data(base), change
     for change in ({"visual_dtype": "float16"}, {"shard_size": 3}):
         assert key_data(base.model_copy(update=change)) != key_data(base), change
@@ -223,13 +320,19 @@ def test_resume_after_a_failed_shard(tmp_path, models, inputs, monkeypatch):
     fresh = run(experiment(tmp_path / "fresh", models), inputs)
     for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
         assert pq.read_table(outcome.artifact.path / "visual" / name).equals(
-            pq.read_table(fresh.artifact.path / "visual" / name))
+            pq.read_table(fresh.artifact.path / "visual" / name)
+        )
 
 
 def test_import_of_pre_extracted_features(tmp_path, models, inputs):
     rng = np.random.default_rng(0)
-    arrays = {"a": rng.standard_normal((3, 8)), "b": rng.standard_normal(8), "c": rng.standard_normal((5, 8)),
-              "d": rng.standard_normal((1, 8)), "t1": rng.standard_normal((2, 8))}
+    arrays = {
+        "a": rng.standard_normal((3, 8)),
+        "b": rng.standard_normal(8),
+        "c": rng.standard_normal((5, 8)),
+        "d": rng.standard_normal((1, 8)),
+        "t1": rng.standard_normal((2, 8)),
+    }
     ids = np.array(list(arrays))
     # one .npz of all items must have one matrix: use [N, T, D] with equal T for it
     stacked = np.stack([np.resize(np.atleast_2d(a), (3, 8)) for a in arrays.values()]).astype(np.float32)
@@ -286,9 +389,23 @@ def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, out
     items = [{"item_id": "v", "split": "train", "media_type": "video", "path": str(video), "feature_path": None}]
     folder = tmp_path / "videos"
     write_table(pa.Table.from_pylist(items, ITEMS), folder / "items.parquet", ITEMS)
-    write_table(pa.Table.from_pylist([{"item_id": "v", "caption_id": "v0", "split": "train", "lang": "en",
-                                       "text": "a red square", "kind": "human"}], CAPTIONS),
-                folder / "captions.parquet", CAPTIONS)
+    write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "item_id": "v",
+                    "caption_id": "v0",
+                    "split": "train",
+                    "lang": "en",
+                    "text": "a red square",
+                    "kind": "human",
+                }
+            ],
+            CAPTIONS,
+        ),
+        folder / "captions.parquet",
+        CAPTIONS,
+    )
     inputs = {**inputs, "dataset": finish_handmade("dataset", folder, "videokey")}
     outcome = run(experiment(tmp_path, models, num_frames=3, visual_output=output), inputs)
     visual = pq.read_table(outcome.artifact.path / "visual" / "part-00000.parquet")
@@ -298,7 +415,7 @@ def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, out
     expected = encoder.encode(sample_frames(video, num_frames=3)).reshape(-1, 64)
     got = visual.column("features")[0].values.to_numpy().reshape(-1, 64)
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert not np.allclose(got[:tokens_per_frame], got[tokens_per_frame:2 * tokens_per_frame])  # frames differ
+    assert not np.allclose(got[:tokens_per_frame], got[tokens_per_frame : 2 * tokens_per_frame])  # frames differ
 
 
 def test_scale_out_slots_then_finish_equal_a_plain_run(tmp_path, models, inputs):

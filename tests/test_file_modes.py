@@ -1,4 +1,5 @@
 """Saved weights are readable by others: safetensors 0.8 writes its files 0600."""
+
 import stat
 from pathlib import Path
 

@@ -1,18 +1,23 @@
 """Model fields take a folder or a hub id: ids resolve through a cache laid out as huggingface_hub lays it."""
+
 import shutil
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 
 from leccr.config import parse_config
 from leccr.features.text import TextStateEncoder, load_tokenizer, tokenize
-from leccr.runtime.hub import ModelNotFound, parse_hub_id, resolve_model
 from leccr.models.text_encoder import TextEncoder
+from leccr.runtime.hub import ModelNotFound, parse_hub_id, resolve_model
 from leccr.tiny_models.text import build_text_encoder
 
-CORPUS = ["a red circle on a blue background", "ein roter Kreis auf blauem Hintergrund",
-          "un cercle rouge sur un fond bleu", "a green square moves to the left"]
+CORPUS = [
+    "a red circle on a blue background",
+    "ein roter Kreis auf blauem Hintergrund",
+    "un cercle rouge sur un fond bleu",
+    "a green square moves to the left",
+]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
@@ -85,10 +90,14 @@ def test_loaders_take_a_hub_id_like_a_folder(hub_cache, tiny_text):
 
 def test_config_with_a_hub_id_validates_without_the_model(tmp_path):
     """Parsing never looks the model up (a config is valid before the weights are downloaded)."""
-    cfg = parse_config({"name": "x", "dataset": {"format": "multi30k", "path": str(tmp_path)},
-                        "features": {"text_model": "org/not-downloaded@main"}})
+    cfg = parse_config(
+        {
+            "name": "x",
+            "dataset": {"format": "multi30k", "path": str(tmp_path)},
+            "features": {"text_model": "org/not-downloaded@main"},
+        }
+    )
     assert cfg.features.text_model == "org/not-downloaded@main"
-
 
 
 def test_a_hub_id_is_keyed_by_its_snapshot(hub_cache, tiny_text, tmp_path):
@@ -99,8 +108,10 @@ def test_a_hub_id_is_keyed_by_its_snapshot(hub_cache, tiny_text, tmp_path):
 
     fingerprints = Fingerprinter()
     main = path_identity("org/tiny-text", fingerprints, "features.text_model")
-    assert main == {"content": fingerprints.path(tiny_text),
-                    "hub": {"source": "hub", "repo_id": "org/tiny-text", "revision": "main", "commit": COMMIT}}
+    assert main == {
+        "content": fingerprints.path(tiny_text),
+        "hub": {"source": "hub", "repo_id": "org/tiny-text", "revision": "main", "commit": COMMIT},
+    }
     assert path_identity(f"org/tiny-text@{OTHER_COMMIT}", fingerprints)["hub"]["commit"] == OTHER_COMMIT
     assert path_identity(str(tiny_text), fingerprints) == {"content": main["content"]}  # a folder: content only
     with pytest.raises(ModelNotFound, match=r"features.text_model: model 'org/absent'.*hf download org/absent"):

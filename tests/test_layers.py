@@ -1,4 +1,5 @@
 """The layer rules of pyproject.toml ([tool.importlinter]), checked on every test run."""
+
 import shutil
 import subprocess
 import sys

@@ -3,6 +3,7 @@
 The plain-Python references below use only `math` and lists (no torch), written from METHOD.md;
 the pinned numbers were computed by hand or from those references, so a change in any formula fails.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ def softmax_row(row):
 
 
 def soft_ce(logits, targets):
-    return sum(-sum(p * q for p, q in zip(trow, log_softmax_row(lrow))) for lrow, trow in zip(logits, targets)) / len(logits)
+    return sum(-sum(p * q for p, q in zip(trow, log_softmax_row(lrow))) for lrow, trow in zip(logits, targets)) / len(
+        logits
+    )
 
 
 def id_targets(index):
@@ -90,7 +93,9 @@ def test_minmax_over_whole_matrix():
 
 
 def test_positive_targets_row_normalised():
-    assert torch.allclose(L.positive_targets(torch.tensor([0, 1, 1]), torch.float64), t([[1, 0, 0], [0, 0.5, 0.5], [0, 0.5, 0.5]]))
+    assert torch.allclose(
+        L.positive_targets(torch.tensor([0, 1, 1]), torch.float64), t([[1, 0, 0], [0, 0.5, 0.5], [0, 0.5, 0.5]])
+    )
 
 
 # ---------------------------------------------------------------- L_itc
@@ -112,7 +117,9 @@ def test_infonce_against_reference_three_items():
     assert got.item() == pytest.approx(expected, rel=1e-9)
     assert got.item() == pytest.approx(1.2606380, rel=1e-6)  # (1.2574171 + 1.2638589) / 2
     # the temperature divides the logits
-    assert L.id_aware_infonce(t(a), t(b), torch.tensor(index), 1.0).item() == pytest.approx(ref_infonce(a, b, index, 1.0))
+    assert L.id_aware_infonce(t(a), t(b), torch.tensor(index), 1.0).item() == pytest.approx(
+        ref_infonce(a, b, index, 1.0)
+    )
 
 
 def test_infonce_temperature_gets_gradient():
@@ -244,8 +251,12 @@ def test_softened_matching_teacher_orientations_by_hand():
     for flag in (True, False):
         got = L.softened_matching_loss(t(F_S), t(F_T), t(F_V), t(SLOTS_G), 0.8, reference_quirk=flag)
         assert got.item() == pytest.approx(ref_dstl(F_S, F_T, F_V, SLOTS_G, 0.8, flag))
-    assert L.softened_matching_loss(t(F_S), t(F_T), t(F_V), t(SLOTS_G), 0.8, True).item() == pytest.approx(0.1395801, rel=1e-5)
-    assert L.softened_matching_loss(t(F_S), t(F_T), t(F_V), t(SLOTS_G), 0.8, False).item() == pytest.approx(0.1390294, rel=1e-5)
+    assert L.softened_matching_loss(t(F_S), t(F_T), t(F_V), t(SLOTS_G), 0.8, True).item() == pytest.approx(
+        0.1395801, rel=1e-5
+    )
+    assert L.softened_matching_loss(t(F_S), t(F_T), t(F_V), t(SLOTS_G), 0.8, False).item() == pytest.approx(
+        0.1390294, rel=1e-5
+    )
 
 
 def test_softened_matching_minmax_each_matrix_separately_before_mixing():

@@ -1,5 +1,6 @@
 """Image loading and video frame sampling on real files: PNGs written with PIL, mp4s encoded with
 PyAV (libx264) and decoded with decord."""
+
 import threading
 from pathlib import Path
 
@@ -8,8 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leccr.media.decode import (ItemLoader, MediaError, ShardPrefetcher, frame_indices, load_image, load_visual,
-                         sample_frames)
+from leccr.media.decode import (
+    ItemLoader,
+    MediaError,
+    ShardPrefetcher,
+    frame_indices,
+    load_image,
+    load_visual,
+    sample_frames,
+)
 
 GRAY_STEP = 7  # frame i of a test video is a flat gray of level i * GRAY_STEP
 
@@ -107,8 +115,9 @@ def test_sample_frames_shrinks_to_max_side(tmp_path):
     assert [f.size for f in sample_frames(video, num_frames=2, max_side=32)] == [(32, 32)] * 2
 
 
-@pytest.mark.parametrize("case, reason", [("missing", "file not found"), ("empty", "empty"),
-                                          ("corrupt", "cannot open video")])
+@pytest.mark.parametrize(
+    "case, reason", [("missing", "file not found"), ("empty", "empty"), ("corrupt", "cannot open video")]
+)
 def test_unusable_videos_raise_media_error_with_the_reason(tmp_path, case, reason):
     path = tmp_path / f"{case}.mp4"
     if case == "empty":
@@ -181,8 +190,10 @@ def test_item_loader_resolves_stored_paths_against_the_dataset_root(tmp_path):
     write_png(tmp_path / "a.png", seed=1)
     write_mp4(tmp_path / "v.mp4", num_frames=12)
     load = ItemLoader(str(tmp_path), num_frames=3)
-    assert np.asarray(load({"path": "a.png", "media_type": "image"})[0]).tolist() == \
-        np.asarray(load_image(tmp_path / "a.png")).tolist()
+    assert (
+        np.asarray(load({"path": "a.png", "media_type": "image"})[0]).tolist()
+        == np.asarray(load_image(tmp_path / "a.png")).tolist()
+    )
     assert len(load({"path": str(tmp_path / "v.mp4"), "media_type": "video"})) == 3  # absolute: kept
     with pytest.raises(MediaError, match="file not found"):
         load({"path": "gone.png", "media_type": "image"})

@@ -1,6 +1,7 @@
 """Item-level reuse (leccr.core.memo): after one caption edit and one replaced image, the per-item
 stages compute only the touched items, and what they write is byte-identical (volatile columns aside)
 to a full recompute of the changed data in a fresh store."""
+
 import shutil
 from pathlib import Path
 
@@ -8,9 +9,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from leccr.config import parse_config
-from leccr.core.memo import RowMemo, in_unit_order
 from leccr.core.driver import run_pipeline
 from leccr.core.explain import explain
+from leccr.core.memo import RowMemo, in_unit_order
 from tests.builders import finish_handmade
 from tests.conftest import demo_config_dict
 
@@ -62,7 +63,9 @@ def test_a_caption_edit_and_a_replaced_image_compute_only_those_items(demo_root,
     planned = {p.name: p for p in explain(cfg, STAGES)}
     assert planned["describe"].status == "miss"
     views = len(cfg.describe.image_views)  # the replaced image's descriptions
-    assert f"{views} of {units} descriptions to compute, {units - views} reused" in "; ".join(planned["describe"].reasons)
+    assert f"{views} of {units} descriptions to compute, {units - views} reused" in "; ".join(
+        planned["describe"].reasons
+    )
     assert f"1 of {items} items to compute" in "; ".join(planned["visual"].reasons)
 
     again = run_pipeline(cfg, STAGES)
@@ -98,13 +101,35 @@ def test_a_failed_unit_is_never_reused(tmp_path):
     from leccr.schemas.errors import ERRORS
 
     folder = tmp_path / "describe" / "0123456789abcdef"
-    write_table(pa.table({"item_id": ["a"], "value": pa.array([1], pa.int64())}), folder / "part-00000.parquet",
-                pa.schema([("item_id", pa.string()), ("value", pa.int64())]))
-    write_table(pa.table({"unit": ["a", "b"], "input_digest": ["da", "db"], "error_key": ["a", "b"]}),
-                folder / INPUTS_DIR / inputs_name(0), INPUTS)
-    write_table(pa.Table.from_pylist([{"item_id": "b", "stage": "describe", "shard": 0, "reason": "unreadable",
-                                       "file": None, "line": None, "retryable": False, "file_state": None}],
-                                     schema=ERRORS), folder / "errors.parquet", ERRORS)
+    write_table(
+        pa.table({"item_id": ["a"], "value": pa.array([1], pa.int64())}),
+        folder / "part-00000.parquet",
+        pa.schema([("item_id", pa.string()), ("value", pa.int64())]),
+    )
+    write_table(
+        pa.table({"unit": ["a", "b"], "input_digest": ["da", "db"], "error_key": ["a", "b"]}),
+        folder / INPUTS_DIR / inputs_name(0),
+        INPUTS,
+    )
+    write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "item_id": "b",
+                    "stage": "describe",
+                    "shard": 0,
+                    "reason": "unreadable",
+                    "file": None,
+                    "line": None,
+                    "retryable": False,
+                    "file_state": None,
+                }
+            ],
+            schema=ERRORS,
+        ),
+        folder / "errors.parquet",
+        ERRORS,
+    )
     finish_handmade("describe", folder, folder.name)
     memo = RowMemo([Artifact("describe", folder.name, folder)])
     assert memo.split(["a", "b"], ["da", "db"]) == {0: folder / "part-00000.parquet"}

@@ -3,6 +3,7 @@
 The text encoder is a tiny BERT built from `transformers.BertConfig` (hidden 64, 2 layers) with random
 weights, saved with `save_pretrained` and loaded through `TextEncoder.from_pretrained(path)`.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -30,8 +31,12 @@ def bert_path(tmp_path_factory):
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=TEXT_WIDTH, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
     )
     path = tmp_path_factory.mktemp("tiny-bert")
     BertModel(config).save_pretrained(path)
@@ -129,7 +134,9 @@ def test_visual_encoder_image_tokens_pass_through():
 
 def test_video_frame_encoder_masks_padded_frames():
     torch.manual_seed(3)
-    encoder = VisualEncoder(input_dim=16, width=16, modality="video", num_heads=4, frame_encoder_layers=1, dropout=0.1).eval()
+    encoder = VisualEncoder(
+        input_dim=16, width=16, modality="video", num_heads=4, frame_encoder_layers=1, dropout=0.1
+    ).eval()
     frames, mask = torch.randn(1, 4, 16), torch.tensor([[True, True, False, False]])
     changed = frames.clone()
     changed[0, 2:] = 50.0
@@ -173,9 +180,15 @@ def test_forward_backward_tiny(bert_path, arch, modality):
     if modality == "video":
         assert model.visual_encoder.frame_encoder.layers[0].linear1.weight.grad.abs().sum() > 0
     if arch == "leccr":
-        for module in (model.queries, model.caption_proj.weight, model.cproj.weight, model.vproj.weight,
-                       model.caption_proj1.weight, model.vision_to_slots.layers[0].linear1.weight,
-                       model.slots_to_vision.layers[0].linear1.weight):
+        for module in (
+            model.queries,
+            model.caption_proj.weight,
+            model.cproj.weight,
+            model.vproj.weight,
+            model.caption_proj1.weight,
+            model.vision_to_slots.layers[0].linear1.weight,
+            model.slots_to_vision.layers[0].linear1.weight,
+        ):
             assert module.grad is not None and module.grad.abs().sum() > 0
         assert outputs["slot_emb"].shape == (3, model.config.num_slots, 32)
     if arch == "cl2cm":
@@ -198,13 +211,18 @@ def test_temperature_is_learnable_at_007(bert_path):
 def test_leccr_total_is_the_method_assembly(bert_path):
     torch.manual_seed(0)
     model = create_model(
-        "leccr-image-tiny", text_encoder_path=bert_path, visual_input_dim=D_VIN,
+        "leccr-image-tiny",
+        text_encoder_path=bert_path,
+        visual_input_dim=D_VIN,
         losses={"w_cv": 0.1, "w_c": 0.2, "w_reg": 0.3, "w_d": 0.4},
     )
     terms = model.losses(model(make_batch("image")))
     expected = (
-        (terms["vs"] + 0.1 * terms["cv"]) + (0.6 * terms["vt"] + 0.4 * terms["dstl"]) + terms["st"]
-        + 0.2 * (terms["c_s"] + terms["c_t"]) + 0.3 * terms["reg"]
+        (terms["vs"] + 0.1 * terms["cv"])
+        + (0.6 * terms["vt"] + 0.4 * terms["dstl"])
+        + terms["st"]
+        + 0.2 * (terms["c_s"] + terms["c_t"])
+        + 0.3 * terms["reg"]
     )
     assert torch.allclose(terms["total"], expected)
 
@@ -236,7 +254,8 @@ def test_leccr_description_padding_is_masked(bert_path):
     with torch.no_grad():
         assert torch.allclose(
             model.slots_from_descriptions(batch["desc_states"], batch["desc_mask"]),
-            model.slots_from_descriptions(changed, batch["desc_mask"]), atol=1e-5,
+            model.slots_from_descriptions(changed, batch["desc_mask"]),
+            atol=1e-5,
         )
 
 
@@ -298,7 +317,9 @@ def test_leccr_ablation_switches(bert_path, switch, absent_terms, absent_modules
     terms["total"].backward()
     if switch == "softened_matching":
         w = model.config.losses
-        expected = terms["vs"] + w.w_cv * terms["cv"] + terms["vt"] + terms["st"] + w.w_c * terms["c"] + w.w_reg * terms["reg"]
+        expected = (
+            terms["vs"] + w.w_cv * terms["cv"] + terms["vt"] + terms["st"] + w.w_c * terms["c"] + w.w_reg * terms["reg"]
+        )
         assert torch.allclose(terms["total"], expected)
 
 
@@ -328,8 +349,9 @@ SLOTS = torch.tensor([[[0.5, 0.0], [0.0, 0.2]], [[0.0, 1.0], [0.3, 0.3]], [[0.9,
 def test_fused_score_hand_example():
     # G = [[1, .6, 0], [0, .8, 1]] (minmax: itself); S = max_k = [[.5, .3, .9], [.2, 1, .1]],
     # minmax(S) = (S - .1) / .9; fused = .9 G + .1 minmax(S)
-    expected = torch.tensor([[0.9 + 0.1 * 0.4 / 0.9, 0.54 + 0.1 * 0.2 / 0.9, 0.1 * 0.8 / 0.9],
-                             [0.1 * 0.1 / 0.9, 0.72 + 0.1, 0.9]])
+    expected = torch.tensor(
+        [[0.9 + 0.1 * 0.4 / 0.9, 0.54 + 0.1 * 0.2 / 0.9, 0.1 * 0.8 / 0.9], [0.1 * 0.1 / 0.9, 0.72 + 0.1, 0.9]]
+    )
     assert torch.allclose(fused_score(TEXT, VISUAL, SLOTS, 0.9), expected, atol=1e-6)
     global_only = fused_score(TEXT, VISUAL, None, 1.0)
     assert torch.allclose(global_only, torch.tensor([[1.0, 0.6, 0.0], [0.0, 0.8, 1.0]]))
@@ -339,7 +361,11 @@ def test_fused_score_hand_example():
 
 def test_fused_score_blockwise_with_global_ranges_equals_full():
     torch.manual_seed(0)
-    text, visual, slots = F.normalize(torch.randn(7, 4), dim=-1), F.normalize(torch.randn(5, 4), dim=-1), torch.randn(5, 3, 4)
+    text, visual, slots = (
+        F.normalize(torch.randn(7, 4), dim=-1),
+        F.normalize(torch.randn(5, 4), dim=-1),
+        torch.randn(5, 3, 4),
+    )
     full = fused_score(text, visual, slots, 0.7)
     ranges = None  # first pass: the global min/max of both matrices, block by block
     for rows in (slice(0, 4), slice(4, 7)):

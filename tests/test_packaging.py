@@ -1,6 +1,7 @@
 """The design card's top level (stages/, schemas/, flows/ at the repository root) installs under the
 leccr namespace: a wheel holds leccr/stages/... and nothing with a generic top-level name, with its data
 files; the Prefect deployments' entrypoints name files that exist and flows that carry their names."""
+
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,22 @@ def test_the_card_folders_stand_at_the_root_and_install_under_the_namespace(tmp_
     # no build isolation: the installed setuptools builds it (nothing is downloaded)
     had_build = (REPO / "build").exists()
     try:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path)], check=True, cwd=tmp_path)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                str(REPO),
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                str(tmp_path),
+            ],
+            check=True,
+            cwd=tmp_path,
+        )
     finally:
         if not had_build:  # setuptools' scratch folder, not ours to leave in the checkout
             shutil.rmtree(REPO / "build", ignore_errors=True)
@@ -32,8 +47,11 @@ def test_the_card_folders_stand_at_the_root_and_install_under_the_namespace(tmp_
     for folder in CARD:
         expected = {f"leccr/{folder}/{p.name}" for p in (REPO / folder).glob("*.py")}
         assert expected <= set(names), folder
-    for data in ("leccr/evaluation/published_results.yaml", "leccr/prompts/image.yaml",
-                 "leccr/models/model_configs/leccr-image.json"):
+    for data in (
+        "leccr/evaluation/published_results.yaml",
+        "leccr/prompts/image.yaml",
+        "leccr/models/model_configs/leccr-image.json",
+    ):
         assert data in names, data
 
 

@@ -1,4 +1,5 @@
 """The DAG through the store: cache hits, what reruns after a config change, kill and resume."""
+
 import os
 import signal
 import subprocess
@@ -76,15 +77,27 @@ def test_killed_run_resumes_without_losing_finished_shards(demo_root, tmp_path):
     """A real subprocess is SIGKILLed mid-translate; the rerun recomputes only the missing shards."""
     data = demo_config_dict(demo_root, tmp_path / "artifacts")
     data["dataset"]["max_items_per_split"] = 3  # 15 English captions: 8 shards of 2
-    data["translate"] = {"engine": "transformers", "lang_code_style": "marian", "shard_size": 2,
-                         "max_length": 32, "splits": ["train"],
-                         "models": {lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]}}
+    data["translate"] = {
+        "engine": "transformers",
+        "lang_code_style": "marian",
+        "shard_size": 2,
+        "max_length": 32,
+        "splits": ["train"],
+        "models": {lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]},
+    }
     config = tmp_path / "kill.yaml"
     config.write_text(yaml.safe_dump(data))
-    code = ("import sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
-            "run_pipeline(load_config(sys.argv[1]), ['translate'])")
-    process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        "import sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
+        "run_pipeline(load_config(sys.argv[1]), ['translate'])"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(config)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     cfg = parse_config(data)
     deadline = time.time() + 300
     while len(list((tmp_path / "artifacts" / "translate").glob("*/part-*.parquet"))) < 2:

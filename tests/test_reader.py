@@ -1,5 +1,6 @@
 """The features readers on hand-built artifacts: bit-exact round trips, zero-copy views, id joins,
 missing descriptions (drop / empty), batch contract, evaluation loaders."""
+
 from __future__ import annotations
 
 import json
@@ -35,26 +36,44 @@ def write_artifact(root, visual, text_rows, desc_rows, *, fixed=True, visual_dty
     `ids`; desc_rows: {item_id: (split, ids)}.
     """
     arrays = [a for _, a in visual.values()]
-    features = (fixed_list_column(arrays, visual_dtype) if fixed else float_list_column(arrays, visual_dtype))
+    features = fixed_list_column(arrays, visual_dtype) if fixed else float_list_column(arrays, visual_dtype)
     size = arrays[0].size if fixed else None
-    write_table(pa.table({
-        "item_id": list(visual), "split": [s for s, _ in visual.values()], "media_type": ["image"] * len(visual),
-        "n_tokens": pa.array([a.shape[0] for a in arrays], pa.int32()),
-        "dim": pa.array([a.shape[1] for a in arrays], pa.int32()), "features": features,
-    }), root / "visual" / "part-00000.parquet", visual_schema(visual_dtype, size), row_group_size=2)
-    write_table(pa.table({
-        **{k: [r[k] for r in text_rows] for k in ("item_id", "caption_id", "split", "lang", "kind", "source")},
-        "n_tokens": pa.array([len(r["ids"]) for r in text_rows], pa.int32()),
-        "input_ids": ids_column([r["ids"] for r in text_rows]),
-    }), root / "text" / "part-00000.parquet", TEXT_TOKENS)
+    write_table(
+        pa.table(
+            {
+                "item_id": list(visual),
+                "split": [s for s, _ in visual.values()],
+                "media_type": ["image"] * len(visual),
+                "n_tokens": pa.array([a.shape[0] for a in arrays], pa.int32()),
+                "dim": pa.array([a.shape[1] for a in arrays], pa.int32()),
+                "features": features,
+            }
+        ),
+        root / "visual" / "part-00000.parquet",
+        visual_schema(visual_dtype, size),
+        row_group_size=2,
+    )
+    write_table(
+        pa.table(
+            {
+                **{k: [r[k] for r in text_rows] for k in ("item_id", "caption_id", "split", "lang", "kind", "source")},
+                "n_tokens": pa.array([len(r["ids"]) for r in text_rows], pa.int32()),
+                "input_ids": ids_column([r["ids"] for r in text_rows]),
+            }
+        ),
+        root / "text" / "part-00000.parquet",
+        TEXT_TOKENS,
+    )
     schema = description_schema("float32" if states_dim else None)
 
     def desc_table(entries):
-        columns = {"item_id": pa.array([k for k, _ in entries], pa.string()),
-                   "split": pa.array([s for _, (s, _) in entries], pa.string()),
-                   "views": pa.array([["v"] if k else [] for k, _ in entries], pa.list_(pa.string())),
-                   "n_tokens": pa.array([len(ids) for _, (_, ids) in entries], pa.int32()),
-                   "input_ids": ids_column([ids for _, (_, ids) in entries])}
+        columns = {
+            "item_id": pa.array([k for k, _ in entries], pa.string()),
+            "split": pa.array([s for _, (s, _) in entries], pa.string()),
+            "views": pa.array([["v"] if k else [] for k, _ in entries], pa.list_(pa.string())),
+            "n_tokens": pa.array([len(ids) for _, (_, ids) in entries], pa.int32()),
+            "input_ids": ids_column([ids for _, (_, ids) in entries]),
+        }
         if states_dim:
             states = [np.full((len(ids), states_dim), float(ids[0]), np.float32) for _, (_, ids) in entries]
             columns["dim"] = pa.array([states_dim] * len(entries), pa.int32())
@@ -63,22 +82,38 @@ def write_artifact(root, visual, text_rows, desc_rows, *, fixed=True, visual_dty
 
     write_table(desc_table(list(desc_rows.items())), root / "descriptions" / "part-00000.parquet", schema)
     write_table(desc_table([("", ("", [2, 3]))]), root / "descriptions" / "empty.parquet", schema)
-    info = {"pad_token_id": PAD, "cls_token_id": 2, "sep_token_id": 3,
-            "descriptions": {"states": bool(states_dim), "states_dtype": "float32" if states_dim else None}}
+    info = {
+        "pad_token_id": PAD,
+        "cls_token_id": 2,
+        "sep_token_id": 3,
+        "descriptions": {"states": bool(states_dim), "states_dtype": "float32" if states_dim else None},
+    }
     (root / "features_info.json").write_text(json.dumps(info))
     return root
 
 
 def caption(item, cid, split, lang, kind, ids, source="dataset"):
-    return {"item_id": item, "caption_id": cid, "split": split, "lang": lang, "kind": kind, "source": source, "ids": ids}
+    return {
+        "item_id": item,
+        "caption_id": cid,
+        "split": split,
+        "lang": lang,
+        "kind": kind,
+        "source": source,
+        "ids": ids,
+    }
 
 
 @pytest.fixture
 def joined(tmp_path):
     """Train items a (2 English captions), b, c (no description), d (no translation), e (no visual);
     test items t1, t2 (t2 without description)."""
-    visual = {k: (split, special_floats((3, 4), seed)) for seed, (k, split) in
-              enumerate([("a", "train"), ("b", "train"), ("c", "train"), ("d", "train"), ("t1", "test"), ("t2", "test")])}
+    visual = {
+        k: (split, special_floats((3, 4), seed))
+        for seed, (k, split) in enumerate(
+            [("a", "train"), ("b", "train"), ("c", "train"), ("d", "train"), ("t1", "test"), ("t2", "test")]
+        )
+    }
     text = [
         caption("a", "a0", "train", "en", "human", [2, 10, 3]),
         caption("a", "a1", "train", "en", "human", [2, 11, 12, 3]),
@@ -97,8 +132,12 @@ def joined(tmp_path):
         caption("t2", "t2de", "test", "de", "human", [2, 42, 43, 3]),
         caption("t1", "t1de", "test", "de", "human", [2, 44, 3]),
     ]
-    descriptions = {"a": ("train", [2, 50, 51, 3, 52, 3]), "b": ("train", [2, 53, 3]),
-                    "d": ("train", [2, 54, 3]), "t1": ("test", [2, 55, 3])}
+    descriptions = {
+        "a": ("train", [2, 50, 51, 3, 52, 3]),
+        "b": ("train", [2, 53, 3]),
+        "d": ("train", [2, 54, 3]),
+        "t1": ("test", [2, 55, 3]),
+    }
     return write_artifact(tmp_path / "features", visual, text, descriptions, states_dim=2), visual
 
 
@@ -107,8 +146,10 @@ def joined(tmp_path):
 def test_visual_values_round_trip_bit_exact(tmp_path, arrow_cache, fixed, dtype):
     shapes = [(3, 4)] * 3 if fixed else [(3, 4), (1, 4), (5, 4)]
     with np.errstate(over="ignore"):  # 3.4e38 becomes inf in float16: still a value to keep exactly
-        arrays = [special_floats(shape, seed).astype(np.float16 if dtype == "float16" else np.float32)
-                  for seed, shape in enumerate(shapes)]
+        arrays = [
+            special_floats(shape, seed).astype(np.float16 if dtype == "float16" else np.float32)
+            for seed, shape in enumerate(shapes)
+        ]
     visual = {f"i{n}": ("train", a) for n, a in enumerate(arrays)}
     text = [caption(k, k + "c", "train", "en", "human", [2, 3]) for k in visual]
     root = write_artifact(tmp_path / "f", visual, text, {}, fixed=fixed, visual_dtype=dtype)
@@ -147,8 +188,10 @@ def test_training_joins_captions_translations_and_descriptions_empty_mode(joined
     # e: no visual; d: no translation. a has two captions, c has no description (empty filled in).
     assert dataset.dropped == {"no_visual": 1, "no_translation": 1, "no_description": 0}
     assert dataset.item_ids == ["a", "b", "c", "d"]
-    pairs = [(dataset.item_ids[s["item_index"]], s["en_ids"].tolist(), s["tgt_ids"].tolist(), s["desc_ids"].tolist())
-             for s in (dataset[i] for i in range(len(dataset)))]
+    pairs = [
+        (dataset.item_ids[s["item_index"]], s["en_ids"].tolist(), s["tgt_ids"].tolist(), s["desc_ids"].tolist())
+        for s in (dataset[i] for i in range(len(dataset)))
+    ]
     assert pairs == [
         ("a", [2, 10, 3], [2, 20, 3], [2, 50, 51, 3, 52, 3]),
         ("a", [2, 11, 12, 3], [2, 21, 22, 23, 3], [2, 50, 51, 3, 52, 3]),
@@ -195,14 +238,20 @@ def test_batch_contract_padding_masks_and_states(joined):
     fast = dataset.get_batch([0, 1, 2, 3])
     assert fast.keys() == batch.keys()
     for key in batch:
-        assert torch.equal(fast[key].view(torch.int32) if key in ("visual", "desc_states") else fast[key],
-                           batch[key].view(torch.int32) if key in ("visual", "desc_states") else batch[key]), key
+        assert torch.equal(
+            fast[key].view(torch.int32) if key in ("visual", "desc_states") else fast[key],
+            batch[key].view(torch.int32) if key in ("visual", "desc_states") else batch[key],
+        ), key
 
 
 def test_variable_length_visual_tokens_are_padded_with_mask(tmp_path):
     visual = {"a": ("train", np.ones((2, 3), np.float32)), "b": ("train", np.full((4, 3), 2.0, np.float32))}
-    text = [caption("a", "a0", "train", "en", "human", [2, 3]), caption("a", "a0", "train", "de", "mt", [2, 3]),
-            caption("b", "b0", "train", "en", "human", [2, 3]), caption("b", "b0", "train", "de", "mt", [2, 3])]
+    text = [
+        caption("a", "a0", "train", "en", "human", [2, 3]),
+        caption("a", "a0", "train", "de", "mt", [2, 3]),
+        caption("b", "b0", "train", "en", "human", [2, 3]),
+        caption("b", "b0", "train", "de", "mt", [2, 3]),
+    ]
     root = write_artifact(tmp_path / "f", visual, text, {}, fixed=False)
     dataset = TrainingDataset(root, "de")
     batch = dataset.get_batch([0, 1])
@@ -243,9 +292,13 @@ def test_dataset_pickles_by_folder_for_dataloader_workers(joined):
     copy = pickle.loads(payload)
     for key, value in dataset[1].items():
         # bytes, not torch.equal: the hand-built features hold NaN
-        assert (copy[1][key].numpy().tobytes() == value.numpy().tobytes() if torch.is_tensor(value)
-                else copy[1][key] == value), key
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=dataset.collate_fn(), num_workers=2,
-                                         multiprocessing_context="spawn")
+        assert (
+            copy[1][key].numpy().tobytes() == value.numpy().tobytes()
+            if torch.is_tensor(value)
+            else copy[1][key] == value
+        ), key
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, collate_fn=dataset.collate_fn(), num_workers=2, multiprocessing_context="spawn"
+    )
     batches = list(loader)
     assert [b["item_index"].tolist() for b in batches] == [[0, 0], [1, 2]]

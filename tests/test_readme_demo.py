@@ -6,6 +6,7 @@ Training is bit-identical across environments (PIL image processing, `train.thre
 that differs here means the code changed what the demo computes: run this test, and paste the table
 its failure prints into the README.
 """
+
 import re
 from pathlib import Path
 
@@ -24,8 +25,9 @@ METHODS = {"baseline": "baseline", "cl2cm": "CL2CM", "leccr": "LECCR"}
 
 def demo_table(metrics) -> str:
     """Test SumR (fused score) of each method per language, as the README prints it."""
-    rows = metrics.filter(pc.and_(pc.equal(metrics.column("metric"), "sumr"),
-                                  pc.equal(metrics.column("score"), "fused"))).to_pylist()
+    rows = metrics.filter(
+        pc.and_(pc.equal(metrics.column("metric"), "sumr"), pc.equal(metrics.column("score"), "fused"))
+    ).to_pylist()
     sumr = {(row["method"], row["lang"]): row["value"] for row in rows}
     languages = sorted({lang for _, lang in sumr}, key=lambda lang: (lang != "en", lang))
     lines = ["| test SumR | " + " | ".join(languages) + " |", "|---|" + "---|" * len(languages)]

@@ -1,5 +1,6 @@
 """Reruns that are exactly right: each key covers what its stage really uses (config as used, files by
 content, code, upstream content) and nothing else; a plan says why; an up-to-date run costs seconds."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,14 @@ import pytest
 import yaml
 
 import leccr.models
-from leccr.core.codeid import _module_digest, code_digest
 from leccr.config import parse_config
-from leccr.core.fingerprint import Fingerprinter
+from leccr.core.artifact import Store, stage_lock
+from leccr.core.codeid import _module_digest, code_digest
 from leccr.core.dag import get_stage, stage_names
 from leccr.core.driver import run_pipeline
 from leccr.core.explain import explain
+from leccr.core.fingerprint import Fingerprinter
 from leccr.core.jobs import jobs_of, key_parts, parts_with_upstream
-from leccr.core.artifact import Store, stage_lock
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]
@@ -66,11 +67,15 @@ def test_translation_files_are_keyed_by_content(demo_root, tmp_path):
     config = _key_config("translate", _data(demo_root, tmp_path, translate={"import_path": str(files / "{lang}.json")}))
     moved = tmp_path / "moved"
     files.rename(moved)  # another place, same content: same key
-    assert _key_config("translate", _data(demo_root, tmp_path, translate={"import_path": str(moved / "{lang}.json")})) \
+    assert (
+        _key_config("translate", _data(demo_root, tmp_path, translate={"import_path": str(moved / "{lang}.json")}))
         == config
+    )
     (moved / f"{languages[0]}.json").write_text(json.dumps({"c1": "edited"}))
-    assert _key_config("translate", _data(demo_root, tmp_path, translate={"import_path": str(moved / "{lang}.json")})) \
+    assert (
+        _key_config("translate", _data(demo_root, tmp_path, translate={"import_path": str(moved / "{lang}.json")}))
         != config
+    )
     with pytest.raises(FileNotFoundError, match=r"translate.import_path: no \w+ translation file"):
         _key_config("translate", _data(demo_root, tmp_path, translate={"import_path": str(files / "{lang}.json")}))
 
@@ -82,8 +87,10 @@ def test_train_key_follows_the_resolved_model_config(demo_root, tmp_path):
     # an override, a preset (and so the model it resolves to) change it
     assert _key_config("train", _data(demo_root, tmp_path, train={"models": {"leccr": {"num_slots": 3}}})) != base
     preset = _key_config("train", _data(demo_root, tmp_path, train={"preset": "multi30k-de", "model_size": "base"}))
-    assert preset["train[leccr]"]["resolved_epochs"] != base["train[leccr]"]["resolved_epochs"] or \
-        preset["train[leccr]"]["resolved_models"] != base["train[leccr]"]["resolved_models"]
+    assert (
+        preset["train[leccr]"]["resolved_epochs"] != base["train[leccr]"]["resolved_epochs"]
+        or preset["train[leccr]"]["resolved_models"] != base["train[leccr]"]["resolved_models"]
+    )
     # the bundled JSON itself, edited in place (in a copy of the folder; restored before any other test)
     configs = tmp_path / "model_configs"
     shutil.copytree(leccr.models.MODEL_CONFIG_DIR, configs)
@@ -101,8 +108,10 @@ def test_train_key_follows_the_resolved_model_config(demo_root, tmp_path):
         leccr.models._configs.cache_clear()
     assert edited["train[baseline]"] != base["train[baseline]"]
     assert edited["train[leccr]"] == base["train[leccr]"]  # another method's bundled JSON: not leccr's key
-    assert edited["train[baseline]"]["resolved_models"]["baseline"]["embed_dim"] == \
-        2 * base["train[baseline]"]["resolved_models"]["baseline"]["embed_dim"]
+    assert (
+        edited["train[baseline]"]["resolved_models"]["baseline"]["embed_dim"]
+        == 2 * base["train[baseline]"]["resolved_models"]["baseline"]["embed_dim"]
+    )
     assert _key_config("train", _data(demo_root, tmp_path)) == base  # the bundled JSON again
 
 
@@ -116,8 +125,11 @@ def test_features_key_holds_the_text_side_it_uses(demo_root, tmp_path):
     # without states, only the tokenizer is read: the encoder weights and their precision are not
     tokens_only = {"description_states": False, "tokenizer": str(demo_root / "models" / "text_encoder")}
     plain = _key_config("features", _data(demo_root, tmp_path, features=tokens_only))
-    for change in ({"text_model": str(demo_root / "models" / "vision")}, {"precision": "bf16"},
-                   {"states_dtype": "float16"}):
+    for change in (
+        {"text_model": str(demo_root / "models" / "vision")},
+        {"precision": "bf16"},
+        {"states_dtype": "float16"},
+    ):
         assert _key_config("features", _data(demo_root, tmp_path, features={**tokens_only, **change})) == plain
 
 
@@ -125,10 +137,13 @@ def test_train_key_leaves_out_validation_settings_without_validation(demo_root, 
     unvalidated = _key_config("train", _data(demo_root, tmp_path, train={"val_split": None}))
     for change in ({"early_stopping_patience": 2}, {"val_caption_kind": "mt"}):
         assert _key_config("train", _data(demo_root, tmp_path, train={"val_split": None, **change})) == unvalidated
-        assert _key_config("train", _data(demo_root, tmp_path, train=change)) != \
-            _key_config("train", _data(demo_root, tmp_path)), change
-    assert _key_config("train", _data(demo_root, tmp_path, train={"val_split": None},
-                                      evaluate={"caption_kind": "mt"})) == unvalidated
+        assert _key_config("train", _data(demo_root, tmp_path, train=change)) != _key_config(
+            "train", _data(demo_root, tmp_path)
+        ), change
+    assert (
+        _key_config("train", _data(demo_root, tmp_path, train={"val_split": None}, evaluate={"caption_kind": "mt"}))
+        == unvalidated
+    )
 
 
 def test_train_resolves_defaults_from_other_sections(demo_root, tmp_path):
@@ -245,7 +260,9 @@ def test_a_media_file_edited_in_place_rebuilds_what_read_it(demo_root, tmp_path)
     cfg = parse_config(data)
     stages = ["visual", "describe", "translate"]
     first = run_pipeline(cfg, stages)
-    image = data_dir / next(p for p in sorted((data_dir / "images").iterdir()) if p.suffix == ".png").relative_to(data_dir)
+    image = data_dir / next(p for p in sorted((data_dir / "images").iterdir()) if p.suffix == ".png").relative_to(
+        data_dir
+    )
     Image.new("RGB", Image.open(image).size, (255, 0, 255)).save(image)
     planned = {p.name: p for p in explain(cfg, stages)}
     assert planned["dataset"].status == "miss"
@@ -258,8 +275,10 @@ def test_a_media_file_edited_in_place_rebuilds_what_read_it(demo_root, tmp_path)
     # The same bytes under another folder: nothing to rebuild.
     moved = tmp_path / "moved"
     shutil.copytree(data_dir, moved)
-    assert all(p.status == "hit" for p in explain(parse_config({**data, "dataset": {**data["dataset"],
-                                                                                   "path": str(moved)}}), stages))
+    assert all(
+        p.status == "hit"
+        for p in explain(parse_config({**data, "dataset": {**data["dataset"], "path": str(moved)}}), stages)
+    )
     # A caption edited: translate is keyed anew.
     for english in (data_dir / "data" / "task2" / "raw").glob("*.1.en"):  # every item's first caption
         english.write_text(english.read_text(encoding="utf-8").replace("\n", " again\n"), encoding="utf-8")
@@ -270,8 +289,10 @@ def test_a_media_file_edited_in_place_rebuilds_what_read_it(demo_root, tmp_path)
 
 # ------------------------------------------------------------------------------ dry run, no-op, CLI
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    code = ("import sys; from leccr.cli import main; rc = main(sys.argv[1:]); "
-            "print('PREFECT_IMPORTED' if 'prefect' in sys.modules else 'NO_PREFECT'); sys.exit(rc)")
+    code = (
+        "import sys; from leccr.cli import main; rc = main(sys.argv[1:]); "
+        "print('PREFECT_IMPORTED' if 'prefect' in sys.modules else 'NO_PREFECT'); sys.exit(rc)"
+    )
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -295,7 +316,8 @@ def test_dry_run_no_op_and_unknown_stages_never_start_prefect(demo_root, tmp_pat
     unknown = _cli(["run", "--config", str(config), "--stage", "nosuch"])
     assert unknown.returncode == 2 and "NO_PREFECT" in unknown.stdout
     assert unknown.stderr.strip().splitlines() == [
-        f"leccr: error: unknown stage 'nosuch'; the stages are: {', '.join(stage_names())}"]
+        f"leccr: error: unknown stage 'nosuch'; the stages are: {', '.join(stage_names())}"
+    ]
 
 
 def test_a_run_is_one_flow_run_and_hits_show_as_cached(demo_root, tmp_path, prefect_api):
@@ -311,9 +333,12 @@ def test_a_run_is_one_flow_run_and_hits_show_as_cached(demo_root, tmp_path, pref
     state = experiment_flow(config=str(config), stages=["translate"], return_state=True)
     assert state.is_completed()
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id={"any_": [state.state_details.flow_run_id]}))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [state.state_details.flow_run_id]})
+        )
     assert sorted(r.name for r in runs) == ["dataset", "translate"]  # the stage tasks belong to this run
     assert {r.state.name for r in runs} == {"Cached"}
     assert children == []
@@ -362,9 +387,12 @@ def test_stage_order_comes_from_upstream_alone():
 
 
 def test_no_library_module_imports_prefect():
-    offenders = [str(p.relative_to(REPO)) for p in (REPO / "leccr").rglob("*.py")
-                 if (REPO / "leccr" / "flows") not in p.parents
-                 and ("import prefect" in p.read_text() or "from prefect" in p.read_text())]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "leccr").rglob("*.py")
+        if (REPO / "leccr" / "flows") not in p.parents
+        and ("import prefect" in p.read_text() or "from prefect" in p.read_text())
+    ]
     assert offenders == []
 
 
@@ -375,12 +403,14 @@ def test_key_parts_need_finished_upstream(demo_root, tmp_path):
 
 def test_planning_a_run_imports_neither_torch_nor_prefect():
     """Stage modules import heavy libraries inside `run`: a dry run or a cached rerun stays fast."""
-    code = ("import sys; from leccr.config import load_config; from leccr.core.dag import get_stage, stage_names; "
-            "from leccr.core.jobs import config_for, jobs_of; "
-            "cfg = load_config('configs/demo.yaml'); [get_stage(n).section(cfg) for n in stage_names()]; "
-            "[get_stage(n).key_config(config_for(cfg, j), None) for n in ('train', 'evaluate', 'visual') "
-            "for j in jobs_of(cfg, n)]; "
-            "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys; from leccr.config import load_config; from leccr.core.dag import get_stage, stage_names; "
+        "from leccr.core.jobs import config_for, jobs_of; "
+        "cfg = load_config('configs/demo.yaml'); [get_stage(n).section(cfg) for n in stage_names()]; "
+        "[get_stage(n).key_config(config_for(cfg, j), None) for n in ('train', 'evaluate', 'visual') "
+        "for j in jobs_of(cfg, n)]; "
+        "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -394,8 +424,18 @@ def test_content_digest_ignores_volatile_columns(tmp_path):
     from leccr.schemas.describe import DESCRIPTIONS
 
     def shard(folder, description, seconds):
-        row = {"item_id": "a", "view_id": "v", "prompt": "p", "description": description, "n_tokens": 3,
-               "engine": "transformers", "model": "m", "sampling": "{}", "seed": 1, "seconds": seconds}
+        row = {
+            "item_id": "a",
+            "view_id": "v",
+            "prompt": "p",
+            "description": description,
+            "n_tokens": 3,
+            "engine": "transformers",
+            "model": "m",
+            "sampling": "{}",
+            "seed": 1,
+            "seconds": seconds,
+        }
         write_table(pa.Table.from_pylist([row], schema=DESCRIPTIONS), folder / "part-00000.parquet", DESCRIPTIONS)
         return content_digest(folder)
 

@@ -1,4 +1,5 @@
 """Run records (leccr.records.runs): one file per run, never overwritten; the `runs` and `run_metrics` views."""
+
 import json
 from datetime import timedelta
 
@@ -12,15 +13,36 @@ from leccr.schemas.evaluate import METRICS
 
 
 def config(root, name="exp", **sections):
-    return parse_config({"name": name, "artifacts_root": str(root),
-                         "dataset": {"format": "multi30k", "path": str(root / "data")}, **sections})
+    return parse_config(
+        {
+            "name": name,
+            "artifacts_root": str(root),
+            "dataset": {"format": "multi30k", "path": str(root / "data")},
+            **sections,
+        }
+    )
 
 
 def metrics_file(root, key, sumr_by_lang):
     """A metrics.parquet of evaluate/<key> holding one sumr row per language."""
-    rows = [{"method": "leccr", "score": "fused", "lang": lang, "direction": "both", "metric": "sumr", "k": None,
-             "value": value, "name": f"{lang}/sumr", "split": "test", "n_texts": 10, "n_items": 10, "alpha": 1.0,
-             "checkpoint": "t"} for lang, value in sumr_by_lang.items()]
+    rows = [
+        {
+            "method": "leccr",
+            "score": "fused",
+            "lang": lang,
+            "direction": "both",
+            "metric": "sumr",
+            "k": None,
+            "value": value,
+            "name": f"{lang}/sumr",
+            "split": "test",
+            "n_texts": 10,
+            "n_items": 10,
+            "alpha": 1.0,
+            "checkpoint": "t",
+        }
+        for lang, value in sumr_by_lang.items()
+    ]
     folder = root / "evaluate" / key
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=METRICS), folder / "metrics.parquet")
@@ -31,9 +53,13 @@ def test_each_run_appends_a_record_and_the_views_join_metrics_to_runs(tmp_path):
     for w_d, key, sumr in ((0.1, "a" * 16, 300.0), (0.3, "b" * 16, 310.5)):
         cfg = config(tmp_path, name=f"exp--w_d={w_d}", train={"models": {"leccr": {"losses": {"w_d": w_d}}}})
         metrics_file(tmp_path, key, {"de": sumr, "fr": sumr - 10})
-        write_record(cfg, RunLabel("exp", "exp-w_d", f"w_d={w_d}", {"train.models.leccr.losses.w_d": w_d}), started,
-                     {"dataset": StageEntry("d" * 16, CACHE_HIT, 0.0), "evaluate": StageEntry(key, COMPUTED, 2.5)},
-                     "completed")
+        write_record(
+            cfg,
+            RunLabel("exp", "exp-w_d", f"w_d={w_d}", {"train.models.leccr.losses.w_d": w_d}),
+            started,
+            {"dataset": StageEntry("d" * 16, CACHE_HIT, 0.0), "evaluate": StageEntry(key, COMPUTED, 2.5)},
+            "completed",
+        )
     write_record(config(tmp_path), RunLabel("exp"), started, {}, "failed", RuntimeError("boom"))
 
     records = read_records(tmp_path)
@@ -44,13 +70,19 @@ def test_each_run_appends_a_record_and_the_views_join_metrics_to_runs(tmp_path):
     assert by_variant["w_d=0.1"]["config"]["train"]["models"]["leccr"]["losses"]["w_d"] == 0.1  # effective config
 
     con = connect(tmp_path)
-    runs = con.execute("SELECT variant, w_d, outcome, config->>'$.name' AS name, stages->>'$.evaluate.status' AS status "
-                   "FROM runs ORDER BY ALL").fetchall()
-    assert runs == [("w_d=0.1", 0.1, "completed", "exp--w_d=0.1", "computed"),
-                    ("w_d=0.3", 0.3, "completed", "exp--w_d=0.3", "computed"),
-                    (None, None, "failed", "exp", None)]
+    runs = con.execute(
+        "SELECT variant, w_d, outcome, config->>'$.name' AS name, stages->>'$.evaluate.status' AS status "
+        "FROM runs ORDER BY ALL"
+    ).fetchall()
+    assert runs == [
+        ("w_d=0.1", 0.1, "completed", "exp--w_d=0.1", "computed"),
+        ("w_d=0.3", 0.3, "completed", "exp--w_d=0.3", "computed"),
+        (None, None, "failed", "exp", None),
+    ]
     assert con.execute("SELECT typeof(w_d), typeof(started_at) FROM runs LIMIT 1").fetchone() == (
-        "DOUBLE", "TIMESTAMP WITH TIME ZONE")
+        "DOUBLE",
+        "TIMESTAMP WITH TIME ZONE",
+    )
     joined = con.execute("SELECT w_d, lang, value FROM run_metrics WHERE metric = 'sumr' ORDER BY ALL").fetchall()
     assert joined == [(0.1, "de", 300.0), (0.1, "fr", 290.0), (0.3, "de", 310.5), (0.3, "fr", 300.5)]
     # a metrics file no run recorded is not in run_metrics
@@ -62,10 +94,15 @@ def test_inspect_queries_run_metrics_across_runs(tmp_path, capsys):
     from leccr.cli import main
 
     metrics_file(tmp_path, "a" * 16, {"de": 123.0})
-    write_record(config(tmp_path), RunLabel("exp"), now(), {"evaluate": StageEntry("a" * 16, COMPUTED, 1.0)},
-                 "completed")
-    assert main(["inspect", "--root", str(tmp_path), "--format", "json",
-                 "SELECT experiment, lang, value FROM run_metrics"]) == 0
+    write_record(
+        config(tmp_path), RunLabel("exp"), now(), {"evaluate": StageEntry("a" * 16, COMPUTED, 1.0)}, "completed"
+    )
+    assert (
+        main(
+            ["inspect", "--root", str(tmp_path), "--format", "json", "SELECT experiment, lang, value FROM run_metrics"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == [{"experiment": "exp", "lang": "de", "value": 123.0}]
     assert main(["inspect", "--root", str(tmp_path), "--print-sql"]) == 0
     assert "CREATE OR REPLACE VIEW run_metrics" in capsys.readouterr().out
@@ -80,7 +117,8 @@ def test_swept_field_names_that_clash_use_the_whole_path(tmp_path):
 
 
 def test_old_records_are_prunable(tmp_path):
-    path = write_record(config(tmp_path), RunLabel("exp"), now() - timedelta(days=3), {}, "completed",
-                        ended=now() - timedelta(days=2))
+    path = write_record(
+        config(tmp_path), RunLabel("exp"), now() - timedelta(days=3), {}, "completed", ended=now() - timedelta(days=2)
+    )
     write_record(config(tmp_path), RunLabel("exp"), now(), {}, "completed")
     assert prunable(tmp_path, timedelta(days=1)) == [path]

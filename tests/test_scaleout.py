@@ -1,5 +1,6 @@
 """Scale-out through prefect-ray: identical artifacts to a local run, resume across runners, and the
 shared-storage probe. A local Ray (2 CPUs, no dashboard) is started by the flow and stopped with it."""
+
 import hashlib
 import os
 import shutil
@@ -19,8 +20,12 @@ from leccr.core.driver import run_pipeline
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None,
-                                                    reason="ray extra not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="ray extra not installed"
+    ),
+]
 
 SHARDED = [s for s in ("translate", "describe", "features") if s in plan().order]
 
@@ -107,16 +112,30 @@ def _kill_marked(marker: str) -> None:
 
 def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
     data = _ray_data(demo_root, tmp_path / "artifacts")
-    data["translate"].update(shard_size=1, engine="transformers", lang_code_style="marian", max_length=32, splits=["train"],
-                             models={lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]})
+    data["translate"].update(
+        shard_size=1,
+        engine="transformers",
+        lang_code_style="marian",
+        max_length=32,
+        splits=["train"],
+        models={lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]},
+    )
     config = tmp_path / "ray.yaml"
     config.write_text(yaml.safe_dump(data))
     shards = tmp_path / "artifacts" / "translate"
-    code = "import sys; from leccr.flows.pipeline import experiment_flow; experiment_flow(config=sys.argv[1], stages=['translate'])"
+    code = (
+        "import sys; from leccr.flows.pipeline import experiment_flow; "
+        "experiment_flow(config=sys.argv[1], stages=['translate'])"
+    )
     marker = f"leccr-test-{os.getpid()}-{time.time_ns()}"
-    process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "LECCR_TEST_MARKER": marker})
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(config)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "LECCR_TEST_MARKER": marker},
+    )
     try:
         deadline = time.time() + 400
         while len(list(shards.glob("*/part-*.parquet"))) < 3:
@@ -139,13 +158,17 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
 
 
 def _unshare_works() -> bool:
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            "mount -t tmpfs tmpfs /mnt && umount /mnt"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /mnt && umount /mnt"],
+        capture_output=True,
+    )
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None or not _unshare_works(),
-                    reason="needs unshare + mount (root with CAP_SYS_ADMIN) to give a Ray node its own filesystem view")
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or not _unshare_works(),
+    reason="needs unshare + mount (root with CAP_SYS_ADMIN) to give a Ray node its own filesystem view",
+)
 def test_storage_probe_fails_clearly_when_a_node_cannot_see_the_root(demo_root, tmp_path):
     """A second Ray node runs in its own mount namespace where the artifact root is an empty tmpfs:
     exactly what a worker machine without the shared filesystem sees."""
@@ -162,12 +185,25 @@ def test_storage_probe_fails_clearly_when_a_node_cannot_see_the_root(demo_root, 
         port = sock.getsockname()[1]
     address = f"127.0.0.1:{port}"
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
+        check=True,
+        capture_output=True,
+    )
     other_node = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f"mount -t tmpfs tmpfs {artifacts} && exec {ray_bin} start --address {address} {' '.join(common)} --block"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -t tmpfs tmpfs {artifacts} && exec {ray_bin} start --address {address} {' '.join(common)} --block",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         ray.init(address=address)
         deadline = time.time() + 120
@@ -179,8 +215,11 @@ def test_storage_probe_fails_clearly_when_a_node_cannot_see_the_root(demo_root, 
         data["runner"] = {"kind": "ray", "address": address}
         config = tmp_path / "ray.yaml"
         config.write_text(yaml.safe_dump(data))
-        with pytest.raises(SharedStorageError, match=r"node \w+ .* cannot read the artifact root .*artifacts.*"
-                                                     r"filesystem every Ray node mounts"):
+        with pytest.raises(
+            SharedStorageError,
+            match=r"node \w+ .* cannot read the artifact root .*artifacts.*"
+            r"filesystem every Ray node mounts",
+        ):
             experiment_flow(config=str(config), stages=["dataset"])
         assert not (artifacts / "dataset").exists()  # nothing ran
     finally:

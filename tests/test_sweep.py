@@ -1,5 +1,6 @@
 """`leccr sweep` on the demo, on CPU: a 2×2 grid as one drive, shared stages computed once (read from
 the run records), every variant's metrics in `run_metrics`, a rerun that computes nothing, `compare`."""
+
 import shlex
 from pathlib import Path
 
@@ -45,18 +46,26 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, cap
     # (the grid's order is the file's: safe_dump wrote its keys sorted)
     variant = plan.split("  alpha=0.5,w_d=0.1")[1].split("  alpha=0.5,w_d=0.3")[0]
     assert "shared by all runs" in next(line for line in variant.splitlines() if line.strip().startswith("features"))
-    assert "shared with alpha=1.0,w_d=0.1" in next(line for line in variant.splitlines()
-                                                    if line.strip().startswith("train"))
+    assert "shared with alpha=1.0,w_d=0.1" in next(
+        line for line in variant.splitlines() if line.strip().startswith("train")
+    )
     assert "this run only" in next(line for line in variant.splitlines() if line.strip().startswith("evaluate"))
 
     assert main(["sweep", "--config", str(path)]) == 0
     records = [r for r in read_records(artifacts) if r["sweep"] == "demo-2x2"]
     assert len(records) == 4 and {r["outcome"] for r in records} == {"completed"}
-    assert {r["variant"] for r in records} == {"alpha=0.5,w_d=0.1", "alpha=1.0,w_d=0.1", "alpha=0.5,w_d=0.3",
-                                               "alpha=1.0,w_d=0.3"}
+    assert {r["variant"] for r in records} == {
+        "alpha=0.5,w_d=0.1",
+        "alpha=1.0,w_d=0.1",
+        "alpha=0.5,w_d=0.3",
+        "alpha=1.0,w_d=0.3",
+    }
     # its closing hints work as printed (this root is not the default one: they name it)
-    hints = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()
-             if line.startswith(("Compare them: ", "Or in SQL: "))]
+    hints = [
+        line.split(": ", 1)[1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("Compare them: ", "Or in SQL: "))
+    ]
     assert len(hints) == 2 and all(f"--root {artifacts}" in hint for hint in hints), hints
     for hint in hints:
         assert main(shlex.split(hint)[1:]) == 0, hint
@@ -78,8 +87,10 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, cap
     computed_once("index", 2)
 
     con = connect(artifacts)
-    rows = con.execute("SELECT variant, w_d, alpha, lang, value FROM run_metrics WHERE sweep = 'demo-2x2' "
-                       "AND metric = 'sumr' AND score = 'fused' ORDER BY ALL").fetchall()
+    rows = con.execute(
+        "SELECT variant, w_d, alpha, lang, value FROM run_metrics WHERE sweep = 'demo-2x2' "
+        "AND metric = 'sumr' AND score = 'fused' ORDER BY ALL"
+    ).fetchall()
     assert {(r[1], r[2]) for r in rows} == {(0.1, 0.5), (0.1, 1.0), (0.3, 0.5), (0.3, 1.0)}
     for record in records:  # each variant's rows are its own evaluate artifact's
         metrics = pq.read_table(artifacts / "evaluate" / record["stages"]["evaluate"]["key"] / "metrics.parquet")
@@ -94,8 +105,10 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, cap
     table = [line for line in text.splitlines() if line.startswith("| leccr |")]
     assert len(table) == 4 * 4  # 4 variants × en, de, fr, zh
     for variant, w_d, alpha, lang, value in rows:
-        assert any(f"| leccr | {lang} | {alpha:g} | {w_d:g} |" in line and line.split("|")[-2].strip()
-                   == f"{value:.1f}" for line in table), (variant, lang, value)
+        assert any(
+            f"| leccr | {lang} | {alpha:g} | {w_d:g} |" in line and line.split("|")[-2].strip() == f"{value:.1f}"
+            for line in table
+        ), (variant, lang, value)
     assert (out / "sumr_vs_w_d.png").is_file() and (out / "sumr_vs_alpha.png").is_file()
     assert "No published numbers match" in text  # the demo names none, and says so; so does its report
     report = artifacts / "evaluate" / records[0]["stages"]["evaluate"]["key"] / "report.md"
@@ -110,14 +123,18 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, cap
     # a failed run does not stop the others: evaluating a language the split lacks fails that variant
     # alone (the demo's own w_d is 0.3: its train is the one trained above, a cache hit)
     assert main(["sweep", "--config", str(path), "--name", "langs", "--grid", "evaluate.languages=[[de],[xx]]"]) == 2
-    assert "1 of 2 runs of sweep langs failed: languages=[\"xx\"]" in capsys.readouterr().err
+    assert '1 of 2 runs of sweep langs failed: languages=["xx"]' in capsys.readouterr().err
     langs = {r["variant"]: r for r in read_records(artifacts) if r["sweep"] == "langs"}
     assert langs['languages=["de"]']["outcome"] == "completed"
     failed = langs['languages=["xx"]']
     assert failed["outcome"] == "failed" and "'xx'" in failed["error"]
     assert failed["stages"]["train[leccr]"]["status"] == CACHE_HIT and "evaluate" not in failed["stages"]
-    assert connect(artifacts).execute("SELECT count(*) FROM run_metrics WHERE sweep = 'langs' AND lang = 'de' AND "
-                                      "metric = 'sumr'").fetchone()[0] > 0
+    assert (
+        connect(artifacts)
+        .execute("SELECT count(*) FROM run_metrics WHERE sweep = 'langs' AND lang = 'de' AND metric = 'sumr'")
+        .fetchone()[0]
+        > 0
+    )
 
 
 def test_both_deployments_are_flow_leccr_and_take_their_parameters():

@@ -1,4 +1,5 @@
 """Tiny models: they load through the Auto classes a user would use, run, and are deterministic."""
+
 import hashlib
 import json
 import subprocess
@@ -15,12 +16,23 @@ from leccr.tiny_models.text import build_text_encoder, wordpiece_vocabulary
 from leccr.tiny_models.vision import build_vision
 
 # Demo-like captions in the four demo languages (English, German, French, Chinese).
-CORPUS = ["a red circle on a blue background", "ein roter Kreis auf blauem Hintergrund",
-          "un cercle rouge sur un fond bleu", "蓝色背景上的红色圆圈", "a green square moves to the left",
-          "ein grünes Quadrat bewegt sich nach links", "un carré vert se déplace vers la gauche",
-          "一个绿色的正方形向左移动", "a white star at the top", "ein weißer Stern oben",
-          "une étoile blanche en haut", "顶部有一颗白色的星星", "a red square and a green circle",
-          "ein rotes Quadrat und ein grüner Kreis", "un carré rouge et un cercle vert"]
+CORPUS = [
+    "a red circle on a blue background",
+    "ein roter Kreis auf blauem Hintergrund",
+    "un cercle rouge sur un fond bleu",
+    "蓝色背景上的红色圆圈",
+    "a green square moves to the left",
+    "ein grünes Quadrat bewegt sich nach links",
+    "un carré vert se déplace vers la gauche",
+    "一个绿色的正方形向左移动",
+    "a white star at the top",
+    "ein weißer Stern oben",
+    "une étoile blanche en haut",
+    "顶部有一颗白色的星星",
+    "a red square and a green circle",
+    "ein rotes Quadrat und ein grüner Kreis",
+    "un carré rouge et un cercle vert",
+]
 
 
 def _digest(folder: Path, name: str = "model.safetensors") -> str:
@@ -87,13 +99,19 @@ def test_mt_model_generates_with_language_tokens(models):
     assert type(model).__name__ == "MarianMTModel"
     vocab = tokenizer.get_vocab()
     assert all(token in vocab for token in LANGUAGE_TOKENS)
-    encoded = tokenizer([">>de<< a red circle", ">>zh<< a green square moves to the left"],
-                        return_tensors="pt", padding=True)
+    encoded = tokenizer(
+        [">>de<< a red circle", ">>zh<< a green square moves to the left"], return_tensors="pt", padding=True
+    )
     # The language token stays one token (not split into > > d e ...), and Marian appends </s>.
     assert encoded["input_ids"][0, 0] == tokenizer.convert_tokens_to_ids(">>de<<")
     assert encoded["input_ids"][1, 0] == tokenizer.convert_tokens_to_ids(">>zh<<")
     assert tokenizer.convert_ids_to_tokens(tokenizer(">>de<< a red circle")["input_ids"]) == [
-        ">>de<<", "▁a", "▁red", "▁circle", "</s>"]
+        ">>de<<",
+        "▁a",
+        "▁red",
+        "▁circle",
+        "</s>",
+    ]
     out = model.generate(**encoded, max_new_tokens=5, do_sample=False)
     assert out.shape[0] == 2 and 1 < out.shape[1] <= 6
     assert (out[:, 0] == tokenizer.pad_token_id).all()  # decoding starts from <pad>, as in opus-mt
@@ -104,33 +122,47 @@ def test_mt_model_generates_with_language_tokens(models):
     # (seeds 0, 1, 2); with it 3-4 distinct outputs.
     sources = [f">>de<< {text}" for text in CORPUS if text.startswith(("a ", "un "))]
     with torch.no_grad():
-        out = model.generate(**tokenizer(sources, return_tensors="pt", padding=True), max_new_tokens=10, do_sample=False)
+        out = model.generate(
+            **tokenizer(sources, return_tensors="pt", padding=True), max_new_tokens=10, do_sample=False
+        )
     assert len({tuple(row.tolist()) for row in out}) >= 2
-    assert tokenizer.decode(tokenizer("蓝色背景上的红色圆圈")["input_ids"], skip_special_tokens=True) == "蓝色背景上的红色圆圈"
+    assert (
+        tokenizer.decode(tokenizer("蓝色背景上的红色圆圈")["input_ids"], skip_special_tokens=True)
+        == "蓝色背景上的红色圆圈"
+    )
     assert tokenizer.tokenize("红色圆圈")[-4:] == ["红", "色", "圆", "圈"]
 
 
 def test_builds_are_deterministic_by_seed(models, tmp_path):
-    again = {"text_encoder": build_text_encoder(tmp_path / "t0", CORPUS[::-1], seed=0),  # line order is irrelevant
-             "vision": build_vision(tmp_path / "v0", seed=0), "mt": build_mt(tmp_path / "m0", CORPUS, seed=0)}
+    again = {
+        "text_encoder": build_text_encoder(tmp_path / "t0", CORPUS[::-1], seed=0),  # line order is irrelevant
+        "vision": build_vision(tmp_path / "v0", seed=0),
+        "mt": build_mt(tmp_path / "m0", CORPUS, seed=0),
+    }
     for name, folder in again.items():
         assert _digest(folder) == _digest(models[name]), name
         for extra in ("tokenizer.json", "config.json"):
             if (folder / extra).exists():
                 assert _digest(folder, extra) == _digest(models[name], extra), (name, extra)
-    other = {"text_encoder": build_text_encoder(tmp_path / "t1", CORPUS, seed=1),
-             "vision": build_vision(tmp_path / "v1", seed=1), "mt": build_mt(tmp_path / "m1", CORPUS, seed=1)}
+    other = {
+        "text_encoder": build_text_encoder(tmp_path / "t1", CORPUS, seed=1),
+        "vision": build_vision(tmp_path / "v1", seed=1),
+        "mt": build_mt(tmp_path / "m1", CORPUS, seed=1),
+    }
     for name, folder in other.items():
         assert _digest(folder) != _digest(models[name]), name
 
 
 def test_wordpiece_vocabulary_is_the_same_in_another_process():
     # tokenizers' WordPieceTrainer breaks frequency ties in hash-map order, which changes per process.
-    code = ("import json, sys; from leccr.tiny_models.text import wordpiece_vocabulary; "
-            "print(json.dumps(wordpiece_vocabulary(json.loads(sys.stdin.read()))))")
+    code = (
+        "import json, sys; from leccr.tiny_models.text import wordpiece_vocabulary; "
+        "print(json.dumps(wordpiece_vocabulary(json.loads(sys.stdin.read()))))"
+    )
     for _ in range(2):
-        run = subprocess.run([sys.executable, "-c", code], input=json.dumps(CORPUS), capture_output=True,
-                             text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", code], input=json.dumps(CORPUS), capture_output=True, text=True, check=True
+        )
         assert json.loads(run.stdout) == wordpiece_vocabulary(CORPUS)
 
 

@@ -1,5 +1,6 @@
 """The train stage: real training of the tiny models on the demo's cached features, checkpoints,
 history, best-epoch selection, early stopping, and a SIGKILLed run resuming to identical weights."""
+
 import json
 import subprocess
 import sys
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from leccr.config import ConfigError, TrainConfig, parse_config
-from leccr.models import create_model
 from leccr.core.driver import run_pipeline
 from leccr.core.failures import StageFailed
+from leccr.models import create_model
 from leccr.training import TrainJob, load_trained, train_method
 from leccr.training.checkpoint import INFO_FILE, MODEL_FILE, RESUME_DIR
 from leccr.training.data import epoch_batches
@@ -46,8 +47,9 @@ def _job(features, method: str, out: Path, **train) -> tuple[TrainJob, TrainConf
     data, artifact = features
     cfg = TrainConfig.model_validate({**data["train"], **train})
     info = json.loads((artifact.path / "features_info.json").read_text())
-    model_config = get_model_config(cfg.model_name(method), visual_input_dim=info["visual"]["visual_dim"],
-                                    **cfg.model_overrides(method))
+    model_config = get_model_config(
+        cfg.model_name(method), visual_input_dim=info["visual"]["visual_dim"], **cfg.model_overrides(method)
+    )
     encoder = data["features"]["text_model"]
     return TrainJob(method, model_config, encoder, artifact.path, out / method, ["de", "fr", "zh"]), cfg
 
@@ -121,13 +123,16 @@ def test_train_stage_trains_every_method_and_keeps_the_best_epoch(features, tmp_
     outcomes = run_pipeline(parse_config(data), ["train"])
     folders = {method: outcomes[f"train[{method}]"].artifact.path for method in ("baseline", "cl2cm", "leccr")}
     assert len(set(folders.values())) == 3  # one artifact per method
-    for method, folder in folders.items():
+    for method in folders:
         summary = outcomes[f"train[{method}]"].artifact.manifest.summary
         assert summary["languages"] == ["de", "fr", "zh"] and set(summary["methods"]) == {method}
     steps_per_epoch = 90 // 16
     validation = ValidationSet.load(features[1].path, "val", ["de", "fr", "zh"], use_states=True)
-    for method, terms in {"baseline": {"vs", "vt", "st"}, "cl2cm": {"vs", "vt", "cl", "ot", "rd"},
-                          "leccr": {"vs", "vt", "st", "c_s", "c_t", "c", "cv", "reg", "dstl"}}.items():
+    for method, terms in {
+        "baseline": {"vs", "vt", "st"},
+        "cl2cm": {"vs", "vt", "cl", "ot", "rd"},
+        "leccr": {"vs", "vt", "st", "c_s", "c_t", "c", "cv", "reg", "dstl"},
+    }.items():
         method_dir = folders[method] / method
         assert not (method_dir / RESUME_DIR).exists()  # resume state removed once finished
         info = json.loads((method_dir / INFO_FILE).read_text())
@@ -147,8 +152,9 @@ def test_train_stage_trains_every_method_and_keeps_the_best_epoch(features, tmp_
         assert validation.evaluate(model, 64, torch.device("cpu"))["val_sumr"] == pytest.approx(best["val_sumr"])
         assert (method_dir / "text_encoder" / "config.json").is_file()
     # Loss falls on the demo data (a real learning signal, not just finite numbers).
-    leccr_rows = [r for r in pq.read_table(folders["leccr"] / "leccr" / "history.parquet").to_pylist()
-                  if r["kind"] == "train"]
+    leccr_rows = [
+        r for r in pq.read_table(folders["leccr"] / "leccr" / "history.parquet").to_pylist() if r["kind"] == "train"
+    ]
     first = sum(r["loss_total"] for r in leccr_rows if r["epoch"] == 1)
     last = sum(r["loss_total"] for r in leccr_rows if r["epoch"] == 3)
     assert last < first
@@ -199,11 +205,19 @@ def test_killed_run_resumes_mid_epoch_to_the_same_weights(features, tmp_path):
     """SIGKILL at step 8 (epoch 2, after the mid-epoch checkpoint at step 6); the rerun resumes there and
     ends with the same weights and history as a run that never stopped."""
     job, cfg = _job(features, "leccr", tmp_path / "killed", epochs=3, checkpoint_every=3)
-    spec = {"method": job.method, "model": job.model_config.model_dump(mode="json"), "encoder": job.text_encoder_path,
-            "features": str(job.features_dir), "out": str(job.method_dir), "languages": job.languages,
-            "train": cfg.model_dump(mode="json"), "kill_at": 8}
-    process = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(spec)], cwd=REPO, capture_output=True,
-                             text=True, timeout=600)
+    spec = {
+        "method": job.method,
+        "model": job.model_config.model_dump(mode="json"),
+        "encoder": job.text_encoder_path,
+        "features": str(job.features_dir),
+        "out": str(job.method_dir),
+        "languages": job.languages,
+        "train": cfg.model_dump(mode="json"),
+        "kill_at": 8,
+    }
+    process = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, json.dumps(spec)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert process.returncode == -9, process.stderr[-3000:]
     state = torch.load(job.method_dir / RESUME_DIR / "state.pt", weights_only=True)
     assert state["progress"]["step"] == 6 and state["progress"]["batch"] == 1  # mid-epoch 2
@@ -215,7 +229,8 @@ def test_killed_run_resumes_mid_epoch_to_the_same_weights(features, tmp_path):
     assert resumed.steps == straight.steps == 15
     assert (job.method_dir / MODEL_FILE).read_bytes() == (straight_job.method_dir / MODEL_FILE).read_bytes()
     assert pq.read_table(job.method_dir / "history.parquet").equals(
-        pq.read_table(straight_job.method_dir / "history.parquet"))
+        pq.read_table(straight_job.method_dir / "history.parquet")
+    )
 
 
 def test_two_processes_under_torchrun_with_gloo(features, tmp_path):
@@ -244,21 +259,29 @@ def test_evaluate_reports_every_trained_method_side_by_side(features):
         assert (folder / "plots" / f"training_{method}.png").is_file()
     assert report.index("| baseline |") < report.index("| cl2cm |") < report.index("| leccr |")
     root = Path(data["artifacts_root"])
-    rows = connect(root).execute(
-        "SELECT method, count(*) FROM metrics WHERE lang = 'de' AND metric = 'sumr' GROUP BY method ORDER BY method"
-    ).fetchall()
+    rows = (
+        connect(root)
+        .execute(
+            "SELECT method, count(*) FROM metrics WHERE lang = 'de' AND metric = 'sumr' GROUP BY method ORDER BY method"
+        )
+        .fetchall()
+    )
     assert [r[0] for r in rows] == ["baseline", "cl2cm", "leccr"]
     upstream = outcomes["evaluate"].artifact.manifest.upstream
-    assert {m: upstream[f"train[{m}]"] for m in ("baseline", "cl2cm", "leccr")} == \
-        {m: outcomes[f"train[{m}]"].artifact.key for m in ("baseline", "cl2cm", "leccr")}
+    assert {m: upstream[f"train[{m}]"] for m in ("baseline", "cl2cm", "leccr")} == {
+        m: outcomes[f"train[{m}]"].artifact.key for m in ("baseline", "cl2cm", "leccr")
+    }
 
 
 def test_video_modality_trains_on_pooled_frame_features(features, tmp_path):
     """modality video: one pooled vector per frame through the frame encoder (with its mask), fused score
     (alpha 0.9) in validation."""
     data, _ = features
-    data = {**data, "features": {**data["features"], "visual_output": "pooled"},
-            "train": {**data["train"], "methods": ["leccr"], "modality": "video", "epochs": 1}}
+    data = {
+        **data,
+        "features": {**data["features"], "visual_output": "pooled"},
+        "train": {**data["train"], "methods": ["leccr"], "modality": "video", "epochs": 1},
+    }
     outcomes = run_pipeline(parse_config(data), ["train"])
     method_dir = outcomes["train[leccr]"].artifact.path / "leccr"
     model = load_trained(method_dir)

@@ -1,4 +1,5 @@
 """translate stage: import engines, errors, quality figures, and the transformers engine on a tiny Marian."""
+
 import json
 import logging
 
@@ -20,9 +21,22 @@ CAPTIONS = [
     {"item_id": "b", "caption_id": "b#0", "split": "train", "lang": "en", "text": "a blue square on a green ground"},
     {"item_id": "a", "caption_id": "a#0", "split": "train", "lang": "de", "text": "ein roter Kreis", "kind": "mt"},
     {"item_id": "a", "caption_id": "a#1", "split": "train", "lang": "de", "text": "ein roter Kreis", "kind": "mt"},
-    {"item_id": "b", "caption_id": "b#0", "split": "train", "lang": "de", "text": "ein blaues Quadrat auf grünem Grund", "kind": "mt"},
+    {
+        "item_id": "b",
+        "caption_id": "b#0",
+        "split": "train",
+        "lang": "de",
+        "text": "ein blaues Quadrat auf grünem Grund",
+        "kind": "mt",
+    },
     # Human references aligned with English captions by id: quality is scored against them.
-    {"item_id": "b", "caption_id": "b#0", "split": "train", "lang": "de", "text": "ein blaues Quadrat auf grünem Grund"},
+    {
+        "item_id": "b",
+        "caption_id": "b#0",
+        "split": "train",
+        "lang": "de",
+        "text": "ein blaues Quadrat auf grünem Grund",
+    },
     {"item_id": "c", "caption_id": "c#0", "split": "test", "lang": "en", "text": "a green star"},
 ]
 
@@ -65,11 +79,15 @@ def test_missing_translations_are_errors_and_fail_past_the_threshold(tmp_path):
 
 def test_import_from_files_in_three_formats(tmp_path):
     (tmp_path / "mt.de.json").write_text(json.dumps({"a#0": "A", "a#1": "B", "b#0": "C"}))
-    (tmp_path / "mt.fr.jsonl").write_text("\n".join(json.dumps({"caption_id": c, "text": t})
-                                                    for c, t in [("a#0", "D"), ("a#1", "E"), ("b#0", "F")]))
+    (tmp_path / "mt.fr.jsonl").write_text(
+        "\n".join(json.dumps({"caption_id": c, "text": t}) for c, t in [("a#0", "D"), ("a#1", "E"), ("b#0", "F")])
+    )
     (tmp_path / "mt.zh.tsv").write_text("a#0\tG\na#1\tH\nb#0\tI\n")
-    ctx = _ctx(tmp_path, TranslateConfig(engine="import", splits=["train"],
-                                         import_path=str(tmp_path / "mt.{lang}.json")), languages=["de"])
+    ctx = _ctx(
+        tmp_path,
+        TranslateConfig(engine="import", splits=["train"], import_path=str(tmp_path / "mt.{lang}.json")),
+        languages=["de"],
+    )
     translate.run(ctx)
     assert [r[2] for r in _output(ctx)] == ["A", "B", "C"]
     with pytest.raises(ValueError, match=r"mt.zh.tsv:1: expected 'caption_id<TAB>text', got 3 field"):

@@ -2,9 +2,10 @@
 
 Checks that vLLM and transformers give the same greedy tokens for the same images and video frames,
 that per-request seeds make sampling independent of batch composition, and that the describe stage
-runs through vLLM, in a process that has loaded numba first (see mllm._shield_llvmlite_from_vllm_scan). Needs `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set in conftest) to keep the engine
-in-process.
+runs through vLLM, in a process that has loaded numba first (see mllm._shield_llvmlite_from_vllm_scan).
+Needs `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set in conftest) to keep the engine in-process.
 """
+
 import os
 
 import pytest
@@ -21,7 +22,7 @@ from leccr.media.decode import load_image, sample_frames  # noqa: E402
 from leccr.schemas.core import read_table  # noqa: E402
 from leccr.schemas.describe import DESCRIPTIONS  # noqa: E402
 from leccr.schemas.errors import ERRORS  # noqa: E402
-from tests.test_describe import TWO_VIEWS, make_context, make_dataset, tiny_llava  # noqa: E402,F401
+from tests.test_describe import TWO_VIEWS, make_context, make_dataset  # noqa: E402
 from tests.test_media import write_mp4, write_png  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -34,11 +35,20 @@ def vllm_config(model) -> DescribeConfig:
     # enforce_eager: skips torch.compile, which costs more than it saves on a tiny model.
     # kv_cache_memory_bytes: 64 MiB of KV cache (32k tokens) instead of 30% of host memory (~2 GiB
     # resident): the test machine is shared.
-    return DescribeConfig(engine="vllm", model=str(model), image_views=TWO_VIEWS,
-                          video_views={"actions": "What happens?"}, num_frames=4, max_tokens=MAX_TOKENS,
-                          shard_size=4, dtype="float32", gpu_memory_utilization=0.3, max_model_len=512,
-                          vllm_options={"enforce_eager": True, "kv_cache_memory_bytes": 64 * 2**20},
-                          max_error_rate=0.5)
+    return DescribeConfig(
+        engine="vllm",
+        model=str(model),
+        image_views=TWO_VIEWS,
+        video_views={"actions": "What happens?"},
+        num_frames=4,
+        max_tokens=MAX_TOKENS,
+        shard_size=4,
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        max_model_len=512,
+        vllm_options={"enforce_eager": True, "kv_cache_memory_bytes": 64 * 2**20},
+        max_error_rate=0.5,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +71,11 @@ def requests(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vllm_media")
     images = [load_image(write_png(folder / f"{i}.png", 40 + 6 * i, 36, seed=10 + i)) for i in range(4)]
     frames = sample_frames(write_mp4(folder / "v.mp4", num_frames=16, noise_seed=3), num_frames=4)
-    out = [Request(f"img{i}", view, prompt, [image], "image", 0)
-           for i, image in enumerate(images) for view, prompt in TWO_VIEWS.items()]
+    out = [
+        Request(f"img{i}", view, prompt, [image], "image", 0)
+        for i, image in enumerate(images)
+        for view, prompt in TWO_VIEWS.items()
+    ]
     out.append(Request("vid", "actions", "What happens?", frames, "video", 0))
     return out
 
@@ -72,7 +85,9 @@ def test_vllm_matches_transformers_greedy_tokens(vllm_engine, tiny_llava, reques
     reference = TransformersMLLM(tiny_llava, SamplingConfig(max_tokens=MAX_TOKENS), batch_size=1, dtype="float32")
     from_transformers = reference.generate(requests)
     for request, a, b in zip(requests, from_vllm, from_transformers):
-        assert a.token_ids == b.token_ids, f"{request.item_id}/{request.view_id}: vLLM {a.token_ids} != HF {b.token_ids}"
+        assert a.token_ids == b.token_ids, (
+            f"{request.item_id}/{request.view_id}: vLLM {a.token_ids} != HF {b.token_ids}"
+        )
         assert a.text == b.text and a.finish_reason == b.finish_reason
         assert 1 <= len(a.token_ids) <= MAX_TOKENS
     # different images give different descriptions: the image really reaches the model
@@ -84,8 +99,10 @@ def test_vllm_sampling_seeds_are_per_request(vllm_engine, requests):
     vllm_engine.sampling = SamplingConfig(temperature=1.0, top_p=0.9, max_tokens=MAX_TOKENS, seed=0)
     try:
         first, second = requests[0], requests[1]
-        seeded = [Request(r.item_id, r.view_id, r.prompt, r.frames, r.media_type, seed) for r, seed in
-                  ((first, 11), (second, 12))]
+        seeded = [
+            Request(r.item_id, r.view_id, r.prompt, r.frames, r.media_type, seed)
+            for r, seed in ((first, 11), (second, 12))
+        ]
         together = vllm_engine.generate(seeded)
         alone = vllm_engine.generate([seeded[1]])
         assert together[1].token_ids == alone[0].token_ids  # same seed, same sample, whatever the batch
@@ -99,7 +116,8 @@ def test_describe_stage_through_vllm(vllm_engine, tiny_llava, tmp_path):
     describe.run(ctx)
     rows = read_table(sorted(ctx.out_dir.glob("part-*.parquet")), DESCRIPTIONS).to_pylist()
     assert sorted((r["item_id"], r["view_id"]) for r in rows) == sorted(
-        [(f"img{i}", v) for i in range(2) for v in TWO_VIEWS] + [("vid0", "actions")])
+        [(f"img{i}", v) for i in range(2) for v in TWO_VIEWS] + [("vid0", "actions")]
+    )
     assert {r["engine"] for r in rows} == {"vllm"}
     assert ctx.summary["errors"] == 2 and ctx.summary["tokens_per_s"] > 0
 
@@ -141,14 +159,21 @@ def test_vllm_native_video_input_matches_transformers(vllm_engine, tmp_path_fact
     video = requests[-1]
     assert video.media_type == "video" and len(video.frames) == 4
     batch = [video, requests[0]]  # a video and an image in one call
-    engine = VllmMLLM(model, SamplingConfig(max_tokens=MAX_TOKENS), video_input="video", dtype="float32",
-                      gpu_memory_utilization=0.3, options={"enforce_eager": True, "kv_cache_memory_bytes": 64 * 2**20})
+    engine = VllmMLLM(
+        model,
+        SamplingConfig(max_tokens=MAX_TOKENS),
+        video_input="video",
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        options={"enforce_eager": True, "kv_cache_memory_bytes": 64 * 2**20},
+    )
     try:
         from_vllm = engine.generate(batch)
     finally:
         del engine
         gc.collect()
-    reference = TransformersMLLM(model, SamplingConfig(max_tokens=MAX_TOKENS), batch_size=1, dtype="float32",
-                                 video_input="video")
+    reference = TransformersMLLM(
+        model, SamplingConfig(max_tokens=MAX_TOKENS), batch_size=1, dtype="float32", video_input="video"
+    )
     from_transformers = reference.generate(batch)
     assert [g.token_ids for g in from_vllm] == [g.token_ids for g in from_transformers]

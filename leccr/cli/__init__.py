@@ -2,6 +2,7 @@
 
 One module per command group (run and sweep, demo, records, search, datasets), each adding its
 commands to the parser; console logging is set up apart (`console`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,6 @@ import sys
 from leccr.cli import datasets, demo, records, run, search
 from leccr.cli.common import PROJECT, Commands, UsageError, stage_names
 from leccr.cli.console import configure_logging
-
 
 DESCRIPTION = """\
 Cross-lingual cross-modal retrieval (LECCR, CL2CM) as a cached, resumable Prefect pipeline.
@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help_text, description=help_text, parents=[verbose],
-                                   formatter_class=_HelpFormatter, **kwargs)
+        return commands.add_parser(
+            name, help=help_text, description=help_text, parents=[verbose], formatter_class=_HelpFormatter, **kwargs
+        )
 
     groups = Commands(command, verbose, _HelpFormatter, stages)
     for group in (run, demo, records, search, datasets):  # the order of `leccr --help`
@@ -164,8 +165,10 @@ def _one_line(error: BaseException) -> str:
 
     if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.errno is not None:
         where = f" ({error.filename})" if error.filename else ""
-        hint = {errno.ENOSPC: "free some space or set another artifacts_root",
-                errno.EACCES: "fix the permissions or choose another path",
-                errno.EROFS: "the filesystem is read-only: set another artifacts_root"}.get(error.errno)
+        hint = {
+            errno.ENOSPC: "free some space or set another artifacts_root",
+            errno.EACCES: "fix the permissions or choose another path",
+            errno.EROFS: "the filesystem is read-only: set another artifacts_root",
+        }.get(error.errno)
         return f"{error.strerror}{where}" + (f": {hint}" if hint else "")
     return str(error)

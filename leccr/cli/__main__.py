@@ -1,4 +1,5 @@
 """`python -m leccr.cli ...`: the `leccr` command."""
+
 import sys
 
 from leccr.cli import main

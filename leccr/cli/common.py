@@ -1,4 +1,5 @@
 """What every command group shares: usage errors, `--set` parsing, the stage names, the project folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,11 @@ from pathlib import Path
 
 import yaml
 
-
 PROJECT = Path(__file__).resolve().parents[2]
-PREFECT_HELP = ("run as a Prefect flow run: on the server PREFECT_API_URL names (which also selects Prefect), "
-                "else on a temporary local one (about 20 s to start); default: in this process, no server")
+PREFECT_HELP = (
+    "run as a Prefect flow run: on the server PREFECT_API_URL names (which also selects Prefect), "
+    "else on a temporary local one (about 20 s to start); default: in this process, no server"
+)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """Console logging of one `leccr` command: leccr's own messages at INFO, other libraries' errors only."""
+
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,6 @@ import os
 import sys
 
 from leccr.cli.common import PROJECT
-
 
 # Library loggers whose records (even errors) stay out of the console without -v: their failures
 # reach the user as the exception `main` reports in one line.

@@ -1,4 +1,5 @@
 """`leccr datasets check` and `leccr build-tiny-models`: dataset folders and the tiny models of tests and the demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,22 @@ def add_commands(commands: Commands) -> None:
     datasets = commands.add("datasets", "dataset tools")
     datasets_commands = datasets.add_subparsers(dest="datasets_command", required=True, metavar="COMMAND")
     check = datasets_commands.add_parser(
-        "check", help="validate a dataset folder and report counts and problems", parents=[commands.verbose],
+        "check",
+        help="validate a dataset folder and report counts and problems",
+        parents=[commands.verbose],
         description="Validate a dataset folder in its published layout: items and captions per split and "
-                    "language, missing files, malformed entries.", formatter_class=commands.formatter)
+        "language, missing files, malformed entries.",
+        formatter_class=commands.formatter,
+    )
     check.add_argument("path", help="the dataset's root folder")
     check.add_argument("--format", required=True, metavar="FORMAT", help="the dataset's layout: {formats}")
-    check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="an adapter option, as dataset.options in an experiment file; repeatable")
+    check.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an adapter option, as dataset.options in an experiment file; repeatable",
+    )
     check.set_defaults(handler=cmd_datasets_check)
 
     from leccr.tiny_models import add_arguments

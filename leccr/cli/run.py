@@ -1,4 +1,5 @@
 """`leccr run` and `leccr sweep`: one experiment, or a grid of its variants, through the one driver."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,9 @@ from leccr.cli.common import PREFECT_HELP, Commands, parse_sets
 
 def cmd_run(args: argparse.Namespace) -> int:
     from leccr.config import load_config
-    from leccr.core.fingerprint import fingerprinter_for
     from leccr.core.driver import run_pipeline
     from leccr.core.explain import explain
+    from leccr.core.fingerprint import fingerprinter_for
     from leccr.runtime.preflight import check_environment
 
     overrides = parse_sets(args.set)
@@ -53,17 +54,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         from leccr.flows.pipeline import experiment_flow, task_runner
 
         paths = experiment_flow.with_options(task_runner=task_runner(cfg))(
-            config=args.config, stages=stages, force=force, overrides=overrides or None)
+            config=args.config, stages=stages, force=force, overrides=overrides or None
+        )
     print("\nArtifacts:")
     for stage, path in paths.items():
         print(f"  {stage:<15} {path}")
     root = "" if cfg.artifacts_root == "artifacts" else f" --root {cfg.artifacts_root}"
     if "evaluate" in paths and (Path(paths["evaluate"]) / "report.md").is_file():
         print(f"Report: {Path(paths['evaluate']) / 'report.md'}")
-        print(f"Compare methods: leccr inspect{root} \"SELECT method, lang, value AS sumr FROM metrics "
-              "WHERE metric = 'sumr' AND score = 'fused' ORDER BY lang, method\"")
+        print(
+            f'Compare methods: leccr inspect{root} "SELECT method, lang, value AS sumr FROM metrics '
+            "WHERE metric = 'sumr' AND score = 'fused' ORDER BY lang, method\""
+        )
     elif view := inspect_view(paths):
-        print(f"Inspect them with: leccr inspect{root} \"SELECT * FROM {view} LIMIT 5\"")
+        print(f'Inspect them with: leccr inspect{root} "SELECT * FROM {view} LIMIT 5"')
     return 0
 
 
@@ -76,8 +80,12 @@ def inspect_view(paths: dict[str, str]) -> str | None:
     for label in reversed(paths):
         for view, (stage, pattern) in VIEWS.items():
             # `describe` needs quoting in SQL (`descriptions` is its plain name); error tables are not the output
-            if stage == stage_of(label) and view != "describe" and not view.endswith("_errors") \
-                    and next(Path(paths[label]).glob(pattern), None) is not None:
+            if (
+                stage == stage_of(label)
+                and view != "describe"
+                and not view.endswith("_errors")
+                and next(Path(paths[label]).glob(pattern), None) is not None
+            ):
                 return view
     return None
 
@@ -135,8 +143,8 @@ def unkeyed_overrides(cfg, pairs: list[str]) -> list[str]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from leccr.core.fingerprint import fingerprinter_for
-    from leccr.runtime.preflight import check_environment
     from leccr.records.sweep import dry_run_lines, load_sweep, parse_grid, plan_sweep
+    from leccr.runtime.preflight import check_environment
 
     overrides = parse_sets(args.set)
     if args.runner:
@@ -162,12 +170,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from leccr.flows.sweep import sweep_flow
 
         status = sweep_flow.with_options(task_runner=task_runner(sweep.base))(
-            config=args.config, grid=grid, name=sweep.name, stages=stages, force=force,
-            overrides=overrides or None)
+            config=args.config, grid=grid, name=sweep.name, stages=stages, force=force, overrides=overrides or None
+        )
     print(f"\nSweep {sweep.name}: {len(status)} runs completed.")
     root = "" if sweep.base.artifacts_root == "artifacts" else f" --root {sweep.base.artifacts_root}"
     print(f"Compare them: leccr compare --sweep {sweep.name}{root}")
-    print(f"Or in SQL: leccr inspect{root} \"SELECT * FROM run_metrics WHERE sweep = '{sweep.name}' AND metric = 'sumr'\"")
+    print(
+        f"Or in SQL: leccr inspect{root} \"SELECT * FROM run_metrics WHERE sweep = '{sweep.name}' AND metric = 'sumr'\""
+    )
     return 0
 
 
@@ -175,36 +185,82 @@ def add_commands(commands: Commands) -> None:
     stage_list = ", ".join(commands.stages)
     run = commands.add("run", "run the pipeline (in this process; --prefect or PREFECT_API_URL: as a Prefect flow run)")
     run.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
-    run.add_argument("--stage", action="append", default=[], metavar="STAGE",
-                     help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}")
-    run.add_argument("--force", action="append", default=[], metavar="STAGE",
-                     help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. train.seed=1 or translate.num_beams=4; repeatable")
+    run.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}",
+    )
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help=f"recompute this stage and everything downstream; repeatable. Stages: {stage_list}",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.seed=1 or translate.num_beams=4; repeatable",
+    )
     run.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
     run.add_argument("--ray-address", help="override runner.address: ray://host:10001, auto, ...")
-    run.add_argument("--dry-run", action="store_true",
-                     help="print every planned stage with its key, cached or not, and why it would run (with -v: "
-                          "every changed field); run nothing")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print every planned stage with its key, cached or not, and why it would run (with -v: "
+        "every changed field); run nothing",
+    )
     run.add_argument("--prefect", action="store_true", help=PREFECT_HELP)
     run.set_defaults(handler=cmd_run)
 
-    sweep = commands.add("sweep", "run a grid of variants of one experiment, sharing what they share (--prefect: as one "
-                             "Prefect flow run)")
+    sweep = commands.add(
+        "sweep",
+        "run a grid of variants of one experiment, sharing what they share (--prefect: as one Prefect flow run)",
+    )
     sweep.add_argument("--config", required=True, help="experiment YAML (its `sweep:` block is the default grid)")
-    sweep.add_argument("--grid", action="append", default=[], metavar="PATH=[V1,V2]",
-                       help="a config field and its values, e.g. train.models.leccr.losses.w_d=[0.1,0.3]; any --set "
-                            "path; repeatable (the grid is every combination)")
-    sweep.add_argument("--name", help="the sweep's name in the run records (default: the file's sweep.name, else "
-                                      "the experiment and the swept fields)")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key in every variant; repeatable")
-    sweep.add_argument("--stage", action="append", default=[], metavar="STAGE",
-                       help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}")
-    sweep.add_argument("--force", action="append", default=[], metavar="STAGE",
-                       help="recompute this stage and everything downstream (once per distinct key); repeatable")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="PATH=[V1,V2]",
+        help="a config field and its values, e.g. train.models.leccr.losses.w_d=[0.1,0.3]; any --set "
+        "path; repeatable (the grid is every combination)",
+    )
+    sweep.add_argument(
+        "--name",
+        help="the sweep's name in the run records (default: the file's sweep.name, else "
+        "the experiment and the swept fields)",
+    )
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every variant; repeatable",
+    )
+    sweep.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help=f"run only this stage (and what it needs); repeatable. Stages: {stage_list}",
+    )
+    sweep.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="recompute this stage and everything downstream (once per distinct key); repeatable",
+    )
     sweep.add_argument("--runner", choices=["local", "ray"], help="override runner.kind")
-    sweep.add_argument("--dry-run", action="store_true",
-                       help="print each run's stages: key, cached or to compute, and which other runs share it")
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each run's stages: key, cached or to compute, and which other runs share it",
+    )
     sweep.add_argument("--prefect", action="store_true", help=PREFECT_HELP)
     sweep.set_defaults(handler=cmd_sweep)

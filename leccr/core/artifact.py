@@ -5,6 +5,7 @@ part of the key, each file's size and digest, and the content digest downstream 
 A stage sees its upstream artifacts through `ReadView`s that hand out only the files the stage
 declared it reads (`StageDef.reads`), so its key, which hashes exactly those files, cannot miss one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +72,11 @@ def file_digests(folder: Path) -> dict[str, str]:
     """{relative path: digest} of what an artifact holds: every file but the manifest (hidden files
     skipped). A Parquet file with volatile columns (leccr.schemas.core.VOLATILE: timings, file states) counts
     by its other columns only, so recomputing the same output gives the same digests."""
-    return {entry.relative: stable_digest(Path(entry.absolute))
-            for entry in files_under(folder) if entry.relative != MANIFEST}
+    return {
+        entry.relative: stable_digest(Path(entry.absolute))
+        for entry in files_under(folder)
+        if entry.relative != MANIFEST
+    }
 
 
 def combined_digest(digests: Mapping[str, str]) -> str:
@@ -162,8 +166,10 @@ def damaged_files(folder: Path, manifest: Manifest, fingerprints) -> dict[str, s
             to_hash.append(entry)
     for entry, digest in zip(to_hash, fingerprints.files(to_hash)):
         if digest != manifest.file_hashes[entry.relative]:
-            problems[entry.relative] = (f"{entry.relative} has other content than the manifest records "
-                                        f"(same size, {entry.stat.st_size:,} bytes)")
+            problems[entry.relative] = (
+                f"{entry.relative} has other content than the manifest records "
+                f"(same size, {entry.stat.st_size:,} bytes)"
+            )
     if not problems:
         fingerprints.remember_verified(folder, list(entries.values()), listing, manifest.content_digest)
     return problems
@@ -171,8 +177,7 @@ def damaged_files(folder: Path, manifest: Manifest, fingerprints) -> dict[str, s
 
 def declared(name: str, reads: tuple[str, ...]) -> bool:
     """Whether a relative path is among declared reads: a file name, a folder ending in "/", or "*"."""
-    return any(entry == WHOLE or entry == name or (entry.endswith("/") and name.startswith(entry))
-               for entry in reads)
+    return any(entry == WHOLE or entry == name or (entry.endswith("/") and name.startswith(entry)) for entry in reads)
 
 
 # ------------------------------------------------------------------------------------- locks
@@ -315,10 +320,15 @@ class ReadView:
     def _check(self, name: str) -> None:
         if WHOLE in self.reads or (name and declared(name, self.reads)):
             return
-        what = f"{self.artifact.stage}/{self.artifact.key}/{name}" if name else \
-            f"all of {self.artifact.stage}/{self.artifact.key}"
-        raise UndeclaredRead(f"stage {self.reader} reads {what}, which its StageDef does not declare "
-                             f"(reads[{self.artifact.stage!r}] = {list(self.reads)})")
+        what = (
+            f"{self.artifact.stage}/{self.artifact.key}/{name}"
+            if name
+            else f"all of {self.artifact.stage}/{self.artifact.key}"
+        )
+        raise UndeclaredRead(
+            f"stage {self.reader} reads {what}, which its StageDef does not declare "
+            f"(reads[{self.artifact.stage!r}] = {list(self.reads)})"
+        )
 
     def file(self, name: str) -> Path:
         self._check(name)
@@ -353,7 +363,9 @@ class MethodArtifacts:
         return combined_digest({method: artifact.content_digest for method, artifact in sorted(self.by_method.items())})
 
     def digest_of(self, reads: tuple[str, ...]) -> str:
-        return combined_digest({method: artifact.digest_of(reads) for method, artifact in sorted(self.by_method.items())})
+        return combined_digest(
+            {method: artifact.digest_of(reads) for method, artifact in sorted(self.by_method.items())}
+        )
 
     @property
     def methods(self) -> list[str]:
@@ -434,12 +446,13 @@ class Store:
         `artifacts/demo/`, say) is no artifact."""
         from leccr.core.dag import declared_upstream
 
-        found = []
+        found: list[Artifact] = []
         for stage in sorted(declared_upstream()):
             stage_dir = self.root / stage
             if stage_dir.is_dir():
-                found.extend(Artifact(stage, p.name, p) for p in sorted(stage_dir.iterdir())
-                             if p.is_dir() and is_key(p.name))
+                found.extend(
+                    Artifact(stage, p.name, p) for p in sorted(stage_dir.iterdir()) if p.is_dir() and is_key(p.name)
+                )
         return found
 
     def with_salt(self, stage: str, salt: str, limit: int = 4) -> list[Artifact]:
@@ -516,6 +529,8 @@ def write_manifest(ctx: StageContext, started: float, fence: Callable[[], object
     it raises when this writer no longer holds the artifact's claim (leccr.core.claims).
     """
     parts = ctx.key_parts
+    if parts is None:
+        raise ValueError(f"stage {ctx.stage}: a manifest records the key's parts, and this context has none")
     fingerprints = ctx.fingerprints()
     rows, sizes, hashes, digests = {}, {}, {}, {}
     for entry in files_under(ctx.out_dir):
@@ -528,17 +543,32 @@ def write_manifest(ctx: StageContext, started: float, fence: Callable[[], object
         if entry.relative.endswith(".parquet"):
             rows[entry.relative] = _num_rows(path)
     manifest = Manifest(
-        stage=ctx.stage, key=ctx.key, variant=ctx.variant, store_format=STORE_FORMAT,
-        schema_version=SCHEMA_VERSION, code_digest=parts.code, code_modules=parts.code_modules,
-        config=ctx.section.model_dump(mode="json"), key_config=parts.config, memo_salt=parts.memo_salt,
+        stage=ctx.stage,
+        key=ctx.key,
+        variant=ctx.variant,
+        store_format=STORE_FORMAT,
+        schema_version=SCHEMA_VERSION,
+        code_digest=parts.code,
+        code_modules=parts.code_modules,
+        config=ctx.section.model_dump(mode="json"),
+        key_config=parts.config,
+        memo_salt=parts.memo_salt,
         upstream=upstream_keys(ctx.inputs),
-        upstream_digests=dict(sorted(parts.upstream.items())), file_digests=digests, file_sizes=sizes,
+        upstream_digests=dict(sorted(parts.upstream.items())),
+        file_digests=digests,
+        file_sizes=sizes,
         file_hashes=hashes,
-        content_digest=combined_digest(digests), rows=rows, versions=library_versions(),
+        content_digest=combined_digest(digests),
+        rows=rows,
+        versions=library_versions(),
         seconds=round(time.time() - started, 3),
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), summary=ctx.summary)
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        summary=ctx.summary,
+    )
     if fence is not None:
         fence()
-    atomic_write_text(ctx.out_dir / MANIFEST,
-                      json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(
+        ctx.out_dir / MANIFEST,
+        json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, default=str) + "\n",
+    )
     return manifest

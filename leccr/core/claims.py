@@ -36,6 +36,7 @@ A whole-artifact stage writes its files into the artifact folder as it goes: a s
 writes can land there beside its successor's (it writes no manifest); a file changed after the
 successor's manifest is caught by the next verification as damaged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,10 @@ class ClaimLost(RuntimeError):
 
     def __init__(self, name: str, folder: Path, token: int, reason: str, holder_now: str, consequence: str = ""):
         self.name, self.folder, self.token, self.reason, self.holder_now = name, folder, token, reason, holder_now
-        super().__init__(f"claim {name!r} in {folder} is no longer this worker's (it held token {token}): {reason}; "
-                         f"held now by {holder_now}." + (f" {consequence}" if consequence else ""))
+        super().__init__(
+            f"claim {name!r} in {folder} is no longer this worker's (it held token {token}): {reason}; "
+            f"held now by {holder_now}." + (f" {consequence}" if consequence else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,11 @@ class Holder:
     age: float | None  # seconds since its last renewal on the storage's clock (None: judged by its pid)
 
     def describe(self) -> str:
-        where = self.host if not self.host_id or self.host_id.startswith(f"{self.host}/") else \
-            f"{self.host} [{self.host_id}]"
+        where = (
+            self.host
+            if not self.host_id or self.host_id.startswith(f"{self.host}/")
+            else f"{self.host} [{self.host_id}]"
+        )
         age = f", renewed {self.age:.1f}s ago" if self.age is not None else ""
         return f"{where} pid {self.pid} (token {self.token}{age})"
 
@@ -112,8 +118,13 @@ class Claims:
     LEASE_SECONDS = 120.0  # a claim from another host not renewed for this long is taken over
     RENEW_SECONDS = 20.0  # how often a holder renews its claims (well inside the lease)
 
-    def __init__(self, folder: Path, lease_seconds: float | None = None, renew_seconds: float | None = None,
-                 host_id: str | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        lease_seconds: float | None = None,
+        renew_seconds: float | None = None,
+        host_id: str | None = None,
+    ):
         self.folder = Path(folder) / "_claims"
         self.lease_seconds = lease_seconds if lease_seconds is not None else self.LEASE_SECONDS
         self.renew_seconds = renew_seconds if renew_seconds is not None else self.RENEW_SECONDS
@@ -163,21 +174,31 @@ class Claims:
             self._take_over(name, seen)
         return False
 
-    def wait_acquire(self, name: str, logger: logging.Logger | logging.LoggerAdapter | None = None,
-                     what: str = "", poll_seconds: float = 1.0) -> None:
+    def wait_acquire(
+        self,
+        name: str,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+        what: str = "",
+        poll_seconds: float = 1.0,
+    ) -> None:
         """Acquire `name`, waiting while a live worker holds it (a stale claim is taken over)."""
         waited = False
         while not self.acquire(name):
             if not waited:
                 holder = self._holder_or_none(name)
-                (logger or log).info("%swaiting for claim %s, held by %s", f"{what}: " if what else "", name,
-                                     holder.describe() if holder else "another worker")
+                (logger or log).info(
+                    "%swaiting for claim %s, held by %s",
+                    f"{what}: " if what else "",
+                    name,
+                    holder.describe() if holder else "another worker",
+                )
                 waited = True
             time.sleep(poll_seconds)
 
     @contextlib.contextmanager
-    def holding(self, name: str, logger: logging.Logger | logging.LoggerAdapter | None = None,
-                what: str = "") -> Iterator[None]:
+    def holding(
+        self, name: str, logger: logging.Logger | logging.LoggerAdapter | None = None, what: str = ""
+    ) -> Iterator[None]:
         """Hold `name` for a block (waiting for a live holder); released after unless held before."""
         held_before = name in self.held
         self.wait_acquire(name, logger, what)
@@ -243,8 +264,12 @@ class Claims:
                 return False  # released, renewed or replaced since it was judged: judged again by the caller
             if not self._displace(self._path(name), now):
                 return False
-            log.info("took over claim %s from %s: %s", self._path(name), seen.describe(),
-                     "its process is dead" if seen.age is None else f"lease of {self.lease_seconds:.0f}s ran out")
+            log.info(
+                "took over claim %s from %s: %s",
+                self._path(name),
+                seen.describe(),
+                "its process is dead" if seen.age is None else f"lease of {self.lease_seconds:.0f}s ran out",
+            )
             return True
         except OSError as error:
             log.warning("cannot take over claim %s (%s); trying again later", self._path(name), error)
@@ -266,8 +291,10 @@ class Claims:
             moved = _snapshot(aside)
         except OSError:
             moved = None
-        if moved is not None and (moved.record.get("nonce"), moved.mtime_ns) == (seen.record.get("nonce"),
-                                                                                 seen.mtime_ns):
+        if moved is not None and (moved.record.get("nonce"), moved.mtime_ns) == (
+            seen.record.get("nonce"),
+            seen.mtime_ns,
+        ):
             aside.unlink(missing_ok=True)
             return True
         try:  # renewed or replaced since it was judged: not ours to remove
@@ -286,9 +313,16 @@ class Claims:
             return None
         record = snap.record
         alive, age = self._alive(record, snap.mtime_ns)
-        return Holder(host=str(record.get("host", "?")), host_id=record.get("host_id"), pid=_int(record.get("pid"), -1),
-                      nonce=record.get("nonce"), token=_int(record.get("token"), 0), mtime_ns=snap.mtime_ns,
-                      alive=alive, age=age)
+        return Holder(
+            host=str(record.get("host", "?")),
+            host_id=record.get("host_id"),
+            pid=_int(record.get("pid"), -1),
+            nonce=record.get("nonce"),
+            token=_int(record.get("token"), 0),
+            mtime_ns=snap.mtime_ns,
+            alive=alive,
+            age=age,
+        )
 
     def _alive(self, record: dict[str, Any], mtime_ns: int) -> tuple[bool, float | None]:
         """Whether the writer of a claim (or takeover lock) counts as alive, and its lease's age."""
@@ -319,8 +353,9 @@ class Claims:
         except FileNotFoundError:
             return 0
         except (OSError, ValueError) as error:
-            log.warning("unreadable token counter %s (%s): counting from the claim in place", self._counter(name),
-                        error)
+            log.warning(
+                "unreadable token counter %s (%s): counting from the claim in place", self._counter(name), error
+            )
             return 0
 
     # ----------------------------------------------------------------------------- holding
@@ -338,8 +373,11 @@ class Claims:
         if lease.lost is None:
             silent = time.monotonic() - lease.renewed
             if silent > self.lease_seconds:
-                self._lose(name, lease, f"its lease lapsed (no successful renewal for {silent:.1f}s, "
-                                        f"lease {self.lease_seconds:.0f}s)")
+                self._lose(
+                    name,
+                    lease,
+                    f"its lease lapsed (no successful renewal for {silent:.1f}s, lease {self.lease_seconds:.0f}s)",
+                )
             else:
                 try:
                     self._verify(name, lease)
@@ -400,8 +438,14 @@ class Claims:
                 self._verify(name, lease)
             except OSError as error:
                 silent = time.monotonic() - lease.renewed
-                log.warning("could not renew claim %s (%s); retrying in %.0fs (last renewed %.0fs ago, lease %.0fs)",
-                            self._path(name), error, self.renew_seconds, silent, self.lease_seconds)
+                log.warning(
+                    "could not renew claim %s (%s); retrying in %.0fs (last renewed %.0fs ago, lease %.0fs)",
+                    self._path(name),
+                    error,
+                    self.renew_seconds,
+                    silent,
+                    self.lease_seconds,
+                )
 
     def _start_renewing(self) -> None:
         with self._lock:
@@ -429,8 +473,12 @@ class Claims:
         try:
             self._remove_own(self._path(name), lease.nonce)
         except OSError as error:
-            log.warning("could not release claim %s (%s); its lease runs out in %.0fs", self._path(name), error,
-                        self.lease_seconds)
+            log.warning(
+                "could not release claim %s (%s); its lease runs out in %.0fs",
+                self._path(name),
+                error,
+                self.lease_seconds,
+            )
 
     def _remove_own(self, path: Path, nonce: str) -> None:
         """Remove `path` only if it is still the file this worker wrote (its nonce)."""
@@ -453,7 +501,7 @@ class Claims:
         release leaves one behind, on a shard no one claims again); the number removed."""
         removed = 0
         for path in sorted(self.folder.glob("*.claim")):
-            name = path.name[:-len(".claim")]
+            name = path.name[: -len(".claim")]
             try:
                 seen = self.holder(name)
                 if seen is not None and not seen.alive and self._take_over(name, seen):

@@ -13,6 +13,7 @@ Modules that decide *where* results go and *whether* to reuse them, not what the
 hashed as data, defaults included), progress display and device choice (hashed as what it resolves to).
 Library versions (torch, transformers) are not in the key; manifests record them.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,10 +23,16 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("leccr",)
-NOT_OUTPUT_CODE = frozenset({
-    "leccr.config", "leccr.runtime.progress", "leccr.runtime.device", "leccr.records.sql", "leccr.records.gc",
-    "leccr.runtime.preflight",
-})
+NOT_OUTPUT_CODE = frozenset(
+    {
+        "leccr.config",
+        "leccr.runtime.progress",
+        "leccr.runtime.device",
+        "leccr.records.sql",
+        "leccr.records.gc",
+        "leccr.runtime.preflight",
+    }
+)
 NOT_OUTPUT_PACKAGES = ("leccr.core", "leccr.cli")
 
 
@@ -45,8 +52,12 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 
@@ -70,7 +81,7 @@ def _imports(tree: ast.AST, name: str, is_package: bool) -> set[str]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_digest(name: str, root: Path) -> tuple[str, frozenset[str]]:
     """(digest of one module's docstring-free syntax tree, the project modules it imports)."""
     path = module_file(name, root)

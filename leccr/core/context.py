@@ -1,11 +1,12 @@
 """What a stage function is given: its section, its upstream artifacts, and where to write."""
+
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
 
@@ -15,20 +16,25 @@ from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
 from leccr.core.keys import KeyParts
 from leccr.core.memo import RowMemo
 from leccr.core.shards import MemoSplit, ShardJob, ShardRun, ShardTotals, memo_split
+from leccr.core.stage import WHOLE
 from leccr.schemas.core import write_table
+
+SectionT = TypeVar("SectionT", bound=Section, covariant=True)
 
 
 @dataclass
-class StageContext:
+class StageContext(Generic[SectionT]):
     """Everything a stage function may use: its section, its inputs, and where to write.
 
     Stages never see the whole experiment config: what shapes their output must be in their section
     (and so in their key). Upstream artifacts come as `ReadView`s of the files the stage declared.
+    Generic over the section's type: `run(ctx: StageContext[DescribeConfig])` reads `ctx.section` as a
+    DescribeConfig, checked by mypy.
     """
 
     stage: str
     key: str
-    section: Section
+    section: SectionT
     inputs: dict[str, ReadView | MethodArtifacts]
     out_dir: Path
     log: logging.Logger | logging.LoggerAdapter
@@ -53,6 +59,22 @@ class StageContext:
     def write(self, name: str, table: pa.Table, schema: pa.Schema, row_group_size: int | None = None) -> Path:
         """Write one whole (non-sharded) Parquet file of this artifact atomically."""
         return write_table(table, self.out_dir / name, schema, row_group_size)
+
+    def upstream(self, stage: str) -> ReadView:
+        """The artifact of an upstream stage, as the declared files this stage may read."""
+        view = self.inputs[stage]
+        if isinstance(view, Artifact):  # a context made by hand (a test calling a stage function)
+            return ReadView(view, (WHOLE,), self.stage)
+        if not isinstance(view, ReadView):
+            raise TypeError(f"stage {self.stage}: upstream {stage!r} is one artifact per method: use methods()")
+        return view
+
+    def methods(self, stage: str) -> MethodArtifacts:
+        """The artifacts of an upstream per-method stage (train), one per method."""
+        view = self.inputs[stage]
+        if not isinstance(view, MethodArtifacts):
+            raise TypeError(f"stage {self.stage}: upstream {stage!r} is one artifact: use upstream()")
+        return view
 
     def keyed(self, *path: str, otherwise: Callable[[], Any] | None = None) -> Any:
         """What the key counted for a config value, e.g. `keyed("model")` -> {"content": ..., "name": ...}:

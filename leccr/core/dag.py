@@ -6,6 +6,7 @@ module (the CLI builds its help from it without paying for torch); the order is 
 those, sorted within each ready set (one stable order for every run). `stage_defs()` imports the
 modules and checks each StageDef against what the source said.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,19 +28,27 @@ class UnknownStage(ValueError):
 
 def _literal_upstream(path: Path) -> tuple[str, ...]:
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and node.targets[0].id == "STAGE" and isinstance(node.value, ast.Call)):
+        if not (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id == "STAGE"
+            and isinstance(node.value, ast.Call)
+        ):
             continue
         for keyword in node.value.keywords:
             if keyword.arg == "upstream":
                 return tuple(ast.literal_eval(keyword.value))
-    raise RuntimeError(f"stage module {path} has no `STAGE = StageDef(..., upstream=(...), ...)` with a literal upstream")
+    raise RuntimeError(
+        f"stage module {path} has no `STAGE = StageDef(..., upstream=(...), ...)` with a literal upstream"
+    )
 
 
 def declared_upstream(stages_dir: Path = STAGES_DIR) -> dict[str, tuple[str, ...]]:
     """{stage: its upstream} as each module spells it (a literal tuple)."""
-    return {path.stem: _literal_upstream(path) for path in sorted(stages_dir.glob("*.py"))
-            if not path.stem.startswith("_")}
+    return {
+        path.stem: _literal_upstream(path) for path in sorted(stages_dir.glob("*.py")) if not path.stem.startswith("_")
+    }
 
 
 def stage_order(upstream: dict[str, tuple[str, ...]]) -> list[str]:
@@ -68,8 +77,10 @@ def stage_defs() -> dict[str, StageDef]:
         if not isinstance(stage, StageDef):
             raise RuntimeError(f"stage module {module.__name__} must define STAGE = StageDef(...)")
         if stage.name != name or stage.upstream != upstream[name]:
-            raise RuntimeError(f"stage module {module.__name__}: STAGE names {stage.name!r} with upstream "
-                               f"{stage.upstream}, the module is {name!r} with literal upstream {upstream[name]}")
+            raise RuntimeError(
+                f"stage module {module.__name__}: STAGE names {stage.name!r} with upstream "
+                f"{stage.upstream}, the module is {name!r} with literal upstream {upstream[name]}"
+            )
         defs[name] = stage
     return defs
 

@@ -4,6 +4,7 @@
 (flows/pipeline.py) and sweeps. Each only says how a job is submitted; all take the same
 decisions, because all go through `plan`, `key_parts` and `run_stage`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -48,8 +49,9 @@ class RunResult:
     error: BaseException | None
 
 
-def drive_many(cfgs: dict[str, ExperimentConfig], the_plan: Plan, submit: Submit,
-               fingerprints: Fingerprinter | None = None) -> dict[str, RunResult]:
+def drive_many(
+    cfgs: dict[str, ExperimentConfig], the_plan: Plan, submit: Submit, fingerprints: Fingerprinter | None = None
+) -> dict[str, RunResult]:
     """The driver: submit every planned job of every configuration as soon as its upstream stages have
     finished, stage by stage across the configurations; {name: RunResult}.
 
@@ -73,11 +75,14 @@ def drive_many(cfgs: dict[str, ExperimentConfig], the_plan: Plan, submit: Submit
             try:
                 inputs: dict[str, Input] = {}
                 for up in stage.upstream:
-                    results = {job: future.result() for job, future in pending[name][up].items()}
-                    inputs[up] = (MethodArtifacts(up, {job.method: o.artifact for job, o in results.items()})
-                                  if get_stage(up).per_method else next(iter(results.values())).artifact)
-            except BaseException as error:  # noqa: BLE001 - an upstream job failed: this configuration stops
-                failed[name] = error
+                    finished = {job: future.result() for job, future in pending[name][up].items()}
+                    inputs[up] = (
+                        MethodArtifacts(up, {str(job.method): o.artifact for job, o in finished.items()})
+                        if get_stage(up).per_method
+                        else next(iter(finished.values())).artifact
+                    )
+            except BaseException as upstream_error:  # noqa: BLE001 - an upstream job failed: this configuration stops
+                failed[name] = upstream_error
                 continue
             pending[name][stage_name] = {}
             for job in jobs_of(cfg, stage_name):
@@ -90,22 +95,27 @@ def drive_many(cfgs: dict[str, ExperimentConfig], the_plan: Plan, submit: Submit
                     owner[ident] = name
                 pending[name][stage_name][job] = submitted[ident]
                 keys[name][job] = parts.key
-    results = {}
+    results: dict[str, RunResult] = {}
     for name in cfgs:
-        outcomes, error = {}, failed.get(name)
+        outcomes: dict[str, StageOutcome] = {}
+        first_error = failed.get(name)
         for jobs in pending[name].values():
             for job, future in jobs.items():
                 try:
                     outcomes[job.label] = future.result()
                 except BaseException as job_error:  # noqa: BLE001 - this configuration's failure
-                    error = error or job_error
+                    first_error = first_error or job_error
         shared = {job.label for job, key in keys[name].items() if owner[(job.stage, key)] != name}
-        results[name] = RunResult(outcomes, shared, error)
+        results[name] = RunResult(outcomes, shared, first_error)
     return results
 
 
-def run_pipeline(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
-                 fingerprints: Fingerprinter | None = None) -> dict[str, StageOutcome]:
+def run_pipeline(
+    cfg: ExperimentConfig,
+    stages: list[str] | None = None,
+    force: list[str] | None = None,
+    fingerprints: Fingerprinter | None = None,
+) -> dict[str, StageOutcome]:
     """Run the DAG in this process, its jobs on threads (leccr.core.local), without Prefect: what
     `leccr run` does unless Prefect is asked for; the Prefect flow drives the same way, as tasks.
     Every run, completed or failed, appends its run record (leccr.records.runs)."""

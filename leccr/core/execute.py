@@ -5,6 +5,7 @@ a verified hit does no work; a damaged artifact is named and recomputed; otherwi
 taken, the stage runs with its memo sources held, and the manifest is written last, only by the
 claim's holder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from leccr.config import ExperimentConfig
-from leccr.core.artifact import (MANIFEST, Artifact, MethodArtifacts, ReadView, Store, damaged_files, held,
-                                 part_name, read_manifest, stage_lock, write_manifest)
+from leccr.core.artifact import (
+    MANIFEST,
+    Artifact,
+    MethodArtifacts,
+    ReadView,
+    Store,
+    damaged_files,
+    held,
+    part_name,
+    read_manifest,
+    stage_lock,
+    write_manifest,
+)
 from leccr.core.claims import Claims, artifact_claims
 from leccr.core.context import StageContext
 from leccr.core.dag import get_stage
@@ -33,20 +45,39 @@ log = logging.getLogger(__name__)
 
 
 def _views(stage: StageDef, inputs: dict[str, Input]) -> dict[str, ReadView | MethodArtifacts]:
-    return {up: inputs[up] if isinstance(inputs[up], MethodArtifacts) else ReadView(inputs[up], tuple(stage.reads[up]), stage.name)
-            for up in stage.upstream}
+    views: dict[str, ReadView | MethodArtifacts] = {}
+    for up in stage.upstream:
+        given = inputs[up]
+        views[up] = given if isinstance(given, MethodArtifacts) else ReadView(given, tuple(stage.reads[up]), stage.name)
+    return views
 
 
-def make_context(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts: KeyParts,
-                 logger: logging.Logger | logging.LoggerAdapter, shard_slot: tuple[int, int] | None = None,
-                 fingerprints: Fingerprinter | None = None) -> StageContext:
+def make_context(
+    cfg: ExperimentConfig,
+    job: Job,
+    inputs: dict[str, Input],
+    parts: KeyParts,
+    logger: logging.Logger | logging.LoggerAdapter,
+    shard_slot: tuple[int, int] | None = None,
+    fingerprints: Fingerprinter | None = None,
+) -> StageContext:
     stage = get_stage(job.stage)
     store = Store(cfg.artifacts_root)
     sources = [a for a in store.with_salt(job.stage, parts.memo_salt) if a.key != parts.key] if stage.sharded else []
-    return StageContext(stage=job.stage, key=parts.key, section=stage.section(config_for(cfg, job)),
-                        inputs=_views(stage, inputs), out_dir=store.artifact(job.stage, parts.key).path, log=logger,
-                        key_parts=parts, shard_slot=shard_slot, dataset_root=Path(cfg.dataset.path),
-                        variant=job.method, memo_sources=sources, fingerprinter=fingerprints)
+    return StageContext(
+        stage=job.stage,
+        key=parts.key,
+        section=stage.section(config_for(cfg, job)),
+        inputs=_views(stage, inputs),
+        out_dir=store.artifact(job.stage, parts.key).path,
+        log=logger,
+        key_parts=parts,
+        shard_slot=shard_slot,
+        dataset_root=Path(cfg.dataset.path),
+        variant=job.method,
+        memo_sources=sources,
+        fingerprinter=fingerprints,
+    )
 
 
 @contextlib.contextmanager
@@ -78,8 +109,10 @@ class StageOutcome:
 
     def describe(self) -> str:
         state = "cache hit, no work" if self.cache_hit else f"computed in {self.seconds:.1f}s"
-        return (f"{self.label or self.artifact.stage:<15} {state:<22} rows={self.output_rows:<7} "
-                f"errors={self.errors:<4} {self.artifact.path}")
+        return (
+            f"{self.label or self.artifact.stage:<15} {state:<22} rows={self.output_rows:<7} "
+            f"errors={self.errors:<4} {self.artifact.path}"
+        )
 
 
 def _is_bookkeeping(name: str) -> bool:
@@ -87,8 +120,13 @@ def _is_bookkeeping(name: str) -> bool:
     return name.endswith("errors.parquet") or "_errors/" in name or "_inputs/" in name
 
 
-def prepare_stage(cfg: ExperimentConfig, job: Job | str, parts: KeyParts, force: bool,
-                  logger: logging.Logger | logging.LoggerAdapter | None = None) -> bool:
+def prepare_stage(
+    cfg: ExperimentConfig,
+    job: Job | str,
+    parts: KeyParts,
+    force: bool,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> bool:
     """Discard a forced stage's folder before any shard task starts; True when already complete."""
     job = as_job(job)
     store = Store(cfg.artifacts_root)
@@ -99,8 +137,15 @@ def prepare_stage(cfg: ExperimentConfig, job: Job | str, parts: KeyParts, force:
     return store.is_complete(artifact)
 
 
-def run_stage_slot(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], parts: KeyParts, slot: int,
-                   slots: int, logger: logging.Logger | logging.LoggerAdapter | None = None) -> int:
+def run_stage_slot(
+    cfg: ExperimentConfig,
+    job: Job | str,
+    inputs: dict[str, Input],
+    parts: KeyParts,
+    slot: int,
+    slots: int,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> int:
     """Compute this slot's share of a sharded stage's shards (index % slots == slot); no manifest.
 
     Returns the number of shards this call committed. `run_stage` afterwards finds every shard
@@ -119,9 +164,15 @@ def run_stage_slot(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Inpu
     return len(set(artifact.path.rglob("part-*.parquet")) - before)
 
 
-def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], force: bool = False,
-              logger: logging.Logger | logging.LoggerAdapter | None = None, parts: KeyParts | None = None,
-              fingerprints: Fingerprinter | None = None) -> StageOutcome:
+def run_stage(
+    cfg: ExperimentConfig,
+    job: Job | str,
+    inputs: dict[str, Input],
+    force: bool = False,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    parts: KeyParts | None = None,
+    fingerprints: Fingerprinter | None = None,
+) -> StageOutcome:
     """Run one job through the store: a cache hit does no work; otherwise run, then write the manifest.
 
     `parts` is the job's key as the caller computed it (the driver computes keys once); None
@@ -155,8 +206,13 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
             time.sleep(1.0)
         if store.is_complete(artifact):  # finished by the other run just before our claim
             return _served(store, artifact, job, logger)
-        reasons = (["--force"] if force else damaged if damaged else
-                   why_new(parts, previous_manifest(store, cfg.name, job), get_stage(job.stage).config_section))
+        reasons = (
+            ["--force"]
+            if force
+            else damaged
+            if damaged
+            else why_new(parts, previous_manifest(store, cfg.name, job), get_stage(job.stage).config_section)
+        )
         logger.info("%s: computing %s (%s)", job.label, parts.key, "; ".join(reasons))
         artifact.path.mkdir(parents=True, exist_ok=True)
         ctx = make_context(cfg, job, inputs, parts, logger, fingerprints=fingerprints)
@@ -171,9 +227,15 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
                     f"stage {job.label} failed: {type(error).__name__}: {error}. Finished shards are kept in "
                     f"{artifact.path}; a rerun resumes from them."
                 ) from error
-            write_manifest(ctx, started, fence=lambda: claims.check(
-                parts.key, f"{job.label}: the manifest is not written by this run; the run holding the claim now "
-                           f"finishes {artifact.path}, and a rerun serves its result."))
+            write_manifest(
+                ctx,
+                started,
+                fence=lambda: claims.check(
+                    parts.key,
+                    f"{job.label}: the manifest is not written by this run; the run holding the claim now "
+                    f"finishes {artifact.path}, and a rerun serves its result.",
+                ),
+            )
     finally:
         claims.release_all()
     store.mark_latest(artifact, job.method)
@@ -182,8 +244,9 @@ def run_stage(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
     return outcome
 
 
-def _discard_claimed(store: Store, artifact: Artifact, logger: logging.Logger | logging.LoggerAdapter,
-                     label: str) -> None:
+def _discard_claimed(
+    store: Store, artifact: Artifact, logger: logging.Logger | logging.LoggerAdapter, label: str
+) -> None:
     """--force before the shard tasks start: discard the folder holding its claim (a run still making
     it is waited for, a dead one's claim taken over)."""
     claims = artifact_claims(store.root, artifact.stage)
@@ -202,8 +265,13 @@ def _served(store: Store, artifact: Artifact, job: Job, logger: logging.Logger |
     return outcome
 
 
-def reopen_damaged(artifact: Artifact, fingerprints: Fingerprinter, logger: logging.Logger | logging.LoggerAdapter,
-                   label: str, claims: Claims | None = None) -> list[str]:
+def reopen_damaged(
+    artifact: Artifact,
+    fingerprints: Fingerprinter,
+    logger: logging.Logger | logging.LoggerAdapter,
+    label: str,
+    claims: Claims | None = None,
+) -> list[str]:
     """When files of a finished artifact are missing or damaged, make it unfinished again and say why.
 
     A sharded stage loses only the damaged shards (and their error and input records), which its
@@ -226,13 +294,23 @@ def reopen_damaged(artifact: Artifact, fingerprints: Fingerprinter, logger: logg
             claims.release_all()
 
 
-def _reopen(store: Store, artifact: Artifact, fingerprints: Fingerprinter,
-            logger: logging.Logger | logging.LoggerAdapter, label: str) -> list[str]:
+def _reopen(
+    store: Store,
+    artifact: Artifact,
+    fingerprints: Fingerprinter,
+    logger: logging.Logger | logging.LoggerAdapter,
+    label: str,
+) -> list[str]:
     sharded = get_stage(artifact.stage).sharded
     manifest, problem = read_manifest(artifact.path)
     if manifest is None:  # what it vouched for is unknown: shards are checked as after a crash, the rest redone
-        logger.warning("%s: %s in %s; recomputing %s", label, problem, artifact.path,
-                       "the shards that do not read back" if sharded else "the artifact")
+        logger.warning(
+            "%s: %s in %s; recomputing %s",
+            label,
+            problem,
+            artifact.path,
+            "the shards that do not read back" if sharded else "the artifact",
+        )
         if sharded:
             (artifact.path / MANIFEST).unlink(missing_ok=True)
         else:
@@ -241,8 +319,12 @@ def _reopen(store: Store, artifact: Artifact, fingerprints: Fingerprinter,
     problems = damaged_files(artifact.path, manifest, fingerprints)
     if not problems:
         return []
-    logger.warning("%s: %s; recomputing %s", label, "; ".join(problems.values()),
-                   "the damaged shards" if sharded else "the artifact")
+    logger.warning(
+        "%s: %s; recomputing %s",
+        label,
+        "; ".join(problems.values()),
+        "the damaged shards" if sharded else "the artifact",
+    )
     if not sharded:
         store.discard(artifact)
         return list(problems.values())
@@ -253,8 +335,11 @@ def _reopen(store: Store, artifact: Artifact, fingerprints: Fingerprinter,
         if path.name.startswith(("part-", "inputs-")):  # a shard and its own records go together
             index = int(path.stem.split("-")[1])
             folder = path.parent.parent if path.parent.name in ("_errors", "_inputs") else path.parent
-            for sibling in (folder / part_name(index), folder / "_errors" / part_name(index),
-                            folder / "_inputs" / f"inputs-{index:05d}.parquet"):
+            for sibling in (
+                folder / part_name(index),
+                folder / "_errors" / part_name(index),
+                folder / "_inputs" / f"inputs-{index:05d}.parquet",
+            ):
                 sibling.unlink(missing_ok=True)
     return list(problems.values())
 

@@ -5,6 +5,7 @@ bookkeeping, and for a per-item stage how many units it will compute and reuse),
 until an upstream stage has run. The dataset stage is cheap: a dry run computes it into a scratch
 folder, so everything downstream of a changed dataset is planned exactly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,16 @@ from leccr.core.dag import Plan, get_stage, plan
 from leccr.core.execute import make_context, run_stage
 from leccr.core.failures import changed_failures
 from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
-from leccr.core.jobs import (Input, Job, jobs_of, key_parts, parts_with_upstream, previous_manifest, version_drift,
-                             why_new)
+from leccr.core.jobs import (
+    Input,
+    Job,
+    jobs_of,
+    key_parts,
+    parts_with_upstream,
+    previous_manifest,
+    version_drift,
+    why_new,
+)
 from leccr.core.keys import KeyParts
 
 log = logging.getLogger(__name__)
@@ -38,7 +47,7 @@ class PlannedStage:
     def line(self) -> str:
         key = self.key or "-" * 16
         text = f"{self.name:<15} {key}  {self.status}"
-        text += (": " + "; ".join(self.reasons) if self.reasons else "")
+        text += ": " + "; ".join(self.reasons) if self.reasons else ""
         return text + "".join(f"\n{'':<15} warning: {w}" for w in self.warnings)
 
 
@@ -58,7 +67,7 @@ def unreadable_records(folder: Path) -> list[str]:
 
 
 def _reuse_line(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts: KeyParts) -> str | None:
-    """"3 of 1,000 items to compute, 997 reused" for a per-item stage that can reuse rows."""
+    """ "3 of 1,000 items to compute, 997 reused" for a per-item stage that can reuse rows."""
     stage = get_stage(job.stage)
     if stage.shard_jobs is None:
         return None
@@ -68,15 +77,22 @@ def _reuse_line(cfg: ExperimentConfig, job: Job, inputs: dict[str, Input], parts
     counts = []
     for shard_job in stage.shard_jobs(ctx):
         split = ctx.plan_shards(shard_job)
-        counts.append(f"{split.computed_units:,} of {len(shard_job.work):,} {shard_job.unit} to compute, "
-                      f"{split.reused_units:,} reused")
+        counts.append(
+            f"{split.computed_units:,} of {len(shard_job.work):,} {shard_job.unit} to compute, "
+            f"{split.reused_units:,} reused"
+        )
     counts += [f"row memo: {note}" for note in ctx.memo_notes]
     return "; ".join(counts) if counts else None
 
 
-def explain(cfg: ExperimentConfig, stages: list[str] | None = None, force: list[str] | None = None,
-            fingerprints: Fingerprinter | None = None, preview: bool = True,
-            every_field: bool = False) -> list[PlannedStage]:
+def explain(
+    cfg: ExperimentConfig,
+    stages: list[str] | None = None,
+    force: list[str] | None = None,
+    fingerprints: Fingerprinter | None = None,
+    preview: bool = True,
+    every_field: bool = False,
+) -> list[PlannedStage]:
     """What a run would do, job by job, without running anything (`leccr run --dry-run`).
 
     `preview`: compute a cheap stage that must run (the dataset) into a scratch folder, so the stages
@@ -100,8 +116,9 @@ def _preview(cfg: ExperimentConfig, job: Job, scratch: Path, parts: KeyParts, fi
     return run_stage(scratch_cfg, job, {}, logger=_PREVIEW_LOG, parts=parts, fingerprints=fingerprints).artifact
 
 
-def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter, scratch: Path | None,
-             every_field: bool = False) -> list[PlannedStage]:
+def _explain(
+    cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter, scratch: Path | None, every_field: bool = False
+) -> list[PlannedStage]:
     store = Store(cfg.artifacts_root)
     planned: list[PlannedStage] = []
     finished: dict[str, Input] = {}
@@ -125,16 +142,31 @@ def _explain(cfg: ExperimentConfig, the_plan: Plan, fingerprints: Fingerprinter,
             elif bookkeeping is not None:
                 planned.append(PlannedStage(job.label, "miss", parts.key, [bookkeeping, "recomputes it"]))
             elif store.is_complete(artifact) and (changed := changed_failures(artifact.path, Path(cfg.dataset.path))):
-                planned.append(PlannedStage(job.label, "miss", parts.key,
-                                            [f"retries failed items: {changed} have a changed file since they failed"]))
-            elif store.is_complete(artifact) and (damaged := damaged_files(artifact.path, artifact.manifest,
-                                                                            fingerprints)):
-                planned.append(PlannedStage(job.label, "miss", parts.key,
-                                            [*damaged.values(), "recomputes the damaged files"]))
+                planned.append(
+                    PlannedStage(
+                        job.label,
+                        "miss",
+                        parts.key,
+                        [f"retries failed items: {changed} have a changed file since they failed"],
+                    )
+                )
+            elif store.is_complete(artifact) and (
+                damaged := damaged_files(artifact.path, artifact.manifest, fingerprints)
+            ):
+                planned.append(
+                    PlannedStage(job.label, "miss", parts.key, [*damaged.values(), "recomputes the damaged files"])
+                )
             elif store.is_complete(artifact):
-                planned.append(PlannedStage(job.label, "hit", parts.key,
-                                            warnings=[f"made with other library versions: {', '.join(drift)}"]
-                                            if (drift := version_drift(artifact.manifest)) else []))
+                planned.append(
+                    PlannedStage(
+                        job.label,
+                        "hit",
+                        parts.key,
+                        warnings=[f"made with other library versions: {', '.join(drift)}"]
+                        if (drift := version_drift(artifact.manifest))
+                        else [],
+                    )
+                )
                 done[job.method or ""] = artifact
             else:
                 reasons = why_new(parts, previous, stage.config_section, every_field)

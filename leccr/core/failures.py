@@ -5,10 +5,12 @@ An error row says whether a rerun may succeed without a new input (`retryable`: 
 file, an engine error) and, for a media file, its state when it failed, so a finished artifact is
 reopened only for failures whose file has changed since.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,13 +38,24 @@ class ItemError(NamedTuple):
     file: str | None = None
 
 
-def error_table(errors: list[ItemError | tuple[str, str]], stage: str, index: int,
-                 dataset_root: Path | None = None) -> pa.Table:
+def error_table(
+    errors: Sequence[ItemError | tuple[str, str]], stage: str, index: int, dataset_root: Path | None = None
+) -> pa.Table:
     rows = [ItemError(*error) for error in errors]
     return pa.Table.from_pylist(
-        [{"item_id": str(e.item_id), "stage": stage, "shard": index, "reason": e.reason, "file": e.file,
-          "line": None, "retryable": bool(e.retryable),
-          "file_state": None if e.file is None else file_state(dataset_root, e.file)} for e in rows],
+        [
+            {
+                "item_id": str(e.item_id),
+                "stage": stage,
+                "shard": index,
+                "reason": e.reason,
+                "file": e.file,
+                "line": None,
+                "retryable": bool(e.retryable),
+                "file_state": None if e.file is None else file_state(dataset_root, e.file),
+            }
+            for e in rows
+        ],
         schema=ERRORS,
     )
 
@@ -51,8 +64,11 @@ def file_state(dataset_root: Path | None, stored: str) -> str:
     """A media file's state as an error row records it: size, mtime and inode, or "missing"."""
     from leccr.media.paths import resolve_media_path
 
+    path = resolve_media_path(dataset_root, stored)
+    if path is None:
+        return "missing"
     try:
-        stat = os.stat(resolve_media_path(dataset_root, stored))
+        stat = os.stat(path)
     except OSError:
         return "missing"
     return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
@@ -75,7 +91,7 @@ def unreadable(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "the file is empty (0 bytes)"
-        pq.ParquetFile(path).metadata  # the footer: a cut or overwritten file fails here
+        pq.read_metadata(path)  # the footer: a cut or overwritten file fails here
     except (OSError, pa.ArrowException) as error:
         return f"{type(error).__name__}: {error}"
     return None
@@ -101,8 +117,9 @@ def changed_failures(folder: Path, dataset_root: Path | None) -> int:
     return count
 
 
-def reopen_for_retry(folder: Path, dataset_root: Path | None, log: logging.Logger | logging.LoggerAdapter,
-                     what: str) -> bool:
+def reopen_for_retry(
+    folder: Path, dataset_root: Path | None, log: logging.Logger | logging.LoggerAdapter, what: str
+) -> bool:
     """When files of a finished artifact's retryable failures have changed since, remove its manifest (so
     it is no longer a cache hit) and say so; the stage then runs again, keeps every committed shard and
     retries only its retryable failures. An unfinished artifact retries them anyway (see `run_shards`)."""
@@ -111,7 +128,12 @@ def reopen_for_retry(folder: Path, dataset_root: Path | None, log: logging.Logge
     changed = changed_failures(folder, dataset_root)
     if not changed:
         return False
-    log.info("%s: %d failed item(s) have a changed file since they failed: retrying the failed items of %s, "
-             "keeping everything else", what, changed, folder)
+    log.info(
+        "%s: %d failed item(s) have a changed file since they failed: retrying the failed items of %s, "
+        "keeping everything else",
+        what,
+        changed,
+        folder,
+    )
     (folder / MANIFEST).unlink(missing_ok=True)
     return True

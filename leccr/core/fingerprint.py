@@ -21,6 +21,7 @@ Racy entries: a file written within the same clock tick as its hashing could cha
 visible mtime change. Like git, entries whose mtime is younger than `RACY_SECONDS` at hashing time are
 used for this run but not stored.
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,9 +104,12 @@ def listing_digest(entries: list[_Entry]) -> str:
 
 def _listing(entries: list[_Entry]) -> str:
     """Digest of what `stat` says of every file of a folder: equal listings mean unchanged files."""
-    return blake3.blake3("".join(
-        f"{e.relative}\0{e.stat.st_size}\0{e.stat.st_mtime_ns}\0{e.stat.st_ino}\0{e.stat.st_ctime_ns}\n"
-        for e in entries).encode()).hexdigest()
+    return blake3.blake3(
+        "".join(
+            f"{e.relative}\0{e.stat.st_size}\0{e.stat.st_mtime_ns}\0{e.stat.st_ino}\0{e.stat.st_ctime_ns}\n"
+            for e in entries
+        ).encode()
+    ).hexdigest()
 
 
 class Fingerprinter:
@@ -158,8 +162,11 @@ class Fingerprinter:
     def _say_unusable(self, error: BaseException) -> None:
         if not self._unusable_said:
             self._unusable_said = True
-            log.warning("digest cache %s cannot be used (%s): this run hashes files without remembering them",
-                        self.cache_file, error)
+            log.warning(
+                "digest cache %s cannot be used (%s): this run hashes files without remembering them",
+                self.cache_file,
+                error,
+            )
 
     def _set_aside_if_garbled(self, error: sqlite3.DatabaseError) -> bool:
         """Move a garbled cache file (and its WAL) aside and say so; True when it was garbled."""
@@ -178,11 +185,19 @@ class Fingerprinter:
             except FileNotFoundError:
                 pass
             except OSError as move_error:
-                log.warning("digest cache %s is garbled (%s) and cannot be moved aside (%s)",
-                            self.cache_file, problem, move_error)
+                log.warning(
+                    "digest cache %s is garbled (%s) and cannot be moved aside (%s)",
+                    self.cache_file,
+                    problem,
+                    move_error,
+                )
                 return False
-        log.warning("digest cache %s is garbled (%s): moved to %s; a fresh cache is made, and each file is "
-                    "hashed once more", self.cache_file, problem, aside.name)
+        log.warning(
+            "digest cache %s is garbled (%s): moved to %s; a fresh cache is made, and each file is hashed once more",
+            self.cache_file,
+            problem,
+            aside.name,
+        )
         self._schema_ready = False
         return True
 
@@ -209,18 +224,23 @@ class Fingerprinter:
             return
         self._loaded = True
         # Read whole before use: rows read from a file that turns out garbled half-way are not trusted.
-        rows = self._use(lambda con: con.execute(
-            "SELECT path, size, mtime_ns, inode, ctime_ns, digest FROM files").fetchall(), [])
+        rows = self._use(
+            lambda con: con.execute("SELECT path, size, mtime_ns, inode, ctime_ns, digest FROM files").fetchall(), []
+        )
         for path, size, mtime, inode, ctime, digest in rows:
             self._files.setdefault(path, ((size, mtime, inode, ctime), digest))
 
     def _linked(self, identities: list[tuple[int, int, int, int, int]]) -> dict[tuple, str]:
         """Cached digests of files with these identities under any path (hard links made since)."""
+
         def lookup(con: sqlite3.Connection) -> dict[tuple, str]:
             found = {}
             for identity in identities:
-                row = con.execute("SELECT digest FROM files WHERE device = ? AND inode = ? AND size = ? AND "
-                                  "mtime_ns = ? AND ctime_ns = ? LIMIT 1", identity).fetchone()
+                row = con.execute(
+                    "SELECT digest FROM files WHERE device = ? AND inode = ? AND size = ? AND "
+                    "mtime_ns = ? AND ctime_ns = ? LIMIT 1",
+                    identity,
+                ).fetchone()
                 if row is not None:
                     found[identity] = row[0]
             return found
@@ -239,8 +259,8 @@ class Fingerprinter:
             missed = []
             for entry in entries:
                 known = self._files.get(entry.absolute)
-                hit = known is not None and known[0] == _signature(entry.stat)
-                out.append(known[1] if hit else None)
+                out.append(known[1] if known is not None and known[0] == _signature(entry.stat) else None)
+                hit = out[-1] is not None
                 if not hit and entry.stat.st_ino and _identity(entry.stat) not in self._inodes:
                     missed.append(_identity(entry.stat))
             self._inodes.update(self._linked(missed))
@@ -263,7 +283,7 @@ class Fingerprinter:
                     fresh.append((entry.absolute, *identity, digest))
                 out[index] = digest
             self._store(fresh)
-        return out  # type: ignore[return-value]
+        return [digest for digest in out if digest is not None]  # every entry has one now
 
     def file(self, path: str | Path) -> str:
         path = Path(path).absolute()
@@ -288,8 +308,9 @@ class Fingerprinter:
         result = self._known_folder(str(path), listing)
         if result is None:
             digests = self._digests(entries)
-            result = blake3.blake3("".join(f"{e.relative}\0{d}\n" for e, d in zip(entries, digests)).encode()
-                                   ).hexdigest()
+            result = blake3.blake3(
+                "".join(f"{e.relative}\0{d}\n" for e, d in zip(entries, digests)).encode()
+            ).hexdigest()
             racy = time.time_ns() - RACY_SECONDS * 1e9
             if all(e.stat.st_mtime_ns < racy for e in entries):
                 self._store_folder(str(path), listing, result)
@@ -312,8 +333,9 @@ class Fingerprinter:
             self._store_folder(f"{folder}#verified", listing, value)
 
     def _known_folder(self, path: str, listing: str) -> str | None:
-        row = self._use(lambda con: con.execute("SELECT listing, digest FROM folders WHERE path = ?",
-                                                (path,)).fetchone())
+        row = self._use(
+            lambda con: con.execute("SELECT listing, digest FROM folders WHERE path = ?", (path,)).fetchone()
+        )
         return row[1] if row is not None and row[0] == listing else None
 
     def _store_folder(self, path: str, listing: str, digest: str) -> None:
@@ -332,8 +354,10 @@ def _create_schema(con: sqlite3.Connection) -> None:
             con.execute("DROP TABLE IF EXISTS digests")
             con.execute(f"PRAGMA user_version = {_CACHE_VERSION}")
     with con:
-        con.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, device INTEGER, inode INTEGER, "
-                    "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT)")
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, device INTEGER, inode INTEGER, "
+            "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT)"
+        )
         con.execute("CREATE INDEX IF NOT EXISTS files_by_inode ON files (device, inode)")
         # A whole folder whose listing (every file's stat signature) is unchanged: no per-file lookups.
         con.execute("CREATE TABLE IF NOT EXISTS folders (path TEXT PRIMARY KEY, listing TEXT, digest TEXT)")

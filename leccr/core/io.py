@@ -4,6 +4,7 @@ Every file goes through a temporary name in the same folder, an fsync, a rename 
 folder, so a crash or a power cut leaves the old content or the new one, never a cut file under a
 committed name (HF `datasets`' temp file + move; open_clip's checkpoint `os.replace`).
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ Its key parts (`key_parts`) hash the stage's code, its section as the stage uses
 upstream artifacts hold; `why_new` compares them with the artifact the experiment used before and says
 what changed, in one line per reason (`--dry-run -v` lists every field).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,11 +80,14 @@ def key_parts(cfg: ExperimentConfig, job: Job | str, inputs: dict[str, Input], f
     missing = [up for up in stage.upstream if up not in inputs]
     if missing:
         raise ValueError(f"stage {job.stage!r} needs upstream artifact(s) {missing}")
-    return parts_with_upstream(cfg, job, fingerprints, {up: inputs[up].digest_of(stage.reads[up]) for up in stage.upstream})
+    return parts_with_upstream(
+        cfg, job, fingerprints, {up: inputs[up].digest_of(stage.reads[up]) for up in stage.upstream}
+    )
 
 
-def parts_with_upstream(cfg: ExperimentConfig, job: Job, fingerprints: Fingerprinter,
-                        upstream: dict[str, str]) -> KeyParts:
+def parts_with_upstream(
+    cfg: ExperimentConfig, job: Job, fingerprints: Fingerprinter, upstream: dict[str, str]
+) -> KeyParts:
     """A job's key parts around given upstream digests (a pending job in a dry run: the previous ones)."""
     stage = get_stage(job.stage)
     job_cfg = config_for(cfg, job)
@@ -91,8 +95,14 @@ def parts_with_upstream(cfg: ExperimentConfig, job: Job, fingerprints: Fingerpri
     if stage.key_config is not None:
         config |= stage.key_config(job_cfg, fingerprints)
     modules = stage_code_modules(stage, job_cfg)
-    return KeyParts(stage=job.stage, code=_code_digest(modules), config=config, upstream=upstream,
-                    code_modules=modules, salt_excludes=stage.memo_excludes)
+    return KeyParts(
+        stage=job.stage,
+        code=_code_digest(modules),
+        config=config,
+        upstream=upstream,
+        code_modules=modules,
+        salt_excludes=stage.memo_excludes,
+    )
 
 
 # ------------------------------------------------------------------------------------- reasons
@@ -144,7 +154,7 @@ def _show(value: Any, whole: bool = True) -> str:
         text = "(a path's content)"
     else:
         text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if whole or len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 1] + "…"
+    return text if whole or len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
 
 
 def _engine_fields(old: dict[str, Any], new: dict[str, Any], config_section: str) -> set[str]:
@@ -156,8 +166,9 @@ def _engine_fields(old: dict[str, Any], new: dict[str, Any], config_section: str
     return {dotted for dotted in set(old) ^ set(new) if dotted != engine}
 
 
-def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: str,
-            every_field: bool = False) -> list[str]:
+def why_new(
+    parts: KeyParts, previous: dict[str, Any] | None, config_section: str, every_field: bool = False
+) -> list[str]:
     """Why a key differs from the previous artifact's: changed fields, content, code or upstream.
 
     An engine switch names itself (`describe.engine: transformers → import`) and counts the fields only
@@ -182,7 +193,9 @@ def why_new(parts: KeyParts, previous: dict[str, Any] | None, config_section: st
             if before.get("content") != after.get("content"):
                 reasons.append(f"{dotted}: content changed")
             if before.get("name") != after.get("name"):
-                reasons.append(f"{dotted}: renamed {_show(before.get('name', _ABSENT))} → {_show(after.get('name', _ABSENT))}")
+                reasons.append(
+                    f"{dotted}: renamed {_show(before.get('name', _ABSENT))} → {_show(after.get('name', _ABSENT))}"
+                )
             if before.get("content") == after.get("content") and before.get("name") == after.get("name"):
                 reasons.append(f"{dotted}: {_show(before)} → {_show(after)}")
         else:
@@ -200,5 +213,8 @@ def version_drift(manifest: Manifest) -> list[str]:
     """Libraries whose installed version differs from the one that made an artifact (a warning only:
     the key leaves versions out, or every upgrade would recompute everything)."""
     now = library_versions()
-    return [f"{name} {manifest.versions.get(name)} → {now.get(name)}" for name in sorted(manifest.versions)
-            if manifest.versions.get(name) != now.get(name)]
+    return [
+        f"{name} {manifest.versions.get(name)} → {now.get(name)}"
+        for name in sorted(manifest.versions)
+        if manifest.versions.get(name) != now.get(name)
+    ]

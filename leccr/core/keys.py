@@ -4,6 +4,7 @@
 upstream artifacts hold, STORE_FORMAT)` — Hugging Face `datasets` fingerprints and DVC's stage lock in
 one. `KeyParts` keeps every part, so the manifest can record them and a new key can say why it is new.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,7 +96,8 @@ def _path_marker(metadata: Any) -> _PathMarker | None:
 
 
 def _path_marker_in(annotation: Any) -> _PathMarker | None:
-    """The path marker of a type that is a content path or holds one (Optional[NamedPath], dict[str, ContentPath], ...)."""
+    """The path marker of a type that is a content path or holds one (Optional[NamedPath],
+    dict[str, ContentPath], ...)."""
     if get_origin(annotation) is Annotated and (marker := _path_marker(annotation.__metadata__)) is not None:
         return marker
     return next((m for arg in get_args(annotation) if (m := _path_marker_in(arg)) is not None), None)
@@ -137,15 +139,23 @@ class KeyParts:
 
     @property
     def key(self) -> str:
-        payload = canonical_json({"stage": self.stage, "store_format": STORE_FORMAT, "code": self.code,
-                                  "config": self.config, "upstream": dict(sorted(self.upstream.items()))})
+        payload = canonical_json(
+            {
+                "stage": self.stage,
+                "store_format": STORE_FORMAT,
+                "code": self.code,
+                "config": self.config,
+                "upstream": dict(sorted(self.upstream.items())),
+            }
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
     @property
     def own_digest(self) -> str:
         """The key without its upstream part: what the job itself adds (a sweep's pending identities)."""
-        payload = canonical_json({"stage": self.stage, "store_format": STORE_FORMAT, "code": self.code,
-                                  "config": self.config})
+        payload = canonical_json(
+            {"stage": self.stage, "store_format": STORE_FORMAT, "code": self.code, "config": self.config}
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
     @property
@@ -155,6 +165,7 @@ class KeyParts:
         shared config, so a unit whose own input digest is unchanged has the same output rows in both
         (`leccr.core.memo`)."""
         config = _without(self.config, self.salt_excludes)
-        payload = canonical_json({"stage": self.stage, "store_format": STORE_FORMAT, "code": self.code,
-                                  "config": config})
+        payload = canonical_json(
+            {"stage": self.stage, "store_format": STORE_FORMAT, "code": self.code, "config": config}
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]

@@ -19,6 +19,7 @@ and each needs only jobs submitted before it, so the oldest unfinished job alway
 waiting never deadlocks, whatever the number of threads. The threads are daemons: an interrupted run
 ends at once, keeping what its stages committed (shards are renamed into place whole).
 """
+
 from __future__ import annotations
 
 import queue
@@ -29,9 +30,9 @@ from typing import Any
 
 from leccr.config import ExperimentConfig
 from leccr.core.dag import Plan, get_stage
-from leccr.core.fingerprint import Fingerprinter
 from leccr.core.driver import RunResult, Submission, Submit, drive_many
 from leccr.core.execute import StageOutcome, prepare_stage, run_stage, run_stage_slot
+from leccr.core.fingerprint import Fingerprinter
 
 SERIAL_STAGES = ("train",)
 
@@ -44,8 +45,15 @@ def preload_transformers() -> None:
         import transformers
     except ImportError:
         return
-    for name in ("AutoConfig", "AutoModel", "AutoTokenizer", "AutoProcessor", "AutoImageProcessor",
-                 "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"):
+    for name in (
+        "AutoConfig",
+        "AutoModel",
+        "AutoTokenizer",
+        "AutoProcessor",
+        "AutoImageProcessor",
+        "AutoModelForSeq2SeqLM",
+        "AutoModelForImageTextToText",
+    ):
         getattr(transformers, name, None)
 
 
@@ -54,8 +62,9 @@ class JobThreads:
 
     def __init__(self, threads: int):
         self._queue: queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._serve, name=f"leccr-job-{i}", daemon=True)
-                         for i in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"leccr-job-{i}", daemon=True) for i in range(threads)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -86,8 +95,9 @@ def _after(futures: list[Future]) -> None:
         future.exception()
 
 
-def may_overlap(cfgs: dict[str, ExperimentConfig], the_plan: Plan,
-                serial_stages: tuple[str, ...] = SERIAL_STAGES) -> bool:
+def may_overlap(
+    cfgs: dict[str, ExperimentConfig], the_plan: Plan, serial_stages: tuple[str, ...] = SERIAL_STAGES
+) -> bool:
     """Whether two jobs of this drive can run at once: two configurations, two planned stages neither of
     which needs the other, the methods of a per-method stage that is not serial, or a sharded stage's
     slot jobs. Only then must transformers be loaded before the first job starts (preload_transformers):
@@ -106,8 +116,13 @@ def may_overlap(cfgs: dict[str, ExperimentConfig], the_plan: Plan,
     return any(a not in needs[b] and b not in needs[a] for a in needs for b in needs if a < b)
 
 
-def local_submitter(cfg: ExperimentConfig, threads: JobThreads, fingerprints: Fingerprinter,
-                    serial_stages: tuple[str, ...] = SERIAL_STAGES, preload: bool = True) -> Submit:
+def local_submitter(
+    cfg: ExperimentConfig,
+    threads: JobThreads,
+    fingerprints: Fingerprinter,
+    serial_stages: tuple[str, ...] = SERIAL_STAGES,
+    preload: bool = True,
+) -> Submit:
     """How the driver's jobs run on `threads` (see the module's docstring); `preload`: load transformers
     before the first job that computes (may_overlap)."""
     preloaded = not preload
@@ -123,6 +138,7 @@ def local_submitter(cfg: ExperimentConfig, threads: JobThreads, fingerprints: Fi
         slots_count = job_cfg.runner.shard_tasks
 
         if get_stage(job.stage).sharded and slots_count > 1:
+
             def prepare() -> bool:
                 _after(before)
                 return prepare_stage(job_cfg, job, parts, submission.forced)
@@ -133,6 +149,7 @@ def local_submitter(cfg: ExperimentConfig, threads: JobThreads, fingerprints: Fi
                 def work() -> int:
                     prepared.result()
                     return run_stage_slot(job_cfg, job, submission.inputs, parts, slot, slots_count)
+
                 return work
 
             slots = [threads.submit(slot_work(i)) for i in range(slots_count)]
@@ -144,10 +161,12 @@ def local_submitter(cfg: ExperimentConfig, threads: JobThreads, fingerprints: Fi
 
             future = threads.submit(finish)
         else:
+
             def whole() -> StageOutcome:
                 _after(before)
-                return run_stage(job_cfg, job, submission.inputs, force=submission.forced, parts=parts,
-                                 fingerprints=fingerprints)
+                return run_stage(
+                    job_cfg, job, submission.inputs, force=submission.forced, parts=parts, fingerprints=fingerprints
+                )
 
             future = threads.submit(whole)
         if job.stage in serial_stages:
@@ -162,8 +181,7 @@ def job_threads(cfg: ExperimentConfig) -> JobThreads:
     return JobThreads(max(2, cfg.runner.shard_tasks))
 
 
-def drive_here(cfgs: dict[str, ExperimentConfig], the_plan: Plan,
-               fingerprints: Fingerprinter) -> dict[str, RunResult]:
+def drive_here(cfgs: dict[str, ExperimentConfig], the_plan: Plan, fingerprints: Fingerprinter) -> dict[str, RunResult]:
     """`drive_many` with every job on this process's threads: {configuration name: RunResult}."""
     first = next(iter(cfgs.values()))
     threads = job_threads(first)

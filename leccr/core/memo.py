@@ -18,6 +18,7 @@ A reused unit's rows are the rows a full recompute writes, in the same place (sh
 the order of their work units), so the new artifact is byte-identical to a full recompute apart from
 volatile columns (tests/test_memo.py builds both and compares them).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,11 +36,13 @@ from leccr.core.failures import unreadable
 from leccr.core.fingerprint import Fingerprinter
 
 INPUTS_DIR = "_inputs"
-INPUTS = pa.schema([
-    pa.field("unit", pa.string(), nullable=False),  # the unit's name (ShardJob.unit_columns, joined)
-    pa.field("input_digest", pa.string(), nullable=False),  # digest of its input (ShardJob.input_fields)
-    pa.field("error_key", pa.string(), nullable=False),  # the id its error rows would carry (ShardJob.item_id)
-])
+INPUTS = pa.schema(
+    [
+        pa.field("unit", pa.string(), nullable=False),  # the unit's name (ShardJob.unit_columns, joined)
+        pa.field("input_digest", pa.string(), nullable=False),  # digest of its input (ShardJob.input_fields)
+        pa.field("error_key", pa.string(), nullable=False),  # the id its error rows would carry (ShardJob.item_id)
+    ]
+)
 UNIT_SEPARATOR = "\x1f"
 
 
@@ -58,8 +61,13 @@ def row_units(table: pa.Table, columns: tuple[str, ...]) -> list[str]:
 
 
 def input_digest(work_item: dict[str, Any], fields: tuple[str, ...]) -> str:
-    payload = json.dumps({name: work_item[name] for name in fields}, sort_keys=True, ensure_ascii=False,
-                         separators=(",", ":"), default=str)
+    payload = json.dumps(
+        {name: work_item[name] for name in fields},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -84,8 +92,13 @@ class RowMemo:
     are stored in another schema or layout than this artifact's, gives nothing. Every source skipped,
     whole or in part, is named in `skipped` (the stage logs them)."""
 
-    def __init__(self, sources: Sequence[Artifact], subdir: str = "", schema: pa.Schema | None = None,
-                 fingerprints: Fingerprinter | None = None):
+    def __init__(
+        self,
+        sources: Sequence[Artifact],
+        subdir: str = "",
+        schema: pa.Schema | None = None,
+        fingerprints: Fingerprinter | None = None,
+    ):
         self.where: dict[tuple[str, str], Path] = {}
         self.skipped: list[str] = []
         for artifact in sources:  # newest first: the first source that has a unit wins
@@ -93,8 +106,9 @@ class RowMemo:
             if reason:
                 self.skipped.append(f"{artifact.stage}/{artifact.key}{'/' + subdir if subdir else ''}: {reason}")
 
-    def _add(self, artifact: Artifact, subdir: str, schema: pa.Schema | None,
-             fingerprints: Fingerprinter | None) -> str | None:
+    def _add(
+        self, artifact: Artifact, subdir: str, schema: pa.Schema | None, fingerprints: Fingerprinter | None
+    ) -> str | None:
         """Take the reusable units of one source; why (some of) it was skipped, or None."""
         manifest, problem = read_manifest(artifact.path)
         if manifest is None:

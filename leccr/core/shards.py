@@ -7,6 +7,7 @@ claim is still its own. Failed items become rows of `_errors/part-NNNNN.parquet`
 `errors.parquet` at the end); a rerun retries the retryable ones. With a row memo (leccr.core.memo), a
 shard computes only its units whose input changed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,7 @@ class ShardResult:
     """What one shard's processing produced: the rows to commit and the items that failed."""
 
     table: pa.Table
-    errors: list[ItemError | tuple[str, str]] = field(default_factory=list)
+    errors: Sequence[ItemError | tuple[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)  # summed into the stage summary (e.g. tokens)
 
 
@@ -220,28 +221,41 @@ class ShardRun:
         errors_table = error_table(errors, self.ctx.stage, index, self.ctx.dataset_root)
         self.fence(index)
         if job.input_fields is not None:
-            inputs = pa.table({"unit": pa.array(units, pa.string()),
-                               "input_digest": pa.array(job.digests(shard), pa.string()),
-                               "error_key": pa.array([job.item_id(w) for w in shard], pa.string())})
+            inputs = pa.table(
+                {
+                    "unit": pa.array(units, pa.string()),
+                    "input_digest": pa.array(job.digests(shard), pa.string()),
+                    "error_key": pa.array([job.item_id(w) for w in shard], pa.string()),
+                }
+            )
             write_table(inputs, self.folder / INPUTS_DIR / inputs_name(index), INPUTS)
         write_table(errors_table, self.folder / "_errors" / part_name(index), ERRORS)
         write_table(table, self.folder / part_name(index), job.schema, job.row_group_size)
 
     def fence(self, index: int) -> None:
         """Just before a shard's files are written: raise ClaimLost if another worker holds it now."""
-        self.claims.check(shard_claim(index), f"Shard {index} of {self.label} is not committed by this worker; "
-                                              "the worker holding it now commits it, and committed shards are kept.")
+        self.claims.check(
+            shard_claim(index),
+            f"Shard {index} of {self.label} is not committed by this worker; "
+            "the worker holding it now commits it, and committed shards are kept.",
+        )
+
+    def _process(self, work: list, index: int) -> ShardResult:
+        if self.job.process is None:
+            raise ValueError(f"{self.label}: this job was built to be counted, not run (no `process`)")
+        return self.job.process(work, index)
 
     def compute(self, index: int) -> Callable[[], None]:
         """Process shard `index` (its units that cannot be reused) and return its commit."""
         shard = self.split.shards[index]
         reused = self.split.reused[index]
         todo = self.split.to_compute(index)
-        result = self.job.process(todo, index) if todo else ShardResult(self.job.schema.empty_table())
+        result = self._process(todo, index) if todo else ShardResult(self.job.schema.empty_table())
         table = validate(result.table, self.job.schema, str(self.folder / part_name(index)))
         if reused:
-            table = pa.concat_tables([table, RowMemo.rows(reused, self.job.units(shard), self.job.unit_columns,
-                                                          self.job.schema)])
+            table = pa.concat_tables(
+                [table, RowMemo.rows(reused, self.job.units(shard), self.job.unit_columns, self.job.schema)]
+            )
         _add_stats(self.totals, result)
         self.totals.units_computed += len(todo)
         self.totals.units_reused += len(reused)
@@ -257,7 +271,7 @@ class ShardRun:
         part, errors_part = self.folder / part_name(index), self.folder / "_errors" / part_name(index)
         retried_units = pa.array(job.units(subset), pa.string())
         retried_keys = pa.array(sorted({job.item_id(w) for w in subset}), pa.string())
-        result = job.process(subset, index)
+        result = self._process(subset, index)
         table = validate(result.table, job.schema, f"retry of shard {index}")
         new_rows = table.filter(pc.is_in(pa.array(row_units(table, job.unit_columns), pa.string()), retried_units))
         new_errors = error_table(result.errors, self.ctx.stage, index, self.ctx.dataset_root)
@@ -268,13 +282,19 @@ class ShardRun:
         self.fence(index)
         write_table(merged, part, job.schema, job.row_group_size)
         old_errors = read_table(errors_part, ERRORS)
-        errors = pa.concat_tables([old_errors.filter(pc.invert(pc.is_in(old_errors.column("item_id"), retried_keys))),
-                                   new_errors])
+        errors = pa.concat_tables(
+            [old_errors.filter(pc.invert(pc.is_in(old_errors.column("item_id"), retried_keys))), new_errors]
+        )
         write_table(errors, errors_part, ERRORS)
         _add_stats(self.totals, result)
         self.totals.items_retried += len(subset)
-        self.log.info("%s: retried %d failed item(s) of shard %d: %d now done", self.ctx.stage, len(subset), index,
-                      len(subset) - len(set(new_errors.column("item_id").to_pylist())))
+        self.log.info(
+            "%s: retried %d failed item(s) of shard %d: %d now done",
+            self.ctx.stage,
+            len(subset),
+            index,
+            len(subset) - len(set(new_errors.column("item_id").to_pylist())),
+        )
 
     # ----------------------------------------------------------------------------- passes
     def unusable(self, index: int) -> str | None:
@@ -297,8 +317,9 @@ class ShardRun:
 
     def due_retries(self, index: int) -> set[str]:
         shard = self.split.shards[index]
-        return retryable_ids(self.folder / "_errors" / part_name(index), self.ctx.dataset_root) & \
-            {self.job.item_id(w) for w in shard}
+        return retryable_ids(self.folder / "_errors" / part_name(index), self.ctx.dataset_root) & {
+            self.job.item_id(w) for w in shard
+        }
 
     def one_pass(self, indices: list[int]) -> list[int]:
         """Compute, retry or keep each shard; returns those another worker holds."""
@@ -327,8 +348,12 @@ class ShardRun:
                     self.bar.update(len(subset))
                     continue
                 if part.exists():
-                    self.log.warning("%s: committed shard %s is unusable (%s): computing it again", self.label, part,
-                                     self.unusable(index))
+                    self.log.warning(
+                        "%s: committed shard %s is unusable (%s): computing it again",
+                        self.label,
+                        part,
+                        self.unusable(index),
+                    )
                     part.unlink()
                     self.totals.shards_recomputed += 1
                 commit = self.compute(index)
@@ -339,7 +364,9 @@ class ShardRun:
                     handed_to_writer = True
                 self.totals.shards_done += 1
                 if "tokens" in self.totals.stats:
-                    self.bar.set_postfix(f"{self.totals.stats['tokens'] / (time.perf_counter() - self.bar.started):.0f} tokens/s")
+                    self.bar.set_postfix(
+                        f"{self.totals.stats['tokens'] / (time.perf_counter() - self.bar.started):.0f} tokens/s"
+                    )
                 self.bar.update(len(shard))
                 self.log.debug("%s: shard %d committed (%.2fs)", self.label, index, time.perf_counter() - started)
             finally:
@@ -358,11 +385,19 @@ class ShardRun:
         slot = ctx.shard_slot
         mine = [i for i in range(len(plan)) if slot is None or i % slot[1] == slot[0]]
         if self.split.reused_units:
-            self.log.info("%s: %d of %d %s to compute, %d reused from earlier artifacts", self.label,
-                          self.split.computed_units, len(job.work), job.unit, self.split.reused_units)
+            self.log.info(
+                "%s: %d of %d %s to compute, %d reused from earlier artifacts",
+                self.label,
+                self.split.computed_units,
+                len(job.work),
+                job.unit,
+                self.split.reused_units,
+            )
         try:
-            with progress(total=len(job.work), desc=self.label, unit=job.unit, logger=self.log) as self.bar, \
-                    _closing(self.writer):
+            with (
+                progress(total=len(job.work), desc=self.label, unit=job.unit, logger=self.log) as self.bar,
+                _closing(self.writer),
+            ):
                 self.bar.skip(len(job.work) - sum(len(plan[i]) for i in mine))  # other slots' shards
                 waiting = self.one_pass(mine)
                 while waiting:  # shards another worker is computing: wait for them, or take over if it dies
@@ -372,9 +407,14 @@ class ShardRun:
             self.claims.release_all()
         totals = self.totals
         if totals.shards_resumed:
-            self.log.info("%s: kept %d finished shard(s) of %d; computed %d%s", self.label, totals.shards_resumed,
-                          len(plan), totals.shards_done,
-                          f", retried {totals.items_retried} failed item(s)" if totals.items_retried else "")
+            self.log.info(
+                "%s: kept %d finished shard(s) of %d; computed %d%s",
+                self.label,
+                totals.shards_resumed,
+                len(plan),
+                totals.shards_done,
+                f", retried {totals.items_retried} failed item(s)" if totals.items_retried else "",
+            )
         if slot is not None:
             return totals
         return self.finish()
@@ -396,12 +436,16 @@ class ShardRun:
             final = totals.errors - totals.retryable_errors
             advice = []
             if totals.retryable_errors:
-                advice.append(f"a rerun retries the {totals.retryable_errors} retryable failure(s) (missing or "
-                              "unreadable files, engine errors) and nothing else")
+                advice.append(
+                    f"a rerun retries the {totals.retryable_errors} retryable failure(s) (missing or "
+                    "unreadable files, engine errors) and nothing else"
+                )
             if final:
-                advice.append(f"{'the other ' if totals.retryable_errors else ''}{final} are final for this input: "
-                              "a rerun does not retry them; a fixed "
-                              f"input or a higher {self.ctx.stage.split('-')[0]}.max_error_rate lets the stage finish")
+                advice.append(
+                    f"{'the other ' if totals.retryable_errors else ''}{final} are final for this input: "
+                    "a rerun does not retry them; a fixed "
+                    f"input or a higher {self.ctx.stage.split('-')[0]}.max_error_rate lets the stage finish"
+                )
             raise StageFailed(
                 f"{self.label}: {totals.errors} of {units} {what} failed "
                 f"({totals.errors / units:.1%} > max_error_rate {job.max_error_rate:.1%}); "

@@ -3,12 +3,12 @@
 One validated object rather than module attributes read with getattr: a misspelt field is a
 TypeError when the module is imported, never a silent default.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
 
 WHOLE = "*"  # in a stage's reads: every file of that upstream artifact
 
@@ -67,12 +67,16 @@ class StageDef:
         if not isinstance(self.upstream, tuple) or not all(isinstance(up, str) for up in self.upstream):
             raise TypeError(f"stage {self.name}: upstream must be a tuple of stage names, got {self.upstream!r}")
         if set(self.reads) != set(self.upstream):
-            raise TypeError(f"stage {self.name}: reads must name exactly its upstream stages {list(self.upstream)}, "
-                            f"got {sorted(self.reads)}")
+            raise TypeError(
+                f"stage {self.name}: reads must name exactly its upstream stages {list(self.upstream)}, "
+                f"got {sorted(self.reads)}"
+            )
         for up, names in self.reads.items():
             if not isinstance(names, tuple) or not names or not all(isinstance(n, str) and n for n in names):
-                raise TypeError(f"stage {self.name}: reads[{up!r}] must be a non-empty tuple of file names, "
-                                f"folders ('x/') or {WHOLE!r}, got {names!r}")
+                raise TypeError(
+                    f"stage {self.name}: reads[{up!r}] must be a non-empty tuple of file names, "
+                    f"folders ('x/') or {WHOLE!r}, got {names!r}"
+                )
         for name in ("section", "run"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"stage {self.name}: {name} must be callable")

@@ -21,6 +21,7 @@ Evaluation (`load_eval_items`, `load_eval_captions`): every visual item of a spl
 description, empty when missing: the protocol keeps every test item), and every caption of one
 language of that split with the index of its item.
 """
+
 from __future__ import annotations
 
 import logging
@@ -113,16 +114,27 @@ class TrainingDataset(Dataset):
     description states (default: when the artifact has them).
     """
 
-    def __init__(self, features: str | Path | FeatureTables, lang: str, split: str = "train",
-                 missing_descriptions: str = "empty", use_states: bool | None = None, arrow_cache: bool = True):
+    def __init__(
+        self,
+        features: str | Path | FeatureTables,
+        lang: str,
+        split: str = "train",
+        missing_descriptions: str = "empty",
+        use_states: bool | None = None,
+        arrow_cache: bool = True,
+    ):
         if missing_descriptions not in MISSING_DESCRIPTION_MODES:
-            raise ValueError(f"missing_descriptions must be one of {MISSING_DESCRIPTION_MODES}, got {missing_descriptions!r}")
+            raise ValueError(
+                f"missing_descriptions must be one of {MISSING_DESCRIPTION_MODES}, got {missing_descriptions!r}"
+            )
         self.tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features, arrow_cache)
         self.arrow_cache = arrow_cache
         tables = self.tables
         if use_states and not tables.has_states:
-            raise ValueError(f"{tables.root}: description states were not cached "
-                             "(features.description_states is false); use token ids or rerun features")
+            raise ValueError(
+                f"{tables.root}: description states were not cached "
+                "(features.description_states is false); use token ids or rerun features"
+            )
         self.use_states = tables.has_states if use_states is None else use_states
         self.lang, self.split = lang, split
 
@@ -156,15 +168,24 @@ class TrainingDataset(Dataset):
                 continue
             samples.append((en_row, tgt_row, item, desc_row))
         if not samples:
-            raise ValueError(f"{tables.root}: no training sample for split {split!r}, language {lang!r} "
-                             f"({len(en_rows)} English captions, {len(tgt_rows)} {lang} translations, "
-                             f"{len(item_ids)} visual items; dropped {self.dropped})")
+            raise ValueError(
+                f"{tables.root}: no training sample for split {split!r}, language {lang!r} "
+                f"({len(en_rows)} English captions, {len(tgt_rows)} {lang} translations, "
+                f"{len(item_ids)} visual items; dropped {self.dropped})"
+            )
         array = np.asarray(samples, dtype=np.int64)
         self.en_rows, self.tgt_rows, self.item_index, self.desc_rows = array.T.copy()
         self.without_description = int((self.desc_rows < 0).sum())
         if any(self.dropped.values()) or self.without_description:
-            log.info("%s %s/%s: %d samples; dropped %s; %d with an empty description", tables.root.name, split,
-                     lang, len(self), self.dropped, self.without_description)
+            log.info(
+                "%s %s/%s: %d samples; dropped %s; %d with an empty description",
+                tables.root.name,
+                split,
+                lang,
+                len(self),
+                self.dropped,
+                self.without_description,
+            )
 
     def __len__(self) -> int:
         return len(self.en_rows)
@@ -211,8 +232,11 @@ class TrainingDataset(Dataset):
         samples = [self[int(index)] for index in indices]
         rows = self.visual_rows[self.item_index[indices]]
         visual = values.gather(rows).reshape(len(rows), int(self.tables.visual_n_tokens[rows[0]]), -1)
-        return {"visual": torch.from_numpy(visual).float(),
-                "visual_mask": torch.ones(visual.shape[:2], dtype=torch.bool), **collate.text(samples)}
+        return {
+            "visual": torch.from_numpy(visual).float(),
+            "visual_mask": torch.ones(visual.shape[:2], dtype=torch.bool),
+            **collate.text(samples),
+        }
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -241,8 +265,13 @@ class EvalCaptions:
     mask: torch.Tensor  # [C, L] bool
 
 
-def load_eval_items(features: str | Path | FeatureTables, split: str = "test", use_states: bool | None = None,
-                    arrow_cache: bool = True, chunk: slice | None = None) -> EvalItems:
+def load_eval_items(
+    features: str | Path | FeatureTables,
+    split: str = "test",
+    use_states: bool | None = None,
+    arrow_cache: bool = True,
+    chunk: slice | None = None,
+) -> EvalItems:
     """Every visual item of `split`, or only `chunk` of them (in the same order): a collection too big
     to hold as padded tensors at once is encoded chunk by chunk."""
     tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features, arrow_cache)
@@ -258,8 +287,15 @@ def load_eval_items(features: str | Path | FeatureTables, split: str = "test", u
     described = [tables.description(r) for r in desc_rows]
     desc_ids, desc_mask = pad_ids([_tensor(ids) for ids, _ in described], tables.pad_token_id)
     desc_states = pad_tokens([_tensor(states) for _, states in described])[0] if use_states else None
-    return EvalItems(item_ids, visual, visual_mask, desc_ids, desc_mask, desc_states,
-                     torch.tensor([r >= 0 for r in desc_rows], dtype=torch.bool))
+    return EvalItems(
+        item_ids,
+        visual,
+        visual_mask,
+        desc_ids,
+        desc_mask,
+        desc_states,
+        torch.tensor([r >= 0 for r in desc_rows], dtype=torch.bool),
+    )
 
 
 def query_caption_kind(tables: FeatureTables, lang: str, split: str, wanted: str = "auto") -> str:
@@ -273,8 +309,14 @@ def query_caption_kind(tables: FeatureTables, lang: str, split: str, wanted: str
     return "human" if len(rows) else "mt"
 
 
-def load_eval_captions(features: str | Path | FeatureTables, lang: str, items: EvalItems, split: str = "test",
-                       kind: str = "human", arrow_cache: bool = True) -> EvalCaptions:
+def load_eval_captions(
+    features: str | Path | FeatureTables,
+    lang: str,
+    items: EvalItems,
+    split: str = "test",
+    kind: str = "human",
+    arrow_cache: bool = True,
+) -> EvalCaptions:
     """Captions of `lang` and `kind` (human: the dataset's own; mt: translations) in `split`.
 
     Captions of items that have no visual row (failed extraction) are left out, with a log line.
@@ -286,10 +328,21 @@ def load_eval_captions(features: str | Path | FeatureTables, lang: str, items: E
     item_ids = tables.text.column("item_id").take(rows).to_pylist()
     keep = [i for i, item_id in enumerate(item_ids) if item_id in position]
     if len(keep) < len(rows):
-        log.info("%s: %d %s captions of %s belong to items without visual features; left out",
-                 tables.root.name, len(rows) - len(keep), lang, split)
+        log.info(
+            "%s: %d %s captions of %s belong to items without visual features; left out",
+            tables.root.name,
+            len(rows) - len(keep),
+            lang,
+            split,
+        )
     if not keep:
         raise ValueError(f"{tables.root}: no {kind} caption in {lang!r} for split {split!r}")
     ids, mask = pad_ids([_tensor(tables.text_ids[int(rows[i])]) for i in keep], tables.pad_token_id)
-    return EvalCaptions(lang, [caption_ids[i] for i in keep], [item_ids[i] for i in keep],
-                        torch.tensor([position[item_ids[i]] for i in keep], dtype=torch.long), ids, mask)
+    return EvalCaptions(
+        lang,
+        [caption_ids[i] for i in keep],
+        [item_ids[i] for i in keep],
+        torch.tensor([position[item_ids[i]] for i in keep], dtype=torch.long),
+        ids,
+        mask,
+    )

@@ -15,6 +15,7 @@ itself. Two ways are offered:
 Either way the array columns are then read through `RowViews` (numpy views over Arrow buffers), which
 `torch.from_numpy` wraps without copying.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from leccr.core.io import temporary_name
 from leccr.features.storage import RowViews
 from leccr.schemas.core import validate
-from leccr.core.io import temporary_name
 from leccr.schemas.features import TEXT_TOKENS, description_schema, visual_schema
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ class FeatureTables:
     text: pa.Table
     descriptions: pa.Table | None
     empty_description: pa.Table
-    _split_items: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict, init=False, repr=False,
-                                                                  compare=False)
+    _split_items: dict[str, tuple[np.ndarray, list[str]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def open(cls, root: str | Path, arrow_cache: bool = True) -> FeatureTables:

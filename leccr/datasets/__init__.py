@@ -6,8 +6,27 @@
 One module per format (multi30k, mscoco, vatex, msrvtt_cn), one interface (`base.Adapter`);
 `leccr datasets check PATH --format F` (check.py) validates a folder; demo.py generates the demo.
 """
-from leccr.datasets.base import (Adapter, AdapterOptions, DatasetFormatError, DatasetOptionsError, DatasetTables,
-                                 Problem, get_adapter, list_formats, load_dataset)
 
-__all__ = ["Adapter", "AdapterOptions", "DatasetFormatError", "DatasetOptionsError", "DatasetTables", "Problem",
-           "get_adapter", "list_formats", "load_dataset"]
+from leccr.datasets.base import (
+    Adapter,
+    AdapterOptions,
+    DatasetFormatError,
+    DatasetOptionsError,
+    DatasetTables,
+    Problem,
+    get_adapter,
+    list_formats,
+    load_dataset,
+)
+
+__all__ = [
+    "Adapter",
+    "AdapterOptions",
+    "DatasetFormatError",
+    "DatasetOptionsError",
+    "DatasetTables",
+    "Problem",
+    "get_adapter",
+    "list_formats",
+    "load_dataset",
+]

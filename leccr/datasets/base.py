@@ -10,6 +10,7 @@ dataset stage writes it to its errors.parquet and goes on with the rest.
 Media paths in the items table are relative to the dataset root (`leccr.media.paths.resolve_media_path` resolves them
 against the configured root at use), so a moved dataset folder with the same content keeps working.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -17,9 +18,9 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, get_args
 
 import pyarrow as pa
@@ -104,35 +105,65 @@ class TableBuilder:
         self.failed_items: set[str] = set()  # items already reported (missing media...): not reported again
         self.excluded_items: set[str] = set()  # in the release but left out by an option: their captions are skipped
 
-    def add_item(self, item_id: str, split: str, media_type: str, path: Path | None,
-                 feature_path: Path | None, file: str, line: int | None) -> bool:
+    def add_item(
+        self,
+        item_id: str,
+        split: str,
+        media_type: str,
+        path: Path | None,
+        feature_path: Path | None,
+        file: str,
+        line: int | None,
+    ) -> bool:
         where = f"{file}:{line}" if line is not None else file
         if item_id in self.items:
             first = self.items[item_id]
             if first["split"] != split:
-                self.problems.append(Problem(file, line, f"item {item_id!r} is in split {split!r} here but already "
-                                                         f"in split {first['split']!r} ({self.item_where[item_id]})",
-                                             item_id))
+                self.problems.append(
+                    Problem(
+                        file,
+                        line,
+                        f"item {item_id!r} is in split {split!r} here but already "
+                        f"in split {first['split']!r} ({self.item_where[item_id]})",
+                        item_id,
+                    )
+                )
             else:
-                self.problems.append(Problem(file, line, f"item {item_id!r} listed twice "
-                                                         f"(first at {self.item_where[item_id]})", item_id))
+                self.problems.append(
+                    Problem(file, line, f"item {item_id!r} listed twice (first at {self.item_where[item_id]})", item_id)
+                )
             return False
         # Absolute here; `Adapter.check` makes them relative to the dataset root.
-        self.items[item_id] = {"item_id": item_id, "split": split, "media_type": media_type,
-                               "path": None if path is None else str(Path(path).absolute()),
-                               "feature_path": None if feature_path is None else str(Path(feature_path).absolute())}
+        self.items[item_id] = {
+            "item_id": item_id,
+            "split": split,
+            "media_type": media_type,
+            "path": None if path is None else str(Path(path).absolute()),
+            "feature_path": None if feature_path is None else str(Path(feature_path).absolute()),
+        }
         self.item_where[item_id] = where
         return True
 
-    def add_caption(self, item_id: str, caption_id: str, lang: str, text: str, kind: str,
-                    file: str, line: int | None) -> bool:
+    def add_caption(
+        self, item_id: str, caption_id: str, lang: str, text: str, kind: str, file: str, line: int | None
+    ) -> bool:
         item = self.items.get(item_id)
         if item is None:
-            self.problems.append(Problem(file, line, f"caption {caption_id!r} belongs to item {item_id!r}, "
-                                                     "which is in no split list", caption_id))
+            self.problems.append(
+                Problem(
+                    file,
+                    line,
+                    f"caption {caption_id!r} belongs to item {item_id!r}, which is in no split list",
+                    caption_id,
+                )
+            )
             return False
-        if (kind == "human" and lang != "en" and self.human_target_splits is not None
-                and item["split"] not in self.human_target_splits):
+        if (
+            kind == "human"
+            and lang != "en"
+            and self.human_target_splits is not None
+            and item["split"] not in self.human_target_splits
+        ):
             return False
         # Stored as read (byte for byte): whitespace a tokenizer does not want is dropped at feature
         # time (`leccr.features.text.model_text`), never here. Whitespace alone is no caption.
@@ -141,12 +172,26 @@ class TableBuilder:
             return False
         key = (caption_id, lang)
         if key in self.caption_where:
-            self.problems.append(Problem(file, line, f"{lang} caption {caption_id!r} given twice "
-                                                     f"(first at {self.caption_where[key]})", caption_id))
+            self.problems.append(
+                Problem(
+                    file,
+                    line,
+                    f"{lang} caption {caption_id!r} given twice (first at {self.caption_where[key]})",
+                    caption_id,
+                )
+            )
             return False
         self.caption_where[key] = f"{file}:{line}" if line is not None else file
-        self.captions.append({"item_id": item_id, "caption_id": caption_id, "split": item["split"],
-                              "lang": lang, "text": text, "kind": kind})
+        self.captions.append(
+            {
+                "item_id": item_id,
+                "caption_id": caption_id,
+                "split": item["split"],
+                "lang": lang,
+                "text": text,
+                "kind": kind,
+            }
+        )
         return True
 
     def has_caption(self, caption_id: str, lang: str) -> bool:
@@ -156,8 +201,10 @@ class TableBuilder:
         """The two tables; captions restricted to English + `languages` (None keeps every language)."""
         keep = None if languages is None else {"en", *languages}
         captions = [c for c in self.captions if keep is None or c["lang"] in keep]
-        return DatasetTables(pa.Table.from_pylist(list(self.items.values()), schema=SOURCE_ITEMS),
-                             pa.Table.from_pylist(captions, schema=CAPTIONS))
+        return DatasetTables(
+            pa.Table.from_pylist(list(self.items.values()), schema=SOURCE_ITEMS),
+            pa.Table.from_pylist(captions, schema=CAPTIONS),
+        )
 
 
 # ------------------------------------------------------------------------------------ reading helpers
@@ -182,9 +229,14 @@ def find_text_file(path: Path) -> Path | None:
     return gz if gz.is_file() else None
 
 
-def read_lines(path: Path, root: Path, problems: list[Problem], what: str = "file",
-               required: bool = True,
-               item_of: Callable[[int, str], str | None] | None = None) -> list[str | None] | None:
+def read_lines(
+    path: Path,
+    root: Path,
+    problems: list[Problem],
+    what: str = "file",
+    required: bool = True,
+    item_of: Callable[[int, str], str | None] | None = None,
+) -> list[str | None] | None:
     """Lines of a UTF-8 text file (plain or .gz), without line ends. A missing file is a problem if required.
 
     A UTF-8 byte-order mark is dropped and blank lines at the end of the file are ignored (editors
@@ -212,8 +264,14 @@ def read_lines(path: Path, root: Path, problems: list[Problem], what: str = "fil
         except UnicodeDecodeError as error:
             text = data.decode("utf-8", errors="replace").rstrip("\r")
             item = (item_of(number, text) if item_of is not None else None) or ""
-            problems.append(Problem(rel(found, root), number, f"not valid UTF-8: byte 0x{data[error.start]:02x} at "
-                                                               f"column {error.start + 1} ({what})", item))
+            problems.append(
+                Problem(
+                    rel(found, root),
+                    number,
+                    f"not valid UTF-8: byte 0x{data[error.start]:02x} at column {error.start + 1} ({what})",
+                    item,
+                )
+            )
             lines.append(None)
     return lines
 
@@ -304,8 +362,15 @@ class FeatureIndex:
         return path if path.is_file() else None
 
 
-def resolve_media(builder: TableBuilder, root: Path, item_id: str, media: Path, features: FeatureIndex | None,
-                  file: str, line: int | None) -> tuple[Path | None, Path | None] | None:
+def resolve_media(
+    builder: TableBuilder,
+    root: Path,
+    item_id: str,
+    media: Path,
+    features: FeatureIndex | None,
+    file: str,
+    line: int | None,
+) -> tuple[Path | None, Path | None] | None:
     """(path, feature_path) of an item; a problem (and None) when neither the media file nor features exist."""
     if item_id in builder.failed_items:
         return None
@@ -316,11 +381,18 @@ def resolve_media(builder: TableBuilder, root: Path, item_id: str, media: Path, 
         return None, feature  # only features were released / kept: path is null
     builder.failed_items.add(item_id)
     if features is not None and features.ok:
-        builder.problems.append(Problem(file, line, f"item {item_id!r}: neither media file {rel(media, root)} "
-                                                    f"nor features in {rel(features.folder, root)}", item_id))
+        builder.problems.append(
+            Problem(
+                file,
+                line,
+                f"item {item_id!r}: neither media file {rel(media, root)} nor features in {rel(features.folder, root)}",
+                item_id,
+            )
+        )
     else:
-        builder.problems.append(Problem(file, line, f"item {item_id!r}: missing media file {rel(media, root)}",
-                                        item_id))
+        builder.problems.append(
+            Problem(file, line, f"item {item_id!r}: missing media file {rel(media, root)}", item_id)
+        )
     return None
 
 
@@ -410,8 +482,9 @@ class Adapter:
                     messages.append(f"option {key!r}: {e['msg']} (got {e.get('input')!r})")
             raise DatasetOptionsError(f"{self.format} dataset: " + "; ".join(messages)) from None
 
-    def collect(self, root: Path, options: AdapterOptions, languages: list[str] | None,
-                problems: list[Problem]) -> DatasetTables:
+    def collect(
+        self, root: Path, options: AdapterOptions, languages: list[str] | None, problems: list[Problem]
+    ) -> DatasetTables:
         """Read the folder, appending every problem found; return what could be read."""
         raise NotImplementedError
 
@@ -439,8 +512,9 @@ class Adapter:
                     found.append((f"{name}[{filled}]" if several else name, under(base, filled)))
         return found
 
-    def _filled(self, option: str, pattern: str, placeholders: tuple[str, ...],
-                values: dict[str, list[str]]) -> list[str]:
+    def _filled(
+        self, option: str, pattern: str, placeholders: tuple[str, ...], values: dict[str, list[str]]
+    ) -> list[str]:
         if not placeholders:
             return [pattern]
         filled = []
@@ -448,12 +522,15 @@ class Adapter:
             try:
                 filled.append(pattern.format(**dict(zip(placeholders, combination))))
             except (KeyError, IndexError, ValueError) as error:
-                raise DatasetOptionsError(f"{self.format} dataset: option {option!r}: {pattern!r} is not a pattern "
-                                          f"of {', '.join('{' + p + '}' for p in placeholders)} ({error})") from None
+                raise DatasetOptionsError(
+                    f"{self.format} dataset: option {option!r}: {pattern!r} is not a pattern "
+                    f"of {', '.join('{' + p + '}' for p in placeholders)} ({error})"
+                ) from None
         return sorted(set(filled))
 
-    def check(self, root: Path, options: dict | None = None,
-              languages: list[str] | None = None) -> tuple[DatasetTables, list[Problem]]:
+    def check(
+        self, root: Path, options: dict | None = None, languages: list[str] | None = None
+    ) -> tuple[DatasetTables, list[Problem]]:
         """Read the folder without raising on format problems: (tables read, problems found).
 
         `languages`: target languages to keep besides English; None keeps every language found.
@@ -470,8 +547,13 @@ class Adapter:
         found = set(tables.captions.column("lang").to_pylist())
         for lang in ["en", *(languages or [])]:
             if lang not in found:
-                problems.append(Problem(str(root), None, f"no {lang} captions found (languages present: "
-                                                         f"{', '.join(sorted(found)) or 'none'})"))
+                problems.append(
+                    Problem(
+                        str(root),
+                        None,
+                        f"no {lang} captions found (languages present: {', '.join(sorted(found)) or 'none'})",
+                    )
+                )
         if tables.items.num_rows == 0:
             problems.append(Problem(str(root), None, "no items found"))
         return tables, problems
@@ -539,9 +621,14 @@ def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder, id_ma
             continue
         parsed = parse_ccr_line(line)
         if parsed is None:
-            builder.problems.append(Problem(file, number,
-                                            f"expected '<item-id>#enc2{lang}#<n> <caption>', got {line[:80]!r}",
-                                            line_caption_id(number, line) or ""))
+            builder.problems.append(
+                Problem(
+                    file,
+                    number,
+                    f"expected '<item-id>#enc2{lang}#<n> <caption>', got {line[:80]!r}",
+                    line_caption_id(number, line) or "",
+                )
+            )
             continue
         english_id = english_id_of_mt(parsed[0])
         if id_map is not None:
@@ -553,9 +640,14 @@ def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder, id_ma
         if ccr_item_id(english_id) in builder.excluded_items or ccr_item_id(english_id) in builder.failed_items:
             continue
         if not builder.has_caption(english_id, "en"):
-            builder.problems.append(Problem(file, number, f"{parsed[0]!r} translates English caption "
-                                                                     f"{english_id!r}, which the dataset does not have",
-                                            parsed[0]))
+            builder.problems.append(
+                Problem(
+                    file,
+                    number,
+                    f"{parsed[0]!r} translates English caption {english_id!r}, which the dataset does not have",
+                    parsed[0],
+                )
+            )
             continue
         added += builder.add_caption(ccr_item_id(english_id), english_id, lang, parsed[1], "mt", file, number)
     return added

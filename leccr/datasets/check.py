@@ -4,6 +4,7 @@ Prints items per split (by media type), captions per split and language (by kind
 problem as `file:line: message`; returns 0 when the folder is clean, 1 otherwise. Never a traceback:
 a bad folder, an unknown format or a bad option is reported as a message.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,9 @@ def check_command(path: Path, fmt: str, options: dict | None = None) -> int:
     if items:
         print("\nitems per split:")
         for split in _ordered(items):
-            media = ", ".join(f"{count} {kind}{'s' if count != 1 else ''}" for kind, count in sorted(items[split].items()))
+            media = ", ".join(
+                f"{count} {kind}{'s' if count != 1 else ''}" for kind, count in sorted(items[split].items())
+            )
             print(f"  {split:<10} {media}")
     if captions:
         print("\ncaptions per split and language:")

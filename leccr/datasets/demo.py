@@ -20,6 +20,7 @@ the scene, so a model can learn retrieval on it. Deterministic by seed (byte-ide
 Beside the folder, `write_scene_descriptions` writes what a capable MLLM would say of each item
 (`scene_descriptions.json`, in describe's `import` format), from what the generator drew.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,8 +45,14 @@ DONE_MARKER = ".complete"  # written last inside the temp folder, before the ren
 
 # ------------------------------------------------------------------ the world: colours, shapes, scenes
 COLOURS = {  # name -> RGB
-    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
-    "purple": (140, 40, 180), "orange": (250, 140, 0), "white": (250, 250, 250), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 0),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star")
 SCENES = {  # name -> (top colour, bottom colour, horizon fraction)
@@ -56,80 +63,193 @@ SCENES = {  # name -> (top colour, bottom colour, horizon fraction)
     "snow": ((200, 210, 225), (245, 245, 250), 0.45),
 }
 POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "center": (0.5, 0.5)}
-MOTIONS = {"left_to_right": ((0.15, 0.5), (0.85, 0.5)), "right_to_left": ((0.85, 0.5), (0.15, 0.5)),
-           "top_to_bottom": ((0.5, 0.15), (0.5, 0.85)), "bottom_to_top": ((0.5, 0.85), (0.5, 0.15))}
+MOTIONS = {
+    "left_to_right": ((0.15, 0.5), (0.85, 0.5)),
+    "right_to_left": ((0.85, 0.5), (0.15, 0.5)),
+    "top_to_bottom": ((0.5, 0.15), (0.5, 0.85)),
+    "bottom_to_top": ((0.5, 0.85), (0.5, 0.15)),
+}
 
 # ------------------------------------------------------------------ words per language
 WORDS = {
     "en": {
-        "colour": {c: c for c in COLOURS}, "shape": {s: s for s in SHAPES},
-        "pos": {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-                "center": "in the middle"},
-        "scene": {"beach": "on a beach", "field": "in a field", "night": "at night", "room": "in a room",
-                  "snow": "in the snow"},
-        "motion": {"left_to_right": "from left to right", "right_to_left": "from right to left",
-                   "top_to_bottom": "from top to bottom", "bottom_to_top": "from bottom to top"},
+        "colour": {c: c for c in COLOURS},
+        "shape": {s: s for s in SHAPES},
+        "pos": {
+            "left": "on the left",
+            "right": "on the right",
+            "top": "at the top",
+            "bottom": "at the bottom",
+            "center": "in the middle",
+        },
+        "scene": {
+            "beach": "on a beach",
+            "field": "in a field",
+            "night": "at night",
+            "room": "in a room",
+            "snow": "in the snow",
+        },
+        "motion": {
+            "left_to_right": "from left to right",
+            "right_to_left": "from right to left",
+            "top_to_bottom": "from top to bottom",
+            "bottom_to_top": "from bottom to top",
+        },
     },
     "de": {
-        "colour": {"red": "rot", "green": "grün", "blue": "blau", "yellow": "gelb", "purple": "lila",
-                   "orange": "orange", "white": "weiß", "black": "schwarz"},
-        "shape": {"circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"), "star": ("Stern", "m")},
+        "colour": {
+            "red": "rot",
+            "green": "grün",
+            "blue": "blau",
+            "yellow": "gelb",
+            "purple": "lila",
+            "orange": "orange",
+            "white": "weiß",
+            "black": "schwarz",
+        },
+        "shape": {
+            "circle": ("Kreis", "m"),
+            "square": ("Quadrat", "n"),
+            "triangle": ("Dreieck", "n"),
+            "star": ("Stern", "m"),
+        },
         "pos": {"left": "links", "right": "rechts", "top": "oben", "bottom": "unten", "center": "in der Mitte"},
-        "scene": {"beach": "an einem Strand", "field": "auf einem Feld", "night": "in der Nacht",
-                  "room": "in einem Zimmer", "snow": "im Schnee"},
-        "motion": {"left_to_right": "von links nach rechts", "right_to_left": "von rechts nach links",
-                   "top_to_bottom": "von oben nach unten", "bottom_to_top": "von unten nach oben"},
+        "scene": {
+            "beach": "an einem Strand",
+            "field": "auf einem Feld",
+            "night": "in der Nacht",
+            "room": "in einem Zimmer",
+            "snow": "im Schnee",
+        },
+        "motion": {
+            "left_to_right": "von links nach rechts",
+            "right_to_left": "von rechts nach links",
+            "top_to_bottom": "von oben nach unten",
+            "bottom_to_top": "von unten nach oben",
+        },
     },
     "fr": {
-        "colour": {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
-                   "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"), "orange": ("orange", "orange"),
-                   "white": ("blanc", "blanche"), "black": ("noir", "noire")},
-        "shape": {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"), "star": ("étoile", "f")},
+        "colour": {
+            "red": ("rouge", "rouge"),
+            "green": ("vert", "verte"),
+            "blue": ("bleu", "bleue"),
+            "yellow": ("jaune", "jaune"),
+            "purple": ("violet", "violette"),
+            "orange": ("orange", "orange"),
+            "white": ("blanc", "blanche"),
+            "black": ("noir", "noire"),
+        },
+        "shape": {
+            "circle": ("cercle", "m"),
+            "square": ("carré", "m"),
+            "triangle": ("triangle", "m"),
+            "star": ("étoile", "f"),
+        },
         "pos": {"left": "à gauche", "right": "à droite", "top": "en haut", "bottom": "en bas", "center": "au milieu"},
-        "scene": {"beach": "sur une plage", "field": "dans un champ", "night": "la nuit", "room": "dans une pièce",
-                  "snow": "dans la neige"},
-        "motion": {"left_to_right": "de gauche à droite", "right_to_left": "de droite à gauche",
-                   "top_to_bottom": "de haut en bas", "bottom_to_top": "de bas en haut"},
+        "scene": {
+            "beach": "sur une plage",
+            "field": "dans un champ",
+            "night": "la nuit",
+            "room": "dans une pièce",
+            "snow": "dans la neige",
+        },
+        "motion": {
+            "left_to_right": "de gauche à droite",
+            "right_to_left": "de droite à gauche",
+            "top_to_bottom": "de haut en bas",
+            "bottom_to_top": "de bas en haut",
+        },
     },
     "zh": {
-        "colour": {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色",
-                   "orange": "橙色", "white": "白色", "black": "黑色"},
+        "colour": {
+            "red": "红色",
+            "green": "绿色",
+            "blue": "蓝色",
+            "yellow": "黄色",
+            "purple": "紫色",
+            "orange": "橙色",
+            "white": "白色",
+            "black": "黑色",
+        },
         "shape": {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形"},
         "pos": {"left": "在左边", "right": "在右边", "top": "在上方", "bottom": "在下方", "center": "在中间"},
         "scene": {"beach": "在海滩上", "field": "在田野里", "night": "在夜里", "room": "在房间里", "snow": "在雪地里"},
-        "motion": {"left_to_right": "从左到右", "right_to_left": "从右到左", "top_to_bottom": "从上到下",
-                   "bottom_to_top": "从下到上"},
+        "motion": {
+            "left_to_right": "从左到右",
+            "right_to_left": "从右到左",
+            "top_to_bottom": "从上到下",
+            "bottom_to_top": "从下到上",
+        },
     },
 }
 
 # Five templates per kind of item, the same five in every language (index i translates index i).
 TEMPLATES = {
     "one": {
-        "en": ["{o} {pos}", "{o} {scene}", "there is {o} {pos} {scene}", "{scene_cap}, {o} {pos}",
-               "a picture of {o}"],
+        "en": ["{o} {pos}", "{o} {scene}", "there is {o} {pos} {scene}", "{scene_cap}, {o} {pos}", "a picture of {o}"],
         "de": ["{o} {pos}", "{o} {scene}", "da ist {o} {pos} {scene}", "{scene_cap} ist {o} {pos}", "ein Bild: {o}"],
         "fr": ["{o} {pos}", "{o} {scene}", "il y a {o} {pos} {scene}", "{scene_cap}, {o} {pos}", "une image : {o}"],
         "zh": ["一个{o}{pos}", "一个{o}{scene}", "{scene}有一个{o}{pos}", "{scene}，一个{o}{pos}", "一张{o}的图片"],
     },
     "two": {
-        "en": ["{o} and {o2}", "{o} to the left of {o2}", "{o} and {o2} {scene}",
-               "{scene_cap}, {o} and {o2}", "two shapes: {o} and {o2}"],
-        "de": ["{o} und {o2}", "{o} links und {o2} rechts", "{o} und {o2} {scene}", "{scene_cap} sind {o} und {o2}",
-               "zwei Formen: {o} und {o2}"],
-        "fr": ["{o} et {o2}", "{o} à gauche et {o2} à droite", "{o} et {o2} {scene}", "{scene_cap}, {o} et {o2}",
-               "deux formes : {o} et {o2}"],
-        "zh": ["一个{o}和一个{o2}", "左边一个{o}，右边一个{o2}", "{scene}有一个{o}和一个{o2}", "{scene}，一个{o}和一个{o2}",
-               "两个形状：一个{o}和一个{o2}"],
+        "en": [
+            "{o} and {o2}",
+            "{o} to the left of {o2}",
+            "{o} and {o2} {scene}",
+            "{scene_cap}, {o} and {o2}",
+            "two shapes: {o} and {o2}",
+        ],
+        "de": [
+            "{o} und {o2}",
+            "{o} links und {o2} rechts",
+            "{o} und {o2} {scene}",
+            "{scene_cap} sind {o} und {o2}",
+            "zwei Formen: {o} und {o2}",
+        ],
+        "fr": [
+            "{o} et {o2}",
+            "{o} à gauche et {o2} à droite",
+            "{o} et {o2} {scene}",
+            "{scene_cap}, {o} et {o2}",
+            "deux formes : {o} et {o2}",
+        ],
+        "zh": [
+            "一个{o}和一个{o2}",
+            "左边一个{o}，右边一个{o2}",
+            "{scene}有一个{o}和一个{o2}",
+            "{scene}，一个{o}和一个{o2}",
+            "两个形状：一个{o}和一个{o2}",
+        ],
     },
     "video": {
-        "en": ["{o} moves {motion}", "{o} moving {motion} {scene}", "{o} slides {motion}",
-               "a video of {o} {scene}", "{scene_cap}, {o} moves {motion}"],
-        "de": ["{o} bewegt sich {motion}", "{o} bewegt sich {motion} {scene}", "{o} gleitet {motion}",
-               "ein Video: {o} {scene}", "{scene_cap} bewegt sich {o} {motion}"],
-        "fr": ["{o} se déplace {motion}", "{o} se déplaçant {motion} {scene}", "{o} glisse {motion}",
-               "une vidéo : {o} {scene}", "{scene_cap}, {o} se déplace {motion}"],
-        "zh": ["一个{o}{motion}移动", "一个{o}{scene}{motion}移动", "一个{o}{motion}滑动", "一段{o}{scene}的视频",
-               "{scene}，一个{o}{motion}移动"],
+        "en": [
+            "{o} moves {motion}",
+            "{o} moving {motion} {scene}",
+            "{o} slides {motion}",
+            "a video of {o} {scene}",
+            "{scene_cap}, {o} moves {motion}",
+        ],
+        "de": [
+            "{o} bewegt sich {motion}",
+            "{o} bewegt sich {motion} {scene}",
+            "{o} gleitet {motion}",
+            "ein Video: {o} {scene}",
+            "{scene_cap} bewegt sich {o} {motion}",
+        ],
+        "fr": [
+            "{o} se déplace {motion}",
+            "{o} se déplaçant {motion} {scene}",
+            "{o} glisse {motion}",
+            "une vidéo : {o} {scene}",
+            "{scene_cap}, {o} se déplace {motion}",
+        ],
+        "zh": [
+            "一个{o}{motion}移动",
+            "一个{o}{scene}{motion}移动",
+            "一个{o}{motion}滑动",
+            "一段{o}{scene}的视频",
+            "{scene}，一个{o}{motion}移动",
+        ],
     },
 }
 
@@ -217,8 +337,9 @@ def split_fractions(sizes: tuple[int, int, int]) -> tuple[float, float]:
     return sizes[1] / total, sizes[2] / total
 
 
-def assign_splits(items: list[DemoItem], seed: int,
-                  fractions: tuple[float, float] = (0.2, 0.2)) -> dict[str, list[DemoItem]]:
+def assign_splits(
+    items: list[DemoItem], seed: int, fractions: tuple[float, float] = (0.2, 0.2)
+) -> dict[str, list[DemoItem]]:
     """`fractions` (val, test) of the items, the rest train (default about 60/20/20); images and videos
     split separately so each split has both. Multi30K's fractions at 31,014 images give its sizes."""
     rng = random.Random(seed + 1)
@@ -228,8 +349,8 @@ def assign_splits(items: list[DemoItem], seed: int,
         rng.shuffle(group)
         n_val, n_test = round(len(group) * fractions[0]), round(len(group) * fractions[1])
         splits["test"] += group[:n_test]
-        splits["val"] += group[n_test:n_test + n_val]
-        splits["train"] += group[n_test + n_val:]
+        splits["val"] += group[n_test : n_test + n_val]
+        splits["train"] += group[n_test + n_val :]
     return {name: sorted(group, key=lambda i: i.item_id) for name, group in splits.items()}
 
 
@@ -253,12 +374,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, c
     elif shape == "square":
         draw.rectangle([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill, outline=outline)
     elif shape == "triangle":
-        draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=fill, outline=outline)
+        draw.polygon(
+            [(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=fill, outline=outline
+        )
     else:  # star: ten points alternating outer / inner radius
         angles = np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, radius * 1.15, radius * 0.5)
-        draw.polygon([(float(cx + r * np.cos(a)), float(cy - r * np.sin(a))) for a, r in zip(angles, radii)],
-                     fill=fill, outline=outline)
+        draw.polygon(
+            [(float(cx + r * np.cos(a)), float(cy - r * np.sin(a))) for a, r in zip(angles, radii)],
+            fill=fill,
+            outline=outline,
+        )
 
 
 def draw_image(item: DemoItem) -> Image.Image:
@@ -280,8 +406,9 @@ def video_frames(item: DemoItem) -> list[np.ndarray]:
     for t in range(VIDEO_FRAMES):
         a = t / (VIDEO_FRAMES - 1)
         frame = background.copy()
-        _draw_shape(ImageDraw.Draw(frame), shape, colour, (x0 + a * (x1 - x0)) * SIZE, (y0 + a * (y1 - y0)) * SIZE,
-                    SIZE * 0.15)
+        _draw_shape(
+            ImageDraw.Draw(frame), shape, colour, (x0 + a * (x1 - x0)) * SIZE, (y0 + a * (y1 - y0)) * SIZE, SIZE * 0.15
+        )
         frames.append(np.asarray(frame))
     return frames
 
@@ -314,8 +441,7 @@ def encode_mp4(frames: list[np.ndarray], fps: int = VIDEO_FPS) -> bytes:
 SCENE_DESCRIPTIONS_FILE = "scene_descriptions.json"  # written beside the data folder (see cli.prepare_demo)
 SHUFFLED_DESCRIPTIONS_FILE = "scene_descriptions_shuffled.json"  # the same, on the wrong items (a control)
 SCENE_DESCRIPTIONS_LABEL = "scene descriptions from the demo generator (standing in for an MLLM)"
-PLACES = {"left": "left side", "right": "right side", "top": "upper part", "bottom": "lower part",
-          "center": "middle"}
+PLACES = {"left": "left side", "right": "right side", "top": "upper part", "bottom": "lower part", "center": "middle"}
 SETTINGS = {  # scene -> (what the background shows, the time of day / atmosphere)
     "beach": ("sandy beach under a pale blue sky", "sunny daytime"),
     "field": ("green grass field under a blue sky", "daytime, open country"),
@@ -323,8 +449,12 @@ SETTINGS = {  # scene -> (what the background shows, the time of day / atmospher
     "room": ("indoor room, beige wall over a brown floor", "indoors, lamp light"),
     "snow": ("snowy white ground under a grey sky", "winter, cold"),
 }
-HEADINGS = {"left_to_right": "rightward, left edge to right edge", "right_to_left": "leftward, right edge to left edge",
-            "top_to_bottom": "downward, top edge to bottom edge", "bottom_to_top": "upward, bottom edge to top edge"}
+HEADINGS = {
+    "left_to_right": "rightward, left edge to right edge",
+    "right_to_left": "leftward, right edge to left edge",
+    "top_to_bottom": "downward, top edge to bottom edge",
+    "bottom_to_top": "upward, bottom edge to top edge",
+}
 
 
 def scene_description(item: DemoItem, view: str) -> str:
@@ -336,27 +466,35 @@ def scene_description(item: DemoItem, view: str) -> str:
     if item.kind == "video":
         colour, shape, motion = item.objects[0]
         thing, heading = f"{colour} {shape}", HEADINGS[motion]
-        texts = {"objects": f"one medium {thing}, the only object",
-                 "actions": f"the {thing} slides {heading}, frame after frame",
-                 "scene": f"{setting}; {mood}",
-                 "detailed": f"{thing} sliding {heading.split(',')[0]} across a {setting}"}
+        texts = {
+            "objects": f"one medium {thing}, the only object",
+            "actions": f"the {thing} slides {heading}, frame after frame",
+            "scene": f"{setting}; {mood}",
+            "detailed": f"{thing} sliding {heading.split(',')[0]} across a {setting}",
+        }
     elif item.kind == "two":
         (colour, shape, _), (colour2, shape2, _) = item.objects
         first, second = f"{colour} {shape}", f"{colour2} {shape2}"
-        texts = {"objects": f"two medium objects: {first} at left, {second} at right",
-                 "actions": f"nothing moves: {first} and {second} stand side by side",
-                 "scene": f"{setting}; {mood}",
-                 "detailed": f"{first} at left beside {second} at right, {setting}"}
+        texts = {
+            "objects": f"two medium objects: {first} at left, {second} at right",
+            "actions": f"nothing moves: {first} and {second} stand side by side",
+            "scene": f"{setting}; {mood}",
+            "detailed": f"{first} at left beside {second} at right, {setting}",
+        }
     else:
         colour, shape, position = item.objects[0]
         thing, place = f"{colour} {shape}", PLACES[position]
-        texts = {"objects": f"one big {thing}, {place} of the picture",
-                 "actions": f"nothing moves: the {thing} rests, {place}",
-                 "scene": f"{setting}; {mood}",
-                 "detailed": f"{thing}, {place} of the picture, {setting}"}
+        texts = {
+            "objects": f"one big {thing}, {place} of the picture",
+            "actions": f"nothing moves: the {thing} rests, {place}",
+            "scene": f"{setting}; {mood}",
+            "detailed": f"{thing}, {place} of the picture, {setting}",
+        }
     if view not in texts:
-        raise ValueError(f"the demo generator writes no {view!r} description (it knows {sorted(texts)}): "
-                         "a view added to leccr/prompts needs a writer in leccr/datasets/demo.py")
+        raise ValueError(
+            f"the demo generator writes no {view!r} description (it knows {sorted(texts)}): "
+            "a view added to leccr/prompts needs a writer in leccr/datasets/demo.py"
+        )
     return texts[view]
 
 
@@ -366,10 +504,15 @@ def scene_descriptions(seed: int, num_images: int = NUM_IMAGES, num_videos: int 
     from leccr.prompts import default_views
 
     views = {media: list(default_views(media)) for media in ("image", "video")}
-    return {"model": SCENE_DESCRIPTIONS_LABEL,
-            "descriptions": {item.item_id: {view: scene_description(item, view)
-                                            for view in views["video" if item.kind == "video" else "image"]}
-                             for item in plan_items(seed, num_images, num_videos)}}
+    return {
+        "model": SCENE_DESCRIPTIONS_LABEL,
+        "descriptions": {
+            item.item_id: {
+                view: scene_description(item, view) for view in views["video" if item.kind == "video" else "image"]
+            }
+            for item in plan_items(seed, num_images, num_videos)
+        },
+    }
 
 
 def shuffled_across_items(descriptions: dict, seed: int) -> dict:
@@ -378,12 +521,15 @@ def shuffled_across_items(descriptions: dict, seed: int) -> dict:
     by_item = descriptions["descriptions"]
     order = sorted(by_item)
     random.Random(seed).shuffle(order)
-    return {"model": f"{descriptions['model']}, shuffled across items (a control)",
-            "descriptions": {item: by_item[order[(i + 1) % len(order)]] for i, item in enumerate(order)}}
+    return {
+        "model": f"{descriptions['model']}, shuffled across items (a control)",
+        "descriptions": {item: by_item[order[(i + 1) % len(order)]] for i, item in enumerate(order)},
+    }
 
 
-def write_scene_descriptions(path: Path, seed: int = 0, shuffled: bool = False, num_images: int = NUM_IMAGES,
-                             num_videos: int = NUM_VIDEOS) -> Path:
+def write_scene_descriptions(
+    path: Path, seed: int = 0, shuffled: bool = False, num_images: int = NUM_IMAGES, num_videos: int = NUM_VIDEOS
+) -> Path:
     """Write scene_descriptions(seed), or with `shuffled` the same shuffled across items, as JSON to
     `path` (atomically; skipped when the same is there)."""
     import json
@@ -443,20 +589,33 @@ def _write(folder: Path, seed: int, num_images: int, num_videos: int, fractions:
         for lang in LANGS:
             translated = [i.captions(lang) for i in group]
             if split == "test":
-                (task1 / "raw" / f"{stem1}.{lang}").write_text("".join(f"{c[0]}\n" for c in translated), encoding="utf-8")
+                (task1 / "raw" / f"{stem1}.{lang}").write_text(
+                    "".join(f"{c[0]}\n" for c in translated), encoding="utf-8"
+                )
             if split != "test":  # CCR-release MT training captions for every English caption
-                lines = [f"{i.item_id}#enc2{lang}#{k} {mt_noise(text, lang, rng)}\n"
-                         for i, captions in zip(group, translated) for k, text in enumerate(captions)]
+                lines = [
+                    f"{i.item_id}#enc2{lang}#{k} {mt_noise(text, lang, rng)}\n"
+                    for i, captions in zip(group, translated)
+                    for k, text in enumerate(captions)
+                ]
                 (folder / "TextData" / f"Flickr30k{split}_google_enc2{lang}.caption.txt").write_text(
-                    "".join(lines), encoding="utf-8")
+                    "".join(lines), encoding="utf-8"
+                )
     (folder / "README.md").write_text(
         f"Generated demo dataset (leccr.datasets.demo, seed {seed}): {num_images} images and {num_videos} videos "
-        f"of coloured shapes, Multi30K layout. Read it with format: multi30k.\n", encoding="utf-8")
+        f"of coloured shapes, Multi30K layout. Read it with format: multi30k.\n",
+        encoding="utf-8",
+    )
     (folder / DONE_MARKER).write_text(f"seed {seed}\n", encoding="utf-8")
 
 
-def generate_demo(out: Path, seed: int = 0, num_images: int = NUM_IMAGES, num_videos: int = NUM_VIDEOS,
-                  fractions: tuple[float, float] = (0.2, 0.2)) -> Path:
+def generate_demo(
+    out: Path,
+    seed: int = 0,
+    num_images: int = NUM_IMAGES,
+    num_videos: int = NUM_VIDEOS,
+    fractions: tuple[float, float] = (0.2, 0.2),
+) -> Path:
     """Write the demo dataset to `out` (skipped when a complete one is already there); returns `out`.
     `num_images`, `num_videos`: a larger collection of the same world (benchmarks); `fractions`: of
     val and test (`split_fractions(MULTI30K_SPLITS)`: Multi30K's proportions).

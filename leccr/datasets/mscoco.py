@@ -23,6 +23,7 @@ Splits: Karpathy train + restval -> train, val -> val, test -> test. `test_proto
 the paper reports. `split_source: coco-cn` uses COCO-CN's own split lists instead (its test set is the
 zh test set of the CCR papers); only images listed there are items.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,9 +32,24 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from leccr.datasets.base import (Adapter, AdapterOptions, DatasetPath, DatasetTables, FeatureIndex, PathOption,
-                                 Problem, TableBuilder, parse_ccr_line, read_json, read_lines, read_mt_file, register,
-                                 rel, resolve_media, under)
+from leccr.datasets.base import (
+    Adapter,
+    AdapterOptions,
+    DatasetPath,
+    DatasetTables,
+    FeatureIndex,
+    PathOption,
+    Problem,
+    TableBuilder,
+    parse_ccr_line,
+    read_json,
+    read_lines,
+    read_mt_file,
+    register,
+    rel,
+    resolve_media,
+    under,
+)
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 MT_SPLITS = ("train", "val", "test")  # the {split} values of mt_pattern
@@ -43,14 +59,17 @@ _COCO_CN_ID = re.compile(r"^COCO_(?:train|val)2014_0*(\d+)$")
 class MscocoOptions(AdapterOptions):
     karpathy: DatasetPath = "dataset_coco.json"
     images: DatasetPath = "images"  # joined with each entry's `filepath` (train2014 / val2014) and `filename`
-    stair_files: Annotated[list[str], PathOption()] = ["STAIR-captions/stair_captions_v1.2_train.json",
-                                                       "STAIR-captions/stair_captions_v1.2_val.json"]
+    stair_files: Annotated[list[str], PathOption()] = [
+        "STAIR-captions/stair_captions_v1.2_train.json",
+        "STAIR-captions/stair_captions_v1.2_val.json",
+    ]
     coco_cn_dir: DatasetPath = "coco-cn"
     split_source: Literal["karpathy", "coco-cn"] = "karpathy"
     test_protocol: Literal["5k", "1k"] = "5k"
     test_fold: int = Field(0, ge=0, le=4)  # 1k protocol: which 1,000-image fold of the 5K test set
-    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = \
+    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = (
         "TextData/mscoco{split}_google_enc2{lang}.caption.txt"
+    )
     # When the MT files name images by another id: a file of `<id> <image file name>` lines (as
     # LECCR's img_id/image_ids.txt); the COCO id is read from the file name (COCO_val2014_<cocoid>.jpg).
     mt_id_map: DatasetPath | None = None
@@ -65,16 +84,18 @@ class Mscoco(Adapter):
     def placeholder_values(self, options: MscocoOptions, languages: list[str]) -> dict[str, list[str]]:
         return {"split": list(MT_SPLITS), "lang": list(languages)}
 
-    def collect(self, root: Path, options: MscocoOptions, languages: list[str] | None,
-                problems: list[Problem]) -> DatasetTables:
+    def collect(
+        self, root: Path, options: MscocoOptions, languages: list[str] | None, problems: list[Problem]
+    ) -> DatasetTables:
         builder = TableBuilder(problems, options.human_target_splits)
         features = FeatureIndex(under(root, options.features), root, problems) if options.features else None
         karpathy_path = under(root, options.karpathy)
         data = read_json(karpathy_path, root, problems, what="Karpathy split file")
         entries = self._entries(data, karpathy_path, root, problems)
         want = lambda lang: languages is None or lang in languages  # noqa: E731
-        coco_cn_split = self._coco_cn_splits(root, options, problems) if (
-            options.split_source == "coco-cn" or want("zh")) else {}
+        coco_cn_split = (
+            self._coco_cn_splits(root, options, problems) if (options.split_source == "coco-cn" or want("zh")) else {}
+        )
         splits = self._splits(entries, options, coco_cn_split)
         file = rel(karpathy_path, root)
         images = under(root, options.images)
@@ -86,7 +107,9 @@ class Mscoco(Adapter):
                 continue
             media = images / str(entry.get("filepath", "")) / str(entry["filename"])
             resolved = resolve_media(builder, root, cocoid, media, features, f"{file}: images[{index}]", None)
-            if resolved is None or not builder.add_item(cocoid, split, "image", *resolved, f"{file}: images[{index}]", None):
+            if resolved is None or not builder.add_item(
+                cocoid, split, "image", *resolved, f"{file}: images[{index}]", None
+            ):
                 continue
             for n, sentence in enumerate(entry.get("sentences") or []):
                 raw = sentence.get("raw") if isinstance(sentence, dict) else None
@@ -102,7 +125,7 @@ class Mscoco(Adapter):
         if options.mt_pattern:
             id_map = self._id_map(root, under(root, options.mt_id_map), problems) if options.mt_id_map else None
             for split in MT_SPLITS:
-                for lang in (languages if languages is not None else ["ja", "zh"]):
+                for lang in languages if languages is not None else ["ja", "zh"]:
                     path = under(root, options.mt_pattern.format(split=split, lang=lang))
                     if path.is_file():
                         read_mt_file(path, root, lang, builder, id_map)
@@ -117,7 +140,9 @@ class Mscoco(Adapter):
             parts = line.split()
             digits = re.search(r"(\d+)\.\w+$", parts[1]) if len(parts) == 2 else None
             if digits is None:
-                problems.append(Problem(rel(path, root), number, f"expected '<id> <COCO image file name>', got {line[:80]!r}", ""))
+                problems.append(
+                    Problem(rel(path, root), number, f"expected '<id> <COCO image file name>', got {line[:80]!r}", "")
+                )
                 continue
             id_map[parts[0]] = str(int(digits.group(1)))
         return id_map
@@ -133,23 +158,31 @@ class Mscoco(Adapter):
         for index, entry in enumerate(data["images"]):
             missing = [k for k in ("cocoid", "filename", "split") if not isinstance(entry, dict) or k not in entry]
             if missing:
-                problems.append(Problem(rel(path, root), None, f"images[{index}] has no {', '.join(map(repr, missing))}"))
+                problems.append(
+                    Problem(rel(path, root), None, f"images[{index}] has no {', '.join(map(repr, missing))}")
+                )
             elif entry["split"] not in KARPATHY_SPLITS:
-                problems.append(Problem(rel(path, root), None, f"images[{index}] has split {entry['split']!r}; "
-                                                               f"expected one of {sorted(KARPATHY_SPLITS)}"))
+                problems.append(
+                    Problem(
+                        rel(path, root),
+                        None,
+                        f"images[{index}] has split {entry['split']!r}; expected one of {sorted(KARPATHY_SPLITS)}",
+                    )
+                )
             else:
                 out.append((index, entry))
         return out
 
     @staticmethod
-    def _splits(entries: list[tuple[int, dict]], options: MscocoOptions,
-                coco_cn_split: dict[str, str]) -> dict[str, str]:
+    def _splits(
+        entries: list[tuple[int, dict]], options: MscocoOptions, coco_cn_split: dict[str, str]
+    ) -> dict[str, str]:
         if options.split_source == "coco-cn":
             return dict(coco_cn_split)
         splits = {str(e["cocoid"]): KARPATHY_SPLITS[e["split"]] for _, e in entries}
         if options.test_protocol == "1k":
             test = [str(e["cocoid"]) for _, e in entries if e["split"] == "test"]
-            keep = set(test[1000 * options.test_fold: 1000 * (options.test_fold + 1)])
+            keep = set(test[1000 * options.test_fold : 1000 * (options.test_fold + 1)])
             splits = {k: v for k, v in splits.items() if v != "test" or k in keep}
         return splits
 
@@ -169,8 +202,14 @@ class Mscoco(Adapter):
                     continue
                 match = _COCO_CN_ID.match(line.strip())
                 if not match:
-                    problems.append(Problem(rel(path, root), number,
-                                            f"expected a COCO image id like COCO_val2014_000000290951, got {line[:60]!r}", ""))
+                    problems.append(
+                        Problem(
+                            rel(path, root),
+                            number,
+                            f"expected a COCO image id like COCO_val2014_000000290951, got {line[:60]!r}",
+                            "",
+                        )
+                    )
                     continue
                 splits[str(int(match.group(1)))] = split
         return splits
@@ -187,12 +226,21 @@ class Mscoco(Adapter):
         file = rel(path, root)
         for index, ann in enumerate(annotations):
             if not isinstance(ann, dict) or not all(k in ann for k in ("id", "image_id", "caption")):
-                builder.problems.append(Problem(file, None, f"annotations[{index}] needs 'id', 'image_id' and 'caption'"))
+                builder.problems.append(
+                    Problem(file, None, f"annotations[{index}] needs 'id', 'image_id' and 'caption'")
+                )
                 continue
             cocoid = str(ann["image_id"])
             if cocoid in builder.items:  # STAIR covers all of COCO 2014; keep the images of our splits
-                builder.add_caption(cocoid, f"{cocoid}#stair#{ann['id']}", "ja", str(ann["caption"]), "human",
-                                    f"{file}: annotations[{index}]", None)
+                builder.add_caption(
+                    cocoid,
+                    f"{cocoid}#stair#{ann['id']}",
+                    "ja",
+                    str(ann["caption"]),
+                    "human",
+                    f"{file}: annotations[{index}]",
+                    None,
+                )
 
     @staticmethod
     def _coco_cn_captions(builder: TableBuilder, root: Path, folder: Path) -> None:
@@ -204,8 +252,14 @@ class Mscoco(Adapter):
             parsed = parse_ccr_line(line)
             match = _COCO_CN_ID.match(parsed[0].split("#", 1)[0]) if parsed else None
             if parsed is None or match is None:
-                builder.problems.append(Problem(file, number, f"expected 'COCO_<set>2014_<id>#<n><TAB><caption>', "
-                                                              f"got {line[:60]!r}", parsed[0] if parsed else ""))
+                builder.problems.append(
+                    Problem(
+                        file,
+                        number,
+                        f"expected 'COCO_<set>2014_<id>#<n><TAB><caption>', got {line[:60]!r}",
+                        parsed[0] if parsed else "",
+                    )
+                )
                 continue
             cocoid = str(int(match.group(1)))
             if cocoid in builder.items:

@@ -18,15 +18,32 @@ caption's id (and so do its de/fr/cs translations, which become references for i
 is its own English caption `X#t1`. Image lists may also name video files (the generated demo does):
 the media type follows the extension.
 """
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import Annotated
 
-from leccr.datasets.base import (Adapter, AdapterOptions, DatasetPath, DatasetTables, FeatureIndex, PathOption,
-                                 Problem, TableBuilder, find_text_file, media_type_of, read_lines, read_mt_file,
-                                 register, rel, resolve_media, strip_media_extension, under)
+from leccr.datasets.base import (
+    Adapter,
+    AdapterOptions,
+    DatasetPath,
+    DatasetTables,
+    FeatureIndex,
+    PathOption,
+    Problem,
+    TableBuilder,
+    find_text_file,
+    media_type_of,
+    read_lines,
+    read_mt_file,
+    register,
+    rel,
+    resolve_media,
+    strip_media_extension,
+    under,
+)
 
 
 class Multi30kOptions(AdapterOptions):
@@ -37,8 +54,9 @@ class Multi30kOptions(AdapterOptions):
     task2_splits: dict[str, str] = {"train": "train", "val": "val", "test": "test_2016"}
     task2_languages: list[str] = ["en"]  # task 2 also ships five independent German captions: add "de"
     # CCR-release MT caption files; {split} is our split name, {lang} the target language. None: none.
-    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = \
+    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = (
         "TextData/Flickr30k{split}_google_enc2{lang}.caption.txt"
+    )
 
 
 def _normal(text: str) -> str:
@@ -55,8 +73,9 @@ class Multi30k(Adapter):
     def placeholder_values(self, options: Multi30kOptions, languages: list[str]) -> dict[str, list[str]]:
         return {"split": list(options.splits), "lang": [lang for lang in languages if lang != "en"]}
 
-    def collect(self, root: Path, options: Multi30kOptions, languages: list[str] | None,
-                problems: list[Problem]) -> DatasetTables:
+    def collect(
+        self, root: Path, options: Multi30kOptions, languages: list[str] | None, problems: list[Problem]
+    ) -> DatasetTables:
         builder = TableBuilder(problems, options.human_target_splits)
         task1 = root / "data" / "task1"
         task2 = root / "data" / "task2"
@@ -64,15 +83,28 @@ class Multi30k(Adapter):
         images = under(root, options.images)
         for split, stem in options.splits.items():
             list_path = task1 / "image_splits" / f"{stem}.txt"
-            names = read_lines(list_path, root, problems, what=f"{split} image list",
-                               item_of=lambda number, text: strip_media_extension(text.strip()))
+            names = read_lines(
+                list_path,
+                root,
+                problems,
+                what=f"{split} image list",
+                item_of=lambda number, text: strip_media_extension(text.strip()),
+            )
             if names is None:
                 continue
             item_ids = self._items(builder, root, split, names, list_path, images, features)
             english_by_text: list[dict[str, str]] = [{} for _ in item_ids]
             if split in options.task2_splits:
-                self._task2(builder, root, task2, options.task2_splits[split], options.task2_languages,
-                            item_ids, list_path, english_by_text)
+                self._task2(
+                    builder,
+                    root,
+                    task2,
+                    options.task2_splits[split],
+                    options.task2_languages,
+                    item_ids,
+                    list_path,
+                    english_by_text,
+                )
             self._task1(builder, root, task1 / "raw", stem, languages, item_ids, list_path, english_by_text)
         if options.mt_pattern:
             for split in options.splits:
@@ -83,8 +115,16 @@ class Multi30k(Adapter):
         return builder.tables(languages)
 
     # ---------------------------------------------------------------- pieces
-    def _items(self, builder: TableBuilder, root: Path, split: str, names: list[str], list_path: Path,
-               images: Path, features: FeatureIndex | None) -> list[str | None]:
+    def _items(
+        self,
+        builder: TableBuilder,
+        root: Path,
+        split: str,
+        names: list[str],
+        list_path: Path,
+        images: Path,
+        features: FeatureIndex | None,
+    ) -> list[str | None]:
         """Add the items of one split list; returns the item id per line (None where the line is bad)."""
         item_ids: list[str | None] = []
         file = rel(list_path, root)
@@ -105,19 +145,38 @@ class Multi30k(Adapter):
             item_ids.append(item_id)
         return item_ids
 
-    def _aligned(self, builder: TableBuilder, root: Path, path: Path, item_ids: list[str | None], list_path: Path,
-                 what: str, required: bool) -> list[tuple[int, str, str]]:
+    def _aligned(
+        self,
+        builder: TableBuilder,
+        root: Path,
+        path: Path,
+        item_ids: list[str | None],
+        list_path: Path,
+        what: str,
+        required: bool,
+    ) -> list[tuple[int, str, str]]:
         """(line number, item id, text) of a caption file aligned line by line with an image list."""
-        lines = read_lines(path, root, builder.problems, what=what, required=required,
-                           item_of=lambda number, text: item_ids[number - 1] if number <= len(item_ids) else None)
+        lines = read_lines(
+            path,
+            root,
+            builder.problems,
+            what=what,
+            required=required,
+            item_of=lambda number, text: item_ids[number - 1] if number <= len(item_ids) else None,
+        )
         if lines is None:
             return []
         found = find_text_file(path)
         file = rel(found or path, root)
         if len(lines) != len(item_ids):
-            builder.problems.append(Problem(file, min(len(lines), len(item_ids)) + 1,
-                                            f"{len(lines)} caption line(s) but {rel(list_path, root)} lists "
-                                            f"{len(item_ids)} image(s); line i must describe image i"))
+            builder.problems.append(
+                Problem(
+                    file,
+                    min(len(lines), len(item_ids)) + 1,
+                    f"{len(lines)} caption line(s) but {rel(list_path, root)} lists "
+                    f"{len(item_ids)} image(s); line i must describe image i",
+                )
+            )
         out = []
         for number, (text, item_id) in enumerate(zip(lines, item_ids), 1):
             if item_id is None or text is None:  # a bad list line, or bytes that are not UTF-8: reported
@@ -128,8 +187,17 @@ class Multi30k(Adapter):
             out.append((number, item_id, text))
         return out
 
-    def _task2(self, builder: TableBuilder, root: Path, task2: Path, stem: str, langs: list[str],
-               item_ids: list[str | None], task1_list: Path, english_by_text: list[dict[str, str]]) -> None:
+    def _task2(
+        self,
+        builder: TableBuilder,
+        root: Path,
+        task2: Path,
+        stem: str,
+        langs: list[str],
+        item_ids: list[str | None],
+        task1_list: Path,
+        english_by_text: list[dict[str, str]],
+    ) -> None:
         raw = task2 / "raw"
         if not any(find_text_file(raw / f"{stem}.{k}.{lang}") for k in range(1, 6) for lang in langs):
             return
@@ -137,15 +205,24 @@ class Multi30k(Adapter):
         list_path = task2 / "image_splits" / f"{stem}_images.txt"
         order = item_ids
         if list_path.is_file():
-            names = read_lines(list_path, root, builder.problems,
-                               item_of=lambda number, text: strip_media_extension(text.strip())) or []
+            names = (
+                read_lines(
+                    list_path, root, builder.problems, item_of=lambda number, text: strip_media_extension(text.strip())
+                )
+                or []
+            )
             known = set(i for i in item_ids if i is not None)
             order = [strip_media_extension(n.strip()) if n is not None else None for n in names]
             for number, item_id in enumerate(order, 1):
                 if item_id is not None and item_id not in known and item_id not in builder.failed_items:
-                    builder.problems.append(Problem(rel(list_path, root), number,
-                                                    f"image {item_id!r} is not in the task-1 list "
-                                                    f"{rel(task1_list, root)}", item_id))
+                    builder.problems.append(
+                        Problem(
+                            rel(list_path, root),
+                            number,
+                            f"image {item_id!r} is not in the task-1 list {rel(task1_list, root)}",
+                            item_id,
+                        )
+                    )
             order = [i if i in known else None for i in order]
         else:
             list_path = task1_list
@@ -154,15 +231,27 @@ class Multi30k(Adapter):
             for k in range(1, 6):
                 path = raw / f"{stem}.{k}.{lang}"
                 file = rel(find_text_file(path) or path, root)
-                for number, item_id, text in self._aligned(builder, root, path, order, list_path,
-                                                           f"task 2 {lang} caption file", required=False):
+                for number, item_id, text in self._aligned(
+                    builder, root, path, order, list_path, f"task 2 {lang} caption file", required=False
+                ):
                     caption_id = f"{item_id}#enc#{k - 1}" if lang == "en" else f"{item_id}#{lang}#{k - 1}"
                     if builder.add_caption(item_id, caption_id, lang, text, "human", file, number) and lang == "en":
                         english_by_text[index[item_id]].setdefault(_normal(text), caption_id)
 
-    def _task1(self, builder: TableBuilder, root: Path, raw: Path, stem: str, languages: list[str] | None,
-               item_ids: list[str | None], list_path: Path, english_by_text: list[dict[str, str]]) -> None:
-        present = sorted({p.name[len(stem) + 1:].removesuffix(".gz") for p in raw.glob(f"{stem}.*")}) if raw.is_dir() else []
+    def _task1(
+        self,
+        builder: TableBuilder,
+        root: Path,
+        raw: Path,
+        stem: str,
+        languages: list[str] | None,
+        item_ids: list[str | None],
+        list_path: Path,
+        english_by_text: list[dict[str, str]],
+    ) -> None:
+        present = (
+            sorted({p.name[len(stem) + 1 :].removesuffix(".gz") for p in raw.glob(f"{stem}.*")}) if raw.is_dir() else []
+        )
         langs = [lang for lang in present if re.fullmatch(r"[a-z]{2}", lang)]
         if languages is not None:
             langs = [lang for lang in langs if lang == "en" or lang in languages]
@@ -171,23 +260,28 @@ class Multi30k(Adapter):
         if "en" in langs:
             path = raw / f"{stem}.en"
             file = rel(find_text_file(path) or path, root)
-            for number, item_id, text in self._aligned(builder, root, path, item_ids, list_path,
-                                                       "task 1 English caption file", required=False):
+            for number, item_id, text in self._aligned(
+                builder, root, path, item_ids, list_path, "task 1 English caption file", required=False
+            ):
                 match = english_by_text[number - 1].get(_normal(text))
                 if match is not None:
                     line_ids[number - 1] = match
                 else:
                     builder.add_caption(item_id, line_ids[number - 1], "en", text, "human", file, number)
         elif not any(english_by_text):
-            builder.problems.append(Problem(rel(raw / f"{stem}.en", root), None,
-                                            "missing English caption file (and no task 2 English captions)"))
+            builder.problems.append(
+                Problem(
+                    rel(raw / f"{stem}.en", root), None, "missing English caption file (and no task 2 English captions)"
+                )
+            )
         for lang in langs:
             if lang == "en":
                 continue
             path = raw / f"{stem}.{lang}"
             file = rel(find_text_file(path) or path, root)
-            for number, item_id, text in self._aligned(builder, root, path, item_ids, list_path,
-                                                       f"task 1 {lang} caption file", required=True):
+            for number, item_id, text in self._aligned(
+                builder, root, path, item_ids, list_path, f"task 1 {lang} caption file", required=True
+            ):
                 builder.add_caption(item_id, line_ids[number - 1], lang, text, "human", file, number)
 
     @staticmethod
@@ -196,5 +290,8 @@ class Multi30k(Adapter):
             return [lang for lang in languages if lang != "en"]
         found = under(root, pattern.format(split=split, lang="*"))
         matcher = re.compile(re.escape(found.name).replace(r"\*", "([a-z]{2})") + "$")
-        return sorted({m.group(1) for p in found.parent.glob(found.name) if (m := matcher.match(p.name))}) \
-            if found.parent.is_dir() else []
+        return (
+            sorted({m.group(1) for p in found.parent.glob(found.name) if (m := matcher.match(p.name))})
+            if found.parent.is_dir()
+            else []
+        )

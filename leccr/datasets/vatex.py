@@ -16,14 +16,29 @@ gives them the English caption's id instead (then they are references for it; do
 an MT file for the same split, since (caption_id, lang) must be unique).
 Videos of the validation file named in no split list are left out (the check reports how many).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
-from leccr.datasets.base import (Adapter, AdapterOptions, DatasetPath, DatasetTables, FeatureIndex, PathOption,
-                                 Problem, TableBuilder, read_json, read_lines, read_mt_file, register, rel,
-                                 resolve_media, under)
+from leccr.datasets.base import (
+    Adapter,
+    AdapterOptions,
+    DatasetPath,
+    DatasetTables,
+    FeatureIndex,
+    PathOption,
+    Problem,
+    TableBuilder,
+    read_json,
+    read_lines,
+    read_mt_file,
+    register,
+    rel,
+    resolve_media,
+    under,
+)
 
 
 class VatexOptions(AdapterOptions):
@@ -34,8 +49,9 @@ class VatexOptions(AdapterOptions):
     videos: DatasetPath = "videos"
     video_extension: str = ".mp4"
     parallel_pairs: bool = False
-    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = \
+    mt_pattern: Annotated[str | None, PathOption(("split", "lang"))] = (
         "TextData/vatex_{split}_google_enc2{lang}.caption.txt"
+    )
 
 
 @register
@@ -47,8 +63,9 @@ class Vatex(Adapter):
     def placeholder_values(self, options: VatexOptions, languages: list[str]) -> dict[str, list[str]]:
         return {"split": ["train", *options.split_lists], "lang": list(languages)}
 
-    def collect(self, root: Path, options: VatexOptions, languages: list[str] | None,
-                problems: list[Problem]) -> DatasetTables:
+    def collect(
+        self, root: Path, options: VatexOptions, languages: list[str] | None, problems: list[Problem]
+    ) -> DatasetTables:
         builder = TableBuilder(problems, options.human_target_splits)
         features = FeatureIndex(under(root, options.features), root, problems) if options.features else None
         want_zh = languages is None or "zh" in languages
@@ -62,8 +79,14 @@ class Vatex(Adapter):
                 if not video_id:
                     problems.append(Problem(rel(path, root), number, "empty line (expected a videoID)", ""))
                 elif video_id in listed:
-                    problems.append(Problem(rel(path, root), number, f"video {video_id!r} already listed in split "
-                                                                     f"{listed[video_id]!r}", video_id))
+                    problems.append(
+                        Problem(
+                            rel(path, root),
+                            number,
+                            f"video {video_id!r} already listed in split {listed[video_id]!r}",
+                            video_id,
+                        )
+                    )
                 else:
                     listed[video_id] = split
         sources = [(under(root, options.train_json), lambda vid: "train")]
@@ -80,8 +103,11 @@ class Vatex(Adapter):
                 continue
             for index, entry in enumerate(data):
                 where = f"{file}: [{index}]"
-                if not isinstance(entry, dict) or not isinstance(entry.get("videoID"), str) \
-                        or not isinstance(entry.get("enCap"), list):
+                if (
+                    not isinstance(entry, dict)
+                    or not isinstance(entry.get("videoID"), str)
+                    or not isinstance(entry.get("enCap"), list)
+                ):
                     problems.append(Problem(where, None, "expected {'videoID': str, 'enCap': [...], 'chCap': [...]}"))
                     continue
                 video_id = entry["videoID"]
@@ -95,7 +121,9 @@ class Vatex(Adapter):
                 if resolved is None or not builder.add_item(video_id, split, "video", *resolved, where, None):
                     continue
                 for n, text in enumerate(entry["enCap"]):
-                    builder.add_caption(video_id, f"{video_id}#enc#{n}", "en", str(text), "human", f"{where}.enCap", None)
+                    builder.add_caption(
+                        video_id, f"{video_id}#enc#{n}", "en", str(text), "human", f"{where}.enCap", None
+                    )
                 if want_zh:
                     chinese = entry.get("chCap") or []
                     for n, text in enumerate(chinese):
@@ -108,7 +136,7 @@ class Vatex(Adapter):
                 problems.append(Problem(name, None, f"video {video_id!r} is not in {options.validation_json}"))
         if options.mt_pattern:
             for split in ("train", *options.split_lists):
-                for lang in (languages if languages is not None else ["zh"]):
+                for lang in languages if languages is not None else ["zh"]:
                     path = under(root, options.mt_pattern.format(split=split, lang=lang))
                     if path.is_file():
                         read_mt_file(path, root, lang, builder)

@@ -6,6 +6,7 @@ Keys are the engine settings, with each model folder named in `paths` by its con
 (`leccr.core.fingerprint.stat_identity`), so two configs never share an engine by accident and a
 model rewritten in place under the same path is loaded again.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ _engines: dict[str, Any] = {}
 _lock = threading.Lock()
 
 
-def cached_engine(kind: str, settings: dict[str, Any], factory: Callable[[], T], paths: tuple[str, ...] = ("path",)) -> T:
+def cached_engine(
+    kind: str, settings: dict[str, Any], factory: Callable[[], T], paths: tuple[str, ...] = ("path",)
+) -> T:
     """The engine of `kind` with these settings, built by `factory()` the first time in this process.
 
     `paths`: the settings that name model files or folders; they count by content, not by name."""

@@ -21,6 +21,7 @@ batch it ran in (up to the last bits of padded batch arithmetic). vLLM takes a s
 transformers' `generate` has one random stream per call, so there `RowSampler` draws each row's next
 token (temperature, then top-p) from that row's own generator and `generate` itself decodes greedily.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,8 @@ from typing import Any, Literal, Protocol
 
 from PIL import Image
 
-from leccr.runtime.hub import model_path
 from leccr.media.image_processor import load_image_processor
+from leccr.runtime.hub import model_path
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ def media_parts(request: Request, video_input: VideoInput) -> list[dict[str, str
 
 def chat_prompt(processor: Any, request: Request, video_input: VideoInput) -> str:
     """The prompt text through the model's own chat template (processor's, else tokenizer's)."""
-    messages = [{"role": "user", "content": [*media_parts(request, video_input), {"type": "text", "text": request.prompt}]}]
+    messages = [
+        {"role": "user", "content": [*media_parts(request, video_input), {"type": "text", "text": request.prompt}]}
+    ]
     for owner in (processor, getattr(processor, "tokenizer", None)):
         if owner is not None and getattr(owner, "chat_template", None):
             return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -168,8 +171,9 @@ class RowSampler:
             drop[:, -1] = False
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
         probs = logits.softmax(dim=-1)
-        chosen = torch.cat([torch.multinomial(probs[row], 1, generator=generator)
-                            for row, generator in enumerate(self.generators)])
+        chosen = torch.cat(
+            [torch.multinomial(probs[row], 1, generator=generator) for row, generator in enumerate(self.generators)]
+        )
         forced = torch.full_like(scores, float("-inf"))
         return forced.scatter_(1, chosen.unsqueeze(1), 0.0)
 
@@ -179,8 +183,15 @@ class TransformersMLLM:
 
     engine = "transformers"
 
-    def __init__(self, model: str | Path, sampling: SamplingConfig, device: str = "auto", batch_size: int = 8,
-                 dtype: str = "auto", video_input: VideoInput = "images"):
+    def __init__(
+        self,
+        model: str | Path,
+        sampling: SamplingConfig,
+        device: str = "auto",
+        batch_size: int = 8,
+        dtype: str = "auto",
+        video_input: VideoInput = "images",
+    ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -237,8 +248,13 @@ class TransformersMLLM:
         sampling = self.sampling
         # generate decodes greedily; a RowSampler draws the tokens when sampling. The model's own sampling
         # defaults (a generation_config's top_k, temperature) are unset so that they neither warn nor apply.
-        options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "do_sample": False,
-                                   "temperature": None, "top_p": None, "top_k": None}
+        options: dict[str, Any] = {
+            "max_new_tokens": sampling.max_tokens,
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+        }
         from transformers import LogitsProcessorList
 
         for start in range(0, len(order), self.batch_size):
@@ -249,8 +265,9 @@ class TransformersMLLM:
             if sampling.temperature > 0:
                 processors.append(RowSampler([r.seed for r in batch], sampling.temperature, sampling.top_p))
             with self._torch.inference_mode():
-                output = self.model.generate(**inputs, **options, logits_processor=processors,
-                                             pad_token_id=self.processor.tokenizer.pad_token_id)
+                output = self.model.generate(
+                    **inputs, **options, logits_processor=processors, pad_token_id=self.processor.tokenizer.pad_token_id
+                )
             new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
             for index, ids in zip(indices, new_tokens):
                 results[index] = self._finish(ids)
@@ -288,10 +305,19 @@ class VllmMLLM:
 
     engine = "vllm"
 
-    def __init__(self, model: str | Path, sampling: SamplingConfig, max_images_per_prompt: int = 1,
-                 video_input: VideoInput = "images", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto",
-                 max_num_seqs: int | None = None, options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        sampling: SamplingConfig,
+        max_images_per_prompt: int = 1,
+        video_input: VideoInput = "images",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        max_num_seqs: int | None = None,
+        options: dict[str, Any] | None = None,
+    ):
         from transformers import AutoProcessor
         from vllm import LLM
 
@@ -332,13 +358,23 @@ class VllmMLLM:
     def generate(self, requests: list[Request]) -> list[Generation]:
         from vllm import SamplingParams
 
-        prompts = [{"prompt": chat_prompt(self.processor, r, self.video_input),
-                    "multi_modal_data": self._multi_modal_data(r)} for r in requests]
+        prompts = [
+            {"prompt": chat_prompt(self.processor, r, self.video_input), "multi_modal_data": self._multi_modal_data(r)}
+            for r in requests
+        ]
         # detokenize=False: the ids are decoded below with the model's tokenizer in one call, the same
         # way the transformers engine does, so equal tokens give equal text in both engines (vLLM's
         # incremental detokenizer drops an unfinished UTF-8 byte sequence at the end; decode() does not).
-        params = [SamplingParams(temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-                                 max_tokens=self.sampling.max_tokens, seed=r.seed, detokenize=False) for r in requests]
+        params = [
+            SamplingParams(
+                temperature=self.sampling.temperature,
+                top_p=self.sampling.top_p,
+                max_tokens=self.sampling.max_tokens,
+                seed=r.seed,
+                detokenize=False,
+            )
+            for r in requests
+        ]
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)  # returned in request order
         except _vllm_client_errors() as error:  # validation of one request fails the whole call
@@ -388,7 +424,7 @@ def load_imported_descriptions(path: str | Path, default_view: str) -> ImportedD
     model = None
     if set(data) == {"model", "descriptions"} and isinstance(data["descriptions"], dict):
         if not isinstance(data["model"], str) or not data["model"].strip():
-            raise ValueError(f"{path}: \"model\" must name what wrote the descriptions, got {data['model']!r}")
+            raise ValueError(f'{path}: "model" must name what wrote the descriptions, got {data["model"]!r}')
         model, data = data["model"].strip(), data["descriptions"]
     out: dict[str, dict[str, str]] = {}
     for item_id, value in data.items():
@@ -397,8 +433,10 @@ def load_imported_descriptions(path: str | Path, default_view: str) -> ImportedD
         elif isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
             out[str(item_id)] = {str(k): v for k, v in value.items()}
         else:
-            raise ValueError(f"{path}: item {item_id!r}: expected a string or an object of view_id -> string, "
-                             f"got {type(value).__name__}")
+            raise ValueError(
+                f"{path}: item {item_id!r}: expected a string or an object of view_id -> string, "
+                f"got {type(value).__name__}"
+            )
     return ImportedDescriptions(out, model)
 
 

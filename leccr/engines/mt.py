@@ -3,6 +3,7 @@
 Identical source captions are translated once (benchmarks repeat captions a lot), and batches
 are formed from length-sorted texts so padding stays small.
 """
+
 from __future__ import annotations
 
 import logging
@@ -10,15 +11,21 @@ from pathlib import Path
 
 import torch
 
+from leccr.features.model_text import model_text
 from leccr.runtime.device import resolve_device
 from leccr.runtime.hub import model_path
-from leccr.features.model_text import model_text
 
 log = logging.getLogger(__name__)
 
 # NLLB-200 language codes for the languages CCR benchmarks use.
-NLLB_CODES = {"en": "eng_Latn", "de": "deu_Latn", "fr": "fra_Latn", "cs": "ces_Latn", "ja": "jpn_Jpan",
-              "zh": "zho_Hans"}
+NLLB_CODES = {
+    "en": "eng_Latn",
+    "de": "deu_Latn",
+    "fr": "fra_Latn",
+    "cs": "ces_Latn",
+    "ja": "jpn_Jpan",
+    "zh": "zho_Hans",
+}
 
 
 class Seq2SeqTranslator:
@@ -29,8 +36,15 @@ class Seq2SeqTranslator:
     the target language as the first generated token, "none" means the model only does one pair.
     """
 
-    def __init__(self, path: str | Path, lang_code_style: str = "none", device: str = "auto",
-                 batch_size: int = 32, max_length: int = 128, num_beams: int = 1):
+    def __init__(
+        self,
+        path: str | Path,
+        lang_code_style: str = "none",
+        device: str = "auto",
+        batch_size: int = 32,
+        max_length: int = 128,
+        num_beams: int = 1,
+    ):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.path = model_path(path, "translate.models")
@@ -70,10 +84,16 @@ class Seq2SeqTranslator:
         translated: dict[str, str] = {}
         for start in range(0, len(unique), self.batch_size):
             batch = unique[start : start + self.batch_size]
-            encoded = self.tokenizer([prefix + model_text(t) for t in batch], return_tensors="pt", padding=True,
-                                     truncation=True, max_length=self.max_length).to(self.device)
-            generated = self.model.generate(**encoded, max_new_tokens=self.max_length,
-                                            num_beams=self.num_beams, do_sample=False, **generate_kwargs)
+            encoded = self.tokenizer(
+                [prefix + model_text(t) for t in batch],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+            ).to(self.device)
+            generated = self.model.generate(
+                **encoded, max_new_tokens=self.max_length, num_beams=self.num_beams, do_sample=False, **generate_kwargs
+            )
             decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
             translated.update(zip(batch, (d.strip() for d in decoded)))
         return [translated[t] for t in texts]

@@ -7,6 +7,7 @@ Exact search is the reference and the default: one matrix product over every ite
 towards the lower row (as evaluate's stable sort). FAISS is optional (`pip install faiss-cpu`, the
 `search` extra): `faiss_missing()` says why it cannot be used.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,7 @@ class ExactIndex:
         scores = np.empty((len(queries), k), dtype=np.float32)
         rows = np.empty((len(queries), k), dtype=np.int64)
         for start in range(0, len(queries), QUERY_CHUNK):
-            block = queries[start:start + QUERY_CHUNK] @ self.vectors.T
+            block = queries[start : start + QUERY_CHUNK] @ self.vectors.T
             for offset, row_scores in enumerate(block):
                 top = _top_rows(row_scores, k)
                 rows[start + offset], scores[start + offset] = top, row_scores[top]
@@ -116,8 +117,11 @@ def build_faiss(vectors: np.ndarray, config: IvfConfig | HnswConfig) -> FaissInd
         index = faiss.IndexIVFFlat(quantizer, dim, ivf_cells(n_items, config), faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = config.seed
         rng = np.random.default_rng(config.seed)
-        sample = vectors if n_items <= config.train_size else vectors[
-            np.sort(rng.choice(n_items, config.train_size, replace=False))]
+        sample = (
+            vectors
+            if n_items <= config.train_size
+            else vectors[np.sort(rng.choice(n_items, config.train_size, replace=False))]
+        )
         index.train(sample)
     else:
         index = faiss.IndexHNSWFlat(dim, config.m, faiss.METRIC_INNER_PRODUCT)

@@ -7,6 +7,7 @@ in more than the swept fields are flagged, with the fields named: such a table m
 Published numbers (leccr.evaluation.published) that match the runs' dataset are listed beside ours, with the
 difference. No Prefect here: the sweep flow publishes the same markdown as a Prefect artifact.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from leccr.config import method_sort_key
+from leccr.core.io import atomic_write_bytes, atomic_write_text
 from leccr.evaluation.report import ARROWS, _figure_png, _pyplot, languages_of
 from leccr.records.runs import read_records
-from leccr.core.io import atomic_write_bytes, atomic_write_text
 
 IGNORED_FIELDS = ("name", "sweep")  # differ between a sweep's variants by construction
 
@@ -40,8 +41,9 @@ class Comparison:
         return self.swept + [p for p in self.flagged if p not in self.swept]
 
 
-def select_runs(root: str | Path, run_ids: list[str] | None = None, experiment: str | None = None,
-                sweep: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+def select_runs(
+    root: str | Path, run_ids: list[str] | None = None, experiment: str | None = None, sweep: str | None = None
+) -> tuple[str, list[dict[str, Any]]]:
     """(title, records): completed runs with an evaluate stage; for an experiment or a sweep the latest
     run of each variant (of each distinct config, for an experiment's plain runs)."""
     records = [r for r in read_records(root) if r["outcome"] == "completed" and "evaluate" in r["stages"]]
@@ -98,8 +100,13 @@ def _metrics(root: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def build(root: str | Path, title: str, records: list[dict[str, Any]], score: str = "fused",
-          published_file: Path | None = None) -> Comparison:
+def build(
+    root: str | Path,
+    title: str,
+    records: list[dict[str, Any]],
+    score: str = "fused",
+    published_file: Path | None = None,
+) -> Comparison:
     """The comparison table of these runs: `score` rows (fused: each method's inference score; global),
     plus every evaluate.alphas row, α as a column; the published rows the runs name (from
     `published_file`, default leccr/evaluation/published_results.yaml) with each row's difference to them."""
@@ -120,9 +127,17 @@ def build(root: str | Path, title: str, records: list[dict[str, Any]], score: st
                 continue
             alpha = m["alpha"] if m["score"] == "alpha" else None
             key = (m["method"], m["lang"], alpha)
-            row = by_variant.setdefault(key, {"run_id": record["run_id"], "variant": record["variant"],
-                                              "method": m["method"], "lang": m["lang"], "alpha": alpha,
-                                              **{c: flat.get(c) for c in columns}})
+            row = by_variant.setdefault(
+                key,
+                {
+                    "run_id": record["run_id"],
+                    "variant": record["variant"],
+                    "method": m["method"],
+                    "lang": m["lang"],
+                    "alpha": alpha,
+                    **{c: flat.get(c) for c in columns},
+                },
+            )
             if m["metric"] == "recall":
                 row[(m["direction"], m["k"])] = m["value"]
                 ks.add(m["k"])
@@ -138,9 +153,14 @@ def build(root: str | Path, title: str, records: list[dict[str, Any]], score: st
         reference = next((p for p in published if p["method"] == row["method"] and p["lang"] == row["lang"]), None)
         row["published_sumr"] = reference["sumr"] if reference else None
     langs = languages_of(rows) if rows else []
-    rows.sort(key=lambda r: (method_sort_key(r["method"]), langs.index(r["lang"]),
-                             [json.dumps(r[c], sort_keys=True, default=str) for c in columns],
-                             -1.0 if r["alpha"] is None else r["alpha"]))
+    rows.sort(
+        key=lambda r: (
+            method_sort_key(r["method"]),
+            langs.index(r["lang"]),
+            [json.dumps(r[c], sort_keys=True, default=str) for c in columns],
+            -1.0 if r["alpha"] is None else r["alpha"],
+        )
+    )
     return Comparison(title, records, swept, flagged, rows, sorted(ks), published)
 
 
@@ -162,16 +182,23 @@ def table_markdown(comparison: Comparison) -> str:
     header = ["Method", "Lang"] + [labels[c] for c in columns] + (["α"] if has_alpha else [])
     header += [f"{ARROWS[d]} R@{k}" for d in ARROWS for k in comparison.ks] + ["SumR"]
     header += ["Δ SumR vs published"] if has_published else []
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (2 + len(columns) + has_alpha)
-                                                              + ["---:"] * (len(header) - 2 - len(columns) - has_alpha)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|"
+        + "|".join(["---"] * (2 + len(columns) + has_alpha) + ["---:"] * (len(header) - 2 - len(columns) - has_alpha))
+        + "|",
+    ]
     for row in comparison.rows:
         cells = [row["method"], row["lang"]] + [_cell(row[c]) for c in columns]
         cells += [_cell(row["alpha"]) if row["alpha"] is not None else "(own)"] if has_alpha else []
         cells += [f"{row[(d, k)]:.1f}" if (d, k) in row else "–" for d in ARROWS for k in comparison.ks]
         cells.append(f"{row['sumr']:.1f}" if "sumr" in row else "–")
         if has_published:
-            cells.append("–" if row["published_sumr"] is None or "sumr" not in row
-                         else f"{row['sumr'] - row['published_sumr']:+.1f}")
+            cells.append(
+                "–"
+                if row["published_sumr"] is None or "sumr" not in row
+                else f"{row['sumr'] - row['published_sumr']:+.1f}"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -197,7 +224,9 @@ def plot_sumr(comparison: Comparison, out_dir: Path) -> list[Path]:
         order = sorted(values) if numeric else values
         lines: dict[str, dict[Any, float]] = {}
         for r in rows:
-            others = ", ".join(f"{labels[f]}={_cell(r.get(f))}" for f in fields if f != x_field and r.get(f) is not None)
+            others = ", ".join(
+                f"{labels[f]}={_cell(r.get(f))}" for f in fields if f != x_field and r.get(f) is not None
+            )
             name = f"{r['method']} {r['lang']}" + (f" ({others})" if others else "")
             lines.setdefault(name, {})[json.dumps(r[x_field], default=str)] = r["sumr"]
         figure, axis = plt.subplots(figsize=(6, 4))
@@ -223,25 +252,39 @@ def plot_sumr(comparison: Comparison, out_dir: Path) -> list[Path]:
 def markdown(comparison: Comparison, plots: list[Path], out_dir: Path) -> str:
     from leccr.evaluation.published import published_markdown
 
-    lines = [f"# Comparison: {comparison.title}", "",
-             f"{len(comparison.runs)} run(s); rows: method × language × "
-             + (", ".join(comparison.columns) if comparison.columns else "(nothing varies)")
-             + ("; α: evaluate.alphas rows, (own) = the method's own inference weight"
-                if any(r["alpha"] is not None for r in comparison.rows) else ""), ""]
+    lines = [
+        f"# Comparison: {comparison.title}",
+        "",
+        f"{len(comparison.runs)} run(s); rows: method × language × "
+        + (", ".join(comparison.columns) if comparison.columns else "(nothing varies)")
+        + (
+            "; α: evaluate.alphas rows, (own) = the method's own inference weight"
+            if any(r["alpha"] is not None for r in comparison.rows)
+            else ""
+        ),
+        "",
+    ]
     if comparison.flagged:
-        lines += ["> **Warning: these runs differ in more than the swept fields**: "
-                  + "; ".join(f"`{path}` ({', '.join(_cell(v) for v in values)})"
-                              for path, values in comparison.flagged.items())
-                  + ". A difference in the table may come from any of them.", ""]
+        lines += [
+            "> **Warning: these runs differ in more than the swept fields**: "
+            + "; ".join(
+                f"`{path}` ({', '.join(_cell(v) for v in values)})" for path, values in comparison.flagged.items()
+            )
+            + ". A difference in the table may come from any of them.",
+            "",
+        ]
     lines += [table_markdown(comparison)]
-    lines += published_markdown(comparison.published,
-                                any(r["config"]["evaluate"].get("published") for r in comparison.runs))
+    lines += published_markdown(
+        comparison.published, any(r["config"]["evaluate"].get("published") for r in comparison.runs)
+    )
     if plots:
         lines += ["## SumR against each swept field", ""]
         lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots] + [""]
     lines += ["## Runs", "", "| run | variant | started | seconds |", "|---|---|---|---:|"]
-    lines += [f"| `{r['run_id']}` | {r['variant'] or r['name']} | {r['started_at'][:19]} | {r['seconds']:.0f} |"
-              for r in comparison.runs]
+    lines += [
+        f"| `{r['run_id']}` | {r['variant'] or r['name']} | {r['started_at'][:19]} | {r['seconds']:.0f} |"
+        for r in comparison.runs
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -32,6 +32,7 @@ Two paths:
 
 Metric names follow open_clip (`image_to_text_R@{k}`): `text_to_visual_R@1`, ..., `sumr`.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -77,8 +78,10 @@ def _as_scores(values: torch.Tensor) -> torch.Tensor:
 def _check_shape(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
     expected = (rows.stop - rows.start, cols.stop - cols.start)
     if tuple(block.shape) != expected:
-        raise ValueError(f"score_block(texts {rows.start}:{rows.stop}, items {cols.start}:{cols.stop}) returned "
-                         f"shape {tuple(block.shape)}, expected {expected}")
+        raise ValueError(
+            f"score_block(texts {rows.start}:{rows.stop}, items {cols.start}:{cols.stop}) returned "
+            f"shape {tuple(block.shape)}, expected {expected}"
+        )
     return _as_scores(block)
 
 
@@ -87,8 +90,9 @@ def _raise_if_nan(values: torch.Tensor, first_text: int, first_item: int) -> Non
     values [texts, items] starting at (first_text, first_item); sum() is a cheap screen."""
     if not torch.isfinite(values.sum()) and torch.isnan(values).any():
         where = torch.nonzero(torch.isnan(values))[0]
-        raise ValueError(f"score_block returned NaN at text {first_text + int(where[0])}, "
-                         f"item {first_item + int(where[1])}")
+        raise ValueError(
+            f"score_block returned NaN at text {first_text + int(where[0])}, item {first_item + int(where[1])}"
+        )
 
 
 def _check_block(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
@@ -98,6 +102,7 @@ def _check_block(block: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- naive reference
+
 
 def naive_ranks(scores: torch.Tensor, text_item) -> tuple[np.ndarray, np.ndarray]:
     """Ranks from the whole matrix with a full stable argsort per query.
@@ -116,11 +121,11 @@ def naive_ranks(scores: torch.Tensor, text_item) -> tuple[np.ndarray, np.ndarray
         raise ValueError("scores contain NaN")
 
     # text -> visual: position of the caption's own item in its row's sorted order
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices        # [N_t, N_v]
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [N_t, N_v]
     t2v = (order == text_item[:, None]).to(torch.int8).argmax(dim=1) + 1
     del order
     # visual -> text: first position in the column's sorted order holding one of the item's captions
-    order = torch.sort(scores.T, dim=1, descending=True, stable=True).indices      # [N_v, N_t]
+    order = torch.sort(scores.T, dim=1, descending=True, stable=True).indices  # [N_v, N_t]
     hit = text_item[order] == torch.arange(n_items)[:, None]
     del order
     has_caption = torch.bincount(text_item, minlength=n_items) > 0
@@ -140,8 +145,14 @@ TILE_BYTES = 4 * 2**20
 
 
 @torch.no_grad()
-def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: int = 4096,
-                  item_chunk: int = 4096, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def chunked_ranks(
+    score_block: ScoreBlock,
+    text_item,
+    n_items: int,
+    text_chunk: int = 4096,
+    item_chunk: int = 4096,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """The ranks of `naive_ranks`, reading the matrix only through `score_block`, block by block.
 
     text_item [N_t] -> (text_to_visual ranks [N_t], visual_to_text ranks [N_v]); same conventions as
@@ -163,8 +174,7 @@ def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="leccr-ranks") as pool:  # threads start on use
 
         def count(block: torch.Tensor, rows: slice, cols: slice, best: tuple[torch.Tensor, torch.Tensor]) -> None:
-            t2v, v2t = _count_block(block, rows, cols, positive[rows], own_item[rows], *best, n_texts, pool,
-                                    threads)
+            t2v, v2t = _count_block(block, rows, cols, positive[rows], own_item[rows], *best, n_texts, pool, threads)
             t2v_before[rows] += t2v
             v2t_before[cols] += v2t
 
@@ -172,7 +182,7 @@ def chunked_ranks(score_block: ScoreBlock, text_item, n_items: int, text_chunk: 
         # (captions grouped by item -> about one block per text chunk; scattered -> up to every block)
         item_block_of = (text_item // item_chunk).tolist()
         positive_blocks = [sorted(set(item_block_of[rows])) for rows in text_blocks]
-        rows_waiting = [len(blocks) for blocks in positive_blocks]   # positive blocks of a text chunk not yet read
+        rows_waiting = [len(blocks) for blocks in positive_blocks]  # positive blocks of a text chunk not yet read
         cols_waiting = Counter(c for blocks in positive_blocks for c in blocks)  # same, per item chunk
         counted = set()
         for r, rows in enumerate(text_blocks):
@@ -210,8 +220,10 @@ def _check_dtype(block: torch.Tensor, positive: torch.Tensor, rows: slice, cols:
     """Every block must come in one dtype: a float32 block compared with float64 targets (or the other
     way round) would rank a cell by a value it was not computed as."""
     if block.dtype != positive.dtype:
-        raise ValueError(f"score_block(texts {rows.start}:{rows.stop}, items {cols.start}:{cols.stop}) returned "
-                         f"{block.dtype}, earlier blocks {positive.dtype}: every block must have one dtype")
+        raise ValueError(
+            f"score_block(texts {rows.start}:{rows.stop}, items {cols.start}:{cols.stop}) returned "
+            f"{block.dtype}, earlier blocks {positive.dtype}: every block must have one dtype"
+        )
 
 
 def _best_captions(positive: torch.Tensor, own_item: torch.Tensor, items: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,16 +236,27 @@ def _best_captions(positive: torch.Tensor, own_item: torch.Tensor, items: slice)
     texts = torch.nonzero((own_item >= items.start) & (own_item < items.stop)).squeeze(1)
     local_item = own_item[texts] - items.start
     best_score = torch.full((n,), -torch.inf, dtype=positive.dtype, device=positive.device).scatter_reduce(
-        0, local_item, positive[texts], reduce="amax")
+        0, local_item, positive[texts], reduce="amax"
+    )
     is_best = positive[texts] == best_score[local_item]
     best_text = torch.full((n,), n_texts, dtype=torch.int64, device=positive.device).scatter_reduce(
-        0, local_item[is_best], texts[is_best], reduce="amin")
+        0, local_item[is_best], texts[is_best], reduce="amin"
+    )
     return torch.where(best_text < n_texts, best_score, torch.inf), best_text
 
 
-def _count_block(block: torch.Tensor, rows: slice, cols: slice, text_target: torch.Tensor, text_target_index: torch.Tensor,
-                 item_target: torch.Tensor, item_target_index: torch.Tensor,
-                 n_texts: int, pool: Executor | None = None, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _count_block(
+    block: torch.Tensor,
+    rows: slice,
+    cols: slice,
+    text_target: torch.Tensor,
+    text_target_index: torch.Tensor,
+    item_target: torch.Tensor,
+    item_target_index: torch.Tensor,
+    n_texts: int,
+    pool: Executor | None = None,
+    threads: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per text of `rows` and per item of `cols`, how many candidates of this block come before the
     query's target in the stable descending order: (text->visual counts [rows], visual->text counts [cols]).
 
@@ -247,18 +270,34 @@ def _count_block(block: torch.Tensor, rows: slice, cols: slice, text_target: tor
 
         values = block.numpy()
         text_counts, item_counts, nan_row = count_block(
-            values, rows.start, cols.start, text_target.numpy(), text_target_index.numpy(), item_target.numpy(),
-            item_target_index.numpy(), pool, threads)
+            values,
+            rows.start,
+            cols.start,
+            text_target.numpy(),
+            text_target_index.numpy(),
+            item_target.numpy(),
+            item_target_index.numpy(),
+            pool,
+            threads,
+        )
         if nan_row >= 0:
-            _raise_if_nan(block[nan_row:nan_row + 1], rows.start + nan_row, cols.start)
+            _raise_if_nan(block[nan_row : nan_row + 1], rows.start + nan_row, cols.start)
         return torch.from_numpy(text_counts), torch.from_numpy(item_counts)
-    return _count_block_torch(block, rows, cols, text_target, text_target_index, item_target, item_target_index,
-                              n_texts)
+    return _count_block_torch(
+        block, rows, cols, text_target, text_target_index, item_target, item_target_index, n_texts
+    )
 
 
-def _count_block_torch(block: torch.Tensor, rows: slice, cols: slice, text_target: torch.Tensor,
-                       text_target_index: torch.Tensor, item_target: torch.Tensor, item_target_index: torch.Tensor,
-                       n_texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _count_block_torch(
+    block: torch.Tensor,
+    rows: slice,
+    cols: slice,
+    text_target: torch.Tensor,
+    text_target_index: torch.Tensor,
+    item_target: torch.Tensor,
+    item_target_index: torch.Tensor,
+    n_texts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`_count_block` with torch ops on the block's device. The block is compared tile by tile; each
     tile serves both directions while it is in cache."""
     n_rows, n_cols = block.shape
@@ -268,7 +307,7 @@ def _count_block_torch(block: torch.Tensor, rows: slice, cols: slice, text_targe
     item_counts = torch.zeros(n_cols, device=device)
     ones, tile_ones = torch.ones(n_cols, device=device), torch.ones(tile, device=device)
     item_index = torch.arange(cols.start, cols.stop, device=device)[None, :]
-    valid = item_target_index[item_target_index < n_texts]   # items without caption: no query, any count
+    valid = item_target_index[item_target_index < n_texts]  # items without caption: no query, any count
     item_lo = int(valid.min()) if valid.numel() else n_texts
     item_hi = int(valid.max()) if valid.numel() else n_texts
     buffer, ties = torch.empty(tile, n_cols, device=device), torch.empty(tile, n_cols, device=device)
@@ -276,22 +315,51 @@ def _count_block_torch(block: torch.Tensor, rows: slice, cols: slice, text_targe
         stop = min(start + tile, n_rows)
         values = block[start:stop]
         _raise_if_nan(values, rows.start + start, cols.start)
-        out, tie = buffer[:stop - start], ties[:stop - start]
+        out, tie = buffer[: stop - start], ties[: stop - start]
         own = text_target_index[start:stop, None]
-        _comes_first(values, text_target[start:stop, None], cols.start, cols.stop, item_index, own,
-                     int(own.min()), int(own.max()), out, tie)
+        _comes_first(
+            values,
+            text_target[start:stop, None],
+            cols.start,
+            cols.stop,
+            item_index,
+            own,
+            int(own.min()),
+            int(own.max()),
+            out,
+            tie,
+        )
         torch.mv(out, ones, out=text_counts[start:stop])
         text_index = torch.arange(rows.start + start, rows.start + stop, device=device)[:, None]
-        _comes_first(values, item_target[None, :], rows.start + start, rows.start + stop, text_index,
-                     item_target_index[None, :], item_lo, item_hi, out, tie)
-        item_counts.addmv_(out.T, tile_ones[:stop - start])
+        _comes_first(
+            values,
+            item_target[None, :],
+            rows.start + start,
+            rows.start + stop,
+            text_index,
+            item_target_index[None, :],
+            item_lo,
+            item_hi,
+            out,
+            tie,
+        )
+        item_counts.addmv_(out.T, tile_ones[: stop - start])
     # counts of 0./1. floats are exact: a block's count stays far below 2**24
     return text_counts.round().to(torch.int64), item_counts.round().to(torch.int64)
 
 
-def _comes_first(values: torch.Tensor, target: torch.Tensor, start: int, stop: int, index: torch.Tensor,
-                 target_index: torch.Tensor, target_lo: int, target_hi: int, out: torch.Tensor,
-                 tie: torch.Tensor) -> None:
+def _comes_first(
+    values: torch.Tensor,
+    target: torch.Tensor,
+    start: int,
+    stop: int,
+    index: torch.Tensor,
+    target_index: torch.Tensor,
+    target_lo: int,
+    target_hi: int,
+    out: torch.Tensor,
+    tie: torch.Tensor,
+) -> None:
     """out = 1. where a candidate comes before the query's target, else 0.: it scores higher, or equal
     with a lower index. Candidates [start, stop) run along `index` (broadcast against values);
     target and target_index broadcast the other way. When every candidate index lies below (above)
@@ -310,6 +378,7 @@ def _comes_first(values: torch.Tensor, target: torch.Tensor, start: int, stop: i
 
 
 # ----------------------------------------------------------------------------- metrics from ranks
+
 
 def recall_metrics(t2v_ranks, v2t_ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """R@K (percent), mean and median rank both ways, and SumR (sum of the R@K of both directions).
@@ -366,14 +435,21 @@ def naive_retrieval_metrics(scores: torch.Tensor, text_item, ks: Sequence[int] =
     return recall_metrics(*naive_ranks(scores, text_item), ks=ks)
 
 
-def chunked_retrieval_metrics(score_block: ScoreBlock, text_item, n_items: int, ks: Sequence[int] = DEFAULT_KS,
-                              text_chunk: int = 4096, item_chunk: int = 4096,
-                              device: str | torch.device = "cpu") -> dict[str, float]:
+def chunked_retrieval_metrics(
+    score_block: ScoreBlock,
+    text_item,
+    n_items: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    text_chunk: int = 4096,
+    item_chunk: int = 4096,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
     """`recall_metrics` of `chunked_ranks` (block by block)."""
     return recall_metrics(*chunked_ranks(score_block, text_item, n_items, text_chunk, item_chunk, device), ks=ks)
 
 
 # ----------------------------------------------------------------------------- block helpers
+
 
 def matrix_score_block(scores: torch.Tensor) -> ScoreBlock:
     """A score_block over a matrix already in memory (tests, small splits)."""
@@ -386,8 +462,14 @@ def embedding_score_block(text_emb: torch.Tensor, visual_emb: torch.Tensor) -> S
 
 
 @torch.no_grad()
-def matrix_min_max(score_block: ScoreBlock, n_texts: int, n_items: int, text_chunk: int = 4096,
-                   item_chunk: int = 4096, device: str | torch.device = "cpu") -> tuple[float, float]:
+def matrix_min_max(
+    score_block: ScoreBlock,
+    n_texts: int,
+    n_items: int,
+    text_chunk: int = 4096,
+    item_chunk: int = 4096,
+    device: str | torch.device = "cpu",
+) -> tuple[float, float]:
     """Global (min, max) of the N_t x N_v matrix defined by `score_block`, one pass over the blocks.
 
     The fused score's minmax is over the whole test matrix (METHOD.md quirk 3): run this once per
@@ -402,14 +484,21 @@ def matrix_min_max(score_block: ScoreBlock, n_texts: int, n_items: int, text_chu
 
 
 @torch.no_grad()
-def _topk_rows(score_block: ScoreBlock, n_rows: int, n_cols: int, k: int, row_chunk: int, col_chunk: int,
-               device: torch.device, queries: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_rows(
+    score_block: ScoreBlock,
+    n_rows: int,
+    n_cols: int,
+    k: int,
+    row_chunk: int,
+    col_chunk: int,
+    device: torch.device,
+    queries: Sequence[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k columns of each row (or of the given rows), best first, ties to the lower column index."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, n_cols)
-    row_blocks = (_blocks(n_rows, row_chunk) if queries is None
-                  else [slice(int(q), int(q) + 1) for q in queries])
+    row_blocks = _blocks(n_rows, row_chunk) if queries is None else [slice(int(q), int(q) + 1) for q in queries]
     values_out, index_out = [], []
     for rows in row_blocks:
         if not 0 <= rows.start < n_rows:
@@ -432,19 +521,39 @@ def _topk_rows(score_block: ScoreBlock, n_rows: int, n_cols: int, k: int, row_ch
     return torch.cat(values_out), torch.cat(index_out)
 
 
-def topk_items(score_block: ScoreBlock, n_texts: int, n_items: int, k: int, text_chunk: int = 4096,
-               item_chunk: int = 4096, device: str | torch.device = "cpu",
-               texts: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_items(
+    score_block: ScoreBlock,
+    n_texts: int,
+    n_items: int,
+    k: int,
+    text_chunk: int = 4096,
+    item_chunk: int = 4096,
+    device: str | torch.device = "cpu",
+    texts: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k items per text query, best first: (scores [Q, k], item indices [Q, k]) for all texts or
     the given `texts` (Q of them). Ties go to the lower item index (the stable full sort's order)."""
-    check = (lambda rows, cols: _check_block(score_block(rows, cols), rows, cols))
+
+    def check(rows: slice, cols: slice) -> torch.Tensor:
+        return _check_block(score_block(rows, cols), rows, cols)
+
     return _topk_rows(check, n_texts, n_items, k, text_chunk, item_chunk, torch.device(device), texts)
 
 
-def topk_texts(score_block: ScoreBlock, n_texts: int, n_items: int, k: int, text_chunk: int = 4096,
-               item_chunk: int = 4096, device: str | torch.device = "cpu",
-               items: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_texts(
+    score_block: ScoreBlock,
+    n_texts: int,
+    n_items: int,
+    k: int,
+    text_chunk: int = 4096,
+    item_chunk: int = 4096,
+    device: str | torch.device = "cpu",
+    items: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k texts per visual query, best first: (scores [Q, k], text indices [Q, k]) for all items or
     the given `items`. Ties go to the lower text index."""
-    transposed = (lambda rows, cols: _check_block(score_block(cols, rows), cols, rows).T)
+
+    def transposed(rows: slice, cols: slice) -> torch.Tensor:
+        return _check_block(score_block(cols, rows), cols, rows).T
+
     return _topk_rows(transposed, n_items, n_texts, k, item_chunk, text_chunk, torch.device(device), items)

@@ -8,6 +8,7 @@ configs/ does); a row is shown only where the run evaluates its dataset and lang
 pointed at other data shows none, and says so. The evaluate report and `leccr compare` print them
 beside our numbers with the difference.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,10 @@ def load(path: Path = DATA_FILE) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{path}: row {row['id']} names unknown paper {row['paper']!r}")
         source = papers[row["paper"]]
         if "repository" in source and not _is_commit(str(source.get("commit", ""))):
-            raise ValueError(f"{path}: source {row['paper']!r} is a repository: it needs the full commit its "
-                             f"numbers were read at, got {source.get('commit')!r}")
+            raise ValueError(
+                f"{path}: source {row['paper']!r} is a repository: it needs the full commit its "
+                f"numbers were read at, got {source.get('commit')!r}"
+            )
         recall = row.get("recall") or {}
         for direction, values in recall.items():
             if direction not in DIRECTIONS or len(values) != 3:
@@ -47,8 +50,10 @@ def load(path: Path = DATA_FILE) -> dict[str, dict[str, Any]]:
         if len(recall) == 2:  # where both directions are given, SumR is their sum: a transcription check
             total = sum(sum(values) for values in recall.values())
             if abs(total - row["sumr"]) > SUM_TOLERANCE:
-                raise ValueError(f"{path}: row {row['id']}: R@K sum to {total:.1f}, not its SumR {row['sumr']} "
-                                 f"(more than the {SUM_TOLERANCE:.2f} that rounding to one decimal allows)")
+                raise ValueError(
+                    f"{path}: row {row['id']}: R@K sum to {total:.1f}, not its SumR {row['sumr']} "
+                    f"(more than the {SUM_TOLERANCE:.2f} that rounding to one decimal allows)"
+                )
         if row["id"] in rows:
             raise ValueError(f"{path}: row id {row['id']} appears twice")
         rows[row["id"]] = {**row, "source": source}
@@ -67,8 +72,7 @@ def rows_named(ids: list[str], path: Path = DATA_FILE) -> list[dict[str, Any]]:
     return [known[i] for i in ids]
 
 
-def matching(ids: list[str], dataset_format: str, languages: list[str], path: Path = DATA_FILE
-             ) -> list[dict[str, Any]]:
+def matching(ids: list[str], dataset_format: str, languages: list[str], path: Path = DATA_FILE) -> list[dict[str, Any]]:
     """The rows of `ids` for this dataset format and one of these evaluated languages."""
     return [row for row in rows_named(ids, path) if row["dataset"] == dataset_format and row["lang"] in languages]
 
@@ -82,21 +86,26 @@ def matching_rows(config: dict[str, Any], path: Path = DATA_FILE) -> list[dict[s
 def why_none(any_named: bool) -> str:
     """Why no published row is shown."""
     if not any_named:
-        return ("No published numbers match: the experiment names none (`evaluate.published` is empty). "
-                "The dataset presets in configs/ name the papers' rows for their benchmarks; the demo's "
-                "generated data is no benchmark, so it names none.")
-    return ("No published numbers match: the rows named in `evaluate.published` are for another dataset or "
-            "language than this evaluates.")
+        return (
+            "No published numbers match: the experiment names none (`evaluate.published` is empty). "
+            "The dataset presets in configs/ name the papers' rows for their benchmarks; the demo's "
+            "generated data is no benchmark, so it names none."
+        )
+    return (
+        "No published numbers match: the rows named in `evaluate.published` are for another dataset or "
+        "language than this evaluates."
+    )
 
 
 def source_text(row: dict[str, Any]) -> str:
     source = row["source"]
     where = f", {source['repository']}@{source['commit'][:12]} {source['file']}" if "repository" in source else ""
-    return f"{source['title']} ({source['venue']}){where}, {row['table']}, row \"{row['row']}\""
+    return f'{source["title"]} ({source["venue"]}){where}, {row["table"]}, row "{row["row"]}"'
 
 
-def published_markdown(rows: list[dict[str, Any]], any_named: bool,
-                       ours: dict[tuple[str, str], float] | None = None) -> list[str]:
+def published_markdown(
+    rows: list[dict[str, Any]], any_named: bool, ours: dict[tuple[str, str], float] | None = None
+) -> list[str]:
     """A "Published numbers" section: each row with its source, beside `ours` {(method, lang): SumR}
     where given, with the difference (ours − published)."""
     lines = ["## Published numbers", ""]
@@ -110,7 +119,13 @@ def published_markdown(rows: list[dict[str, Any]], any_named: bool,
         cells = [f"{v:.1f}" for d in DIRECTIONS for v in recall.get(d, [])]
         cells = cells if len(cells) == 6 else ["–"] * 6
         mine = ours.get((row["method"], row["lang"]))
-        lines.append(f"| {row['method']} | {row['lang']} | " + " | ".join(cells) + f" | {row['sumr']:.1f} | "
-                     + ("–" if mine is None else f"{mine:.1f}") + " | "
-                     + ("–" if mine is None else f"{mine - row['sumr']:+.1f}") + f" | {source_text(row)} |")
+        lines.append(
+            f"| {row['method']} | {row['lang']} | "
+            + " | ".join(cells)
+            + f" | {row['sumr']:.1f} | "
+            + ("–" if mine is None else f"{mine:.1f}")
+            + " | "
+            + ("–" if mine is None else f"{mine - row['sumr']:+.1f}")
+            + f" | {source_text(row)} |"
+        )
     return lines + [""]

@@ -16,6 +16,7 @@ Generic over float32 and float64: numba compiles (and caches) one version per dt
 are compared as float64 (no cast, no ties between scores that differ past float32's precision) and
 float32 ones keep their speed.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import Executor
@@ -25,8 +26,20 @@ from numba import njit
 
 
 @njit(nogil=True, cache=True)
-def _count_rows(values, start, stop, text_target, text_lowered, text_switch, item_target, item_lowered,
-                item_switch, column_order, text_counts, item_counts):  # pragma: no cover - compiled
+def _count_rows(
+    values,
+    start,
+    stop,
+    text_target,
+    text_lowered,
+    text_switch,
+    item_target,
+    item_lowered,
+    item_switch,
+    column_order,
+    text_counts,
+    item_counts,
+):  # pragma: no cover - compiled
     """Rows [start, stop) of `values` [R, C] (float32 or float64, as every target array). Writes
     text_counts[start:stop]; adds into item_counts [C] (this call's own array). Returns the first row
     holding a NaN, or -1.
@@ -76,9 +89,17 @@ def lowered(target: np.ndarray) -> np.ndarray:
     return np.nextafter(target, target.dtype.type(-np.inf))
 
 
-def count_block(values: np.ndarray, row_start: int, col_start: int, text_target: np.ndarray,
-                text_target_index: np.ndarray, item_target: np.ndarray, item_target_index: np.ndarray,
-                pool: Executor | None, parts: int) -> tuple[np.ndarray, np.ndarray, int]:
+def count_block(
+    values: np.ndarray,
+    row_start: int,
+    col_start: int,
+    text_target: np.ndarray,
+    text_target_index: np.ndarray,
+    item_target: np.ndarray,
+    item_target_index: np.ndarray,
+    pool: Executor | None,
+    parts: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """values [R, C] float32 or float64 (anything else is compared as float32), rows `row_start`..,
     columns `col_start`.. of the full matrix.
     text_target [R] / text_target_index [R]: each text's own score and item; item_target [C] /
@@ -101,13 +122,22 @@ def count_block(values: np.ndarray, row_start: int, col_start: int, text_target:
     item_counts = np.zeros((parts, n_cols), dtype=np.int32)
     bounds = np.linspace(0, n_rows, parts + 1).astype(np.int64)
     args = (values,)
-    tail = (text_target, lowered(text_target), text_switch, item_target, lowered(item_target), item_switch,
-            column_order, text_counts)
+    tail = (
+        text_target,
+        lowered(text_target),
+        text_switch,
+        item_target,
+        lowered(item_target),
+        item_switch,
+        column_order,
+        text_counts,
+    )
     if pool is None or parts == 1:
         nan_rows = [_count_rows(*args, bounds[0], bounds[-1], *tail, item_counts[0])]
     else:
-        futures = [pool.submit(_count_rows, *args, bounds[k], bounds[k + 1], *tail, item_counts[k])
-                   for k in range(parts)]
+        futures = [
+            pool.submit(_count_rows, *args, bounds[k], bounds[k + 1], *tail, item_counts[k]) for k in range(parts)
+        ]
         nan_rows = [future.result() for future in futures]
     nan_row = min((row for row in nan_rows if row >= 0), default=-1)
     return text_counts.astype(np.int64), item_counts.sum(axis=0, dtype=np.int64), nan_row

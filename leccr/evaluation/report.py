@@ -7,6 +7,7 @@ history.parquet) and writes files; nothing computes scores. The stage passes in 
 
 `curves[(method, score, lang, direction)]` is recall@K in % for K = 1..len(array).
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,8 +23,10 @@ import pyarrow as pa
 from leccr.config import method_sort_key
 from leccr.core.io import atomic_write_bytes, atomic_write_text
 
-CL2CM_NOTE = ("CL2CM is our reconstruction from the AAAI 2024 paper's description: no code or equations "
-              "are public, so its numbers are not the paper's system (see docs/method.md, \"CL2CM\").")
+CL2CM_NOTE = (
+    "CL2CM is our reconstruction from the AAAI 2024 paper's description: no code or equations "
+    'are public, so its numbers are not the paper\'s system (see docs/method.md, "CL2CM").'
+)
 # Method rows in the order the papers print them: the baseline first, the proposed method last.
 ARROWS = {"text_to_visual": "T→V", "visual_to_text": "V→T"}
 
@@ -140,8 +143,10 @@ def alpha_table(metrics: pa.Table) -> str:
         return ""
     langs = languages_of(rows)
     sumr = {(r["method"], r["alpha"], r["lang"]): r["value"] for r in rows}
-    out = ["| Method | α | " + " | ".join(f"{lang} SumR" for lang in langs) + " |",
-           "|---|---:|" + "|".join(["---:"] * len(langs)) + "|"]
+    out = [
+        "| Method | α | " + " | ".join(f"{lang} SumR" for lang in langs) + " |",
+        "|---|---:|" + "|".join(["---:"] * len(langs)) + "|",
+    ]
     for method, alpha in sorted({(m, a) for m, a, _ in sumr}, key=lambda v: (method_sort_key(v[0]), v[1])):
         cells = [f"{sumr[(method, alpha, lang)]:.1f}" if (method, alpha, lang) in sumr else "–" for lang in langs]
         out.append(f"| {method} | {alpha:g} | " + " | ".join(cells) + " |")
@@ -178,15 +183,18 @@ def _series_label(method: str, score: str, alphas: Mapping[tuple[str, str], floa
 
 def _k_ticks(largest: int) -> list[int]:
     """K ticks for a log axis that ends at `largest`: 1, 2, 5, 10, 20, 50, ... below it, and it."""
-    ticks = [m * 10 ** e for e in range(0, len(str(largest)) + 1) for m in (1, 2, 5) if m * 10 ** e < largest]
+    ticks = [m * 10**e for e in range(0, len(str(largest)) + 1) for m in (1, 2, 5) if m * 10**e < largest]
     # A tick closer than ~15 % to the end would print on top of the end's label.
     ticks = [t for t in ticks if t == 1 or largest / t > 1.15]
     return ticks + [largest]
 
 
-def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: str,
-                  alphas: Mapping[tuple[str, str], float] | None = None,
-                  sizes: Mapping[tuple[str, str], int] | None = None):
+def recall_figure(
+    curves: Mapping[tuple[str, str, str, str], np.ndarray],
+    lang: str,
+    alphas: Mapping[tuple[str, str], float] | None = None,
+    sizes: Mapping[tuple[str, str], int] | None = None,
+):
     """Recall@K (%) against K for one language, both directions side by side, one line per
     (method, score): solid for the fused score (α in the legend), dashed for global cosine only.
 
@@ -212,8 +220,13 @@ def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: 
                 continue
             values = values[:end]
             ks = np.arange(1, len(values) + 1)
-            axis.plot(ks, values, label=_series_label(method, score, alphas), color=colour[method],
-                      linestyle="--" if score == "global" else "-")
+            axis.plot(
+                ks,
+                values,
+                label=_series_label(method, score, alphas),
+                color=colour[method],
+                linestyle="--" if score == "global" else "-",
+            )
         axis.set_xscale("log")
         if end > 1:
             axis.set_xlim(1, end)
@@ -230,9 +243,12 @@ def recall_figure(curves: Mapping[tuple[str, str, str, str], np.ndarray], lang: 
     return figure
 
 
-def plot_recall_curves(curves: Mapping[tuple[str, str, str, str], np.ndarray], out_dir: Path,
-                       alphas: Mapping[tuple[str, str], float] | None = None,
-                       sizes: Mapping[tuple[str, str], int] | None = None) -> list[Path]:
+def plot_recall_curves(
+    curves: Mapping[tuple[str, str, str, str], np.ndarray],
+    out_dir: Path,
+    alphas: Mapping[tuple[str, str], float] | None = None,
+    sizes: Mapping[tuple[str, str], int] | None = None,
+) -> list[Path]:
     """One PNG per language (see recall_figure)."""
     plt = _pyplot()
     paths = []
@@ -256,9 +272,11 @@ def ranked_sizes(metrics: pa.Table) -> dict[tuple[str, str], int]:
 
 
 def _numeric_columns(history: pa.Table) -> dict[str, np.ndarray]:
-    return {name: history.column(name).to_numpy(zero_copy_only=False).astype(float) for name in history.column_names
-            if pa.types.is_integer(history.schema.field(name).type)
-            or pa.types.is_floating(history.schema.field(name).type)}
+    return {
+        name: history.column(name).to_numpy(zero_copy_only=False).astype(float)
+        for name in history.column_names
+        if pa.types.is_integer(history.schema.field(name).type) or pa.types.is_floating(history.schema.field(name).type)
+    }
 
 
 def training_figure(method: str, history: pa.Table):
@@ -322,7 +340,7 @@ def _panel_grid(plt, count: int, max_cols: int = 3):
     for index in range(count):
         row, col = divmod(index, cols)
         span = cols if row == rows - 1 else last
-        axes.append(figure.add_subplot(grid[row, col * span:(col + 1) * span]))
+        axes.append(figure.add_subplot(grid[row, col * span : (col + 1) * span]))
     return figure, axes
 
 
@@ -368,8 +386,9 @@ def worst_queries_section(worst: pa.Table, per_language: int = WORST_SHOWN_PER_L
     for row in rows:
         by_lang.setdefault(row["lang"], []).append(row)
     for lang in languages_of(rows):
-        group = sorted(by_lang[lang], key=lambda r: (-r["rank"], method_sort_key(r["method"]), r["score"],
-                                                    r["direction"]))
+        group = sorted(
+            by_lang[lang], key=lambda r: (-r["rank"], method_sort_key(r["method"]), r["score"], r["direction"])
+        )
         shown = group[:per_language]
         more = f" (the worst {len(shown)} of {len(group)})" if len(group) > len(shown) else ""
         out.append(f"#### {lang}{more}\n")
@@ -381,14 +400,17 @@ def worst_queries_section(worst: pa.Table, per_language: int = WORST_SHOWN_PER_L
             query = f"`{row['query_id']}`" + (f" {_clip(row['query_text'], 80)}" if text_to_visual else "")
             expected = ", ".join(f"`{e}`" for e in row["expected"][:3]) + (" …" if len(row["expected"]) > 3 else "")
             retrieved = "<br>".join(
-                f"{'✓ ' if rid in row['expected'] else ''}`{rid}`" + ("" if text_to_visual else f": {_clip(text, 60)}")
+                f"{'✓ ' if rid in row['expected'] else ''}`{rid}`"
+                + ("" if text_to_visual else f": {_clip(text, 60)}")
                 + f" ({score_value:.3f})"
                 for rid, text, score_value in zip(row["retrieved_ids"], row["retrieved_texts"], row["retrieved_scores"])
             )
             out.append(f"| {method} | {query} | {row['rank']} | {expected} | {retrieved} |")
         out.append("")
-    out.append("Every worst query of every method, score and direction: `worst_queries.parquet` beside this "
-               "report, or `leccr inspect \"SELECT * FROM worst_queries WHERE lang = 'de' ORDER BY rank DESC\"`.")
+    out.append(
+        "Every worst query of every method, score and direction: `worst_queries.parquet` beside this "
+        "report, or `leccr inspect \"SELECT * FROM worst_queries WHERE lang = 'de' ORDER BY rank DESC\"`."
+    )
     return "\n".join(out) + "\n"
 
 
@@ -408,19 +430,26 @@ def render_report(
         lines.append(f"- **{name}**: {value}")
     if header:
         lines.append("")
-    lines.append("Recall@K in % (a visual item is found when any of its captions ranks within K; a caption "
-                 "when its item does). SumR is the sum of the R@K of both directions. MedR: median rank of "
-                 "the first hit, as the papers' evaluation code counts it (floor of the median of 0-based "
-                 "ranks, plus 1). The fused score is α·minmax(global) + (1−α)·minmax(slot max), min/max "
-                 "over the whole test score matrix; α (its column) = 1 is global cosine only.")
+    lines.append(
+        "Recall@K in % (a visual item is found when any of its captions ranks within K; a caption "
+        "when its item does). SumR is the sum of the R@K of both directions. MedR: median rank of "
+        "the first hit, as the papers' evaluation code counts it (floor of the median of 0-based "
+        "ranks, plus 1). The fused score is α·minmax(global) + (1−α)·minmax(slot max), min/max "
+        "over the whole test score matrix; α (its column) = 1 is global cosine only."
+    )
     lines.append("")
     if "cl2cm" in methods:
         lines += [f"> **Note.** {CL2CM_NOTE}", ""]
     lines += ["## Results", "", results_tables(metrics)]
     if alphas := alpha_table(metrics):
-        lines += ["## Inference weight α", "",
-                  "The fused score of each method with slots at every weight of `evaluate.alphas` "
-                  "(the same trained model; SumR).", "", alphas]
+        lines += [
+            "## Inference weight α",
+            "",
+            "The fused score of each method with slots at every weight of `evaluate.alphas` "
+            "(the same trained model; SumR).",
+            "",
+            alphas,
+        ]
     curves = [p for p in plot_paths if p.name.startswith("recall_at_k")]
     training = [p for p in plot_paths if p.name.startswith("training_")]
     if curves:
@@ -429,11 +458,17 @@ def render_report(
     if training:
         lines += ["## Training curves", ""]
         lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in training] + [""]
-    lines += ["## Worst-ranked queries", "",
-              (f"Per language, the {WORST_SHOWN_PER_LANGUAGE} queries whose first hit ranked lowest: what they "
-               "expected and what ranked first instead (visual items by item id; ✓ marks a retrieved entry that "
-               "is a hit)."), "",
-              worst_queries_section(worst)]
+    lines += [
+        "## Worst-ranked queries",
+        "",
+        (
+            f"Per language, the {WORST_SHOWN_PER_LANGUAGE} queries whose first hit ranked lowest: what they "
+            "expected and what ranked first instead (visual items by item id; ✓ marks a retrieved entry that "
+            "is a hit)."
+        ),
+        "",
+        worst_queries_section(worst),
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -448,8 +483,9 @@ def write_report(
     """Write plots/*.png and report.md into `out_dir`; return the markdown."""
     plots = Path(out_dir) / "plots"
     alphas = {(r["method"], r["score"]): r["alpha"] for r in metrics.to_pylist()}
-    plot_paths = (plot_recall_curves(curves, plots, alphas, ranked_sizes(metrics))
-                  + plot_training_curves(histories, plots))
+    plot_paths = plot_recall_curves(curves, plots, alphas, ranked_sizes(metrics)) + plot_training_curves(
+        histories, plots
+    )
     text = render_report(metrics, worst, plot_paths, Path(out_dir), header)
     atomic_write_text(Path(out_dir) / "report.md", text)
     return text

@@ -3,6 +3,7 @@ features reader, the encoders, and the score of METHOD.md as block functions.
 
 A library module (no stage imports it back), so the index stage's code identity holds no report code.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,8 +18,8 @@ import pyarrow.compute as pc
 from leccr.config import EvaluateConfig, ZeroShotConfig
 from leccr.core.context import StageContext
 from leccr.core.failures import StageFailed
-from leccr.runtime.hub import model_path
 from leccr.media.paths import resolve_media_path
+from leccr.runtime.hub import model_path
 from leccr.schemas.core import read_table
 from leccr.schemas.dataset import CAPTIONS, ITEMS
 
@@ -68,28 +69,41 @@ def load_split(ctx: StageContext, cfg: EvaluateConfig) -> SplitData:
         raise StageFailed(f"evaluate: {error}") from None
     # Only the split's rows become Python objects: the whole dataset's captions are 20 per item at
     # Multi30K's size (620k rows), the test split's 1/31 of them.
-    dataset_items = {row["item_id"]: row for row in _split_rows(dataset.file("items.parquet"), ITEMS, cfg.split,
-                                                                  ["item_id", "split", "media_type", "path"])}
-    captions = _split_rows(dataset.file("captions.parquet"), CAPTIONS, cfg.split,
-                           ["caption_id", "lang", "kind", "text"])
+    dataset_items = {
+        row["item_id"]: row
+        for row in _split_rows(
+            dataset.file("items.parquet"), ITEMS, cfg.split, ["item_id", "split", "media_type", "path"]
+        )
+    }
+    captions = _split_rows(
+        dataset.file("captions.parquet"), CAPTIONS, cfg.split, ["caption_id", "lang", "kind", "text"]
+    )
     caption_text = {(c["caption_id"], c["lang"], c["kind"]): c["text"] for c in captions}
     # Languages and kinds present in the split's caption tokens (shipped MT and translations included).
     text = tables.text
     split_rows = pc.equal(text.column("split"), cfg.split)
-    pairs = {(lang, kind) for lang, kind in zip(text.column("lang").filter(split_rows).to_pylist(),
-                                                 text.column("kind").filter(split_rows).to_pylist())}
+    pairs = {
+        (lang, kind)
+        for lang, kind in zip(
+            text.column("lang").filter(split_rows).to_pylist(), text.column("kind").filter(split_rows).to_pylist()
+        )
+    }
     present = sorted({lang for lang, _ in pairs}, key=lambda lang: (lang != "en", lang))
     wanted = cfg.languages or present
     languages: dict[str, LanguageTexts] = {}
     for lang in wanted:
         kinds = {kind for pair_lang, kind in pairs if pair_lang == lang}
         if not kinds:
-            raise StageFailed(f"evaluate: no captions in language {lang!r} for split {cfg.split!r} "
-                              f"(languages with captions there: {present})")
+            raise StageFailed(
+                f"evaluate: no captions in language {lang!r} for split {cfg.split!r} "
+                f"(languages with captions there: {present})"
+            )
         kind = query_caption_kind(tables, lang, cfg.split, cfg.caption_kind)
         if kind not in kinds:
-            raise StageFailed(f"evaluate: no {kind} captions in language {lang!r} for split {cfg.split!r} "
-                              f"(languages with captions there: {present})")
+            raise StageFailed(
+                f"evaluate: no {kind} captions in language {lang!r} for split {cfg.split!r} "
+                f"(languages with captions there: {present})"
+            )
         found = load_eval_captions(tables, lang, items, cfg.split, kind=kind)
         if kind == "mt":  # a translation row carries its English caption's id; its text is not in the dataset
             texts = [caption_text.get((cid, lang, "mt"), "(machine translation)") for cid in found.caption_ids]
@@ -138,14 +152,17 @@ def _description_texts(ctx: StageContext, item_ids: list[str]) -> dict[str, str]
 
 
 # ===================================================================================== encoders
-def encode_trained(model, data: SplitData, batch_size: int, device: torch.device
-                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+def encode_trained(
+    model, data: SplitData, batch_size: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """(text embeddings per language [N_t, E], visual global [N_v, E], slots [N_v, N_q, E] or None), on CPU."""
     from leccr.models.encode import encode_items, encode_texts
 
     model.eval().to(device)
-    texts = {lang: encode_texts(model, language.ids, language.mask, batch_size, device)
-             for lang, language in data.languages.items()}
+    texts = {
+        lang: encode_texts(model, language.ids, language.mask, batch_size, device)
+        for lang, language in data.languages.items()
+    }
     visual_global, visual_slots = encode_items(model, data.items, batch_size, device)
     return texts, visual_global, visual_slots
 
@@ -171,8 +188,9 @@ def _embedding(output, names: Sequence[str]) -> torch.Tensor:
     return output.last_hidden_state[:, 0]
 
 
-def encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def encode_zero_shot(
+    zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Normalised text embeddings per language and visual embeddings of a CLIP-style encoder pair."""
     import torch
 
@@ -180,29 +198,37 @@ def encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devic
         return _encode_zero_shot(zs, data, batch_size, device)
 
 
-def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
-                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _encode_zero_shot(
+    zs: ZeroShotConfig, data: SplitData, batch_size: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     import torch
     import torch.nn.functional as F
     from transformers import AutoTokenizer
 
-    from leccr.media.image_processor import load_image_processor
-    from leccr.media.decode import load_visual
     from leccr.features.model_text import model_text
+    from leccr.media.decode import load_visual
+    from leccr.media.image_processor import load_image_processor
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path(zs.tokenizer or zs.text_model, "evaluate.zero_shot.tokenizer"),
-                                              local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path(zs.tokenizer or zs.text_model, "evaluate.zero_shot.tokenizer"), local_files_only=True
+    )
     text_model = load_encoder(zs.text_model).eval().to(device)
     texts = {}
     for lang, language in data.languages.items():
         chunks = []
         for start in range(0, len(language.texts), batch_size):
-            batch = tokenizer([model_text(t) for t in language.texts[start:start + batch_size]], padding=True,
-                              truncation=True, max_length=zs.max_length, return_tensors="pt").to(device)
+            batch = tokenizer(
+                [model_text(t) for t in language.texts[start : start + batch_size]],
+                padding=True,
+                truncation=True,
+                max_length=zs.max_length,
+                return_tensors="pt",
+            ).to(device)
             chunks.append(_embedding(text_model(**batch), ("text_embeds", "pooler_output")).float().cpu())
         texts[lang] = F.normalize(torch.cat(chunks), dim=-1)
-    processor = load_image_processor(model_path(zs.vision_model, "evaluate.zero_shot.vision_model"),
-                                     local_files_only=True)
+    processor = load_image_processor(
+        model_path(zs.vision_model, "evaluate.zero_shot.vision_model"), local_files_only=True
+    )
     vision_model = load_encoder(zs.vision_model).eval().to(device)
     visual = []
     for start in range(0, len(data.item_ids), batch_size):
@@ -220,14 +246,17 @@ def _encode_zero_shot(zs: ZeroShotConfig, data: SplitData, batch_size: int, devi
     visual_emb = F.normalize(torch.stack(visual), dim=-1)
     width = {lang: t.shape[1] for lang, t in texts.items()}
     if any(w != visual_emb.shape[1] for w in width.values()):
-        raise StageFailed(f"evaluate zero-shot: text embeddings are {width} wide but visual ones "
-                          f"{visual_emb.shape[1]}: the two encoders do not share a space")
+        raise StageFailed(
+            f"evaluate zero-shot: text embeddings are {width} wide but visual ones "
+            f"{visual_emb.shape[1]}: the two encoders do not share a space"
+        )
     return texts, visual_emb
 
 
 # ===================================================================================== scoring
-def whole_ranges(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor,
-                 chunk_size: int) -> dict[str, tuple[float, float]]:
+def whole_ranges(
+    text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor, chunk_size: int
+) -> dict[str, tuple[float, float]]:
     """(min, max) of the global and the slot score matrices over every (text, item) pair, block by block
     (the fused score's normalisation; the index stage fixes it this way for search too)."""
     from leccr.models.base import merge_ranges, score_ranges, similarity_parts
@@ -235,12 +264,19 @@ def whole_ranges(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slo
     ranges: dict[str, tuple[float, float]] = {}
     for r in _blocks(len(text_emb), chunk_size):
         for c in _blocks(len(visual_global), chunk_size):
-            ranges = merge_ranges(ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c])))
+            ranges = merge_ranges(
+                ranges, score_ranges(*similarity_parts(text_emb[r], visual_global[c], visual_slots[c]))
+            )
     return ranges
 
 
-def make_score_block(text_emb: torch.Tensor, visual_global: torch.Tensor, visual_slots: torch.Tensor | None,
-                     alpha: float, chunk_size: int) -> ScoreBlock:
+def make_score_block(
+    text_emb: torch.Tensor,
+    visual_global: torch.Tensor,
+    visual_slots: torch.Tensor | None,
+    alpha: float,
+    chunk_size: int,
+) -> ScoreBlock:
     """The score of METHOD.md as a block function, with min/max taken over the whole matrix first.
 
     alpha = 1: the global cosine only (no min/max needed: minmax is monotone, ranks are the same).

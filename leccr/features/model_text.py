@@ -7,6 +7,7 @@ splits on it; SentencePiece and byte-level BPE make tokens of it), so every text
 caption tokenised for the features, an English caption sent to the MT model, a search query, a
 zero-shot caption) goes through `model_text` first: the same ids whatever the file's spacing.
 """
+
 from __future__ import annotations
 
 

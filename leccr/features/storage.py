@@ -5,6 +5,7 @@ Writing builds each column from one contiguous numpy buffer (`FixedSizeListArray
 `ListArray.from_arrays`); reading hands back numpy views over the Arrow buffers (`row_views`), which
 `torch.from_numpy` wraps without a copy.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,12 +42,16 @@ def list_column(arrays: Sequence[np.ndarray], value_type: pa.DataType, numpy_dty
     """Arrays of any sizes -> list<value_type>; one row per array, flattened row-major."""
     lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
     if lengths.sum() >= 2**31:
-        raise ValueError(f"list_column: {lengths.sum()} values in one shard exceed list<> int32 offsets; "
-                         "lower shard_size")
+        raise ValueError(
+            f"list_column: {lengths.sum()} values in one shard exceed list<> int32 offsets; lower shard_size"
+        )
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = (np.concatenate([np.ascontiguousarray(a, dtype=numpy_dtype).reshape(-1) for a in arrays])
-            if arrays else np.zeros(0, dtype=numpy_dtype))
+    flat = (
+        np.concatenate([np.ascontiguousarray(a, dtype=numpy_dtype).reshape(-1) for a in arrays])
+        if arrays
+        else np.zeros(0, dtype=numpy_dtype)
+    )
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
@@ -98,7 +103,7 @@ class RowViews:
         if self.fixed:
             return self.values[chunk][local]
         offsets = self.offsets[chunk]
-        return self.values[chunk][offsets[local]:offsets[local + 1]]
+        return self.values[chunk][offsets[local] : offsets[local + 1]]
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Rows of a fixed-size column as one [len(rows), size] array (one copy, by numpy fancy indexing)."""

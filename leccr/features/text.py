@@ -3,6 +3,7 @@
 One tokenizer for everything (captions in every language, translations, descriptions): LECCR uses
 one shared multilingual encoder (mBERT in the paper) for all of them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leccr.features.model_text import model_text
+from leccr.features.vision import resolve_precision
 from leccr.runtime.device import resolve_device
 from leccr.runtime.hub import model_path
-from leccr.features.vision import resolve_precision
-from leccr.features.model_text import model_text
 
 
 def load_tokenizer(path: str | Path):
@@ -31,8 +32,9 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     `model_text` spaces it (stored texts keep the spacing they were read with)."""
     if not texts:
         return []
-    return tokenizer([model_text(text) for text in texts], truncation=True, max_length=max_length,
-                     add_special_tokens=True)["input_ids"]
+    return tokenizer(
+        [model_text(text) for text in texts], truncation=True, max_length=max_length, add_special_tokens=True
+    )["input_ids"]
 
 
 def join_views(tokenizer, views: list[str], join: str) -> str:

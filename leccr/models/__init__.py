@@ -8,6 +8,7 @@
 merge key by key), validates the result as `ModelConfig`, and lets the explicit "arch" field pick the
 class. Importing this package (or `leccr.models.config`) does not import torch; building a model does.
 """
+
 from __future__ import annotations
 
 import json

@@ -33,6 +33,7 @@ The temperature is used after the gather: every rank gets the whole gathered-ter
 (plus its own L_c part), so it steps R times further relative to the other parameters (reference
 behaviour). tests/test_ddp.py checks every one of these relations with gloo on 2 processes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leccr.models.losses import Gather, _identity
 from leccr.models.config import ModelConfig
+from leccr.models.losses import Gather, _identity
 from leccr.models.text_encoder import TextEncoder
 from leccr.models.visual_encoder import VisualEncoder
 
@@ -191,9 +192,7 @@ class RetrievalModel(nn.Module):
     fuse_scores = staticmethod(fuse_scores)
 
     # ----- optimiser groups
-    def parameter_groups(
-        self, lr: float, weight_decay: float, new_module_lr_multiplier: float = 1.0
-    ) -> list[dict]:
+    def parameter_groups(self, lr: float, weight_decay: float, new_module_lr_multiplier: float = 1.0) -> list[dict]:
         """AdamW parameter groups as in the reference `create_optimizer`.
 
         No weight decay for biases and normalisation weights (LayerNorm anywhere); decay for all
@@ -247,7 +246,9 @@ class RetrievalModel(nn.Module):
         with torch.autocast(device_type=device_type, enabled=False):
             return self.compute_losses(self._float32(outputs), gather)
 
-    def compute_losses(self, outputs: dict[str, Tensor], gather: Gather | None) -> dict[str, Tensor]:  # pragma: no cover
+    def compute_losses(
+        self, outputs: dict[str, Tensor], gather: Gather | None
+    ) -> dict[str, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:  # pragma: no cover - abstract

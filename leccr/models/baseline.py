@@ -2,12 +2,13 @@
 
 The same encoders, pooling and projections as LECCR, with no description slots and no interaction.
 """
+
 from __future__ import annotations
 
 from torch import Tensor
 
-from leccr.models.losses import Gather, id_aware_infonce
 from leccr.models.base import RetrievalModel
+from leccr.models.losses import Gather, id_aware_infonce
 
 
 class BaselineModel(RetrievalModel):

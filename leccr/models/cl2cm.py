@@ -8,15 +8,16 @@ Two networks over the shared text encoder and the baseline's visual encoder:
 and relational distillation of the CL network's English-vs-target similarity rows into the CM
 network's visual-vs-target rows. Inference: the CM network's global score.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leccr.models.losses import Gather, id_aware_infonce, relational_distillation_loss, word_ot_loss
 from leccr.models.base import RetrievalModel
 from leccr.models.config import ModelConfig
+from leccr.models.losses import Gather, id_aware_infonce, relational_distillation_loss, word_ot_loss
 from leccr.models.text_encoder import TextEncoder
 
 
@@ -70,10 +71,16 @@ class Cl2cmModel(RetrievalModel):
             "cl": id_aware_infonce(cl_en, cl_tgt, index, self.cl_temperature),
             # Per (English, translation) pair: no gather needed.
             "ot": word_ot_loss(
-                outputs["en_tokens"], outputs["en_mask"], outputs["tgt_tokens"], outputs["tgt_mask"],
-                epsilon=weights.ot_epsilon, iterations=weights.ot_iterations,
+                outputs["en_tokens"],
+                outputs["en_mask"],
+                outputs["tgt_tokens"],
+                outputs["tgt_mask"],
+                epsilon=weights.ot_epsilon,
+                iterations=weights.ot_iterations,
             ),
             "rd": relational_distillation_loss(cl_en, cl_tgt, visual, tgt, tau=weights.tau_kd),
         }
-        terms["total"] = terms["vs"] + terms["vt"] + terms["cl"] + weights.w_ot * terms["ot"] + weights.w_rd * terms["rd"]
+        terms["total"] = (
+            terms["vs"] + terms["vt"] + terms["cl"] + weights.w_ot * terms["ot"] + weights.w_rd * terms["rd"]
+        )
         return terms

@@ -7,6 +7,7 @@ reference settings (one entry per dataset/language of the LECCR paper) as named 
 Where a default says "reference", it is the value of the LECCR reference implementation
 (github.com/LiJiaBei-7/leccr), which METHOD.md describes; that is where the paper's numbers came from.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -152,12 +153,32 @@ class MethodPreset(_Strict):
 
 # METHOD.md's table ("Reference settings", from the reference configs and run scripts).
 PRESETS: dict[str, MethodPreset] = {
-    "multi30k-de": MethodPreset(model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.05, w_c=0.01, w_cv=0.01, w_d=0.0, epochs=50),
-    "multi30k-fr": MethodPreset(model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.01, w_c=0.01, w_cv=0.01, w_d=0.5, epochs=70),
-    "multi30k-cs": MethodPreset(model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.01, w_c=0.01, w_cv=0.01, w_d=0.5, epochs=50),
-    "mscoco-zh": MethodPreset(model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.01, w_c=0.01, w_cv=0.01, w_d=0.5, epochs=70),
-    "mscoco-ja": MethodPreset(model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.01, w_c=0.05, w_cv=0.01, w_d=0.3, epochs=50),
-    "msrvtt-cn": MethodPreset(model="leccr-video", num_slots=2, slot_layers=2, w_reg=0.03, w_c=0.01, w_cv=0.01, w_d=0.3, epochs=50, score_alpha=0.9),
+    "multi30k-de": MethodPreset(
+        model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.05, w_c=0.01, w_cv=0.01, w_d=0.0, epochs=50
+    ),
+    "multi30k-fr": MethodPreset(
+        model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.01, w_c=0.01, w_cv=0.01, w_d=0.5, epochs=70
+    ),
+    "multi30k-cs": MethodPreset(
+        model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.01, w_c=0.01, w_cv=0.01, w_d=0.5, epochs=50
+    ),
+    "mscoco-zh": MethodPreset(
+        model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.01, w_c=0.01, w_cv=0.01, w_d=0.5, epochs=70
+    ),
+    "mscoco-ja": MethodPreset(
+        model="leccr-image", num_slots=4, slot_layers=3, w_reg=0.01, w_c=0.05, w_cv=0.01, w_d=0.3, epochs=50
+    ),
+    "msrvtt-cn": MethodPreset(
+        model="leccr-video",
+        num_slots=2,
+        slot_layers=2,
+        w_reg=0.03,
+        w_c=0.01,
+        w_cv=0.01,
+        w_d=0.3,
+        epochs=50,
+        score_alpha=0.9,
+    ),
 }
 
 

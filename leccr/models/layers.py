@@ -9,6 +9,7 @@ The attention weights get the same dropout (nn.MultiheadAttention's `dropout`), 
 Masks follow torch's key-padding convention here: `memory_padding_mask` is True where a memory
 position is padding and must be ignored. The models convert from the batch contract (True = valid).
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -33,9 +34,7 @@ class CrossAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: Tensor, memory: Tensor, memory_padding_mask: Tensor | None = None) -> Tensor:
-        attended, _ = self.attention(
-            x, memory, memory, key_padding_mask=memory_padding_mask, need_weights=False
-        )
+        attended, _ = self.attention(x, memory, memory, key_padding_mask=memory_padding_mask, need_weights=False)
         update = self.linear2(self.inner_dropout(F.gelu(self.linear1(attended))))
         return self.norm(x + self.output_dropout(update))
 

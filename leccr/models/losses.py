@@ -9,9 +9,10 @@ METHOD.md lists a quirk; False gives the corrected form.
 Distributed training: the models call `gather(t)` on each embedding before the in-batch losses;
 `all_gather_with_grad` below is the reference's gather (see its docstring).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

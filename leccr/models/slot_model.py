@@ -9,11 +9,15 @@ Data flow per batch (METHOD.md "Modules" and "The reference implementation" 6-7)
   f_v = normalize(vision_proj(pool(V')))        g = caption_proj1(S')  [B, N_q, E] (not normalised)
   L_cv on cproj(S), vproj(V); L_reg on S; L_c, L_dstl and the inference score on g.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from leccr.models.base import RetrievalModel
+from leccr.models.config import ModelConfig
+from leccr.models.layers import CrossAttentionStack, padding_mask_from_valid
 from leccr.models.losses import (
     Gather,
     assemble_leccr_total,
@@ -23,9 +27,6 @@ from leccr.models.losses import (
     slot_vision_loss,
     softened_matching_loss,
 )
-from leccr.models.base import RetrievalModel
-from leccr.models.config import ModelConfig
-from leccr.models.layers import CrossAttentionStack, padding_mask_from_valid
 from leccr.models.text_encoder import TextEncoder
 
 
@@ -49,8 +50,12 @@ class LeccrModel(RetrievalModel):
             self.cproj = nn.Linear(width, width)
             self.vproj = nn.Linear(width, width)
             if self.use_interaction:
-                self.vision_to_slots = CrossAttentionStack(width, config.num_heads, config.interaction_layers, config.dropout)
-                self.slots_to_vision = CrossAttentionStack(width, config.num_heads, config.interaction_layers, config.dropout)
+                self.vision_to_slots = CrossAttentionStack(
+                    width, config.num_heads, config.interaction_layers, config.dropout
+                )
+                self.slots_to_vision = CrossAttentionStack(
+                    width, config.num_heads, config.interaction_layers, config.dropout
+                )
 
     # ----- descriptions and slots
     def description_states(

@@ -4,6 +4,7 @@ English captions, their translations and (in `description_encoder: shared` mode)
 descriptions all go through this one encoder, as in the paper (mBERT). The projection of [CLS]
 into the joint space lives in the method model, not here.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,9 @@ class TextEncoder(nn.Module):
 
         path = model_path(path, "text encoder")
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"text encoder folder {path} has no config.json (expected a save_pretrained folder)")
+            raise FileNotFoundError(
+                f"text encoder folder {path} has no config.json (expected a save_pretrained folder)"
+            )
         return cls(AutoModel.from_pretrained(str(path), local_files_only=True))
 
     def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,7 @@ they pass through, with a linear map to D_v only if the cached width differs.
 Video: per-frame features (padded to N_v frames with a frame mask) go through the reference's
 1-layer self-attention frame encoder (same layer shape as the cross-attention layer).
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn

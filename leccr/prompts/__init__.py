@@ -1,4 +1,5 @@
 """Default description prompts (views) shipped as package data: `image.yaml` and `video.yaml`."""
+
 from __future__ import annotations
 
 from importlib import resources

@@ -3,8 +3,9 @@
 Referenced: every artifact named in `<root>/runs/<experiment>.json` (what each experiment used last),
 in a run record (`<root>/runs/records/`, leccr.records.runs: every run kept, sweeps' variants included, unless
 `prune` names the records to drop), each stage's `LATEST` pointer (what `leccr inspect` opens), and,
-through their manifests, every upstream artifact those were built from. Everything else is garbage, except a folder a running stage
-holds (its `.lock`, see leccr.core.artifact.stage_lock), which is never touched.
+through their manifests, every upstream artifact those were built from. Everything else is garbage,
+except a folder a running stage holds (its `.lock`, see leccr.core.artifact.stage_lock), which is never
+touched.
 
 An incomplete folder (no manifest) is listed too: it holds the finished shards of a stopped run, which
 a rerun of the same config would resume from, so deleting it costs that work. A folder whose manifest
@@ -12,6 +13,7 @@ is damaged (empty, not JSON) is listed with what is wrong and never deleted: a r
 it and recomputes it. Nothing upstream of a damaged referenced artifact is deleted either, since its
 manifest no longer says which artifacts it was built from.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +69,9 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
-def referenced(store: Store, prune: list[Path] | None = None,
-               damaged: dict[tuple[str, str], str] | None = None) -> set[tuple[str, str]]:
+def referenced(
+    store: Store, prune: list[Path] | None = None, damaged: dict[tuple[str, str], str] | None = None
+) -> set[tuple[str, str]]:
     """(stage, key) of every artifact an experiment's latest run, a run record (but those in `prune`) or
     a LATEST pointer uses, with upstream. `damaged` collects the referenced ones whose manifest cannot
     be read (their upstream cannot be followed)."""
@@ -119,8 +122,16 @@ def collect(root: str | Path, prune: list[Path] | None = None) -> list[Garbage]:
             continue
         complete = store.is_complete(artifact)
         problem = read_manifest(artifact.path)[1] if complete else None
-        found.append(Garbage(artifact, folder_size(artifact.path), complete, is_locked(artifact.path), problem,
-                             protected.get(artifact.stage)))
+        found.append(
+            Garbage(
+                artifact,
+                folder_size(artifact.path),
+                complete,
+                is_locked(artifact.path),
+                problem,
+                protected.get(artifact.stage),
+            )
+        )
     return found
 
 

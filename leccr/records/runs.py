@@ -14,6 +14,7 @@ computed it, reused it from the store, or took it from another variant of its sw
 `leccr gc` keeps every artifact a record references (and their upstream), unless told to prune
 records older than some age (`prune_records`).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ import socket
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def records_dir(root: str | Path) -> Path:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,21 @@ def entries_of(outcomes: Mapping[str, Any], shared: Iterable[str] = ()) -> dict[
             return CACHE_HIT
         return SHARED if name in shared else COMPUTED
 
-    return {name: StageEntry(o.artifact.key, status(name, o), 0.0 if name in shared else o.seconds)
-            for name, o in outcomes.items()}
+    return {
+        name: StageEntry(o.artifact.key, status(name, o), 0.0 if name in shared else o.seconds)
+        for name, o in outcomes.items()
+    }
 
 
-def write_record(cfg, label: RunLabel, started: datetime, stages: Mapping[str, StageEntry], outcome: str,
-                 error: BaseException | str | None = None, ended: datetime | None = None) -> Path:
+def write_record(
+    cfg,
+    label: RunLabel,
+    started: datetime,
+    stages: Mapping[str, StageEntry],
+    outcome: str,
+    error: BaseException | str | None = None,
+    ended: datetime | None = None,
+) -> Path:
     """Append one run's record (a new file, written atomically); returns its path.
 
     `cfg` is the run's effective ExperimentConfig (overrides and sweep values applied)."""
@@ -119,8 +129,11 @@ def read_records(root: str | Path) -> list[dict[str, Any]]:
 def prunable(root: str | Path, older_than: timedelta) -> list[Path]:
     """Record files of runs that ended longer ago than `older_than` (what `leccr gc --prune-runs` drops)."""
     limit = now() - older_than
-    return [p for p in sorted(records_dir(root).glob("*.json"))
-            if datetime.fromisoformat(json.loads(p.read_text(encoding="utf-8"))["ended_at"]) < limit]
+    return [
+        p
+        for p in sorted(records_dir(root).glob("*.json"))
+        if datetime.fromisoformat(json.loads(p.read_text(encoding="utf-8"))["ended_at"]) < limit
+    ]
 
 
 def referenced_keys(root: str | Path, skip: Iterable[Path] = ()) -> list[tuple[str, str]]:
@@ -134,16 +147,28 @@ def referenced_keys(root: str | Path, skip: Iterable[Path] = ()) -> list[tuple[s
                 keys.extend((stage, entry["key"]) for stage, entry in stages.items())
             except (ValueError, KeyError, TypeError, AttributeError) as error:
                 # What it references is unknown: stop rather than delete what it may keep.
-                raise ValueError(f"run record {path} cannot be read ({type(error).__name__}: {error}); fix or "
-                                 "delete it, then collect again") from None
+                raise ValueError(
+                    f"run record {path} cannot be read ({type(error).__name__}: {error}); fix or "
+                    "delete it, then collect again"
+                ) from None
     return keys
 
 
 # ------------------------------------------------------------------------------------- DuckDB views
 RECORD_COLUMNS = {  # the fixed columns of the `runs` view, as read from the JSON records
-    "run_id": "VARCHAR", "experiment": "VARCHAR", "name": "VARCHAR", "sweep": "VARCHAR", "variant": "VARCHAR",
-    "outcome": "VARCHAR", "error": "VARCHAR", "started_at": "VARCHAR", "ended_at": "VARCHAR", "seconds": "DOUBLE",
-    "swept": "JSON", "stages": "JSON", "config": "JSON",
+    "run_id": "VARCHAR",
+    "experiment": "VARCHAR",
+    "name": "VARCHAR",
+    "sweep": "VARCHAR",
+    "variant": "VARCHAR",
+    "outcome": "VARCHAR",
+    "error": "VARCHAR",
+    "started_at": "VARCHAR",
+    "ended_at": "VARCHAR",
+    "seconds": "DOUBLE",
+    "swept": "JSON",
+    "stages": "JSON",
+    "config": "JSON",
 }
 
 
@@ -164,8 +189,10 @@ def swept_columns(records: list[dict[str, Any]], taken: Iterable[str] = ()) -> d
     paths = sorted({path for record in records for path in record.get("swept") or {}})
     taken = set(taken) | set(RECORD_COLUMNS)
     leaves = [p.rsplit(".", 1)[-1] for p in paths]
-    return {p: leaf if leaves.count(leaf) == 1 and leaf not in taken else p.replace(".", "_")
-            for p, leaf in zip(paths, leaves)}
+    return {
+        p: leaf if leaves.count(leaf) == 1 and leaf not in taken else p.replace(".", "_")
+        for p, leaf in zip(paths, leaves)
+    }
 
 
 def _quote(text: str) -> str:
@@ -183,8 +210,9 @@ def view_statements(root: str | Path) -> list[str]:
     columns = swept_columns(records, taken=METRICS.names + ["run_name", "evaluate_key"])
     swept_sql = "".join(
         f", TRY_CAST(swept->>'$.\"{_quote(path)}\"' AS "
-        f"{_sql_type([r.get('swept', {}).get(path) for r in records])}) AS \"{column}\""
-        for path, column in columns.items())
+        f'{_sql_type([r.get("swept", {}).get(path) for r in records])}) AS "{column}"'
+        for path, column in columns.items()
+    )
     json_columns = ", ".join(f"{name}: '{kind}'" for name, kind in RECORD_COLUMNS.items())
     glob = _quote((folder / "*.json").as_posix())
     statements = [
@@ -202,5 +230,6 @@ def view_statements(root: str | Path) -> list[str]:
             f"r.variant, r.started_at{swept_select}, m.* EXCLUDE (filename) FROM runs r JOIN ("
             "SELECT *, regexp_extract(filename, '/evaluate/([^/]+)/metrics\\.parquet$', 1) AS evaluate_key "
             f"FROM read_parquet('{metrics_glob}', union_by_name = true, filename = true)) m "
-            "ON m.evaluate_key = r.stages->>'$.evaluate.key'")
+            "ON m.evaluate_key = r.stages->>'$.evaluate.key'"
+        )
     return statements

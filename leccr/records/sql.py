@@ -5,15 +5,14 @@ artifacts root only (`allowed_directories` + `enable_external_access = false`, t
 is locked so SQL cannot undo it), and `check_read_only` refuses every statement but queries, so
 `COPY ... TO`, `ATTACH`, `INSTALL` and chained writes never run.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import sys
 from pathlib import Path
-from typing import TextIO
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from leccr.core.artifact import Artifact, Store, stage_of
 
@@ -67,14 +66,16 @@ def selected_artifacts(root: str | Path, experiment: str | None = None) -> dict[
 def view_statements(artifacts: dict[str, Artifact]) -> list[str]:
     statements = []
     for view, (stage, pattern) in VIEWS.items():
-        globs = [(artifact.path / pattern).as_posix().replace("'", "''")
-                 for label, artifact in sorted(artifacts.items())
-                 if stage_of(label) == stage and list(artifact.path.glob(pattern))]
+        globs = [
+            (artifact.path / pattern).as_posix().replace("'", "''")
+            for label, artifact in sorted(artifacts.items())
+            if stage_of(label) == stage and list(artifact.path.glob(pattern))
+        ]
         if not globs:
             continue
         files = ", ".join(f"'{glob}'" for glob in globs)
         statements.append(
-            f"CREATE OR REPLACE VIEW \"{view}\" AS SELECT * FROM read_parquet([{files}], union_by_name=true)"
+            f'CREATE OR REPLACE VIEW "{view}" AS SELECT * FROM read_parquet([{files}], union_by_name=true)'
         )
     return statements
 
@@ -90,15 +91,19 @@ class ReadOnlyViolation(ValueError):
 def lock_statements(root: str | Path) -> list[str]:
     """What makes a session read the artifacts root and nothing else (run after the views exist)."""
     folder = Path(root).absolute().as_posix().rstrip("/").replace("'", "''") + "/"
-    return [f"SET allowed_directories = ['{folder}']", "SET enable_external_access = false",
-            "SET lock_configuration = true"]
+    return [
+        f"SET allowed_directories = ['{folder}']",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true",
+    ]
 
 
 def connect(root: str | Path, experiment: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per available artifact table, reading nothing
     outside the artifacts root."""
-    from leccr.records import runs
     import duckdb
+
+    from leccr.records import runs
 
     con = duckdb.connect()
     for statement in view_statements(selected_artifacts(root, experiment)) + runs.view_statements(root):
@@ -116,9 +121,11 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list:
         if statement.type.name not in READ_ONLY_STATEMENTS:
             text = " ".join(statement.query.split())
             kind = _statement_kind(text, statement.type)
-            raise ReadOnlyViolation(f"refused {kind} statement {text[:80]!r}: `leccr inspect` only reads the "
-                                    "artifacts (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); to save a "
-                                    "result, redirect `--format csv` or `--format json` output to a file")
+            raise ReadOnlyViolation(
+                f"refused {kind} statement {text[:80]!r}: `leccr inspect` only reads the "
+                "artifacts (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); to save a "
+                "result, redirect `--format csv` or `--format json` output to a file"
+            )
     return statements
 
 
@@ -132,16 +139,19 @@ def _statement_kind(text: str, statement_type: duckdb.StatementType) -> str:
 
 
 def list_views(con: duckdb.DuckDBPyConnection) -> list[str]:
-    return [row[0] for row in con.execute(
-        "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name").fetchall()]
+    return [
+        row[0]
+        for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name").fetchall()
+    ]
 
 
 FORMATS = ("table", "csv", "json", "markdown")
 TABLE_MAX_ROWS = 1000  # the table format is for reading; csv/json/markdown print every row
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str, fmt: str = "table", width: int | None = None,
-              out: TextIO | None = None) -> None:
+def run_query(
+    con: duckdb.DuckDBPyConnection, sql: str, fmt: str = "table", width: int | None = None, out: TextIO | None = None
+) -> None:
     """Run read-only `sql` (one or more queries) and print each result in `fmt`.
 
     `width`: the table format's width (None: no limit, for pipes and files). Raises
@@ -154,8 +164,9 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str, fmt: str = "table", widt
             continue
         if fmt == "table":
             out.flush()
-            relation.limit(TABLE_MAX_ROWS).show(max_width=width or 10**6, max_rows=TABLE_MAX_ROWS,
-                                                max_col_width=width or 10**6)
+            relation.limit(TABLE_MAX_ROWS).show(
+                max_width=width or 10**6, max_rows=TABLE_MAX_ROWS, max_col_width=width or 10**6
+            )
             continue
         columns, rows = relation.columns, relation.fetchall()
         if fmt == "csv":

@@ -12,6 +12,7 @@ identities give equal keys.
 
 Plain Python: no Prefect.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,10 @@ from typing import Any
 import yaml
 
 from leccr.config import ConfigError, ExperimentConfig, load_config
-from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
 from leccr.core.dag import get_stage
 from leccr.core.driver import RunResult
 from leccr.core.explain import explain
+from leccr.core.fingerprint import Fingerprinter, fingerprinter_for
 from leccr.core.jobs import Job, parts_with_upstream
 
 
@@ -84,8 +85,12 @@ def _config_name(experiment: str, variant: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+@-]", "_", f"{experiment}--{variant}")
 
 
-def load_sweep(config: str | Path, grid: dict[str, list[Any]] | None = None, name: str | None = None,
-               overrides: dict[str, Any] | None = None) -> Sweep:
+def load_sweep(
+    config: str | Path,
+    grid: dict[str, list[Any]] | None = None,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Sweep:
     """The sweep of an experiment file: `grid` (else the file's `sweep.grid`) over the file with `overrides`.
 
     Every variant's config is validated here, so a bad value fails before anything runs, naming it."""
@@ -124,14 +129,21 @@ def _identity(cfg: ExperimentConfig, label: str, upstream: dict[str, str], finge
     """What a pending job's key will be made of: its own parts and the identities of its upstream jobs."""
     job = Job.from_label(label)
     own = parts_with_upstream(cfg, job, fingerprints, {})
-    ups = [identity for up_label, identity in sorted(upstream.items())
-           if Job.from_label(up_label).stage in get_stage(job.stage).upstream]
+    ups = [
+        identity
+        for up_label, identity in sorted(upstream.items())
+        if Job.from_label(up_label).stage in get_stage(job.stage).upstream
+    ]
     text = json.dumps([label, own.own_digest, ups], sort_keys=True, default=str)
     return "pending:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def plan_sweep(sweep: Sweep, stages: list[str] | None = None, force: list[str] | None = None,
-               fingerprints: Fingerprinter | None = None) -> dict[str, list[PlannedVariantStage]]:
+def plan_sweep(
+    sweep: Sweep,
+    stages: list[str] | None = None,
+    force: list[str] | None = None,
+    fingerprints: Fingerprinter | None = None,
+) -> dict[str, list[PlannedVariantStage]]:
     """{variant: its stages as `explain` sees them, each with the identity shared variants have in common}."""
     fingerprints = fingerprints or fingerprinter_for(sweep.base.artifacts_root)
     planned: dict[str, list[PlannedVariantStage]] = {}
@@ -167,18 +179,23 @@ def dry_run_lines(sweep: Sweep, planned: dict[str, list[PlannedVariantStage]]) -
             else:
                 shared = "this run only"
             key = row.key or "-" * 16
-            state = "cached" if row.status == "hit" else ("computes" if row.status != "pending" else "computes (after upstream)")
+            state = (
+                "cached"
+                if row.status == "hit"
+                else ("computes" if row.status != "pending" else "computes (after upstream)")
+            )
             lines.append(f"    {row.name:<9} {key}  {state:<25} {shared}")
     todo = sorted({(row.name, row.identity) for rows in planned.values() for row in rows if row.status != "hit"})
     per_stage: dict[str, int] = {}
     for stage, _ in todo:
         per_stage[stage] = per_stage.get(stage, 0) + 1
     runs_of_each = sum(len(rows) for rows in planned.values())
-    lines.append(f"{len(todo)} stage computation(s) for {runs_of_each} stage run(s)"
-                 + (": " + ", ".join(f"{s} ×{n}" for s, n in per_stage.items()) if per_stage else "")
-                 + f"; {len(users) - len(todo)} cached")
+    lines.append(
+        f"{len(todo)} stage computation(s) for {runs_of_each} stage run(s)"
+        + (": " + ", ".join(f"{s} ×{n}" for s, n in per_stage.items()) if per_stage else "")
+        + f"; {len(users) - len(todo)} cached"
+    )
     return lines
-
 
 
 # ------------------------------------------------------------------------------------- running
@@ -190,8 +207,11 @@ def run_sweep(sweep: Sweep, stages: list[str] | None = None, force: list[str] | 
     from leccr.records.runs import now
 
     started = now()
-    results = drive_here({variant.name: variant.cfg for variant in sweep.variants}, plan(stages, force),
-                         fingerprinter_for(sweep.base.artifacts_root))
+    results = drive_here(
+        {variant.name: variant.cfg for variant in sweep.variants},
+        plan(stages, force),
+        fingerprinter_for(sweep.base.artifacts_root),
+    )
     status = record_sweep(sweep, results, started)
     sweep_comparison(sweep)
     raise_failures(sweep, status)
@@ -210,10 +230,17 @@ def record_sweep(sweep: Sweep, results: dict[str, RunResult], started: datetime)
         label = RunLabel(sweep.experiment, sweep.name, variant.name, variant.values)
         if result.error is None:
             record_run(variant.cfg, result.outcomes)
-        write_record(variant.cfg, label, started, entries_of(result.outcomes, result.shared),
-                     "failed" if result.error else "completed", result.error)
-        status[variant.name] = ("completed" if result.error is None
-                                else f"failed: {type(result.error).__name__}: {result.error}")
+        write_record(
+            variant.cfg,
+            label,
+            started,
+            entries_of(result.outcomes, result.shared),
+            "failed" if result.error else "completed",
+            result.error,
+        )
+        status[variant.name] = (
+            "completed" if result.error is None else f"failed: {type(result.error).__name__}: {result.error}"
+        )
     return status
 
 
@@ -232,5 +259,7 @@ def raise_failures(sweep: Sweep, status: dict[str, str]) -> None:
     """One error naming every failed run, raised after every other run finished and was recorded."""
     failures = {v: s for v, s in status.items() if s != "completed"}
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(status)} runs of sweep {sweep.name} failed: "
-                           + "; ".join(f"{v}: {s}" for v, s in failures.items()))
+        raise RuntimeError(
+            f"{len(failures)} of {len(status)} runs of sweep {sweep.name} failed: "
+            + "; ".join(f"{v}: {s}" for v, s in failures.items())
+        )

@@ -1,4 +1,5 @@
 """Device choice shared by every engine: "auto" means the GPU when there is one."""
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ with HF_HUB_OFFLINE=1 a cached snapshot works with no network. `identity` names 
 (the snapshot's commit hash for a hub id) so the cache key can say which weights produced a result.
 Every model loader goes through `resolve_model`, so folders and hub ids share one code path.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,10 +76,12 @@ def resolve_model(spec: str | Path) -> ResolvedModel:
         raise ModelNotFound(
             f"model {spec!r}: no folder of that name and no cached snapshot of hub model {repo_id}"
             f"{'@' + revision if revision else ''} in {cache}; get it with `hf download {repo_id}{at}` "
-            f"(huggingface-cli download on older huggingface_hub) or give a local folder") from None
+            f"(huggingface-cli download on older huggingface_hub) or give a local folder"
+        ) from None
     snapshot = Path(snapshot)
-    return ResolvedModel(snapshot, {"source": "hub", "repo_id": repo_id, "revision": revision or "main",
-                                    "commit": snapshot.name})
+    return ResolvedModel(
+        snapshot, {"source": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": snapshot.name}
+    )
 
 
 def model_path(spec: str | Path, field_name: str | None = None) -> Path:

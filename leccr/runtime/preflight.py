@@ -3,6 +3,7 @@ with the path and what to do, not a traceback from deep inside a stage.
 
     check_environment(cfg)   artifacts root (creatable, writable, not full), dataset path (a folder)
 """
+
 from __future__ import annotations
 
 import errno
@@ -33,17 +34,21 @@ def check_artifacts_root(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise EnvironmentProblem(f"cannot create the artifacts root {root.absolute()}: {_reason(error)}; "
-                                 f"{hint}") from None
+        raise EnvironmentProblem(
+            f"cannot create the artifacts root {root.absolute()}: {_reason(error)}; {hint}"
+        ) from None
     probe = root / f".leccr-write-probe-{os.getpid()}"
     try:
         _write_probe(probe)
     except OSError as error:
         if error.errno == errno.ENOSPC:
-            raise EnvironmentProblem(f"the disk of the artifacts root {root.absolute()} is full: free some space "
-                                     f"(`leccr gc`, old runs) or {hint}") from None
-        raise EnvironmentProblem(f"the artifacts root {root.absolute()} is not writable: {_reason(error)}; "
-                                 f"fix its permissions or {hint}") from None
+            raise EnvironmentProblem(
+                f"the disk of the artifacts root {root.absolute()} is full: free some space "
+                f"(`leccr gc`, old runs) or {hint}"
+            ) from None
+        raise EnvironmentProblem(
+            f"the artifacts root {root.absolute()} is not writable: {_reason(error)}; fix its permissions or {hint}"
+        ) from None
     finally:
         probe.unlink(missing_ok=True)
 
@@ -62,8 +67,9 @@ def check_dataset_path(path: Path, fmt: str) -> None:
     if not path.exists():
         raise EnvironmentProblem(f"dataset.path {path.absolute()} does not exist: {hint}")
     if not path.is_dir():
-        raise EnvironmentProblem(f"dataset.path {path.absolute()} is a file, not a folder: the {fmt} layout is a "
-                                 f"folder; {hint}")
+        raise EnvironmentProblem(
+            f"dataset.path {path.absolute()} is a file, not a folder: the {fmt} layout is a folder; {hint}"
+        )
     if not os.access(path, os.R_OK | os.X_OK):
         raise EnvironmentProblem(f"dataset.path {path.absolute()} is not readable: fix its permissions")
 

@@ -1,4 +1,6 @@
-"""Progress bars with items/s and ETA on every long loop (rich when attached to a terminal, tqdm-like text otherwise)."""
+"""Progress bars with items/s and ETA on every long loop (rich when attached to a terminal, tqdm-like text
+otherwise)."""
+
 from __future__ import annotations
 
 import logging
@@ -52,19 +54,33 @@ class _Bar:
         if now - self._last_log >= 10 or self.done >= self.total:
             self._last_log = now
             eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
-            self.log.info("%s: %d/%d %s (%.1f %s/s, ETA %.0fs) %s", self.desc, self.done, self.total,
-                     self.unit, self.rate, self.unit, eta, self.extra)
+            self.log.info(
+                "%s: %d/%d %s (%.1f %s/s, ETA %.0fs) %s",
+                self.desc,
+                self.done,
+                self.total,
+                self.unit,
+                self.rate,
+                self.unit,
+                eta,
+                self.extra,
+            )
 
 
 @contextmanager
 def progress(total: int, desc: str, unit: str = "items", logger=None) -> Iterator[_Bar]:
     """A bar on a terminal; otherwise a log line every 10 s (to `logger`, e.g. Prefect's run logger)."""
     if sys.stderr.isatty():
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[extra]}")]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[extra]}"),
+        ]
         with Progress(*columns, transient=False) as rich_progress:
             task = rich_progress.add_task(desc, total=total, extra="", rate="")
             bar = _Bar(total, desc, unit, logger, rich_progress, task)

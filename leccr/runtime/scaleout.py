@@ -6,6 +6,7 @@ the driver writes a probe file, one task pinned to each alive node reads it and 
 and the driver reads every answer back. Any failure stops the run with the node and the reason. The
 tasks themselves are submitted by the flow (flows/pipeline.py): this module does not import Prefect.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ differences grow over the steps (the demo's LECCR: another validation SumR). tor
 machine's core count (or `OMP_NUM_THREADS`), which differs between machines, and between a stage run
 alone and one started beside others with fewer threads. So `train.threads` (in the train key) says it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -31,5 +32,9 @@ def numerics(device: str, threads: int) -> dict:
     and the thread count."""
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "device": device, "threads": threads}
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": device,
+        "threads": threads,
+    }

@@ -3,16 +3,21 @@
 The names below load on first use: `leccr.search.request` (the checks every entry point shares) must
 be importable without torch, so that a bad query is refused before a model library loads.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "DEFAULT_CANDIDATES": "leccr.search.request", "BadQuery": "leccr.search.request",
+    "DEFAULT_CANDIDATES": "leccr.search.request",
+    "BadQuery": "leccr.search.request",
     "check_request": "leccr.search.request",
-    "Hit": "leccr.search.engine", "SearchEngine": "leccr.search.engine", "UnknownMethod": "leccr.search.engine",
+    "Hit": "leccr.search.engine",
+    "SearchEngine": "leccr.search.engine",
+    "UnknownMethod": "leccr.search.engine",
     "find_index": "leccr.search.engine",
-    "QueryEncoder": "leccr.search.query", "UnknownLanguage": "leccr.search.query",
+    "QueryEncoder": "leccr.search.query",
+    "UnknownLanguage": "leccr.search.query",
 }
 __all__ = list(_EXPORTS)
 

@@ -12,6 +12,7 @@
 
 Each method's model loads once, on first use, behind a lock; searches run concurrently after that.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,20 +20,19 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from leccr.search.request import DEFAULT_CANDIDATES, UnknownLanguage, UnknownMethod
 from leccr.core.artifact import Artifact, Store
 from leccr.schemas.core import read_table
 from leccr.schemas.index import INDEX_ITEMS
+from leccr.search.request import DEFAULT_CANDIDATES, UnknownLanguage, UnknownMethod
 
 if TYPE_CHECKING:  # torch loads with the first model (MethodIndex.load): opening an index and checking a
-    import torch   # request stay cheap, so `leccr search` refuses a bad one in well under a second
+    import torch  # request stay cheap, so `leccr search` refuses a bad one in well under a second
 
     from leccr.search.query import QueryEncoder
 
@@ -111,16 +111,17 @@ class MethodIndex:
         import torch
 
         from leccr.config import HnswConfig, IvfConfig
-        from leccr.search.query import QueryEncoder
         from leccr.engines.vectors import ExactIndex, FaissIndex, faiss_missing
+        from leccr.search.query import QueryEncoder
 
         info = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         table = pq.read_table(folder / "embeddings.parquet")
         vectors = _matrix(table, "embedding", info["embed_dim"])
         slots = None
         if info["alpha"] < 1.0:
-            slots = torch.from_numpy(_matrix(table, "slots", info["num_slots"] * info["embed_dim"])
-                                     ).reshape(len(vectors), info["num_slots"], info["embed_dim"])
+            slots = torch.from_numpy(_matrix(table, "slots", info["num_slots"] * info["embed_dim"])).reshape(
+                len(vectors), info["num_slots"], info["embed_dim"]
+            )
         if info["ann"] is None:
             ann = ExactIndex(vectors)
         else:
@@ -145,8 +146,9 @@ class MethodIndex:
         results = []
         for query, rows in zip(queries, found):
             rows = torch.from_numpy(np.sort(rows[rows >= 0]))  # index order: ties go to the lower row
-            global_sim, slot_sim = similarity_parts(query[None], self.vectors[rows],
-                                                    self.slots[rows] if ranges is not None else None)
+            global_sim, slot_sim = similarity_parts(
+                query[None], self.vectors[rows], self.slots[rows] if ranges is not None else None
+            )
             score = fuse_scores(global_sim, slot_sim, self.alpha, ranges)[0] if ranges is not None else global_sim[0]
             order = torch.argsort(-score, stable=True)[:k]
             results.append([(int(rows[i]), float(score[i]), float(global_sim[0, i])) for i in order])
@@ -178,8 +180,9 @@ class SearchEngine:
         self.data_root = Path(data_root).resolve() if data_root is not None else None
         self.device_name = device  # resolved with the first model load (it needs torch)
         self.methods = sorted(p.name for p in self.index_dir.iterdir() if (p / "index.json").is_file())
-        self.infos = {m: json.loads((self.index_dir / m / "index.json").read_text(encoding="utf-8"))
-                      for m in self.methods}
+        self.infos = {
+            m: json.loads((self.index_dir / m / "index.json").read_text(encoding="utf-8")) for m in self.methods
+        }
         self.items = IndexItems(read_table(self.index_dir / "items.parquet", INDEX_ITEMS))
         paths, media = self.items.table.column("path").to_pylist(), self.items.table.column("media_type").to_pylist()
         self.media_types = {path: kind for path, kind in zip(paths, media) if path is not None}
@@ -188,8 +191,13 @@ class SearchEngine:
         self.loads = 0  # models loaded so far (each method at most once)
 
     @classmethod
-    def open(cls, root: str | Path = "artifacts", experiment: str | None = None, data_root: str | Path | None = None,
-             device: str = "auto") -> SearchEngine:
+    def open(
+        cls,
+        root: str | Path = "artifacts",
+        experiment: str | None = None,
+        data_root: str | Path | None = None,
+        device: str = "auto",
+    ) -> SearchEngine:
         """From the artifact store: the index, the train artifacts it was built from, the dataset folder
         (where the dataset artifact was read from, unless `data_root` says where it lies now)."""
         index = find_index(root, experiment)
@@ -200,8 +208,11 @@ class SearchEngine:
                 data_root = store.artifact("dataset", upstream["dataset"]).manifest.config.get("path")
             except (OSError, ValueError):
                 data_root = None
-        method_dirs = {label[len("train["):-1]: store.artifact("train", key).path / label[len("train["):-1]
-                       for label, key in upstream.items() if label.startswith("train[")}
+        method_dirs = {
+            label[len("train[") : -1]: store.artifact("train", key).path / label[len("train[") : -1]
+            for label, key in upstream.items()
+            if label.startswith("train[")
+        }
         return cls(index.path, method_dirs, data_root, device)
 
     def check(self, method: str, lang: str) -> None:
@@ -216,34 +227,52 @@ class SearchEngine:
         with self._lock:
             if name not in self._loaded:
                 if name not in self.infos:
-                    raise UnknownMethod(f"method {name!r} is not in the index {self.index_dir} (methods: {self.methods})")
+                    raise UnknownMethod(
+                        f"method {name!r} is not in the index {self.index_dir} (methods: {self.methods})"
+                    )
                 from leccr.runtime.device import resolve_device
 
-                self._loaded[name] = MethodIndex.load(self.index_dir / name, self.method_dirs[name],
-                                                      resolve_device(self.device_name))
+                self._loaded[name] = MethodIndex.load(
+                    self.index_dir / name, self.method_dirs[name], resolve_device(self.device_name)
+                )
                 self.loads += 1
             return self._loaded[name]
 
-    def search(self, texts: list[str], lang: str, method: str, k: int = 10,
-               candidates: int = DEFAULT_CANDIDATES) -> list[list[Hit]]:
+    def search(
+        self, texts: list[str], lang: str, method: str, k: int = 10, candidates: int = DEFAULT_CANDIDATES
+    ) -> list[list[Hit]]:
         self.check(method, lang)
         index = self.method(method)
         queries = index.encoder.encode_queries(texts, lang)
-        return [[self._hit(rank, row, score, global_score) for rank, (row, score, global_score) in enumerate(hits, 1)]
-                for hits in index.rank(queries, lang, k, candidates)]
+        return [
+            [self._hit(rank, row, score, global_score) for rank, (row, score, global_score) in enumerate(hits, 1)]
+            for hits in index.rank(queries, lang, k, candidates)
+        ]
 
     def _hit(self, rank: int, row: int, score: float, global_score: float) -> Hit:
         item = self.items[row]
-        return Hit(rank, item["item_id"], score, global_score, item["split"], item["media_type"], item["path"],
-                   item["captions"], item["description"], item.get("description_engine"),
-                   item.get("description_model"), item.get("description_random_weights"))
+        return Hit(
+            rank,
+            item["item_id"],
+            score,
+            global_score,
+            item["split"],
+            item["media_type"],
+            item["path"],
+            item["captions"],
+            item["description"],
+            item.get("description_engine"),
+            item.get("description_model"),
+            item.get("description_random_weights"),
+        )
 
     def media_file(self, relative: str, media_type: str | None = None) -> Path | None:
         """The media file of an indexed item (of `media_type` when given) at `relative` inside the dataset
         folder; None for any other path — another file of the folder, one outside it, or a missing file.
         Only the item paths of items.parquet are looked up, so no request path reaches the filesystem."""
-        if self.data_root is None or self.media_types.get(relative) not in ((media_type,) if media_type else
-                                                                             ("image", "video")):
+        if self.data_root is None or self.media_types.get(relative) not in (
+            (media_type,) if media_type else ("image", "video")
+        ):
             return None
         path = (self.data_root / relative).resolve()
         if self.data_root not in path.parents or not path.is_file():

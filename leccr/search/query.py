@@ -4,6 +4,7 @@ The trained method folder keeps its text encoder's tokenizer (`text_encoder/`, l
 checkpoint.py); tokenised the way the features stage tokenised the training captions (same call,
 same max_length, specials included), a query in any trained language lands where its captions did.
 """
+
 from __future__ import annotations
 
 import threading
@@ -18,8 +19,15 @@ from leccr.search.request import UnknownLanguage
 class QueryEncoder:
     """`encode_queries(texts, lang) -> [N, E]` float32 on the CPU, batched, without gradients."""
 
-    def __init__(self, model, tokenizer, max_length: int, languages: Sequence[str],
-                 device: torch.device | str = "cpu", batch_size: int = 64):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_length: int,
+        languages: Sequence[str],
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+    ):
         if tokenizer.pad_token_id is None:
             raise ValueError("the method's tokenizer has no pad token; queries are padded with it")
         self.model = model.eval().to(device)
@@ -31,8 +39,14 @@ class QueryEncoder:
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
-    def load(cls, method_dir: str | Path, max_length: int, languages: Sequence[str],
-             device: torch.device | str = "cpu", batch_size: int = 64) -> QueryEncoder:
+    def load(
+        cls,
+        method_dir: str | Path,
+        max_length: int,
+        languages: Sequence[str],
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+    ) -> QueryEncoder:
         """From a trained method folder (model.safetensors, model.json, text_encoder/ with its tokenizer)."""
         from transformers import AutoTokenizer
 
@@ -42,8 +56,9 @@ class QueryEncoder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(method_dir / "text_encoder"), local_files_only=True)
         except (OSError, ValueError) as error:
-            raise FileNotFoundError(f"{method_dir / 'text_encoder'} holds no tokenizer to encode queries with: "
-                                    f"{error}") from None
+            raise FileNotFoundError(
+                f"{method_dir / 'text_encoder'} holds no tokenizer to encode queries with: {error}"
+            ) from None
         return cls(load_trained(method_dir, device), tokenizer, max_length, languages, device, batch_size)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

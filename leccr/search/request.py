@@ -4,6 +4,7 @@ No torch, no model: a bad query is refused before anything loads (the CLI answer
 second). Each refusal is a `BadQuery` whose text is the API's `detail` and the CLI's error line, and
 whose `status` is the HTTP status the API answers with (the CLI exits 2 for every one).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ class SearchRequest:
     candidates: int
 
 
-def check_request(text: str, k: int = DEFAULT_K, candidates: int = DEFAULT_CANDIDATES,
-                  max_query_chars: int = MAX_QUERY_CHARS) -> SearchRequest:
+def check_request(
+    text: str, k: int = DEFAULT_K, candidates: int = DEFAULT_CANDIDATES, max_query_chars: int = MAX_QUERY_CHARS
+) -> SearchRequest:
     """The request with its text stripped, or BadQuery naming the first thing wrong with it."""
     stripped = text.strip()
     if not stripped:

@@ -20,6 +20,7 @@ query gets the hits of the same query alone, in the same order, and the same sco
 rounding (~1e-6: the encoder masks the padding, but a padded many-row product rounds differently
 from a one-row one; tests/search/test_scheduler.py).
 """
+
 from __future__ import annotations
 
 import threading
@@ -55,8 +56,9 @@ class SearchQueue:
         self._changed = threading.Condition()
         self._closed = False
         self.batch_sizes: list[int] = []  # size of every batch run so far (for tests and benchmarks)
-        self._threads = [threading.Thread(target=self._work, name=f"search-{i}", daemon=True)
-                         for i in range(config.workers)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"search-{i}", daemon=True) for i in range(config.workers)
+        ]
         for thread in self._threads:
             thread.start()
 

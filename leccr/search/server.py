@@ -14,6 +14,7 @@ on a fixed pool of threads behind a bounded queue (SearchQueue, configured by Se
 `queue_depth` searches already wait, a search is answered 503 with `Retry-After` at once. Each model
 loads once (SearchEngine.method).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +33,16 @@ from pathlib import Path
 
 from leccr.config import ServeConfig
 from leccr.search.engine import SearchEngine
-from leccr.search.request import (DEFAULT_CANDIDATES, DEFAULT_K, MAX_K, MAX_QUERY_CHARS, BadQuery, UnknownLanguage,
-                                  UnknownMethod, check_request)
+from leccr.search.request import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_K,
+    MAX_K,
+    MAX_QUERY_CHARS,
+    BadQuery,
+    UnknownLanguage,
+    UnknownMethod,
+    check_request,
+)
 from leccr.search.scheduler import Overloaded, SearchQueue
 
 STRIP_FRAMES = 4
@@ -56,16 +65,31 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS, ser
 
     @app.get("/api/info")
     def info() -> dict:
-        return {"process": os.getpid(),  # which server process answered (`leccr serve` may run several)
-                "methods": {m: {"languages": engine.infos[m]["languages"], "alpha": engine.infos[m]["alpha"],
-                                "items": engine.infos[m]["items"]} for m in engine.methods},
-                "default_method": "leccr" if "leccr" in engine.methods else engine.methods[0],
-                "default_candidates": DEFAULT_CANDIDATES, "max_query_chars": max_query_chars,
-                "default_k": DEFAULT_K, "max_k": MAX_K}
+        return {
+            "process": os.getpid(),  # which server process answered (`leccr serve` may run several)
+            "methods": {
+                m: {
+                    "languages": engine.infos[m]["languages"],
+                    "alpha": engine.infos[m]["alpha"],
+                    "items": engine.infos[m]["items"],
+                }
+                for m in engine.methods
+            },
+            "default_method": "leccr" if "leccr" in engine.methods else engine.methods[0],
+            "default_candidates": DEFAULT_CANDIDATES,
+            "max_query_chars": max_query_chars,
+            "default_k": DEFAULT_K,
+            "max_k": MAX_K,
+        }
 
     @app.get("/api/search")
-    async def search(q: str = "", lang: str = "en", method: str = "leccr", k: int = Query(10),
-                     candidates: int = Query(DEFAULT_CANDIDATES)) -> dict:
+    async def search(
+        q: str = "",
+        lang: str = "en",
+        method: str = "leccr",
+        k: int = Query(10),
+        candidates: int = Query(DEFAULT_CANDIDATES),
+    ) -> dict:
         try:
             text = check_request(q, k, candidates, max_query_chars).text
             engine.check(method, lang)  # a bad request takes no place in the queue
@@ -78,8 +102,14 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS, ser
             raise HTTPException(404, str(error)) from None
         except UnknownLanguage as error:
             raise HTTPException(400, str(error)) from None
-        return {"query": text, "lang": lang, "method": method, "k": k, "candidates": candidates,
-                "hits": [_hit_json(hit, lang, engine) for hit in hits]}
+        return {
+            "query": text,
+            "lang": lang,
+            "method": method,
+            "k": k,
+            "candidates": candidates,
+            "hits": [_hit_json(hit, lang, engine) for hit in hits],
+        }
 
     @app.get("/media/{relative:path}")
     def media(relative: str):
@@ -151,13 +181,21 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)  # uvicorn's default backlog
     except OSError as error:
         sock.close()
-        raise PortUnavailable(error.errno, f"cannot serve on {host}:{port}: {error.strerror}; "
-                                           "choose another with --port (or --host)") from None
+        raise PortUnavailable(
+            error.errno, f"cannot serve on {host}:{port}: {error.strerror}; choose another with --port (or --host)"
+        ) from None
     return sock
 
 
-def serve(root: str, experiment: str | None, data_root: str | None, device: str, host: str, port: int,
-          serving: ServeConfig | None = None) -> int:
+def serve(
+    root: str,
+    experiment: str | None,
+    data_root: str | None,
+    device: str,
+    host: str,
+    port: int,
+    serving: ServeConfig | None = None,
+) -> int:
     serving = serving or ServeConfig()
     sock = listen(host, port)
     opener = functools.partial(SearchEngine.open, root, experiment, data_root, device)
@@ -205,24 +243,29 @@ def _memory() -> dict[str, int]:
     return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "anon": int(fields["RssAnon"].split()[0]) * 1024}
 
 
-def _serving_line(where: tuple[str, list[str], str], url: str, serving: ServeConfig,
-                  processes: list[tuple[int, dict]]) -> str:
+def _serving_line(
+    where: tuple[str, list[str], str], url: str, serving: ServeConfig, processes: list[tuple[int, dict]]
+) -> str:
     """The start-up line: what is served where, how searches run, and each process's memory."""
     index_dir, methods, data_root = where
-    memory = ", ".join(f"{pid}: {m['rss'] / 2**20:.0f} MiB ({m['anon'] / 2**20:.0f} MiB its own)"
-                       for pid, m in processes)
-    return (f"Serving {index_dir} ({', '.join(methods)}; media from {data_root}) on {url} "
-            f"({len(processes)} process{'es' if len(processes) > 1 else ''} x {serving.workers} search workers x "
-            f"{serving.torch_threads} torch threads, batches of up to {serving.max_batch}, {serving.queue_depth} "
-            f"may wait per process; memory per process {memory})")
+    memory = ", ".join(
+        f"{pid}: {m['rss'] / 2**20:.0f} MiB ({m['anon'] / 2**20:.0f} MiB its own)" for pid, m in processes
+    )
+    return (
+        f"Serving {index_dir} ({', '.join(methods)}; media from {data_root}) on {url} "
+        f"({len(processes)} process{'es' if len(processes) > 1 else ''} x {serving.workers} search workers x "
+        f"{serving.torch_threads} torch threads, batches of up to {serving.max_batch}, {serving.queue_depth} "
+        f"may wait per process; memory per process {memory})"
+    )
 
 
 def _where(engine: SearchEngine) -> tuple[str, list[str], str]:
     return str(engine.index_dir), engine.methods, str(engine.data_root)
 
 
-def _process_main(sock: socket.socket, open_engine: Callable[[], SearchEngine], serving: ServeConfig,
-                  report: Connection) -> None:
+def _process_main(
+    sock: socket.socket, open_engine: Callable[[], SearchEngine], serving: ServeConfig, report: Connection
+) -> None:
     """One server process: load, say so (or say why not), serve until stopped."""
     try:
         engine = _ready_engine(open_engine, serving)
@@ -237,8 +280,7 @@ def _process_main(sock: socket.socket, open_engine: Callable[[], SearchEngine], 
 class ServerProcesses:
     """`count` spawned server processes on one socket: started, watched, restarted, stopped."""
 
-    def __init__(self, sock: socket.socket, open_engine: Callable[[], SearchEngine], serving: ServeConfig,
-                 count: int):
+    def __init__(self, sock: socket.socket, open_engine: Callable[[], SearchEngine], serving: ServeConfig, count: int):
         self.sock, self.open_engine, self.serving, self.count = sock, open_engine, serving, count
         # Spawned, not forked: torch's OpenMP pool does not survive a fork, and a fresh process loads
         # only what serving needs.
@@ -251,8 +293,12 @@ class ServerProcesses:
         started = []
         for _ in range(count):
             receive, send = self.context.Pipe(duplex=False)
-            process = self.context.Process(target=_process_main, name="leccr-serve", daemon=True,
-                                           args=(self.sock, self.open_engine, self.serving, send))
+            process = self.context.Process(
+                target=_process_main,
+                name="leccr-serve",
+                daemon=True,
+                args=(self.sock, self.open_engine, self.serving, send),
+            )
             process.start()
             send.close()
             self.processes.append(process)
@@ -280,8 +326,10 @@ class ServerProcesses:
                 ended = multiprocessing.connection.wait([p.sentinel for p in self.processes])
                 for process in [p for p in self.processes if p.sentinel in ended]:
                     process.join()
-                    print(f"server process {process.pid} exited with code {process.exitcode}; starting another",
-                          flush=True)
+                    print(
+                        f"server process {process.pid} exited with code {process.exitcode}; starting another",
+                        flush=True,
+                    )
                     self.processes.remove(process)
                     self.start(1)
         except KeyboardInterrupt:
@@ -314,7 +362,8 @@ PAGE = """<!doctype html>
     Hiragino, Microsoft YaHei, Meiryo). */
  body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", "Noto Sans CJK SC",
         "Noto Sans CJK JP", "Source Han Sans SC", "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
-        "PingFang SC", "Hiragino Sans", "Hiragino Sans GB", "Microsoft YaHei", "Meiryo", sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }
+        "PingFang SC", "Hiragino Sans", "Hiragino Sans GB", "Microsoft YaHei", "Meiryo", sans-serif;
+        margin: 1.5rem; background: #fafafa; color: #222; }
  form { display: flex; gap: .5rem; margin-bottom: 1rem; }
  #q { flex: 1; font-size: 1.1rem; padding: .4rem; font-family: inherit; }
  #k { width: 4.5rem; }
@@ -433,7 +482,8 @@ async function run(search) {
     card.dataset.itemId = hit.item_id;
     const picture = hit.frames_url || hit.media_url;
     card.innerHTML = (picture ? `<img src="${picture}" alt="${esc(hit.item_id)}">` : "<div>(no media)</div>") +
-      `<div><span class="score">${hit.score.toFixed(3)}</span> <span class="id">#${hit.rank} ${esc(hit.item_id)}</span></div>` +
+      `<div><span class="score">${hit.score.toFixed(3)}</span> ` +
+      `<span class="id">#${hit.rank} ${esc(hit.item_id)}</span></div>` +
       `<div class="caption">${esc(hit.caption)}</div>`;
     card.addEventListener("click", () => showDetail(hit, card));
     $("results").appendChild(card);

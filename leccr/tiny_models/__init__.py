@@ -7,6 +7,7 @@ reused; each is written to a temporary folder and renamed, so a crash never leav
 
     leccr build-tiny-models --out models/ --corpus-file captions.txt --seed 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,12 @@ def build_all(out_dir: Path, corpus: list[str], seed: int = 0) -> dict[str, Path
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The builder's options, shared by `main` and the `leccr build-tiny-models` subcommand."""
     parser.add_argument("--out", required=True, type=Path, help="folder to build the models into")
-    parser.add_argument("--corpus-file", required=True, type=Path,
-                        help="text file, one sentence per line: the tokenizers are trained on it")
+    parser.add_argument(
+        "--corpus-file",
+        required=True,
+        type=Path,
+        help="text file, one sentence per line: the tokenizers are trained on it",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights seed (same seed and corpus: same bytes)")
     return parser
 

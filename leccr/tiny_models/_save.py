@@ -5,6 +5,7 @@ seed, a hash of the corpus). A complete folder with the same recipe is reused as
 recipe (a new seed, corpus or builder version) is rebuilt, so a folder never holds stale weights
 under a name the caller thinks is fresh.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,13 @@ def corpus_digest(corpus: list[str]) -> str:
 
 def recipe(kind: str, version: str, seed: int, corpus: list[str] | None) -> dict:
     """What a folder was built from; `corpus` is None for models without a tokenizer (the vision tower)."""
-    return {"kind": kind, "builder_version": version, "seed": seed,
-            "corpus_lines": None if corpus is None else len(corpus),
-            "corpus_sha256": None if corpus is None else corpus_digest(corpus)}
+    return {
+        "kind": kind,
+        "builder_version": version,
+        "seed": seed,
+        "corpus_lines": None if corpus is None else len(corpus),
+        "corpus_sha256": None if corpus is None else corpus_digest(corpus),
+    }
 
 
 def read_recipe(out: Path) -> dict | None:
@@ -51,8 +56,10 @@ def build_folder(out: Path, required: tuple[str, ...], want: dict, write: Callab
     if have == want and all((out / name).is_file() for name in required):
         return out
     if out.exists() and have is None and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a tiny-model folder (no {RECIPE_FILE}); "
-                              f"refusing to overwrite it with a tiny {want['kind']} model")
+        raise FileExistsError(
+            f"{out} exists and is not a tiny-model folder (no {RECIPE_FILE}); "
+            f"refusing to overwrite it with a tiny {want['kind']} model"
+        )
     if have is not None:
         log.info("rebuilding tiny %s in %s: built from %s, asked for %s", want["kind"], out, have, want)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

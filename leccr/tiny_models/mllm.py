@@ -15,6 +15,7 @@ Two things make the folder load in vLLM exactly like a hub checkpoint (see ENVIR
 - The processor gets `num_additional_image_tokens=1` (the CLS token), or with the "default" feature
   strategy it would count one image token too few and the prompt would not match the features.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,16 +56,26 @@ def _train_tokenizer(corpus: list[str], vocab_size: int, extra_special: list[str
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + list(extra_special),
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + list(extra_special),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(list(corpus) + ["USER: ASSISTANT: describe the image video scene"], trainer)
     bos = backend.token_to_id("<s>")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", bos)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     named = {"image_token": IMAGE_TOKEN, **({"video_token": VIDEO_TOKEN} if VIDEO_TOKEN in extra_special else {})}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>", extra_special_tokens=named)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=named,
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -75,7 +86,7 @@ def _hub_layout(weights: dict) -> dict:
     for name, tensor in weights.items():
         for prefix in ("vision_tower.", "model.vision_tower."):
             if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
-                name = prefix + "vision_model." + name[len(prefix):]
+                name = prefix + "vision_model." + name[len(prefix) :]
                 break
         renamed[name] = tensor
     return renamed
@@ -101,8 +112,9 @@ def _save_in_hub_layout(model, processor, out: Path, kind: str, seed: int, corpu
     processor.save_pretrained(tmp)
     weights_path = tmp / "model.safetensors"
     save_file(_hub_layout(load_file(weights_path)), weights_path, metadata={"format": "pt"})
-    (tmp / "tiny_model.json").write_text(json.dumps({"kind": kind, "seed": seed, "corpus_lines": len(corpus)},
-                                                    indent=2) + "\n")
+    (tmp / "tiny_model.json").write_text(
+        json.dumps({"kind": kind, "seed": seed, "corpus_lines": len(corpus)}, indent=2) + "\n"
+    )
     if out.exists():  # an incomplete folder from an interrupted older build
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -112,10 +124,20 @@ def _save_in_hub_layout(model, processor, out: Path, kind: str, seed: int, corpu
 def _text_config(tokenizer, max_positions: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=max_positions,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
 
 
 def build_tiny_llava(out: Path, corpus: list[str], seed: int) -> Path:
@@ -125,7 +147,13 @@ def build_tiny_llava(out: Path, corpus: list[str], seed: int) -> Path:
     renamed into place, so a folder at `out` is complete.
     """
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     out = Path(out)
     if all((out / name).is_file() for name in _REQUIRED):
@@ -134,18 +162,38 @@ def build_tiny_llava(out: Path, corpus: list[str], seed: int) -> Path:
         raise ValueError("build_tiny_llava: the tokenizer corpus is empty")
     tokenizer = _train_tokenizer(corpus, vocab_size=512)
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_center_crop=True, do_convert_rgb=True)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
-    config = LlavaConfig(vision_config=vision, text_config=_text_config(tokenizer, 512),
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-                         projector_hidden_act="gelu", tie_word_embeddings=False)
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=64,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer, 512),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     return _save_in_hub_layout(model, processor, out, "tiny-llava", seed, corpus)
@@ -159,9 +207,14 @@ def build_tiny_llava_onevision(out: Path, corpus: list[str], seed: int) -> Path:
     (OneVision checkpoints use Qwen2; the architecture is read from text_config either way).
     """
     import torch
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
-                              SiglipVisionConfig)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        SiglipVisionConfig,
+    )
 
     out = Path(out)
     if all((out / name).is_file() for name in _REQUIRED):
@@ -169,22 +222,42 @@ def build_tiny_llava_onevision(out: Path, corpus: list[str], seed: int) -> Path:
     if not corpus:
         raise ValueError("build_tiny_llava_onevision: the tokenizer corpus is empty")
     tokenizer = _train_tokenizer(corpus, vocab_size=512, extra_special=[VIDEO_TOKEN])
-    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
-                 [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    pinpoints = [
+        [IMAGE_SIZE, IMAGE_SIZE],
+        [IMAGE_SIZE, 2 * IMAGE_SIZE],
+        [2 * IMAGE_SIZE, IMAGE_SIZE],
+        [2 * IMAGE_SIZE, 2 * IMAGE_SIZE],
+    ]
     processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                                     image_grid_pinpoints=pinpoints, do_pad=True),
+        image_processor=LlavaOnevisionImageProcessor(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=pinpoints, do_pad=True
+        ),
         video_processor=LlavaOnevisionVideoProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tokenizer, num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE, vision_aspect_ratio="anyres_max_9")
-    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-    config = LlavaOnevisionConfig(vision_config=vision, text_config=_text_config(tokenizer, 2048),
-                                  image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                                  video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
-                                  image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
-                                  tie_word_embeddings=False)
+        tokenizer=tokenizer,
+        num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer, 2048),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     return _save_in_hub_layout(model, processor, out, "tiny-llava-onevision", seed, corpus)

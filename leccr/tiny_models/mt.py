@@ -4,6 +4,7 @@ Random weights: it translates nothing, but it runs through exactly the code real
 models run through (`AutoTokenizer`, `AutoModelForSeq2SeqLM.from_pretrained(path).generate`).
 Shapes: d_model 64, 2 encoder + 2 decoder layers, 4 heads, FFN 128.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,16 +37,24 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 1500):
 
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.normalizer = normalizers.NFKC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(), pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated")])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated")]
+    )
     backend.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL + LANGUAGE_TOKENS, show_progress=False)
     backend.train_from_iterator(sorted(corpus), trainer)
     eos = backend.token_to_id("</s>")
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A $B </s>",
-                                                           special_tokens=[("</s>", eos)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   additional_special_tokens=LANGUAGE_TOKENS, model_max_length=512)
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=LANGUAGE_TOKENS,
+        model_max_length=512,
+    )
 
 
 def build_mt(out: Path, corpus: list[str], seed: int = 0) -> Path:
@@ -59,10 +68,21 @@ def build_mt(out: Path, corpus: list[str], seed: int = 0) -> Path:
 
         tokenizer = train_tokenizer(corpus)
         pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-        config = MarianConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2,
-                              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                              decoder_ffn_dim=128, max_position_embeddings=512, pad_token_id=pad,
-                              eos_token_id=eos, decoder_start_token_id=pad, forced_eos_token_id=eos)
+        config = MarianConfig(
+            vocab_size=len(tokenizer),
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=512,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            decoder_start_token_id=pad,
+            forced_eos_token_id=eos,
+        )
         torch.manual_seed(seed)
         model = MarianMTModel(config)
         with torch.no_grad():
@@ -70,8 +90,9 @@ def build_mt(out: Path, corpus: list[str], seed: int = 0) -> Path:
                 layer.encoder_attn.v_proj.weight.mul_(CROSS_ATTENTION_GAIN)
                 layer.encoder_attn.out_proj.weight.mul_(CROSS_ATTENTION_GAIN)
         # Marian starts decoding from <pad>, as opus-mt checkpoints do.
-        model.generation_config.update(decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad,
-                                       max_length=64, num_beams=1)
+        model.generation_config.update(
+            decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad, max_length=64, num_beams=1
+        )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -4,6 +4,7 @@ Stands in for `bert-base-multilingual-cased` (the paper's encoder) in tests and 
 same classes, loaded with the same `AutoTokenizer` / `AutoModel.from_pretrained(path)` calls.
 Shapes: hidden 64, 2 layers, 4 heads, intermediate 128, 256 positions.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -24,8 +25,7 @@ def _bert_normalizer():
     from tokenizers import normalizers
 
     # Cased, accents kept (like mBERT-cased); CJK characters get spaces around them so each one is a word.
-    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
-                                      lowercase=False)
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
 
 
 def wordpiece_vocabulary(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> dict[str, int]:
@@ -42,14 +42,16 @@ def wordpiece_vocabulary(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> dic
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     normalizer, splitter = _bert_normalizer(), pre_tokenizers.BertPreTokenizer()
-    word_counts = Counter(word for line in corpus
-                          for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line)))
+    word_counts = Counter(
+        word for line in corpus for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line))
+    )
     if not word_counts:
         raise ValueError("wordpiece_vocabulary: the corpus has no words (only empty or blank lines)")
     pieces_model = Tokenizer(models.BPE())  # no pre-tokenizer: each training string below is one word
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False)
-    pieces_model.train_from_iterator((word for word, count in sorted(word_counts.items()) for _ in range(count)),
-                                     trainer)
+    pieces_model.train_from_iterator(
+        (word for word, count in sorted(word_counts.items()) for _ in range(count)), trainer
+    )
     # Every learned piece (single characters included) both word-initial and continuing (`##`), so a
     # new word made of known characters splits into the longest known pieces, never into [UNK].
     pieces = pieces_model.get_vocab()
@@ -69,11 +71,21 @@ def train_wordpiece(corpus: list[str], vocab_size: int = VOCAB_SIZE):
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return BertTokenizerFast(tokenizer_object=backend, do_lower_case=False, tokenize_chinese_chars=True,
-                             unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
-                             mask_token="[MASK]", model_max_length=256)
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=backend,
+        do_lower_case=False,
+        tokenize_chinese_chars=True,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        model_max_length=256,
+    )
 
 
 def build_text_encoder(out: Path, corpus: list[str], seed: int = 0) -> Path:
@@ -86,8 +98,15 @@ def build_text_encoder(out: Path, corpus: list[str], seed: int = 0) -> Path:
         from transformers import BertConfig, BertModel
 
         tokenizer = train_wordpiece(corpus)
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=128, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         torch.manual_seed(seed)
         # With the pooler, as mBERT ships: without it `AutoModel` would add a randomly initialised one
         # on every load (a different pooler_output each time).

@@ -3,6 +3,7 @@
 Shapes: 32 px images, patch 8 → 16 patch tokens + [CLS] = 17 tokens of width 64; 2 layers, 4 heads.
 Loads with `AutoModel.from_pretrained` (→ CLIPVisionModel) and `AutoImageProcessor.from_pretrained`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,15 @@ def build_vision(out: Path, seed: int = 0) -> Path:
         import torch
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-        config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=32, patch_size=8, projection_dim=64)
+        config = CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=64,
+        )
         torch.manual_seed(seed)
         CLIPVisionModel(config).save_pretrained(tmp)
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp)

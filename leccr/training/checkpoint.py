@@ -11,6 +11,7 @@
 Everything is written through a temporary name and a rename, so a crash leaves either the old or the
 new file, never half of one.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,9 +58,14 @@ def save_model(model: torch.nn.Module, method_dir: Path, method: str) -> Path:
     save_safetensors(model, str(tmp))
     give_default_mode(tmp)
     os.replace(tmp, path)
-    atomic_write_text(method_dir / MODEL_CONFIG_FILE, json.dumps(
-        {"method": method, "model": model.config.model_dump(mode="json"), "text_encoder": TEXT_ENCODER_DIR},
-        indent=2, sort_keys=True))
+    atomic_write_text(
+        method_dir / MODEL_CONFIG_FILE,
+        json.dumps(
+            {"method": method, "model": model.config.model_dump(mode="json"), "text_encoder": TEXT_ENCODER_DIR},
+            indent=2,
+            sort_keys=True,
+        ),
+    )
     return path
 
 

@@ -5,6 +5,7 @@ so a run resumed at step k of an epoch sees exactly the batches an uninterrupted
 Incomplete last batches are dropped: the in-batch losses want full batches, and data-parallel ranks
 must hold equally many rows for the all-gather.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,11 +19,18 @@ from leccr.data import FeatureTables, TrainingDataset
 class MultilingualSamples:
     """One TrainingDataset per language over the same features; sample i = (language, row)."""
 
-    def __init__(self, features: str | Path | FeatureTables, languages: list[str], split: str,
-                 missing_descriptions: str, use_states: bool):
+    def __init__(
+        self,
+        features: str | Path | FeatureTables,
+        languages: list[str],
+        split: str,
+        missing_descriptions: str,
+        use_states: bool,
+    ):
         tables = features if isinstance(features, FeatureTables) else FeatureTables.open(features)
-        self.parts = [TrainingDataset(tables, lang, split, missing_descriptions, use_states=use_states)
-                      for lang in languages]
+        self.parts = [
+            TrainingDataset(tables, lang, split, missing_descriptions, use_states=use_states) for lang in languages
+        ]
         self.languages = list(languages)
         self.offsets = [0]
         for part in self.parts:
@@ -45,7 +53,7 @@ def epoch_batches(n_samples: int, batch_size: int, seed: int, epoch: int) -> lis
     """The full batches of epoch `epoch` (0-based), in order."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n_samples, generator=generator).tolist()
-    return [order[start:start + batch_size] for start in range(0, n_samples - batch_size + 1, batch_size)]
+    return [order[start : start + batch_size] for start in range(0, n_samples - batch_size + 1, batch_size)]
 
 
 class _Batches(Dataset):
@@ -60,13 +68,19 @@ class _Batches(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         rows = self.batches[k]
         per_rank = len(rows) // self.world_size
-        return self.samples.collate(rows[self.rank * per_rank:(self.rank + 1) * per_rank])
+        return self.samples.collate(rows[self.rank * per_rank : (self.rank + 1) * per_rank])
 
 
-def batch_loader(samples: MultilingualSamples, batches: list[list[int]], num_workers: int, rank: int = 0,
-                 world_size: int = 1) -> DataLoader:
+def batch_loader(
+    samples: MultilingualSamples, batches: list[list[int]], num_workers: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
     """Collated batches in the given order; workers collate ahead. The loader gets its own generator so
     that starting an iterator does not draw from the global RNG (which seeds dropout)."""
-    return DataLoader(_Batches(samples, batches, rank, world_size), batch_size=None, shuffle=False,
-                      num_workers=num_workers, generator=torch.Generator().manual_seed(0),
-                      persistent_workers=False)
+    return DataLoader(
+        _Batches(samples, batches, rank, world_size),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
+        persistent_workers=False,
+    )

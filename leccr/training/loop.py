@@ -12,6 +12,7 @@ model's losses all-gather the embeddings (`leccr.models.losses.all_gather_with_g
 every rank validates (cheap, and all ranks then agree on early stopping without a broadcast); rank 0
 writes every file.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,17 +27,24 @@ import pyarrow as pa
 import torch
 
 from leccr.config import TrainConfig
+from leccr.core.io import atomic_write_text
 from leccr.data import FeatureTables
 from leccr.models import ModelConfig, create_model_from_config
 from leccr.runtime.progress import progress as progress_bar
-from leccr.core.io import atomic_write_text
 from leccr.runtime.threads import torch_threads
-from leccr.training.checkpoint import (HISTORY_FILE, INFO_FILE, clear_state, load_state, save_model, save_state,
-                                       save_text_encoder)
-from leccr.training.data import MultilingualSamples, batch_loader, epoch_batches
-from leccr.training.validate import ValidationSet
 from leccr.schemas.core import write_table
 from leccr.schemas.train import history_schema
+from leccr.training.checkpoint import (
+    HISTORY_FILE,
+    INFO_FILE,
+    clear_state,
+    load_state,
+    save_model,
+    save_state,
+    save_text_encoder,
+)
+from leccr.training.data import MultilingualSamples, batch_loader, epoch_batches
+from leccr.training.validate import ValidationSet
 
 _log = logging.getLogger("leccr.training")
 
@@ -128,8 +136,15 @@ class TrainResult:
     steps_per_s: float
 
 
-def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1,
-                 gather=None, logger: logging.Logger | logging.LoggerAdapter | None = None) -> TrainResult:
+def train_method(
+    job: TrainJob,
+    cfg: TrainConfig,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    gather=None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> TrainResult:
     """Train `job.method` to completion (resuming an unfinished run in `job.method_dir`); rank 0 writes
     model.safetensors (best), history.parquet, and train_info.json last. Progress (steps/s, ETA) and one
     line per epoch go to `logger` (the stage passes its run logger, so they show in Prefect).
@@ -138,8 +153,15 @@ def train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: in
         return _train_method(job, cfg, device, rank, world_size, gather, logger)
 
 
-def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: int, world_size: int,
-                  gather, logger: logging.Logger | logging.LoggerAdapter | None) -> TrainResult:
+def _train_method(
+    job: TrainJob,
+    cfg: TrainConfig,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    gather,
+    logger: logging.Logger | logging.LoggerAdapter | None,
+) -> TrainResult:
     log = logger or _log
     is_writer = rank == 0
     method_dir = job.method_dir
@@ -152,10 +174,15 @@ def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: i
     tables = FeatureTables.open(job.features_dir)  # one memory-mapped view for training and validation
     samples = MultilingualSamples(tables, job.languages, "train", cfg.missing_descriptions, use_states)
     if len(samples) < cfg.batch_size:
-        raise ValueError(f"{job.method}: {len(samples)} training samples ({job.languages}) are fewer than one "
-                         f"batch of {cfg.batch_size}; lower train.batch_size")
-    validation = (ValidationSet.load(tables, cfg.val_split, job.languages, use_states, cfg.val_caption_kind or "auto")
-                  if cfg.val_split is not None else None)
+        raise ValueError(
+            f"{job.method}: {len(samples)} training samples ({job.languages}) are fewer than one "
+            f"batch of {cfg.batch_size}; lower train.batch_size"
+        )
+    validation = (
+        ValidationSet.load(tables, cfg.val_split, job.languages, use_states, cfg.val_caption_kind or "auto")
+        if cfg.val_split is not None
+        else None
+    )
     epochs = cfg.resolved_epochs
     steps_per_epoch = len(samples) // cfg.batch_size
     total_steps = epochs * steps_per_epoch
@@ -169,8 +196,14 @@ def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: i
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         progress = Progress(**state["progress"])
-        log.info("%s: resuming at epoch %d, batch %d (step %d of %d)", job.method, progress.epoch + 1,
-                 progress.batch, progress.step, total_steps)
+        log.info(
+            "%s: resuming at epoch %d, batch %d (step %d of %d)",
+            job.method,
+            progress.epoch + 1,
+            progress.batch,
+            progress.step,
+            total_steps,
+        )
     elif is_writer:
         save_text_encoder(job.text_encoder_path, method_dir)
 
@@ -179,23 +212,34 @@ def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: i
         from torch.nn.parallel import DistributedDataParallel
 
         # The text encoder's pooler (and ablated terms) get no gradient: let DDP skip them.
-        loss_step = DistributedDataParallel(loss_step, device_ids=[device.index] if device.type == "cuda" else None,
-                                            find_unused_parameters=True)
+        loss_step = DistributedDataParallel(
+            loss_step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
 
     def checkpoint() -> None:
         if is_writer:
-            save_state(method_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "schedule": schedule.state_dict(), "progress": progress.__dict__})
+            save_state(
+                method_dir,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "progress": progress.__dict__,
+                },
+            )
 
     stopped_early = False
     steps_run = 0
     loop_started = time.perf_counter()
-    bar_context = (progress_bar(total_steps - progress.step, f"train {job.method}", "steps", log) if is_writer
-                   else nullcontext(None))
+    bar_context = (
+        progress_bar(total_steps - progress.step, f"train {job.method}", "steps", log)
+        if is_writer
+        else nullcontext(None)
+    )
     with bar_context as bar:
         while progress.epoch < epochs and not stopped_early:
             batches = epoch_batches(len(samples), cfg.batch_size, cfg.seed, progress.epoch)
-            loader = batch_loader(samples, batches[progress.batch:], cfg.num_workers, rank, world_size)
+            loader = batch_loader(samples, batches[progress.batch :], cfg.num_workers, rank, world_size)
             epoch_started = time.perf_counter()
             model.train()
             for batch in loader:
@@ -214,10 +258,20 @@ def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: i
                 steps_run += 1
                 loss_values = {f"loss_{name}": float(value.detach()) for name, value in terms.items()}
                 if not math.isfinite(loss_values["loss_total"]):
-                    raise FloatingPointError(f"{job.method}: the loss is {loss_values['loss_total']} at step "
-                                             f"{progress.step} (epoch {progress.epoch + 1}); lower train.lr")
-                progress.history.append({"method": job.method, "kind": "train", "step": progress.step,
-                                         "epoch": progress.epoch + 1, "lr": lr, **loss_values})
+                    raise FloatingPointError(
+                        f"{job.method}: the loss is {loss_values['loss_total']} at step "
+                        f"{progress.step} (epoch {progress.epoch + 1}); lower train.lr"
+                    )
+                progress.history.append(
+                    {
+                        "method": job.method,
+                        "kind": "train",
+                        "step": progress.step,
+                        "epoch": progress.epoch + 1,
+                        "lr": lr,
+                        **loss_values,
+                    }
+                )
                 if bar is not None:
                     bar.set_postfix(f"epoch {progress.epoch + 1}/{epochs} loss {loss_values['loss_total']:.4f}")
                     bar.update()
@@ -226,13 +280,17 @@ def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: i
             epoch_seconds = time.perf_counter() - epoch_started
 
             # ----- epoch end: validate, keep the best, maybe stop
-            epoch_losses = [row["loss_total"] for row in progress.history
-                            if row["kind"] == "train" and row["epoch"] == progress.epoch + 1]
+            epoch_losses = [
+                row["loss_total"]
+                for row in progress.history
+                if row["kind"] == "train" and row["epoch"] == progress.epoch + 1
+            ]
             mean_loss = sum(epoch_losses) / max(1, len(epoch_losses))
             if validation is not None:
                 scores = validation.evaluate(model, cfg.eval_batch_size, device)
-                progress.history.append({"method": job.method, "kind": "val", "step": progress.step,
-                                         "epoch": progress.epoch + 1, **scores})
+                progress.history.append(
+                    {"method": job.method, "kind": "val", "step": progress.step, "epoch": progress.epoch + 1, **scores}
+                )
                 sumr = scores["val_sumr"]
                 improved = sumr > progress.best_sumr
             else:
@@ -245,15 +303,27 @@ def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: i
                     save_model(model, method_dir, job.method)
             else:
                 progress.stale_epochs += 1
-            log.info("%s: epoch %d/%d  loss %.4f  val SumR %s%s  (%.1f s)", job.method, progress.epoch + 1, epochs,
-                     mean_loss, "-" if sumr is None else f"{sumr:.2f}", "  best" if improved else "", epoch_seconds)
+            log.info(
+                "%s: epoch %d/%d  loss %.4f  val SumR %s%s  (%.1f s)",
+                job.method,
+                progress.epoch + 1,
+                epochs,
+                mean_loss,
+                "-" if sumr is None else f"{sumr:.2f}",
+                "  best" if improved else "",
+                epoch_seconds,
+            )
             progress.epoch += 1
             progress.batch = 0
             if cfg.early_stopping_patience is not None and progress.stale_epochs >= cfg.early_stopping_patience:
                 stopped_early = progress.epoch < epochs
                 if stopped_early:
-                    log.info("%s: no better validation SumR for %d epochs: stopping early after epoch %d",
-                             job.method, progress.stale_epochs, progress.epoch)
+                    log.info(
+                        "%s: no better validation SumR for %d epochs: stopping early after epoch %d",
+                        job.method,
+                        progress.stale_epochs,
+                        progress.epoch,
+                    )
             if is_writer:
                 history = history_table(progress.history)
                 write_table(history, method_dir / HISTORY_FILE, history.schema)
@@ -261,18 +331,35 @@ def _train_method(job: TrainJob, cfg: TrainConfig, device: torch.device, rank: i
 
     loop_seconds = time.perf_counter() - loop_started
     result = TrainResult(
-        method=job.method, best_epoch=progress.best_epoch,
+        method=job.method,
+        best_epoch=progress.best_epoch,
         best_val_sumr=None if validation is None else progress.best_sumr,
-        epochs_run=progress.epoch, steps=progress.step, stopped_early=stopped_early,
-        seconds=round(time.perf_counter() - started, 3), samples=len(samples),
-        steps_per_s=round(steps_run / loop_seconds, 3) if loop_seconds > 0 and steps_run else 0.0)
+        epochs_run=progress.epoch,
+        steps=progress.step,
+        stopped_early=stopped_early,
+        seconds=round(time.perf_counter() - started, 3),
+        samples=len(samples),
+        steps_per_s=round(steps_run / loop_seconds, 3) if loop_seconds > 0 and steps_run else 0.0,
+    )
     if is_writer:
-        atomic_write_text(method_dir / INFO_FILE, json.dumps(
-            {**result.__dict__, "languages": job.languages, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-             "batch_size": cfg.batch_size, "world_size": world_size,
-             "dropped_samples": {part.lang: part.dropped for part in samples.parts},
-             # timings record how the run went, not what it learnt: left out of the artifact's content
-             # digest (leccr.core.artifact.stable_digest), so downstream keys never depend on them
-             "volatile": ["seconds", "steps_per_s"]}, indent=2, sort_keys=True))
+        atomic_write_text(
+            method_dir / INFO_FILE,
+            json.dumps(
+                {
+                    **result.__dict__,
+                    "languages": job.languages,
+                    "epochs": epochs,
+                    "steps_per_epoch": steps_per_epoch,
+                    "batch_size": cfg.batch_size,
+                    "world_size": world_size,
+                    "dropped_samples": {part.lang: part.dropped for part in samples.parts},
+                    # timings record how the run went, not what it learnt: left out of the artifact's content
+                    # digest (leccr.core.artifact.stable_digest), so downstream keys never depend on them
+                    "volatile": ["seconds", "steps_per_s"],
+                },
+                indent=2,
+                sort_keys=True,
+            ),
+        )
         clear_state(method_dir)
     return result

@@ -7,6 +7,7 @@ leaves the new holder's claim; lease age is read on the storage's clock; contain
 judge each other by lease, not pid; `--force` and every discard take the artifact's claim first.
 Leases are a second long here (constructor arguments), so each case takes a few seconds at most.
 """
+
 import dataclasses
 import errno
 import json
@@ -91,8 +92,9 @@ finally:
 
 def test_a_stalled_holder_is_taken_over_by_another_host_and_then_does_not_commit(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "LECCR_HOST_ID": "host-a"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     other = _host(tmp_path, "host-b")
     try:
         assert holder.stdout.readline().split() == ["token", "1"]
@@ -117,7 +119,8 @@ def test_a_stalled_holder_is_taken_over_by_another_host_and_then_does_not_commit
 
 
 def test_a_renewal_failing_for_a_while_keeps_the_claim_and_one_failing_past_the_lease_stops_the_commit(
-        tmp_path, monkeypatch, caplog):
+    tmp_path, monkeypatch, caplog
+):
     holder, other = _host(tmp_path, "host-a"), _host(tmp_path, "host-b")
     assert holder.acquire(NAME)
     utime, failures = os.utime, {"left": 4}
@@ -223,22 +226,29 @@ def test_containers_sharing_a_hostname_judge_each_others_claims_by_lease_not_pid
     claim = _claim(tmp_path)
     claim.parent.mkdir(parents=True)
     other_container = "/".join([*ours.split("/")[:-1], "pid:[4026599999]"])  # same hostname and kernel
-    claim.write_text(json.dumps({"host": hostname, "host_id": other_container, "pid": dead_pid, "started": "1",
-                                 "nonce": "c2", "token": 1}))
+    claim.write_text(
+        json.dumps(
+            {"host": hostname, "host_id": other_container, "pid": dead_pid, "started": "1", "nonce": "c2", "token": 1}
+        )
+    )
     mine = Claims(tmp_path, lease_seconds=LEASE)
     assert not mine.acquire(NAME)  # another pid namespace: its pid means nothing here, its fresh lease does
     _last_renewed(claim, 10.0)
     assert mine.acquire(NAME)  # its lease ran out: taken over
     mine.release_all()
-    claim.write_text(json.dumps({"host": hostname, "host_id": ours, "pid": dead_pid, "started": "1", "nonce": "c3",
-                                 "token": 5}))
+    claim.write_text(
+        json.dumps({"host": hostname, "host_id": ours, "pid": dead_pid, "started": "1", "nonce": "c3", "token": 5})
+    )
     assert mine.acquire(NAME) and mine.token(NAME) == 6  # this identity and a dead pid: taken over at once
     mine.release_all()
 
     # The identity: hostname, boot id, machine id, pid namespace; LECCR_HOST_ID replaces it.
-    assert ours.split("/") == [hostname, Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-                               Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").is_file()
-                               else "-", os.readlink("/proc/self/ns/pid")]
+    assert ours.split("/") == [
+        hostname,
+        Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").is_file() else "-",
+        os.readlink("/proc/self/ns/pid"),
+    ]
     monkeypatch.setenv("LECCR_HOST_ID", "set-by-env")
     assert host_identity() == "set-by-env" and Claims(tmp_path).host_id == "set-by-env"
 
@@ -254,8 +264,9 @@ def test_a_shard_whose_claim_was_taken_over_is_not_committed(tmp_path, backgroun
         assert taker.acquire(NAME)
         return ShardResult(pa.table({"item_id": [f"id{i}" for i in items], "value": pa.array(items, pa.int64())}))
 
-    job = ShardJob(list(range(4)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}",
-                   background_write=background)
+    job = ShardJob(
+        list(range(4)), 4, ROWS, item_id=str, process=process, unit_of=lambda i: f"id{i}", background_write=background
+    )
     with pytest.raises(ClaimLost, match="Shard 0 of toy is not committed by this worker"):
         ctx.run_shards(job)
     assert not (ctx.out_dir / "part-00000.parquet").exists()
@@ -274,8 +285,17 @@ def test_a_claim_left_by_a_worker_killed_after_its_commit_is_cleared_by_the_next
     ctx.run_shards(job)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     _claim(ctx.out_dir, "part-00001").parent.mkdir(exist_ok=True)
-    _claim(ctx.out_dir, "part-00001").write_text(json.dumps(  # killed between its part file and its release
-        {"host": socket.gethostname(), "host_id": host_identity(), "pid": int(gone.stdout), "nonce": "k", "token": 1}))
+    _claim(ctx.out_dir, "part-00001").write_text(
+        json.dumps(  # killed between its part file and its release
+            {
+                "host": socket.gethostname(),
+                "host_id": host_identity(),
+                "pid": int(gone.stdout),
+                "nonce": "k",
+                "token": 1,
+            }
+        )
+    )
     totals = ctx.run_shards(job)  # both shards are committed: no one claims shard 1 again
     assert totals.shards_resumed == 2 and not list((ctx.out_dir / "_claims").glob("*.claim"))
 
@@ -295,7 +315,8 @@ def _in_thread(call, *args, **kwargs) -> tuple[threading.Thread, dict]:
 
 
 def test_the_manifest_is_not_written_by_a_run_that_lost_its_claim_and_discards_take_the_claim_first(
-        demo_root, tmp_path, monkeypatch):
+    demo_root, tmp_path, monkeypatch
+):
     cfg = parse_config(demo_config_dict(demo_root, tmp_path / "artifacts"))
     made = execute.run_stage(cfg, "dataset", {})
     artifact, root = made.artifact, Path(cfg.artifacts_root)
@@ -338,8 +359,15 @@ def test_the_manifest_is_not_written_by_a_run_that_lost_its_claim_and_discards_t
         _last_renewed(claim, 10.0)
         assert other.acquire(artifact.key)
 
-    monkeypatch.setattr(execute, "get_stage", lambda name: dataclasses.replace(
-        real_get_stage(name), run=taken_over_while_running) if name == "dataset" else real_get_stage(name))
+    monkeypatch.setattr(
+        execute,
+        "get_stage",
+        lambda name: (
+            dataclasses.replace(real_get_stage(name), run=taken_over_while_running)
+            if name == "dataset"
+            else real_get_stage(name)
+        ),
+    )
     with pytest.raises(ClaimLost, match=r"dataset: the manifest is not written by this run"):
         execute.run_stage(cfg, "dataset", {}, logger=logging.getLogger("test"), parts=parts)
     assert artifact.path.is_dir() and not (artifact.path / MANIFEST).exists()

@@ -2,6 +2,7 @@
 cheap and sound: media outside the dataset folder, hard links made by the features stage, a garbled
 cache file. Each case served stale output, reread every file or hashed silently forever before.
 """
+
 import logging
 import os
 import shutil
@@ -16,9 +17,9 @@ from PIL import Image
 import leccr.core.fingerprint as fingerprint
 from leccr.config import parse_config
 from leccr.core.artifact import damaged_files
-from leccr.core.fingerprint import Fingerprinter, fingerprinter_for, hash_file
 from leccr.core.driver import run_pipeline
 from leccr.core.explain import explain
+from leccr.core.fingerprint import Fingerprinter, fingerprinter_for, hash_file
 from tests.faults.test_faults import _copy, _test_items
 from tests.faults.test_same_bytes import _small
 
@@ -78,11 +79,15 @@ def test_every_adapter_declares_the_options_that_name_files(tmp_path):
         "msrvtt_cn": {"features", "text_dir", "english_pattern", "chinese_pattern", "mt_pattern", "videos"},
     }
     # A pattern is filled as the adapter fills it: its splits, the configured languages.
-    named = dict(get_adapter("mscoco").named_paths(tmp_path, {"mt_pattern": "/mt/{split}.{lang}",
-                                                              "karpathy": "/k/coco.json"}, ["ja"]))
+    named = dict(
+        get_adapter("mscoco").named_paths(
+            tmp_path, {"mt_pattern": "/mt/{split}.{lang}", "karpathy": "/k/coco.json"}, ["ja"]
+        )
+    )
     assert named["karpathy"] == Path("/k/coco.json") and named["images"] == tmp_path / "images"
     assert {k: v for k, v in named.items() if k.startswith("mt_pattern")} == {
-        f"mt_pattern[/mt/{split}.ja]": Path(f"/mt/{split}.ja") for split in ("train", "val", "test")}
+        f"mt_pattern[/mt/{split}.ja]": Path(f"/mt/{split}.ja") for split in ("train", "val", "test")
+    }
     named = dict(get_adapter("msrvtt_cn").named_paths(tmp_path, {"text_dir": "/t", "splits": ["train"]}, ["zh"]))
     assert named["english_pattern[msrvtt10kcntrain.caption.txt]"] == Path("/t/msrvtt10kcntrain.caption.txt")
 
@@ -107,8 +112,10 @@ def test_verifying_an_artifact_the_features_stage_linked_reads_nothing(demo_root
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     fingerprints = fingerprinter_for(cfg.artifacts_root)
-    assert "part-00000.parquet has other content" in damaged_files(visual.path, visual.manifest, fingerprints)[
-        "part-00000.parquet"]
+    assert (
+        "part-00000.parquet has other content"
+        in damaged_files(visual.path, visual.manifest, fingerprints)["part-00000.parquet"]
+    )
     assert fingerprints.hashed_bytes == len(data)
 
 
@@ -152,8 +159,11 @@ def test_a_garbled_digest_cache_is_named_moved_aside_and_made_afresh(tmp_path, c
     assert len(warnings) == 1 and str(cache) in warnings[0] and "garbled" in warnings[0], warnings
     expected = "(file is not a database)" if damage == "not a database" else "(database disk image is malformed: Page "
     assert expected in warnings[0], warnings[0]
-    aside = [p for p in cache.parent.iterdir()
-             if p.name.startswith("digests.sqlite.garbled-") and not p.name.endswith(("-wal", "-shm"))]
+    aside = [
+        p
+        for p in cache.parent.iterdir()
+        if p.name.startswith("digests.sqlite.garbled-") and not p.name.endswith(("-wal", "-shm"))
+    ]
     assert len(aside) == 1 and aside[0].name in warnings[0]
     assert fingerprints.hashed_bytes == 40 * 4096  # hashed once more ...
 
@@ -174,13 +184,25 @@ def test_a_sampled_description_is_the_same_alone_or_in_any_batch(demo_root, tmp_
     from leccr.media.decode import load_image
     from tests.test_media import write_png
 
-    prompts = {"objects": "What objects are there?", "scene": "Where is this photo taken, and what time of day?",
-               "short": "Describe."}  # three lengths: the batch is padded
-    requests = [Request(f"img{i}", view, prompt, [load_image(write_png(tmp_path / f"{i}.png", 40 + 6 * i, 36,
-                                                                       seed=20 + i))],
-                        "image", request_seed(42, f"img{i}", view)) for i, (view, prompt) in enumerate(prompts.items())]
-    engine = TransformersMLLM(demo_root / "models" / "llava", SamplingConfig(temperature=1.0, max_tokens=10),
-                              batch_size=3, dtype="float32")
+    prompts = {
+        "objects": "What objects are there?",
+        "scene": "Where is this photo taken, and what time of day?",
+        "short": "Describe.",
+    }  # three lengths: the batch is padded
+    requests = [
+        Request(
+            f"img{i}",
+            view,
+            prompt,
+            [load_image(write_png(tmp_path / f"{i}.png", 40 + 6 * i, 36, seed=20 + i))],
+            "image",
+            request_seed(42, f"img{i}", view),
+        )
+        for i, (view, prompt) in enumerate(prompts.items())
+    ]
+    engine = TransformersMLLM(
+        demo_root / "models" / "llava", SamplingConfig(temperature=1.0, max_tokens=10), batch_size=3, dtype="float32"
+    )
     together = engine.generate(requests)
     alone = [engine.generate([request])[0] for request in requests]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]

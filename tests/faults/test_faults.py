@@ -6,6 +6,7 @@ where a kill or a second concurrent run is the point) and checks: the run comple
 one clear line where it must), the bad item is named, nothing finished is lost, a fixed input is
 picked up. The README lists the cases under "What happens to bad input".
 """
+
 import json
 import logging
 import os
@@ -21,10 +22,10 @@ import pytest
 
 from leccr.cli import main
 from leccr.config import parse_config
-from leccr.datasets.check import check_command
 from leccr.core.driver import run_pipeline
 from leccr.core.explain import explain
 from leccr.core.failures import StageFailed
+from leccr.datasets.check import check_command
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[2]
@@ -44,8 +45,14 @@ def _config(demo_root: Path, data: Path, artifacts: Path, **sections) -> dict:
 
 
 def _describe(**extra) -> dict:
-    return {"splits": ["test"], "image_views": ONE_VIEW, "video_views": ONE_VIEW, "max_tokens": 6,
-            "max_error_rate": 0.5, **extra}
+    return {
+        "splits": ["test"],
+        "image_views": ONE_VIEW,
+        "video_views": ONE_VIEW,
+        "max_tokens": 6,
+        "max_error_rate": 0.5,
+        **extra,
+    }
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -118,7 +125,8 @@ def test_bad_lines_and_missing_files_become_error_rows_and_the_rest_is_read(demo
 
 # ------------------------------------------------------------------------------------------ media
 def test_broken_media_cost_their_items_a_fixed_file_is_described_and_a_moved_folder_keeps_every_hit(
-        demo_root, tmp_path, caplog):
+    demo_root, tmp_path, caplog
+):
     data = _copy(demo_root, tmp_path / "data")
     test_items = _test_items(data)
     image = next(n for n in test_items if n.endswith(".png"))
@@ -140,12 +148,14 @@ def test_broken_media_cost_their_items_a_fixed_file_is_described_and_a_moved_fol
     assert set(errors) == {n.split(".")[0] for n in (image, empty, garbage, cut)}
     assert all(e["retryable"] for e in errors.values())
     assert "file is empty (0 bytes)" in errors[empty.split(".")[0]]["reason"]
-    assert all(str(data / "images" / name) in errors[name.split(".")[0]]["reason"]
-               for name in (image, empty, garbage, cut))  # the bad file is named
+    assert all(
+        str(data / "images" / name) in errors[name.split(".")[0]]["reason"] for name in (image, empty, garbage, cut)
+    )  # the bad file is named
     described = {r["item_id"]: r["description"] for p in sorted(folder.glob("part-*.parquet")) for r in _rows(p)}
     assert len(described) == len(test_items) - 4
-    assert first.rows["part-00000.parquet"] + first.rows["part-00001.parquet"] + first.rows["part-00002.parquet"] \
-        == len(described)  # rows= counts descriptions, not error rows
+    assert first.rows["part-00000.parquet"] + first.rows["part-00001.parquet"] + first.rows[
+        "part-00002.parquet"
+    ] == len(described)  # rows= counts descriptions, not error rows
 
     # The folder moved: same content, so every stage is a cache hit under the new dataset.path.
     moved = Path(shutil.move(str(data), tmp_path / "moved"))
@@ -179,18 +189,29 @@ def test_broken_media_cost_their_items_a_fixed_file_is_described_and_a_moved_fol
 
 # ------------------------------------------------------------------------------------------ processes
 def _describe_process(config: Path, log: Path) -> subprocess.Popen:
-    code = ("import logging, sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
-            "logging.basicConfig(level=logging.WARNING, format='%(message)s'); "
-            "logging.getLogger('leccr.stages.describe').setLevel(logging.DEBUG); "
-            "run_pipeline(load_config(sys.argv[1]), ['describe'])")
+    code = (
+        "import logging, sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s'); "
+        "logging.getLogger('leccr.stages.describe').setLevel(logging.DEBUG); "
+        "run_pipeline(load_config(sys.argv[1]), ['describe'])"
+    )
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(config)],
+            cwd=REPO,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
 
 def _committed(log: Path) -> list[int]:
-    return [int(line.split("shard ")[1].split()[0]) for line in log.read_text().splitlines()
-            if "describe: shard " in line and " committed" in line]
+    return [
+        int(line.split("shard ")[1].split()[0])
+        for line in log.read_text().splitlines()
+        if "describe: shard " in line and " committed" in line
+    ]
 
 
 def test_kill_9_mid_stage_then_two_concurrent_runs_compute_each_shard_once(demo_root, tmp_path):
@@ -228,8 +249,9 @@ def test_kill_9_mid_stage_then_two_concurrent_runs_compute_each_shard_once(demo_
 
 
 # ------------------------------------------------------------------------------------------ environment
-def test_unusable_artifacts_root_or_dataset_path_is_one_line_before_prefect_starts(demo_root, tmp_path, capsys,
-                                                                                   monkeypatch):
+def test_unusable_artifacts_root_or_dataset_path_is_one_line_before_prefect_starts(
+    demo_root, tmp_path, capsys, monkeypatch
+):
     def run(**changes) -> str:
         config_data = _config(demo_root, demo_root / "data", tmp_path / "artifacts")
         for key, value in changes.items():
@@ -253,8 +275,9 @@ def test_unusable_artifacts_root_or_dataset_path_is_one_line_before_prefect_star
     assert "the artifacts root /sys is not writable: Permission denied" in run(artifacts_root="/sys")
     assert "cannot create the artifacts root /sys/leccr" in run(artifacts_root="/sys/leccr/artifacts")
     assert f"dataset.path {a_file} is a file, not a folder" in run(dataset__path=str(a_file))
-    assert "dataset.path" in run(dataset__path=str(tmp_path / "nowhere")) and "does not exist" in \
-        run(dataset__path=str(tmp_path / "nowhere"))
+    assert "dataset.path" in run(dataset__path=str(tmp_path / "nowhere")) and "does not exist" in run(
+        dataset__path=str(tmp_path / "nowhere")
+    )
 
     import errno
 
@@ -276,9 +299,13 @@ def inspected(tmp_path):
 
     root = tmp_path / "artifacts"
     long_text = " ".join(["a very long caption"] * 12)
-    artifact = dataset_artifact(root / "dataset" / "k", [{"item_id": "i0", "split": "test"}],
-                                [{"item_id": "i0", "caption_id": "c0", "split": "test", "lang": "en",
-                                  "text": long_text}], ["de"], key="k")
+    artifact = dataset_artifact(
+        root / "dataset" / "k",
+        [{"item_id": "i0", "split": "test"}],
+        [{"item_id": "i0", "caption_id": "c0", "split": "test", "lang": "en", "text": long_text}],
+        ["de"],
+        key="k",
+    )
     Store(root).mark_latest(artifact)
     return root, long_text
 
@@ -303,7 +330,10 @@ def test_inspect_reads_the_artifacts_and_nothing_else(inspected, tmp_path, capsy
         err = capsys.readouterr().err
         assert err.startswith("leccr: error: ") and message in err, (sql, err)
     assert sorted(p.name for p in (root / "dataset" / "k").iterdir()) == [
-        "_manifest.json", "captions.parquet", "items.parquet"]  # nothing was written
+        "_manifest.json",
+        "captions.parquet",
+        "items.parquet",
+    ]  # nothing was written
 
     # Every format prints whole values (no 80-column cut when not on a terminal).
     assert main(["inspect", "--root", str(root), "SELECT caption_id, text FROM captions"]) == 0
@@ -316,7 +346,7 @@ def test_inspect_reads_the_artifacts_and_nothing_else(inspected, tmp_path, capsy
     assert capsys.readouterr().out == "| caption_id | lang |\n|---|---|\n| c0 | en |\n"
     assert main(["inspect", "--root", str(root), "--print-sql"]) == 0
     printed = capsys.readouterr().out
-    assert "CREATE OR REPLACE VIEW \"captions\"" in printed and "SET enable_external_access = false" in printed
+    assert 'CREATE OR REPLACE VIEW "captions"' in printed and "SET enable_external_access = false" in printed
 
 
 # ------------------------------------------------------------------------------------------ trust
@@ -333,8 +363,9 @@ def test_a_damaged_finished_shard_is_named_and_only_it_is_recomputed(demo_root, 
     assert planned.status == "miss" and planned.reasons[0] == f"part-00001.parquet is 0 bytes, manifest says {size:,}"
     with caplog.at_level(logging.WARNING):
         again = run_pipeline(cfg, ["describe"])["describe"]
-    assert any(f"describe: part-00001.parquet is 0 bytes, manifest says {size:,}" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        f"describe: part-00001.parquet is 0 bytes, manifest says {size:,}" in r.getMessage() for r in caplog.records
+    )
     assert again.artifact.key == first.artifact.key and not again.cache_hit
     assert again.artifact.manifest.summary["reuse"]["rows"]["computed"] == 2  # the damaged shard's two items
     assert {p.name: p.stat().st_ino for p in folder.glob("part-*.parquet") if p.name in kept} == kept
@@ -343,21 +374,33 @@ def test_a_damaged_finished_shard_is_named_and_only_it_is_recomputed(demo_root, 
 
 
 def _run_process(config: Path, stages: list[str], log: Path) -> subprocess.Popen:
-    code = ("import logging, sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
-            "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s'); "
-            "run_pipeline(load_config(sys.argv[1]), sys.argv[2:])")
+    code = (
+        "import logging, sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
+        "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s'); "
+        "run_pipeline(load_config(sys.argv[1]), sys.argv[2:])"
+    )
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-c", code, str(config), *stages], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(config), *stages],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
 
 def test_two_concurrent_runs_make_every_artifact_once(demo_root, tmp_path):
     """Whole-artifact stages (train, evaluate, index, dataset) are claimed like shards: the second run
     waits for the first and serves its result, so each artifact is computed once and both runs agree."""
     data = _copy(demo_root, tmp_path / "data")
-    config_data = _config(demo_root, data, tmp_path / "artifacts", describe=_describe(splits=None),
-                          dataset={"max_items_per_split": 6},
-                          train={"methods": ["baseline"], "epochs": 1, "early_stopping_patience": None})
+    config_data = _config(
+        demo_root,
+        data,
+        tmp_path / "artifacts",
+        describe=_describe(splits=None),
+        dataset={"max_items_per_split": 6},
+        train={"methods": ["baseline"], "epochs": 1, "early_stopping_patience": None},
+    )
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps(config_data))
     runs = [_run_process(config, ["evaluate"], tmp_path / f"run{i}.log") for i in range(2)]

@@ -6,6 +6,7 @@ damage the bookkeeping files; each checks that nothing stale is served, nothing 
 skipped is named, and a memo-built artifact equals a fresh build (its content digest, which every
 downstream key is made from). Each fails on the code before issue 31.
 """
+
 import json
 import logging
 import shutil
@@ -52,8 +53,9 @@ def test_a_source_shard_that_disagrees_with_its_manifest_is_not_copied(demo_root
     # Someone rewrote a finished shard with other rows that still read as Parquet.
     part = source.path / "part-00001.parquet"
     table = pq.read_table(part)
-    shouted = table.set_column(table.schema.get_field_index("text"), "text",
-                               pa.array([t.upper() for t in table.column("text").to_pylist()]))
+    shouted = table.set_column(
+        table.schema.get_field_index("text"), "text", pa.array([t.upper() for t in table.column("text").to_pylist()])
+    )
     write_table(shouted, part, TRANSLATIONS)
 
     _edit_english_caption(data, 0)  # a new key with the same memo salt: the damaged artifact is a source
@@ -103,9 +105,14 @@ def test_a_source_in_another_layout_is_skipped_and_named_never_a_crash(demo_root
 # ------------------------------------------------------------------------------ part 3: grain
 def test_a_view_a_language_and_a_split_compute_only_their_units(demo_root, tmp_path):
     data = _copy(demo_root, tmp_path / "data")
-    config = _config(demo_root, data, tmp_path / "a", dataset={"languages": ["de"], "max_items_per_split": 6},
-                     describe={"splits": ["test"], "image_views": ONE_VIEW, "video_views": ONE_VIEW, "max_tokens": 4},
-                     translate={"splits": ["train"]})
+    config = _config(
+        demo_root,
+        data,
+        tmp_path / "a",
+        dataset={"languages": ["de"], "max_items_per_split": 6},
+        describe={"splits": ["test"], "image_views": ONE_VIEW, "video_views": ONE_VIEW, "max_tokens": 4},
+        translate={"splits": ["train"]},
+    )
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(config))
     stages = ["translate", "describe"]
@@ -116,17 +123,26 @@ def test_a_view_a_language_and_a_split_compute_only_their_units(demo_root, tmp_p
         return run_pipeline(cfg, stages)[stage].artifact.manifest.summary["reuse"]["rows"]
 
     # one view more, from the command line: the file's own view stays, only the new one is described
-    colours = load_config(path, {"describe.image_views.colours": "Which colours?",
-                                 "describe.video_views.colours": "Which colours?"})
+    colours = load_config(
+        path, {"describe.image_views.colours": "Which colours?", "describe.video_views.colours": "Which colours?"}
+    )
     assert list(colours.describe.image_views) == ["detailed", "colours"]
     assert reuse(colours, "describe") == {"computed": items, "reused": items}
     # a split more: its items alone, in both views
-    more = load_config(path, {"describe.image_views.colours": "Which colours?",
-                              "describe.video_views.colours": "Which colours?", "describe.splits": ["test", "val"]})
+    more = load_config(
+        path,
+        {
+            "describe.image_views.colours": "Which colours?",
+            "describe.video_views.colours": "Which colours?",
+            "describe.splits": ["test", "val"],
+        },
+    )
     assert reuse(more, "describe") == {"computed": 2 * val, "reused": 2 * items}
     # a language more: that language alone
-    assert reuse(load_config(path, {"dataset.languages": ["de", "fr"]}), "translate") == \
-        {"computed": captions, "reused": captions}
+    assert reuse(load_config(path, {"dataset.languages": ["de", "fr"]}), "translate") == {
+        "computed": captions,
+        "reused": captions,
+    }
 
 
 # ------------------------------------------------------------------------------ part 4: rows and keys
@@ -135,9 +151,23 @@ def test_a_memo_built_artifact_equals_a_fresh_one_and_rows_name_what_the_key_cou
     llava = Path(shutil.copytree(demo_root / "models" / "llava", tmp_path / "llava-a"))
 
     def describe(seed, model=llava, root="a"):
-        return parse_config(_config(demo_root, data, tmp_path / root, dataset={"max_items_per_split": 6},
-                                    describe={"splits": ["test"], "image_views": ONE_VIEW, "video_views": ONE_VIEW,
-                                              "max_tokens": 4, "seed": seed, "top_p": 0.5, "model": str(model)}))
+        return parse_config(
+            _config(
+                demo_root,
+                data,
+                tmp_path / root,
+                dataset={"max_items_per_split": 6},
+                describe={
+                    "splits": ["test"],
+                    "image_views": ONE_VIEW,
+                    "video_views": ONE_VIEW,
+                    "max_tokens": 4,
+                    "seed": seed,
+                    "top_p": 0.5,
+                    "model": str(model),
+                },
+            )
+        )
 
     run_pipeline(describe(seed=1), ["describe"])
     image = data / "images" / min(n for n in _test_items(data) if n.endswith(".png"))  # one the cap keeps

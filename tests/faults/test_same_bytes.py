@@ -5,6 +5,7 @@ depended on what else was installed and on torch's thread count, a training stag
 the visual features' first shard held only failed items, captions altered on the way in, and scores
 cast to float32 before ranking. The README's "Same inputs, same bytes" lists them.
 """
+
 import hashlib
 import json
 import os
@@ -17,9 +18,16 @@ import pyarrow.parquet as pq
 import torch
 
 from leccr.config import parse_config
-from leccr.features.text import load_tokenizer, tokenize
-from leccr.evaluation.metrics import _best_captions, _count_block_torch, chunked_ranks, matrix_score_block, naive_ranks, recall_metrics
 from leccr.core.driver import run_pipeline
+from leccr.evaluation.metrics import (
+    _best_captions,
+    _count_block_torch,
+    chunked_ranks,
+    matrix_score_block,
+    naive_ranks,
+    recall_metrics,
+)
+from leccr.features.text import load_tokenizer, tokenize
 from tests.faults.test_faults import ONE_VIEW, _config, _copy, _rows
 
 REPO = Path(__file__).parents[2]
@@ -30,15 +38,23 @@ def _small(demo_root: Path, data: Path, artifacts: Path, **sections) -> dict:
     description of each test item, LECCR alone for one epoch: the demo's model, trained in seconds."""
     config = _config(demo_root, data, artifacts, **sections)
     config["dataset"]["max_items_per_split"] = 6
-    config["describe"] = {**config["describe"], "splits": ["test"], "image_views": ONE_VIEW, "video_views": ONE_VIEW,
-                          "max_tokens": 6, **sections.get("describe", {})}
+    config["describe"] = {
+        **config["describe"],
+        "splits": ["test"],
+        "image_views": ONE_VIEW,
+        "video_views": ONE_VIEW,
+        "max_tokens": 6,
+        **sections.get("describe", {}),
+    }
     config["train"].update({"methods": ["leccr"], "epochs": 1, "batch_size": 16, "early_stopping_patience": None})
     return config
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*.parquet")) + sorted(folder.rglob("*.safetensors"))}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*.parquet")) + sorted(folder.rglob("*.safetensors"))
+    }
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -74,8 +90,14 @@ def test_training_gives_the_same_bytes_whatever_is_installed_and_however_many_th
         if setup == "other":
             env["OMP_NUM_THREADS"] = "1"
         # side by side, as two stages of two runs would be
-        runs[setup] = subprocess.Popen([sys.executable, "-c", _TRAIN, str(config), setup], cwd=REPO, env=env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs[setup] = subprocess.Popen(
+            [sys.executable, "-c", _TRAIN, str(config), setup],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     results = {}
     for setup, process in runs.items():
         out, err = process.communicate(timeout=600)
@@ -105,8 +127,13 @@ def test_an_all_error_first_visual_shard_leaves_the_width_to_the_schema(demo_roo
     for name in first:
         (data / "images" / name).write_bytes(b"not an image")
     # the first 6 items of each split hold the first 4 by id (the first of test and val among them)
-    config = _small(demo_root, data, tmp_path / "artifacts", describe={"max_error_rate": 0.9},
-                    features={"shard_size": 4, "max_error_rate": 0.5})
+    config = _small(
+        demo_root,
+        data,
+        tmp_path / "artifacts",
+        describe={"max_error_rate": 0.9},
+        features={"shard_size": 4, "max_error_rate": 0.5},
+    )
     outcomes = run_pipeline(parse_config(config), ["train"])
     visual = outcomes["visual"].artifact
     assert pq.read_table(visual.path / "part-00000.parquet").num_rows == 0
@@ -125,7 +152,7 @@ def test_captions_are_stored_as_read_and_spaced_for_the_tokenizer_at_feature_tim
     task1 = data / "data/task1/raw"
     de = (task1 / "test_2016_flickr.de").read_bytes().split(b"\n")
     odd = [" ein Hund", "zwei  Katzen", "ein Haus ", "ein\u00a0Baum", "\tein Boot\t"]  # as the Multi30K files have them
-    de[:len(odd)] = [text.encode() for text in odd]
+    de[: len(odd)] = [text.encode() for text in odd]
     (task1 / "test_2016_flickr.de").write_bytes(b"\n".join(de))
     mt = data / "TextData/Flickr30ktrain_google_enc2de.caption.txt"
     lines = mt.read_bytes().split(b"\n")
@@ -147,9 +174,9 @@ def test_captions_are_stored_as_read_and_spaced_for_the_tokenizer_at_feature_tim
 # ------------------------------------------------------------------------------------------ scores
 def test_ranks_compare_scores_in_the_precision_they_were_computed_in():
     # float64 scores 1e-9 apart: the papers' code (np.argsort on float64) ranks them; float32 ties them
-    scores = torch.tensor([[0.5, 0.5 + 1e-9, 0.1],
-                           [0.3, 0.3 - 1e-9, 0.2],
-                           [0.7 + 1e-9, 0.7, 0.7 - 1e-9]], dtype=torch.float64)
+    scores = torch.tensor(
+        [[0.5, 0.5 + 1e-9, 0.1], [0.3, 0.3 - 1e-9, 0.2], [0.7 + 1e-9, 0.7, 0.7 - 1e-9]], dtype=torch.float64
+    )
     text_item = np.array([1, 0, 0])
     order = np.argsort(-scores.numpy(), axis=1, kind="stable")
     reference = np.array([int(np.nonzero(order[t] == text_item[t])[0][0]) + 1 for t in range(3)])
@@ -162,8 +189,9 @@ def test_ranks_compare_scores_in_the_precision_they_were_computed_in():
     # the torch counting path (GPUs) as well
     own = torch.as_tensor(text_item)
     positive = scores[torch.arange(3), own]
-    t2v, v2t = _count_block_torch(scores, slice(0, 3), slice(0, 3), positive, own,
-                                  *_best_captions(positive, own, slice(0, 3)), 3)
+    t2v, v2t = _count_block_torch(
+        scores, slice(0, 3), slice(0, 3), positive, own, *_best_captions(positive, own, slice(0, 3)), 3
+    )
     assert (t2v + 1).tolist() == naive_t2v.tolist() and (v2t + 1)[:2].tolist() == naive_v2t[:2].tolist()
     # float32 scores are still compared as float32 (the tie goes to the lower index)
     assert naive_ranks(scores.float(), text_item)[0].tolist() == [2, 1, 1]

@@ -1,4 +1,5 @@
 """A small trained demo with an index, built once per test session for the search tests."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,9 @@ def search_config(demo_root: Path, artifacts: Path, **index) -> dict:
     """The demo config, small: 6 items per split, baseline + leccr for 2 epochs, the test split indexed."""
     data = demo_config_dict(demo_root, artifacts)
     data["dataset"]["max_items_per_split"] = ITEMS_PER_SPLIT
-    data["train"].update({"methods": ["baseline", "leccr"], "epochs": 2, "batch_size": 16,
-                          "early_stopping_patience": None})
+    data["train"].update(
+        {"methods": ["baseline", "leccr"], "epochs": 2, "batch_size": 16, "early_stopping_patience": None}
+    )
     data["index"] = {"splits": ["test"], "alpha": ALPHA, "calibration_split": "test", "device": "cpu", **index}
     return data
 
@@ -50,8 +52,11 @@ def faiss_or_skip(request):
 
 def method_dirs(outcomes) -> dict:
     """{method: its trained model folder} from a run's outcomes (one train artifact per method)."""
-    return {label[len("train["):-1]: o.artifact.path / label[len("train["):-1]
-            for label, o in outcomes.items() if label.startswith("train[")}
+    return {
+        label[len("train[") : -1]: o.artifact.path / label[len("train[") : -1]
+        for label, o in outcomes.items()
+        if label.startswith("train[")
+    }
 
 
 def upstream_inputs(outcomes, stages=("dataset", "describe", "features", "train")) -> dict:
@@ -60,6 +65,5 @@ def upstream_inputs(outcomes, stages=("dataset", "describe", "features", "train"
 
     inputs = {s: outcomes[s].artifact for s in stages if s != "train"}
     if "train" in stages:
-        inputs["train"] = MethodArtifacts("train", {m: outcomes[f"train[{m}]"].artifact
-                                                    for m in method_dirs(outcomes)})
+        inputs["train"] = MethodArtifacts("train", {m: outcomes[f"train[{m}]"].artifact for m in method_dirs(outcomes)})
     return inputs

@@ -6,6 +6,7 @@ each search (back and forward show it again; an address opened anew shows its se
 
 Needs Chromium, its driver and a CJK font (`apt-get install chromium chromium-driver fonts-wqy-zenhei`)
 and Selenium (the `test` extra); skipped with the reason printed where any of them is missing."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,16 @@ import pytest
 from tests.search.conftest import skip_loudly
 
 REPO = Path(__file__).parents[2]
-BROWSER_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000")
+BROWSER_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,1000",
+)
 
 
 def _browser_or_skip(request) -> tuple[str, str]:
@@ -37,8 +46,11 @@ def _browser_or_skip(request) -> tuple[str, str]:
     driver = shutil.which("chromedriver")
     if not browser or not driver:
         skip_loudly(request, "no Chromium or chromedriver on PATH (apt-get install chromium chromium-driver)")
-    fonts = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True).stdout \
-        if shutil.which("fc-list") else ""
+    fonts = (
+        subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True).stdout
+        if shutil.which("fc-list")
+        else ""
+    )
     if not fonts.strip():
         skip_loudly(request, "no font with Chinese glyphs (apt-get install fonts-wqy-zenhei)")
     return browser, driver
@@ -62,9 +74,24 @@ def server(indexed, tmp_path):
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "leccr.cli", "serve", "--root", str(cfg.artifacts_root),
-                                "--port", str(port), "--device", "cpu"], cwd=REPO, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "leccr.cli",
+            "serve",
+            "--root",
+            str(cfg.artifacts_root),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -100,8 +127,9 @@ def test_page_in_a_headless_browser(request, indexed, server, tmp_path):
 
     item = read_table(outcomes["index"].artifact.path / "items.parquet", INDEX_ITEMS).to_pylist()[1]
     query = next(c["text"] for c in item["captions"] if c["lang"] == "de")
-    expected = _get(f"{server}/api/search?" + urllib.parse.urlencode(
-        {"q": query, "lang": "de", "method": "leccr", "k": 12}))["hits"]
+    expected = _get(
+        f"{server}/api/search?" + urllib.parse.urlencode({"q": query, "lang": "de", "method": "leccr", "k": 12})
+    )["hits"]
     assert item["item_id"] in [hit["item_id"] for hit in expected]
 
     options = webdriver.ChromeOptions()
@@ -123,8 +151,12 @@ def test_page_in_a_headless_browser(request, indexed, server, tmp_path):
         wait.until(seen.presence_of_all_elements_located((By.CSS_SELECTOR, "#results .card")))
         cards = driver.find_elements(By.CSS_SELECTOR, "#results .card")
         assert [card.get_attribute("data-item-id") for card in cards] == [hit["item_id"] for hit in expected]
-        wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#results .card img')].every(i => i.complete && i.naturalWidth > 0)"))
+        wait.until(
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#results .card img')]"
+                ".every(i => i.complete && i.naturalWidth > 0)"
+            )
+        )
         assert "hits for" in driver.find_element(By.ID, "status").text
         target = next(card for card in cards if card.get_attribute("data-item-id") == item["item_id"])
         target.click()
@@ -138,8 +170,9 @@ def test_page_in_a_headless_browser(request, indexed, server, tmp_path):
 
         # A Chinese query, 3 hits (the k control): its captions in the DOM, and drawn as glyphs.
         chinese = next(c["text"] for c in item["captions"] if c["lang"] == "zh")
-        expected = _get(f"{server}/api/search?" + urllib.parse.urlencode(
-            {"q": chinese, "lang": "zh", "method": "leccr", "k": 3}))["hits"]
+        expected = _get(
+            f"{server}/api/search?" + urllib.parse.urlencode({"q": chinese, "lang": "zh", "method": "leccr", "k": 3})
+        )["hits"]
         Select(driver.find_element(By.ID, "lang")).select_by_visible_text("zh")
         driver.find_element(By.ID, "k").clear()
         driver.find_element(By.ID, "k").send_keys("3")
@@ -160,7 +193,9 @@ def test_page_in_a_headless_browser(request, indexed, server, tmp_path):
             driver.execute_script(
                 "const s = document.createElement('span'); s.id = 'glyph'; s.className = 'caption';"
                 "s.style.fontSize = '48px'; s.textContent = arguments[0];"
-                "document.getElementById('glyph')?.remove(); document.body.appendChild(s);", character)
+                "document.getElementById('glyph')?.remove(); document.body.appendChild(s);",
+                character,
+            )
             pictures.append(driver.find_element(By.ID, "glyph").screenshot_as_png)
         assert pictures[0] != pictures[1], f"{characters} are drawn alike: no CJK font in the page's font stack"
         driver.execute_script("document.getElementById('glyph').remove();")
@@ -174,9 +209,13 @@ def test_page_in_a_headless_browser(request, indexed, server, tmp_path):
             return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(driver.current_url).query))
 
         def shows(search: dict, hits: list[dict]) -> None:
-            wait.until(lambda d: f"({search['lang']}, {search['method']})" in d.find_element(By.ID, "status").text
-                       and [c.get_attribute("data-item-id") for c in d.find_elements(By.CSS_SELECTOR, "#results .card")]
-                       == [hit["item_id"] for hit in hits])
+            wait.until(
+                lambda d: (
+                    f"({search['lang']}, {search['method']})" in d.find_element(By.ID, "status").text
+                    and [c.get_attribute("data-item-id") for c in d.find_elements(By.CSS_SELECTOR, "#results .card")]
+                    == [hit["item_id"] for hit in hits]
+                )
+            )
             assert driver.find_element(By.ID, "q").get_attribute("value") == search["q"]
             assert Select(driver.find_element(By.ID, "lang")).first_selected_option.text == search["lang"]
             assert Select(driver.find_element(By.ID, "method")).first_selected_option.text == search["method"]

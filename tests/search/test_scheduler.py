@@ -4,6 +4,7 @@ under concurrent clients; a full queue is a 503 with Retry-After; the settings a
 The engine's model lock (held by `SearchEngine.method` for every search) is held by the test to keep
 the one worker busy while requests pile up: that makes batches and a full queue certain, not timing luck.
 """
+
 from __future__ import annotations
 
 import time
@@ -59,8 +60,9 @@ def test_concurrent_clients_get_from_batches_what_each_query_gets_alone(engine):
             answers = pool.map(ask, queries)
             # the worker took a first batch (one request, or several of one kind that arrived together)
             # and waits for the lock: every other client's request then waits in the queue
-            _until(lambda: len(queue._waiting) + sum(queue.batch_sizes) == clients,
-                   "every other client's request waits")
+            _until(
+                lambda: len(queue._waiting) + sum(queue.batch_sizes) == clients, "every other client's request waits"
+            )
         answers = list(answers)
     assert max(queue.batch_sizes) > 1  # 7 waiting over 3 (method, lang) kinds: some answered together
     assert sum(queue.batch_sizes) == len(queries)
@@ -97,8 +99,9 @@ def test_a_full_queue_answers_503_with_retry_after(engine):
         queue.submit(text, "de", "leccr", 3, 10)
 
 
-@pytest.mark.parametrize("field, value", [("workers", 0), ("torch_threads", 0), ("max_batch", 0),
-                                          ("queue_depth", 0), ("retry_after_s", 0)])
+@pytest.mark.parametrize(
+    "field, value", [("workers", 0), ("torch_threads", 0), ("max_batch", 0), ("queue_depth", 0), ("retry_after_s", 0)]
+)
 def test_serve_settings_are_checked(field, value):
     with pytest.raises(ValidationError, match=field):
         ServeConfig(**{field: value})

@@ -1,5 +1,6 @@
 """The index stage and search on a trained demo: files and key, query encoding from raw text, the ranking
 against evaluate's exact fused ranking, candidates, `leccr search`, the DuckDB view."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ import pytest
 import torch
 
 from leccr.config import EvaluateConfig, parse_config
-from leccr.search import DEFAULT_CANDIDATES, SearchEngine, UnknownLanguage, UnknownMethod
 from leccr.core.context import StageContext
 from leccr.schemas.core import read_table
 from leccr.schemas.index import INDEX_ITEMS
+from leccr.search import DEFAULT_CANDIDATES, SearchEngine, UnknownLanguage, UnknownMethod
 from leccr.stages import evaluate
 from tests.search.conftest import ALPHA, ITEMS_PER_SPLIT, method_dirs, upstream_inputs
 
@@ -28,9 +29,14 @@ def _engine(indexed) -> SearchEngine:
 def _test_split(indexed):
     """evaluate's own view of the test split (items, captions per language with their token ids)."""
     cfg, outcomes = indexed
-    ctx = StageContext(stage="evaluate", key="k", section=EvaluateConfig(split="test"),
-                       inputs=upstream_inputs(outcomes),
-                       out_dir=outcomes["index"].artifact.path, log=logging.getLogger("test"))
+    ctx = StageContext(
+        stage="evaluate",
+        key="k",
+        section=EvaluateConfig(split="test"),
+        inputs=upstream_inputs(outcomes),
+        out_dir=outcomes["index"].artifact.path,
+        log=logging.getLogger("test"),
+    )
     return evaluate.load_split(ctx, ctx.section)
 
 
@@ -65,8 +71,11 @@ def test_index_items_carry_each_items_dataset_captions_in_order(indexed):
     items = read_table(outcomes["index"].artifact.path / "items.parquet", INDEX_ITEMS).to_pylist()
     dataset = read_table(outcomes["dataset"].artifact.path / "captions.parquet", CAPTIONS).to_pylist()
     for item in items:
-        assert item["captions"] == [{"lang": c["lang"], "kind": c["kind"], "text": c["text"]}
-                                    for c in dataset if c["item_id"] == item["item_id"]]
+        assert item["captions"] == [
+            {"lang": c["lang"], "kind": c["kind"], "text": c["text"]}
+            for c in dataset
+            if c["item_id"] == item["item_id"]
+        ]
 
 
 def test_captions_by_item_keeps_order_and_leaves_no_item_out():
@@ -74,8 +83,14 @@ def test_captions_by_item_keeps_order_and_leaves_no_item_out():
 
     from leccr.stages.index import captions_by_item
 
-    captions = pa.table({"item_id": ["a", "x", "b", "a", "b"], "lang": ["en", "en", "de", "de", "en"],
-                         "kind": ["human"] * 5, "text": ["a1", "x1", "b1", "a2", "b2"]})
+    captions = pa.table(
+        {
+            "item_id": ["a", "x", "b", "a", "b"],
+            "lang": ["en", "en", "de", "de", "en"],
+            "kind": ["human"] * 5,
+            "text": ["a1", "x1", "b1", "a2", "b2"],
+        }
+    )
     lists = captions_by_item(captions, ["b", "c", "a"]).to_pylist()
     assert [[c["text"] for c in item] for item in lists] == [["b1", "b2"], [], ["a1", "a2"]]
     assert lists[2][1] == {"lang": "de", "kind": "human", "text": "a2"}
@@ -98,8 +113,13 @@ def test_key_holds_the_ann_setup_and_the_device_kind_only(indexed):
     hnsw = key_config(ann={"kind": "hnsw"})
     assert hnsw["ann"] == {"kind": "hnsw", "m": 32, "ef_construction": 200, "ef_search": 256}
     assert key_config(ann={"kind": "hnsw", "ef_search": 64}) != hnsw
-    assert key_config(ann={"kind": "ivf"})["ann"] == {"kind": "ivf", "nlist": None, "nprobe": 64,
-                                                      "train_size": 100_000, "seed": 0}
+    assert key_config(ann={"kind": "ivf"})["ann"] == {
+        "kind": "ivf",
+        "nlist": None,
+        "nprobe": 64,
+        "train_size": 100_000,
+        "seed": 0,
+    }
     assert key_config(alpha=0.9) != base and key_config(splits=["test", "val"]) != base
 
 
@@ -177,7 +197,10 @@ def test_cli_search_text_and_json(indexed, capsys):
     # random-weight LLaVA marked as such
     hit = out["hits"][0]
     assert (hit["description_engine"], hit["description_model"], hit["description_random_weights"]) == (
-        "transformers", Path(cfg.describe.model).name, True)
+        "transformers",
+        Path(cfg.describe.model).name,
+        True,
+    )
     assert hit["description_source"].startswith(f"transformers · {Path(cfg.describe.model).name}")
     assert "random-weight" in hit["description_source"]
     assert main(["search", query, "--lang", "de", "-k", "2", "--root", root]) == 0
@@ -193,7 +216,9 @@ def test_duckdb_index_view(indexed):
 
     cfg, _ = indexed
     con = connect(cfg.artifacts_root)
-    rows = con.execute("SELECT method, count(*), max(len(embedding)) FROM index GROUP BY method ORDER BY method").fetchall()
+    rows = con.execute(
+        "SELECT method, count(*), max(len(embedding)) FROM index GROUP BY method ORDER BY method"
+    ).fetchall()
     assert rows == [("baseline", ITEMS_PER_SPLIT, 32), ("leccr", ITEMS_PER_SPLIT, 32)]
     assert con.execute("SELECT count(*) FROM index_items").fetchone()[0] == ITEMS_PER_SPLIT
 

@@ -1,5 +1,6 @@
 """`leccr serve`'s app through FastAPI's TestClient: JSON answers equal the engine's, bad requests are
 4xx with a message, media of indexed items only, frame strips, concurrent requests; a busy port."""
+
 from __future__ import annotations
 
 import io
@@ -12,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from leccr.search import SearchEngine
-from leccr.search.server import MAX_QUERY_CHARS, STRIP_FRAMES, STRIP_HEIGHT, create_app
 from leccr.schemas.core import read_table, write_table
 from leccr.schemas.index import INDEX_ITEMS
+from leccr.search import SearchEngine
+from leccr.search.server import MAX_QUERY_CHARS, STRIP_FRAMES, STRIP_HEIGHT, create_app
 from tests.search.conftest import method_dirs
 
 
@@ -52,18 +53,21 @@ def test_info_and_search_answer_what_the_engine_ranks(served):
     assert client.get("/").text.count('id="q"') == 1
 
 
-@pytest.mark.parametrize("params, status, message", [
-    ({"q": ""}, 400, "empty"),
-    ({"q": "x" * (MAX_QUERY_CHARS + 1)}, 413, f"limit is {MAX_QUERY_CHARS}"),
-    ({"q": "ein Hund", "method": "clip"}, 404, "'clip' is not in the index"),
-    ({"q": "ein Hund", "lang": "cs"}, 400, "'cs' is not one leccr was trained on"),
-    ({"q": "ein Hund", "k": 0}, 400, "k must be between"),
-    ({"q": "ein Hund", "k": -5}, 400, "k must be between 1 and 100, got -5"),
-    ({"q": "ein Hund", "candidates": 0}, 400, "candidates must be between 1 and 10000, got 0"),
-    ({"q": "   "}, 400, "the query is empty"),
-    ({"q": "ein\x00Hund"}, 400, "NUL"),
-    ({"q": "ein Hund", "k": "many"}, 422, "integer"),
-])
+@pytest.mark.parametrize(
+    "params, status, message",
+    [
+        ({"q": ""}, 400, "empty"),
+        ({"q": "x" * (MAX_QUERY_CHARS + 1)}, 413, f"limit is {MAX_QUERY_CHARS}"),
+        ({"q": "ein Hund", "method": "clip"}, 404, "'clip' is not in the index"),
+        ({"q": "ein Hund", "lang": "cs"}, 400, "'cs' is not one leccr was trained on"),
+        ({"q": "ein Hund", "k": 0}, 400, "k must be between"),
+        ({"q": "ein Hund", "k": -5}, 400, "k must be between 1 and 100, got -5"),
+        ({"q": "ein Hund", "candidates": 0}, 400, "candidates must be between 1 and 10000, got 0"),
+        ({"q": "   "}, 400, "the query is empty"),
+        ({"q": "ein\x00Hund"}, 400, "NUL"),
+        ({"q": "ein Hund", "k": "many"}, 422, "integer"),
+    ],
+)
 def test_bad_requests_are_4xx_with_a_message(served, params, status, message):
     client, _ = served
     response = client.get("/api/search", params={"lang": "de", **params})
@@ -78,14 +82,28 @@ def test_media_of_indexed_items_only(served):
     assert response.status_code == 200
     assert response.content == (engine.data_root / image["path"]).read_bytes()
     indexed = {item["path"] for item in engine.items}
-    other = next(p.relative_to(engine.data_root).as_posix() for p in sorted(engine.data_root.rglob("*.png"))
-                 if p.relative_to(engine.data_root).as_posix() not in indexed)  # a train image: not indexed
+    other = next(
+        p.relative_to(engine.data_root).as_posix()
+        for p in sorted(engine.data_root.rglob("*.png"))
+        if p.relative_to(engine.data_root).as_posix() not in indexed
+    )  # a train image: not indexed
     text_file = next(p for p in sorted(engine.data_root.rglob("*")) if p.is_file() and p.suffix not in (".png", ".mp4"))
-    for attempt in ("/media/..%2Fsecret.txt", "/media/%2e%2e/secret.txt", "/media/images/..%2F..%2Fsecret.txt",
-                    "/media/link-out.txt", "/media/%2Fetc%2Fpasswd", "/media/images/no-such.png",
-                    "/frames/..%2Fsecret.txt", f"/media/{other}", f"/media/{text_file.relative_to(engine.data_root)}",
-                    f"/frames/{image['path']}",  # an image has no frames
-                    "/media/a%00b.png", f"/media/{image['path']}%00", "/frames/%00", "/media/%ff%fe"):
+    for attempt in (
+        "/media/..%2Fsecret.txt",
+        "/media/%2e%2e/secret.txt",
+        "/media/images/..%2F..%2Fsecret.txt",
+        "/media/link-out.txt",
+        "/media/%2Fetc%2Fpasswd",
+        "/media/images/no-such.png",
+        "/frames/..%2Fsecret.txt",
+        f"/media/{other}",
+        f"/media/{text_file.relative_to(engine.data_root)}",
+        f"/frames/{image['path']}",  # an image has no frames
+        "/media/a%00b.png",
+        f"/media/{image['path']}%00",
+        "/frames/%00",
+        "/media/%ff%fe",
+    ):
         response = client.get(attempt)
         assert response.status_code == 404, attempt
         assert "not for the web" not in response.text and "Traceback" not in response.text
@@ -153,14 +171,22 @@ def test_busy_port_is_one_error_line_before_anything_says_serving(indexed, capsy
         assert main(["serve", "--root", str(cfg.artifacts_root), "--port", str(port), "--device", "cpu"]) == 2
     out, err = capsys.readouterr()
     assert "Serving" not in out
-    assert err.strip().splitlines() == [(f"leccr: error: cannot serve on 127.0.0.1:{port}: Address already in use; "
-                                         "choose another with --port (or --host)")]
+    assert err.strip().splitlines() == [
+        (
+            f"leccr: error: cannot serve on 127.0.0.1:{port}: Address already in use; "
+            "choose another with --port (or --host)"
+        )
+    ]
 
 
 def test_concurrent_requests_are_answered_correctly_and_each_model_loads_once(served):
     client, engine = served
-    queries = [(_german_caption(engine, item), "de", method) for item in engine.items for method in ("leccr", "baseline")]
-    queries += [(next(c["text"] for c in item["captions"] if c["lang"] == "en"), "en", "leccr") for item in engine.items]
+    queries = [
+        (_german_caption(engine, item), "de", method) for item in engine.items for method in ("leccr", "baseline")
+    ]
+    queries += [
+        (next(c["text"] for c in item["captions"] if c["lang"] == "en"), "en", "leccr") for item in engine.items
+    ]
 
     def ask(query):
         text, lang, method = query
@@ -196,10 +222,28 @@ def test_several_processes_share_the_port_load_once_and_answer_alike(served, ind
         port = probe.getsockname()[1]
     repo = Path(__file__).parents[2]
     server = subprocess.Popen(
-        [sys.executable, "-m", "leccr.cli", "serve", "--root", str(cfg.artifacts_root), "--data-root",
-         str(engine.data_root), "--port", str(port), "--device", "cpu", "--processes", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)})
+        [
+            sys.executable,
+            "-m",
+            "leccr.cli",
+            "serve",
+            "--root",
+            str(cfg.artifacts_root),
+            "--data-root",
+            str(engine.data_root),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--processes",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
     try:
         line = server.stdout.readline()  # printed once every process serves
         assert line.startswith("Serving") and "2 processes x 1 search workers" in line, line
@@ -216,7 +260,7 @@ def test_several_processes_share_the_port_load_once_and_answer_alike(served, ind
         with ThreadPoolExecutor(4) as pool:
             for _ in range(50):  # a process busy answering leaves the next connection to the other
                 search = "/api/search?" + urllib.parse.urlencode({"q": query, "lang": "de", "k": 4})
-                answers = list(pool.map(lambda _: get(search), range(4)))
+                answers = list(pool.map(get, [search] * 4))
                 for body in answers:
                     assert [(h["item_id"], pytest.approx(h["score"])) for h in body["hits"]] == expected
                 seen |= {get("/api/info")["process"] for _ in range(4)}

@@ -1,5 +1,6 @@
 """Vector indexes: exact search against a naive argsort (ties to the lower row), FAISS IVF/HNSW recall
 against exact, a saved index answering the same, and the index stage with FAISS."""
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,9 @@ def test_index_stage_with_faiss_searches_as_exact(faiss_or_skip, indexed, ann):
     outcome = run_stage(parse_config(data), "index", upstream_inputs(outcomes))
     assert outcome.artifact.key != outcomes["index"].artifact.key
     folder = outcome.artifact.path / "leccr"
-    assert (folder / "vectors.faiss").is_file() and json.loads((folder / "index.json").read_text())["ann"]["kind"] == ann["kind"]
+    assert (folder / "vectors.faiss").is_file() and json.loads((folder / "index.json").read_text())["ann"][
+        "kind"
+    ] == ann["kind"]
     train = method_dirs(outcomes)
     faiss_engine = SearchEngine(outcome.artifact.path, train, cfg.dataset.path, "cpu")
     exact_engine = SearchEngine(outcomes["index"].artifact.path, train, cfg.dataset.path, "cpu")
