@@ -223,7 +223,7 @@ def add_published(
     from leccr.core.io import atomic_write_text
     from leccr.evaluation.published import matching, published_markdown
 
-    dataset_format = str(ctx.upstream("dataset").manifest.config["format"])
+    dataset_format = str(ctx.upstream("dataset").manifest.config.get("format", ""))
     rows = matching(cfg.published, dataset_format, languages)
     ours = {(r["method"], r["lang"]): r["value"] for r in metrics if r["metric"] == "sumr" and r["score"] == "fused"}
     report = report.rstrip() + "\n\n" + "\n".join(published_markdown(rows, bool(cfg.published), ours))

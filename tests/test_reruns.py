@@ -215,7 +215,7 @@ def test_code_identity_follows_what_the_stage_runs(tmp_path):
     library.write_text(library.read_text() + "\nEXTRA = 1\n")
     assert digest() != original  # a library module it runs
     library.write_text((REPO / "leccr" / "engines" / "mt.py").read_text())
-    progress = copy / "leccr" / "progress.py"
+    progress = copy / "leccr" / "runtime" / "progress.py"
     progress.write_text(progress.read_text() + "\nEXTRA = 1\n")
     assert digest() == original  # display code never changes output
     _module_digest.cache_clear()

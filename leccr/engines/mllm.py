@@ -38,6 +38,7 @@ from PIL import Image
 
 from leccr.media.image_processor import load_image_processor
 from leccr.runtime.hub import model_path
+from leccr.runtime.threads import MODEL_LOADING
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,9 @@ class TransformersMLLM:
         video_input: VideoInput = "images",
     ):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+            from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.path = model_path(model, "describe.model")
         self.model_name = Path(str(model)).name  # a hub id keeps its name (its snapshot folder is a hash)
@@ -209,7 +212,9 @@ class TransformersMLLM:
         tokenizer.padding_side = "left"  # decoder-only: new tokens must follow every prompt directly
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=_torch_dtype(dtype)).to(self.device)
+        with MODEL_LOADING:
+            self.model = AutoModelForImageTextToText.from_pretrained(self.path, dtype=_torch_dtype(dtype))
+            self.model = self.model.to(self.device)
         self.model.eval()
         eos = self.model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
@@ -255,7 +260,8 @@ class TransformersMLLM:
             "top_p": None,
             "top_k": None,
         }
-        from transformers import LogitsProcessorList
+        with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+            from transformers import LogitsProcessorList
 
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
@@ -318,7 +324,8 @@ class VllmMLLM:
         max_num_seqs: int | None = None,
         options: dict[str, Any] | None = None,
     ):
-        from transformers import AutoProcessor
+        with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+            from transformers import AutoProcessor
         from vllm import LLM
 
         self.path = model_path(model, "describe.model")
@@ -341,7 +348,8 @@ class VllmMLLM:
         arguments.update(options or {})
         started = time.perf_counter()
         _shield_llvmlite_from_vllm_scan()
-        self.llm = LLM(**arguments)
+        with MODEL_LOADING:  # vLLM loads through transformers too
+            self.llm = LLM(**arguments)
         self.start_seconds = time.perf_counter() - started
         # The same processor transformers would use, for the model's own chat template.
         self.processor = AutoProcessor.from_pretrained(self.path)

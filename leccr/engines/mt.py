@@ -14,6 +14,7 @@ import torch
 from leccr.features.model_text import model_text
 from leccr.runtime.device import resolve_device
 from leccr.runtime.hub import model_path
+from leccr.runtime.threads import MODEL_LOADING
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class Seq2SeqTranslator:
         max_length: int = 128,
         num_beams: int = 1,
     ):
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+            from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.path = model_path(path, "translate.models")
         self.lang_code_style = lang_code_style
@@ -53,7 +55,8 @@ class Seq2SeqTranslator:
         self.batch_size, self.max_length, self.num_beams = batch_size, max_length, num_beams
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
+        with MODEL_LOADING:
+            self.model = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
 
     def _language_setup(self, lang: str) -> tuple[str, dict]:
         """The text prefix and generate() arguments that select target language `lang`."""

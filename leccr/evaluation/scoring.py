@@ -20,6 +20,7 @@ from leccr.core.context import StageContext
 from leccr.core.failures import StageFailed
 from leccr.media.paths import resolve_media_path
 from leccr.runtime.hub import model_path
+from leccr.runtime.threads import MODEL_LOADING
 from leccr.schemas.core import read_table
 from leccr.schemas.dataset import CAPTIONS, ITEMS
 
@@ -171,13 +172,16 @@ def load_encoder(path: str):
     """The model class named in the folder's config.json `architectures` (e.g. CLIPTextModelWithProjection,
     whose projection `AutoModel` would drop), else `AutoModel`; local files only."""
     import transformers
-    from transformers import AutoConfig, AutoModel
+
+    with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+        from transformers import AutoConfig, AutoModel
 
     path = str(model_path(path, "evaluate.zero_shot"))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     named = [getattr(transformers, name, None) for name in (config.architectures or [])]
     cls = next((c for c in named if c is not None), AutoModel)
-    return cls.from_pretrained(path, local_files_only=True)
+    with MODEL_LOADING:
+        return cls.from_pretrained(path, local_files_only=True)
 
 
 def _embedding(output, names: Sequence[str]) -> torch.Tensor:
@@ -203,7 +207,9 @@ def _encode_zero_shot(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     import torch
     import torch.nn.functional as F
-    from transformers import AutoTokenizer
+
+    with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+        from transformers import AutoTokenizer
 
     from leccr.features.model_text import model_text
     from leccr.media.decode import load_visual

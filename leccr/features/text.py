@@ -15,10 +15,12 @@ from leccr.features.model_text import model_text
 from leccr.features.vision import resolve_precision
 from leccr.runtime.device import resolve_device
 from leccr.runtime.hub import model_path
+from leccr.runtime.threads import MODEL_LOADING
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+    with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+        from transformers import AutoTokenizer
 
     path = model_path(path, "features.tokenizer / text_model")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -52,12 +54,14 @@ class TextStateEncoder:
     """The frozen text encoder: token ids -> last hidden states, one float32 [n_tokens, dim] per sequence."""
 
     def __init__(self, path: str | Path, pad_token_id: int, device: str = "auto", precision: str = "auto"):
-        from transformers import AutoModel
+        with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+            from transformers import AutoModel
 
         path = model_path(path, "features.text_model")
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        with MODEL_LOADING:
+            self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.pad_token_id = pad_token_id
         self.dim = int(self.model.config.hidden_size)
 

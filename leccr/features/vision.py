@@ -17,6 +17,7 @@ import torch
 from leccr.media.image_processor import load_image_processor
 from leccr.runtime.device import resolve_device
 from leccr.runtime.hub import model_path
+from leccr.runtime.threads import MODEL_LOADING
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class VisionEncoder:
         device: str = "auto",
         precision: str = "auto",
     ):
-        from transformers import AutoConfig, AutoModel
+        with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+            from transformers import AutoConfig, AutoModel
 
         path = model_path(path, "features.vision_model")
         if output not in ("tokens", "pooled"):
@@ -78,7 +80,8 @@ class VisionEncoder:
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         config = AutoConfig.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=self.dtype)
+        with MODEL_LOADING:
+            model = AutoModel.from_pretrained(path, dtype=self.dtype)
         # A full dual encoder (CLIP, SigLIP) keeps its image tower in .vision_model: use that alone.
         if getattr(config, "vision_config", None) is not None and hasattr(model, "vision_model"):
             model = model.vision_model

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from leccr.runtime.threads import MODEL_LOADING
+
 IMAGE_PROCESSOR_BACKEND = "pil"
 
 
 def load_image_processor(path: str | Path, **kwargs):
     """`AutoImageProcessor.from_pretrained(path)` with the PIL backend."""
-    from transformers import AutoImageProcessor
+    with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+        from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(path, backend=IMAGE_PROCESSOR_BACKEND, **kwargs)

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from leccr.runtime.hub import model_path
+from leccr.runtime.threads import MODEL_LOADING
 
 
 class TextEncoder(nn.Module):
@@ -36,14 +37,16 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> TextEncoder:
         """Load the encoder from a local folder (never downloads: `local_files_only`)."""
-        from transformers import AutoModel
+        with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+            from transformers import AutoModel
 
         path = model_path(path, "text encoder")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"text encoder folder {path} has no config.json (expected a save_pretrained folder)"
             )
-        return cls(AutoModel.from_pretrained(str(path), local_files_only=True))
+        with MODEL_LOADING:
+            return cls(AutoModel.from_pretrained(str(path), local_files_only=True))
 
     def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         output = self.model(input_ids=ids, attention_mask=mask.long(), return_dict=True)

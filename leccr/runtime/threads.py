@@ -9,8 +9,16 @@ alone and one started beside others with fewer threads. So `train.threads` (in t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+# transformers' from_pretrained swaps process-wide state while it builds a model: torch's init functions,
+# PreTrainedModel.init_weights and tie_weights, torch's default dtype. Two loads on two threads at once
+# (a run's describe and translate side by side) left tensors on the meta device ("Cannot copy out of
+# meta tensor"), and an interleaved restore left the patches in place for every later load of the
+# process. Every model load holds this lock.
+MODEL_LOADING = threading.RLock()
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from leccr.runtime.threads import MODEL_LOADING
 from leccr.search.request import UnknownLanguage
 
 
@@ -48,7 +49,8 @@ class QueryEncoder:
         batch_size: int = 64,
     ) -> QueryEncoder:
         """From a trained method folder (model.safetensors, model.json, text_encoder/ with its tokenizer)."""
-        from transformers import AutoTokenizer
+        with MODEL_LOADING:  # transformers' lazy module is not safe to first touch from two threads
+            from transformers import AutoTokenizer
 
         from leccr.training import load_trained
 
