@@ -2,9 +2,9 @@
 
 `leccr/published_results.yaml` holds rows transcribed from the papers (LECCR, ACM MM 2024; CL2CM,
 AAAI 2024; NRCCR as the LECCR paper reports it), each with its source: paper, table and row. An
-experiment names the rows it can be compared with in `evaluate.published` (each dataset preset in
-configs/ does); a row is shown only where the run evaluates its dataset and language, so a preset
-pointed at other data shows none, and says so. The evaluate report and `leccr compare` print them
+experiment names the rows it can be compared with in `evaluate.published`; a row is shown only where the
+run evaluates its dataset and language, so an experiment pointed at other data shows none, and says so. No
+row is transcribed yet, so no preset in configs/ names one. The evaluate report and `leccr compare` print them
 beside our numbers with the difference.
 """
 from __future__ import annotations
@@ -68,9 +68,8 @@ def matching_rows(config: dict[str, Any], path: Path = DATA_FILE) -> list[dict[s
 def why_none(any_named: bool) -> str:
     """Why no published row is shown."""
     if not any_named:
-        return ("No published numbers match: the experiment names none (`evaluate.published` is empty). "
-                "The dataset presets in configs/ name the papers' rows for their benchmarks; the demo's "
-                "generated data is no benchmark, so it names none.")
+        return ("No published numbers match: the experiment names none (`evaluate.published` is empty)."
+                + ("" if load() else f" No paper's row is transcribed yet ({DATA_FILE.name})."))
     return ("No published numbers match: the rows named in `evaluate.published` are for another dataset or "
             "language than this evaluates.")
 
