@@ -566,7 +566,7 @@ class ServeConfig(Section):
     None of it changes a hit or a score: only how many searches run at once and how many may wait."""
 
     # Searches run at once. 1: a search's Python part holds the GIL, and with a small text encoder two
-    # workers answered fewer queries/s than one on 2 cores (README, Search); a big encoder on many
+    # workers answered fewer queries/s than one on 2 cores (docs/search.md); a big encoder on many
     # cores may want more (workers x torch_threads <= cores).
     workers: int = Field(1, ge=1)
     torch_threads: int = Field(1, ge=1)  # torch intra-op threads of each search (workers x this ~ cores)
