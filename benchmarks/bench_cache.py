@@ -131,7 +131,7 @@ def bench_cold(root: Path, total_mb: int) -> None:
 
 
 def bench_demo(root: Path) -> None:
-    from leccr.cli import prepare_demo
+    from leccr.cli.demo import prepare_demo
 
     demo = root / "demo"
     prepare_demo(demo)

@@ -30,7 +30,7 @@ def _requests(folder: Path, items: int, frames_per_video: int):
     from PIL import Image
 
     from leccr.engines.mllm import Request
-    from leccr.media import sample_frames
+    from leccr.media.decode import sample_frames
     from leccr.prompts import default_views
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -129,7 +129,7 @@ def write_natural_mp4(path: Path, frames: int, size: int, fps: int = 30, gop: in
 def bench_decoding(folder: Path, videos: int, frames: int, size: int, sample: int, repeats: int = 3) -> dict:
     import av
 
-    from leccr.media import sample_frames
+    from leccr.media.decode import sample_frames
 
     paths = [write_natural_mp4(folder / f"decode{i}.mp4", frames, size, seed=i) for i in range(videos)]
 
@@ -173,7 +173,7 @@ def bench_stage_prefetch(folder: Path, model: Path, videos: int, frames: int, si
     import leccr.stages.describe as describe
     from leccr.config import DescribeConfig
     from leccr.engines.mllm import Request, request_seed
-    from leccr.media import load_visual, sample_frames
+    from leccr.media.decode import load_visual, sample_frames
     from leccr.core.artifact import Artifact
     from leccr.core.context import StageContext
     from leccr.schemas.core import write_table

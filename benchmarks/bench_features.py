@@ -255,7 +255,7 @@ def bench_stage(folder: Path, images: int = 512, shard_size: int = 64, batch_siz
     import leccr.stages.visual as visual
     from leccr.config import VisualConfig
     from leccr.features.vision import VisionEncoder
-    from leccr.media import load_visual
+    from leccr.media.decode import load_visual
     from leccr.core.artifact import Artifact
     from leccr.core.context import StageContext
     from leccr.tiny_models.vision import build_vision

@@ -97,7 +97,7 @@ def _replace_image(data: Path) -> None:
 
 
 def _run(cfg) -> tuple[dict, float, float]:
-    from leccr.core.runner import run_pipeline
+    from leccr.core.driver import run_pipeline
 
     started = time.perf_counter()
     outcomes = run_pipeline(cfg, ["train"])
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp folder)")
     args = parser.parse_args(argv)
 
-    from leccr.cli import prepare_demo
-    from leccr.core.runner import explain
+    from leccr.cli.demo import prepare_demo
+    from leccr.core.explain import explain
     from leccr.datasets.demo import generate_demo
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="leccr-bench-incremental-"))

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_recall.py [--n 20000] [--big 100000] [--chunk 4096] [--dim 64]
 
-1. naive: the whole N x N score matrix, a full stable argsort per query both ways (leccr.metrics.naive_ranks);
-2. chunked: the same scores block by block (leccr.metrics.chunked_ranks), never materialised;
+1. naive: the whole N x N score matrix, a full stable argsort per query both ways (leccr.evaluation.metrics.naive_ranks);
+2. chunked: the same scores block by block (leccr.evaluation.metrics.chunked_ranks), never materialised;
    asserts identical metrics, prints the time ratio and the peak-memory ratio;
 3. score blocks alone: the same grid of score_block calls as the chunked path, no ranking (timed in
    the chunked child, alternated with the ranks again, best of each); prints
@@ -44,7 +44,7 @@ def exact_embeddings(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, tor
 
 def child(argv: list[str]) -> None:
     """One path in this process; prints one JSON line."""
-    from leccr.metrics import _blocks, chunked_ranks, embedding_score_block, naive_ranks, recall_metrics
+    from leccr.evaluation.metrics import _blocks, chunked_ranks, embedding_score_block, naive_ranks, recall_metrics
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--path", choices=["naive", "chunked", "big"], required=True)

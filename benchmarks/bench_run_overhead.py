@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
-    from leccr.cli import prepare_demo
+    from leccr.cli.demo import prepare_demo
     from leccr.datasets.demo import generate_demo
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="leccr-bench-overhead-"))

@@ -223,7 +223,7 @@ def shard_seconds(parts: list[Path]) -> float | None:
 def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool, stages: tuple[str, ...]) -> dict:
     import yaml
 
-    from leccr.flows.pipeline import leccr
+    from leccr.flows.pipeline import experiment_flow
 
     folder.mkdir(parents=True)
     config = folder / "bench.yaml"
@@ -233,7 +233,7 @@ def run_one(label: str, data: dict, folder: Path, num_cpus: int, verbose: bool, 
         result["ray_start"] = start_ray(num_cpus, verbose)
     try:
         started, wall = time.perf_counter(), time.time()
-        state = leccr(config=str(config), stages=list(stages), return_state=True)
+        state = experiment_flow(config=str(config), stages=list(stages), return_state=True)
         result["flow_s"] = round(time.perf_counter() - started, 2)
         paths = state.result()
         if data["runner"]["kind"] == "ray":
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         demo_root = args.demo_root
         if demo_root is None:
-            from leccr.cli import prepare_demo
+            from leccr.cli.demo import prepare_demo
 
             started = time.perf_counter()
             demo_root = tmp / "demo"

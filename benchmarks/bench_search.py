@@ -4,6 +4,7 @@
                                       [--hnsw-max 100000] [--http-items 100000] [--http-requests 200]
                                       [--http-clients 1 4 16] [--http-rounds 3] [--http-queue-depth 8]
     python benchmarks/bench_search.py --sizes --http-items 20000 --http-requests 120    # HTTP only
+    python benchmarks/bench_search.py --sizes --http-root DIR/artifacts-31014            # a real index
 
 1. Vectors (synthetic, the paper models' joint width 256): N unit vectors around --concepts centres
    (default 1000, at every N: a bigger collection holds more of each kind of scene), each item its
@@ -19,11 +20,15 @@
    random-weight LECCR model of width 256 whose text side encodes the queries; `leccr serve`'s app under
    uvicorn on 127.0.0.1 (loopback only), one server process per way of running searches
    (`serving_setups`: a thread per request as before, one worker with torch on every core, a pool of
-   one-thread workers with and without batches). For 1, 4 and 16 clients (threads of this process
+   one-thread workers with and without batches, one process, and one process per core (`processes:
+   auto`) at the overload queue depth and at the default 64). For 1, 4 and 16 clients (threads of this process
    sending --http-requests requests per cell, in --http-rounds rounds that visit every setup in turn):
    queries/s, p95, the share refused (503 past --http-queue-depth waiting searches), the server's CPU
    ms per answered query and its mean batch; the ratios to one client. The tiny text encoder (2
    layers) makes query encoding cheap; mBERT (12 layers) adds its own forward time per query on a CPU.
+   Every answer is checked against the same query searched in the bench's own process (same hits).
+3. --http-root: the same load test over a real index artifact (benchmarks/bench_scale.py's 31,014
+   items, say), its items' captions as queries: one process against one per core.
 """
 from __future__ import annotations
 
@@ -38,12 +43,13 @@ import urllib.parse
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from leccr.config import HnswConfig, IvfConfig, ServeConfig
-from leccr.vectors import ExactIndex, build_faiss, faiss_missing
+from leccr.engines.vectors import ExactIndex, build_faiss, faiss_missing
 
 K = 10
 
@@ -176,29 +182,45 @@ def serving_setups(cores: int, queue_depth: int) -> list[tuple[str, ServeConfig]
     return [
         # What `leccr serve` did before SearchQueue: FastAPI ran each request in its thread pool (40
         # threads), each search on torch's default of one intra-op thread per core.
-        ("thread per request, torch x cores", ServeConfig(workers=40, torch_threads=cores, max_batch=1,
+        ("thread per request, torch x cores", ServeConfig(processes=1, workers=40, torch_threads=cores, max_batch=1,
                                                           queue_depth=10_000)),
-        ("1 worker x cores threads, batches", ServeConfig(torch_threads=cores, queue_depth=queue_depth)),
-        ("cores workers x 1 thread, no batches", ServeConfig(workers=cores, max_batch=1, queue_depth=queue_depth)),
-        ("cores workers x 1 thread, batches", ServeConfig(workers=cores, queue_depth=queue_depth)),
-        ("1 worker x 1 thread, batches (default)", ServeConfig(queue_depth=queue_depth)),
+        ("1 worker x cores threads, batches", ServeConfig(processes=1, torch_threads=cores, queue_depth=queue_depth)),
+        ("cores workers x 1 thread, no batches", ServeConfig(processes=1, workers=cores, max_batch=1,
+                                                             queue_depth=queue_depth)),
+        ("cores workers x 1 thread, batches", ServeConfig(processes=1, workers=cores, queue_depth=queue_depth)),
+        ("1 process x 1 worker, batches", ServeConfig(processes=1, queue_depth=queue_depth)),
+        *process_setups(cores, queue_depth),
     ]
 
 
-def _serve(index_dir: Path, train_dir: Path, config: ServeConfig, port: int, control) -> None:
-    """The server process: `leccr serve`'s app over the synthetic index; answers `control` with the
-    batch sizes run so far whenever the bench asks between two load tests."""
+def process_setups(cores: int, queue_depth: int) -> list[tuple[str, ServeConfig]]:
+    """One process as before, and one per core (`processes: auto`, the default) at the overload queue
+    depth and at the default depth, where 16 clients are refused nothing."""
+    return [
+        ("1 process, queue 64 (before)", ServeConfig(processes=1)),
+        (f"{cores} processes, queue {queue_depth}", ServeConfig(processes=cores, queue_depth=queue_depth)),
+        (f"{cores} processes, queue 64 (default)", ServeConfig(processes=cores)),
+    ]
+
+
+def _serve(open_engine, config: ServeConfig, port: int, control) -> None:
+    """The server: `leccr serve`'s process model over the engine `open_engine` makes. One process (the
+    app here, as `leccr serve` runs it) answers `control` with the batch sizes run so far whenever the
+    bench asks between two load tests; several (`serve_on`'s processes) answer with None."""
     import torch
     import uvicorn
 
-    from leccr.search import SearchEngine
-    from leccr.search.server import create_app
+    from leccr.search.server import create_app, listen, serve_on
 
-    torch.set_num_threads(config.torch_threads)  # as `leccr serve` does
-    # MethodIndex.load wraps read-only Arrow buffers (never written to); its warning would split the table.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    engine = SearchEngine(index_dir, {"leccr": train_dir / "leccr"}, None, "cpu")
-    engine.method("leccr")
+    if config.process_count() > 1:
+        threading.Thread(target=lambda: [control.send(None) for _ in iter(control.recv, False)], daemon=True).start()
+        serve_on(listen("127.0.0.1", port), open_engine, config, f"http://127.0.0.1:{port}/")
+        return
+    torch.set_num_threads(config.torch_threads)  # as `leccr serve` does
+    engine = open_engine()
+    for method in engine.methods:
+        engine.method(method)
     app = create_app(engine, serving=config)
 
     def report() -> None:
@@ -210,37 +232,47 @@ def _serve(index_dir: Path, train_dir: Path, config: ServeConfig, port: int, con
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and every process below it (Linux /proc)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # ended meanwhile
+            continue
+    return total
 
 
-def load_test(port: int, pid: int, queries: list[str], clients: int) -> dict:
+def load_test(port: int, pid: int, queries: list[str], clients: int, lang: str = "de") -> dict:
     """`clients` threads each sending its share of `queries` one after another (a refused one waits its
-    Retry-After, then sends the next): the answered searches' seconds, how many were sent, the wall
-    seconds, and the server's CPU seconds."""
+    Retry-After, then sends the next): the answered searches' seconds and hits, how many were sent, the
+    wall seconds, and the server's CPU seconds (all its processes)."""
     import urllib.error
 
-    def ask(text: str) -> float | None:
-        url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": text, "lang": "de", "k": K})
+    def ask(text: str) -> tuple[float, str, list[str]] | None:
+        url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode({"q": text, "lang": lang, "k": K})
         began = time.perf_counter()
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
-                assert len(json.loads(response.read())["hits"]) == K
+                hits = [hit["item_id"] for hit in json.loads(response.read())["hits"]]
         except urllib.error.HTTPError as error:
             if error.code != 503:
                 raise
             time.sleep(int(error.headers["Retry-After"]))
             return None
-        return time.perf_counter() - began
+        return time.perf_counter() - began, text, hits
 
-    def client(share: list[str]) -> list[float | None]:
+    def client(share: list[str]) -> list:
         return [ask(text) for text in share]
 
     cpu, began = _cpu_seconds(pid), time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        answers = [t for times in pool.map(client, [queries[i::clients] for i in range(clients)]) for t in times]
-    return {"answered": [t for t in answers if t is not None], "sent": len(answers),
+        answers = [a for results in pool.map(client, [queries[i::clients] for i in range(clients)]) for a in results]
+    answered = [a for a in answers if a is not None]
+    return {"answered": [a[0] for a in answered], "hits": [(a[1], a[2]) for a in answered], "sent": len(answers),
             "wall": time.perf_counter() - began, "cpu": _cpu_seconds(pid) - cpu}
 
 
@@ -250,12 +282,10 @@ def _cell(parts: list[dict], batches: list[int]) -> dict[str, float]:
     return {**summary(answered), "qps": len(answered) / sum(p["wall"] for p in parts),
             "refused": 1 - len(answered) / sum(p["sent"] for p in parts),
             "cpu_ms": 1e3 * sum(p["cpu"] for p in parts) / max(1, len(answered)),
-            "batch": float(np.mean(batches)) if batches else 0.0}
+            "batch": float(np.mean(batches)) if batches else float("nan")}
 
 
 def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth: int, rounds: int) -> None:
-    import multiprocessing
-
     import torch
 
     from leccr.search import SearchEngine
@@ -264,85 +294,124 @@ def bench_http(n: int, dim: int, requests: int, clients: list[int], queue_depth:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         index_dir, train_dir, corpus = synthetic_index(Path(tmp), n, dim, slots=4)
-        engine = SearchEngine(index_dir, {"leccr": train_dir / "leccr"}, None, "cpu")
-        engine.method("leccr")
+        open_engine = partial(SearchEngine, index_dir, {"leccr": train_dir / "leccr"}, None, "cpu")
         print(f"\n== HTTP: {n:,} items x {dim} + 4 slots, fused score, exact candidates (200), k {K}, "
               f"{requests} requests per cell in {rounds} rounds, queue depth {queue_depth} "
               f"(set-up {time.perf_counter() - started:.1f}s)")
         queries = [corpus[i % len(corpus)] for i in range(requests)]
-        torch.set_num_threads(1)
-        for text in queries[:10]:  # warm-up: first forward passes, allocator, caches
-            engine.search([text], "de", "leccr", K)
+        serve_and_load(open_engine, queries, "de", serving_setups(cores, queue_depth), clients, rounds)
 
-        def in_process() -> list[float]:
-            times = []
-            for text in queries:
-                began = time.perf_counter()
-                engine.search([text], "de", "leccr", K)
-                times.append(time.perf_counter() - began)
-            return times
 
-        # In a worker thread, as the server's workers run it.
-        with ThreadPoolExecutor(1) as worker:
-            direct = summary(worker.submit(in_process).result())
-        torch.set_num_threads(cores)
-        print(f"  in-process, 1 torch thread: p50 {direct['p50_ms']:.2f} ms  p95 {direct['p95_ms']:.2f} ms  "
-              f"{direct['qps']:.1f} q/s")
-        print("  server in its own process; clients in this one; per cell: queries/s, p95 ms, share refused, "
-              "the server's CPU ms per answered query, mean batch")
-        print(f"  {'':<40}" + "".join(f"{f'{c} client' + ('s' if c > 1 else ''):<37}" for c in clients))
-        # Each setup's server runs in a process of its own, as `leccr serve` does: its CPU time is its
-        # own, and the clients' threads take no share of its GIL. Spawned, not forked: OpenMP does not
-        # survive a fork. The cells are measured in rounds, every setup in turn, so that a burst of
-        # load from elsewhere on the machine falls on all setups alike.
-        spawn = multiprocessing.get_context("spawn")
-        setups = serving_setups(cores, queue_depth)
-        servers = []
-        try:
-            for _, config in setups:
-                port = _free_port()
-                control, child_end = spawn.Pipe()
-                process = spawn.Process(target=_serve, args=(index_dir, train_dir, config, port, child_end),
-                                        daemon=True)
-                process.start()
-                servers.append((port, process, control))
-            for port, process, _ in servers:
-                _wait_until_up(port, process)
-                load_test(port, process.pid, queries[:10], 1)  # warm-up
-            parts = {(s, c): [] for s in range(len(setups)) for c in clients}
-            batches = {(s, c): [] for s in range(len(setups)) for c in clients}
-            seen = [0] * len(setups)
-            for round_ in range(rounds):
-                share = queries[round_::rounds]
-                for count in clients:
-                    for s, (port, process, control) in enumerate(servers):
-                        parts[s, count].append(load_test(port, process.pid, share, count))
-                        control.send(True)
-                        sizes = control.recv()
+def bench_index(root: Path, experiment: str | None, requests: int, clients: list[int], queue_depth: int,
+                rounds: int, lang: str) -> None:
+    """The HTTP load test over a real index artifact (e.g. bench_scale's 31,014 items): queries are the
+    indexed items' `lang` captions; one process as before against one per core."""
+    import torch
+
+    from leccr.search import SearchEngine
+
+    cores = torch.get_num_threads()
+    open_engine = partial(SearchEngine.open, str(root), experiment, None, "cpu")
+    engine = open_engine()
+    captions = [c["text"] for item in engine.items for c in item["captions"] if c["lang"] == lang]
+    step = max(1, len(captions) // requests)
+    queries = captions[::step][:requests]
+    print(f"\n== HTTP over the index {engine.index_dir}: {len(engine.items):,} items, methods {engine.methods}, "
+          f"{requests} {lang} captions as queries per cell in {rounds} rounds, k {K}, candidates 200")
+    serve_and_load(open_engine, queries, lang, process_setups(cores, queue_depth), clients, rounds)
+
+
+def serve_and_load(open_engine, queries: list[str], lang: str, setups: list[tuple[str, ServeConfig]],
+                   clients: list[int], rounds: int) -> None:
+    """Each setup's server in a process of its own; the same queries at each client count, in rounds;
+    per cell queries/s, p95, share refused, server CPU per answer, mean batch; every answer checked
+    against the same query searched in this process (the same hits, in the same order)."""
+    import multiprocessing
+
+    import torch
+
+    engine = open_engine()
+    cores = torch.get_num_threads()
+    torch.set_num_threads(1)
+    expected = {text: [hit.item_id for hit in engine.search([text], lang, "leccr", K)[0]]
+                for text in dict.fromkeys(queries)}
+
+    def in_process() -> list[float]:
+        times = []
+        for text in queries:
+            began = time.perf_counter()
+            engine.search([text], lang, "leccr", K)
+            times.append(time.perf_counter() - began)
+        return times
+
+    with ThreadPoolExecutor(1) as worker:  # in a worker thread, as the server's workers run it
+        direct = summary(worker.submit(in_process).result())
+    torch.set_num_threads(cores)
+    del engine
+    print(f"  in-process, 1 torch thread: p50 {direct['p50_ms']:.2f} ms  p95 {direct['p95_ms']:.2f} ms  "
+          f"{direct['qps']:.1f} q/s")
+    print("  server in its own process(es); clients in this one; per cell: queries/s, p95 ms, share refused, "
+          "the server's CPU ms per answered query, mean batch (n/a: several processes)")
+    print(f"  {'':<40}" + "".join(f"{f'{c} client' + ('s' if c > 1 else ''):<37}" for c in clients))
+    # Each setup's server runs in a process of its own, as `leccr serve` does: its CPU time is its
+    # own, and the clients' threads take no share of its GIL. Spawned, not forked: OpenMP does not
+    # survive a fork. The cells are measured in rounds, every setup in turn, so that a burst of
+    # load from elsewhere on the machine falls on all setups alike.
+    spawn = multiprocessing.get_context("spawn")
+    servers = []
+    try:
+        for _, config in setups:
+            port = _free_port()
+            control, child_end = spawn.Pipe()
+            # not a daemon: a server of several processes starts its own
+            process = spawn.Process(target=_serve, args=(open_engine, config, port, child_end))
+            process.start()
+            servers.append((port, process, control))
+        for (port, process, _), (_, config) in zip(servers, setups):
+            _wait_until_up(port, process, config.process_count())
+            load_test(port, process.pid, queries[:10], 1, lang)  # warm-up
+        parts = {(s, c): [] for s in range(len(setups)) for c in clients}
+        batches = {(s, c): [] for s in range(len(setups)) for c in clients}
+        seen = [0] * len(setups)
+        for round_ in range(rounds):
+            share = queries[round_::rounds]
+            for count in clients:
+                for s, (port, process, control) in enumerate(servers):
+                    parts[s, count].append(load_test(port, process.pid, share, count, lang))
+                    control.send(True)
+                    sizes = control.recv()
+                    if sizes is not None:
                         batches[s, count] += sizes[seen[s]:]
                         seen[s] = len(sizes)
-        finally:
-            for _, process, _ in servers:
-                process.terminate()
-                process.join(30)
-        for s, (name, _) in enumerate(setups):
-            rows = [_cell(parts[s, c], batches[s, c]) for c in clients]
-            cells = "".join(f"{r['qps']:6.1f} {r['p95_ms']:7.1f} {100 * r['refused']:5.1f}% {r['cpu_ms']:5.1f} "
-                            f"{r['batch']:4.1f}     " for r in rows)
-            ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, "
-                             f"x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
-                             for c, r in zip(clients[1:], rows[1:], strict=True))
-            print(f"  {name:<40}{cells}{ratios}", flush=True)
+    finally:
+        for _, process, control in servers:
+            control.send(False)
+            process.terminate()
+            process.join(60)
+    for s, (name, _) in enumerate(setups):
+        rows = [_cell(parts[s, c], batches[s, c]) for c in clients]
+        wrong = sum(hits != expected[text] for c in clients for part in parts[s, c] for text, hits in part["hits"])
+        cells = "".join(f"{r['qps']:6.1f} {r['p95_ms']:7.1f} {100 * r['refused']:5.1f}% {r['cpu_ms']:5.1f} "
+                        f"{r['batch']:4.1f}     " for r in rows)
+        ratios = "".join(f"  {c}/{clients[0]}: x{r['qps'] / rows[0]['qps']:.2f} q/s, "
+                         f"x{r['p95_ms'] / rows[0]['p95_ms']:.2f} p95"
+                         for c, r in zip(clients[1:], rows[1:], strict=True))
+        same = "same hits" if not wrong else f"{wrong} answers with other hits"
+        print(f"  {name:<40}{cells}{ratios}  ({same})", flush=True)
 
 
-def _wait_until_up(port: int, process) -> None:
-    deadline = time.monotonic() + 300
+def _wait_until_up(port: int, process, processes: int = 1) -> None:
+    """Until the server answers, and (for up to a minute more) until each of its processes has."""
+    deadline, pids, first = time.monotonic() + 300, set(), None
     while time.monotonic() < deadline:
         if not process.is_alive():
             raise RuntimeError(f"the server process ended with code {process.exitcode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5):
-                return
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5) as response:
+                pids.add(json.loads(response.read()).get("process"))
+                first = first or time.monotonic()
+                if len(pids) >= processes or time.monotonic() - first > 60:
+                    return
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(f"the server on port {port} did not answer within 300 s")
@@ -361,13 +430,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-rounds", type=int, default=3, help="rounds over every setup per load-test cell")
     parser.add_argument("--http-queue-depth", type=int, default=8,
                         help="ServeConfig.queue_depth of the pooled setups (small: 16 clients overflow it)")
+    parser.add_argument("--http-root", type=Path, default=None,
+                        help="an artifacts root: load-test its index (one process against one per core) instead "
+                             "of the synthetic one, with its items' captions as queries")
+    parser.add_argument("--http-experiment", default=None, help="with --http-root: that experiment's index")
+    parser.add_argument("--http-lang", default="de", help="with --http-root: the queries' language (default de)")
     args = parser.parse_args(argv)
     import torch
 
     print(f"CPU threads: torch {torch.get_num_threads()}")
     for n in args.sizes:
         bench_vectors(n, args.dim, args.queries, args.hnsw_max, args.concepts)
-    if args.http_items:
+    if args.http_root is not None:
+        bench_index(args.http_root, args.http_experiment, args.http_requests, args.http_clients,
+                    args.http_queue_depth, args.http_rounds, args.http_lang)
+    elif args.http_items:
         bench_http(args.http_items, args.dim, args.http_requests, args.http_clients, args.http_queue_depth,
                    args.http_rounds)
     return 0

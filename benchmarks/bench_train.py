@@ -52,9 +52,9 @@ VARIANTS = {
 
 def prepare(root: Path) -> tuple[Path, str]:
     """The demo's features artifact (computed once under root) and the text encoder folder."""
-    from leccr.cli import prepare_demo
+    from leccr.cli.demo import prepare_demo
     from leccr.config import load_config
-    from leccr.core.runner import run_pipeline
+    from leccr.core.driver import run_pipeline
 
     prepare_demo(root / "demo")
     text = (REPO / "configs" / "demo.yaml").read_text().replace("artifacts/demo/", f"{(root / 'demo').as_posix()}/")

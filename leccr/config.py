@@ -194,7 +194,7 @@ def _default_views(media_type: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- features (owner: features stage)
 class FeaturesConfig(Section):
-    """How visual items, captions and descriptions become cached arrays (see leccr/stages/features.py).
+    """How visual items, captions and descriptions become cached arrays (see stages/features.py).
 
     The visual fields (VISUAL_FIELDS) alone, with the dataset key, name the shared visual cache: a
     change of the text side (tokenizer, max_length, descriptions) reuses the visual features.
@@ -216,7 +216,7 @@ class FeaturesConfig(Section):
     # Square input size in px, overriding the processor's (the paper runs CLIP ViT-B/32 at 384 -> 145 tokens;
     # position embeddings are interpolated). None keeps the processor's size.
     image_size: int | None = Field(None, ge=8)
-    num_frames: int | None = Field(8, ge=1)  # video: frames sampled uniformly (leccr.media.sample_frames)
+    num_frames: int | None = Field(8, ge=1)  # video: frames sampled uniformly (leccr.media.decode.sample_frames)
     fps: float | None = Field(None, gt=0)  # video: sample at this rate instead (then frame counts vary)
     # Compute precision of the vision tower and the description encoder: auto = bf16 (else fp16) on a
     # GPU, fp32 on CPU.
@@ -308,7 +308,7 @@ def method_sort_key(method: str) -> tuple[int, str]:
 
 
 class TrainConfig(Section):
-    """How the train stage fits each method on the features artifact (see leccr/stages/train.py).
+    """How the train stage fits each method on the features artifact (see stages/train.py).
 
     Defaults are the LECCR reference settings (METHOD.md): AdamW lr 1e-5, betas (0.9, 0.98), weight
     decay 0.01 (none on biases and norms), linear schedule with 10 % warm-up, batch 128, seed 42.
@@ -358,7 +358,7 @@ class TrainConfig(Section):
 
     checkpoint_every: int = Field(0, ge=0)  # also save the resume state every N steps (0: at epoch ends)
     # torch CPU threads per training process. In the key: torch sums a full reduction (a loss's mean)
-    # per thread, so another count gives other weights (leccr/threads.py); fixed, not the machine's.
+    # per thread, so another count gives other weights (leccr/runtime/threads.py); fixed, not the machine's.
     threads: int = Field(2, ge=1)
     nproc: int = Field(1, ge=1)  # >1: data-parallel processes under torchrun (nccl on GPUs, gloo on CPU)
     device: str = "auto"
@@ -437,7 +437,7 @@ class ZeroShotConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """How the evaluate stage scores the test split (see leccr/stages/evaluate.py)."""
+    """How the evaluate stage scores the test split (see stages/evaluate.py)."""
 
     # chunk_size / batch_size / device shape memory and speed, not the metrics.
     NON_OUTPUT_FIELDS = frozenset({"device", "chunk_size", "batch_size"})
@@ -455,7 +455,7 @@ class EvaluateConfig(Section):
     # score "alpha" and the weight in their alpha column. The paper's α ablation then costs one training
     # (a different train.models.leccr.score_alpha is a different model: it picks the best epoch).
     alphas: list[float] = Field(default_factory=list)
-    # Published rows (ids in leccr/published_results.yaml) to show beside ours in the report, where this
+    # Published rows (ids in leccr/evaluation/published_results.yaml) to show beside ours in the report, where this
     # run evaluates their dataset and language; each dataset preset in configs/ names its benchmark's.
     published: list[str] = Field(default_factory=list)
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])  # recall@K of the table; SumR sums these
@@ -487,7 +487,7 @@ class EvaluateConfig(Section):
     @field_validator("published")
     @classmethod
     def _known_rows(cls, value: list[str]) -> list[str]:
-        from leccr.published import rows_named
+        from leccr.evaluation.published import rows_named
 
         rows_named(value)  # raises naming the unknown ids and the known ones
         return value
@@ -520,7 +520,7 @@ class HnswConfig(Section):
 
 
 class IndexConfig(Section):
-    """How the index stage embeds the collection for search (see leccr/stages/index.py).
+    """How the index stage embeds the collection for search (see stages/index.py).
 
     Candidates come from the vector index by global cosine; the final order is the method's fused score
     (METHOD.md), whose min/max normalisation is fixed at index time from the captions of
@@ -542,7 +542,7 @@ class IndexConfig(Section):
     chunk_size: int = Field(4096, ge=1)  # rows/columns of one calibration score block
 
 
-# ---------------------------------------------------------------- sweep (leccr.sweep)
+# ---------------------------------------------------------------- sweep (leccr.records.sweep)
 class SweepConfig(Section):
     """The grid `leccr sweep` runs when no --grid is given: {dotted config path: [values]}, as `--set`
     takes them. Not part of any stage's key: each variant's stages are keyed by what it sets."""
@@ -565,14 +565,34 @@ class ServeConfig(Section):
     """How `leccr serve` runs searches (leccr/search/scheduler.py; figures in benchmarks/bench_search.py).
     None of it changes a hit or a score: only how many searches run at once and how many may wait."""
 
-    # Searches run at once. 1: a search's Python part holds the GIL, and with a small text encoder two
-    # workers answered fewer queries/s than one on 2 cores (docs/search.md); a big encoder on many
-    # cores may want more (workers x torch_threads <= cores).
+    # Server processes sharing one listening socket, each with its own models (loaded once) and its own
+    # queue of `queue_depth`: a search's Python part holds its process's GIL, so the second core needs
+    # a second process (docs/performance.md). "auto": one per core this process may run on, at most 4
+    # (each holds every indexed method's model: the start-up line prints each process's memory).
+    processes: int | Literal["auto"] = "auto"
+    # Searches run at once in each process. 1: with a small text encoder two worker threads answered
+    # fewer queries/s than one on 2 cores (docs/search.md); a big encoder on many cores may want more
+    # (processes x workers x torch_threads <= cores).
     workers: int = Field(1, ge=1)
     torch_threads: int = Field(1, ge=1)  # torch intra-op threads of each search (workers x this ~ cores)
     max_batch: int = Field(16, ge=1)  # waiting queries of the same method/lang/k answered by one call; 1 = none
-    queue_depth: int = Field(64, ge=1)  # searches that may wait for a worker; past it: 503 + Retry-After
+    queue_depth: int = Field(64, ge=1)  # searches that may wait for a worker, per process; past it: 503 + Retry-After
     retry_after_s: int = Field(1, ge=1)  # the Retry-After of a 503 (whole seconds, as HTTP has it)
+
+    @field_validator("processes")
+    @classmethod
+    def _some_processes(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"processes must be 'auto' or at least 1, got {value}")
+        return value
+
+    def process_count(self) -> int:
+        """How many server processes `processes` means on this machine."""
+        if self.processes != "auto":
+            return self.processes
+        import os
+
+        return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 # ---------------------------------------------------------------- the experiment

@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """Demo dataset + tiny models, generated once per session by the same code `leccr demo` uses."""
-    from leccr.cli import prepare_demo
+    from leccr.cli.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("demo")
     prepare_demo(root)

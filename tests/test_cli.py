@@ -5,7 +5,8 @@ from importlib.metadata import version
 import pytest
 import yaml
 
-from leccr.cli import configure_logging, main
+from leccr.cli import main
+from leccr.cli.console import configure_logging
 
 
 def test_run_then_rerun_is_all_cache_hits_and_inspect_shows_translate(demo_config, capsys):
@@ -72,8 +73,8 @@ def test_set_typo_is_the_overrides_fault_with_a_suggestion(demo_config, capsys):
 
 
 def test_console_shows_leccr_lines_not_library_chatter(capsys):
-    from leccr.cli import configure_logging
-    from leccr.progress import progress
+    from leccr.cli.console import configure_logging
+    from leccr.runtime.progress import progress
 
     configure_logging(verbose=False)
     logging.getLogger("httpx").info("HTTP Request: POST http://127.0.0.1/api/logs/ 201")
@@ -115,7 +116,8 @@ def test_search_takes_root_experiment_and_media_folder_from_an_experiment_file(t
     """After the dataset folder moved, `--config` points search and serve at where it lies now."""
     from pathlib import Path
 
-    from leccr.cli import _index_source, build_parser
+    from leccr.cli import build_parser
+    from leccr.cli.search import _index_source
 
     data = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
     data.update(artifacts_root=str(tmp_path / "artifacts"), name="moved")

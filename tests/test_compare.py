@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from leccr.compare import build, select_runs, write
+from leccr.evaluation.compare import build, select_runs, write
 from leccr.config import parse_config
-from leccr.published import matching_rows, published_markdown, rows_named
-from leccr.runs import COMPUTED, RunLabel, StageEntry, now, write_record
+from leccr.evaluation.published import matching_rows, published_markdown, rows_named
+from leccr.records.runs import COMPUTED, RunLabel, StageEntry, now, write_record
 from leccr.schemas.evaluate import METRICS
 
 REPO = Path(__file__).parents[1]
@@ -107,3 +107,55 @@ def test_compare_shows_the_difference_to_published_numbers(tmp_path, published_f
 def test_unknown_published_row_is_a_config_error():
     with pytest.raises(ValueError, match="unknown row"):
         rows_named(["no-such-row"])
+
+
+PRESET_ROWS = {"multi30k_de": ("de", 450.7), "multi30k_fr": ("fr", 452.9), "multi30k_cs": ("cs", 438.7),
+               "vatex_zh": ("zh", 366.5), "msrvtt_cn": ("zh", 307.3)}
+
+
+@pytest.mark.parametrize("preset_name", sorted(PRESET_ROWS))
+def test_benchmark_presets_name_nrccrs_published_row(preset_name):
+    """Each benchmark preset names NRCCR's row for its dataset and language, read from the authors' README
+    at the commit that still holds the tables."""
+    preset = yaml.safe_load((REPO / "configs" / f"{preset_name}.yaml").read_text())
+    parse_config(preset)  # evaluate.published is checked against the file
+    rows = matching_rows(preset)
+    lang, sumr = PRESET_ROWS[preset_name]
+    assert [(r["method"], r["lang"], r["sumr"]) for r in rows] == [("nrccr", lang, sumr)]
+    assert rows[0]["source"]["repository"] == "LiJiaBei-7/nrccr"
+    assert rows[0]["source"]["commit"] == "a7220f27b909e60f9a92583d3e4b0cf87e0ffc1f"
+    assert "LiJiaBei-7/nrccr@a7220f27b909 README.md" in "\n".join(published_markdown(rows, True))
+
+
+def test_vatex_row_sums_within_rounding():
+    """VATEX's published parts add to 366.6 against a published SumR of 366.5: rounding, not a typo."""
+    row = rows_named(["nrccr-readme/expected-performance/vatex-zh/nrccr"])[0]
+    assert sum(sum(v) for v in row["recall"].values()) == pytest.approx(366.6)
+    assert row["medr"] == {"text_to_visual": 3.0, "visual_to_text": 2.0}
+
+
+def _one_row_file(tmp_path, sumr, source_extra=None):
+    source = {"title": "T", "venue": "V", "url": "https://example.org", **(source_extra or {})}
+    path = tmp_path / f"published-{sumr}.yaml"
+    path.write_text(yaml.safe_dump({"papers": {"p": source}, "rows": [{
+        "id": "p/t/multi30k-de/x", "paper": "p", "table": "t", "row": "r", "method": "x", "dataset": "multi30k",
+        "lang": "de", "recall": {"text_to_visual": [10.0, 20.0, 30.0], "visual_to_text": [10.0, 20.0, 30.0]},
+        "sumr": sumr}]}))
+    return path
+
+
+def test_sum_check_allows_one_decimal_rounding_and_no_more(tmp_path):
+    """Six parts and the sum each rounded to 0.1 can disagree by up to 0.35; a 0.5 gap is a transcription error."""
+    from leccr.evaluation.published import load
+
+    assert load(_one_row_file(tmp_path, 119.7))["p/t/multi30k-de/x"]["sumr"] == 119.7  # parts add to 120.0
+    assert load(_one_row_file(tmp_path, 120.3))
+    with pytest.raises(ValueError, match="sum to 120.0, not its SumR 119.5"):
+        load(_one_row_file(tmp_path, 119.5))
+
+
+def test_repository_source_needs_its_commit(tmp_path):
+    from leccr.evaluation.published import load
+
+    with pytest.raises(ValueError, match="full commit"):
+        load(_one_row_file(tmp_path, 120.0, {"repository": "o/r", "commit": "main", "file": "README.md"}))

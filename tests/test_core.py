@@ -13,7 +13,7 @@ from leccr.core.artifact import Artifact, Manifest, ReadView, UndeclaredRead, da
 from leccr.core.claims import Claims
 from leccr.core.dag import get_stage, stage_defs
 from leccr.core.keys import resolve_section
-from leccr.core.runner import config_for, jobs_of, stage_code_modules
+from leccr.core.jobs import config_for, jobs_of, stage_code_modules
 from leccr.core.stage import StageDef
 
 DATASET = {"format": "multi30k", "path": "."}
@@ -63,7 +63,7 @@ def test_code_identity_holds_what_the_configured_stage_can_run():
     assert closures["dataset"] & adapters == {"leccr.datasets.multi30k"}  # the configured format only
     assert set(stage_code_modules(get_stage("dataset"), _cfg(dataset={"format": "vatex", "path": "."}))) & adapters \
         == {"leccr.datasets.vatex"}
-    assert not {m for m in closures["index"] if m.startswith(("leccr.search", "leccr.report", "leccr.cli"))}
+    assert not {m for m in closures["index"] if m.startswith(("leccr.search", "leccr.evaluation.report", "leccr.cli"))}
     assert not {m for m in set().union(*closures.values()) if m.startswith(("leccr.core", "leccr.flows"))}
 
 
@@ -146,7 +146,7 @@ def test_damaged_files_are_named_with_their_sizes(tmp_path):
 
 def test_a_hit_made_with_other_library_versions_warns_and_stays_a_hit(tmp_path):
     from leccr.core.artifact import library_versions
-    from leccr.core.runner import version_drift
+    from leccr.core.jobs import version_drift
 
     now = library_versions()
     manifest = Manifest(stage="s", key="k", store_format="4", schema_version=2, code_digest="c", content_digest="d",

@@ -1,7 +1,7 @@
 """Data-parallel training math: 2 gloo processes on CPU against one process (issue 10, item 5).
 
 The `gather` contract (leccr/models/base.py): each rank all-gathers the embeddings and `item_index`
-(`leccr.losses.all_gather_with_grad`), computes the in-batch losses over the whole gathered batch and
+(`leccr.models.losses.all_gather_with_grad`), computes the in-batch losses over the whole gathered batch and
 back-propagates into its own rows only. Some terms are not gathered and stay per rank: LECCR's
 caption-slot CE L_c (c_s, c_t), L_cv on video with the reference quirks, the per-item slot diversity
 L_reg, and CL2CM's per-pair word OT.
@@ -142,7 +142,7 @@ def _worker(rank: int, init_file: str, folder: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from leccr.losses import all_gather_with_grad
+    from leccr.models.losses import all_gather_with_grad
 
     torch.set_num_threads(1)
     folder = Path(folder)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from leccr.config import parse_config
-from leccr.core.runner import run_pipeline
+from leccr.core.driver import run_pipeline
 from leccr.schemas.core import read_table
 from leccr.schemas.evaluate import METRICS
 from tests.conftest import demo_config_dict

@@ -184,7 +184,7 @@ def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> 
         assert (artifacts / label.split("[")[0] / key / "_manifest.json").is_file(), label
     if not with_sweep:
         return
-    from leccr.runs import read_records
+    from leccr.records.runs import read_records
 
     swept = [r for r in read_records(artifacts) if r["sweep"] == "alpha"]
     assert sorted(r["swept"]["evaluate.alpha"] for r in swept) == [0.5, 1.0]

@@ -19,7 +19,7 @@ import leccr.stages.describe as describe
 from leccr.config import DescribeConfig
 from leccr.engines.mllm import (Request, SamplingConfig, TransformersMLLM, chat_prompt, load_imported_descriptions,
                                 request_seed)
-from leccr.media import load_image, sample_frames
+from leccr.media.decode import load_image, sample_frames
 from leccr.core.fingerprint import Fingerprinter
 from leccr.core.artifact import Artifact
 from leccr.core.context import StageContext
@@ -313,7 +313,7 @@ def test_tiny_llava_is_deterministic_and_in_the_hub_layout(tiny_llava, tmp_path)
 
 def test_run_stage_through_the_store_then_hits_the_cache(tiny_llava, tmp_path):
     from leccr.config import parse_config
-    from leccr.core.runner import run_stage
+    from leccr.core.execute import run_stage
 
     dataset = make_dataset(tmp_path / "dataset", n_images=2, n_videos=1, broken=False)
     cfg = parse_config({

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from leccr.config import parse_config
-from leccr.core.runner import run_pipeline
+from leccr.core.driver import run_pipeline
 from tests.conftest import demo_config_dict
 
 EPOCHS = 6

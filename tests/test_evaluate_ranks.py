@@ -1,6 +1,6 @@
 """The stage's fused score in blocks (global min/max pass first) against the whole-matrix score.
 
-Ranks, recall and top-k themselves are `leccr.metrics` (tested in tests/test_metrics.py); here: the
+Ranks, recall and top-k themselves are `leccr.evaluation.metrics` (tested in tests/test_metrics.py); here: the
 blocks the stage hands to them equal the model helper's whole-matrix fused score, so the chunked
 metrics equal the naive ones on that matrix."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from leccr.metrics import chunked_ranks, naive_ranks
+from leccr.evaluation.metrics import chunked_ranks, naive_ranks
 from leccr.models.base import fused_score
 from leccr.stages.evaluate import make_score_block
 

@@ -18,7 +18,7 @@ from leccr.schemas.core import read_table, write_table
 from leccr.schemas.describe import DESCRIPTIONS
 from leccr.schemas.evaluate import METRICS, WORST_QUERIES
 from leccr.stages import evaluate
-from leccr.metrics import naive_ranks
+from leccr.evaluation.metrics import naive_ranks
 from tests.builders import dataset_artifact
 from tests.test_reader import caption, write_artifact
 

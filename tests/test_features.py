@@ -1,5 +1,5 @@
 """The features stage on a tiny hand-built dataset with real tiny models (leccr.tiny_models), run
-through leccr.core.runner.run_stage: values, joins of translations, description views and states, the
+through leccr.core.execute.run_stage: values, joins of translations, description views and states, the
 shared visual cache, resume after a failed shard, imported features."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import leccr.features.vision as vision_module
 from leccr.config import ExperimentConfig, FeaturesConfig, VisualConfig
 from leccr.data import TrainingDataset, load_eval_items
 from leccr.features.vision import VisionEncoder
-from leccr.core.runner import run_stage
+from leccr.core.execute import run_stage
 from leccr.core.fingerprint import Fingerprinter
 from leccr.core.artifact import Artifact
 from leccr.core.failures import StageFailed
@@ -279,7 +279,7 @@ def write_video(path, colours, size=32):
 
 @pytest.mark.parametrize("output,tokens_per_frame", [("tokens", 17), ("pooled", 1)])
 def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, output, tokens_per_frame):
-    from leccr.media import sample_frames
+    from leccr.media.decode import sample_frames
 
     video = tmp_path / "v.mp4"
     write_video(video, [(255, 0, 0)] * 4 + [(0, 0, 255)] * 4 + [(0, 255, 0)] * 4)
@@ -302,7 +302,8 @@ def test_video_frames_become_tokens_in_frame_order(tmp_path, models, inputs, out
 
 
 def test_scale_out_slots_then_finish_equal_a_plain_run(tmp_path, models, inputs):
-    from leccr.core.runner import key_parts, run_stage_slot
+    from leccr.core.execute import run_stage_slot
+    from leccr.core.jobs import key_parts
 
     cfg = experiment(tmp_path / "slots", models)
     parts = key_parts(cfg, "visual", {"dataset": inputs["dataset"]}, Fingerprinter())

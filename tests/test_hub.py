@@ -7,7 +7,7 @@ import numpy as np
 
 from leccr.config import parse_config
 from leccr.features.text import TextStateEncoder, load_tokenizer, tokenize
-from leccr.hub import ModelNotFound, parse_hub_id, resolve_model
+from leccr.runtime.hub import ModelNotFound, parse_hub_id, resolve_model
 from leccr.models.text_encoder import TextEncoder
 from leccr.tiny_models.text import build_text_encoder
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from leccr import losses as L
+from leccr.models import losses as L
 from leccr.models.config import LossConfig
 
 E1 = math.e

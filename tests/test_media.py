@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leccr.media import (ItemLoader, MediaError, ShardPrefetcher, frame_indices, load_image, load_visual,
+from leccr.media.decode import (ItemLoader, MediaError, ShardPrefetcher, frame_indices, load_image, load_visual,
                          sample_frames)
 
 GRAY_STEP = 7  # frame i of a test video is a flat gray of level i * GRAY_STEP

@@ -9,7 +9,8 @@ from PIL import Image, ImageOps
 
 from leccr.config import parse_config
 from leccr.core.memo import RowMemo, in_unit_order
-from leccr.core.runner import explain, run_pipeline
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
 from tests.builders import finish_handmade
 from tests.conftest import demo_config_dict
 

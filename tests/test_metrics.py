@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from leccr.metrics import (chunked_ranks, chunked_retrieval_metrics, embedding_score_block, matrix_min_max,
+from leccr.evaluation.metrics import (chunked_ranks, chunked_retrieval_metrics, embedding_score_block, matrix_min_max,
                            matrix_score_block, naive_ranks, naive_retrieval_metrics, recall_metrics, topk_items,
                            topk_texts)
 
@@ -17,7 +17,7 @@ CHUNKS = [(1, 1), (2, 3), (3, 2), (100, 100)]
 def counting(request, monkeypatch):
     """Run a test with each way of counting a block: the compiled CPU kernel (what a CPU evaluation
     uses) and the torch ops a GPU evaluation uses, forced here on CPU."""
-    import leccr.metrics as metrics
+    import leccr.evaluation.metrics as metrics
 
     if request.param == "torch":
         # (block, rows, cols, 4 targets, n_texts, pool, threads): the torch path takes all but the last two
@@ -197,7 +197,7 @@ def test_errors_name_the_problem(counting):
 
 
 def test_chance_sumr_matches_hand_computed_probabilities():
-    from leccr.metrics import chance_sumr
+    from leccr.evaluation.metrics import chance_sumr
 
     # 4 items, one caption each, K = 1 and 2: t2v 1/4 + 2/4; v2t the same (1 - C(3,K)/C(4,K)).
     assert chance_sumr([0, 1, 2, 3], 4, ks=(1, 2)) == pytest.approx(100 * (0.25 + 0.5) * 2)
@@ -215,7 +215,7 @@ def test_chance_sumr_matches_hand_computed_probabilities():
 def test_chunked_ranks_tile_by_tile_read_each_block_once_when_grouped(order, monkeypatch, counting):
     # torch: tiles of 2 rows inside blocks of 6 x 6, every tile boundary and tie shortcut is crossed;
     # kernel: each block's rows split over threads
-    monkeypatch.setattr("leccr.metrics.TILE_BYTES", 2 * 4 * 6)
+    monkeypatch.setattr("leccr.evaluation.metrics.TILE_BYTES", 2 * 4 * 6)
     generator = torch.Generator().manual_seed(5)
     n_items = 23
     text_item = {"one_per_item": torch.arange(n_items),

@@ -17,7 +17,7 @@ from leccr.models.base import fuse_scores, fused_score, merge_ranges, pool_visua
 from leccr.models.baseline import BaselineModel
 from leccr.models.cl2cm import Cl2cmModel
 from leccr.models.layers import CrossAttentionLayer
-from leccr.models.leccr import LeccrModel
+from leccr.models.slot_model import LeccrModel
 from leccr.models.text_encoder import TextEncoder
 from leccr.models.visual_encoder import VisualEncoder
 

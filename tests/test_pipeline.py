@@ -11,8 +11,9 @@ import yaml
 
 from leccr.config import parse_config
 from leccr.core.dag import plan
-from leccr.core.runner import explain, run_pipeline
-from leccr.sql import connect
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
+from leccr.records.sql import connect
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]
@@ -80,7 +81,7 @@ def test_killed_run_resumes_without_losing_finished_shards(demo_root, tmp_path):
                          "models": {lang: str(demo_root / "models" / "mt") for lang in data["dataset"]["languages"]}}
     config = tmp_path / "kill.yaml"
     config.write_text(yaml.safe_dump(data))
-    code = ("import sys; from leccr.config import load_config; from leccr.core.runner import run_pipeline; "
+    code = ("import sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
             "run_pipeline(load_config(sys.argv[1]), ['translate'])")
     process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

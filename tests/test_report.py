@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from leccr.report import (ARROWS, CL2CM_NOTE, artifact_markdown, recall_figure, results_tables, sumr_console_table,
+from leccr.evaluation.report import (ARROWS, CL2CM_NOTE, artifact_markdown, recall_figure, results_tables, sumr_console_table,
                           training_figure, worst_queries_section, write_report)
 from leccr.schemas.core import validate
 from leccr.schemas.evaluate import METRICS, WORST_QUERIES

@@ -18,7 +18,9 @@ from leccr.core.codeid import _module_digest, code_digest
 from leccr.config import parse_config
 from leccr.core.fingerprint import Fingerprinter
 from leccr.core.dag import get_stage, stage_names
-from leccr.core.runner import explain, jobs_of, key_parts, parts_with_upstream, run_pipeline
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
+from leccr.core.jobs import jobs_of, key_parts, parts_with_upstream
 from leccr.core.artifact import Store, stage_lock
 from tests.conftest import demo_config_dict
 
@@ -300,13 +302,13 @@ def test_a_run_is_one_flow_run_and_hits_show_as_cached(demo_root, tmp_path, pref
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from leccr.flows.pipeline import leccr
+    from leccr.flows.pipeline import experiment_flow
 
     data = _data(demo_root, tmp_path)
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(data))
     run_pipeline(parse_config(data), ["translate"])
-    state = leccr(config=str(config), stages=["translate"], return_state=True)
+    state = experiment_flow(config=str(config), stages=["translate"], return_state=True)
     assert state.is_completed()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
@@ -320,7 +322,7 @@ def test_a_run_is_one_flow_run_and_hits_show_as_cached(demo_root, tmp_path, pref
 # ------------------------------------------------------------------------------ gc
 def test_gc_lists_and_deletes_unreferenced_artifacts_but_not_running_ones(demo_root, tmp_path):
     from leccr.cli import main
-    from leccr.gc import collect, delete
+    from leccr.records.gc import collect, delete
 
     old = run_pipeline(parse_config(_data(demo_root, tmp_path)), ["translate"])["translate"].artifact
     run_pipeline(parse_config(_data(demo_root, tmp_path, translate={"splits": ["train"]})), ["translate"])
@@ -374,7 +376,7 @@ def test_key_parts_need_finished_upstream(demo_root, tmp_path):
 def test_planning_a_run_imports_neither_torch_nor_prefect():
     """Stage modules import heavy libraries inside `run`: a dry run or a cached rerun stays fast."""
     code = ("import sys; from leccr.config import load_config; from leccr.core.dag import get_stage, stage_names; "
-            "from leccr.core.runner import config_for, jobs_of; "
+            "from leccr.core.jobs import config_for, jobs_of; "
             "cfg = load_config('configs/demo.yaml'); [get_stage(n).section(cfg) for n in stage_names()]; "
             "[get_stage(n).key_config(config_for(cfg, j), None) for n in ('train', 'evaluate', 'visual') "
             "for j in jobs_of(cfg, n)]; "

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from leccr.cli import main, prefect_api_url
-from leccr.runs import read_records
+from leccr.cli import main
+from leccr.cli.run import prefect_api_url
+from leccr.records.runs import read_records
 
 REPO = Path(__file__).parents[1]
 STAGE_LINE = re.compile(r"^\d\d:\d\d:\d\d ")

@@ -1,4 +1,4 @@
-"""Run records (leccr.runs): one file per run, never overwritten; the `runs` and `run_metrics` views."""
+"""Run records (leccr.records.runs): one file per run, never overwritten; the `runs` and `run_metrics` views."""
 import json
 from datetime import timedelta
 
@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leccr.config import parse_config
-from leccr.runs import CACHE_HIT, COMPUTED, RunLabel, StageEntry, now, prunable, read_records, write_record
-from leccr.sql import connect
+from leccr.records.runs import CACHE_HIT, COMPUTED, RunLabel, StageEntry, now, prunable, read_records, write_record
+from leccr.records.sql import connect
 from leccr.schemas.evaluate import METRICS
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from leccr.config import parse_config
 from leccr.core.dag import plan
-from leccr.core.runner import run_pipeline
+from leccr.core.driver import run_pipeline
 from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]
@@ -56,13 +56,13 @@ def _contents(artifacts: Path, keys: dict[str, str]) -> dict[str, str]:
 
 
 def test_ray_runner_gives_the_same_artifacts_as_local(demo_root, tmp_path):
-    from leccr.flows.pipeline import leccr
+    from leccr.flows.pipeline import experiment_flow
 
     local = run_pipeline(parse_config(_small_demo(demo_root, tmp_path / "local")), SHARDED)
     ray_data = _ray_data(demo_root, tmp_path / "ray")
     config = tmp_path / "ray.yaml"
     config.write_text(yaml.safe_dump(ray_data))
-    paths = leccr(config=str(config), stages=SHARDED)
+    paths = experiment_flow(config=str(config), stages=SHARDED)
     keys = {name: o.artifact.key for name, o in local.items()}
     assert {name: Path(p).name for name, p in paths.items()} == keys  # same keys
     assert _contents(tmp_path / "ray", keys) == _contents(tmp_path / "local", keys)
@@ -112,7 +112,7 @@ def test_start_on_ray_kill_and_finish_locally(demo_root, tmp_path):
     config = tmp_path / "ray.yaml"
     config.write_text(yaml.safe_dump(data))
     shards = tmp_path / "artifacts" / "translate"
-    code = "import sys; from leccr.flows.pipeline import leccr; leccr(config=sys.argv[1], stages=['translate'])"
+    code = "import sys; from leccr.flows.pipeline import experiment_flow; experiment_flow(config=sys.argv[1], stages=['translate'])"
     marker = f"leccr-test-{os.getpid()}-{time.time_ns()}"
     process = subprocess.Popen([sys.executable, "-c", code, str(config)], cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,8 +151,8 @@ def test_storage_probe_fails_clearly_when_a_node_cannot_see_the_root(demo_root, 
     exactly what a worker machine without the shared filesystem sees."""
     import ray
 
-    from leccr.flows.pipeline import leccr
-    from leccr.scaleout import SharedStorageError
+    from leccr.flows.pipeline import experiment_flow
+    from leccr.runtime.scaleout import SharedStorageError
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     artifacts = tmp_path / "artifacts"
@@ -181,7 +181,7 @@ def test_storage_probe_fails_clearly_when_a_node_cannot_see_the_root(demo_root, 
         config.write_text(yaml.safe_dump(data))
         with pytest.raises(SharedStorageError, match=r"node \w+ .* cannot read the artifact root .*artifacts.*"
                                                      r"filesystem every Ray node mounts"):
-            leccr(config=str(config), stages=["dataset"])
+            experiment_flow(config=str(config), stages=["dataset"])
         assert not (artifacts / "dataset").exists()  # nothing ran
     finally:
         if ray.is_initialized():

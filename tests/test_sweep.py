@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from leccr.cli import main
-from leccr.runs import CACHE_HIT, COMPUTED, SHARED, read_records
-from leccr.sql import connect
-from leccr.sweep import load_sweep, parse_grid
+from leccr.records.runs import CACHE_HIT, COMPUTED, SHARED, read_records
+from leccr.records.sql import connect
+from leccr.records.sweep import load_sweep, parse_grid
 
 SHARED_STAGES = ("dataset", "translate", "describe", "visual", "features")
 GRID = {"train.models.leccr.losses.w_d": [0.1, 0.3], "evaluate.alpha": [0.5, 1.0]}

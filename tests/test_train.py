@@ -11,7 +11,7 @@ import torch
 
 from leccr.config import ConfigError, TrainConfig, parse_config
 from leccr.models import create_model
-from leccr.core.runner import run_pipeline
+from leccr.core.driver import run_pipeline
 from leccr.core.failures import StageFailed
 from leccr.training import TrainJob, load_trained, train_method
 from leccr.training.checkpoint import INFO_FILE, MODEL_FILE, RESUME_DIR
@@ -233,7 +233,7 @@ def test_two_processes_under_torchrun_with_gloo(features, tmp_path):
 
 def test_evaluate_reports_every_trained_method_side_by_side(features):
     """The demo's evaluate stage on trained baseline, cl2cm and leccr: metrics, report and plots."""
-    from leccr.sql import connect
+    from leccr.records.sql import connect
 
     data, _ = features
     outcomes = run_pipeline(parse_config(data), ["evaluate"])

@@ -13,11 +13,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is i
 
 pytest.importorskip("vllm")
 
-import leccr.rank_kernel  # noqa: E402,F401  numba (llvmlite) loaded before vLLM starts, as after an evaluate
+import leccr.evaluation.rank_kernel  # noqa: E402,F401  numba (llvmlite) loaded before vLLM starts, as after an evaluate
 import leccr.stages.describe as describe  # noqa: E402
 from leccr.config import DescribeConfig  # noqa: E402
 from leccr.engines.mllm import Request, SamplingConfig, TransformersMLLM, VllmMLLM  # noqa: E402
-from leccr.media import load_image, sample_frames  # noqa: E402
+from leccr.media.decode import load_image, sample_frames  # noqa: E402
 from leccr.schemas.core import read_table  # noqa: E402
 from leccr.schemas.describe import DESCRIPTIONS  # noqa: E402
 from leccr.schemas.errors import ERRORS  # noqa: E402

@@ -23,9 +23,10 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("leccr",)
 NOT_OUTPUT_CODE = frozenset({
-    "leccr.config", "leccr.progress", "leccr.device", "leccr.cli", "leccr.sql", "leccr.gc", "leccr.preflight",
+    "leccr.config", "leccr.runtime.progress", "leccr.runtime.device", "leccr.records.sql", "leccr.records.gc",
+    "leccr.runtime.preflight",
 })
-NOT_OUTPUT_PACKAGES = ("leccr.core",)
+NOT_OUTPUT_PACKAGES = ("leccr.core", "leccr.cli")
 
 
 def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:

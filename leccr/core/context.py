@@ -39,7 +39,7 @@ class StageContext:
     # ordinary run (every shard already committed) merges errors and writes the manifest.
     shard_slot: tuple[int, int] | None = None
     # The configured `dataset.path`: media paths in items.parquet are relative to it (see
-    # `leccr.media_paths.resolve_media_path`), so a moved dataset folder keeps its cache and works.
+    # `leccr.media.paths.resolve_media_path`), so a moved dataset folder keeps its cache and works.
     dataset_root: Path | None = None
     variant: str | None = None  # the method of a per-method stage
     # Earlier artifacts of this stage with the same code and effective config (newest first): the

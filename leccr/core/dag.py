@@ -1,6 +1,6 @@
 """The DAG: which stages there are, their order, and which of them a run needs.
 
-Every module of `leccr/stages/` whose name does not start with "_" is a stage of that name and ends with
+Every module of `stages/` whose name does not start with "_" is a stage of that name and ends with
 `STAGE = StageDef(...)`. Its literal `upstream=(...)` is read from the source without importing the
 module (the CLI builds its help from it without paying for torch); the order is topological over
 those, sorted within each ready set (one stable order for every run). `stage_defs()` imports the

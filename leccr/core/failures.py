@@ -49,7 +49,7 @@ def error_table(errors: list[ItemError | tuple[str, str]], stage: str, index: in
 
 def file_state(dataset_root: Path | None, stored: str) -> str:
     """A media file's state as an error row records it: size, mtime and inode, or "missing"."""
-    from leccr.media_paths import resolve_media_path
+    from leccr.media.paths import resolve_media_path
 
     try:
         stat = os.stat(resolve_media_path(dataset_root, stored))

@@ -65,7 +65,7 @@ def resolve_section(section: BaseModel, fingerprints: Fingerprinter) -> dict[str
 def path_identity(value: str, fingerprints: Fingerprinter, where: str = "", named: bool = False) -> dict[str, Any]:
     """What a content path holds: a local file or folder by content, or a hub id's cached snapshot;
     `named`: its name too (`display_name`), for a model or file whose name rows record."""
-    from leccr.hub import parse_hub_id, resolve_model
+    from leccr.runtime.hub import parse_hub_id, resolve_model
 
     name = {"name": display_name(value)} if named else {}
     if Path(value).expanduser().exists() or parse_hub_id(value) is None:
@@ -82,7 +82,7 @@ def path_identity(value: str, fingerprints: Fingerprinter, where: str = "", name
 
 def display_name(value: str) -> str:
     """The name rows record for a model or file: a local path's last part, a hub id as written."""
-    from leccr.hub import parse_hub_id
+    from leccr.runtime.hub import parse_hub_id
 
     path = Path(value).expanduser()
     if path.exists() or parse_hub_id(value) is None:

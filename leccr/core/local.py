@@ -4,8 +4,8 @@ unless Prefect is asked for.
 Starting a temporary Prefect server costs 20-25 s on a 2-core machine, more than most single stages
 take, so a run drives its jobs here and Prefect is used where its server is wanted (`--prefect`, a
 server named by PREFECT_API_URL, the deployments). The decisions are the same on both paths: the
-driver (`leccr.core.runner.drive_many`) computes the keys and `run_stage` runs each job; this module
-only says where a job runs, as the flow's `task_submitter` (leccr/flows/pipeline.py) does for Prefect:
+driver (`leccr.core.driver.drive_many`) computes the keys and `run_stage` runs each job; this module
+only says where a job runs, as the flow's `task_submitter` (flows/pipeline.py) does for Prefect:
 
 - on `max(2, runner.shard_tasks)` threads, as the flow's thread task runner, so stages that do not
   depend on each other (translate, describe, visual) run side by side;
@@ -30,8 +30,8 @@ from typing import Any
 from leccr.config import ExperimentConfig
 from leccr.core.dag import Plan, get_stage
 from leccr.core.fingerprint import Fingerprinter
-from leccr.core.runner import (RunResult, StageOutcome, Submission, Submit, drive_many, prepare_stage, run_stage,
-                               run_stage_slot)
+from leccr.core.driver import RunResult, Submission, Submit, drive_many
+from leccr.core.execute import StageOutcome, prepare_stage, run_stage, run_stage_slot
 
 SERIAL_STAGES = ("train",)
 

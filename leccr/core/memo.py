@@ -12,7 +12,7 @@ prompt, a language's model) are not in the salt but in those units' input digest
 so adding a view or a language computes only its units. Each committed shard records its units and
 their input digests in `_inputs/inputs-NNNNN.parquet`; a unit that failed there (a row of
 errors.parquet) is computed again, never reused. Sources are checked as hits are and held while a
-stage reads them (see `RowMemo` and `leccr.core.runner.held_sources`).
+stage reads them (see `RowMemo` and `leccr.core.execute.held_sources`).
 
 A reused unit's rows are the rows a full recompute writes, in the same place (shards keep rows in
 the order of their work units), so the new artifact is byte-identical to a full recompute apart from

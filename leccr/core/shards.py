@@ -28,7 +28,7 @@ from leccr.core.artifact import part_name
 from leccr.core.claims import Claims, shard_claim
 from leccr.core.failures import ItemError, StageFailed, error_table, retryable_ids, unreadable
 from leccr.core.memo import INPUTS, INPUTS_DIR, RowMemo, in_unit_order, input_digest, inputs_name, row_units, unit_name
-from leccr.progress import progress
+from leccr.runtime.progress import progress
 from leccr.schemas.core import read_table, validate, write_table
 from leccr.schemas.errors import ERRORS
 

@@ -1,4 +1,4 @@
-"""The stage contract: each module of `leccr/stages/` ends with `STAGE = StageDef(...)`, checked at import.
+"""The stage contract: each module of `stages/` ends with `STAGE = StageDef(...)`, checked at import.
 
 One validated object rather than module attributes read with getattr: a misspelt field is a
 TypeError when the module is imported, never a silent default.

@@ -1,13 +1,13 @@
 """The one interface every dataset adapter implements, the registry, and the shared reading helpers.
 
-An adapter turns a dataset folder in its *published* layout into two tables (leccr/schemas/dataset.py):
+An adapter turns a dataset folder in its *published* layout into two tables (schemas/dataset.py):
 items (one row per image or video) and captions (one row per caption and language). Adapters never
 raise on the first bad line: they collect every `Problem` (file, line, message) while reading, so
 `leccr datasets check` can list them all, and `read` raises one `DatasetFormatError` naming each.
 A problem that costs one item or caption (a bad line, a missing media file) is not `fatal`: the
 dataset stage writes it to its errors.parquet and goes on with the rest.
 
-Media paths in the items table are relative to the dataset root (`leccr.media_paths.resolve_media_path` resolves them
+Media paths in the items table are relative to the dataset root (`leccr.media.paths.resolve_media_path` resolves them
 against the configured root at use), so a moved dataset folder with the same content keeps working.
 """
 from __future__ import annotations
@@ -493,7 +493,7 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 # One module per format, imported only when that format is used: a stage's code identity then holds
-# the configured adapter alone (see `adapter_module` and leccr/stages/dataset.py), not every layout we read.
+# the configured adapter alone (see `adapter_module` and stages/dataset.py), not every layout we read.
 ADAPTER_MODULES = {
     "mscoco": "leccr.datasets.mscoco",
     "msrvtt_cn": "leccr.datasets.msrvtt_cn",
@@ -529,7 +529,7 @@ def read_mt_file(path: Path, root: Path, lang: str, builder: TableBuilder, id_ma
     """Add the MT captions of one CCR-release file (`<item>#enc2<lang>#<n> <text>` lines); returns how many.
 
     Each line must translate an English caption the dataset has (`<item>#enc#<n>`): the MT caption
-    takes that caption's id, as leccr/schemas/dataset.py asks. `id_map` renames the file's item ids to ours.
+    takes that caption's id, as schemas/dataset.py asks. `id_map` renames the file's item ids to ours.
     """
     lines = read_lines(path, root, builder.problems, what=f"{lang} MT caption file", item_of=line_caption_id)
     added = 0

@@ -206,14 +206,27 @@ def plan_items(seed: int, num_images: int = NUM_IMAGES, num_videos: int = NUM_VI
     return items
 
 
-def assign_splits(items: list[DemoItem], seed: int) -> dict[str, list[DemoItem]]:
-    """About 60/20/20 train/val/test, images and videos split separately so each split has both."""
+# Multi30K's split sizes (train / val / test_2016_flickr images): a benchmark-sized demo
+# (benchmarks/bench_scale.py) keeps these proportions.
+MULTI30K_SPLITS = (29_000, 1_014, 1_000)
+
+
+def split_fractions(sizes: tuple[int, int, int]) -> tuple[float, float]:
+    """(val, test) fractions of a (train, val, test) size triple, for `assign_splits`."""
+    total = sum(sizes)
+    return sizes[1] / total, sizes[2] / total
+
+
+def assign_splits(items: list[DemoItem], seed: int,
+                  fractions: tuple[float, float] = (0.2, 0.2)) -> dict[str, list[DemoItem]]:
+    """`fractions` (val, test) of the items, the rest train (default about 60/20/20); images and videos
+    split separately so each split has both. Multi30K's fractions at 31,014 images give its sizes."""
     rng = random.Random(seed + 1)
     splits: dict[str, list[DemoItem]] = {"train": [], "val": [], "test": []}
     for media in ("image", "video"):
         group = [i for i in items if (i.kind == "video") == (media == "video")]
         rng.shuffle(group)
-        n_val = n_test = round(len(group) * 0.2)
+        n_val, n_test = round(len(group) * fractions[0]), round(len(group) * fractions[1])
         splits["test"] += group[:n_test]
         splits["val"] += group[n_test:n_test + n_val]
         splits["train"] += group[n_test + n_val:]
@@ -347,7 +360,7 @@ def scene_description(item: DemoItem, view: str) -> str:
     return texts[view]
 
 
-def scene_descriptions(seed: int) -> dict:
+def scene_descriptions(seed: int, num_images: int = NUM_IMAGES, num_videos: int = NUM_VIDEOS) -> dict:
     """Every demo item's descriptions in the describe `import` format, one per default view of its media
     type: {"model": label, "descriptions": {item_id: {view_id: text}}}."""
     from leccr.prompts import default_views
@@ -356,7 +369,7 @@ def scene_descriptions(seed: int) -> dict:
     return {"model": SCENE_DESCRIPTIONS_LABEL,
             "descriptions": {item.item_id: {view: scene_description(item, view)
                                             for view in views["video" if item.kind == "video" else "image"]}
-                             for item in plan_items(seed)}}
+                             for item in plan_items(seed, num_images, num_videos)}}
 
 
 def shuffled_across_items(descriptions: dict, seed: int) -> dict:
@@ -369,14 +382,15 @@ def shuffled_across_items(descriptions: dict, seed: int) -> dict:
             "descriptions": {item: by_item[order[(i + 1) % len(order)]] for i, item in enumerate(order)}}
 
 
-def write_scene_descriptions(path: Path, seed: int = 0, shuffled: bool = False) -> Path:
+def write_scene_descriptions(path: Path, seed: int = 0, shuffled: bool = False, num_images: int = NUM_IMAGES,
+                             num_videos: int = NUM_VIDEOS) -> Path:
     """Write scene_descriptions(seed), or with `shuffled` the same shuffled across items, as JSON to
     `path` (atomically; skipped when the same is there)."""
     import json
 
     from leccr.core.io import atomic_write_text
 
-    descriptions = scene_descriptions(seed)
+    descriptions = scene_descriptions(seed, num_images, num_videos)
     if shuffled:
         descriptions = shuffled_across_items(descriptions, seed)
     text = json.dumps(descriptions, ensure_ascii=False, indent=1, sort_keys=True) + "\n"
@@ -401,9 +415,9 @@ def mt_noise(text: str, lang: str, rng: random.Random) -> str:
 
 
 # ------------------------------------------------------------------ writing
-def _write(folder: Path, seed: int, num_images: int, num_videos: int) -> None:
+def _write(folder: Path, seed: int, num_images: int, num_videos: int, fractions: tuple[float, float]) -> None:
     items = plan_items(seed, num_images, num_videos)
-    splits = assign_splits(items, seed)
+    splits = assign_splits(items, seed, fractions)
     (folder / "images").mkdir(parents=True)
     for item in items:
         target = folder / "images" / item.file_name
@@ -441,9 +455,11 @@ def _write(folder: Path, seed: int, num_images: int, num_videos: int) -> None:
     (folder / DONE_MARKER).write_text(f"seed {seed}\n", encoding="utf-8")
 
 
-def generate_demo(out: Path, seed: int = 0, num_images: int = NUM_IMAGES, num_videos: int = NUM_VIDEOS) -> Path:
+def generate_demo(out: Path, seed: int = 0, num_images: int = NUM_IMAGES, num_videos: int = NUM_VIDEOS,
+                  fractions: tuple[float, float] = (0.2, 0.2)) -> Path:
     """Write the demo dataset to `out` (skipped when a complete one is already there); returns `out`.
-    `num_images`, `num_videos`: a larger collection of the same world (benchmarks).
+    `num_images`, `num_videos`: a larger collection of the same world (benchmarks); `fractions`: of
+    val and test (`split_fractions(MULTI30K_SPLITS)`: Multi30K's proportions).
 
     Atomic at folder level: everything goes into a temporary sibling folder, which is renamed to
     `out` only when complete, so an interrupted run leaves no half dataset behind.
@@ -456,7 +472,7 @@ def generate_demo(out: Path, seed: int = 0, num_images: int = NUM_IMAGES, num_vi
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(tmp / "data", seed, num_images, num_videos)
+        _write(tmp / "data", seed, num_images, num_videos, fractions)
         os.replace(tmp / "data", out)
     except FileExistsError:
         pass  # another process finished first (rename onto a non-empty folder); theirs is complete

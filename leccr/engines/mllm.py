@@ -35,8 +35,8 @@ from typing import Any, Literal, Protocol
 
 from PIL import Image
 
-from leccr.hub import model_path
-from leccr.image_processor import load_image_processor
+from leccr.runtime.hub import model_path
+from leccr.media.image_processor import load_image_processor
 
 log = logging.getLogger(__name__)
 

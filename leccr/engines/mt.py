@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from leccr.device import resolve_device
-from leccr.hub import model_path
-from leccr.model_text import model_text
+from leccr.runtime.device import resolve_device
+from leccr.runtime.hub import model_path
+from leccr.features.model_text import model_text
 
 log = logging.getLogger(__name__)
 

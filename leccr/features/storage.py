@@ -1,4 +1,4 @@
-"""numpy arrays <-> the Arrow array columns of the features layout (leccr/schemas/features.py), without
+"""numpy arrays <-> the Arrow array columns of the features layout (schemas/features.py), without
 per-value Python objects on either side.
 
 Writing builds each column from one contiguous numpy buffer (`FixedSizeListArray.from_arrays`,

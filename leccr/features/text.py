@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leccr.device import resolve_device
-from leccr.hub import model_path
+from leccr.runtime.device import resolve_device
+from leccr.runtime.hub import model_path
 from leccr.features.vision import resolve_precision
-from leccr.model_text import model_text
+from leccr.features.model_text import model_text
 
 
 def load_tokenizer(path: str | Path):

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leccr.device import resolve_device
-from leccr.hub import model_path
-from leccr.image_processor import load_image_processor
+from leccr.runtime.device import resolve_device
+from leccr.runtime.hub import model_path
+from leccr.media.image_processor import load_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class VisionEncoder:
         if getattr(config, "vision_config", None) is not None and hasattr(model, "vision_model"):
             model = model.vision_model
         self.model = model.to(self.device).eval()
-        self.processor = load_image_processor(path)  # PIL in every environment (leccr.image_processor)
+        self.processor = load_image_processor(path)  # PIL in every environment (leccr.media.image_processor)
         self.processor_kwargs: dict = {}
         if image_size is not None:
             self.processor_kwargs["size"] = _size_override(self.processor.size, image_size)

@@ -84,7 +84,7 @@ def model_class(arch: str) -> type[RetrievalModel]:
     """The nn.Module class for an "arch" value."""
     from leccr.models.baseline import BaselineModel
     from leccr.models.cl2cm import Cl2cmModel
-    from leccr.models.leccr import LeccrModel
+    from leccr.models.slot_model import LeccrModel
 
     classes = {"baseline": BaselineModel, "leccr": LeccrModel, "cl2cm": Cl2cmModel}
     if arch not in classes:

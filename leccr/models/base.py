@@ -18,7 +18,7 @@ after the all-gather across ranks).
 
 `gather` (optional): a callable `Tensor [b, ...] -> Tensor [R*b, ...]` concatenating a tensor over
 the R data-parallel ranks in rank order, keeping the gradient of this rank's rows
-(`leccr.losses.all_gather_with_grad`). The models gather the embeddings and `item_index` before the
+(`leccr.models.losses.all_gather_with_grad`). The models gather the embeddings and `item_index` before the
 in-batch losses, as the reference does across its 2 GPUs; None = a single process.
 
 Gathered terms (vs, vt, st, dstl; cl, rd; L_cv on images, or on video with reference_quirks off):
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leccr.losses import Gather, _identity
+from leccr.models.losses import Gather, _identity
 from leccr.models.config import ModelConfig
 from leccr.models.text_encoder import TextEncoder
 from leccr.models.visual_encoder import VisualEncoder

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from leccr.losses import Gather, id_aware_infonce
+from leccr.models.losses import Gather, id_aware_infonce
 from leccr.models.base import RetrievalModel
 
 

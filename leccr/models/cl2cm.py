@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leccr.losses import Gather, id_aware_infonce, relational_distillation_loss, word_ot_loss
+from leccr.models.losses import Gather, id_aware_infonce, relational_distillation_loss, word_ot_loss
 from leccr.models.base import RetrievalModel
 from leccr.models.config import ModelConfig
 from leccr.models.text_encoder import TextEncoder

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from leccr.hub import model_path
+from leccr.runtime.hub import model_path
 
 
 class TextEncoder(nn.Module):

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leccr.search.request import DEFAULT_CANDIDATES, UnknownLanguage, UnknownMethod
@@ -72,6 +74,27 @@ class Hit:
         return {**asdict(self), "caption": self.caption(lang), "description_source": self.description_source}
 
 
+class IndexItems(Sequence):
+    """The index's items.parquet rows as dicts, made when asked for: the table stays in Arrow memory, so a
+    server process holds its 20 captions per item (620k rows at Multi30K's size) as a few buffers, not as
+    Python objects, and a search builds only its k hits' rows."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table.combine_chunks()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, row: int) -> dict:  # type: ignore[override]
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"item row {row} out of range ({len(self)} items)")
+        return self.table.slice(row % len(self), 1).to_pylist()[0]
+
+    def __iter__(self):
+        for batch in self.table.to_batches(max_chunksize=4096):
+            yield from batch.to_pylist()
+
+
 class MethodIndex:
     """One method of an index artifact: its query encoder, embeddings, vector index and score setup."""
 
@@ -89,7 +112,7 @@ class MethodIndex:
 
         from leccr.config import HnswConfig, IvfConfig
         from leccr.search.query import QueryEncoder
-        from leccr.vectors import ExactIndex, FaissIndex, faiss_missing
+        from leccr.engines.vectors import ExactIndex, FaissIndex, faiss_missing
 
         info = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         table = pq.read_table(folder / "embeddings.parquet")
@@ -137,7 +160,7 @@ def _matrix(table, column: str, width: int) -> np.ndarray:
 
 def find_index(root: str | Path = "artifacts", experiment: str | None = None) -> Artifact:
     """The index artifact of an experiment's last run, or the latest one built in this store."""
-    from leccr.sql import selected_artifacts
+    from leccr.records.sql import selected_artifacts
 
     artifact = selected_artifacts(root, experiment).get("index")
     if artifact is None:
@@ -157,8 +180,9 @@ class SearchEngine:
         self.methods = sorted(p.name for p in self.index_dir.iterdir() if (p / "index.json").is_file())
         self.infos = {m: json.loads((self.index_dir / m / "index.json").read_text(encoding="utf-8"))
                       for m in self.methods}
-        self.items = read_table(self.index_dir / "items.parquet", INDEX_ITEMS).to_pylist()
-        self.media_types = {item["path"]: item["media_type"] for item in self.items if item["path"] is not None}
+        self.items = IndexItems(read_table(self.index_dir / "items.parquet", INDEX_ITEMS))
+        paths, media = self.items.table.column("path").to_pylist(), self.items.table.column("media_type").to_pylist()
+        self.media_types = {path: kind for path, kind in zip(paths, media) if path is not None}
         self._loaded: dict[str, MethodIndex] = {}
         self._lock = threading.Lock()
         self.loads = 0  # models loaded so far (each method at most once)
@@ -193,7 +217,7 @@ class SearchEngine:
             if name not in self._loaded:
                 if name not in self.infos:
                     raise UnknownMethod(f"method {name!r} is not in the index {self.index_dir} (methods: {self.methods})")
-                from leccr.device import resolve_device
+                from leccr.runtime.device import resolve_device
 
                 self._loaded[name] = MethodIndex.load(self.index_dir / name, self.method_dirs[name],
                                                       resolve_device(self.device_name))

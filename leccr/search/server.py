@@ -17,10 +17,17 @@ loads once (SearchEngine.method).
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
 import socket
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from functools import lru_cache
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from leccr.config import ServeConfig
@@ -49,7 +56,8 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS, ser
 
     @app.get("/api/info")
     def info() -> dict:
-        return {"methods": {m: {"languages": engine.infos[m]["languages"], "alpha": engine.infos[m]["alpha"],
+        return {"process": os.getpid(),  # which server process answered (`leccr serve` may run several)
+                "methods": {m: {"languages": engine.infos[m]["languages"], "alpha": engine.infos[m]["alpha"],
                                 "items": engine.infos[m]["items"]} for m in engine.methods},
                 "default_method": "leccr" if "leccr" in engine.methods else engine.methods[0],
                 "default_candidates": DEFAULT_CANDIDATES, "max_query_chars": max_query_chars,
@@ -81,7 +89,7 @@ def create_app(engine: SearchEngine, max_query_chars: int = MAX_QUERY_CHARS, ser
 
     @app.get("/frames/{relative:path}")
     def frames(relative: str) -> Response:
-        from leccr.media import MediaError
+        from leccr.media.decode import MediaError
 
         try:
             strip = _frame_strip(_inside(engine, relative, "video"))
@@ -115,7 +123,7 @@ def _frame_strip(path: Path) -> bytes:
     """STRIP_FRAMES frames of a video side by side, STRIP_HEIGHT px high, as JPEG."""
     from PIL import Image
 
-    from leccr.media import sample_frames
+    from leccr.media.decode import sample_frames
 
     frames = sample_frames(path, num_frames=STRIP_FRAMES)
     frames = [f.resize((max(1, round(f.width * STRIP_HEIGHT / f.height)), STRIP_HEIGHT)) for f in frames]
@@ -150,19 +158,152 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(root: str, experiment: str | None, data_root: str | None, device: str, host: str, port: int,
           serving: ServeConfig | None = None) -> int:
-    import torch
-    import uvicorn
-
     serving = serving or ServeConfig()
     sock = listen(host, port)
+    opener = functools.partial(SearchEngine.open, root, experiment, data_root, device)
+    return serve_on(sock, opener, serving, f"http://{host}:{port}/")
+
+
+def serve_on(sock: socket.socket, open_engine: Callable[[], SearchEngine], serving: ServeConfig, url: str) -> int:
+    """Serve on a bound socket: in this process, or in `serving.process_count()` processes that share it.
+
+    Several processes: each opens the index and loads every method's model once (`open_engine` is
+    called in each: it must pickle), then accepts connections from the one listening socket; the
+    kernel hands each new connection to a process waiting in accept, so a process busy searching
+    leaves the next connection to another. Each has its own queue of `queue_depth`. A process that
+    dies is started again; Ctrl+C or SIGTERM stops them all."""
+    count = serving.process_count()
+    if count == 1:
+        engine = _ready_engine(open_engine, serving)
+        print(_serving_line(_where(engine), url, serving, [(os.getpid(), _memory())]), flush=True)
+        _run_uvicorn(engine, serving, sock)
+        return 0
+    return ServerProcesses(sock, open_engine, serving, count).run(url)
+
+
+def _ready_engine(open_engine: Callable[[], SearchEngine], serving: ServeConfig) -> SearchEngine:
+    import torch
+
     # Process-wide: every search thread's torch ops use this many threads (workers x threads ~ cores).
     torch.set_num_threads(serving.torch_threads)
-    engine = SearchEngine.open(root, experiment, data_root, device)
-    print(f"Serving {engine.index_dir} ({', '.join(engine.methods)}; media from {engine.data_root}) "
-          f"on http://{host}:{port}/ ({serving.workers} search workers x {serving.torch_threads} torch "
-          f"threads, batches of up to {serving.max_batch}, {serving.queue_depth} may wait)", flush=True)
+    engine = open_engine()
+    for method in engine.methods:  # loaded now, once, rather than by the first search that needs it
+        engine.method(method)
+    return engine
+
+
+def _run_uvicorn(engine: SearchEngine, serving: ServeConfig, sock: socket.socket) -> None:
+    import uvicorn
+
     uvicorn.Server(uvicorn.Config(create_app(engine, serving=serving), log_level="warning")).run(sockets=[sock])
-    return 0
+
+
+def _memory() -> dict[str, int]:
+    """This process's resident memory (bytes): all of it, and the part that is its own (anonymous), as
+    opposed to mapped files such as torch's libraries, which processes share."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "anon": int(fields["RssAnon"].split()[0]) * 1024}
+
+
+def _serving_line(where: tuple[str, list[str], str], url: str, serving: ServeConfig,
+                  processes: list[tuple[int, dict]]) -> str:
+    """The start-up line: what is served where, how searches run, and each process's memory."""
+    index_dir, methods, data_root = where
+    memory = ", ".join(f"{pid}: {m['rss'] / 2**20:.0f} MiB ({m['anon'] / 2**20:.0f} MiB its own)"
+                       for pid, m in processes)
+    return (f"Serving {index_dir} ({', '.join(methods)}; media from {data_root}) on {url} "
+            f"({len(processes)} process{'es' if len(processes) > 1 else ''} x {serving.workers} search workers x "
+            f"{serving.torch_threads} torch threads, batches of up to {serving.max_batch}, {serving.queue_depth} "
+            f"may wait per process; memory per process {memory})")
+
+
+def _where(engine: SearchEngine) -> tuple[str, list[str], str]:
+    return str(engine.index_dir), engine.methods, str(engine.data_root)
+
+
+def _process_main(sock: socket.socket, open_engine: Callable[[], SearchEngine], serving: ServeConfig,
+                  report: Connection) -> None:
+    """One server process: load, say so (or say why not), serve until stopped."""
+    try:
+        engine = _ready_engine(open_engine, serving)
+    except BaseException as error:  # noqa: BLE001 - told to the parent, which stops and says why
+        report.send(("error", f"{type(error).__name__}: {error}"))
+        raise SystemExit(1) from None
+    report.send(("ready", os.getpid(), _memory(), _where(engine)))
+    report.close()
+    _run_uvicorn(engine, serving, sock)
+
+
+class ServerProcesses:
+    """`count` spawned server processes on one socket: started, watched, restarted, stopped."""
+
+    def __init__(self, sock: socket.socket, open_engine: Callable[[], SearchEngine], serving: ServeConfig,
+                 count: int):
+        self.sock, self.open_engine, self.serving, self.count = sock, open_engine, serving, count
+        # Spawned, not forked: torch's OpenMP pool does not survive a fork, and a fresh process loads
+        # only what serving needs.
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+
+    def start(self, count: int) -> list[tuple]:
+        """Start `count` processes (loading side by side) and wait until each serves; their "ready"
+        messages. When one cannot start, the others are stopped and the reason raised."""
+        started = []
+        for _ in range(count):
+            receive, send = self.context.Pipe(duplex=False)
+            process = self.context.Process(target=_process_main, name="leccr-serve", daemon=True,
+                                           args=(self.sock, self.open_engine, self.serving, send))
+            process.start()
+            send.close()
+            self.processes.append(process)
+            started.append((process, receive))
+        messages = []
+        for process, receive in started:
+            try:
+                message = receive.recv()
+            except EOFError:  # it died before saying anything
+                process.join()
+                message = ("error", f"exited with code {process.exitcode}")
+            finally:
+                receive.close()
+            if message[0] == "error":
+                raise RuntimeError(f"a server process could not start: {message[1]}")
+            messages.append(message)
+        return messages
+
+    def run(self, url: str) -> int:
+        previous = signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            ready = self.start(self.count)
+            print(_serving_line(ready[0][3], url, self.serving, [(m[1], m[2]) for m in ready]), flush=True)
+            while True:
+                ended = multiprocessing.connection.wait([p.sentinel for p in self.processes])
+                for process in [p for p in self.processes if p.sentinel in ended]:
+                    process.join()
+                    print(f"server process {process.pid} exited with code {process.exitcode}; starting another",
+                          flush=True)
+                    self.processes.remove(process)
+                    self.start(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.stop()
+        return 0
+
+    def _on_term(self, signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        """SIGTERM each (uvicorn finishes the requests in flight), then wait; kill what outlives 30 s."""
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 PAGE = """<!doctype html>

@@ -43,8 +43,8 @@ def main(spec_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from leccr.device import resolve_device
-    from leccr.losses import all_gather_with_grad
+    from leccr.runtime.device import resolve_device
+    from leccr.models.losses import all_gather_with_grad
     from leccr.models import ModelConfig
     from leccr.training.loop import train_method
 

@@ -8,7 +8,7 @@ a checkpoint at step k ends with the same weights as one that never stopped (sam
 thread count).
 
 Data parallel (`world_size` > 1, under torchrun): each rank takes its slice of every global batch; the
-model's losses all-gather the embeddings (`leccr.losses.all_gather_with_grad`) as the reference does;
+model's losses all-gather the embeddings (`leccr.models.losses.all_gather_with_grad`) as the reference does;
 every rank validates (cheap, and all ranks then agree on early stopping without a broadcast); rank 0
 writes every file.
 """
@@ -28,9 +28,9 @@ import torch
 from leccr.config import TrainConfig
 from leccr.data import FeatureTables
 from leccr.models import ModelConfig, create_model_from_config
-from leccr.progress import progress as progress_bar
+from leccr.runtime.progress import progress as progress_bar
 from leccr.core.io import atomic_write_text
-from leccr.threads import torch_threads
+from leccr.runtime.threads import torch_threads
 from leccr.training.checkpoint import (HISTORY_FILE, INFO_FILE, clear_state, load_state, save_model, save_state,
                                        save_text_encoder)
 from leccr.training.data import MultilingualSamples, batch_loader, epoch_batches

@@ -13,7 +13,7 @@ import torch
 
 from leccr.data import (EvalCaptions, EvalItems, FeatureTables, load_eval_captions, load_eval_items,
                         query_caption_kind)
-from leccr.metrics import chunked_retrieval_metrics, matrix_score_block
+from leccr.evaluation.metrics import chunked_retrieval_metrics, matrix_score_block
 from leccr.models.encode import encode_items, encode_texts
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-import leccr.core.runner as runner
+import leccr.core.execute as execute
 from leccr.config import parse_config
 from leccr.core.artifact import MANIFEST
 from leccr.core.claims import ClaimLost, Claims, host_identity
+from leccr.core.fingerprint import fingerprinter_for
+from leccr.core.jobs import key_parts
 from leccr.core.shards import ShardJob, ShardResult
-from leccr.gc import Garbage, delete
+from leccr.records.gc import Garbage, delete
 from tests.conftest import demo_config_dict
 from tests.test_store import ROWS, _ctx
 
@@ -295,9 +297,9 @@ def _in_thread(call, *args, **kwargs) -> tuple[threading.Thread, dict]:
 def test_the_manifest_is_not_written_by_a_run_that_lost_its_claim_and_discards_take_the_claim_first(
         demo_root, tmp_path, monkeypatch):
     cfg = parse_config(demo_config_dict(demo_root, tmp_path / "artifacts"))
-    made = runner.run_stage(cfg, "dataset", {})
+    made = execute.run_stage(cfg, "dataset", {})
     artifact, root = made.artifact, Path(cfg.artifacts_root)
-    parts = runner.key_parts(cfg, "dataset", {}, runner.fingerprinter_for(root))
+    parts = key_parts(cfg, "dataset", {}, fingerprinter_for(root))
     claim = root / "dataset" / "_claims" / f"{artifact.key}.claim"
     other = Claims(root / "dataset", lease_seconds=LEASE, renew_seconds=RENEW, host_id="host-b")
 
@@ -313,13 +315,13 @@ def test_the_manifest_is_not_written_by_a_run_that_lost_its_claim_and_discards_t
         return result["value"]
 
     # --force waits for the run holding the claim before it discards the folder.
-    assert not held_meanwhile(runner.run_stage, cfg, "dataset", {}, force=True).cache_hit
-    assert not held_meanwhile(runner.prepare_stage, cfg, "dataset", parts, True)  # the Prefect flow's discard
-    assert not runner.run_stage(cfg, "dataset", {}).cache_hit
+    assert not held_meanwhile(execute.run_stage, cfg, "dataset", {}, force=True).cache_hit
+    assert not held_meanwhile(execute.prepare_stage, cfg, "dataset", parts, True)  # the Prefect flow's discard
+    assert not execute.run_stage(cfg, "dataset", {}).cache_hit
     # A damaged non-sharded artifact is discarded whole: under its claim too.
     damaged = next(p for p in artifact.path.glob("*.parquet"))
     damaged.write_bytes(damaged.read_bytes() + b"junk")
-    assert not held_meanwhile(runner.run_stage, cfg, "dataset", {}).cache_hit
+    assert not held_meanwhile(execute.run_stage, cfg, "dataset", {}).cache_hit
     # leccr gc keeps an artifact whose claim a live run holds, and takes over a dead run's claim.
     garbage = [Garbage(artifact, 0, True, False)]
     assert other.acquire(artifact.key)
@@ -329,17 +331,17 @@ def test_the_manifest_is_not_written_by_a_run_that_lost_its_claim_and_discards_t
     assert delete(root, garbage) == garbage and not artifact.path.exists() and not claim.exists()
 
     # A run whose claim another host took over while it computed writes no manifest.
-    real_get_stage = runner.get_stage
+    real_get_stage = execute.get_stage
 
     def taken_over_while_running(ctx):
         real_get_stage("dataset").run(ctx)
         _last_renewed(claim, 10.0)
         assert other.acquire(artifact.key)
 
-    monkeypatch.setattr(runner, "get_stage", lambda name: dataclasses.replace(
+    monkeypatch.setattr(execute, "get_stage", lambda name: dataclasses.replace(
         real_get_stage(name), run=taken_over_while_running) if name == "dataset" else real_get_stage(name))
     with pytest.raises(ClaimLost, match=r"dataset: the manifest is not written by this run"):
-        runner.run_stage(cfg, "dataset", {}, logger=logging.getLogger("test"), parts=parts)
+        execute.run_stage(cfg, "dataset", {}, logger=logging.getLogger("test"), parts=parts)
     assert artifact.path.is_dir() and not (artifact.path / MANIFEST).exists()
     assert _held_by(claim) == "host-b"
     other.release_all()

@@ -17,7 +17,8 @@ import leccr.core.fingerprint as fingerprint
 from leccr.config import parse_config
 from leccr.core.artifact import damaged_files
 from leccr.core.fingerprint import Fingerprinter, fingerprinter_for, hash_file
-from leccr.core.runner import explain, run_pipeline
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
 from tests.faults.test_faults import _copy, _test_items
 from tests.faults.test_same_bytes import _small
 
@@ -170,7 +171,7 @@ def test_a_sampled_description_is_the_same_alone_or_in_any_batch(demo_root, tmp_
     from dataclasses import replace
 
     from leccr.engines.mllm import Request, SamplingConfig, TransformersMLLM, request_seed
-    from leccr.media import load_image
+    from leccr.media.decode import load_image
     from tests.test_media import write_png
 
     prompts = {"objects": "What objects are there?", "scene": "Where is this photo taken, and what time of day?",

@@ -22,7 +22,8 @@ import pytest
 from leccr.cli import main
 from leccr.config import parse_config
 from leccr.datasets.check import check_command
-from leccr.core.runner import explain, run_pipeline
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
 from leccr.core.failures import StageFailed
 from tests.conftest import demo_config_dict
 
@@ -178,7 +179,7 @@ def test_broken_media_cost_their_items_a_fixed_file_is_described_and_a_moved_fol
 
 # ------------------------------------------------------------------------------------------ processes
 def _describe_process(config: Path, log: Path) -> subprocess.Popen:
-    code = ("import logging, sys; from leccr.config import load_config; from leccr.core.runner import run_pipeline; "
+    code = ("import logging, sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
             "logging.basicConfig(level=logging.WARNING, format='%(message)s'); "
             "logging.getLogger('leccr.stages.describe').setLevel(logging.DEBUG); "
             "run_pipeline(load_config(sys.argv[1]), ['describe'])")
@@ -257,12 +258,12 @@ def test_unusable_artifacts_root_or_dataset_path_is_one_line_before_prefect_star
 
     import errno
 
-    import leccr.preflight
+    import leccr.runtime.preflight
 
     def full_disk(path):  # what os.write raises on a full disk (no full filesystem to be had in a test)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(leccr.preflight, "_write_probe", full_disk)
+    monkeypatch.setattr(leccr.runtime.preflight, "_write_probe", full_disk)
     assert f"the disk of the artifacts root {tmp_path / 'artifacts'} is full" in run()
 
 
@@ -342,7 +343,7 @@ def test_a_damaged_finished_shard_is_named_and_only_it_is_recomputed(demo_root, 
 
 
 def _run_process(config: Path, stages: list[str], log: Path) -> subprocess.Popen:
-    code = ("import logging, sys; from leccr.config import load_config; from leccr.core.runner import run_pipeline; "
+    code = ("import logging, sys; from leccr.config import load_config; from leccr.core.driver import run_pipeline; "
             "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s'); "
             "run_pipeline(load_config(sys.argv[1]), sys.argv[2:])")
     with log.open("w") as out:

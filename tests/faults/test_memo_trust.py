@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 
 from leccr.cli import main
 from leccr.config import load_config, parse_config
-from leccr.core.runner import explain, run_pipeline
+from leccr.core.driver import run_pipeline
+from leccr.core.explain import explain
 from leccr.schemas.core import write_table
 from leccr.schemas.translate import TRANSLATIONS
 from tests.faults.test_faults import ONE_VIEW, _config, _copy, _test_items
@@ -196,7 +197,7 @@ def test_a_held_source_is_kept_by_gc_and_a_discard_waits_for_it(tmp_path):
     import threading
 
     from leccr.core.artifact import Store, held
-    from leccr.gc import collect
+    from leccr.records.gc import collect
     from tests.builders import finish_handmade
 
     folder = tmp_path / "translate" / "0123456789abcdef"

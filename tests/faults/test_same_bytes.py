@@ -18,8 +18,8 @@ import torch
 
 from leccr.config import parse_config
 from leccr.features.text import load_tokenizer, tokenize
-from leccr.metrics import _best_captions, _count_block_torch, chunked_ranks, matrix_score_block, naive_ranks, recall_metrics
-from leccr.core.runner import run_pipeline
+from leccr.evaluation.metrics import _best_captions, _count_block_torch, chunked_ranks, matrix_score_block, naive_ranks, recall_metrics
+from leccr.core.driver import run_pipeline
 from tests.faults.test_faults import ONE_VIEW, _config, _copy, _rows
 
 REPO = Path(__file__).parents[2]
@@ -54,7 +54,7 @@ if sys.argv[2] == "other":
 import torch
 from transformers.utils import is_torchvision_available
 from leccr.config import load_config
-from leccr.core.runner import run_pipeline
+from leccr.core.driver import run_pipeline
 outcomes = run_pipeline(load_config(sys.argv[1]), ["train"])
 print(json.dumps({"torchvision": is_torchvision_available(), "threads": torch.get_num_threads(),
                   "folders": {name: str(o.artifact.path) for name, o in outcomes.items()}}))

@@ -25,7 +25,7 @@ def search_config(demo_root: Path, artifacts: Path, **index) -> dict:
 def indexed(demo_root, tmp_path_factory):
     """(config, {stage: outcome}) of the small demo run through the index stage."""
     from leccr.config import parse_config
-    from leccr.core.runner import run_pipeline
+    from leccr.core.driver import run_pipeline
 
     artifacts = tmp_path_factory.mktemp("search") / "artifacts"
     cfg = parse_config(search_config(demo_root, artifacts))
@@ -42,7 +42,7 @@ def skip_loudly(request, reason: str) -> None:
 
 @pytest.fixture
 def faiss_or_skip(request):
-    from leccr.vectors import faiss_missing
+    from leccr.engines.vectors import faiss_missing
 
     if reason := faiss_missing():
         skip_loudly(request, reason)

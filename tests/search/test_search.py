@@ -56,9 +56,34 @@ def test_index_files_and_schema(indexed):
     assert baseline["alpha"] == 1.0 and baseline["ranges"] is None  # no slots: the global cosine
 
 
+def test_index_items_carry_each_items_dataset_captions_in_order(indexed):
+    """items.parquet's captions are the dataset's captions of that item, every language, in the dataset
+    table's order (built in Arrow: checked here against the rows read one by one)."""
+    from leccr.schemas.dataset import CAPTIONS
+
+    cfg, outcomes = indexed
+    items = read_table(outcomes["index"].artifact.path / "items.parquet", INDEX_ITEMS).to_pylist()
+    dataset = read_table(outcomes["dataset"].artifact.path / "captions.parquet", CAPTIONS).to_pylist()
+    for item in items:
+        assert item["captions"] == [{"lang": c["lang"], "kind": c["kind"], "text": c["text"]}
+                                    for c in dataset if c["item_id"] == item["item_id"]]
+
+
+def test_captions_by_item_keeps_order_and_leaves_no_item_out():
+    import pyarrow as pa
+
+    from leccr.stages.index import captions_by_item
+
+    captions = pa.table({"item_id": ["a", "x", "b", "a", "b"], "lang": ["en", "en", "de", "de", "en"],
+                         "kind": ["human"] * 5, "text": ["a1", "x1", "b1", "a2", "b2"]})
+    lists = captions_by_item(captions, ["b", "c", "a"]).to_pylist()
+    assert [[c["text"] for c in item] for item in lists] == [["b1", "b2"], [], ["a1", "a2"]]
+    assert lists[2][1] == {"lang": "de", "kind": "human", "text": "a2"}
+
+
 def test_key_holds_the_ann_setup_and_the_device_kind_only(indexed):
     from leccr.core.fingerprint import Fingerprinter
-    from leccr.core.runner import Job, parts_with_upstream
+    from leccr.core.jobs import Job, parts_with_upstream
 
     cfg, _ = indexed
 
@@ -164,7 +189,7 @@ def test_cli_search_text_and_json(indexed, capsys):
 
 
 def test_duckdb_index_view(indexed):
-    from leccr.sql import connect
+    from leccr.records.sql import connect
 
     cfg, _ = indexed
     con = connect(cfg.artifacts_root)
@@ -178,7 +203,8 @@ def test_demo_ends_with_ready_search_and_serve_commands(indexed, tmp_path, capsy
 
     import yaml
 
-    from leccr.cli import main, print_search_commands
+    from leccr.cli import main
+    from leccr.cli.demo import print_search_commands
 
     cfg, _ = indexed
     config = tmp_path / "demo.yaml"

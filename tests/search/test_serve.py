@@ -172,3 +172,60 @@ def test_concurrent_requests_are_answered_correctly_and_each_model_loads_once(se
     assert engine.loads == 2  # leccr and baseline, once each, though 8 threads asked at once
     expected = [[h.item_id for h in engine.search([t], lang, m, 3)[0]] for t, lang, m in queries] * 3
     assert answers == [(200, ids) for ids in expected]
+
+
+@pytest.mark.slow
+def test_several_processes_share_the_port_load_once_and_answer_alike(served, indexed, tmp_path):
+    """`leccr serve --processes 2`: two processes answer on one port, each with the engine's hits; the
+    start-up line names both with their memory; SIGTERM to the parent stops both."""
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.parse
+    import urllib.request
+    from pathlib import Path
+
+    _, engine = served
+    cfg, _ = indexed
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = Path(__file__).parents[2]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "leccr.cli", "serve", "--root", str(cfg.artifacts_root), "--data-root",
+         str(engine.data_root), "--port", str(port), "--device", "cpu", "--processes", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        line = server.stdout.readline()  # printed once every process serves
+        assert line.startswith("Serving") and "2 processes x 1 search workers" in line, line
+        pids = [int(pid) for pid in re.findall(r"(\d+): \d+ MiB \(\d+ MiB its own\)", line)]
+        assert len(set(pids)) == 2
+
+        def get(path: str) -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as response:
+                return json.loads(response.read())
+
+        query = _german_caption(engine, engine.items[1])
+        expected = [(h.item_id, h.score) for h in engine.search([query], "de", "leccr", 4)[0]]
+        seen = set()
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(50):  # a process busy answering leaves the next connection to the other
+                search = "/api/search?" + urllib.parse.urlencode({"q": query, "lang": "de", "k": 4})
+                answers = list(pool.map(lambda _: get(search), range(4)))
+                for body in answers:
+                    assert [(h["item_id"], pytest.approx(h["score"])) for h in body["hits"]] == expected
+                seen |= {get("/api/info")["process"] for _ in range(4)}
+                if seen == set(pids):
+                    break
+        assert seen == set(pids)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    time.sleep(0.5)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from leccr.config import HnswConfig, IvfConfig
-from leccr.vectors import ExactIndex, FaissIndex, build_faiss, ivf_cells
+from leccr.engines.vectors import ExactIndex, FaissIndex, build_faiss, ivf_cells
 from tests.search.conftest import method_dirs, upstream_inputs
 
 
@@ -79,7 +79,7 @@ def test_ivf_scanning_every_cell_is_exact(faiss_or_skip):
 def test_index_stage_with_faiss_searches_as_exact(faiss_or_skip, indexed, ann):
     """The stage writes vectors.faiss and its ANN setup; with every item reachable, hits equal exact search."""
     from leccr.config import parse_config
-    from leccr.core.runner import run_stage
+    from leccr.core.execute import run_stage
     from leccr.search import SearchEngine
 
     cfg, outcomes = indexed
@@ -102,7 +102,7 @@ def test_index_stage_with_faiss_searches_as_exact(faiss_or_skip, indexed, ann):
 
 def test_index_stage_without_faiss_says_how_to_get_it(indexed, monkeypatch):
     from leccr.config import parse_config
-    from leccr.core.runner import run_stage
+    from leccr.core.execute import run_stage
     from leccr.core.failures import StageFailed
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError, installed or not

@@ -1,0 +1,6 @@
+"""`python -m leccr.cli ...`: the `leccr` command."""
+import sys
+
+from leccr.cli import main
+
+sys.exit(main())
