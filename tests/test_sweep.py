@@ -1,6 +1,7 @@
 """`leccr sweep` on the demo, on CPU: a 2×2 grid as one drive, shared stages computed once (read from
 the run records), every variant's metrics in `run_metrics`, a rerun that computes nothing, `compare`."""
 
+import re
 import shlex
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, cap
         line for line in variant.splitlines() if line.strip().startswith("train")
     )
     assert "this run only" in next(line for line in variant.splitlines() if line.strip().startswith("evaluate"))
+    # one column of keys, however long a stage's label (`train[leccr]` is longer than `dataset`)
+    stage_lines = [line for line in variant.splitlines() if line.startswith("    ")]
+    assert len({re.search(r" ([0-9a-f]{16}|-{16})  ", line).start() for line in stage_lines}) == 1, variant
 
     assert main(["sweep", "--config", str(path)]) == 0
     records = [r for r in read_records(artifacts) if r["sweep"] == "demo-2x2"]

@@ -168,6 +168,7 @@ def dry_run_lines(sweep: Sweep, planned: dict[str, list[PlannedVariantStage]]) -
             users.setdefault((row.name, row.identity), []).append(variant)
     grid = " × ".join(f"{path}={_show(values)}" for path, values in sweep.grid.items())
     lines = [f"Sweep {sweep.name}: {len(sweep.variants)} runs of {sweep.experiment} over {grid}"]
+    width = max((len(row.name) for rows in planned.values() for row in rows), default=9)  # train[baseline]
     for variant in sweep.variants:
         lines.append(f"  {variant.name}   ({variant.cfg.name})")
         for row in planned[variant.name]:
@@ -184,7 +185,7 @@ def dry_run_lines(sweep: Sweep, planned: dict[str, list[PlannedVariantStage]]) -
                 if row.status == "hit"
                 else ("computes" if row.status != "pending" else "computes (after upstream)")
             )
-            lines.append(f"    {row.name:<9} {key}  {state:<25} {shared}")
+            lines.append(f"    {row.name:<{width}} {key}  {state:<25} {shared}")
     todo = sorted({(row.name, row.identity) for rows in planned.values() for row in rows if row.status != "hit"})
     per_stage: dict[str, int] = {}
     for stage, _ in todo:

@@ -6,7 +6,7 @@
 Why not one thread per request (FastAPI's thread pool, as before): each request's torch ran its own
 OpenMP team of `torch.get_num_threads()` threads, whose per-operator barriers wait for partners that
 are not running when the teams outnumber the cores: at 16 clients on 2 cores the server spent twice the
-CPU per query and p95 reached seconds (README, "Many clients at once"; benchmarks/bench_search.py).
+CPU per query and p95 reached seconds (docs/search.md, "Many clients at once"; benchmarks/bench_search.py).
 Here at most `workers` searches run at once, each on `torch_threads` threads (set once per process by
 `leccr serve`), and the rest wait in a queue of `queue_depth`; past that a request is refused at once
 (Overloaded: the server's 503 + Retry-After) instead of waiting without bound.

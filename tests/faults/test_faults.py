@@ -4,7 +4,7 @@ Each test damages a fresh copy of the session's demo folder (tests/conftest.py `
 user's disk or editor would, runs the real stages (in-process through `run_pipeline`; a subprocess
 where a kill or a second concurrent run is the point) and checks: the run completes (or stops with
 one clear line where it must), the bad item is named, nothing finished is lost, a fixed input is
-picked up. The README lists the cases under "What happens to bad input".
+picked up. docs/caching.md lists the cases under "What happens to bad input".
 """
 
 import json

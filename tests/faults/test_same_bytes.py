@@ -3,7 +3,7 @@
 Each case was found by running the demo as a user would and comparing with a clean run: training that
 depended on what else was installed and on torch's thread count, a training stage that crashed when
 the visual features' first shard held only failed items, captions altered on the way in, and scores
-cast to float32 before ranking. The README's "Same inputs, same bytes" lists them.
+cast to float32 before ranking. docs/experiments.md ("Same inputs, same bytes") lists them.
 """
 
 import hashlib

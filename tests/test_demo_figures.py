@@ -1,10 +1,10 @@
-"""The README's demo figures are a run's: the table between its `demo-sumr` markers is regenerated
-from the metrics.parquet of the demo's own config (configs/demo.yaml on the data and tiny models
+"""The demo figures of docs/experiments.md are a run's: the table between its `demo-sumr` markers is
+regenerated from the metrics.parquet of the demo's own config (configs/demo.yaml on the data and tiny models
 `leccr demo` builds) and must match it to the last printed digit.
 
 Training is bit-identical across environments (PIL image processing, `train.threads`), so a figure
 that differs here means the code changed what the demo computes: run this test, and paste the table
-its failure prints into the README.
+its failure prints into that page.
 """
 
 import re
@@ -18,13 +18,13 @@ from leccr.schemas.core import read_table
 from leccr.schemas.evaluate import METRICS
 from tests.conftest import demo_config_dict
 
-README = Path(__file__).parents[1] / "README.md"
+PAGE = Path(__file__).parents[1] / "docs" / "experiments.md"
 START, END = "<!-- demo-sumr:start -->", "<!-- demo-sumr:end -->"
 METHODS = {"baseline": "baseline", "cl2cm": "CL2CM", "leccr": "LECCR"}
 
 
 def demo_table(metrics) -> str:
-    """Test SumR (fused score) of each method per language, as the README prints it."""
+    """Test SumR (fused score) of each method per language, as the page prints it."""
     rows = metrics.filter(
         pc.and_(pc.equal(metrics.column("metric"), "sumr"), pc.equal(metrics.column("score"), "fused"))
     ).to_pylist()
@@ -36,14 +36,14 @@ def demo_table(metrics) -> str:
     return "\n".join(lines)
 
 
-def readme_table() -> str:
-    match = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), README.read_text(encoding="utf-8"), re.S)
-    assert match, f"README.md has no table between {START} and {END}"
+def page_table() -> str:
+    match = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), PAGE.read_text(encoding="utf-8"), re.S)
+    assert match, f"{PAGE.name} has no table between {START} and {END}"
     return match.group(1)
 
 
-def test_readme_demo_figures_are_the_demo_runs(demo_root, tmp_path):
+def test_documented_demo_figures_are_the_demo_runs(demo_root, tmp_path):
     outcomes = run_pipeline(parse_config(demo_config_dict(demo_root, tmp_path / "artifacts")), ["evaluate"])
     metrics = read_table(outcomes["evaluate"].artifact.path / "metrics.parquet", METRICS)
     expected = demo_table(metrics)
-    assert readme_table() == expected, f"README.md's demo table is not this run's; the run's:\n{expected}"
+    assert page_table() == expected, f"{PAGE.name}'s demo table is not this run's; the run's:\n{expected}"
