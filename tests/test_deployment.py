@@ -92,21 +92,32 @@ def _running(pids: set[int]) -> set[int]:
     return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
 
 
-def test_prefect_deployment_run_leccr_full_and_sweep_on_sqlite(request, demo_config):
-    _deployment_cycle(request, demo_config, "sqlite", with_sweep=True)
+@pytest.fixture(scope="module")
+def deployment_config(demo_root, tmp_path_factory) -> tuple[Path, Path]:
+    """One demo config and artifact root for both servers: every stage, on 6 items per split and 2 epochs
+    (the deployment path, not the demo's numbers). The first cycle computes the stages, the second serves
+    them from the store, so each database is tested for the deployment, once for the work."""
+    from tests.conftest import demo_config_dict
 
-
-def test_prefect_deployment_run_leccr_full_on_postgresql(request, demo_config):
-    _deployment_cycle(request, demo_config, "postgresql", with_sweep=False)
-
-
-def _deployment_cycle(request, demo_config, database: str, with_sweep: bool) -> None:
-    config_path, artifacts = demo_config
-    # Every stage, on 6 items per split and 2 epochs: the deployment path, not the demo's numbers.
-    data = yaml.safe_load(config_path.read_text())
+    folder = tmp_path_factory.mktemp("deployment")
+    data = demo_config_dict(demo_root, folder / "artifacts")
     data["dataset"]["max_items_per_split"] = 6
     data["train"].update(epochs=2, batch_size=16)
-    config_path.write_text(yaml.safe_dump(data))
+    path = folder / "demo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, folder / "artifacts"
+
+
+def test_prefect_deployment_run_leccr_full_and_sweep_on_sqlite(request, deployment_config):
+    _deployment_cycle(request, deployment_config, "sqlite", with_sweep=True)
+
+
+def test_prefect_deployment_run_leccr_full_on_postgresql(request, deployment_config):
+    _deployment_cycle(request, deployment_config, "postgresql", with_sweep=False)
+
+
+def _deployment_cycle(request, deployment_config, database: str, with_sweep: bool) -> None:
+    config_path, artifacts = deployment_config
     # In the system's temporary folder, open to other users (pytest's own folders and a clone under
     # `mktemp -d` are not): PostgreSQL runs as the postgres user when we are root.
     state = Path(tempfile.mkdtemp(prefix="leccr-prefect-test-"))
