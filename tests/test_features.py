@@ -309,7 +309,8 @@ def test_resume_after_a_failed_shard(tmp_path, models, inputs, monkeypatch):
     monkeypatch.setattr(VisionEncoder, "encode", failing_second_shard)
     with pytest.raises(StageFailed, match="simulated crash"):
         run(cfg, inputs)
-    cache = next((tmp_path / "artifacts" / "visual").iterdir())
+    # the stage folder also holds LATEST and _claims; the unfinished artifact is the one key folder
+    (cache,) = [p for p in (tmp_path / "artifacts" / "visual").iterdir() if p.is_dir() and not p.name.startswith("_")]
     assert [p.name for p in sorted(cache.glob("part-*.parquet"))] == ["part-00000.parquet"]
     kept = (cache / "part-00000.parquet").stat().st_mtime_ns
     monkeypatch.setattr(VisionEncoder, "encode", original)
