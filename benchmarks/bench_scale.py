@@ -104,7 +104,8 @@ def child(config_file: Path, job_label: str) -> int:
     from leccr.core.artifact import MethodArtifacts
     from leccr.core.dag import get_stage
     from leccr.core.fingerprint import fingerprinter_for
-    from leccr.core.driver import Job, run_pipeline, run_stage
+    from leccr.core.driver import Job, run_pipeline
+    from leccr.core.execute import run_stage
 
     memory = MemorySampler()
     cfg = parse_config(json.loads(config_file.read_text()))
