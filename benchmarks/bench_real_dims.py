@@ -173,6 +173,24 @@ def compare_scores(features32: Path, features16: Path, method_dir: Path) -> dict
     return out
 
 
+def print_scores(scores: dict) -> None:
+    for lang, s in scores.items():
+        print(f"  test {lang}: fused scores max |diff| {s['max_abs_score_diff']:.2e} (of a range of "
+              f"{s['score_range']:.3f}); of {s['queries']} queries, {s['same_target_rank']} rank their own item "
+              f"the same and {s['same_top10']} have the same top 10; SumR {s['metrics_float32']['sumr']:.2f} "
+              f"(float32 features) vs {s['metrics_float16']['sumr']:.2f} (float16)")
+
+
+def print_comparison(work: Path) -> int:
+    """The float16 / float32 comparison of an earlier run's artifacts (either dtype's trained LECCR)."""
+    features32, features16 = (next((work / f"artifacts-{d}" / "features").iterdir()) for d in ("float32", "float16"))
+    method_dir = next(path for dtype in ("float32", "float16")
+                      for path in (work / f"artifacts-{dtype}" / "train").glob("*/leccr"))
+    print(f"float16 storage against float32, scored with {method_dir}:")
+    print_scores(compare_scores(features32, features16, method_dir))
+    return 0
+
+
 # ------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,11 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, e in error.items():
         print(f"  {name:<7} max |diff| {e['max_abs']:.2e}, max relative diff {e['max_rel']:.2e} "
               f"(largest |value| {e['largest_value']:.1f})")
-    for lang, s in scores.items():
-        print(f"  test {lang}: fused scores max |diff| {s['max_abs_score_diff']:.2e} (of a range of "
-              f"{s['score_range']:.3f}); of {s['queries']} queries, {s['same_target_rank']} rank their own item "
-              f"the same and {s['same_top10']} have the same top 10; SumR {s['metrics_float32']['sumr']:.2f} "
-              f"(float32 features) vs {s['metrics_float16']['sumr']:.2f} (float16)")
+    print_scores(scores)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
