@@ -183,7 +183,8 @@ def print_scores(scores: dict) -> None:
 
 def print_comparison(work: Path) -> int:
     """The float16 / float32 comparison of an earlier run's artifacts (either dtype's trained LECCR)."""
-    features32, features16 = (next((work / f"artifacts-{d}" / "features").iterdir()) for d in ("float32", "float16"))
+    features32, features16 = (next(p.parent for p in (work / f"artifacts-{d}" / "features").glob("*/features_info.json"))
+                              for d in ("float32", "float16"))
     method_dir = next(path for dtype in ("float32", "float16")
                       for path in (work / f"artifacts-{dtype}" / "train").glob("*/leccr"))
     print(f"float16 storage against float32, scored with {method_dir}:")
