@@ -196,7 +196,8 @@ def test_several_processes_share_the_port_load_once_and_answer_alike(served, ind
         port = probe.getsockname()[1]
     repo = Path(__file__).parents[2]
     server = subprocess.Popen(
-        [sys.executable, "-m", "leccr.cli", "serve", "--root", str(cfg.artifacts_root), "--data-root",
+        [sys.executable, "-c", "import sys; from leccr.cli import main; sys.exit(main(sys.argv[1:]))",
+         "serve", "--root", str(cfg.artifacts_root), "--data-root",
          str(engine.data_root), "--port", str(port), "--device", "cpu", "--processes", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=repo,
         env={**os.environ, "PYTHONPATH": str(repo)})
