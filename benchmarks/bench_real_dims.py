@@ -157,8 +157,9 @@ def storage_error(features32: Path, features16: Path) -> dict:
     return out
 
 
-def scores_on(features: Path, method_dir: Path) -> tuple:
-    """The test split's fused score matrix per language and its R@K, with one trained model."""
+def scores_on(features: Path, method_dir: Path) -> dict:
+    """Per language: the test split's fused score matrix, the index of each caption's item, and the
+    retrieval metrics, with one trained model."""
     import torch
 
     from leccr.data import FeatureTables, load_eval_captions, load_eval_items, query_caption_kind
@@ -178,23 +179,59 @@ def scores_on(features: Path, method_dir: Path) -> tuple:
         with torch.no_grad():
             matrix = model.score(text, visual_global, visual_slots, alpha)
         metrics = chunked_retrieval_metrics(matrix_score_block(matrix), captions.item_index, len(items.item_ids))
-        results[lang] = (matrix, {k: float(v) for k, v in metrics.items()})
+        results[lang] = (matrix, captions.item_index, {k: float(v) for k, v in metrics.items()})
     return results
 
 
 def compare_scores(features32: Path, features16: Path, method_dir: Path) -> dict:
     left, right = scores_on(features32, method_dir), scores_on(features16, method_dir)
+    import torch
+
+    def target_ranks(matrix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The rank of each caption's own item (1 = first)."""
+        own = matrix.gather(1, target[:, None])
+        return (matrix > own).sum(dim=1) + 1
+
     out = {}
     for lang in left:
-        (m32, r32), (m16, r16) = left[lang], right[lang]
+        (m32, target, r32), (m16, _, r16) = left[lang], right[lang]
+
+        top32 = torch.argsort(-m32, dim=1, stable=True)[:, :10]
+        top16 = torch.argsort(-m16, dim=1, stable=True)[:, :10]
         out[lang] = {
             "max_abs_score_diff": float((m32 - m16).abs().max()),
             "score_range": float(m32.max() - m32.min()),
-            "same_ranking": bool((m32.argsort(dim=1, stable=True) == m16.argsort(dim=1, stable=True)).all()),
-            "sumr_float32": r32["sumr"],
-            "sumr_float16": r16["sumr"],
+            "queries": len(m32),
+            "same_top10": int((top32 == top16).all(dim=1).sum()),
+            "same_target_rank": int((target_ranks(m32, target) == target_ranks(m16, target)).sum()),
+            "metrics_float32": r32,
+            "metrics_float16": r16,
         }
     return out
+
+
+def print_scores(scores: dict) -> None:
+    for lang, s in scores.items():
+        print(
+            f"  test {lang}: fused scores max |diff| {s['max_abs_score_diff']:.2e} (of a range of "
+            f"{s['score_range']:.3f}); of {s['queries']} queries, {s['same_target_rank']} rank their own item "
+            f"the same and {s['same_top10']} have the same top 10; SumR {s['metrics_float32']['sumr']:.2f} "
+            f"(float32 features) vs {s['metrics_float16']['sumr']:.2f} (float16)"
+        )
+
+
+def print_comparison(work: Path) -> int:
+    """The float16 / float32 comparison of an earlier run's artifacts (either dtype's trained LECCR)."""
+    features32, features16 = (
+        next(p.parent for p in (work / f"artifacts-{d}" / "features").glob("*/features_info.json"))
+        for d in ("float32", "float16")
+    )
+    method_dir = next(
+        path for dtype in ("float32", "float16") for path in (work / f"artifacts-{dtype}" / "train").glob("*/leccr")
+    )
+    print(f"float16 storage against float32, scored with {method_dir}:")
+    print_scores(compare_scores(features32, features16, method_dir))
+    return 0
 
 
 # ------------------------------------------------------------------------------- main
@@ -204,11 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of every stage (see bench_scale)")
     parser.add_argument("--work", type=Path, default=None, help="work here and keep it (default: a temp folder)")
     parser.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="with --work of an earlier run: only compare its float16 and float32 artifacts again",
+    )
+    parser.add_argument(
         "--device",
         default="cpu",
         help="where visual, features and train run (cuda on a GPU machine: bf16 there, precision auto)",
     )
     args = parser.parse_args(argv)
+    if args.compare_only:
+        return print_comparison(args.work)
 
     from leccr.cli.demo import prepare_demo
     from leccr.datasets.demo import generate_demo, write_scene_descriptions
@@ -304,12 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:<7} max |diff| {e['max_abs']:.2e}, max relative diff {e['max_rel']:.2e} "
             f"(largest |value| {e['largest_value']:.1f})"
         )
-    for lang, s in scores.items():
-        print(
-            f"  test {lang}: fused scores max |diff| {s['max_abs_score_diff']:.2e} (of a range of "
-            f"{s['score_range']:.3f}); same ranking of every query: {s['same_ranking']}; SumR "
-            f"{s['sumr_float32']:.2f} (float32 features) vs {s['sumr_float16']:.2f} (float16)"
-        )
+    print_scores(scores)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

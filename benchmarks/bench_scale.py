@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("dataset", "translate", "describe", "visual", "features", "train", "evaluate", "index")
 GIB = 2**30
+RERUN_ENV = "LECCR_BENCH_RERUN"  # set for --rerun's children
 
 
 def scale_config(
@@ -103,9 +104,10 @@ def child(config_file: Path, job_label: str) -> int:
     import resource
 
     from leccr.config import parse_config
-    from leccr.core.artifact import MethodArtifacts
+    from leccr.core.artifact import MethodArtifacts, Store
     from leccr.core.dag import get_stage
-    from leccr.core.driver import Job, run_pipeline, run_stage
+    from leccr.core.driver import Job, run_pipeline
+    from leccr.core.execute import run_stage
     from leccr.core.fingerprint import fingerprinter_for
 
     memory = MemorySampler()
@@ -113,17 +115,23 @@ def child(config_file: Path, job_label: str) -> int:
     job = Job.from_label(job_label)
     stage = get_stage(job.stage)
     fingerprints = fingerprinter_for(cfg.artifacts_root)
-    done = run_pipeline(cfg, list(stage.upstream), fingerprints=fingerprints) if stage.upstream else {}
+    rerun = os.environ.get(RERUN_ENV) == "1"
     inputs = {}
-    for up in stage.upstream:
-        if get_stage(up).per_method:
-            inputs[up] = MethodArtifacts(
-                up, {label[len(up) + 1 : -1]: o.artifact for label, o in done.items() if label.startswith(f"{up}[")}
-            )
-        else:
-            inputs[up] = done[up].artifact
+    if rerun:  # the stage again on what its upstream stages made last (made by other code, maybe)
+        store = Store(cfg.artifacts_root)
+        for up in stage.upstream:
+            inputs[up] = MethodArtifacts(up, store.latest_methods(up)) if get_stage(up).per_method else store.latest(up)
+    else:
+        done = run_pipeline(cfg, list(stage.upstream), fingerprints=fingerprints) if stage.upstream else {}
+        for up in stage.upstream:
+            if get_stage(up).per_method:
+                inputs[up] = MethodArtifacts(
+                    up, {label[len(up) + 1 : -1]: o.artifact for label, o in done.items() if label.startswith(f"{up}[")}
+                )
+            else:
+                inputs[up] = done[up].artifact
     before, load_before = resource.getrusage(resource.RUSAGE_SELF), os.getloadavg()[0]
-    outcome = run_stage(cfg, job, inputs, fingerprints=fingerprints)
+    outcome = run_stage(cfg, job, inputs, force=rerun, fingerprints=fingerprints)
     after, load_after = resource.getrusage(resource.RUSAGE_SELF), os.getloadavg()[0]
     memory.stop()
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -147,10 +155,12 @@ def child(config_file: Path, job_label: str) -> int:
     return 0
 
 
-def run_child(config_file: Path, job_label: str, log: Path, threads: int | None = None) -> dict:
+def run_child(config_file: Path, job_label: str, log: Path, threads: int | None = None, rerun: bool = False) -> dict:
     """The child's figures, its wall time, and its peak RSS as the kernel counted it (wait4)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(config_file), job_label]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if rerun:
+        env[RERUN_ENV] = "1"
     if threads is not None:  # torch's intra-op threads in every stage (train: train.threads, set in the config)
         env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
@@ -222,21 +232,37 @@ def prepare(work: Path, n_items: int) -> tuple[Path, Path]:
     return data, descriptions
 
 
-def run_n(work: Path, models: Path, n_items: int, epochs: int, methods: list[str], threads: int | None) -> list[dict]:
-    data, descriptions = prepare(work, n_items)
+def run_n(
+    work: Path,
+    models: Path,
+    n_items: int,
+    epochs: int,
+    methods: list[str],
+    threads: int | None,
+    rerun: list[str] | None = None,
+) -> list[dict]:
+    """Every stage at N items, each in its own process; with `rerun`, only those stages again, on the
+    artifacts an earlier run of this work folder left (its upstream stages are not looked up or run)."""
     artifacts = work / f"artifacts-{n_items}"
-    shutil.rmtree(artifacts, ignore_errors=True)
-    config = scale_config(models, data, descriptions, artifacts, epochs, threads)
-    config["train"]["methods"] = methods
     config_file = work / f"config-{n_items}.json"
-    config_file.write_text(json.dumps(config))
-    log = work / f"log-{n_items}.txt"
     seen: set[tuple[int, int]] = set()
+    if rerun is None:
+        data, descriptions = prepare(work, n_items)
+        shutil.rmtree(artifacts, ignore_errors=True)
+        config = scale_config(models, data, descriptions, artifacts, epochs, threads)
+        config["train"]["methods"] = methods
+        config_file.write_text(json.dumps(config))
+    else:
+        methods = json.loads(config_file.read_text())["train"]["methods"]
+        new_bytes(artifacts, seen)  # what is there already is not written by the rerun
+    log = work / f"log-{n_items}.txt"
     rows = []
     labels = [s for s in STAGES if s != "train"]
     labels[labels.index("evaluate") : labels.index("evaluate")] = [f"train[{m}]" for m in methods]
+    if rerun is not None:
+        labels = [label for label in labels if label.split("[")[0] in rerun]
     for label in labels:
-        figures = run_child(config_file, label, log, threads)
+        figures = run_child(config_file, label, log, threads, rerun=rerun is not None)
         fresh, linked, cache = new_bytes(Path(figures["path"]), seen)
         if label.startswith("train["):  # the Arrow cache train writes lives in the features artifact
             _, _, cache = new_bytes(Path(figures["path"]).parents[1] / "features", seen)
@@ -334,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         "unit (steadier on a machine others load)",
     )
     parser.add_argument(
+        "--rerun",
+        nargs="+",
+        choices=STAGES,
+        default=None,
+        help="with --work of an earlier run: run only these stages again (this code), at each N, on "
+        "the artifacts that run left; the table goes to bench_scale_rerun.json",
+    )
+    parser.add_argument(
         "--report", type=Path, default=None, help="print the table of an earlier run's bench_scale.json and stop"
     )
     args = parser.parse_args(argv)
@@ -342,6 +376,16 @@ def main(argv: list[str] | None = None) -> int:
         print(report(json.loads(args.report.read_text()), cost))
         return 0
 
+    if args.rerun is not None:
+        if args.work is None:
+            parser.error("--rerun needs --work: the folder of the earlier run")
+        rows = []
+        for n_items in sorted(args.items):
+            print(f"N = {n_items:,} (rerun of {', '.join(args.rerun)})", flush=True)
+            rows += run_n(args.work, Path(), n_items, args.epochs, args.methods, args.threads, args.rerun)
+            (args.work / "bench_scale_rerun.json").write_text(json.dumps(rows, indent=1))
+        print(report(rows, cost))
+        return 0
     from leccr.cli.demo import prepare_demo
 
     work = args.work or Path(tempfile.mkdtemp(prefix="leccr-bench-scale-"))

@@ -444,3 +444,66 @@ def test_image_size_override_interpolates_positions(tmp_path, models, inputs):
     visual = pq.read_table(outcome.artifact.path / "visual" / "part-00000.parquet")
     assert visual.schema.field("features").type == pa.list_(pa.float16(), 37 * 64)
     assert visual.column("n_tokens").to_pylist() == [37, 37]
+
+
+def _caption_work_reference(captions, translations, items):
+    """caption_work as it was written with Python rows (the reference for the Arrow version)."""
+    split_of_item = {item["item_id"]: item["split"] for item in items}
+    translated = {(r["caption_id"], r["lang"]) for r in translations.select(["caption_id", "lang"]).to_pylist()}
+    split_of_caption, work = {}, []
+    for row in captions.to_pylist():
+        if row["lang"] == "en":
+            split_of_caption[row["caption_id"]] = row["split"]
+        if row["kind"] == "mt" and (row["caption_id"], row["lang"]) in translated:
+            continue
+        work.append({**row, "source": "dataset"})
+    for row in translations.select(["item_id", "caption_id", "lang", "text"]).to_pylist():
+        split = split_of_caption.get(row["caption_id"], split_of_item.get(row["item_id"]))
+        if split is not None:
+            work.append({**row, "split": split, "kind": "mt", "source": "translate"})
+    return sorted(work, key=lambda r: (r["item_id"], r["caption_id"], r["lang"], r["kind"], r["source"]))
+
+
+def test_caption_work_in_arrow_is_the_python_rows_work():
+    """Translate's MT replaces the shipped MT of that caption and language; a translation takes its English
+    caption's split, else its item's; one of an item the dataset no longer has is left out; the order is
+    (item, caption, language, kind, source) with non-ASCII ids sorted as Python sorts them."""
+    from leccr.schemas.dataset import CAPTIONS
+    from leccr.schemas.translate import TRANSLATIONS
+    from leccr.stages.features import caption_work
+
+    captions = pa.Table.from_pylist(
+        [
+            {"item_id": "b", "caption_id": "b#0", "split": "train", "lang": "en", "text": "a dog", "kind": "human"},
+            {
+                "item_id": "b",
+                "caption_id": "b#0",
+                "split": "train",
+                "lang": "de",
+                "text": "ein Hund (shipped)",
+                "kind": "mt",
+            },
+            {"item_id": "b", "caption_id": "b#0", "split": "train", "lang": "fr", "text": "un chien", "kind": "mt"},
+            {"item_id": "a", "caption_id": "a#0", "split": "test", "lang": "en", "text": "a cat", "kind": "human"},
+            {"item_id": "a", "caption_id": "a#0", "split": "test", "lang": "de", "text": "eine Katze", "kind": "human"},
+            {"item_id": "ä", "caption_id": "ä#0", "split": "val", "lang": "en", "text": "x", "kind": "human"},
+        ],
+        schema=CAPTIONS,
+    )
+    common = {"source_text": "", "engine": "import", "model": "m", "model_digest": None}
+    translations = pa.Table.from_pylist(
+        [
+            {"item_id": "b", "caption_id": "b#0", "lang": "de", "text": "ein Hund (translated)", **common},
+            {"item_id": "c", "caption_id": "c#9", "lang": "de", "text": "split from its item", **common},
+            {"item_id": "z", "caption_id": "z#9", "lang": "de", "text": "an item no longer there", **common},
+        ],
+        schema=TRANSLATIONS,
+    )
+    items = [{"item_id": i, "split": s} for i, s in (("a", "test"), ("b", "train"), ("c", "val"), ("ä", "val"))]
+    work = [dict(row) for row in caption_work(captions, translations, items)]
+    assert work == _caption_work_reference(captions, translations, items)
+    assert [(r["caption_id"], r["lang"], r["source"]) for r in work if r["lang"] == "de"] == [
+        ("a#0", "de", "dataset"),
+        ("b#0", "de", "translate"),
+        ("c#9", "de", "translate"),
+    ]
