@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -240,9 +241,12 @@ def run_n(
     methods: list[str],
     threads: int | None,
     rerun: list[str] | None = None,
+    keep: Callable[[list[dict]], None] = lambda rows: None,
 ) -> list[dict]:
-    """Every stage at N items, each in its own process; with `rerun`, only those stages again, on the
-    artifacts an earlier run of this work folder left (its upstream stages are not looked up or run)."""
+    """Every stage at N items, each in its own process; with `rerun`, only those stages (or one method's
+    training, `train[leccr]`) again, on the artifacts an earlier run of this work folder left (its
+    upstream stages are not looked up or run). `keep(rows)` is called after each stage: a run stopped
+    half-way keeps what it measured."""
     artifacts = work / f"artifacts-{n_items}"
     config_file = work / f"config-{n_items}.json"
     seen: set[tuple[int, int]] = set()
@@ -260,7 +264,7 @@ def run_n(
     labels = [s for s in STAGES if s != "train"]
     labels[labels.index("evaluate") : labels.index("evaluate")] = [f"train[{m}]" for m in methods]
     if rerun is not None:
-        labels = [label for label in labels if label.split("[")[0] in rerun]
+        labels = [label for label in labels if label in rerun or label.split("[")[0] in rerun]
     for label in labels:
         figures = run_child(config_file, label, log, threads, rerun=rerun is not None)
         fresh, linked, cache = new_bytes(Path(figures["path"]), seen)
@@ -284,6 +288,7 @@ def run_n(
             "cache": cache,
         }
         rows.append(row)
+        keep(rows)
         print(
             f"  {label:<16} {row['seconds']:8.1f} s  CPU {row['cpu']:8.1f} s  "
             f"{units / max(row['seconds'], 1e-9):10.1f} {unit}/s  RSS {row['rss'] / GIB:5.2f} GiB "
@@ -291,6 +296,20 @@ def run_n(
             flush=True,
         )
     return rows
+
+
+def keep_rows(path: Path, rows: list[dict]) -> None:
+    """The table so far, replaced atomically: a long run stopped half-way keeps every stage it measured."""
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(rows, indent=1))
+    partial.replace(path)
+
+
+def rerun_label(text: str) -> str:
+    """A stage name or one method's training (`train[leccr]`)."""
+    if text in STAGES or (text.startswith("train[") and text.endswith("]") and len(text) > 7):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a stage ({', '.join(STAGES)}) nor train[METHOD]")
 
 
 def report(rows: list[dict], cost: str = "seconds") -> str:
@@ -362,28 +381,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rerun",
         nargs="+",
-        choices=STAGES,
+        type=rerun_label,
         default=None,
-        help="with --work of an earlier run: run only these stages again (this code), at each N, on "
-        "the artifacts that run left; the table goes to bench_scale_rerun.json",
+        help="with --work of an earlier run: run only these stages (or train[METHOD]) again (this code), at "
+        "each N, on the artifacts that run left; the table goes to bench_scale_rerun.json",
     )
     parser.add_argument(
-        "--report", type=Path, default=None, help="print the table of an earlier run's bench_scale.json and stop"
+        "--report",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the table of earlier runs' bench_scale.json (and bench_scale_rerun.json) files and stop; "
+        "a later file's row replaces an earlier one's of the same N and stage",
     )
     args = parser.parse_args(argv)
     cost = "seconds" if args.ratio_of == "wall" else "cpu"
     if args.report is not None:
-        print(report(json.loads(args.report.read_text()), cost))
+        merged: dict[tuple[int, str], dict] = {}
+        for path in args.report:
+            merged.update({(row["n"], row["stage"]): row for row in json.loads(path.read_text())})
+        print(report(list(merged.values()), cost))
         return 0
 
     if args.rerun is not None:
         if args.work is None:
             parser.error("--rerun needs --work: the folder of the earlier run")
-        rows = []
+        rows: list[dict] = []
         for n_items in sorted(args.items):
             print(f"N = {n_items:,} (rerun of {', '.join(args.rerun)})", flush=True)
-            rows += run_n(args.work, Path(), n_items, args.epochs, args.methods, args.threads, args.rerun)
-            (args.work / "bench_scale_rerun.json").write_text(json.dumps(rows, indent=1))
+            rows += run_n(
+                args.work,
+                Path(),
+                n_items,
+                args.epochs,
+                args.methods,
+                args.threads,
+                args.rerun,
+                keep=lambda done, earlier=list(rows): keep_rows(args.work / "bench_scale_rerun.json", earlier + done),
+            )
         print(report(rows, cost))
         return 0
     from leccr.cli.demo import prepare_demo
@@ -401,8 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n_items in sorted(args.items):
         print(f"N = {n_items:,}", flush=True)
-        rows += run_n(work, models, n_items, args.epochs, args.methods, args.threads)
-        (work / "bench_scale.json").write_text(json.dumps(rows, indent=1))  # after each N: a long run keeps it
+        rows += run_n(
+            work,
+            models,
+            n_items,
+            args.epochs,
+            args.methods,
+            args.threads,
+            keep=lambda done, earlier=list(rows): keep_rows(work / "bench_scale.json", earlier + done),
+        )
     print(f"\nwhole benchmark: {time.perf_counter() - started:.0f} s\n")
     print(report(rows, cost))
     if args.work is None:
