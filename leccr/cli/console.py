@@ -60,6 +60,7 @@ def configure_logging(verbose: bool) -> None:
     if verbose:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logging.getLogger("leccr").setLevel(logging.DEBUG)
+        _transformers_progress_bars(True)
         return
     handler.setFormatter(_ConsoleFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
     handler.addFilter(_OwnMessages())
@@ -67,5 +68,20 @@ def configure_logging(verbose: bool) -> None:
     # Read by transformers / huggingface_hub at import: no loading bars, no advice lines.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _transformers_progress_bars(False)
     # The temporary Prefect server is a subprocess writing to our stderr (not through these handlers).
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+
+
+def _transformers_progress_bars(shown: bool) -> None:
+    """Where transformers was imported before this command (a notebook, a test session), the variables
+    above came too late: its "Loading weights" bars, drawn on stderr from the stages' threads, would cut
+    into the console's lines. Importing it here just for this would cost a second, so only then."""
+    if "transformers" not in sys.modules:
+        return
+    from transformers.utils import logging as transformers_logging
+
+    if shown:
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
