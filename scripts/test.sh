@@ -12,7 +12,9 @@ echo "test.sh: ruff check, ruff format --diff, mypy (leccr/core, stages)"
 .venv/bin/ruff format --diff . || status=1
 .venv/bin/mypy || status=1
 [ "$status" -eq 0 ] || echo "test.sh: the checks above failed; running the tests anyway" >&2
-.venv/bin/python -m pytest -q "$@" || status=$?
+# One worker per core (LECCR_TEST_WORKERS to choose; 0 runs in this process), each taking whole test
+# files, so a module's fixtures are built once; tests/conftest.py orders the slow modules first.
+.venv/bin/python -m pytest -q -n "${LECCR_TEST_WORKERS:-auto}" --dist loadfile "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests (exit 5)" >&2
 fi

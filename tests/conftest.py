@@ -11,6 +11,20 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+def pytest_collection_modifyitems(items):
+    """Modules with slow tests first, the slowest first (`@pytest.mark.slow(seconds=N)`: N is a rough
+    wall time on a 2-core machine). scripts/test.sh runs the suite on one pytest-xdist worker per core,
+    each taking whole files (`--dist loadfile`) in this order: a minute-long module collected last would
+    leave one core idle while the other finishes it."""
+    module_cost: dict[str, float] = {}
+    for item in items:
+        for mark in item.iter_markers("slow"):
+            module_cost[item.module.__name__] = module_cost.get(item.module.__name__, 0) + mark.kwargs.get(
+                "seconds", 30
+            )
+    items.sort(key=lambda item: -module_cost.get(item.module.__name__, 0))  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """Demo dataset + tiny models, generated once per session by the same code `leccr demo` uses."""

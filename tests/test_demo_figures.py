@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pyarrow.compute as pc
+import pytest
 
 from leccr.config import parse_config
 from leccr.core.driver import run_pipeline
@@ -42,6 +43,7 @@ def page_table() -> str:
     return match.group(1)
 
 
+@pytest.mark.slow(seconds=120)  # three methods, 20 epochs each
 def test_documented_demo_figures_are_the_demo_runs(demo_root, tmp_path):
     outcomes = run_pipeline(parse_config(demo_config_dict(demo_root, tmp_path / "artifacts")), ["evaluate"])
     metrics = read_table(outcomes["evaluate"].artifact.path / "metrics.parquet", METRICS)

@@ -28,7 +28,7 @@ REPO = Path(__file__).parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 SCRIPT = "scripts/prefect-server.sh"
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=100)  # each; the first test builds the module's artifacts
 
 
 def _free_port() -> int:

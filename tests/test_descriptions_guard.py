@@ -27,6 +27,8 @@ from leccr.config import parse_config
 from leccr.core.driver import run_pipeline
 from tests.conftest import demo_config_dict
 
+pytestmark = pytest.mark.slow(seconds=10)  # each of its ~10 tests: the module fixture trains three models
+
 EPOCHS = 6
 LANGS = ("de", "fr", "zh")
 # Test SumR differences at these settings, the smallest over train seeds 42, 7 and 1234 (measured on a

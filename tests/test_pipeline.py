@@ -73,6 +73,7 @@ def test_force_recomputes_the_stage(demo_root, tmp_path):
     assert again["dataset"].cache_hit and not again["translate"].cache_hit
 
 
+@pytest.mark.slow(seconds=25)
 def test_killed_run_resumes_without_losing_finished_shards(demo_root, tmp_path):
     """A real subprocess is SIGKILLed mid-translate; the rerun recomputes only the missing shards."""
     data = demo_config_dict(demo_root, tmp_path / "artifacts")

@@ -21,7 +21,7 @@ from tests.conftest import demo_config_dict
 
 REPO = Path(__file__).parents[1]
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slow(seconds=65),
     pytest.mark.skipif(
         shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="ray extra not installed"
     ),

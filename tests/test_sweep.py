@@ -39,6 +39,7 @@ def test_grid_expands_into_named_variants(sweep_config):
         load_sweep(path, {"train.models.leccr.losses.w_x": [1]})
 
 
+@pytest.mark.slow(seconds=60)
 def test_demo_sweep_2x2_shares_stages_and_lands_in_run_metrics(sweep_config, capsys):
     path, artifacts = sweep_config
     assert main(["sweep", "--config", str(path), "--dry-run"]) == 0

@@ -201,6 +201,7 @@ train_method(job, TrainConfig.model_validate(spec["train"]), torch.device("cpu")
 """
 
 
+@pytest.mark.slow(seconds=25)
 def test_killed_run_resumes_mid_epoch_to_the_same_weights(features, tmp_path):
     """SIGKILL at step 8 (epoch 2, after the mid-epoch checkpoint at step 6); the rerun resumes there and
     ends with the same weights and history as a run that never stopped."""
@@ -233,6 +234,7 @@ def test_killed_run_resumes_mid_epoch_to_the_same_weights(features, tmp_path):
     )
 
 
+@pytest.mark.slow(seconds=30)
 def test_two_processes_under_torchrun_with_gloo(features, tmp_path):
     """`train.nproc: 2` on CPU: torchrun, gloo, each rank half of every batch, rank 0 writes the folder."""
     data, _ = features

@@ -214,6 +214,7 @@ def _committed(log: Path) -> list[int]:
     ]
 
 
+@pytest.mark.slow(seconds=30)
 def test_kill_9_mid_stage_then_two_concurrent_runs_compute_each_shard_once(demo_root, tmp_path):
     data = _copy(demo_root, tmp_path / "data")
     config_data = _config(demo_root, data, tmp_path / "artifacts", describe=_describe(shard_size=2))
@@ -389,6 +390,7 @@ def _run_process(config: Path, stages: list[str], log: Path) -> subprocess.Popen
         )
 
 
+@pytest.mark.slow(seconds=25)
 def test_two_concurrent_runs_make_every_artifact_once(demo_root, tmp_path):
     """Whole-artifact stages (train, evaluate, index, dataset) are claimed like shards: the second run
     waits for the first and serves its result, so each artifact is computed once and both runs agree."""
