@@ -34,7 +34,7 @@ class TableRows(Sequence):
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):
         if isinstance(index, slice):
             return [RowRef(self, i) for i in range(*index.indices(len(self)))]
         if not -len(self) <= index < len(self):
