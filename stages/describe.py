@@ -199,15 +199,8 @@ def _generating_processor(ctx: StageContext[DescribeConfig], prefetcher: ShardPr
         errors: list[ItemError | tuple[str, str]] = []
         frames_of: dict[str, list] = {}
         for item, frames in prefetcher.take(index, items_of(shard)):
-            if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
-                errors.append(
-                    ItemError(
-                        item["item_id"],
-                        f"{item['media_type']} {frames.path}: {frames.reason}",
-                        retryable=True,
-                        file=item["path"],
-                    )
-                )
+            if isinstance(frames, MediaError):
+                errors.append(frames.item_error(item))
             else:
                 frames_of[item["item_id"]] = frames
         requests = [

@@ -126,15 +126,8 @@ def _model_processor(
         errors: list[ItemError | tuple[str, str]] = []
         loaded: list[tuple[dict, list]] = []
         for item, frames in prefetcher.take(index, shard):
-            if isinstance(frames, MediaError):  # the file may be fixed or mounted again: a rerun retries it
-                errors.append(
-                    ItemError(
-                        item["item_id"],
-                        f"{item['media_type']} {frames.path}: {frames.reason}",
-                        retryable=True,
-                        file=item["path"],
-                    )
-                )
+            if isinstance(frames, MediaError):
+                errors.append(frames.item_error(item))
             else:
                 loaded.append((item, frames))
         frames_flat = [frame for _, item_frames in loaded for frame in item_frames]

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
+
+from leccr.core.failures import ItemError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,13 @@ class MediaError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def item_error(self, item: Mapping) -> ItemError:
+        """The error row of `item` (an items.parquet row) whose media this is. Retryable: the file may be
+        fixed or mounted again, and a rerun retries the item."""
+        return ItemError(
+            item["item_id"], f"{item['media_type']} {self.path}: {self.reason}", retryable=True, file=item["path"]
+        )
 
 
 def _check_file(path: Path) -> None:
