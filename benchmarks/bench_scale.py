@@ -300,9 +300,9 @@ def run_n(
 
 def keep_rows(path: Path, rows: list[dict]) -> None:
     """The table so far, replaced atomically: a long run stopped half-way keeps every stage it measured."""
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(rows, indent=1))
-    partial.replace(path)
+    from leccr.core.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(rows, indent=1))
 
 
 def rerun_label(text: str) -> str:
